@@ -1,0 +1,267 @@
+//! The command line: `tidepool run` and `tidepool validate`.
+
+mod progress;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+
+use tidepool::engine::{self, CancelToken, LogLevel, RunId, RunReport, RunRequest, RunStatus};
+use tidepool::project::{LoadOptions, LoadOutcome, load_projects};
+
+/// tidepool: read rows from an origin, map them, write them into a destination.
+#[derive(Parser)]
+#[command(name = "tidepool", version, about, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a job (and, with --chain, the jobs after it) and print what it did.
+    Run(RunArgs),
+    /// Check every project: files, connections, fields, chains. Exits 1 on problems.
+    Validate(ValidateArgs),
+}
+
+#[derive(Args)]
+struct Dirs {
+    /// The folder of projects.
+    #[arg(long, env = "TIDEPOOL_PROJECTS", default_value = "projects")]
+    projects: PathBuf,
+    /// Where runs keep their files (`${DATA_DIR}` in project files).
+    #[arg(long, env = "TIDEPOOL_DATA_DIR", default_value = "tidepool-data")]
+    data_dir: PathBuf,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// The project's ID.
+    project: String,
+    /// The job's ID.
+    job: String,
+    #[command(flatten)]
+    dirs: Dirs,
+    /// The job argument (`@@VAR:JobArgument@@`).
+    #[arg(long, default_value = "")]
+    argument: String,
+    /// Start processing at this origin row (1-based).
+    #[arg(long, default_value_t = 1)]
+    begin_at_row: u64,
+    /// Stop after this origin row (inclusive).
+    #[arg(long)]
+    end_after_row: Option<u64>,
+    /// Writers into the destination, each with its own connection.
+    #[arg(long, visible_alias = "thread-count", default_value_t = 1)]
+    threads: usize,
+    /// Log detail: 0 none, 1 start/end/errors, 2 stage summaries, 3 every row.
+    #[arg(long, default_value_t = 1)]
+    logging_level: u64,
+    /// Run the job's `next` job after it, and so on.
+    #[arg(long, visible_alias = "chain-jobs")]
+    chain: bool,
+    /// Do everything but write: database work is rolled back, files are untouched.
+    #[arg(long)]
+    preview: bool,
+    /// Print the report as JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// The run's ID (a GUID); a new one by default.
+    #[arg(long)]
+    run_id: Option<uuid::Uuid>,
+}
+
+#[derive(Args)]
+struct ValidateArgs {
+    /// The folder of projects (default: --projects, or ./projects).
+    dir: Option<PathBuf>,
+    #[command(flatten)]
+    dirs: Dirs,
+    /// Check the files only; do not open connections.
+    #[arg(long)]
+    no_connect: bool,
+}
+
+/// Runs the command line; the exit code is 0 for success, 1 for a failed run
+/// or invalid projects, 2 for a usage or set-up error.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(args) => run(args),
+        Command::Validate(args) => validate(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn load(projects: &Path, data_dir: &Path) -> LoadOutcome {
+    load_projects(
+        projects,
+        &LoadOptions {
+            data_dir: absolute(data_dir),
+        },
+    )
+}
+
+fn absolute(p: &Path) -> PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_owned())
+}
+
+fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    std::fs::create_dir_all(&args.dirs.data_dir).with_context(|| {
+        format!(
+            "cannot create the data directory {}",
+            args.dirs.data_dir.display()
+        )
+    })?;
+    let loaded = load(&args.dirs.projects, &args.dirs.data_dir);
+    let Some(project) = loaded.project(&args.project) else {
+        for p in &loaded.problems {
+            eprintln!("{p}");
+        }
+        let known: Vec<&str> = loaded.projects.iter().map(|p| p.id.0.as_str()).collect();
+        bail!(
+            "no project {:?} loaded from {} (loaded: {}); run `tidepool validate` for details",
+            args.project,
+            args.dirs.projects.display(),
+            if known.is_empty() {
+                "none".to_owned()
+            } else {
+                known.join(", ")
+            }
+        );
+    };
+    let mut req = RunRequest::new(&project.id.0, &args.job);
+    req.run_id = args.run_id.map(RunId).unwrap_or_default();
+    req.argument = args.argument;
+    req.begin_at_row = args.begin_at_row;
+    req.end_after_row = args.end_after_row;
+    req.thread_count = args.threads;
+    req.logging_level = LogLevel::from_number(args.logging_level);
+    req.chain_jobs = args.chain;
+    req.preview = args.preview;
+
+    let observer = progress::Progress::new(!args.json);
+    let report = engine::run(project, &req, &CancelToken::new(), &observer)?;
+    observer.clear();
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_report(&report, args.preview);
+    }
+    Ok(if report.status == RunStatus::Complete {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+fn print_report(report: &RunReport, preview: bool) {
+    let headers = [
+        "job", "status", "rows", "inserts", "updates", "deletes", "errors", "skips", "ignores",
+        "time",
+    ];
+    let mut rows: Vec<Vec<String>> = vec![headers.iter().map(|h| h.to_string()).collect()];
+    for j in &report.jobs {
+        let c = &j.counters;
+        rows.push(vec![
+            j.job_id.0.clone(),
+            j.status.to_string(),
+            c.total_rows.to_string(),
+            c.inserts.to_string(),
+            c.updates.to_string(),
+            c.deletes.to_string(),
+            c.errors.to_string(),
+            c.skips.to_string(),
+            c.ignores.to_string(),
+            format!("{:.3}s", j.run_time.as_secs_f64()),
+        ]);
+    }
+    let widths: Vec<usize> = (0..headers.len())
+        .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
+        .collect();
+    println!(
+        "run {}: {}{}",
+        report.run_id,
+        report.status,
+        if preview {
+            " (preview: nothing was written)"
+        } else {
+            ""
+        }
+    );
+    for r in &rows {
+        let line: Vec<String> = r
+            .iter()
+            .enumerate()
+            .map(|(i, cell)| {
+                if i < 2 {
+                    format!("{cell:<w$}", w = widths[i])
+                } else {
+                    format!("{cell:>w$}", w = widths[i])
+                }
+            })
+            .collect();
+        println!("{}", line.join("  ").trim_end());
+    }
+    const SHOWN: usize = 20;
+    let entries: Vec<_> = report
+        .jobs
+        .iter()
+        .flat_map(|j| j.log.iter())
+        .filter(|e| {
+            let started = format!("job {} started", e.job_id);
+            let ended = format!("job {} ended", e.job_id);
+            !e.message.starts_with(&started) && !e.message.starts_with(&ended)
+        })
+        .collect();
+    for e in entries.iter().take(SHOWN) {
+        println!("  {}: {}", e.job_id, e.message);
+    }
+    if entries.len() > SHOWN {
+        println!(
+            "  … {} more log entries (use --json to see them all)",
+            entries.len() - SHOWN
+        );
+    }
+    if let Some(e) = &report.error {
+        println!("error: {e}");
+    }
+}
+
+fn validate(args: ValidateArgs) -> anyhow::Result<ExitCode> {
+    let dir = args.dir.unwrap_or(args.dirs.projects);
+    if !dir.is_dir() {
+        bail!("{} is not a folder of projects", dir.display());
+    }
+    let loaded = load(&dir, &args.dirs.data_dir);
+    let mut problems = loaded.problems.clone();
+    if !args.no_connect {
+        for p in &loaded.projects {
+            problems.extend(engine::check_connections(p));
+        }
+    }
+    for p in &problems {
+        println!("{p}");
+    }
+    let jobs: usize = loaded.projects.iter().map(|p| p.jobs.len()).sum();
+    if problems.is_empty() {
+        println!(
+            "ok: {} project(s), {jobs} job(s) in {}",
+            loaded.projects.len(),
+            dir.display()
+        );
+        Ok(ExitCode::SUCCESS)
+    } else {
+        println!("{} problem(s)", problems.len());
+        Ok(ExitCode::from(1))
+    }
+}

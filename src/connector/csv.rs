@@ -1,0 +1,264 @@
+//! CSV files: an origin that streams records, a destination that writes rows.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use super::file::{FileFinish, FileMode, FileTarget};
+use super::{
+    Capabilities, Connector, ConnectorError, Destination, DestinationRequest, Flow, Origin,
+    OriginInput, OriginRequest, RowAction, RowRead, WriteResult, resolve_path,
+};
+use crate::project::StageAction;
+use crate::value::Value;
+
+/// `kind = "csv"`: a delimited text file, UTF-8 with or without a BOM.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CsvConfig {
+    /// The file; relative to the project folder.
+    pub path: PathBuf,
+    /// The field separator (one ASCII character). Default `,`.
+    #[serde(default = "comma")]
+    pub delimiter: char,
+    /// The quote character (one ASCII character). Default `"`.
+    #[serde(default = "double_quote")]
+    pub quote: char,
+    /// Whether the first record names the fields. Without a header the fields
+    /// are named `Column1`, `Column2`, …
+    #[serde(default = "yes")]
+    pub header: bool,
+    /// As a destination: `overwrite` the file (default) or `append` to it.
+    #[serde(default)]
+    pub mode: FileMode,
+}
+
+fn comma() -> char {
+    ','
+}
+fn double_quote() -> char {
+    '"'
+}
+fn yes() -> bool {
+    true
+}
+
+fn ascii(c: char, what: &str) -> Result<u8, ConnectorError> {
+    if c.is_ascii() {
+        Ok(c as u8)
+    } else {
+        Err(ConnectorError::Schema(format!(
+            "csv {what} must be one ASCII character, not {c:?}"
+        )))
+    }
+}
+
+impl Connector for CsvConfig {
+    fn kind(&self) -> &'static str {
+        "csv"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            actions: &[StageAction::Insert],
+            origin: OriginInput::File,
+            needs_table: false,
+            max_writers: Some(1),
+        }
+    }
+
+    fn open_origin(&self, req: &OriginRequest) -> Result<Box<dyn Origin>, ConnectorError> {
+        let path = resolve_path(req.base_dir, req.path.unwrap_or(&self.path));
+        let file = File::open(&path).map_err(|e| ConnectorError::Open {
+            what: format!("csv file {}", path.display()),
+            reason: e.to_string(),
+        })?;
+        let mut reader = ::csv::ReaderBuilder::new()
+            .delimiter(ascii(self.delimiter, "delimiter")?)
+            .quote(ascii(self.quote, "quote")?)
+            .has_headers(false)
+            .flexible(true)
+            .buffer_capacity(256 * 1024)
+            .from_reader(file);
+        let mut first = ::csv::StringRecord::new();
+        let has_first = read_record(&mut reader, &mut first, &path)?;
+        let (columns, pending) = if self.header {
+            let cols: Vec<String> = first
+                .iter()
+                .enumerate()
+                .map(|(i, c)| {
+                    let c = if i == 0 {
+                        c.trim_start_matches('\u{feff}')
+                    } else {
+                        c
+                    };
+                    c.trim().to_owned()
+                })
+                .collect();
+            (cols, None)
+        } else {
+            let cols = (1..=first.len()).map(|i| format!("Column{i}")).collect();
+            (cols, has_first.then_some(first))
+        };
+        Ok(Box::new(CsvOrigin {
+            path,
+            reader,
+            columns,
+            pending,
+        }))
+    }
+
+    fn open_destination(
+        &self,
+        req: &DestinationRequest,
+    ) -> Result<Box<dyn Destination>, ConnectorError> {
+        let [stage] = req.stages else {
+            return Err(ConnectorError::Schema(
+                "a csv destination takes exactly one stage".into(),
+            ));
+        };
+        let path = resolve_path(req.base_dir, &self.path);
+        let header: Vec<String> = stage.columns.iter().map(|c| c.name.clone()).collect();
+        let target = FileTarget::open(&path, self.mode, req.preview)?;
+        let write_header = self.header && target.is_empty;
+        let mut writer = ::csv::WriterBuilder::new()
+            .delimiter(ascii(self.delimiter, "delimiter")?)
+            .quote(ascii(self.quote, "quote")?)
+            .from_writer(target.writer);
+        if write_header {
+            writer.write_record(&header).map_err(ConnectorError::io)?;
+        }
+        Ok(Box::new(CsvDestination {
+            writer,
+            finish: target.finish,
+        }))
+    }
+}
+
+/// Reads one record; `Ok(false)` at the end. Only I/O errors end the job here.
+fn read_record(
+    reader: &mut ::csv::Reader<File>,
+    rec: &mut ::csv::StringRecord,
+    path: &Path,
+) -> Result<bool, ConnectorError> {
+    match reader.read_record(rec) {
+        Ok(more) => Ok(more),
+        Err(e) => Err(ConnectorError::Io(format!(
+            "reading {}: {e}",
+            path.display()
+        ))),
+    }
+}
+
+struct CsvOrigin {
+    path: PathBuf,
+    reader: ::csv::Reader<File>,
+    columns: Vec<String>,
+    pending: Option<::csv::StringRecord>,
+}
+
+impl CsvOrigin {
+    fn row(&self, rec: &::csv::StringRecord) -> RowRead {
+        if rec.len() != self.columns.len() {
+            return Err(format!(
+                "the line has {} fields where the header has {} (line {})",
+                rec.len(),
+                self.columns.len(),
+                rec.position().map(|p| p.line()).unwrap_or(0)
+            ));
+        }
+        Ok(rec.iter().map(|s| Value::Text(s.to_owned())).collect())
+    }
+}
+
+impl Origin for CsvOrigin {
+    fn columns(&self) -> &[String] {
+        &self.columns
+    }
+
+    fn read(&mut self, sink: &mut dyn FnMut(RowRead) -> Flow) -> Result<(), ConnectorError> {
+        if let Some(first) = self.pending.take()
+            && sink(self.row(&first)) == Flow::Stop
+        {
+            return Ok(());
+        }
+        let mut rec = ::csv::StringRecord::new();
+        loop {
+            let row = match self.reader.read_record(&mut rec) {
+                Ok(false) => return Ok(()),
+                Ok(true) => self.row(&rec),
+                Err(e) => match e.kind() {
+                    ::csv::ErrorKind::Utf8 { pos, err } => Err(format!(
+                        "the line is not valid UTF-8 (line {}, field {}): save the file as UTF-8",
+                        pos.as_ref().map(|p| p.line()).unwrap_or(0),
+                        err.field() + 1
+                    )),
+                    _ => {
+                        return Err(ConnectorError::Io(format!(
+                            "reading {}: {e}",
+                            self.path.display()
+                        )));
+                    }
+                },
+            };
+            if sink(row) == Flow::Stop {
+                return Ok(());
+            }
+        }
+    }
+}
+
+struct CsvDestination {
+    writer: ::csv::Writer<Box<dyn Write + Send>>,
+    finish: FileFinish,
+}
+
+impl Destination for CsvDestination {
+    fn begin(&mut self) -> Result<(), ConnectorError> {
+        Ok(())
+    }
+
+    fn write(
+        &mut self,
+        _stage: usize,
+        rows: &[&[Value]],
+    ) -> Result<Vec<WriteResult>, ConnectorError> {
+        let mut out = Vec::with_capacity(rows.len());
+        let mut buf = String::new();
+        for row in rows {
+            for v in row.iter() {
+                buf.clear();
+                v.push_text(&mut buf);
+                self.writer.write_field(&buf).map_err(ConnectorError::io)?;
+            }
+            self.writer
+                .write_record(None::<&[u8]>)
+                .map_err(ConnectorError::io)?;
+            out.push(Ok(RowAction::Insert));
+        }
+        Ok(out)
+    }
+
+    fn commit(&mut self) -> Result<(), ConnectorError> {
+        self.writer.flush().map_err(ConnectorError::io)
+    }
+
+    fn rollback(&mut self) -> Result<(), ConnectorError> {
+        // Rows already handed to the file cannot be taken back; a file
+        // destination fails only on I/O errors, which end the job.
+        Ok(())
+    }
+
+    fn finish(self: Box<Self>) -> Result<(), ConnectorError> {
+        let this = *self;
+        let mut inner = this
+            .writer
+            .into_inner()
+            .map_err(|e| ConnectorError::io(e.error()))?;
+        inner.flush().map_err(ConnectorError::io)?;
+        drop(inner);
+        this.finish.run()
+    }
+}

@@ -1,0 +1,347 @@
+//! Connectors: one file per kind, each an origin and a destination.
+//!
+//! A kind is a serde config struct (one variant of [`ConnectionConfig`]) that
+//! implements [`Connector`]; adding a kind means adding one file and one line
+//! in the enum below. Connectors never count or log run results: they report
+//! what happened to each row and the engine counts.
+
+pub mod csv;
+pub mod file;
+pub mod json;
+pub mod sqlite;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::project::StageAction;
+use crate::project::template::{Part, Template, Token};
+use crate::value::Value;
+
+/// A connection as written in `project.toml` under `[connections.<name>]`,
+/// chosen by its `kind`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum ConnectionConfig {
+    /// A CSV file.
+    Csv(csv::CsvConfig),
+    /// A JSON array or JSON Lines file.
+    Json(json::JsonConfig),
+    /// A SQLite database file.
+    Sqlite(sqlite::SqliteConfig),
+}
+
+impl ConnectionConfig {
+    /// The kind's implementation.
+    pub fn connector(&self) -> &dyn Connector {
+        match self {
+            ConnectionConfig::Csv(c) => c,
+            ConnectionConfig::Json(c) => c,
+            ConnectionConfig::Sqlite(c) => c,
+        }
+    }
+
+    /// The kind's name, as written in `kind = "…"`.
+    pub fn kind(&self) -> &'static str {
+        self.connector().kind()
+    }
+
+    /// What the kind can do.
+    pub fn capabilities(&self) -> Capabilities {
+        self.connector().capabilities()
+    }
+}
+
+/// How an origin of a kind is told what to read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OriginInput {
+    /// A SQL query (`origin.query`).
+    Query,
+    /// A file (the connection's `path`, or `origin.path`).
+    File,
+}
+
+/// What a connector kind supports; the loader checks jobs against it.
+#[derive(Debug, Clone, Copy)]
+pub struct Capabilities {
+    /// Stage actions the kind can perform as a destination.
+    pub actions: &'static [StageAction],
+    /// How an origin is told what to read.
+    pub origin: OriginInput,
+    /// Whether stages must name a `table`.
+    pub needs_table: bool,
+    /// The most destination writers that may work at once (files: one).
+    pub max_writers: Option<usize>,
+}
+
+/// An error of a connection as a whole (not of one row).
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectorError {
+    /// The connection could not be opened.
+    #[error("cannot open {what}: {reason}")]
+    Open {
+        /// What was being opened (a path, a database).
+        what: String,
+        /// Why it failed.
+        reason: String,
+    },
+    /// The job asks for something the connection does not have.
+    #[error("{0}")]
+    Schema(String),
+    /// Reading or writing failed in a way that ends the batch or the job.
+    #[error("{0}")]
+    Io(String),
+}
+
+impl ConnectorError {
+    pub(crate) fn io(e: impl std::fmt::Display) -> Self {
+        ConnectorError::Io(e.to_string())
+    }
+}
+
+/// What a destination did with one row in one stage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum RowAction {
+    /// A row was inserted.
+    Insert,
+    /// A matching row was updated.
+    Update,
+    /// A matching row was deleted.
+    Delete,
+    /// An update or delete matched nothing.
+    Ignore,
+    /// Nothing was written on purpose (skip/insert matched, or no difference).
+    Skip,
+    /// The row failed in this stage.
+    Error,
+}
+
+impl RowAction {
+    /// The name `@@STG:n,#Action@@` gives.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RowAction::Insert => "Insert",
+            RowAction::Update => "Update",
+            RowAction::Delete => "Delete",
+            RowAction::Ignore => "Ignore",
+            RowAction::Skip => "Skip",
+            RowAction::Error => "Error",
+        }
+    }
+}
+
+/// The outcome of one row in one stage: an action, or the reason it failed.
+pub type WriteResult = Result<RowAction, String>;
+
+/// One origin row, or the reason it could not be read.
+pub type RowRead = Result<Vec<Value>, String>;
+
+/// Whether an origin should keep reading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    /// Read the next row.
+    Continue,
+    /// Stop reading (row window ended, run cancelled or halted).
+    Stop,
+}
+
+/// Everything an origin needs to open.
+#[derive(Debug)]
+pub struct OriginRequest<'a> {
+    /// Relative paths resolve against this folder (the project's).
+    pub base_dir: &'a Path,
+    /// The SQL query, with tokens still in it (see [`bind_tokens`]).
+    pub query: Option<&'a str>,
+    /// A file path overriding the connection's.
+    pub path: Option<&'a Path>,
+    /// Values of `@@VAR:…@@` tokens.
+    pub variables: &'a BTreeMap<String, Value>,
+    /// Origin fields the job reads (kinds without a fixed schema read these).
+    pub fields: &'a [String],
+}
+
+/// A row source.
+pub trait Origin: Send {
+    /// The origin's field names, in row order.
+    fn columns(&self) -> &[String];
+    /// Reads rows in order, handing each to `sink` until it says stop or rows end.
+    /// An `Err` here ends the job; a row that cannot be read is an `Err` row.
+    fn read(&mut self, sink: &mut dyn FnMut(RowRead) -> Flow) -> Result<(), ConnectorError>;
+}
+
+/// One destination column of a stage, as the destination sees it.
+#[derive(Debug, Clone)]
+pub struct ColumnPlan {
+    /// The column name.
+    pub name: String,
+    /// Part of the WHERE.
+    pub is_match: bool,
+    /// Written only on insert.
+    pub insert_only: bool,
+    /// Written only on update.
+    pub update_only: bool,
+}
+
+/// One stage, as the destination sees it.
+#[derive(Debug, Clone)]
+pub struct StagePlan {
+    /// The stage's name (for messages).
+    pub name: String,
+    /// The table or object.
+    pub table: Option<String>,
+    /// What to do with each row.
+    pub action: StageAction,
+    /// The columns; row values come in this order.
+    pub columns: Vec<ColumnPlan>,
+    /// A blank value is not written.
+    pub omit_blank: bool,
+    /// Update only when a value differs.
+    pub update_on_difference: bool,
+}
+
+/// Everything a destination needs to open.
+#[derive(Debug)]
+pub struct DestinationRequest<'a> {
+    /// Relative paths resolve against this folder (the project's).
+    pub base_dir: &'a Path,
+    /// The stages this destination serves, in the indices `write` is called with.
+    pub stages: &'a [StagePlan],
+    /// Write nothing: roll back all database work at the end, leave files untouched.
+    pub preview: bool,
+}
+
+/// A row sink for one writer thread, with its own connection.
+///
+/// The engine calls `begin`, then `write` once per stage with the batch's rows,
+/// then `commit`. An `Err` from `write` or `commit` fails the batch: the engine
+/// rolls back and replays it row by row, so only bad rows count as errors.
+pub trait Destination: Send {
+    /// Starts a batch.
+    fn begin(&mut self) -> Result<(), ConnectorError>;
+    /// Writes `rows` (values in the stage's column order) for stage `stage`.
+    /// Returns one result per row, in order.
+    fn write(
+        &mut self,
+        stage: usize,
+        rows: &[&[Value]],
+    ) -> Result<Vec<WriteResult>, ConnectorError>;
+    /// Makes the batch durable.
+    fn commit(&mut self) -> Result<(), ConnectorError>;
+    /// Undoes the batch.
+    fn rollback(&mut self) -> Result<(), ConnectorError>;
+    /// Ends the run: flush files, close connections; in preview, discard everything.
+    fn finish(self: Box<Self>) -> Result<(), ConnectorError>;
+}
+
+/// A connector kind.
+pub trait Connector {
+    /// The kind's name.
+    fn kind(&self) -> &'static str;
+    /// What the kind can do.
+    fn capabilities(&self) -> Capabilities;
+    /// Opens a row source.
+    fn open_origin(&self, req: &OriginRequest) -> Result<Box<dyn Origin>, ConnectorError>;
+    /// Opens a row sink (one per writer thread).
+    fn open_destination(
+        &self,
+        req: &DestinationRequest,
+    ) -> Result<Box<dyn Destination>, ConnectorError>;
+}
+
+/// Resolves a connection path against the project folder.
+pub(crate) fn resolve_path(base: &Path, p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        p.to_owned()
+    } else {
+        base.join(p)
+    }
+}
+
+/// Replaces the tokens of a SQL query with placeholders and returns the values to
+/// bind, so a token's value is never spliced into SQL text. A token written inside
+/// single quotes (`'@@VAR:JobArgument@@'`) replaces the quotes too.
+///
+/// `placeholder(n)` gives the n-th (1-based) placeholder: `?` or `$n`.
+pub fn bind_tokens(
+    query: &str,
+    variables: &BTreeMap<String, Value>,
+    placeholder: impl Fn(usize) -> String,
+) -> Result<(String, Vec<Value>), String> {
+    let template = Template::parse(query)?;
+    let mut sql = String::with_capacity(query.len());
+    let mut params = Vec::new();
+    let parts = &template.parts;
+    for (i, part) in parts.iter().enumerate() {
+        match part {
+            Part::Literal(text) => {
+                let mut t = text.as_str();
+                // Drop a quote that closes a quoted token (the next part is handled below).
+                if i > 0
+                    && matches!(parts[i - 1], Part::Token(_))
+                    && t.starts_with('\'')
+                    && quoted_before(parts, i - 1)
+                {
+                    t = &t[1..];
+                }
+                if matches!(parts.get(i + 1), Some(Part::Token(_)))
+                    && t.ends_with('\'')
+                    && quoted_after(parts, i + 1)
+                {
+                    t = &t[..t.len() - 1];
+                }
+                sql.push_str(t);
+            }
+            Part::Token(Token::Variable(name)) => {
+                let v = variables
+                    .iter()
+                    .find(|(k, _)| k.eq_ignore_ascii_case(name))
+                    .map(|(_, v)| v.clone())
+                    .unwrap_or(Value::Null);
+                params.push(v);
+                sql.push_str(&placeholder(params.len()));
+            }
+            Part::Token(t) => {
+                return Err(format!(
+                    "{t} cannot be used in an origin query: only @@VAR:…@@ tokens are known before rows are read"
+                ));
+            }
+        }
+    }
+    Ok((sql, params))
+}
+
+fn quoted_before(parts: &[Part], token: usize) -> bool {
+    token > 0 && matches!(&parts[token - 1], Part::Literal(t) if t.ends_with('\''))
+}
+
+fn quoted_after(parts: &[Part], token: usize) -> bool {
+    matches!(parts.get(token + 1), Some(Part::Literal(t)) if t.starts_with('\''))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_become_bound_parameters() {
+        let vars: BTreeMap<String, Value> = [(
+            "JobArgument".to_owned(),
+            Value::from("x'); DROP TABLE t; --"),
+        )]
+        .into_iter()
+        .collect();
+        let (sql, params) = bind_tokens(
+            "SELECT * FROM t WHERE a = '@@VAR:JobArgument@@' AND b = @@VAR:jobargument@@ AND c = 'lit'",
+            &vars,
+            |_| "?".into(),
+        )
+        .unwrap();
+        assert_eq!(sql, "SELECT * FROM t WHERE a = ? AND b = ? AND c = 'lit'");
+        assert_eq!(params.len(), 2);
+        assert_eq!(params[0], Value::from("x'); DROP TABLE t; --"));
+        let (sql, _) = bind_tokens("x = @@VAR:Nope@@", &vars, |n| format!("${n}")).unwrap();
+        assert_eq!(sql, "x = $1");
+        assert!(bind_tokens("x = @@ORG:a@@", &vars, |_| "?".into()).is_err());
+    }
+}

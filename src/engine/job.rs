@@ -1,0 +1,827 @@
+//! Executing one job: reader thread, writer threads, batches, counters, log.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use chrono::Local;
+use crossbeam_channel::RecvTimeoutError;
+
+use super::mapping::{self, CompiledStage, RowContext, Target};
+use super::{
+    CancelToken, Counters, JobReport, LogEntry, LogLevel, RunObserver, RunRequest, RunStatus,
+};
+use crate::connector::{
+    ConnectorError, Destination, DestinationRequest, Flow, OriginRequest, RowAction, RowRead,
+};
+use crate::project::{Job, Project};
+use crate::value::Value;
+
+/// Log entries kept per job; past this the log says how many were dropped.
+const MAX_LOG_ENTRIES: usize = 100_000;
+/// How often observers hear the live counters.
+const PROGRESS_EVERY: Duration = Duration::from_millis(200);
+
+/// The counters, shared by the writers and read live by observers.
+#[derive(Default)]
+struct LiveCounters([AtomicU64; 7]);
+
+impl LiveCounters {
+    fn add(&self, c: &Counters) {
+        let vals = [
+            c.total_rows,
+            c.inserts,
+            c.updates,
+            c.deletes,
+            c.errors,
+            c.skips,
+            c.ignores,
+        ];
+        for (a, v) in self.0.iter().zip(vals) {
+            if v != 0 {
+                a.fetch_add(v, Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn snapshot(&self) -> Counters {
+        let v: Vec<u64> = self.0.iter().map(|a| a.load(Ordering::Relaxed)).collect();
+        Counters {
+            total_rows: v[0],
+            inserts: v[1],
+            updates: v[2],
+            deletes: v[3],
+            errors: v[4],
+            skips: v[5],
+            ignores: v[6],
+        }
+    }
+}
+
+/// The job's log, filtered by level and capped.
+struct RunLog {
+    level: LogLevel,
+    job: crate::project::JobId,
+    entries: Vec<LogEntry>,
+    dropped: u64,
+}
+
+impl RunLog {
+    fn push(&mut self, level: LogLevel, row: Option<u64>, message: String) {
+        if level > self.level || self.level == LogLevel::None {
+            return;
+        }
+        if self.entries.len() >= MAX_LOG_ENTRIES {
+            self.dropped += 1;
+            return;
+        }
+        self.entries.push(LogEntry {
+            time: Local::now().fixed_offset(),
+            level,
+            job_id: self.job.clone(),
+            row,
+            message,
+        });
+    }
+
+    fn finish(mut self) -> Vec<LogEntry> {
+        if self.dropped > 0 {
+            let n = self.dropped;
+            self.dropped = 0;
+            self.entries.push(LogEntry {
+                time: Local::now().fixed_offset(),
+                level: LogLevel::Low,
+                job_id: self.job.clone(),
+                row: None,
+                message: format!(
+                    "{n} further log entries were dropped (the log keeps {MAX_LOG_ENTRIES})"
+                ),
+            });
+        }
+        self.entries
+    }
+}
+
+/// One row on its way through the stages.
+struct RowState {
+    number: u64,
+    values: Vec<Value>,
+    read_error: Option<String>,
+    actions: Vec<Option<RowAction>>,
+    /// The stage (1-based; 0 = reading or the batch) and reason of the row's error.
+    error: Option<(usize, String)>,
+    processed: bool,
+}
+
+impl RowState {
+    fn reset(&mut self) {
+        self.actions.iter_mut().for_each(|a| *a = None);
+        self.error = self.read_error.clone().map(|e| (0, e));
+        self.processed = false;
+    }
+}
+
+/// A writer thread's connections: the destination, and the origin for write-back stages.
+struct Writer {
+    dest: Option<Box<dyn Destination>>,
+    back: Option<Box<dyn Destination>>,
+}
+
+impl Writer {
+    fn each(
+        &mut self,
+        f: &mut dyn FnMut(&mut dyn Destination) -> Result<(), ConnectorError>,
+    ) -> Result<(), ConnectorError> {
+        if let Some(d) = self.dest.as_deref_mut() {
+            f(d)?;
+        }
+        if let Some(d) = self.back.as_deref_mut() {
+            f(d)?;
+        }
+        Ok(())
+    }
+
+    fn target(&mut self, t: Target) -> &mut dyn Destination {
+        match t {
+            Target::Destination => self.dest.as_deref_mut(),
+            Target::Origin => self.back.as_deref_mut(),
+        }
+        .expect("a writer has a connection for every target its stages use")
+    }
+
+    fn finish(self) -> Result<(), ConnectorError> {
+        let a = self.dest.map(|d| d.finish()).unwrap_or(Ok(()));
+        let b = self.back.map(|d| d.finish()).unwrap_or(Ok(()));
+        a.and(b)
+    }
+}
+
+/// What the writers share.
+struct Shared<'a> {
+    job: &'a Job,
+    stages: Vec<CompiledStage>,
+    counters: LiveCounters,
+    stage_counts: Mutex<Vec<Counters>>,
+    log: Mutex<RunLog>,
+    level: LogLevel,
+    stop: AtomicBool,
+    halted: Mutex<Option<String>>,
+    cancel: &'a CancelToken,
+    error_file: Option<Mutex<::csv::Writer<File>>>,
+    run_id: String,
+}
+
+impl Shared<'_> {
+    fn stopping(&self) -> bool {
+        self.stop.load(Ordering::Relaxed) || self.cancel.is_cancelled()
+    }
+
+    fn log(&self, level: LogLevel, row: Option<u64>, message: String) {
+        if level <= self.level {
+            self.log.lock().expect("log lock").push(level, row, message);
+        }
+    }
+
+    /// Evaluates and writes every stage for `rows` (no transaction handling).
+    /// With halt on error, rows go one at a time and the first error stops the rest.
+    fn write_rows(&self, w: &mut Writer, rows: &mut [RowState]) -> Result<(), ConnectorError> {
+        if self.job.halt_on_error {
+            for i in 0..rows.len() {
+                self.write_chunk(w, &mut rows[i..=i])?;
+                if rows[i].error.is_some() {
+                    break;
+                }
+            }
+            Ok(())
+        } else {
+            self.write_chunk(w, rows)
+        }
+    }
+
+    fn write_chunk(&self, w: &mut Writer, rows: &mut [RowState]) -> Result<(), ConnectorError> {
+        for r in rows.iter_mut() {
+            r.processed = true;
+        }
+        let mut idx: Vec<usize> = Vec::with_capacity(rows.len());
+        let mut vals: Vec<Vec<Value>> = Vec::with_capacity(rows.len());
+        for (si, stage) in self.stages.iter().enumerate() {
+            idx.clear();
+            vals.clear();
+            for (ri, row) in rows.iter_mut().enumerate() {
+                if row.error.is_some() {
+                    continue;
+                }
+                let mut out = Vec::new();
+                let ctx = RowContext {
+                    number: row.number,
+                    values: &row.values,
+                    actions: &row.actions,
+                    run_id: &self.run_id,
+                };
+                match stage.evaluate(&ctx, &mut out) {
+                    Ok(()) => {
+                        idx.push(ri);
+                        vals.push(out);
+                    }
+                    Err(e) => {
+                        row.actions[si] = Some(RowAction::Error);
+                        row.error = Some((si + 1, e));
+                    }
+                }
+            }
+            if idx.is_empty() {
+                continue;
+            }
+            let refs: Vec<&[Value]> = vals.iter().map(Vec::as_slice).collect();
+            let results = w.target(stage.target).write(stage.local, &refs)?;
+            for (k, res) in results.into_iter().enumerate() {
+                let row = &mut rows[idx[k]];
+                match res {
+                    Ok(a) => row.actions[si] = Some(a),
+                    Err(e) => {
+                        row.actions[si] = Some(RowAction::Error);
+                        row.error = Some((si + 1, e));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn transaction(&self, w: &mut Writer, rows: &mut [RowState]) -> Result<(), ConnectorError> {
+        w.each(&mut |d| d.begin())?;
+        self.write_rows(w, rows)?;
+        w.each(&mut |d| d.commit())
+    }
+
+    /// One batch in one transaction; on failure, replayed row by row.
+    fn process_batch(&self, w: &mut Writer, rows: &mut [RowState]) {
+        if let Err(e) = self.transaction(w, rows) {
+            let _ = w.each(&mut |d| d.rollback());
+            let (first, last) = (
+                rows.first().map(|r| r.number).unwrap_or(0),
+                rows.last().map(|r| r.number).unwrap_or(0),
+            );
+            self.log(
+                LogLevel::Medium,
+                None,
+                format!("batch of rows {first}-{last} failed ({e}); replaying it row by row"),
+            );
+            rows.iter_mut().for_each(RowState::reset);
+            for i in 0..rows.len() {
+                let one = &mut rows[i..=i];
+                if let Err(e) = self.transaction(w, one) {
+                    let _ = w.each(&mut |d| d.rollback());
+                    let r = &mut one[0];
+                    r.actions.iter_mut().for_each(|a| *a = None);
+                    r.error = Some((0, e.to_string()));
+                    r.processed = true;
+                }
+                if self.job.halt_on_error && rows[i].error.is_some() {
+                    break;
+                }
+            }
+        }
+        self.account(rows);
+    }
+
+    /// Counts, logs and records the outcome of processed rows.
+    fn account(&self, rows: &[RowState]) {
+        let mut c = Counters::default();
+        let mut per_stage = vec![Counters::default(); self.stages.len()];
+        let mut first_error: Option<String> = None;
+        for r in rows.iter().filter(|r| r.processed) {
+            c.total_rows += 1;
+            for (si, a) in r.actions.iter().enumerate() {
+                let Some(a) = *a else { continue };
+                bump(&mut per_stage[si], a);
+                if a != RowAction::Error {
+                    bump(&mut c, a);
+                }
+            }
+            if let Some((stage, msg)) = &r.error {
+                // A row counts one error, whichever stage failed.
+                c.errors += 1;
+                let place = match stage {
+                    0 => String::new(),
+                    s => format!(", stage {s} ({})", self.stages[s - 1].name),
+                };
+                let text = format!("row {}{place}: {msg}", r.number);
+                self.log(LogLevel::Low, Some(r.number), text.clone());
+                if first_error.is_none() {
+                    first_error = Some(text);
+                }
+                if let Some(f) = &self.error_file {
+                    let mut f = f.lock().expect("error file lock");
+                    let mut rec: Vec<String> = vec![
+                        r.number.to_string(),
+                        match stage {
+                            0 => String::new(),
+                            s => self.stages[s - 1].name.clone(),
+                        },
+                        msg.clone(),
+                    ];
+                    rec.extend(r.values.iter().map(Value::to_text));
+                    if let Err(e) = f.write_record(&rec) {
+                        drop(f);
+                        self.log(
+                            LogLevel::Low,
+                            None,
+                            format!("cannot write the error file: {e}"),
+                        );
+                    }
+                }
+            } else if self.level >= LogLevel::High {
+                let actions: Vec<String> = r
+                    .actions
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(si, a)| a.map(|a| format!("stage {} {}", si + 1, a.as_str())))
+                    .collect();
+                self.log(
+                    LogLevel::High,
+                    Some(r.number),
+                    format!("row {}: {}", r.number, actions.join(", ")),
+                );
+            }
+        }
+        self.counters.add(&c);
+        {
+            let mut s = self.stage_counts.lock().expect("stage counts lock");
+            for (acc, add) in s.iter_mut().zip(&per_stage) {
+                acc.add(add);
+            }
+        }
+        if let Some(e) = first_error
+            && self.job.halt_on_error
+        {
+            let mut h = self.halted.lock().expect("halt lock");
+            if h.is_none() {
+                *h = Some(format!("halted on error at {e}"));
+            }
+            self.stop.store(true, Ordering::SeqCst);
+        }
+    }
+}
+
+fn bump(c: &mut Counters, a: RowAction) {
+    match a {
+        RowAction::Insert => c.inserts += 1,
+        RowAction::Update => c.updates += 1,
+        RowAction::Delete => c.deletes += 1,
+        RowAction::Ignore => c.ignores += 1,
+        RowAction::Skip => c.skips += 1,
+        RowAction::Error => c.errors += 1,
+    }
+}
+
+/// Runs one job to its end and reports it; never panics on bad input.
+pub(crate) fn run_job(
+    project: &Project,
+    job: &Job,
+    req: &RunRequest,
+    cancel: &CancelToken,
+    observer: &dyn RunObserver,
+) -> JobReport {
+    let start_time = Local::now().fixed_offset();
+    let t0 = Instant::now();
+    let mut log = RunLog {
+        level: req.logging_level,
+        job: job.id.clone(),
+        entries: Vec::new(),
+        dropped: 0,
+    };
+    log.push(
+        LogLevel::Low,
+        None,
+        format!(
+            "job {} started (run {}{})",
+            job.id,
+            req.run_id,
+            if req.preview {
+                ", preview: nothing is written"
+            } else {
+                ""
+            }
+        ),
+    );
+    let outcome = execute(project, job, req, cancel, observer, log);
+    let (counters, error, mut log, cancelled) = outcome;
+    let status = if cancelled {
+        RunStatus::Cancelled
+    } else if error.is_some() {
+        RunStatus::Failed
+    } else {
+        RunStatus::Complete
+    };
+    let run_time = t0.elapsed();
+    log.push(
+        LogLevel::Low,
+        None,
+        format!(
+            "job {} ended: {status} in {:.3}s; {} rows, {} inserts, {} updates, {} deletes, {} errors, {} skips, {} ignores{}",
+            job.id,
+            run_time.as_secs_f64(),
+            counters.total_rows,
+            counters.inserts,
+            counters.updates,
+            counters.deletes,
+            counters.errors,
+            counters.skips,
+            counters.ignores,
+            error.as_ref().map(|e| format!(": {e}")).unwrap_or_default()
+        ),
+    );
+    JobReport {
+        job_id: job.id.clone(),
+        start_time,
+        run_time,
+        status,
+        counters,
+        error,
+        log: log.finish(),
+    }
+}
+
+type Outcome = (Counters, Option<String>, RunLog, bool);
+
+fn execute(
+    project: &Project,
+    job: &Job,
+    req: &RunRequest,
+    cancel: &CancelToken,
+    observer: &dyn RunObserver,
+    mut log: RunLog,
+) -> Outcome {
+    let job_failed = |msg: String, log: RunLog| -> Outcome {
+        let c = Counters {
+            errors: 1,
+            ..Counters::default()
+        };
+        (c, Some(msg), log, false)
+    };
+
+    let mut variables: BTreeMap<String, Value> = project
+        .variables
+        .iter()
+        .map(|(k, v)| (k.clone(), Value::Text(v.clone())))
+        .collect();
+    variables.insert("JobArgument".into(), Value::Text(req.argument.clone()));
+    variables.insert("RunID".into(), Value::Text(req.run_id.to_string()));
+    variables.insert("JobID".into(), Value::Text(job.id.0.clone()));
+    variables.insert("ProjectID".into(), Value::Text(project.id.0.clone()));
+
+    // Open the origin.
+    let Some(origin_conn) = project.connections.get(&job.origin.connection) else {
+        return job_failed(
+            format!("unknown connection {:?}", job.origin.connection),
+            log,
+        );
+    };
+    let fields = mapping::origin_fields(job);
+    let mut origin = match origin_conn.connector().open_origin(&OriginRequest {
+        base_dir: &project.dir,
+        query: job.origin.query.as_deref(),
+        path: job.origin.path.as_deref(),
+        variables: &variables,
+        fields: &fields,
+    }) {
+        Ok(o) => o,
+        Err(e) => return job_failed(format!("origin {:?}: {e}", job.origin.connection), log),
+    };
+    let columns = origin.columns().to_vec();
+    let stages = match mapping::compile(job, &columns, &variables) {
+        Ok(s) => s,
+        Err(e) => return job_failed(e, log),
+    };
+
+    // Open one writer per thread.
+    let dest_plans = mapping::plans(&job.stages, Target::Destination);
+    let back_plans = mapping::plans(&job.stages, Target::Origin);
+    let dest_conn = job
+        .destination
+        .as_ref()
+        .and_then(|d| project.connections.get(d));
+    let mut threads = if req.preview {
+        1
+    } else {
+        req.thread_count.max(1)
+    };
+    for (conn, plans) in [(dest_conn, &dest_plans), (Some(origin_conn), &back_plans)] {
+        if let Some(c) = conn
+            && !plans.is_empty()
+            && let Some(max) = c.capabilities().max_writers
+            && threads > max
+        {
+            log.push(
+                LogLevel::Medium,
+                None,
+                format!(
+                    "a {} destination takes {max} writer(s): threadCount {threads} runs as {max}",
+                    c.kind()
+                ),
+            );
+            threads = max;
+        }
+    }
+    let mut writers = Vec::with_capacity(threads);
+    for _ in 0..threads {
+        let open = |conn: Option<&crate::connector::ConnectionConfig>,
+                    plans: &[crate::connector::StagePlan],
+                    name: &str|
+         -> Result<Option<Box<dyn Destination>>, String> {
+            if plans.is_empty() {
+                return Ok(None);
+            }
+            let c = conn.ok_or_else(|| format!("no connection for the stages of {name}"))?;
+            c.connector()
+                .open_destination(&DestinationRequest {
+                    base_dir: &project.dir,
+                    stages: plans,
+                    preview: req.preview,
+                })
+                .map(Some)
+                .map_err(|e| format!("{name}: {e}"))
+        };
+        let dest_name = format!(
+            "destination {:?}",
+            job.destination.clone().unwrap_or_default()
+        );
+        let back_name = format!("origin {:?} (write-back)", job.origin.connection);
+        let w = open(dest_conn, &dest_plans, &dest_name).and_then(|dest| {
+            Ok(Writer {
+                dest,
+                back: open(Some(origin_conn), &back_plans, &back_name)?,
+            })
+        });
+        match w {
+            Ok(w) => writers.push(w),
+            Err(e) => {
+                for w in writers {
+                    let _ = w.finish();
+                }
+                return job_failed(e, log);
+            }
+        }
+    }
+
+    let error_file = match (&job.error_file, req.preview) {
+        (Some(path), false) => {
+            let opened = path
+                .parent()
+                .map(std::fs::create_dir_all)
+                .unwrap_or(Ok(()))
+                .and_then(|()| File::create(path));
+            match opened {
+                Ok(f) => {
+                    let mut w = ::csv::Writer::from_writer(f);
+                    let mut header = vec!["row".to_owned(), "stage".into(), "error".into()];
+                    header.extend(columns.iter().cloned());
+                    let _ = w.write_record(&header);
+                    Some(Mutex::new(w))
+                }
+                Err(e) => {
+                    for w in writers {
+                        let _ = w.finish();
+                    }
+                    return job_failed(
+                        format!("cannot create error file {}: {e}", path.display()),
+                        log,
+                    );
+                }
+            }
+        }
+        _ => None,
+    };
+
+    let nstages = stages.len();
+    let shared = Shared {
+        job,
+        stage_counts: Mutex::new(vec![Counters::default(); nstages]),
+        stages,
+        counters: LiveCounters::default(),
+        level: req.logging_level,
+        log: Mutex::new(log),
+        stop: AtomicBool::new(false),
+        halted: Mutex::new(None),
+        cancel,
+        error_file,
+        run_id: req.run_id.to_string(),
+    };
+
+    let batch_size = job.batch_size;
+    let (tx, rx) = crossbeam_channel::bounded::<Vec<(u64, RowRead)>>(threads * 2);
+    let (done_tx, done_rx) = crossbeam_channel::bounded::<()>(0);
+    let begin = req.begin_at_row;
+    let end = req.end_after_row;
+
+    let (read_result, finish_errors) = std::thread::scope(|s| {
+        let shared = &shared;
+        let reader = s.spawn(move || {
+            let mut n: u64 = 0;
+            let mut batch = Vec::with_capacity(batch_size);
+            let mut stopped = false;
+            let res = origin.read(&mut |r| {
+                if shared.stopping() {
+                    stopped = true;
+                    return Flow::Stop;
+                }
+                n += 1;
+                if n < begin {
+                    return Flow::Continue;
+                }
+                batch.push((n, r));
+                if batch.len() >= batch_size
+                    && tx
+                        .send(std::mem::replace(
+                            &mut batch,
+                            Vec::with_capacity(batch_size),
+                        ))
+                        .is_err()
+                {
+                    return Flow::Stop;
+                }
+                if end.is_some_and(|e| n >= e) {
+                    Flow::Stop
+                } else {
+                    Flow::Continue
+                }
+            });
+            if !batch.is_empty() && !stopped {
+                let _ = tx.send(batch);
+            }
+            res
+        });
+        let handles: Vec<_> = writers
+            .into_iter()
+            .map(|mut w| {
+                let rx = rx.clone();
+                let done = done_tx.clone();
+                s.spawn(move || {
+                    for batch in rx.iter() {
+                        if shared.stopping() {
+                            continue; // drain, so the reader never blocks
+                        }
+                        let mut rows: Vec<RowState> = batch
+                            .into_iter()
+                            .map(|(number, r)| {
+                                let (values, read_error) = match r {
+                                    Ok(v) => (v, None),
+                                    Err(e) => (Vec::new(), Some(e)),
+                                };
+                                RowState {
+                                    number,
+                                    actions: vec![None; nstages],
+                                    error: read_error.clone().map(|e| (0, e)),
+                                    processed: read_error.is_some(),
+                                    values,
+                                    read_error,
+                                }
+                            })
+                            .collect();
+                        shared.process_batch(&mut w, &mut rows);
+                    }
+                    drop(done);
+                    w.finish()
+                })
+            })
+            .collect();
+        drop(rx);
+        drop(done_tx);
+        while let Err(RecvTimeoutError::Timeout) = done_rx.recv_timeout(PROGRESS_EVERY) {
+            observer.progress(&job.id, &shared.counters.snapshot());
+        }
+        let read_result = reader
+            .join()
+            .unwrap_or_else(|_| Err(ConnectorError::Io("the reader thread panicked".into())));
+        let finish_errors: Vec<String> = handles
+            .into_iter()
+            .filter_map(|h| match h.join() {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(e.to_string()),
+                Err(_) => Some("a writer thread panicked".into()),
+            })
+            .collect();
+        (read_result, finish_errors)
+    });
+
+    let Shared {
+        counters,
+        stage_counts,
+        log,
+        halted,
+        error_file,
+        stages,
+        ..
+    } = shared;
+    let mut log = log.into_inner().expect("log lock");
+    let mut counters = counters.snapshot();
+    if let Some(f) = error_file
+        && let Err(e) = f.into_inner().expect("error file lock").flush()
+    {
+        log.push(
+            LogLevel::Low,
+            None,
+            format!("cannot write the error file: {e}"),
+        );
+    }
+    for (i, (stage, c)) in stages
+        .iter()
+        .zip(stage_counts.into_inner().expect("stage counts lock"))
+        .enumerate()
+    {
+        log.push(
+            LogLevel::Medium,
+            None,
+            format!(
+                "stage {} ({}): {} inserts, {} updates, {} deletes, {} errors, {} skips, {} ignores",
+                i + 1,
+                stage.name,
+                c.inserts,
+                c.updates,
+                c.deletes,
+                c.errors,
+                c.skips,
+                c.ignores
+            ),
+        );
+    }
+    let cancelled = cancel.is_cancelled();
+    let mut error = halted.into_inner().expect("halt lock");
+    if let Err(e) = read_result {
+        counters.errors += 1;
+        log.push(LogLevel::Low, None, format!("origin: {e}"));
+        error.get_or_insert(format!("origin {:?}: {e}", job.origin.connection));
+    }
+    for e in finish_errors {
+        counters.errors += 1;
+        log.push(LogLevel::Low, None, e.clone());
+        error.get_or_insert(e);
+    }
+    if cancelled {
+        error.get_or_insert("cancelled".into());
+    }
+    (counters, error, log, cancelled)
+}
+
+/// Opens a job's connections as a preview run would, without reading rows:
+/// finds a missing file or table, an origin field or column that does not exist.
+pub(crate) fn check_job(project: &Project, job: &Job) -> Result<(), String> {
+    let variables: BTreeMap<String, Value> = project
+        .variables
+        .iter()
+        .map(|(k, v)| (k.clone(), Value::Text(v.clone())))
+        .collect();
+    let origin_conn = project
+        .connections
+        .get(&job.origin.connection)
+        .ok_or_else(|| format!("unknown connection {:?}", job.origin.connection))?;
+    let fields = mapping::origin_fields(job);
+    let origin = origin_conn
+        .connector()
+        .open_origin(&OriginRequest {
+            base_dir: &project.dir,
+            query: job.origin.query.as_deref(),
+            path: job.origin.path.as_deref(),
+            variables: &variables,
+            fields: &fields,
+        })
+        .map_err(|e| format!("origin {:?}: {e}", job.origin.connection))?;
+    mapping::compile(job, origin.columns(), &variables)?;
+    drop(origin);
+    let dest_conn = job
+        .destination
+        .as_ref()
+        .and_then(|d| project.connections.get(d));
+    for (conn, target, name) in [
+        (
+            dest_conn,
+            Target::Destination,
+            job.destination.clone().unwrap_or_default(),
+        ),
+        (
+            Some(origin_conn),
+            Target::Origin,
+            job.origin.connection.clone(),
+        ),
+    ] {
+        let plans = mapping::plans(&job.stages, target);
+        if plans.is_empty() {
+            continue;
+        }
+        let Some(c) = conn else { continue };
+        let d = c
+            .connector()
+            .open_destination(&DestinationRequest {
+                base_dir: &project.dir,
+                stages: &plans,
+                preview: true,
+            })
+            .map_err(|e| format!("destination {name:?}: {e}"))?;
+        d.finish()
+            .map_err(|e| format!("destination {name:?}: {e}"))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,327 @@
+//! Fields compiled against the origin's columns: evaluated once per row and stage.
+
+use std::collections::BTreeMap;
+
+use chrono::{Local, SecondsFormat, Utc};
+
+use crate::connector::{ColumnPlan, RowAction, StagePlan};
+use crate::project::template::{Part, Token};
+use crate::project::{BuiltinFunction, FieldSource, Job, Stage, Transform};
+use crate::value::{FieldType, Value};
+
+/// Which connection a stage writes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Target {
+    /// The job's destination.
+    Destination,
+    /// The origin connection (write-back).
+    Origin,
+}
+
+#[derive(Debug)]
+enum Source {
+    Origin(usize),
+    Constant(Value),
+    Template(Vec<Piece>),
+    Function(BuiltinFunction),
+}
+
+#[derive(Debug)]
+enum Piece {
+    Text(String),
+    Origin(usize),
+    Stage(usize),
+}
+
+#[derive(Debug)]
+struct CompiledField {
+    column: String,
+    source: Source,
+    transforms: Vec<Transform>,
+    ty: Option<FieldType>,
+}
+
+/// One stage, ready to evaluate rows.
+#[derive(Debug)]
+pub(crate) struct CompiledStage {
+    pub(crate) name: String,
+    pub(crate) target: Target,
+    /// The stage's index among the stages of its target.
+    pub(crate) local: usize,
+    fields: Vec<CompiledField>,
+}
+
+/// What a field can see of the row being processed.
+pub(crate) struct RowContext<'a> {
+    pub(crate) number: u64,
+    pub(crate) values: &'a [Value],
+    pub(crate) actions: &'a [Option<RowAction>],
+    pub(crate) run_id: &'a str,
+}
+
+fn find_column(columns: &[String], name: &str) -> Option<usize> {
+    columns
+        .iter()
+        .position(|c| c == name)
+        .or_else(|| columns.iter().position(|c| c.eq_ignore_ascii_case(name)))
+}
+
+/// Compiles every stage of `job` against the origin's columns.
+/// An origin field the origin does not have is an error naming stage, column and line.
+pub(crate) fn compile(
+    job: &Job,
+    columns: &[String],
+    variables: &BTreeMap<String, Value>,
+) -> Result<Vec<CompiledStage>, String> {
+    let mut locals = [0usize; 2];
+    let missing = |stage: usize, column: &str, line: usize, field: &str| {
+        format!(
+            "stage {stage}, column {column:?} ({}:{line}): the origin has no field {field:?}; it has: {}",
+            job.file.display(),
+            columns.join(", ")
+        )
+    };
+    job.stages
+        .iter()
+        .enumerate()
+        .map(|(si, stage)| {
+            let target = if stage.use_origin {
+                Target::Origin
+            } else {
+                Target::Destination
+            };
+            let slot = &mut locals[target as usize];
+            let local = *slot;
+            *slot += 1;
+            let fields = stage
+                .fields
+                .iter()
+                .map(|f| {
+                    let source = match &f.source {
+                        FieldSource::Origin(name) => Source::Origin(
+                            find_column(columns, name)
+                                .ok_or_else(|| missing(si + 1, &f.column, f.line, name))?,
+                        ),
+                        FieldSource::Constant(v) => Source::Constant(v.clone()),
+                        FieldSource::Function(func) => Source::Function(*func),
+                        FieldSource::Template(t) => {
+                            let mut pieces = Vec::new();
+                            for part in &t.parts {
+                                pieces.push(match part {
+                                    Part::Literal(s) => Piece::Text(s.clone()),
+                                    Part::Token(Token::Origin(name)) => {
+                                        Piece::Origin(find_column(columns, name).ok_or_else(
+                                            || missing(si + 1, &f.column, f.line, name),
+                                        )?)
+                                    }
+                                    Part::Token(Token::Variable(name)) => {
+                                        Piece::Text(lookup_var(variables, name).to_text())
+                                    }
+                                    Part::Token(Token::StageAction(n)) => Piece::Stage(n - 1),
+                                });
+                            }
+                            // Adjacent text pieces (literals and variables) become one.
+                            let mut merged: Vec<Piece> = Vec::with_capacity(pieces.len());
+                            for p in pieces {
+                                match (merged.last_mut(), p) {
+                                    (Some(Piece::Text(a)), Piece::Text(b)) => a.push_str(&b),
+                                    (_, p) => merged.push(p),
+                                }
+                            }
+                            match merged.as_slice() {
+                                [] => Source::Constant(Value::Text(String::new())),
+                                [Piece::Text(s)] => Source::Constant(Value::Text(s.clone())),
+                                _ => Source::Template(merged),
+                            }
+                        }
+                    };
+                    Ok(CompiledField {
+                        column: f.column.clone(),
+                        source,
+                        transforms: f.transforms.clone(),
+                        ty: f.ty,
+                    })
+                })
+                .collect::<Result<Vec<_>, String>>()?;
+            Ok(CompiledStage {
+                name: stage.name.clone(),
+                target,
+                local,
+                fields,
+            })
+        })
+        .collect()
+}
+
+/// A variable by name, case-insensitively; unknown variables are NULL.
+pub(crate) fn lookup_var(variables: &BTreeMap<String, Value>, name: &str) -> Value {
+    variables
+        .get(name)
+        .or_else(|| {
+            variables
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v)
+        })
+        .cloned()
+        .unwrap_or(Value::Null)
+}
+
+impl CompiledStage {
+    /// The stage's values for one row, in column order; an error names the column.
+    pub(crate) fn evaluate(&self, row: &RowContext, out: &mut Vec<Value>) -> Result<(), String> {
+        out.clear();
+        for f in &self.fields {
+            let mut v = match &f.source {
+                Source::Origin(i) => row.values[*i].clone(),
+                Source::Constant(v) => v.clone(),
+                Source::Template(pieces) => {
+                    let mut s = String::with_capacity(32);
+                    for p in pieces {
+                        match p {
+                            Piece::Text(t) => s.push_str(t),
+                            Piece::Origin(i) => row.values[*i].push_text(&mut s),
+                            Piece::Stage(n) => {
+                                if let Some(Some(a)) = row.actions.get(*n) {
+                                    s.push_str(a.as_str());
+                                }
+                            }
+                        }
+                    }
+                    Value::Text(s)
+                }
+                Source::Function(func) => function(*func, row),
+            };
+            for t in &f.transforms {
+                v = transform(v, *t);
+            }
+            if let Some(ty) = f.ty {
+                v = v
+                    .convert(ty)
+                    .map_err(|e| format!("column {:?}: {e}", f.column))?;
+            }
+            out.push(v);
+        }
+        Ok(())
+    }
+}
+
+fn transform(v: Value, t: Transform) -> Value {
+    match (t, v) {
+        (Transform::NullIfBlank, v) if v.is_blank() => Value::Null,
+        (Transform::Trim, Value::Text(s)) => {
+            let t = s.trim();
+            if t.len() == s.len() {
+                Value::Text(s)
+            } else {
+                Value::Text(t.to_owned())
+            }
+        }
+        (Transform::Lower, Value::Text(mut s)) => {
+            if s.is_ascii() {
+                s.make_ascii_lowercase();
+                Value::Text(s)
+            } else {
+                Value::Text(s.to_lowercase())
+            }
+        }
+        (Transform::Upper, Value::Text(mut s)) => {
+            if s.is_ascii() {
+                s.make_ascii_uppercase();
+                Value::Text(s)
+            } else {
+                Value::Text(s.to_uppercase())
+            }
+        }
+        (_, v) => v,
+    }
+}
+
+fn function(f: BuiltinFunction, row: &RowContext) -> Value {
+    match f {
+        BuiltinFunction::Now => {
+            Value::Text(Local::now().to_rfc3339_opts(SecondsFormat::Millis, false))
+        }
+        BuiltinFunction::UtcNow => {
+            Value::Text(Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true))
+        }
+        BuiltinFunction::Today => Value::Text(Local::now().format("%Y-%m-%d").to_string()),
+        BuiltinFunction::NewGuid => Value::Text(uuid::Uuid::new_v4().to_string()),
+        BuiltinFunction::RowNumber => Value::Int(row.number as i64),
+        BuiltinFunction::RunId => Value::Text(row.run_id.to_owned()),
+    }
+}
+
+/// The destination's view of the stages of `target`.
+pub(crate) fn plans(stages: &[Stage], target: Target) -> Vec<StagePlan> {
+    stages
+        .iter()
+        .filter(|s| s.use_origin == (target == Target::Origin))
+        .map(|s| StagePlan {
+            name: s.name.clone(),
+            table: s.table.clone(),
+            action: s.action,
+            omit_blank: s.omit_blank,
+            update_on_difference: s.update_on_difference,
+            columns: s
+                .fields
+                .iter()
+                .map(|f| ColumnPlan {
+                    name: f.column.clone(),
+                    is_match: f.is_match,
+                    insert_only: f.insert_only,
+                    update_only: f.update_only,
+                })
+                .collect(),
+        })
+        .collect()
+}
+
+/// Origin fields the job reads, for origins without a fixed schema.
+pub(crate) fn origin_fields(job: &Job) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    let mut add = |n: &str| {
+        if !out.iter().any(|o| o == n) {
+            out.push(n.to_owned());
+        }
+    };
+    for s in &job.stages {
+        for f in &s.fields {
+            match &f.source {
+                FieldSource::Origin(n) => add(n),
+                FieldSource::Template(t) => {
+                    for tok in t.tokens() {
+                        if let Token::Origin(n) = tok {
+                            add(n);
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transforms_apply_in_order() {
+        let v = transform(Value::from("  Ana.SMITH@Example.com "), Transform::Trim);
+        assert_eq!(
+            transform(v, Transform::Lower),
+            Value::from("ana.smith@example.com")
+        );
+        assert_eq!(
+            transform(Value::from("  "), Transform::NullIfBlank),
+            Value::Null
+        );
+        assert_eq!(
+            transform(Value::from("Ärger"), Transform::Upper),
+            Value::from("ÄRGER")
+        );
+        assert_eq!(transform(Value::Int(3), Transform::Lower), Value::Int(3));
+    }
+}

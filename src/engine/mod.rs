@@ -1,0 +1,386 @@
+//! One run: a [`RunRequest`] in, a [`RunReport`] out.
+//!
+//! A run executes a job (and, with `chain_jobs`, the jobs its `next` names):
+//! one reader streams origin rows in batches through a bounded channel to
+//! `thread_count` writers, each with its own destination connection. Each
+//! batch is one transaction; a batch that fails is replayed row by row so only
+//! the bad rows count as errors. Counters are exact and live.
+
+mod job;
+mod mapping;
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use chrono::{DateTime, FixedOffset, Local};
+use serde::{Serialize, Serializer};
+
+use crate::project::{JobId, Project, ProjectId};
+
+/// The ID of a run: a GUID, supplied by the caller (API) or made new (CLI).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(transparent)]
+pub struct RunId(pub uuid::Uuid);
+
+impl RunId {
+    /// A new random run ID.
+    pub fn new() -> Self {
+        RunId(uuid::Uuid::new_v4())
+    }
+}
+
+impl Default for RunId {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Display for RunId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.hyphenated().fmt(f)
+    }
+}
+
+/// How much a run logs: 0 = None, 1 = Low, 2 = Medium, 3 = High.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default, Serialize)]
+pub enum LogLevel {
+    /// Nothing.
+    #[default]
+    None = 0,
+    /// Start, end and errors.
+    Low = 1,
+    /// Plus per-stage summaries and warnings.
+    Medium = 2,
+    /// Plus every row's actions.
+    High = 3,
+}
+
+impl LogLevel {
+    /// The level for a number; above 3 means High.
+    pub fn from_number(n: u64) -> Self {
+        match n {
+            0 => LogLevel::None,
+            1 => LogLevel::Low,
+            2 => LogLevel::Medium,
+            _ => LogLevel::High,
+        }
+    }
+}
+
+/// What to run and how.
+#[derive(Debug, Clone)]
+pub struct RunRequest {
+    /// The run's ID.
+    pub run_id: RunId,
+    /// The project.
+    pub project: ProjectId,
+    /// The job (the first of the chain).
+    pub job: JobId,
+    /// `@@VAR:JobArgument@@`.
+    pub argument: String,
+    /// The first origin row processed (1-based); rows before it are read and dropped.
+    pub begin_at_row: u64,
+    /// The last origin row processed, inclusive; `None` for all rows.
+    pub end_after_row: Option<u64>,
+    /// Writers, each with its own destination connection.
+    pub thread_count: usize,
+    /// What the report's log keeps.
+    pub logging_level: LogLevel,
+    /// Run the job's `next` job after it, and so on.
+    pub chain_jobs: bool,
+    /// Run everything but write nothing (database work rolled back, files untouched).
+    pub preview: bool,
+}
+
+impl RunRequest {
+    /// A request with the API's defaults: all rows, one thread, no log, no chain.
+    pub fn new(project: &str, job: &str) -> Self {
+        RunRequest {
+            run_id: RunId::new(),
+            project: ProjectId(project.to_owned()),
+            job: JobId(job.to_owned()),
+            argument: String::new(),
+            begin_at_row: 1,
+            end_after_row: None,
+            thread_count: 1,
+            logging_level: LogLevel::None,
+            chain_jobs: false,
+            preview: false,
+        }
+    }
+}
+
+/// The most writer threads one job may use.
+pub const MAX_THREADS: usize = 64;
+
+/// The state of a run or of one job in it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum RunStatus {
+    /// Accepted, not started.
+    Queued,
+    /// Going.
+    Running,
+    /// Ran to the end (row errors may have occurred).
+    Complete,
+    /// Could not run, or stopped by an error.
+    Failed,
+    /// Stopped on request.
+    Cancelled,
+}
+
+impl fmt::Display for RunStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
+
+/// The seven counters of a job (or, summed, of a run).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Counters {
+    /// Origin rows processed (inside the row window).
+    pub total_rows: u64,
+    /// Rows inserted, over all stages.
+    pub inserts: u64,
+    /// Rows updated, over all stages.
+    pub updates: u64,
+    /// Rows deleted, over all stages.
+    pub deletes: u64,
+    /// Row errors and job errors.
+    pub errors: u64,
+    /// Rows skipped (skip/insert matched, unchanged with update_on_difference).
+    pub skips: u64,
+    /// Updates or deletes that matched nothing.
+    pub ignores: u64,
+}
+
+impl Counters {
+    /// Adds `other` to `self`.
+    pub fn add(&mut self, other: &Counters) {
+        self.total_rows += other.total_rows;
+        self.inserts += other.inserts;
+        self.updates += other.updates;
+        self.deletes += other.deletes;
+        self.errors += other.errors;
+        self.skips += other.skips;
+        self.ignores += other.ignores;
+    }
+}
+
+/// One line of a run's log.
+#[derive(Debug, Clone, Serialize)]
+pub struct LogEntry {
+    /// When.
+    pub time: DateTime<FixedOffset>,
+    /// How important (Low entries show at levels 1 to 3).
+    pub level: LogLevel,
+    /// The job it is about.
+    #[serde(rename = "jobID")]
+    pub job_id: JobId,
+    /// The origin row, where it is about one.
+    pub row: Option<u64>,
+    /// What happened.
+    pub message: String,
+}
+
+fn as_seconds<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64(d.as_secs_f64())
+}
+
+/// What one job of a run did.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct JobReport {
+    /// The job.
+    #[serde(rename = "jobID")]
+    pub job_id: JobId,
+    /// When it started.
+    pub start_time: DateTime<FixedOffset>,
+    /// How long it took.
+    #[serde(rename = "runTimeSeconds", serialize_with = "as_seconds")]
+    pub run_time: Duration,
+    /// Complete, Failed or Cancelled.
+    pub status: RunStatus,
+    /// The counters.
+    #[serde(flatten)]
+    pub counters: Counters,
+    /// Why it failed, if it did.
+    pub error: Option<String>,
+    /// The log at the requested level.
+    pub log: Vec<LogEntry>,
+}
+
+/// What a run did: one [`JobReport`] per job executed, in order.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RunReport {
+    /// The run.
+    #[serde(rename = "runID")]
+    pub run_id: RunId,
+    /// Complete only if every job completed.
+    pub status: RunStatus,
+    /// When the run started.
+    pub start_time: DateTime<FixedOffset>,
+    /// How long the whole run took.
+    #[serde(rename = "runTimeSeconds", serialize_with = "as_seconds")]
+    pub run_time: Duration,
+    /// The counters summed over the jobs.
+    #[serde(flatten)]
+    pub counters: Counters,
+    /// Why the run failed, if it did (the first failing job's error).
+    pub error: Option<String>,
+    /// One report per job executed.
+    pub jobs: Vec<JobReport>,
+}
+
+/// A flag that asks a run to stop; the engine checks it between rows and batches.
+#[derive(Debug, Clone, Default)]
+pub struct CancelToken(Arc<AtomicBool>);
+
+impl CancelToken {
+    /// A token that is not cancelled.
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// Asks the run to stop.
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+    /// Whether stop was asked.
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Hears about a run while it goes (progress bars, live Results).
+pub trait RunObserver: Sync {
+    /// A job begins.
+    fn job_started(&self, _job: &JobId) {}
+    /// The job's counters so far (called a few times a second).
+    fn progress(&self, _job: &JobId, _counters: &Counters) {}
+    /// A job ended.
+    fn job_finished(&self, _report: &JobReport) {}
+}
+
+/// An observer that ignores everything.
+pub struct NoObserver;
+impl RunObserver for NoObserver {}
+
+/// Why a run could not start at all.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The project has no such job.
+    #[error("project {project:?} has no job {job:?}; it has: {known}")]
+    UnknownJob {
+        /// The project.
+        project: String,
+        /// The job asked for.
+        job: String,
+        /// The jobs it has.
+        known: String,
+    },
+    /// A request field is out of range.
+    #[error("{0}")]
+    InvalidRequest(String),
+}
+
+/// Checks the request's numbers, the way the API reports them.
+pub fn check_request(req: &RunRequest) -> Result<(), RunError> {
+    if req.begin_at_row == 0 {
+        return Err(RunError::InvalidRequest(
+            "beginAtRow must be a positive integer".into(),
+        ));
+    }
+    if let Some(end) = req.end_after_row
+        && end < req.begin_at_row
+    {
+        return Err(RunError::InvalidRequest(format!(
+            "endAfterRow ({end}) must not be less than beginAtRow ({})",
+            req.begin_at_row
+        )));
+    }
+    if req.thread_count == 0 || req.thread_count > MAX_THREADS {
+        return Err(RunError::InvalidRequest(format!(
+            "threadCount must be 1 to {MAX_THREADS}"
+        )));
+    }
+    Ok(())
+}
+
+/// Runs `req` against `project`, blocking until the run (and its chain) ends.
+pub fn run(
+    project: &Project,
+    req: &RunRequest,
+    cancel: &CancelToken,
+    observer: &dyn RunObserver,
+) -> Result<RunReport, RunError> {
+    check_request(req)?;
+    let first = project
+        .job(&req.job.0)
+        .ok_or_else(|| RunError::UnknownJob {
+            project: project.id.0.clone(),
+            job: req.job.0.clone(),
+            known: project
+                .jobs
+                .keys()
+                .map(|j| j.0.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+        })?;
+    let start = Local::now().fixed_offset();
+    let t0 = std::time::Instant::now();
+    let mut jobs = Vec::new();
+    let mut current = Some(first);
+    while let Some(job) = current {
+        observer.job_started(&job.id);
+        let report = job::run_job(project, job, req, cancel, observer);
+        observer.job_finished(&report);
+        let go_on = report.status == RunStatus::Complete && req.chain_jobs;
+        jobs.push(report);
+        current = if go_on {
+            job.next.as_ref().and_then(|n| project.jobs.get(n))
+        } else {
+            None
+        };
+    }
+    let mut counters = Counters::default();
+    for j in &jobs {
+        counters.add(&j.counters);
+    }
+    let status = if jobs.iter().all(|j| j.status == RunStatus::Complete) {
+        RunStatus::Complete
+    } else if jobs.iter().any(|j| j.status == RunStatus::Cancelled) {
+        RunStatus::Cancelled
+    } else {
+        RunStatus::Failed
+    };
+    let error = jobs
+        .iter()
+        .find_map(|j| j.error.as_ref().map(|e| format!("job {}: {e}", j.job_id)));
+    Ok(RunReport {
+        run_id: req.run_id,
+        status,
+        start_time: start,
+        run_time: t0.elapsed(),
+        counters,
+        error,
+        jobs,
+    })
+}
+
+/// Opens every job's connections as a preview run would, reading no rows, and
+/// reports what a static load cannot see: missing files and tables, origin
+/// fields and destination columns that do not exist.
+pub fn check_connections(project: &Project) -> Vec<crate::project::Problem> {
+    project
+        .jobs
+        .values()
+        .filter_map(|j| {
+            job::check_job(project, j)
+                .err()
+                .map(|m| crate::project::Problem::new(&j.file, None, m))
+        })
+        .collect()
+}

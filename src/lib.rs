@@ -1,0 +1,17 @@
+//! tidepool: a data-integration job server.
+//!
+//! A project folder defines connections and jobs ([`project`]); a run reads
+//! rows from an origin, maps them and writes them through ordered stages into
+//! a destination ([`engine`]); each kind of connection is one file in
+//! [`connector`]. The binary's `run` and `validate` commands live in `cli`.
+
+pub mod connector;
+pub mod engine;
+pub mod project;
+pub mod value;
+
+pub use engine::{
+    CancelToken, Counters, JobReport, LogLevel, RunId, RunObserver, RunReport, RunRequest,
+    RunStatus,
+};
+pub use project::{LoadOptions, Project, load_projects};

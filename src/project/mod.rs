@@ -1,0 +1,257 @@
+//! The job model: projects, connections, jobs, stages and fields, loaded from
+//! `projects/<project>/project.toml` and `projects/<project>/jobs/*.toml`.
+//!
+//! [`load_projects`] reads a folder of projects and validates them statically;
+//! every problem is a [`Problem`] with file, line and reason.
+
+mod load;
+pub mod template;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::connector::ConnectionConfig;
+use crate::value::{FieldType, Value};
+pub use load::{LoadOptions, LoadOutcome, load_project, load_projects};
+use template::Template;
+
+/// The ID of a project: what the API's `projectID` names (max 36 characters).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ProjectId(pub String);
+
+/// The ID of a job within its project: what the API's `jobID` names.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct JobId(pub String);
+
+impl fmt::Display for ProjectId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Display for JobId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A loaded, statically valid project.
+#[derive(Debug, Clone)]
+pub struct Project {
+    /// The project's ID.
+    pub id: ProjectId,
+    /// A human name.
+    pub name: String,
+    /// The folder the project was loaded from; relative paths resolve against it.
+    pub dir: PathBuf,
+    /// Project variables (`@@VAR:Name@@`), after `${ENV}` interpolation.
+    pub variables: BTreeMap<String, String>,
+    /// Named connections.
+    pub connections: BTreeMap<String, ConnectionConfig>,
+    /// The jobs, by ID.
+    pub jobs: BTreeMap<JobId, Job>,
+}
+
+impl Project {
+    /// The job with this ID, matched case-insensitively as Starfish does.
+    pub fn job(&self, id: &str) -> Option<&Job> {
+        self.jobs
+            .get(&JobId(id.to_owned()))
+            .or_else(|| self.jobs.values().find(|j| j.id.0.eq_ignore_ascii_case(id)))
+    }
+}
+
+/// One job: an origin, a destination and the stages each row passes through.
+#[derive(Debug, Clone)]
+pub struct Job {
+    /// The job's ID.
+    pub id: JobId,
+    /// A human name.
+    pub name: String,
+    /// The file the job was loaded from (for messages).
+    pub file: PathBuf,
+    /// Where rows come from.
+    pub origin: OriginSpec,
+    /// The connection stages write to unless they say `use_origin`.
+    pub destination: Option<String>,
+    /// The stages, in order.
+    pub stages: Vec<Stage>,
+    /// The job to run after this one when the request chains jobs.
+    pub next: Option<JobId>,
+    /// Stop the job at the first row error (the job then fails).
+    pub halt_on_error: bool,
+    /// Where rejected rows are written (CSV: row, stage, error, origin fields).
+    pub error_file: Option<PathBuf>,
+    /// Rows per destination transaction.
+    pub batch_size: usize,
+}
+
+/// Where a job's rows come from.
+#[derive(Debug, Clone)]
+pub struct OriginSpec {
+    /// The connection's name in the project.
+    pub connection: String,
+    /// A SQL query (database kinds); tokens are bound as parameters.
+    pub query: Option<String>,
+    /// A file path overriding the connection's (file kinds).
+    pub path: Option<PathBuf>,
+}
+
+/// What a stage does with each row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum StageAction {
+    /// Insert every row.
+    #[serde(rename = "insert")]
+    Insert,
+    /// Update the rows that match; no match is an ignore.
+    #[serde(rename = "update")]
+    Update,
+    /// Delete the rows that match; no match is an ignore.
+    #[serde(rename = "delete")]
+    Delete,
+    /// Update if a row matches, insert if not.
+    #[serde(rename = "update/insert", alias = "upsert")]
+    UpdateInsert,
+    /// Leave a matching row alone (a skip), insert if none matches.
+    #[serde(rename = "skip/insert")]
+    SkipInsert,
+}
+
+impl StageAction {
+    /// Whether the stage needs `match` fields to find destination rows.
+    pub fn needs_match(self) -> bool {
+        !matches!(self, StageAction::Insert)
+    }
+}
+
+impl fmt::Display for StageAction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            StageAction::Insert => "insert",
+            StageAction::Update => "update",
+            StageAction::Delete => "delete",
+            StageAction::UpdateInsert => "update/insert",
+            StageAction::SkipInsert => "skip/insert",
+        })
+    }
+}
+
+/// One stage of a job.
+#[derive(Debug, Clone)]
+pub struct Stage {
+    /// A human name (defaults to "<action> <table>").
+    pub name: String,
+    /// The table or object written to (database kinds).
+    pub table: Option<String>,
+    /// What the stage does.
+    pub action: StageAction,
+    /// A blank mapped value does not overwrite the destination's.
+    pub omit_blank: bool,
+    /// Update only when a value differs; an unchanged row is counted as a skip.
+    pub update_on_difference: bool,
+    /// Write to the origin connection instead of the destination (write-back).
+    pub use_origin: bool,
+    /// The destination fields.
+    pub fields: Vec<Field>,
+}
+
+/// One destination field of a stage.
+#[derive(Debug, Clone)]
+pub struct Field {
+    /// The destination column.
+    pub column: String,
+    /// Where the value comes from.
+    pub source: FieldSource,
+    /// Part of the WHERE used by update, delete, update/insert and skip/insert.
+    pub is_match: bool,
+    /// Written only when a row is inserted.
+    pub insert_only: bool,
+    /// Written only when a row is updated.
+    pub update_only: bool,
+    /// Transforms applied in order, before `ty`.
+    pub transforms: Vec<Transform>,
+    /// Conversion applied last; a value that does not convert is a row error.
+    pub ty: Option<FieldType>,
+    /// The line of the field in its job file (for messages).
+    pub line: usize,
+}
+
+/// Where a field's value comes from.
+#[derive(Debug, Clone)]
+pub enum FieldSource {
+    /// An origin field, by name.
+    Origin(String),
+    /// A constant.
+    Constant(Value),
+    /// A template with tokens.
+    Template(Template),
+    /// A built-in function.
+    Function(BuiltinFunction),
+}
+
+/// Built-in functions a field can take its value from (`function = "…"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BuiltinFunction {
+    /// The local date and time, ISO 8601 with offset.
+    Now,
+    /// The UTC date and time, ISO 8601 with `Z`.
+    UtcNow,
+    /// The local date, `YYYY-MM-DD`.
+    Today,
+    /// A new random GUID per row.
+    NewGuid,
+    /// The origin row number (1-based).
+    RowNumber,
+    /// The run's ID.
+    RunId,
+}
+
+/// A text transform (`transform = ["trim", "lower"]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Transform {
+    /// Remove leading and trailing white space.
+    Trim,
+    /// Lower case.
+    Lower,
+    /// Upper case.
+    Upper,
+    /// A blank value becomes NULL.
+    NullIfBlank,
+}
+
+/// A problem found while loading or checking a project.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// The file the problem is in.
+    pub file: PathBuf,
+    /// The 1-based line, where known.
+    pub line: Option<usize>,
+    /// What is wrong and, where possible, what to do.
+    pub message: String,
+}
+
+impl Problem {
+    pub(crate) fn new(file: &Path, line: Option<usize>, message: impl Into<String>) -> Self {
+        Problem {
+            file: file.to_owned(),
+            line,
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.line {
+            Some(line) => write!(f, "{}:{}: {}", self.file.display(), line, self.message),
+            None => write!(f, "{}: {}", self.file.display(), self.message),
+        }
+    }
+}

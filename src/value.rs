@@ -1,0 +1,209 @@
+//! The values that flow from an origin through the mapping into a destination.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// One cell of a row: what origins produce and destinations receive.
+///
+/// Kept deliberately small: every connector converts its native types to and
+/// from these, and the conversions are documented in the README's type table.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub enum Value {
+    /// SQL NULL, a missing JSON key, or a blank mapped with `null_if_blank`.
+    #[default]
+    Null,
+    /// A boolean.
+    Bool(bool),
+    /// A 64-bit signed integer.
+    Int(i64),
+    /// A 64-bit float.
+    Float(f64),
+    /// Text (CSV cells are always text until a field's `type` converts them).
+    Text(String),
+}
+
+impl Value {
+    /// True for NULL and for text that is empty or only white space.
+    pub fn is_blank(&self) -> bool {
+        match self {
+            Value::Null => true,
+            Value::Text(s) => s.trim().is_empty(),
+            _ => false,
+        }
+    }
+
+    /// The value as text, the way templates and CSV files write it (NULL is "").
+    pub fn to_text(&self) -> String {
+        match self {
+            Value::Text(s) => s.clone(),
+            other => other.to_string(),
+        }
+    }
+
+    /// Appends the text form to `out` without an intermediate allocation.
+    pub fn push_text(&self, out: &mut String) {
+        use std::fmt::Write;
+        match self {
+            Value::Null => {}
+            Value::Text(s) => out.push_str(s),
+            other => {
+                let _ = write!(out, "{other}");
+            }
+        }
+    }
+
+    /// The value as a JSON value.
+    pub fn to_json(&self) -> serde_json::Value {
+        match self {
+            Value::Null => serde_json::Value::Null,
+            Value::Bool(b) => serde_json::Value::Bool(*b),
+            Value::Int(i) => serde_json::Value::from(*i),
+            Value::Float(f) => serde_json::Number::from_f64(*f)
+                .map(serde_json::Value::Number)
+                .unwrap_or(serde_json::Value::Null),
+            Value::Text(s) => serde_json::Value::String(s.clone()),
+        }
+    }
+
+    /// Converts a JSON value; nested arrays and objects become their JSON text.
+    pub fn from_json(v: serde_json::Value) -> Value {
+        match v {
+            serde_json::Value::Null => Value::Null,
+            serde_json::Value::Bool(b) => Value::Bool(b),
+            serde_json::Value::Number(n) => match n.as_i64() {
+                Some(i) => Value::Int(i),
+                None => Value::Float(n.as_f64().unwrap_or(f64::NAN)),
+            },
+            serde_json::Value::String(s) => Value::Text(s),
+            nested => Value::Text(nested.to_string()),
+        }
+    }
+
+    /// Converts to `ty`, or says why the value does not fit.
+    pub fn convert(self, ty: FieldType) -> Result<Value, String> {
+        match (ty, self) {
+            (_, Value::Null) => Ok(Value::Null),
+            (FieldType::Text, v) => Ok(Value::Text(v.to_text())),
+            (FieldType::Integer, Value::Int(i)) => Ok(Value::Int(i)),
+            (FieldType::Integer, Value::Bool(b)) => Ok(Value::Int(b as i64)),
+            (FieldType::Integer, Value::Float(f)) => {
+                if f.fract() == 0.0 && f.abs() < 9.0e15 {
+                    Ok(Value::Int(f as i64))
+                } else {
+                    Err(format!("{f} is not a whole number"))
+                }
+            }
+            (FieldType::Integer, Value::Text(s)) => {
+                let t = s.trim();
+                if t.is_empty() {
+                    return Ok(Value::Null);
+                }
+                t.parse::<i64>()
+                    .map(Value::Int)
+                    .map_err(|_| format!("{s:?} is not an integer"))
+            }
+            (FieldType::Number, Value::Float(f)) => Ok(Value::Float(f)),
+            (FieldType::Number, Value::Int(i)) => Ok(Value::Float(i as f64)),
+            (FieldType::Number, Value::Bool(b)) => Ok(Value::Float(b as i64 as f64)),
+            (FieldType::Number, Value::Text(s)) => {
+                let t = s.trim();
+                if t.is_empty() {
+                    return Ok(Value::Null);
+                }
+                match t.parse::<f64>() {
+                    Ok(f) if f.is_finite() => Ok(Value::Float(f)),
+                    _ => Err(format!("{s:?} is not a number")),
+                }
+            }
+            (FieldType::Boolean, Value::Bool(b)) => Ok(Value::Bool(b)),
+            (FieldType::Boolean, Value::Int(i)) => Ok(Value::Bool(i != 0)),
+            (FieldType::Boolean, Value::Float(f)) => Ok(Value::Bool(f != 0.0)),
+            (FieldType::Boolean, Value::Text(s)) => match s.trim().to_ascii_lowercase().as_str() {
+                "" => Ok(Value::Null),
+                "true" | "t" | "yes" | "y" | "1" => Ok(Value::Bool(true)),
+                "false" | "f" | "no" | "n" | "0" => Ok(Value::Bool(false)),
+                _ => Err(format!("{s:?} is not a boolean")),
+            },
+        }
+    }
+}
+
+impl fmt::Display for Value {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Value::Null => Ok(()),
+            Value::Bool(b) => write!(f, "{b}"),
+            Value::Int(i) => write!(f, "{i}"),
+            Value::Float(x) => write!(f, "{x}"),
+            Value::Text(s) => f.write_str(s),
+        }
+    }
+}
+
+impl From<&str> for Value {
+    fn from(s: &str) -> Self {
+        Value::Text(s.to_owned())
+    }
+}
+
+impl From<String> for Value {
+    fn from(s: String) -> Self {
+        Value::Text(s)
+    }
+}
+
+impl From<i64> for Value {
+    fn from(i: i64) -> Self {
+        Value::Int(i)
+    }
+}
+
+/// The type a field's value is converted to before it is written (`type = "…"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FieldType {
+    /// Text; any value converts.
+    Text,
+    /// A 64-bit integer; blank text becomes NULL.
+    Integer,
+    /// A 64-bit float; blank text becomes NULL.
+    Number,
+    /// true/false, yes/no, 1/0, t/f, y/n (any case); blank text becomes NULL.
+    Boolean,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn converts_text_to_numbers_and_rejects_garbage() {
+        assert_eq!(
+            Value::from(" 42 ").convert(FieldType::Integer),
+            Ok(Value::Int(42))
+        );
+        assert_eq!(
+            Value::from("12.50").convert(FieldType::Number),
+            Ok(Value::Float(12.5))
+        );
+        assert_eq!(Value::from("").convert(FieldType::Number), Ok(Value::Null));
+        let err = Value::from("abc").convert(FieldType::Number).unwrap_err();
+        assert!(err.contains("\"abc\" is not a number"), "{err}");
+        assert!(Value::from("NaN").convert(FieldType::Number).is_err());
+        assert_eq!(
+            Value::from("Yes").convert(FieldType::Boolean),
+            Ok(Value::Bool(true))
+        );
+        assert!(Value::Float(1.5).convert(FieldType::Integer).is_err());
+    }
+
+    #[test]
+    fn blank_and_text_forms() {
+        assert!(Value::Null.is_blank());
+        assert!(Value::from("  ").is_blank());
+        assert!(!Value::Int(0).is_blank());
+        assert_eq!(Value::Float(2.5).to_text(), "2.5");
+        assert_eq!(Value::Null.to_text(), "");
+    }
+}
