@@ -83,18 +83,88 @@ impl Value {
     /// Converts to `ty`, or says why the value does not fit.
     pub fn convert(self, ty: FieldType) -> Result<Value, String> {
         match (ty, self) {
-            (_, Value::Null) => Ok(Value::Null),
-            (FieldType::Text, v) => Ok(Value::Text(v.to_text())),
-            (FieldType::Integer, Value::Int(i)) => Ok(Value::Int(i)),
-            (FieldType::Integer, Value::Bool(b)) => Ok(Value::Int(b as i64)),
-            (FieldType::Integer, Value::Float(f)) => {
+            (FieldType::Text, Value::Text(s)) => Ok(Value::Text(s)),
+            (_, v) => v.as_ref().convert(ty),
+        }
+    }
+
+    /// A borrowed view of the value.
+    pub fn as_ref(&self) -> ValueRef<'_> {
+        match self {
+            Value::Null => ValueRef::Null,
+            Value::Bool(b) => ValueRef::Bool(*b),
+            Value::Int(i) => ValueRef::Int(*i),
+            Value::Float(f) => ValueRef::Float(*f),
+            Value::Text(s) => ValueRef::Text(s),
+        }
+    }
+}
+
+/// A borrowed [`Value`]: what a [`Row`] hands out without copying.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ValueRef<'a> {
+    /// NULL.
+    Null,
+    /// A boolean.
+    Bool(bool),
+    /// An integer.
+    Int(i64),
+    /// A float.
+    Float(f64),
+    /// Text.
+    Text(&'a str),
+}
+
+impl ValueRef<'_> {
+    /// An owned copy.
+    pub fn to_owned(self) -> Value {
+        match self {
+            ValueRef::Null => Value::Null,
+            ValueRef::Bool(b) => Value::Bool(b),
+            ValueRef::Int(i) => Value::Int(i),
+            ValueRef::Float(f) => Value::Float(f),
+            ValueRef::Text(s) => Value::Text(s.to_owned()),
+        }
+    }
+
+    /// Appends the text form to `out` (NULL appends nothing).
+    pub fn push_text(self, out: &mut String) {
+        use std::fmt::Write;
+        match self {
+            ValueRef::Null => {}
+            ValueRef::Text(s) => out.push_str(s),
+            ValueRef::Bool(b) => {
+                let _ = write!(out, "{b}");
+            }
+            ValueRef::Int(i) => {
+                let _ = write!(out, "{i}");
+            }
+            ValueRef::Float(f) => {
+                let _ = write!(out, "{f}");
+            }
+        }
+    }
+
+    /// Converts to `ty`, or says why the value does not fit.
+    pub fn convert(self, ty: FieldType) -> Result<Value, String> {
+        match (ty, self) {
+            (_, ValueRef::Null) => Ok(Value::Null),
+            (FieldType::Text, ValueRef::Text(s)) => Ok(Value::Text(s.to_owned())),
+            (FieldType::Text, v) => {
+                let mut s = String::new();
+                v.push_text(&mut s);
+                Ok(Value::Text(s))
+            }
+            (FieldType::Integer, ValueRef::Int(i)) => Ok(Value::Int(i)),
+            (FieldType::Integer, ValueRef::Bool(b)) => Ok(Value::Int(b as i64)),
+            (FieldType::Integer, ValueRef::Float(f)) => {
                 if f.fract() == 0.0 && f.abs() < 9.0e15 {
                     Ok(Value::Int(f as i64))
                 } else {
                     Err(format!("{f} is not a whole number"))
                 }
             }
-            (FieldType::Integer, Value::Text(s)) => {
+            (FieldType::Integer, ValueRef::Text(s)) => {
                 let t = s.trim();
                 if t.is_empty() {
                     return Ok(Value::Null);
@@ -103,10 +173,10 @@ impl Value {
                     .map(Value::Int)
                     .map_err(|_| format!("{s:?} is not an integer"))
             }
-            (FieldType::Number, Value::Float(f)) => Ok(Value::Float(f)),
-            (FieldType::Number, Value::Int(i)) => Ok(Value::Float(i as f64)),
-            (FieldType::Number, Value::Bool(b)) => Ok(Value::Float(b as i64 as f64)),
-            (FieldType::Number, Value::Text(s)) => {
+            (FieldType::Number, ValueRef::Float(f)) => Ok(Value::Float(f)),
+            (FieldType::Number, ValueRef::Int(i)) => Ok(Value::Float(i as f64)),
+            (FieldType::Number, ValueRef::Bool(b)) => Ok(Value::Float(b as i64 as f64)),
+            (FieldType::Number, ValueRef::Text(s)) => {
                 let t = s.trim();
                 if t.is_empty() {
                     return Ok(Value::Null);
@@ -116,16 +186,69 @@ impl Value {
                     _ => Err(format!("{s:?} is not a number")),
                 }
             }
-            (FieldType::Boolean, Value::Bool(b)) => Ok(Value::Bool(b)),
-            (FieldType::Boolean, Value::Int(i)) => Ok(Value::Bool(i != 0)),
-            (FieldType::Boolean, Value::Float(f)) => Ok(Value::Bool(f != 0.0)),
-            (FieldType::Boolean, Value::Text(s)) => match s.trim().to_ascii_lowercase().as_str() {
-                "" => Ok(Value::Null),
-                "true" | "t" | "yes" | "y" | "1" => Ok(Value::Bool(true)),
-                "false" | "f" | "no" | "n" | "0" => Ok(Value::Bool(false)),
-                _ => Err(format!("{s:?} is not a boolean")),
-            },
+            (FieldType::Boolean, ValueRef::Bool(b)) => Ok(Value::Bool(b)),
+            (FieldType::Boolean, ValueRef::Int(i)) => Ok(Value::Bool(i != 0)),
+            (FieldType::Boolean, ValueRef::Float(f)) => Ok(Value::Bool(f != 0.0)),
+            (FieldType::Boolean, ValueRef::Text(s)) => {
+                match s.trim().to_ascii_lowercase().as_str() {
+                    "" => Ok(Value::Null),
+                    "true" | "t" | "yes" | "y" | "1" => Ok(Value::Bool(true)),
+                    "false" | "f" | "no" | "n" | "0" => Ok(Value::Bool(false)),
+                    _ => Err(format!("{s:?} is not a boolean")),
+                }
+            }
         }
+    }
+}
+
+/// One origin row: text fields in one buffer (CSV), or typed values.
+///
+/// A CSV record is kept as the reader produced it, so a row costs two
+/// allocations however many fields it has.
+#[derive(Debug, Clone)]
+pub struct Row(RowData);
+
+#[derive(Debug, Clone)]
+enum RowData {
+    Record(csv::StringRecord),
+    Values(Vec<Value>),
+}
+
+impl Row {
+    /// A row of typed values.
+    pub fn from_values(values: Vec<Value>) -> Self {
+        Row(RowData::Values(values))
+    }
+
+    /// A row of text fields, as a CSV reader produced it.
+    pub fn from_record(record: csv::StringRecord) -> Self {
+        Row(RowData::Record(record))
+    }
+
+    /// The number of fields.
+    pub fn len(&self) -> usize {
+        match &self.0 {
+            RowData::Record(r) => r.len(),
+            RowData::Values(v) => v.len(),
+        }
+    }
+
+    /// Whether the row has no fields.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Field `i`; NULL past the end.
+    pub fn get(&self, i: usize) -> ValueRef<'_> {
+        match &self.0 {
+            RowData::Record(r) => r.get(i).map(ValueRef::Text).unwrap_or(ValueRef::Null),
+            RowData::Values(v) => v.get(i).map(Value::as_ref).unwrap_or(ValueRef::Null),
+        }
+    }
+
+    /// The fields in order.
+    pub fn iter(&self) -> impl Iterator<Item = ValueRef<'_>> {
+        (0..self.len()).map(|i| self.get(i))
     }
 }
 

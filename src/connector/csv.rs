@@ -12,7 +12,7 @@ use super::{
     OriginInput, OriginRequest, RowAction, RowRead, WriteResult, resolve_path,
 };
 use crate::project::StageAction;
-use crate::value::Value;
+use crate::value::{Row, Value};
 
 /// `kind = "csv"`: a delimited text file, UTF-8 with or without a BOM.
 #[derive(Debug, Clone, Deserialize)]
@@ -160,7 +160,7 @@ struct CsvOrigin {
 }
 
 impl CsvOrigin {
-    fn row(&self, rec: &::csv::StringRecord) -> RowRead {
+    fn row(&self, rec: ::csv::StringRecord) -> RowRead {
         if rec.len() != self.columns.len() {
             return Err(format!(
                 "the line has {} fields where the header has {} (line {})",
@@ -169,7 +169,7 @@ impl CsvOrigin {
                 rec.position().map(|p| p.line()).unwrap_or(0)
             ));
         }
-        Ok(rec.iter().map(|s| Value::Text(s.to_owned())).collect())
+        Ok(Row::from_record(rec))
     }
 }
 
@@ -180,7 +180,7 @@ impl Origin for CsvOrigin {
 
     fn read(&mut self, sink: &mut dyn FnMut(RowRead) -> Flow) -> Result<(), ConnectorError> {
         if let Some(first) = self.pending.take()
-            && sink(self.row(&first)) == Flow::Stop
+            && sink(self.row(first)) == Flow::Stop
         {
             return Ok(());
         }
@@ -188,7 +188,12 @@ impl Origin for CsvOrigin {
         loop {
             let row = match self.reader.read_record(&mut rec) {
                 Ok(false) => return Ok(()),
-                Ok(true) => self.row(&rec),
+                Ok(true) => {
+                    // Hand the record over whole and read the next into a fresh one.
+                    let next =
+                        ::csv::StringRecord::with_capacity(rec.as_slice().len() + 16, rec.len());
+                    self.row(std::mem::replace(&mut rec, next))
+                }
                 Err(e) => match e.kind() {
                     ::csv::ErrorKind::Utf8 { pos, err } => Err(format!(
                         "the line is not valid UTF-8 (line {}, field {}): save the file as UTF-8",

@@ -13,7 +13,7 @@ use super::{
     OriginInput, OriginRequest, RowAction, RowRead, WriteResult, resolve_path,
 };
 use crate::project::StageAction;
-use crate::value::Value;
+use crate::value::{Row, Value};
 
 /// `kind = "json"`: a JSON array of objects, or JSON Lines.
 #[derive(Debug, Clone, Deserialize)]
@@ -121,17 +121,18 @@ impl JsonOrigin {
                 json_type(&v)
             ));
         };
-        Ok(self
-            .columns
-            .iter()
-            .map(|c| {
-                let v = map.remove(c).or_else(|| {
-                    let key = map.keys().find(|k| k.eq_ignore_ascii_case(c))?.clone();
-                    map.remove(&key)
-                });
-                v.map(Value::from_json).unwrap_or(Value::Null)
-            })
-            .collect())
+        Ok(Row::from_values(
+            self.columns
+                .iter()
+                .map(|c| {
+                    let v = map.remove(c).or_else(|| {
+                        let key = map.keys().find(|k| k.eq_ignore_ascii_case(c))?.clone();
+                        map.remove(&key)
+                    });
+                    v.map(Value::from_json).unwrap_or(Value::Null)
+                })
+                .collect(),
+        ))
     }
 }
 

@@ -17,7 +17,7 @@ use serde::Deserialize;
 
 use crate::project::StageAction;
 use crate::project::template::{Part, Template, Token};
-use crate::value::Value;
+use crate::value::{Row, Value};
 
 /// A connection as written in `project.toml` under `[connections.<name>]`,
 /// chosen by its `kind`.
@@ -135,7 +135,7 @@ impl RowAction {
 pub type WriteResult = Result<RowAction, String>;
 
 /// One origin row, or the reason it could not be read.
-pub type RowRead = Result<Vec<Value>, String>;
+pub type RowRead = Result<Row, String>;
 
 /// Whether an origin should keep reading.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use rusqlite::types::{ToSqlOutput, ValueRef};
-use rusqlite::{Connection, ErrorCode, OpenFlags, Statement};
+use rusqlite::{CachedStatement, Connection, ErrorCode, OpenFlags, Statement};
 use serde::Deserialize;
 
 use super::{
@@ -14,7 +14,7 @@ use super::{
     resolve_path,
 };
 use crate::project::StageAction;
-use crate::value::Value;
+use crate::value::{Row, Value};
 
 /// `kind = "sqlite"`: a SQLite database file.
 #[derive(Debug, Clone, Deserialize)]
@@ -208,7 +208,7 @@ impl Origin for SqliteOrigin {
                 let v = row.get_ref(i).map_err(ConnectorError::io)?;
                 values.push(from_sql(v));
             }
-            if sink(Ok(values)) == Flow::Stop {
+            if sink(Ok(Row::from_values(values))) == Flow::Stop {
                 break;
             }
         }
@@ -514,58 +514,113 @@ fn bind_cols(
     Ok(())
 }
 
-impl SqliteDestination {
-    fn exec(
-        &self,
-        sql: &str,
-        bind: &dyn Fn(&mut Statement) -> Result<(), Failure>,
-    ) -> Result<usize, Failure> {
-        let mut stmt = self.conn.prepare_cached(sql)?;
-        bind(&mut stmt)?;
-        Ok(stmt.raw_execute()?)
-    }
+/// A stage's statements, prepared once per batch. With `omit_blank` the
+/// written columns vary per row, so insert and update are built per row.
+struct Prepared<'c> {
+    insert: Option<CachedStatement<'c>>,
+    update: Option<CachedStatement<'c>>,
+    exists: Option<CachedStatement<'c>>,
+    delete: Option<CachedStatement<'c>>,
+}
 
-    fn exists(&self, st: &StageSql, row: &[Value]) -> Result<bool, Failure> {
-        let mut stmt = self.conn.prepare_cached(&st.exists_sql())?;
-        bind_cols(&mut stmt, st, row, &st.match_cols, 1)?;
+impl<'c> Prepared<'c> {
+    fn new(conn: &'c Connection, st: &StageSql) -> Result<Self, rusqlite::Error> {
+        let fixed = !st.plan.omit_blank;
+        let (ins, upd, ex, del) = match st.plan.action {
+            StageAction::Insert => (true, false, false, false),
+            StageAction::Update => (
+                false,
+                true,
+                st.plan.update_on_difference || st.set_cols.is_empty(),
+                false,
+            ),
+            StageAction::Delete => (false, false, false, true),
+            StageAction::UpdateInsert => (
+                true,
+                true,
+                st.plan.update_on_difference || st.set_cols.is_empty(),
+                false,
+            ),
+            StageAction::SkipInsert => (true, false, true, false),
+        };
+        let prep = |want: bool,
+                    sql: &dyn Fn() -> String|
+         -> Result<Option<CachedStatement<'c>>, rusqlite::Error> {
+            if want {
+                conn.prepare_cached(&sql()).map(Some)
+            } else {
+                Ok(None)
+            }
+        };
+        Ok(Prepared {
+            insert: prep(ins && fixed, &|| st.insert_sql(&st.insert_cols))?,
+            update: prep(upd && fixed && !st.set_cols.is_empty(), &|| {
+                st.update_sql(&st.set_cols)
+            })?,
+            exists: prep(ex, &|| st.exists_sql())?,
+            delete: prep(del, &|| st.delete_sql())?,
+        })
+    }
+}
+
+impl SqliteDestination {
+    fn exists(&self, p: &mut Prepared, st: &StageSql, row: &[Value]) -> Result<bool, Failure> {
+        let stmt = p.exists.as_mut().expect("exists statement prepared");
+        bind_cols(stmt, st, row, &st.match_cols, 1)?;
         let mut rows = stmt.raw_query();
         Ok(rows.next()?.is_some())
     }
 
-    fn insert(
-        &self,
-        st: &StageSql,
-        row: &[Value],
-        sql: Option<&str>,
-    ) -> Result<RowAction, Failure> {
-        let cols = st.keep(row, &st.insert_cols);
-        let owned;
-        let sql = match sql {
-            Some(s) if !st.plan.omit_blank => s,
-            _ => {
-                owned = st.insert_sql(&cols);
-                &owned
+    fn insert(&self, p: &mut Prepared, st: &StageSql, row: &[Value]) -> Result<RowAction, Failure> {
+        match p.insert.as_mut() {
+            Some(stmt) => {
+                bind_cols(stmt, st, row, &st.insert_cols, 1)?;
+                stmt.raw_execute()?;
             }
-        };
-        self.exec(sql, &|s| bind_cols(s, st, row, &cols, 1))?;
+            None => {
+                let cols = st.keep(row, &st.insert_cols);
+                let mut stmt = self.conn.prepare_cached(&st.insert_sql(&cols))?;
+                bind_cols(&mut stmt, st, row, &cols, 1)?;
+                stmt.raw_execute()?;
+            }
+        }
         Ok(RowAction::Insert)
     }
 
     /// Updates; `Ok(None)` when no row matches.
-    fn update(&self, st: &StageSql, row: &[Value]) -> Result<Option<RowAction>, Failure> {
-        let set = st.keep(row, &st.set_cols);
-        if set.is_empty() {
-            return Ok(self.exists(st, row)?.then_some(RowAction::Skip));
+    fn update(
+        &self,
+        p: &mut Prepared,
+        st: &StageSql,
+        row: &[Value],
+    ) -> Result<Option<RowAction>, Failure> {
+        if st.set_cols.is_empty() {
+            return Ok(self.exists(p, st, row)?.then_some(RowAction::Skip));
         }
-        let sql = st.update_sql(&set);
-        let changed = self.exec(&sql, &|s| {
-            bind_cols(s, st, row, &set, 1)?;
-            bind_cols(s, st, row, &st.match_cols, set.len() + 1)
-        })?;
+        let changed = match p.update.as_mut() {
+            Some(stmt) => {
+                bind_cols(stmt, st, row, &st.set_cols, 1)?;
+                bind_cols(stmt, st, row, &st.match_cols, st.set_cols.len() + 1)?;
+                stmt.raw_execute()?
+            }
+            None => {
+                let set = st.keep(row, &st.set_cols);
+                if set.is_empty() {
+                    let mut stmt = self.conn.prepare_cached(&st.exists_sql())?;
+                    bind_cols(&mut stmt, st, row, &st.match_cols, 1)?;
+                    let found = stmt.raw_query().next()?.is_some();
+                    return Ok(found.then_some(RowAction::Skip));
+                }
+                let mut stmt = self.conn.prepare_cached(&st.update_sql(&set))?;
+                bind_cols(&mut stmt, st, row, &set, 1)?;
+                bind_cols(&mut stmt, st, row, &st.match_cols, set.len() + 1)?;
+                stmt.raw_execute()?
+            }
+        };
         if changed > 0 {
             return Ok(Some(RowAction::Update));
         }
-        if st.plan.update_on_difference && self.exists(st, row)? {
+        if st.plan.update_on_difference && self.exists(p, st, row)? {
             return Ok(Some(RowAction::Skip));
         }
         Ok(None)
@@ -573,32 +628,32 @@ impl SqliteDestination {
 
     fn write_row(
         &self,
+        p: &mut Prepared,
         st: &StageSql,
         row: &[Value],
-        insert_sql: &str,
     ) -> Result<RowAction, Failure> {
         match st.plan.action {
-            StageAction::Insert => self.insert(st, row, Some(insert_sql)),
-            StageAction::Update => Ok(self.update(st, row)?.unwrap_or(RowAction::Ignore)),
+            StageAction::Insert => self.insert(p, st, row),
+            StageAction::Update => Ok(self.update(p, st, row)?.unwrap_or(RowAction::Ignore)),
             StageAction::Delete => {
-                let n = self.exec(&st.delete_sql(), &|s| {
-                    bind_cols(s, st, row, &st.match_cols, 1)
-                })?;
+                let stmt = p.delete.as_mut().expect("delete statement prepared");
+                bind_cols(stmt, st, row, &st.match_cols, 1)?;
+                let n = stmt.raw_execute()?;
                 Ok(if n > 0 {
                     RowAction::Delete
                 } else {
                     RowAction::Ignore
                 })
             }
-            StageAction::UpdateInsert => match self.update(st, row)? {
+            StageAction::UpdateInsert => match self.update(p, st, row)? {
                 Some(a) => Ok(a),
-                None => self.insert(st, row, Some(insert_sql)),
+                None => self.insert(p, st, row),
             },
             StageAction::SkipInsert => {
-                if self.exists(st, row)? {
+                if self.exists(p, st, row)? {
                     Ok(RowAction::Skip)
                 } else {
-                    self.insert(st, row, Some(insert_sql))
+                    self.insert(p, st, row)
                 }
             }
         }
@@ -625,10 +680,11 @@ impl Destination for SqliteDestination {
         rows: &[&[Value]],
     ) -> Result<Vec<WriteResult>, ConnectorError> {
         let st = &self.stages[stage];
-        let insert_sql = st.insert_sql(&st.insert_cols);
+        let mut p = Prepared::new(&self.conn, st)
+            .map_err(|e| ConnectorError::Schema(format!("stage {:?}: {e}", st.plan.name)))?;
         let mut out = Vec::with_capacity(rows.len());
         for row in rows {
-            match self.write_row(st, row, &insert_sql) {
+            match self.write_row(&mut p, st, row) {
                 Ok(a) => out.push(Ok(a)),
                 Err(Failure::Row(msg)) => {
                     if !self.in_transaction() {

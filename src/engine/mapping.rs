@@ -7,7 +7,7 @@ use chrono::{Local, SecondsFormat, Utc};
 use crate::connector::{ColumnPlan, RowAction, StagePlan};
 use crate::project::template::{Part, Token};
 use crate::project::{BuiltinFunction, FieldSource, Job, Stage, Transform};
-use crate::value::{FieldType, Value};
+use crate::value::{FieldType, Row, Value};
 
 /// Which connection a stage writes to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,13 +48,16 @@ pub(crate) struct CompiledStage {
     pub(crate) target: Target,
     /// The stage's index among the stages of its target.
     pub(crate) local: usize,
+    /// The stage reads no other stage's outcome, so its values can be worked
+    /// out ahead, on the reader thread, while writers write earlier rows.
+    pub(crate) premap: bool,
     fields: Vec<CompiledField>,
 }
 
 /// What a field can see of the row being processed.
 pub(crate) struct RowContext<'a> {
     pub(crate) number: u64,
-    pub(crate) values: &'a [Value],
+    pub(crate) values: &'a Row,
     pub(crate) actions: &'a [Option<RowAction>],
     pub(crate) run_id: &'a str,
 }
@@ -143,10 +146,14 @@ pub(crate) fn compile(
                     })
                 })
                 .collect::<Result<Vec<_>, String>>()?;
+            let premap = !fields.iter().any(|f: &CompiledField| {
+                matches!(&f.source, Source::Template(p) if p.iter().any(|p| matches!(p, Piece::Stage(_))))
+            });
             Ok(CompiledStage {
                 name: stage.name.clone(),
                 target,
                 local,
+                premap,
                 fields,
             })
         })
@@ -173,14 +180,27 @@ impl CompiledStage {
         out.clear();
         for f in &self.fields {
             let mut v = match &f.source {
-                Source::Origin(i) => row.values[*i].clone(),
+                Source::Origin(i) => {
+                    let r = row.values.get(*i);
+                    if f.transforms.is_empty()
+                        && let Some(ty) = f.ty
+                    {
+                        // Convert straight from the borrowed field: no copy first.
+                        out.push(
+                            r.convert(ty)
+                                .map_err(|e| format!("column {:?}: {e}", f.column))?,
+                        );
+                        continue;
+                    }
+                    r.to_owned()
+                }
                 Source::Constant(v) => v.clone(),
                 Source::Template(pieces) => {
                     let mut s = String::with_capacity(32);
                     for p in pieces {
                         match p {
                             Piece::Text(t) => s.push_str(t),
-                            Piece::Origin(i) => row.values[*i].push_text(&mut s),
+                            Piece::Origin(i) => row.values.get(*i).push_text(&mut s),
                             Piece::Stage(n) => {
                                 if let Some(Some(a)) = row.actions.get(*n) {
                                     s.push_str(a.as_str());
