@@ -105,6 +105,9 @@ impl RunLog {
     }
 }
 
+/// A stage's values for a row, or why they could not be worked out.
+type Mapped = Result<Vec<Value>, String>;
+
 /// One row on its way through the stages.
 struct RowState {
     number: u64,
@@ -112,7 +115,7 @@ struct RowState {
     read_error: Option<String>,
     actions: SmallVec<[Option<RowAction>; 4]>,
     /// Values of the stages mapped ahead on the reader thread (see `premap`).
-    pre: SmallVec<[Option<Result<Vec<Value>, String>>; 2]>,
+    pre: SmallVec<[Option<Mapped>; 2]>,
     /// The stage (1-based; 0 = reading or the batch) and reason of the row's error.
     error: Option<(usize, String)>,
     processed: bool,
