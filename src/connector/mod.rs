@@ -159,6 +159,8 @@ pub struct OriginRequest<'a> {
     pub variables: &'a BTreeMap<String, Value>,
     /// Origin fields the job reads (kinds without a fixed schema read these).
     pub fields: &'a [String],
+    /// A preview run: the origin must not create or change anything either.
+    pub preview: bool,
 }
 
 /// A row source.

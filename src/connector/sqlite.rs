@@ -139,7 +139,12 @@ impl Connector for SqliteConfig {
         let query = req
             .query
             .ok_or_else(|| ConnectorError::Schema("a sqlite origin needs origin.query".into()))?;
-        let (conn, path) = self.open(req.base_dir, false)?;
+        let (conn, path) = self.open(req.base_dir, req.preview)?;
+        if req.preview {
+            // init_sql runs inside a transaction that is never committed: the
+            // query sees the tables, the file is left as it was.
+            conn.execute_batch("BEGIN").map_err(ConnectorError::io)?;
+        }
         self.run_init(&conn)?;
         let (sql, params) = bind_tokens(query, req.variables, |n| format!("?{n}"))
             .map_err(ConnectorError::Schema)?;

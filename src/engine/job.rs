@@ -545,6 +545,7 @@ fn execute(
         path: job.origin.path.as_deref(),
         variables: &variables,
         fields: &fields,
+        preview: req.preview,
     }) {
         Ok(o) => o,
         Err(e) => return job_failed(format!("origin {:?}: {e}", job.origin.connection), log),
@@ -838,6 +839,7 @@ pub(crate) fn check_job(project: &Project, job: &Job) -> Result<(), String> {
             path: job.origin.path.as_deref(),
             variables: &variables,
             fields: &fields,
+            preview: true,
         })
         .map_err(|e| format!("origin {:?}: {e}", job.origin.connection))?;
     mapping::compile(job, origin.columns(), &variables)?;

@@ -79,8 +79,11 @@ pub(crate) fn compile(
     let mut locals = [0usize; 2];
     let missing = |stage: usize, column: &str, line: usize, field: &str| {
         format!(
-            "stage {stage}, column {column:?} ({}:{line}): the origin has no field {field:?}; it has: {}",
-            job.file.display(),
+            "stage {stage}, column {column:?} (line {line} of {}): the origin has no field {field:?}; it has: {}",
+            job.file
+                .file_name()
+                .map(|n| n.to_string_lossy())
+                .unwrap_or_default(),
             columns.join(", ")
         )
     };

@@ -308,20 +308,25 @@ pub fn load_project(dir: &Path, opts: &LoadOptions) -> Result<Project, Vec<Probl
     }
 
     let mut connections = BTreeMap::new();
+    let mut broken = BTreeSet::new();
     for (name, spanned) in raw.connections {
         let mut value = spanned.get_ref().clone();
         if let Err(e) = interpolate_value(&mut value, &builtins) {
             problems.push(src.problem(&spanned, format!("connection {name:?}: {e}")));
+            broken.insert(name);
             continue;
         }
         match value.try_into::<ConnectionConfig>() {
             Ok(c) => {
                 connections.insert(name, c);
             }
-            Err(e) => problems.push(src.problem(
-                &spanned,
-                format!("connection {name:?}: {}", e.message().trim()),
-            )),
+            Err(e) => {
+                problems.push(src.problem(
+                    &spanned,
+                    format!("connection {name:?}: {}", e.message().trim()),
+                ));
+                broken.insert(name);
+            }
         }
     }
 
@@ -338,7 +343,7 @@ pub fn load_project(dir: &Path, opts: &LoadOptions) -> Result<Project, Vec<Probl
     let mut job_lines: BTreeMap<JobId, (PathBuf, Option<Spanned<String>>, String)> =
         BTreeMap::new();
     for file in files {
-        match load_job(&file, &connections, &builtins, dir) {
+        match load_job(&file, &connections, &broken, &builtins, dir) {
             Ok((job, next_span, text)) => {
                 if let Some(existing) = jobs.get(&job.id) {
                     let existing: &Job = existing;
@@ -424,6 +429,7 @@ type LoadedJob = (Job, Option<Spanned<String>>, String);
 fn load_job(
     file: &Path,
     connections: &BTreeMap<String, ConnectionConfig>,
+    broken: &BTreeSet<String>,
     builtins: &BTreeMap<&str, String>,
     project_dir: &Path,
 ) -> Result<LoadedJob, Vec<Problem>> {
@@ -452,6 +458,7 @@ fn load_job(
     let origin_name = raw.origin.get_ref().connection.get_ref().clone();
     let origin_conn = connections.get(&origin_name);
     match origin_conn {
+        None if broken.contains(&origin_name) => {} // reported with the connection
         None => problems.push(src.problem(
             &raw.origin.get_ref().connection,
             unknown_connection(&origin_name, connections),
@@ -491,6 +498,7 @@ fn load_job(
     let dest_conn = match &raw.destination {
         Some(d) => match connections.get(d.connection.get_ref()) {
             Some(c) => Some(c),
+            None if broken.contains(d.connection.get_ref()) => None,
             None => {
                 problems.push(src.problem(
                     &d.connection,
@@ -565,6 +573,15 @@ fn load_job(
                 )));
             }
             let mut sources = Vec::new();
+            let given = [
+                rf.origin.is_some(),
+                rf.value.is_some(),
+                rf.template.is_some(),
+                rf.function.is_some(),
+            ]
+            .iter()
+            .filter(|g| **g)
+            .count();
             if let Some(o) = rf.origin {
                 sources.push(FieldSource::Origin(o));
             }
@@ -581,10 +598,14 @@ fn load_job(
                             if let Token::StageAction(k) = tok
                                 && *k >= n
                             {
+                                let readable = match n {
+                                    1 => "the first stage can read none".to_owned(),
+                                    2 => "only stage 1 can be read".to_owned(),
+                                    _ => format!("only stages 1 to {} can be read", n - 1),
+                                };
                                 problems.push(fat(format!(
-                                    "stage {n}, column {:?}: {tok} reads a stage that has not run yet; only stages 1 to {} can be read",
-                                    rf.column,
-                                    n - 1
+                                    "stage {n}, column {:?}: {tok} reads a stage that has not run yet; {readable}",
+                                    rf.column
                                 )));
                             }
                         }
@@ -596,13 +617,16 @@ fn load_job(
             if let Some(func) = rf.function {
                 sources.push(FieldSource::Function(func));
             }
-            if sources.len() != 1 {
+            if given != 1 {
                 problems.push(fat(format!(
                     "stage {n}, column {:?}: give exactly one of origin, value, template or function",
                     rf.column
                 )));
                 continue;
             }
+            let Some(source) = sources.pop() else {
+                continue; // its problem is reported above
+            };
             if rf.insert_only && rf.update_only {
                 problems.push(fat(format!(
                     "stage {n}, column {:?}: insert_only and update_only exclude each other",
@@ -611,7 +635,7 @@ fn load_job(
             }
             fields.push(Field {
                 column: rf.column,
-                source: sources.pop().expect("one source"),
+                source,
                 is_match: rf.is_match,
                 insert_only: rf.insert_only,
                 update_only: rf.update_only,

@@ -1,0 +1,154 @@
+//! The `tidepool` binary, driven as a user would from a shell.
+
+mod common;
+
+use std::process::{Command, Output};
+
+use common::Fixture;
+
+fn tidepool(args: &[&str], f: &Fixture) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_tidepool"))
+        .args(args)
+        .current_dir(&f.root)
+        .env_remove("TIDEPOOL_PROJECTS")
+        .env_remove("TIDEPOOL_DATA_DIR")
+        .output()
+        .expect("run tidepool")
+}
+
+fn text(o: &[u8]) -> String {
+    String::from_utf8_lossy(o).into_owned()
+}
+
+/// A fixture whose runs use the repository's projects in place, data in the temp dir.
+fn with_demo() -> Fixture {
+    Fixture::new()
+}
+
+#[test]
+fn run_demo_with_chain_prints_a_summary_and_exits_zero() {
+    let f = with_demo();
+    let projects = common::repo_projects().to_str().unwrap().to_owned();
+    let out = tidepool(
+        &[
+            "run",
+            "demo",
+            "contacts",
+            "--chain",
+            "--projects",
+            &projects,
+            "--data-dir",
+            "d",
+        ],
+        &f,
+    );
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
+    assert!(stdout.contains(": Complete"), "{stdout}");
+    let contacts = stdout.lines().find(|l| l.starts_with("contacts ")).unwrap();
+    let cells: Vec<&str> = contacts.split_whitespace().collect();
+    assert_eq!(
+        &cells[..9],
+        [
+            "contacts", "Complete", "1000", "997", "0", "0", "3", "0", "0"
+        ]
+    );
+    assert!(
+        stdout.lines().any(|l| l.starts_with("countries ")),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("row 101, stage 1 (upsert contacts)"),
+        "{stdout}"
+    );
+    // No progress bar when stderr is not a terminal.
+    assert!(text(&out.stderr).is_empty(), "{}", text(&out.stderr));
+    assert!(f.root.join("d/countries.csv").exists());
+}
+
+#[test]
+fn run_json_report_and_preview() {
+    let f = with_demo();
+    let projects = common::repo_projects().to_str().unwrap().to_owned();
+    let out = tidepool(
+        &[
+            "run",
+            "demo",
+            "contacts",
+            "--json",
+            "--preview",
+            "--projects",
+            &projects,
+            "--data-dir",
+            "d",
+            "--begin-at-row",
+            "11",
+            "--end-after-row",
+            "20",
+            "--run-id",
+            "0b5bd1c9-7c2e-4f2e-9a51-3c4f7d0e8a11",
+        ],
+        &f,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON report");
+    assert_eq!(report["runID"], "0b5bd1c9-7c2e-4f2e-9a51-3c4f7d0e8a11");
+    assert_eq!(report["status"], "Complete");
+    assert_eq!(report["totalRows"], 10);
+    assert_eq!(report["jobs"][0]["inserts"], 10);
+    assert!(
+        !f.root.join("d/demo.sqlite").exists(),
+        "preview wrote the database"
+    );
+}
+
+#[test]
+fn a_failed_run_exits_one_and_an_unknown_project_exits_two() {
+    let f = Fixture::new();
+    f.project(
+        "p",
+        "[connections.src]\nkind = \"csv\"\npath = \"missing.csv\"\n[connections.out]\nkind = \"csv\"\npath = \"out.csv\"\n",
+        &[(
+            "j",
+            "[origin]\nconnection = \"src\"\n[destination]\nconnection = \"out\"\n[[stages]]\naction = \"insert\"\nfields = [{ column = \"a\", origin = \"a\" }]\n",
+        )],
+    );
+    let out = tidepool(&["run", "p", "j"], &f);
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains("Failed") && stdout.contains("missing.csv"),
+        "{stdout}"
+    );
+
+    let out = tidepool(&["run", "nope", "j"], &f);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("no project \"nope\"") && stderr.contains("loaded: p"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn validate_reports_problems_with_lines_and_exits_one() {
+    let f = Fixture::new();
+    f.project(
+        "p",
+        "[connections.src]\nkind = \"csv\"\npath = \"in.csv\"\n",
+        &[("j", "[origin]\nconnection = \"nope\"\n")],
+    );
+    let out = tidepool(&["validate"], &f);
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains("jobs/j.toml:2: unknown connection \"nope\""),
+        "{stdout}"
+    );
+    assert!(stdout.contains("problem(s)"), "{stdout}");
+
+    let projects = common::repo_projects().to_str().unwrap().to_owned();
+    let out = tidepool(&["validate", &projects, "--data-dir", "d"], &f);
+    assert!(out.status.success(), "{}", text(&out.stdout));
+    assert!(text(&out.stdout).starts_with("ok: 1 project(s), 2 job(s)"));
+}

@@ -1,0 +1,117 @@
+//! Test fixtures: a project folder and a data folder in a temporary directory.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use tidepool::engine::{self, CancelToken, RunObserver};
+use tidepool::project::{LoadOptions, LoadOutcome, load_projects};
+use tidepool::{RunReport, RunRequest};
+
+/// A temporary place with `projects/` and `data/`.
+pub struct Fixture {
+    _dir: tempfile::TempDir,
+    pub root: PathBuf,
+    pub projects: PathBuf,
+    pub data: PathBuf,
+}
+
+impl Fixture {
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let root = dir.path().to_owned();
+        let projects = root.join("projects");
+        let data = root.join("data");
+        std::fs::create_dir_all(&projects).unwrap();
+        std::fs::create_dir_all(&data).unwrap();
+        Fixture {
+            _dir: dir,
+            root,
+            projects,
+            data,
+        }
+    }
+
+    /// Writes `rel` (below the root) and returns its path.
+    pub fn write(&self, rel: &str, content: impl AsRef<[u8]>) -> PathBuf {
+        let p = self.root.join(rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(&p, content).unwrap();
+        p
+    }
+
+    /// Writes project `id` with its `project.toml` and jobs (`(job id, toml)`).
+    pub fn project(&self, id: &str, project_toml: &str, jobs: &[(&str, &str)]) -> PathBuf {
+        let dir = self.projects.join(id);
+        self.write(&format!("projects/{id}/project.toml"), project_toml);
+        for (job, toml) in jobs {
+            self.write(&format!("projects/{id}/jobs/{job}.toml"), toml);
+        }
+        dir
+    }
+
+    pub fn load(&self) -> LoadOutcome {
+        load_projects(
+            &self.projects,
+            &LoadOptions {
+                data_dir: self.data.clone(),
+            },
+        )
+    }
+
+    /// Loads the projects (failing on any problem) and runs `req`.
+    pub fn run(&self, req: &RunRequest) -> RunReport {
+        self.run_observed(req, &engine::NoObserver, &CancelToken::new())
+    }
+
+    pub fn run_observed(
+        &self,
+        req: &RunRequest,
+        observer: &dyn RunObserver,
+        cancel: &CancelToken,
+    ) -> RunReport {
+        let loaded = self.load();
+        assert!(
+            loaded.problems.is_empty(),
+            "problems: {:#?}",
+            loaded.problems
+        );
+        let project = loaded.project(&req.project.0).expect("project loaded");
+        engine::run(project, req, cancel, observer).expect("run starts")
+    }
+
+    /// Opens a SQLite database below the data folder.
+    pub fn db(&self, name: &str) -> rusqlite::Connection {
+        rusqlite::Connection::open(self.data.join(name)).expect("open sqlite")
+    }
+}
+
+/// The rows of a query, each as text columns joined by `|` (NULL as `∅`).
+pub fn rows(conn: &rusqlite::Connection, sql: &str) -> Vec<String> {
+    let mut stmt = conn.prepare(sql).unwrap();
+    let n = stmt.column_count();
+    stmt.query_map([], |r| {
+        Ok((0..n)
+            .map(|i| match r.get_ref(i).unwrap() {
+                rusqlite::types::ValueRef::Null => "∅".to_owned(),
+                rusqlite::types::ValueRef::Integer(i) => i.to_string(),
+                rusqlite::types::ValueRef::Real(f) => f.to_string(),
+                rusqlite::types::ValueRef::Text(t) => String::from_utf8_lossy(t).into_owned(),
+                rusqlite::types::ValueRef::Blob(b) => format!("{b:?}"),
+            })
+            .collect::<Vec<_>>()
+            .join("|"))
+    })
+    .unwrap()
+    .collect::<Result<_, _>>()
+    .unwrap()
+}
+
+/// A request with defaults for `project`/`job`.
+pub fn request(project: &str, job: &str) -> RunRequest {
+    RunRequest::new(project, job)
+}
+
+/// The repository's own demo project folder.
+pub fn repo_projects() -> &'static Path {
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/projects"))
+}
