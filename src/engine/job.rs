@@ -15,7 +15,8 @@ use super::{
     CancelToken, Counters, JobReport, LogEntry, LogLevel, RunObserver, RunRequest, RunStatus,
 };
 use crate::connector::{
-    ConnectorError, Destination, DestinationRequest, Flow, OriginRequest, RowAction, RowRead,
+    ConnectionConfig, ConnectorError, Destination, DestinationRequest, Flow, Origin, OriginRequest,
+    RowAction, RowRead,
 };
 use crate::project::{Job, Project};
 use crate::value::{Row, Value};
@@ -435,6 +436,51 @@ fn bump(c: &mut Counters, a: RowAction) {
     }
 }
 
+/// The variables a job's tokens see: the project's, then the run's.
+fn job_variables(
+    project: &Project,
+    job: &Job,
+    argument: &str,
+    run_id: &str,
+) -> BTreeMap<String, Value> {
+    let mut variables: BTreeMap<String, Value> = project
+        .variables
+        .iter()
+        .map(|(k, v)| (k.clone(), Value::Text(v.clone())))
+        .collect();
+    variables.insert("JobArgument".into(), Value::from(argument));
+    variables.insert("RunID".into(), Value::from(run_id));
+    variables.insert("JobID".into(), Value::Text(job.id.0.clone()));
+    variables.insert("ProjectID".into(), Value::Text(project.id.0.clone()));
+    variables
+}
+
+/// Opens the job's origin; the error names the connection.
+fn open_origin<'p>(
+    project: &'p Project,
+    job: &Job,
+    variables: &BTreeMap<String, Value>,
+    preview: bool,
+) -> Result<(&'p ConnectionConfig, Box<dyn Origin>), String> {
+    let name = &job.origin.connection;
+    let conn = project
+        .connections
+        .get(name)
+        .ok_or_else(|| format!("unknown connection {name:?}"))?;
+    let origin = conn
+        .connector()
+        .open_origin(&OriginRequest {
+            base_dir: &project.dir,
+            query: job.origin.query.as_deref(),
+            path: job.origin.path.as_deref(),
+            variables,
+            fields: &mapping::origin_fields(job),
+            preview,
+        })
+        .map_err(|e| format!("origin {name:?}: {e}"))?;
+    Ok((conn, origin))
+}
+
 /// Runs one job to its end and reports it; never panics on bad input.
 pub(crate) fn run_job(
     project: &Project,
@@ -521,34 +567,10 @@ fn execute(
         (c, Some(msg), log, false)
     };
 
-    let mut variables: BTreeMap<String, Value> = project
-        .variables
-        .iter()
-        .map(|(k, v)| (k.clone(), Value::Text(v.clone())))
-        .collect();
-    variables.insert("JobArgument".into(), Value::Text(req.argument.clone()));
-    variables.insert("RunID".into(), Value::Text(req.run_id.to_string()));
-    variables.insert("JobID".into(), Value::Text(job.id.0.clone()));
-    variables.insert("ProjectID".into(), Value::Text(project.id.0.clone()));
-
-    // Open the origin.
-    let Some(origin_conn) = project.connections.get(&job.origin.connection) else {
-        return job_failed(
-            format!("unknown connection {:?}", job.origin.connection),
-            log,
-        );
-    };
-    let fields = mapping::origin_fields(job);
-    let mut origin = match origin_conn.connector().open_origin(&OriginRequest {
-        base_dir: &project.dir,
-        query: job.origin.query.as_deref(),
-        path: job.origin.path.as_deref(),
-        variables: &variables,
-        fields: &fields,
-        preview: req.preview,
-    }) {
+    let variables = job_variables(project, job, &req.argument, &req.run_id.to_string());
+    let (origin_conn, mut origin) = match open_origin(project, job, &variables, req.preview) {
         Ok(o) => o,
-        Err(e) => return job_failed(format!("origin {:?}: {e}", job.origin.connection), log),
+        Err(e) => return job_failed(e, log),
     };
     let columns = origin.columns().to_vec();
     let stages = match mapping::compile(job, &columns, &variables) {
@@ -821,27 +843,8 @@ fn execute(
 /// Opens a job's connections as a preview run would, without reading rows:
 /// finds a missing file or table, an origin field or column that does not exist.
 pub(crate) fn check_job(project: &Project, job: &Job) -> Result<(), String> {
-    let variables: BTreeMap<String, Value> = project
-        .variables
-        .iter()
-        .map(|(k, v)| (k.clone(), Value::Text(v.clone())))
-        .collect();
-    let origin_conn = project
-        .connections
-        .get(&job.origin.connection)
-        .ok_or_else(|| format!("unknown connection {:?}", job.origin.connection))?;
-    let fields = mapping::origin_fields(job);
-    let origin = origin_conn
-        .connector()
-        .open_origin(&OriginRequest {
-            base_dir: &project.dir,
-            query: job.origin.query.as_deref(),
-            path: job.origin.path.as_deref(),
-            variables: &variables,
-            fields: &fields,
-            preview: true,
-        })
-        .map_err(|e| format!("origin {:?}: {e}", job.origin.connection))?;
+    let variables = job_variables(project, job, "", "");
+    let (origin_conn, origin) = open_origin(project, job, &variables, true)?;
     mapping::compile(job, origin.columns(), &variables)?;
     drop(origin);
     let dest_conn = job
