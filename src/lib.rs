@@ -5,9 +5,12 @@
 //! a destination ([`engine`]); each kind of connection is one file in
 //! [`connector`]. The binary's `run` and `validate` commands live in `cli`.
 
+pub mod api;
 pub mod connector;
 pub mod engine;
 pub mod project;
+pub mod server;
+pub mod store;
 pub mod value;
 
 pub use engine::{

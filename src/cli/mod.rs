@@ -1,6 +1,7 @@
 //! The command line: `tidepool run` and `tidepool validate`.
 
 mod progress;
+mod serve;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -25,6 +26,26 @@ enum Command {
     Run(RunArgs),
     /// Check every project: files, connections, fields, chains. Exits 1 on problems.
     Validate(ValidateArgs),
+    /// Serve the v1 job API (ExecuteJobAsync, ExecuteJob, Results, Webhook, token).
+    Serve(serve::ServeArgs),
+    /// Manage API users.
+    #[command(subcommand)]
+    User(UserCommand),
+    /// Manage API keys.
+    #[command(subcommand)]
+    Key(KeyCommand),
+}
+
+#[derive(Subcommand)]
+enum UserCommand {
+    /// Add (or replace) a user; the password is read from TIDEPOOL_PASSWORD or standard input.
+    Add(serve::UserAddArgs),
+}
+
+#[derive(Subcommand)]
+enum KeyCommand {
+    /// Create an API key for a user and print it once.
+    Create(serve::KeyCreateArgs),
 }
 
 #[derive(Args)]
@@ -92,6 +113,9 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run(args),
         Command::Validate(args) => validate(args),
+        Command::Serve(args) => serve::serve(args),
+        Command::User(UserCommand::Add(args)) => serve::user_add(args),
+        Command::Key(KeyCommand::Create(args)) => serve::key_create(args),
     };
     match result {
         Ok(code) => code,

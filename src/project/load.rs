@@ -31,7 +31,15 @@ pub struct LoadOutcome {
 }
 
 impl LoadOutcome {
-    /// The project with this ID (case-insensitive, as Starfish matches IDs).
+    /// The project with this ID in `instance` (case-insensitive, as Starfish matches IDs).
+    pub fn project_in(&self, instance: &str, id: &str) -> Option<&Project> {
+        let mine = || self.projects.iter().filter(|p| p.instance == instance);
+        mine()
+            .find(|p| p.id.0 == id)
+            .or_else(|| mine().find(|p| p.id.0.eq_ignore_ascii_case(id)))
+    }
+
+    /// The project with this ID in any instance (case-insensitive, as Starfish matches IDs).
     pub fn project(&self, id: &str) -> Option<&Project> {
         self.projects.iter().find(|p| p.id.0 == id).or_else(|| {
             self.projects
@@ -40,6 +48,9 @@ impl LoadOutcome {
         })
     }
 }
+
+/// The instance of a project that names none.
+pub const DEFAULT_INSTANCE: &str = "default";
 
 /// The most rows a destination transaction may hold.
 const MAX_BATCH: usize = 100_000;
@@ -71,7 +82,7 @@ pub fn load_projects(dir: &Path, opts: &LoadOptions) -> LoadOutcome {
     for d in dirs {
         match load_project(&d, opts) {
             Ok(p) => {
-                let key = p.id.0.to_ascii_lowercase();
+                let key = format!("{}/{}", p.instance, p.id.0.to_ascii_lowercase());
                 if let Some(first) = seen.get(&key) {
                     out.problems.push(Problem::new(
                         &d.join("project.toml"),
@@ -98,6 +109,7 @@ pub fn load_projects(dir: &Path, opts: &LoadOptions) -> LoadOutcome {
 #[serde(deny_unknown_fields)]
 struct RawProject {
     id: Option<Spanned<String>>,
+    instance: Option<Spanned<String>>,
     name: Option<String>,
     #[serde(default)]
     variables: BTreeMap<String, Spanned<String>>,
@@ -297,6 +309,9 @@ pub fn load_project(dir: &Path, opts: &LoadOptions) -> Result<Project, Vec<Probl
     .into_iter()
     .collect();
 
+    if let Some(i) = &raw.instance {
+        check_id(&src, i, "instance", &mut problems);
+    }
     let mut variables = BTreeMap::new();
     for (name, value) in &raw.variables {
         match interpolate(value.get_ref(), &builtins) {
@@ -404,6 +419,10 @@ pub fn load_project(dir: &Path, opts: &LoadOptions) -> Result<Project, Vec<Probl
     }
     Ok(Project {
         id: ProjectId(id),
+        instance: raw
+            .instance
+            .map(|i| i.into_inner())
+            .unwrap_or_else(|| DEFAULT_INSTANCE.to_owned()),
         name: raw.name.unwrap_or(folder_name),
         dir: dir.to_owned(),
         variables,

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::connector::ConnectionConfig;
 use crate::value::{FieldType, Value};
-pub use load::{LoadOptions, LoadOutcome, load_project, load_projects};
+pub use load::{DEFAULT_INSTANCE, LoadOptions, LoadOutcome, load_project, load_projects};
 use template::Template;
 
 /// The ID of a project: what the API's `projectID` names (max 36 characters).
@@ -45,6 +45,8 @@ impl fmt::Display for JobId {
 pub struct Project {
     /// The project's ID.
     pub id: ProjectId,
+    /// The instance (tenant) the project belongs to; callers see only their instances'.
+    pub instance: String,
     /// A human name.
     pub name: String,
     /// The folder the project was loaded from; relative paths resolve against it.

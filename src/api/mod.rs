@@ -1,0 +1,726 @@
+//! The HTTP API: the Starfish ETL v1 job API and tidepool's additions.
+//!
+//! Paths match case-insensitively (as ASP.NET routes do); bodies are read by
+//! our own extractor that switches on `Content-Type`; answers are JSON or XML
+//! by `Accept`. Every refusal carries `started: false` and an `error` naming
+//! the problem.
+
+pub mod auth;
+pub mod wire;
+
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use serde_json::json;
+
+use crate::project::Project;
+use crate::server::{Service, SubmitError};
+use crate::store::{Role, RunKey, RunRecord, Submitted};
+use auth::{AuthError, Caller};
+use wire::{
+    ExecJobAsyncResponse, ExecJobRequest, ExecJobResponse, FieldMap, Format, Many, Reply,
+    ResultsResponse, WebhookAttemptLine, WireValue,
+};
+
+/// The router, with paths matched case-insensitively.
+pub fn app(
+    svc: Arc<Service>,
+) -> impl tower::Service<
+    Request,
+    Response = Response,
+    Error = std::convert::Infallible,
+    Future = impl Send,
+> + Clone
++ Send
++ 'static {
+    let router = Router::new()
+        .route("/v1/executejobasync", post(execute_job_async))
+        .route("/v1/executejob", post(execute_job))
+        .route("/v1/results/{id}", get(results))
+        .route("/v1/webhook", post(webhook))
+        .route("/token", post(token))
+        .route("/v1/runs/{id}", get(run_detail))
+        .route("/v1/runs/{id}/cancel", post(cancel))
+        .route("/v1/projects", get(projects))
+        .route("/v1/projects/{id}", get(project))
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics_text))
+        .fallback(not_found)
+        .layer(middleware::from_fn(observe))
+        .with_state(svc);
+    tower::ServiceBuilder::new()
+        .map_request(|mut req: Request| {
+            let lower = req.uri().path().to_ascii_lowercase();
+            if lower != req.uri().path() {
+                let pq = match req.uri().query() {
+                    Some(q) => format!("{lower}?{q}"),
+                    None => lower,
+                };
+                if let Ok(pq) = pq.parse::<axum::http::uri::PathAndQuery>() {
+                    let mut parts = req.uri().clone().into_parts();
+                    parts.path_and_query = Some(pq);
+                    if let Ok(uri) = axum::http::Uri::from_parts(parts) {
+                        *req.uri_mut() = uri;
+                    }
+                }
+            }
+            req
+        })
+        .service(router)
+}
+
+/// The Prometheus recorder, installed once per process.
+pub fn metrics_handle() -> &'static PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE.get_or_init(|| {
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        let _ = metrics::set_global_recorder(recorder);
+        handle
+    })
+}
+
+/// Request latency and a log line per request.
+async fn observe(req: Request, next: Next) -> Response {
+    let t0 = Instant::now();
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let resp = next.run(req).await;
+    let secs = t0.elapsed().as_secs_f64();
+    let route = route_label(&path);
+    metrics::histogram!("tidepool_http_request_duration_seconds", "route" => route).record(secs);
+    tracing::debug!(%method, path, status = resp.status().as_u16(), ms = secs * 1e3, "request");
+    resp
+}
+
+fn route_label(path: &str) -> &'static str {
+    match path.split('/').nth(2).unwrap_or("") {
+        "executejobasync" => "ExecuteJobAsync",
+        "executejob" => "ExecuteJob",
+        "results" => "Results",
+        "webhook" => "Webhook",
+        "runs" => "Runs",
+        "projects" => "Projects",
+        _ if path == "/token" => "token",
+        _ => "other",
+    }
+}
+
+async fn read_body(svc: &Service, body: Body) -> Result<axum::body::Bytes, String> {
+    axum::body::to_bytes(body, svc.config.body_limit)
+        .await
+        .map_err(|_| {
+            format!(
+                "the request body is larger than {} bytes",
+                svc.config.body_limit
+            )
+        })
+}
+
+fn refuse(status: StatusCode, format: Format, run_id: &str, msg: impl Into<String>) -> Reply {
+    let r = Reply::one(
+        status,
+        format,
+        &ExecJobAsyncResponse {
+            run_id: run_id.to_owned(),
+            started: false,
+            error: Some(msg.into()),
+        },
+    );
+    if status == StatusCode::UNAUTHORIZED {
+        r.header(header::WWW_AUTHENTICATE, "Bearer")
+    } else {
+        r
+    }
+}
+
+fn auth_refusal(e: AuthError, format: Format, run_id: &str) -> Reply {
+    match e {
+        AuthError::Store(e) => refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format,
+            run_id,
+            e.to_string(),
+        ),
+        e => refuse(StatusCode::UNAUTHORIZED, format, run_id, e.to_string()),
+    }
+}
+
+/// The run ID as sent, for answers about a request that did not validate.
+fn raw_run_id(fields: &FieldMap) -> String {
+    match fields.get("runid") {
+        Some(WireValue::Text(s)) | Some(WireValue::Number(s)) => s.chars().take(36).collect(),
+        _ => String::new(),
+    }
+}
+
+/// Resolves the instance and project of a request for `caller`, who must be
+/// allowed to execute there. Another instance's project answers like an unknown one.
+fn target<'a>(
+    svc: &Service,
+    projects: &'a crate::project::LoadOutcome,
+    caller: &Caller,
+    req: &ExecJobRequest,
+) -> Result<(String, &'a Project), (StatusCode, String)> {
+    let instance = req
+        .instance
+        .clone()
+        .unwrap_or_else(|| caller.primary.clone());
+    let unknown = || {
+        (
+            StatusCode::NOT_FOUND,
+            format!(
+                "unknown project {:?} or job {:?}",
+                req.project_id, req.job_id
+            ),
+        )
+    };
+    let role = caller.role_in(&instance).ok_or_else(unknown)?;
+    let project = projects
+        .project_in(&instance, &req.project_id)
+        .ok_or_else(unknown)?;
+    project.job(&req.job_id).ok_or_else(unknown)?;
+    if role < Role::Full {
+        return Err((
+            StatusCode::FORBIDDEN,
+            format!(
+                "your role in instance {instance:?} is read-only: executing jobs needs Owner or Full"
+            ),
+        ));
+    }
+    let _ = svc;
+    Ok((instance, project))
+}
+
+/// Validates and records a run; the answer of ExecuteJobAsync (and the first step of ExecuteJob).
+async fn accept(
+    svc: &Service,
+    headers: &HeaderMap,
+    body: Body,
+    webhook: bool,
+) -> Result<(RunKey, ExecJobRequest), Reply> {
+    let format = wire::answer_format(headers);
+    let bytes = read_body(svc, body)
+        .await
+        .map_err(|e| refuse(StatusCode::PAYLOAD_TOO_LARGE, format, "", e))?;
+    let fields = wire::parse_body(headers, &bytes).map_err(|e| {
+        let status = if e.unsupported {
+            StatusCode::UNSUPPORTED_MEDIA_TYPE
+        } else {
+            StatusCode::BAD_REQUEST
+        };
+        refuse(status, format, "", e.message)
+    })?;
+    let run_id = raw_run_id(&fields);
+    let caller = auth::authenticate(svc, headers)
+        .await
+        .map_err(|e| auth_refusal(e, format, &run_id))?;
+    let req = ExecJobRequest::from_fields(&fields, webhook)
+        .map_err(|e| refuse(StatusCode::BAD_REQUEST, format, &run_id, e))?;
+    let projects = svc.projects();
+    let (instance, _) =
+        target(svc, &projects, &caller, &req).map_err(|(s, e)| refuse(s, format, &run_id, e))?;
+    match svc.submit(&instance, &req).await {
+        Ok(Submitted::Accepted | Submitted::Duplicate) => Ok((
+            RunKey {
+                instance,
+                run_id: req.run_id,
+            },
+            req,
+        )),
+        Ok(Submitted::Conflict) | Err(SubmitError::Conflict(_)) => Err(refuse(
+            StatusCode::CONFLICT,
+            format,
+            &run_id,
+            format!("runID {run_id} was already used with other parameters"),
+        )),
+        Err(e @ (SubmitError::QueueFull(_) | SubmitError::ShuttingDown)) => Err(refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format,
+            &run_id,
+            e.to_string(),
+        )
+        .header(header::RETRY_AFTER, "1")),
+        Err(SubmitError::Store(e)) => Err(refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format,
+            &run_id,
+            format!("the run could not be recorded: {e}"),
+        )
+        .header(header::RETRY_AFTER, "1")),
+    }
+}
+
+async fn execute_job_async(
+    State(svc): State<Arc<Service>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Reply {
+    let format = wire::answer_format(&headers);
+    match accept(&svc, &headers, body, true).await {
+        Ok((key, _)) => Reply::one(
+            StatusCode::OK,
+            format,
+            &ExecJobAsyncResponse {
+                run_id: key.run_id.to_string(),
+                started: true,
+                error: None,
+            },
+        ),
+        Err(r) => r,
+    }
+}
+
+async fn execute_job(State(svc): State<Arc<Service>>, headers: HeaderMap, body: Body) -> Reply {
+    let format = wire::answer_format(&headers);
+    let key = match accept(&svc, &headers, body, false).await {
+        Ok((key, _)) => key,
+        Err(r) => return r,
+    };
+    match svc.wait_for_end(&key).await {
+        Ok(Some(rec)) => match final_response(&rec) {
+            Some(resp) => Reply::one(StatusCode::OK, format, &resp),
+            None => refuse(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format,
+                &key.run_id.to_string(),
+                "the run ended without a result",
+            ),
+        },
+        Ok(None) => refuse(
+            StatusCode::NOT_FOUND,
+            format,
+            &key.run_id.to_string(),
+            "the run is gone",
+        ),
+        Err(e) => refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format,
+            &key.run_id.to_string(),
+            e.to_string(),
+        ),
+    }
+}
+
+fn final_response(rec: &RunRecord) -> Option<ExecJobResponse> {
+    rec.response_json
+        .as_deref()
+        .and_then(|j| serde_json::from_str(j).ok())
+}
+
+/// The results of a run as the Results API shows them (live while it runs).
+fn results_of(rec: &RunRecord) -> Vec<ResultsResponse> {
+    let mut out: Vec<ResultsResponse> = rec
+        .results_json
+        .as_deref()
+        .and_then(|j| serde_json::from_str(j).ok())
+        .unwrap_or_default();
+    if out.is_empty() {
+        out.push(ResultsResponse::new(
+            &rec.key.run_id.to_string(),
+            &rec.job_id,
+            &rec.accepted_at,
+            std::time::Duration::ZERO,
+            rec.status,
+            &Default::default(),
+        ));
+    }
+    out
+}
+
+#[derive(serde::Deserialize, Default)]
+struct InstanceQuery {
+    #[serde(alias = "Instance", alias = "INSTANCE")]
+    instance: Option<String>,
+}
+
+/// Finds a run the caller may see; another instance's run is "unknown".
+async fn lookup(
+    svc: &Service,
+    caller: &Caller,
+    id: &str,
+    instance: Option<String>,
+) -> Option<RunRecord> {
+    let run_id = uuid::Uuid::try_parse(id.trim()).ok()?;
+    let instance = instance.unwrap_or_else(|| caller.primary.clone());
+    if !caller.can_see(&instance) {
+        return None;
+    }
+    svc.store
+        .run(&RunKey { instance, run_id })
+        .await
+        .ok()
+        .flatten()
+}
+
+async fn results(
+    State(svc): State<Arc<Service>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Query(q): Query<InstanceQuery>,
+) -> Response {
+    let format = wire::answer_format(&headers);
+    let caller = match auth::authenticate(&svc, &headers).await {
+        Ok(c) => c,
+        Err(e) => return auth_refusal(e, format, &id).into_response(),
+    };
+    match lookup(&svc, &caller, &id, q.instance).await {
+        Some(rec) => Reply::many(StatusCode::OK, format, &Many(results_of(&rec))).into_response(),
+        None => Reply::many::<ResultsResponse>(StatusCode::NOT_FOUND, format, &Many(Vec::new()))
+            .into_response(),
+    }
+}
+
+async fn run_detail(
+    State(svc): State<Arc<Service>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Query(q): Query<InstanceQuery>,
+) -> Response {
+    let format = wire::answer_format(&headers);
+    let caller = match auth::authenticate(&svc, &headers).await {
+        Ok(c) => c,
+        Err(e) => return auth_refusal(e, format, &id).into_response(),
+    };
+    let Some(rec) = lookup(&svc, &caller, &id, q.instance).await else {
+        return refuse(
+            StatusCode::NOT_FOUND,
+            format,
+            &id,
+            format!("unknown run {id}"),
+        )
+        .into_response();
+    };
+    let mut resp = final_response(&rec).unwrap_or_else(|| {
+        let results = results_of(&rec);
+        let mut r = ExecJobResponse::ended_without_report(
+            &rec.key.run_id.to_string(),
+            rec.status,
+            &rec.accepted_at,
+            results,
+            "",
+        );
+        r.error = None;
+        r
+    });
+    let attempts = svc.store.attempts(&rec.key).await.unwrap_or_default();
+    resp.webhook_attempts = Some(
+        attempts
+            .into_iter()
+            .map(|a| WebhookAttemptLine {
+                attempt: a.attempt,
+                time: wire::datetime(&a.at),
+                status_code: a.status_code,
+                error: a.error,
+            })
+            .collect(),
+    );
+    Reply::one(StatusCode::OK, format, &resp).into_response()
+}
+
+async fn cancel(
+    State(svc): State<Arc<Service>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Query(q): Query<InstanceQuery>,
+) -> Response {
+    let format = wire::answer_format(&headers);
+    let caller = match auth::authenticate(&svc, &headers).await {
+        Ok(c) => c,
+        Err(e) => return auth_refusal(e, format, &id).into_response(),
+    };
+    let Some(rec) = lookup(&svc, &caller, &id, q.instance).await else {
+        return refuse(
+            StatusCode::NOT_FOUND,
+            format,
+            &id,
+            format!("unknown run {id}"),
+        )
+        .into_response();
+    };
+    if caller.role_in(&rec.key.instance) < Some(Role::Full) {
+        return refuse(
+            StatusCode::FORBIDDEN,
+            format,
+            &id,
+            "cancelling needs Owner or Full",
+        )
+        .into_response();
+    }
+    match svc.cancel(&rec.key).await {
+        Ok(Some(status)) => (
+            StatusCode::ACCEPTED,
+            axum::Json(json!({"runID": rec.key.run_id.to_string(), "status": status})),
+        )
+            .into_response(),
+        Ok(None) => refuse(StatusCode::NOT_FOUND, format, &id, "unknown run").into_response(),
+        Err(e) => {
+            refuse(StatusCode::SERVICE_UNAVAILABLE, format, &id, e.to_string()).into_response()
+        }
+    }
+}
+
+async fn webhook(
+    State(svc): State<Arc<Service>>,
+    headers: HeaderMap,
+    Query(q): Query<Vec<(String, String)>>,
+    body: Body,
+) -> Reply {
+    let format = wire::answer_format(&headers);
+    let param = |n: &str| {
+        q.iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(n))
+            .map(|(_, v)| v.clone())
+    };
+    let bytes = match read_body(&svc, body).await {
+        Ok(b) => b,
+        Err(e) => return refuse(StatusCode::PAYLOAD_TOO_LARGE, format, "", e),
+    };
+    let caller = match auth::authenticate(&svc, &headers).await {
+        Ok(c) => c,
+        Err(e) => return auth_refusal(e, format, ""),
+    };
+    let argument = match String::from_utf8(bytes.to_vec()) {
+        Ok(s) => s,
+        Err(e) => {
+            return refuse(
+                StatusCode::BAD_REQUEST,
+                format,
+                "",
+                format!("the body is not UTF-8 text: {e}"),
+            );
+        }
+    };
+    let run_id = uuid::Uuid::new_v4();
+    let mut fields = FieldMap::new();
+    fields.insert("runid".into(), WireValue::Text(run_id.to_string()));
+    for (name, key) in [
+        ("projectid", "projectid"),
+        ("jobid", "jobid"),
+        ("instance", "instance"),
+    ] {
+        if let Some(v) = param(key) {
+            fields.insert(name.into(), WireValue::Text(v));
+        }
+    }
+    fields.insert("argument".into(), WireValue::Text(argument));
+    let req = match ExecJobRequest::from_fields(&fields, false) {
+        Ok(r) => r,
+        Err(e) => {
+            return refuse(
+                StatusCode::BAD_REQUEST,
+                format,
+                "",
+                e.replace("projectID", "projectid")
+                    .replace("jobID", "jobid"),
+            );
+        }
+    };
+    let projects = svc.projects();
+    let instance = match target(&svc, &projects, &caller, &req) {
+        Ok((i, _)) => i,
+        Err((s, e)) => return refuse(s, format, "", e),
+    };
+    match svc.submit(&instance, &req).await {
+        Ok(_) => Reply::one(
+            StatusCode::OK,
+            format,
+            &ExecJobAsyncResponse {
+                run_id: run_id.to_string(),
+                started: true,
+                error: None,
+            },
+        ),
+        Err(e) => refuse(StatusCode::SERVICE_UNAVAILABLE, format, "", e.to_string())
+            .header(header::RETRY_AFTER, "1"),
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct TokenForm {
+    grant_type: Option<String>,
+    username: Option<String>,
+    password: Option<String>,
+}
+
+fn oauth_error(status: StatusCode, error: &str, description: &str) -> Response {
+    (
+        status,
+        [(header::CACHE_CONTROL, "no-store")],
+        axum::Json(json!({"error": error, "error_description": description})),
+    )
+        .into_response()
+}
+
+/// `POST /token`: the OAuth2 password grant.
+async fn token(State(svc): State<Arc<Service>>, body: Body) -> Response {
+    let Ok(bytes) = read_body(&svc, body).await else {
+        return oauth_error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request",
+            "the body is too large",
+        );
+    };
+    let form: TokenForm = match serde_urlencoded::from_bytes(&bytes) {
+        Ok(f) => f,
+        Err(e) => {
+            return oauth_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                &format!("malformed form body: {e}"),
+            );
+        }
+    };
+    if !form
+        .grant_type
+        .as_deref()
+        .is_some_and(|g| g.eq_ignore_ascii_case("password"))
+    {
+        return oauth_error(
+            StatusCode::BAD_REQUEST,
+            "unsupported_grant_type",
+            "grant_type must be password",
+        );
+    }
+    let (Some(user), Some(password)) = (form.username, form.password) else {
+        return oauth_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "username and password are required",
+        );
+    };
+    let record = match svc.store.user(&user).await {
+        Ok(r) => r,
+        Err(e) => {
+            return oauth_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "temporarily_unavailable",
+                &e.to_string(),
+            );
+        }
+    };
+    let hash = record.map(|r| r.password_hash);
+    let ok = tokio::task::spawn_blocking(move || {
+        hash.is_some_and(|h| auth::verify_password(&password, &h))
+    })
+    .await
+    .unwrap_or(false);
+    if !ok {
+        return oauth_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_grant",
+            "the user name or password is incorrect",
+        );
+    }
+    let token = auth::new_secret("tpt_");
+    let lifetime = svc.config.token_lifetime_secs;
+    let expires = chrono::Local::now().fixed_offset() + chrono::Duration::seconds(lifetime as i64);
+    if let Err(e) = svc
+        .store
+        .put_token(&auth::digest(&token), &user, expires)
+        .await
+    {
+        return oauth_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "temporarily_unavailable",
+            &e.to_string(),
+        );
+    }
+    (
+        StatusCode::OK,
+        [(header::CACHE_CONTROL, "no-store")],
+        axum::Json(json!({"access_token": token, "token_type": "bearer", "expires_in": lifetime})),
+    )
+        .into_response()
+}
+
+fn project_json(p: &Project) -> serde_json::Value {
+    json!({
+        "projectID": p.id.0,
+        "name": p.name,
+        "instance": p.instance,
+        "jobs": p.jobs.values().map(|j| json!({
+            "jobID": j.id.0,
+            "name": j.name,
+            "next": j.next.as_ref().map(|n| n.0.clone()),
+            "stages": j.stages.len(),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+async fn projects(State(svc): State<Arc<Service>>, headers: HeaderMap) -> Response {
+    let caller = match auth::authenticate(&svc, &headers).await {
+        Ok(c) => c,
+        Err(e) => return auth_refusal(e, Format::Json, "").into_response(),
+    };
+    let loaded = svc.projects();
+    let list: Vec<_> = loaded
+        .projects
+        .iter()
+        .filter(|p| caller.can_see(&p.instance))
+        .map(project_json)
+        .collect();
+    axum::Json(list).into_response()
+}
+
+async fn project(
+    State(svc): State<Arc<Service>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    let caller = match auth::authenticate(&svc, &headers).await {
+        Ok(c) => c,
+        Err(e) => return auth_refusal(e, Format::Json, "").into_response(),
+    };
+    let loaded = svc.projects();
+    match loaded
+        .projects
+        .iter()
+        .find(|p| caller.can_see(&p.instance) && p.id.0.eq_ignore_ascii_case(&id))
+    {
+        Some(p) => axum::Json(project_json(p)).into_response(),
+        None => (
+            StatusCode::NOT_FOUND,
+            axum::Json(json!({"error": format!("unknown project {id:?}")})),
+        )
+            .into_response(),
+    }
+}
+
+async fn healthz(State(svc): State<Arc<Service>>) -> Response {
+    match svc.store.queued_count().await {
+        Ok(q) => axum::Json(json!({"status": "ok", "queued": q, "stopping": svc.is_stopping()}))
+            .into_response(),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(json!({"status": "unavailable", "error": e.to_string()})),
+        )
+            .into_response(),
+    }
+}
+
+async fn metrics_text(State(svc): State<Arc<Service>>) -> Response {
+    metrics::gauge!("tidepool_queue_depth").set(svc.queue_depth() as f64);
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        metrics_handle().render(),
+    )
+        .into_response()
+}
+
+async fn not_found(headers: HeaderMap) -> Reply {
+    refuse(
+        StatusCode::NOT_FOUND,
+        wire::answer_format(&headers),
+        "",
+        "no such endpoint",
+    )
+}

@@ -1,0 +1,1079 @@
+//! The v1 wire types: request parsing (JSON, XML, form, field names in any
+//! case, numbers in strings), the answers in JSON and in the WCF DataContract
+//! XML shape, and content negotiation.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use chrono::{DateTime, FixedOffset};
+use serde::{Deserialize, Serialize};
+
+use crate::engine::{Counters, JobReport, LogEntry, LogLevel, MAX_THREADS, RunReport, RunStatus};
+
+/// The DataContract namespace of the vendor's types.
+pub const XML_NS: &str = "http://schemas.datacontract.org/2004/07/StarfishAPI.Controllers";
+const XML_NS_I: &str = "http://www.w3.org/2001/XMLSchema-instance";
+
+/// A body format on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// `application/json`, `text/json`.
+    Json,
+    /// `application/xml`, `text/xml`.
+    Xml,
+    /// `application/x-www-form-urlencoded` (requests only).
+    Form,
+}
+
+impl Format {
+    fn of_media(media: &str) -> Option<Format> {
+        let m = media
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
+        match m.as_str() {
+            "application/json" | "text/json" => Some(Format::Json),
+            "application/xml" | "text/xml" => Some(Format::Xml),
+            "application/x-www-form-urlencoded" => Some(Format::Form),
+            _ => None,
+        }
+    }
+}
+
+/// The answer's format: `Accept` first, then the request's `Content-Type`, then JSON.
+pub fn answer_format(headers: &HeaderMap) -> Format {
+    if let Some(accept) = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()) {
+        // The first listed JSON or XML type wins; quality values are rarely sent by clients here.
+        for media in accept.split(',') {
+            match Format::of_media(media) {
+                Some(Format::Json) => return Format::Json,
+                Some(Format::Xml) => return Format::Xml,
+                _ => {}
+            }
+        }
+    }
+    match headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(Format::of_media)
+    {
+        Some(Format::Xml) => Format::Xml,
+        _ => Format::Json,
+    }
+}
+
+/// A field value as it arrived, before the field's rule reads it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum WireValue {
+    /// JSON null, or XML `i:nil="true"`.
+    Null,
+    /// A JSON boolean.
+    Bool(bool),
+    /// A JSON number, as its text.
+    Number(String),
+    /// A string (every XML and form value).
+    Text(String),
+}
+
+/// Request fields by lower-cased name (names are read case-insensitively).
+pub type FieldMap = BTreeMap<String, WireValue>;
+
+/// Why a body could not be read; `unsupported` means 415.
+#[derive(Debug)]
+pub struct BodyError {
+    /// 415 rather than 400.
+    pub unsupported: bool,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl BodyError {
+    fn bad(message: impl Into<String>) -> Self {
+        BodyError {
+            unsupported: false,
+            message: message.into(),
+        }
+    }
+}
+
+/// Reads a request body as JSON, XML or form, by its `Content-Type`.
+pub fn parse_body(headers: &HeaderMap, body: &[u8]) -> Result<FieldMap, BodyError> {
+    let ct = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let format = if ct.is_empty() {
+        // No Content-Type: guess from the first byte, as lenient clients expect.
+        match body.iter().find(|b| !b.is_ascii_whitespace()) {
+            Some(b'<') => Format::Xml,
+            Some(b'{') | None => Format::Json,
+            _ => Format::Form,
+        }
+    } else {
+        Format::of_media(ct).ok_or_else(|| BodyError {
+            unsupported: true,
+            message: format!(
+                "unsupported media type {ct:?}: send application/json, text/json, application/xml, text/xml or application/x-www-form-urlencoded"
+            ),
+        })?
+    };
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Err(BodyError::bad("the request body is empty"));
+    }
+    match format {
+        Format::Json => parse_json(body),
+        Format::Xml => parse_xml(body),
+        Format::Form => parse_form(body),
+    }
+}
+
+fn parse_json(body: &[u8]) -> Result<FieldMap, BodyError> {
+    let v: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| BodyError::bad(format!("malformed JSON: {e}")))?;
+    let serde_json::Value::Object(obj) = v else {
+        return Err(BodyError::bad("the JSON body must be an object"));
+    };
+    let mut map = FieldMap::new();
+    for (k, v) in obj {
+        let w = match v {
+            serde_json::Value::Null => WireValue::Null,
+            serde_json::Value::Bool(b) => WireValue::Bool(b),
+            serde_json::Value::Number(n) => WireValue::Number(n.to_string()),
+            serde_json::Value::String(s) => WireValue::Text(s),
+            _ => {
+                return Err(BodyError::bad(format!(
+                    "{k} must be a string, number or boolean, not an array or object"
+                )));
+            }
+        };
+        map.insert(k.to_ascii_lowercase(), w);
+    }
+    Ok(map)
+}
+
+fn parse_form(body: &[u8]) -> Result<FieldMap, BodyError> {
+    let pairs: Vec<(String, String)> = serde_urlencoded::from_bytes(body)
+        .map_err(|e| BodyError::bad(format!("malformed form body: {e}")))?;
+    Ok(pairs
+        .into_iter()
+        .map(|(k, v)| (k.to_ascii_lowercase(), WireValue::Text(v)))
+        .collect())
+}
+
+/// Reads `<anyRoot><field>text</field>…</anyRoot>`: elements in any order, any
+/// namespace prefix, `i:nil="true"` as null. DTDs and entities other than XML's
+/// five are refused (no expansion ever happens).
+fn parse_xml(body: &[u8]) -> Result<FieldMap, BodyError> {
+    use quick_xml::events::Event;
+    let text = std::str::from_utf8(body)
+        .map_err(|e| BodyError::bad(format!("malformed XML: not UTF-8 ({e})")))?;
+    let mut reader = quick_xml::Reader::from_str(text);
+    let mut map = FieldMap::new();
+    let mut depth = 0usize;
+    let mut current: Option<(String, String, bool)> = None; // name, text, nil
+    let at = |r: &quick_xml::Reader<&[u8]>| r.buffer_position();
+    let bad = |pos: u64, msg: String| BodyError::bad(format!("malformed XML at byte {pos}: {msg}"));
+    loop {
+        let ev = reader
+            .read_event()
+            .map_err(|e| bad(at(&reader), e.to_string()))?;
+        match ev {
+            Event::Eof => break,
+            Event::DocType(_) => {
+                return Err(bad(at(&reader), "a DTD is not allowed".into()));
+            }
+            Event::Decl(_) | Event::Comment(_) | Event::PI(_) => {}
+            Event::Empty(_) if depth == 0 => {} // an empty root: no fields
+            Event::Start(_) if depth == 0 => depth = 1,
+            Event::Start(e) => {
+                if depth >= 2 {
+                    return Err(bad(
+                        at(&reader),
+                        "elements nest deeper than root and field".into(),
+                    ));
+                }
+                depth = 2;
+                current = Some((local_name(e.name().as_ref()), String::new(), is_nil(&e)));
+            }
+            Event::Empty(e) => {
+                if depth >= 2 {
+                    return Err(bad(
+                        at(&reader),
+                        "elements nest deeper than root and field".into(),
+                    ));
+                }
+                let v = if is_nil(&e) {
+                    WireValue::Null
+                } else {
+                    WireValue::Text(String::new())
+                };
+                map.insert(local_name(e.name().as_ref()).to_ascii_lowercase(), v);
+            }
+            Event::Text(t) => {
+                let s = t.into_inner();
+                match current.as_mut() {
+                    Some((_, buf, _)) => buf.push_str(&s),
+                    None if s.trim().is_empty() => {}
+                    None => return Err(bad(at(&reader), "text outside a field".into())),
+                }
+            }
+            Event::CData(t) => {
+                if let Some((_, buf, _)) = current.as_mut() {
+                    buf.push_str(&t.into_inner());
+                }
+            }
+            Event::GeneralRef(r) => {
+                let name = r.as_ref().to_owned();
+                let ch = match name.as_str() {
+                    "amp" => Some('&'),
+                    "lt" => Some('<'),
+                    "gt" => Some('>'),
+                    "quot" => Some('"'),
+                    "apos" => Some('\''),
+                    n if n.starts_with("#x") => u32::from_str_radix(&n[2..], 16)
+                        .ok()
+                        .and_then(char::from_u32),
+                    n if n.starts_with('#') => n[1..].parse::<u32>().ok().and_then(char::from_u32),
+                    _ => None,
+                };
+                let ch = ch.ok_or_else(|| bad(at(&reader), format!("unknown entity &{name};")))?;
+                if let Some((_, buf, _)) = current.as_mut() {
+                    buf.push(ch);
+                }
+            }
+            Event::End(_) => {
+                if depth == 2
+                    && let Some((name, text, nil)) = current.take()
+                {
+                    let v = if nil {
+                        WireValue::Null
+                    } else {
+                        WireValue::Text(text)
+                    };
+                    map.insert(name.to_ascii_lowercase(), v);
+                }
+                depth = depth.saturating_sub(1);
+            }
+        }
+    }
+    Ok(map)
+}
+
+fn local_name(qname: &str) -> String {
+    match qname.rsplit_once(':') {
+        Some((_, local)) => local.to_owned(),
+        None => qname.to_owned(),
+    }
+}
+
+fn is_nil(e: &quick_xml::events::BytesStart) -> bool {
+    e.attributes().flatten().any(|a| {
+        local_name(a.key.as_ref()) == "nil" && a.value.as_ref().eq_ignore_ascii_case("true")
+    })
+}
+
+/// The fields of `execJobAsyncRequest` / `execJobRequest`, checked.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ExecJobRequest {
+    /// The caller's GUID for the run, lower-cased.
+    #[serde(rename = "runID")]
+    pub run_id: uuid::Uuid,
+    /// The project.
+    #[serde(rename = "projectID")]
+    pub project_id: String,
+    /// The job.
+    #[serde(rename = "jobID")]
+    pub job_id: String,
+    /// Run the chain.
+    pub chain_jobs: bool,
+    /// 0 to 3.
+    pub logging_level: u8,
+    /// The job argument.
+    pub argument: String,
+    /// 1-based.
+    pub begin_at_row: u64,
+    /// Inclusive.
+    pub end_after_row: Option<u64>,
+    /// Writers.
+    pub thread_count: usize,
+    /// Where the result is POSTed.
+    #[serde(rename = "webHookURL")]
+    pub web_hook_url: Option<String>,
+    /// The instance asked for, if any.
+    pub instance: Option<String>,
+}
+
+fn text_of(v: &WireValue) -> Option<String> {
+    match v {
+        WireValue::Null => None,
+        WireValue::Bool(b) => Some(b.to_string()),
+        WireValue::Number(n) | WireValue::Text(n) => Some(n.clone()),
+    }
+}
+
+fn positive(name: &str, v: Option<&WireValue>, errors: &mut Vec<String>) -> Option<u64> {
+    let t = v.and_then(text_of)?;
+    let t = t.trim();
+    if t.is_empty() {
+        return None;
+    }
+    match t.parse::<u64>() {
+        Ok(n) if n >= 1 => Some(n),
+        _ => {
+            errors.push(format!("{name} must be a positive integer, not {t:?}"));
+            None
+        }
+    }
+}
+
+impl ExecJobRequest {
+    /// Checks every field's rule; all failures are reported together, by field name.
+    /// `webhook` says whether `webHookURL` is part of this request type.
+    pub fn from_fields(f: &FieldMap, webhook: bool) -> Result<Self, String> {
+        let mut errors = Vec::new();
+        let get = |n: &str| f.get(&n.to_ascii_lowercase());
+        let required = |name: &str, max: usize, errors: &mut Vec<String>| -> String {
+            match get(name).and_then(text_of) {
+                None => {
+                    errors.push(format!("{name} is required"));
+                    String::new()
+                }
+                Some(s) if s.trim().is_empty() => {
+                    errors.push(format!("{name} is required"));
+                    String::new()
+                }
+                Some(s) if s.chars().count() > max => {
+                    errors.push(format!("{name} is longer than {max} characters"));
+                    String::new()
+                }
+                Some(s) => s.trim().to_owned(),
+            }
+        };
+        let run_text = required("runID", 36, &mut errors);
+        let run_id = if run_text.is_empty() {
+            uuid::Uuid::nil()
+        } else {
+            match uuid::Uuid::try_parse(&run_text) {
+                Ok(u) if run_text.len() == 36 => u,
+                _ => {
+                    errors.push(format!(
+                        "runID must be a GUID (xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx), not {run_text:?}"
+                    ));
+                    uuid::Uuid::nil()
+                }
+            }
+        };
+        let project_id = required("projectID", 36, &mut errors);
+        let job_id = required("jobID", 36, &mut errors);
+        let chain_jobs = match get("chainJobs") {
+            None | Some(WireValue::Null) => false,
+            Some(WireValue::Bool(b)) => *b,
+            Some(v) => {
+                let t = text_of(v).unwrap_or_default();
+                match t.trim().to_ascii_lowercase().as_str() {
+                    "" | "false" => false,
+                    "true" => true,
+                    _ => {
+                        errors.push(format!("chainJobs must be true or false, not {t:?}"));
+                        false
+                    }
+                }
+            }
+        };
+        let logging_level = match get("loggingLevel").and_then(text_of) {
+            None => 0,
+            Some(t) if t.trim().is_empty() => 0,
+            Some(t) => match t.trim().parse::<i64>() {
+                Ok(n) if n < 0 => {
+                    errors.push(format!("loggingLevel must be 0 to 3, not {n}"));
+                    0
+                }
+                Ok(n) => n.min(3) as u8,
+                Err(_) => {
+                    errors.push(format!("loggingLevel must be an integer, not {t:?}"));
+                    0
+                }
+            },
+        };
+        let argument = get("argument").and_then(text_of).unwrap_or_default();
+        let begin_at_row = positive("beginAtRow", get("beginAtRow"), &mut errors).unwrap_or(1);
+        let end_after_row = positive("endAfterRow", get("endAfterRow"), &mut errors);
+        if let Some(end) = end_after_row
+            && end < begin_at_row
+        {
+            errors.push(format!(
+                "endAfterRow ({end}) must not be less than beginAtRow ({begin_at_row})"
+            ));
+        }
+        let thread_count = positive("threadCount", get("threadCount"), &mut errors).unwrap_or(1);
+        if thread_count as usize > MAX_THREADS {
+            errors.push(format!("threadCount must be at most {MAX_THREADS}"));
+        }
+        let web_hook_url = if webhook {
+            match get("webHookURL").and_then(text_of) {
+                Some(u) if !u.trim().is_empty() => {
+                    let u = u.trim().to_owned();
+                    match reqwest::Url::parse(&u) {
+                        Ok(url)
+                            if matches!(url.scheme(), "http" | "https") && url.host().is_some() =>
+                        {
+                            Some(u)
+                        }
+                        _ => {
+                            errors.push(format!(
+                                "webHookURL must be an absolute http or https URL, not {u:?}"
+                            ));
+                            None
+                        }
+                    }
+                }
+                _ => None,
+            }
+        } else {
+            None
+        };
+        let instance = match get("instance").and_then(text_of) {
+            Some(i) if i.chars().count() > 255 => {
+                errors.push("instance is longer than 255 characters".into());
+                None
+            }
+            Some(i) if !i.trim().is_empty() => Some(i.trim().to_owned()),
+            _ => None,
+        };
+        if !errors.is_empty() {
+            return Err(errors.join("; "));
+        }
+        Ok(ExecJobRequest {
+            run_id,
+            project_id,
+            job_id,
+            chain_jobs,
+            logging_level,
+            argument,
+            begin_at_row,
+            end_after_row,
+            thread_count: thread_count as usize,
+            web_hook_url,
+            instance,
+        })
+    }
+
+    /// The canonical text two requests are compared by (same runID, same run?).
+    pub fn fingerprint(&self) -> String {
+        let mut c = self.clone();
+        c.instance = None;
+        serde_json::to_string(&c).unwrap_or_default()
+    }
+}
+
+/// .NET `TimeSpan` text: `hh:mm:ss.fffffff`, with `d.` in front past a day.
+pub fn timespan(d: Duration) -> String {
+    let ticks = d.as_nanos() / 100;
+    let frac = ticks % 10_000_000;
+    let secs = d.as_secs();
+    let (days, h, m, s) = (
+        secs / 86_400,
+        (secs / 3600) % 24,
+        (secs / 60) % 60,
+        secs % 60,
+    );
+    if days > 0 {
+        format!("{days}.{h:02}:{m:02}:{s:02}.{frac:07}")
+    } else {
+        format!("{h:02}:{m:02}:{s:02}.{frac:07}")
+    }
+}
+
+/// ISO 8601 with offset and 7 fractional digits, as the vendor writes it.
+pub fn datetime(t: &DateTime<FixedOffset>) -> String {
+    use chrono::Timelike;
+    format!(
+        "{}.{:07}{}",
+        t.format("%Y-%m-%dT%H:%M:%S"),
+        t.nanosecond() % 1_000_000_000 / 100,
+        t.format("%:z")
+    )
+}
+
+/// `execJobAsyncResponse`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ExecJobAsyncResponse {
+    /// The run's ID as the caller sent it (empty if it could not be read).
+    #[serde(rename = "runID")]
+    pub run_id: String,
+    /// The run is durably recorded and will execute.
+    pub started: bool,
+    /// Why not.
+    pub error: Option<String>,
+}
+
+/// `resultsResponse`: one job of a run.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ResultsResponse {
+    /// The run.
+    #[serde(rename = "runID")]
+    pub run_id: String,
+    /// ISO 8601 with offset, 7 fractional digits.
+    pub start_time: String,
+    /// .NET TimeSpan text.
+    pub run_time: String,
+    /// Queued, Running, Complete, Failed or Cancelled.
+    pub status: RunStatus,
+    /// Origin rows processed.
+    pub total_rows: u64,
+    /// Rows inserted.
+    pub inserts: u64,
+    /// Rows updated.
+    pub updates: u64,
+    /// Rows deleted.
+    pub deletes: u64,
+    /// Errors.
+    pub errors: u64,
+    /// Rows skipped.
+    pub skips: u64,
+    /// Updates/deletes that matched nothing.
+    pub ignores: u64,
+    /// The job (tidepool's addition, useful with chains).
+    #[serde(rename = "jobID")]
+    pub job_id: String,
+}
+
+impl ResultsResponse {
+    /// One job's result.
+    pub fn of_job(run_id: &str, j: &JobReport) -> Self {
+        Self::new(
+            run_id,
+            &j.job_id.0,
+            &j.start_time,
+            j.run_time,
+            j.status,
+            &j.counters,
+        )
+    }
+
+    /// A result from its parts.
+    pub fn new(
+        run_id: &str,
+        job_id: &str,
+        start: &DateTime<FixedOffset>,
+        run_time: Duration,
+        status: RunStatus,
+        c: &Counters,
+    ) -> Self {
+        ResultsResponse {
+            run_id: run_id.to_owned(),
+            start_time: datetime(start),
+            run_time: timespan(run_time),
+            status,
+            total_rows: c.total_rows,
+            inserts: c.inserts,
+            updates: c.updates,
+            deletes: c.deletes,
+            errors: c.errors,
+            skips: c.skips,
+            ignores: c.ignores,
+            job_id: job_id.to_owned(),
+        }
+    }
+}
+
+/// One log line in `execJobResponse`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LogLine {
+    /// ISO 8601.
+    pub time: String,
+    /// Low, Medium or High.
+    pub level: String,
+    /// The job.
+    #[serde(rename = "jobID")]
+    pub job_id: String,
+    /// The origin row, if about one.
+    pub row: Option<u64>,
+    /// What happened.
+    pub message: String,
+}
+
+impl From<&LogEntry> for LogLine {
+    fn from(e: &LogEntry) -> Self {
+        LogLine {
+            time: datetime(&e.time),
+            level: format!("{:?}", e.level),
+            job_id: e.job_id.0.clone(),
+            row: e.row,
+            message: e.message.clone(),
+        }
+    }
+}
+
+/// One delivery attempt of a completion webhook (tidepool's addition).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct WebhookAttemptLine {
+    /// 1-based.
+    pub attempt: u32,
+    /// When.
+    pub time: String,
+    /// The receiver's HTTP status, if it answered.
+    pub status_code: Option<u16>,
+    /// What went wrong, if anything.
+    pub error: Option<String>,
+}
+
+/// `execJobResponse`: the answer of ExecuteJob and the body of the webhook.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ExecJobResponse {
+    /// The run.
+    #[serde(rename = "runID")]
+    pub run_id: String,
+    /// Complete only if every job completed.
+    pub status: RunStatus,
+    /// When the run started.
+    pub start_time: String,
+    /// How long it took.
+    pub run_time: String,
+    /// Summed over the jobs.
+    pub total_rows: u64,
+    /// Summed over the jobs.
+    pub inserts: u64,
+    /// Summed over the jobs.
+    pub updates: u64,
+    /// Summed over the jobs.
+    pub deletes: u64,
+    /// Summed over the jobs.
+    pub errors: u64,
+    /// Summed over the jobs.
+    pub skips: u64,
+    /// Summed over the jobs.
+    pub ignores: u64,
+    /// Why the run failed.
+    pub error: Option<String>,
+    /// What the job's scripts handed back (scripts are not part of this build).
+    pub return_value: Option<String>,
+    /// One per job executed.
+    pub results: Vec<ResultsResponse>,
+    /// The log at the requested level.
+    pub log: Vec<LogLine>,
+    /// Delivery attempts of the completion webhook (only in `GET /v1/Runs/{id}`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook_attempts: Option<Vec<WebhookAttemptLine>>,
+}
+
+impl ExecJobResponse {
+    /// The answer for a finished run; the log keeps what `level` asks for.
+    pub fn of_report(r: &RunReport, level: LogLevel) -> Self {
+        let run_id = r.run_id.to_string();
+        let c = &r.counters;
+        ExecJobResponse {
+            run_id: run_id.clone(),
+            status: r.status,
+            start_time: datetime(&r.start_time),
+            run_time: timespan(r.run_time),
+            total_rows: c.total_rows,
+            inserts: c.inserts,
+            updates: c.updates,
+            deletes: c.deletes,
+            errors: c.errors,
+            skips: c.skips,
+            ignores: c.ignores,
+            error: r.error.clone(),
+            return_value: None,
+            results: r
+                .jobs
+                .iter()
+                .map(|j| ResultsResponse::of_job(&run_id, j))
+                .collect(),
+            log: r
+                .jobs
+                .iter()
+                .flat_map(|j| j.log.iter())
+                .filter(|e| level != LogLevel::None && e.level <= level)
+                .map(LogLine::from)
+                .collect(),
+            webhook_attempts: None,
+        }
+    }
+
+    /// The answer for a run that ended without running (interrupted, cancelled while queued).
+    pub fn ended_without_report(
+        run_id: &str,
+        status: RunStatus,
+        start: &DateTime<FixedOffset>,
+        results: Vec<ResultsResponse>,
+        error: &str,
+    ) -> Self {
+        let mut c = Counters::default();
+        for r in &results {
+            c.total_rows += r.total_rows;
+            c.inserts += r.inserts;
+            c.updates += r.updates;
+            c.deletes += r.deletes;
+            c.errors += r.errors;
+            c.skips += r.skips;
+            c.ignores += r.ignores;
+        }
+        ExecJobResponse {
+            run_id: run_id.to_owned(),
+            status,
+            start_time: datetime(start),
+            run_time: timespan(Duration::ZERO),
+            total_rows: c.total_rows,
+            inserts: c.inserts,
+            updates: c.updates,
+            deletes: c.deletes,
+            errors: c.errors,
+            skips: c.skips,
+            ignores: c.ignores,
+            error: Some(error.to_owned()),
+            return_value: None,
+            results,
+            log: Vec::new(),
+            webhook_attempts: None,
+        }
+    }
+}
+
+/// Writes a type in the DataContract XML shape: children in ordinal order.
+pub trait ToXml {
+    /// The element name of the type (the root, or an array item).
+    const NAME: &'static str;
+    /// Writes the child elements (already in the right order).
+    fn children(&self, out: &mut XmlOut);
+}
+
+/// An XML text being written.
+#[derive(Default)]
+pub struct XmlOut(String);
+
+impl XmlOut {
+    /// `<name>text</name>`.
+    pub fn text(&mut self, name: &str, v: &str) {
+        let _ = write!(self.0, "<{name}>{}</{name}>", quick_xml::escape::escape(v));
+    }
+    /// A string that may be null: `<name i:nil="true"/>`.
+    pub fn opt(&mut self, name: &str, v: Option<&str>) {
+        match v {
+            Some(v) => self.text(name, v),
+            None => {
+                let _ = write!(self.0, "<{name} i:nil=\"true\"/>");
+            }
+        }
+    }
+    /// A number or boolean.
+    pub fn plain(&mut self, name: &str, v: impl std::fmt::Display) {
+        let _ = write!(self.0, "<{name}>{v}</{name}>");
+    }
+    /// A list of items, wrapped in `<name>`.
+    pub fn list<T: ToXml>(&mut self, name: &str, items: &[T]) {
+        let _ = write!(self.0, "<{name}>");
+        for i in items {
+            self.item(i);
+        }
+        let _ = write!(self.0, "</{name}>");
+    }
+    fn item<T: ToXml>(&mut self, v: &T) {
+        let _ = write!(self.0, "<{}>", T::NAME);
+        v.children(self);
+        let _ = write!(self.0, "</{}>", T::NAME);
+    }
+}
+
+/// A whole XML document with `root` as its root element.
+pub fn xml_document(root: &str, f: impl FnOnce(&mut XmlOut)) -> String {
+    let mut out = XmlOut::default();
+    let _ = write!(out.0, "<{root} xmlns:i=\"{XML_NS_I}\" xmlns=\"{XML_NS}\">");
+    f(&mut out);
+    let _ = write!(out.0, "</{root}>");
+    out.0
+}
+
+impl ToXml for ExecJobAsyncResponse {
+    const NAME: &'static str = "execJobAsyncResponse";
+    fn children(&self, o: &mut XmlOut) {
+        o.opt("error", self.error.as_deref());
+        o.text("runID", &self.run_id);
+        o.plain("started", self.started);
+    }
+}
+
+impl ToXml for ResultsResponse {
+    const NAME: &'static str = "resultsResponse";
+    fn children(&self, o: &mut XmlOut) {
+        o.plain("deletes", self.deletes);
+        o.plain("errors", self.errors);
+        o.plain("ignores", self.ignores);
+        o.plain("inserts", self.inserts);
+        o.text("jobID", &self.job_id);
+        o.text("runID", &self.run_id);
+        o.text("runTime", &self.run_time);
+        o.plain("skips", self.skips);
+        o.text("startTime", &self.start_time);
+        o.plain("status", self.status);
+        o.plain("totalRows", self.total_rows);
+        o.plain("updates", self.updates);
+    }
+}
+
+impl ToXml for LogLine {
+    const NAME: &'static str = "logEntry";
+    fn children(&self, o: &mut XmlOut) {
+        o.text("jobID", &self.job_id);
+        o.text("level", &self.level);
+        o.text("message", &self.message);
+        match self.row {
+            Some(r) => o.plain("row", r),
+            None => o.opt("row", None),
+        }
+        o.text("time", &self.time);
+    }
+}
+
+impl ToXml for WebhookAttemptLine {
+    const NAME: &'static str = "webhookAttempt";
+    fn children(&self, o: &mut XmlOut) {
+        o.plain("attempt", self.attempt);
+        o.opt("error", self.error.as_deref());
+        match self.status_code {
+            Some(s) => o.plain("statusCode", s),
+            None => o.opt("statusCode", None),
+        }
+        o.text("time", &self.time);
+    }
+}
+
+impl ToXml for ExecJobResponse {
+    const NAME: &'static str = "execJobResponse";
+    fn children(&self, o: &mut XmlOut) {
+        o.plain("deletes", self.deletes);
+        o.opt("error", self.error.as_deref());
+        o.plain("errors", self.errors);
+        o.plain("ignores", self.ignores);
+        o.plain("inserts", self.inserts);
+        o.list("log", &self.log);
+        o.list("results", &self.results);
+        o.opt("returnValue", self.return_value.as_deref());
+        o.text("runID", &self.run_id);
+        o.text("runTime", &self.run_time);
+        o.plain("skips", self.skips);
+        o.text("startTime", &self.start_time);
+        o.plain("status", self.status);
+        o.plain("totalRows", self.total_rows);
+        o.plain("updates", self.updates);
+        if let Some(a) = &self.webhook_attempts {
+            o.list("webhookAttempts", a);
+        }
+    }
+}
+
+/// A collection answer (`ArrayOf…` in XML, an array in JSON).
+pub struct Many<T>(pub Vec<T>);
+
+/// An answer in the negotiated format.
+pub struct Reply {
+    /// The HTTP status.
+    pub status: StatusCode,
+    /// The negotiated format.
+    pub format: Format,
+    json: String,
+    xml: String,
+    headers: Vec<(header::HeaderName, HeaderValue)>,
+}
+
+impl Reply {
+    /// One object.
+    pub fn one<T: Serialize + ToXml>(status: StatusCode, format: Format, v: &T) -> Self {
+        Reply {
+            status,
+            format,
+            json: if format == Format::Xml {
+                String::new()
+            } else {
+                serde_json::to_string(v).unwrap_or_default()
+            },
+            xml: if format == Format::Xml {
+                xml_document(T::NAME, |o| v.children(o))
+            } else {
+                String::new()
+            },
+            headers: Vec::new(),
+        }
+    }
+
+    /// A collection.
+    pub fn many<T: Serialize + ToXml>(status: StatusCode, format: Format, v: &Many<T>) -> Self {
+        Reply {
+            status,
+            format,
+            json: if format == Format::Xml {
+                String::new()
+            } else {
+                serde_json::to_string(&v.0).unwrap_or_default()
+            },
+            xml: if format == Format::Xml {
+                xml_document(&format!("ArrayOf{}", T::NAME), |o| {
+                    for i in &v.0 {
+                        o.item(i);
+                    }
+                })
+            } else {
+                String::new()
+            },
+            headers: Vec::new(),
+        }
+    }
+
+    /// Adds a header.
+    pub fn header(mut self, name: header::HeaderName, value: &str) -> Self {
+        if let Ok(v) = HeaderValue::from_str(value) {
+            self.headers.push((name, v));
+        }
+        self
+    }
+}
+
+impl IntoResponse for Reply {
+    fn into_response(self) -> Response {
+        let (ct, body) = match self.format {
+            Format::Xml => ("application/xml; charset=utf-8", self.xml),
+            _ => ("application/json; charset=utf-8", self.json),
+        };
+        let mut resp = (self.status, [(header::CONTENT_TYPE, ct)], body).into_response();
+        for (k, v) in self.headers {
+            resp.headers_mut().append(k, v);
+        }
+        resp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fields(pairs: &[(&str, WireValue)]) -> FieldMap {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
+            .collect()
+    }
+
+    #[test]
+    fn timespans_and_datetimes_look_like_dotnet() {
+        assert_eq!(
+            timespan(Duration::from_nanos(1_234_567_890)),
+            "00:00:01.2345678"
+        );
+        assert_eq!(timespan(Duration::from_secs(90_061)), "1.01:01:01.0000000");
+        let t = DateTime::parse_from_rfc3339("2024-04-20T11:06:49.6384073-05:00").unwrap();
+        assert_eq!(datetime(&t), "2024-04-20T11:06:49.6384073-05:00");
+    }
+
+    #[test]
+    fn request_rules_report_every_field() {
+        let f = fields(&[
+            ("runid", WireValue::Text("not-a-guid".into())),
+            ("JobID", WireValue::Text("x".repeat(37))),
+            ("beginAtRow", WireValue::Text("0".into())),
+            ("threadCount", WireValue::Number("2".into())),
+            ("loggingLevel", WireValue::Number("-1".into())),
+            ("webHookURL", WireValue::Text("ftp://x".into())),
+        ]);
+        let err = ExecJobRequest::from_fields(&f, true).unwrap_err();
+        for part in [
+            "runID must be a GUID",
+            "projectID is required",
+            "jobID is longer than 36 characters",
+            "beginAtRow must be a positive integer",
+            "loggingLevel must be 0 to 3",
+            "webHookURL must be an absolute http or https URL",
+        ] {
+            assert!(err.contains(part), "{part:?} not in {err}");
+        }
+    }
+
+    #[test]
+    fn request_defaults_and_string_numbers() {
+        let f = fields(&[
+            (
+                "RUNID",
+                WireValue::Text("0B5BD1C9-7C2E-4F2E-9A51-3C4F7D0E8A11".into()),
+            ),
+            ("projectid", WireValue::Text("demo".into())),
+            ("jobid", WireValue::Text("contacts".into())),
+            ("chainjobs", WireValue::Text("True".into())),
+            ("loggingLevel", WireValue::Number("5".into())),
+            ("beginAtRow", WireValue::Text("11".into())),
+            ("endAfterRow", WireValue::Number("20".into())),
+            ("threadCount", WireValue::Text("".into())),
+        ]);
+        let r = ExecJobRequest::from_fields(&f, true).unwrap();
+        assert_eq!(r.run_id.to_string(), "0b5bd1c9-7c2e-4f2e-9a51-3c4f7d0e8a11");
+        assert!(r.chain_jobs);
+        assert_eq!(
+            (
+                r.logging_level,
+                r.begin_at_row,
+                r.end_after_row,
+                r.thread_count
+            ),
+            (3, 11, Some(20), 1)
+        );
+    }
+
+    #[test]
+    fn xml_bodies_read_in_any_order_with_nil_and_refuse_dtds() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/xml"));
+        let body = br#"<execJobAsyncRequest xmlns:i="http://www.w3.org/2001/XMLSchema-instance" xmlns="http://schemas.datacontract.org/2004/07/StarfishAPI.Controllers">
+  <jobID>contacts</jobID><argument>a &amp; b &#x41;</argument><webHookURL i:nil="true"/><projectID>demo</projectID>
+</execJobAsyncRequest>"#;
+        let m = parse_body(&h, body).unwrap();
+        assert_eq!(m["jobid"], WireValue::Text("contacts".into()));
+        assert_eq!(m["argument"], WireValue::Text("a & b A".into()));
+        assert_eq!(m["webhookurl"], WireValue::Null);
+        let dtd =
+            br#"<?xml version="1.0"?><!DOCTYPE x [<!ENTITY e "boom">]><x><jobID>&e;</jobID></x>"#;
+        assert!(parse_body(&h, dtd).unwrap_err().message.contains("DTD"));
+        let ent = b"<x><jobID>&e;</jobID></x>";
+        assert!(
+            parse_body(&h, ent)
+                .unwrap_err()
+                .message
+                .contains("unknown entity")
+        );
+    }
+
+    #[test]
+    fn xml_answers_have_the_datacontract_shape() {
+        let r = ExecJobAsyncResponse {
+            run_id: "r1".into(),
+            started: false,
+            error: None,
+        };
+        assert_eq!(
+            xml_document(ExecJobAsyncResponse::NAME, |o| r.children(o)),
+            "<execJobAsyncResponse xmlns:i=\"http://www.w3.org/2001/XMLSchema-instance\" xmlns=\"http://schemas.datacontract.org/2004/07/StarfishAPI.Controllers\"><error i:nil=\"true\"/><runID>r1</runID><started>false</started></execJobAsyncResponse>"
+        );
+    }
+
+    #[test]
+    fn negotiation_prefers_accept_then_content_type() {
+        let mut h = HeaderMap::new();
+        assert_eq!(answer_format(&h), Format::Json);
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/xml"),
+        );
+        assert_eq!(answer_format(&h), Format::Xml);
+        h.insert(header::ACCEPT, HeaderValue::from_static("text/json, */*"));
+        assert_eq!(answer_format(&h), Format::Json);
+        h.insert(header::ACCEPT, HeaderValue::from_static("*/*"));
+        assert_eq!(answer_format(&h), Format::Xml);
+    }
+}

@@ -1,0 +1,253 @@
+//! `tidepool serve`, `tidepool user add`, `tidepool key create`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use clap::Args;
+
+use tidepool::api;
+use tidepool::server::{ServerConfig, Service};
+use tidepool::store::{Role, SqliteStore, Store, UserRecord};
+
+/// Where the server's settings come from: a file, then flags.
+#[derive(Args)]
+pub struct ConfigArgs {
+    /// A TOML config file (see the README for its keys).
+    #[arg(long, env = "TIDEPOOL_CONFIG")]
+    config: Option<PathBuf>,
+    /// Where runs and the store keep their files.
+    #[arg(long, env = "TIDEPOOL_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// The store: sqlite:PATH (default <data-dir>/tidepool.sqlite).
+    #[arg(long, env = "TIDEPOOL_STORE")]
+    store: Option<String>,
+}
+
+impl ConfigArgs {
+    fn load(&self) -> anyhow::Result<ServerConfig> {
+        let mut c = match &self.config {
+            Some(p) => ServerConfig::from_file(p)?,
+            None => ServerConfig::default(),
+        };
+        if let Some(d) = &self.data_dir {
+            c.data_dir = d.clone();
+        }
+        if let Some(s) = &self.store {
+            c.store = Some(s.clone());
+        }
+        Ok(c)
+    }
+
+    fn open_store(&self) -> anyhow::Result<(ServerConfig, Arc<SqliteStore>)> {
+        let c = self.load()?;
+        let path = c.store_path()?;
+        let store = SqliteStore::open(&path)
+            .with_context(|| format!("cannot open the store {}", path.display()))?;
+        Ok((c, Arc::new(store)))
+    }
+}
+
+#[derive(Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    cfg: ConfigArgs,
+    /// Address to listen on (default 127.0.0.1:8080).
+    #[arg(long, env = "TIDEPOOL_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// The folder of projects (default ./projects).
+    #[arg(long, env = "TIDEPOOL_PROJECTS")]
+    projects: Option<PathBuf>,
+    /// Runs executing at once.
+    #[arg(long)]
+    workers: Option<usize>,
+    /// Runs that may wait before ExecuteJobAsync answers 503.
+    #[arg(long)]
+    queue_size: Option<u64>,
+    /// The largest request body, in bytes.
+    #[arg(long)]
+    body_limit: Option<usize>,
+    /// Signing secret for completion webhooks (Standard Webhooks).
+    #[arg(long, env = "TIDEPOOL_WEBHOOK_SECRET")]
+    webhook_secret: Option<String>,
+    /// Serve without users on a non-loopback address.
+    #[arg(long)]
+    insecure: bool,
+}
+
+#[derive(Args)]
+pub struct UserAddArgs {
+    /// The user name.
+    name: String,
+    /// A role in an instance, as INSTANCE:ROLE (Owner, Full, ReadOnly); repeat for more.
+    #[arg(long = "instance", required = true)]
+    instances: Vec<String>,
+    /// The instance used when a request names none (default: the first --instance).
+    #[arg(long)]
+    primary: Option<String>,
+    #[command(flatten)]
+    cfg: ConfigArgs,
+}
+
+#[derive(Args)]
+pub struct KeyCreateArgs {
+    /// The user the key acts as.
+    user: String,
+    /// A label to recognise the key by.
+    #[arg(long, default_value = "")]
+    label: String,
+    #[command(flatten)]
+    cfg: ConfigArgs,
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("TIDEPOOL_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let mut c = args.cfg.load()?;
+    if let Some(l) = args.listen {
+        c.listen = l;
+    }
+    if let Some(p) = args.projects {
+        c.projects = p;
+    }
+    if let Some(w) = args.workers {
+        c.workers = w;
+    }
+    if let Some(q) = args.queue_size {
+        c.queue_size = q;
+    }
+    if let Some(b) = args.body_limit {
+        c.body_limit = b;
+    }
+    if args.webhook_secret.is_some() {
+        c.webhooks.secret = args.webhook_secret;
+    }
+    c.insecure |= args.insecure;
+    std::fs::create_dir_all(&c.data_dir)
+        .with_context(|| format!("cannot create the data directory {}", c.data_dir.display()))?;
+    let path = c.store_path()?;
+    let store = SqliteStore::open(&path)
+        .with_context(|| format!("cannot open the store {}", path.display()))?;
+    runtime()?.block_on(async move {
+        api::metrics_handle();
+        let svc = Service::new(c.clone(), Arc::new(store)).await?;
+        if svc.open {
+            if !c.listen.ip().is_loopback() && !c.insecure {
+                bail!(
+                    "no users are configured and {} is not a loopback address: add one with `tidepool user add`, or pass --insecure to serve without authentication",
+                    c.listen
+                );
+            }
+            tracing::warn!("no users are configured: the API is open to anyone who can reach {}", c.listen);
+        }
+        let loaded = svc.projects();
+        tracing::info!(
+            "serving {} project(s) from {} ({} not loaded); store {}",
+            loaded.projects.len(),
+            c.projects.display(),
+            loaded.problems.len(),
+            path.display()
+        );
+        let listener = tokio::net::TcpListener::bind(c.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", c.listen))?;
+        svc.start();
+        tracing::info!("listening on http://{}", c.listen);
+        let app = api::app(svc.clone());
+        let stopping = svc.clone();
+        axum::serve(listener, tower::make::Shared::new(app))
+            .with_graceful_shutdown(async move {
+                shutdown_signal().await;
+                tracing::info!("stopping: no new runs; waiting for running ones");
+                stopping.shutdown().await;
+            })
+            .await
+            .context("the server failed")?;
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}
+
+pub fn user_add(args: UserAddArgs) -> anyhow::Result<ExitCode> {
+    let mut grants = Vec::new();
+    for g in &args.instances {
+        let (inst, role) = g
+            .rsplit_once(':')
+            .with_context(|| format!("--instance {g:?}: write INSTANCE:ROLE, e.g. acme:Owner"))?;
+        let role: Role = role.parse().map_err(anyhow::Error::msg)?;
+        grants.push((inst.to_owned(), role));
+    }
+    let primary = args.primary.clone().unwrap_or_else(|| grants[0].0.clone());
+    let password = match std::env::var("TIDEPOOL_PASSWORD") {
+        Ok(p) => p,
+        Err(_) => {
+            eprintln!("password for {} (one line on standard input):", args.name);
+            let mut line = String::new();
+            std::io::stdin().read_line(&mut line)?;
+            line.trim_end_matches(['\r', '\n']).to_owned()
+        }
+    };
+    if password.len() < 8 {
+        bail!("the password must be at least 8 characters");
+    }
+    let hash = api::auth::hash_password(&password).map_err(anyhow::Error::msg)?;
+    let (_, store) = args.cfg.open_store()?;
+    runtime()?.block_on(store.put_user(UserRecord {
+        name: args.name.clone(),
+        password_hash: hash,
+        primary_instance: primary.clone(),
+        grants,
+    }))?;
+    println!("user {} saved (primary instance {primary})", args.name);
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn key_create(args: KeyCreateArgs) -> anyhow::Result<ExitCode> {
+    let (_, store) = args.cfg.open_store()?;
+    let rt = runtime()?;
+    if rt.block_on(store.user(&args.user))?.is_none() {
+        bail!(
+            "no user {:?}: add it first with `tidepool user add`",
+            args.user
+        );
+    }
+    let key = api::auth::new_secret("tpk_");
+    rt.block_on(store.put_api_key(&api::auth::digest(&key), &args.user, &args.label))?;
+    println!("{key}");
+    eprintln!("this key is shown once; send it as X-API-Key: <key>");
+    Ok(ExitCode::SUCCESS)
+}

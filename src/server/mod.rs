@@ -1,0 +1,517 @@
+//! The job server: durable run queue, run workers, recovery after a crash,
+//! completion webhooks, and `serve` itself.
+
+pub mod config;
+pub mod webhook;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use chrono::Local;
+use tokio::sync::{Notify, broadcast};
+
+use crate::api::wire::{ExecJobRequest, ExecJobResponse, ResultsResponse};
+use crate::engine::{
+    self, CancelToken, Counters, JobReport, LogLevel, RunObserver, RunRequest, RunStatus,
+};
+use crate::project::{JobId, LoadOptions, LoadOutcome, Project, load_projects};
+use crate::store::{NewRun, RunEnd, RunKey, RunRecord, Store, StoreError, Submitted};
+pub use config::{ServerConfig, WebhookConfig};
+
+/// Why a run could not be accepted.
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    /// The queue is full.
+    #[error("the run queue is full ({0} runs waiting); try again shortly")]
+    QueueFull(u64),
+    /// The same run ID was used with other parameters.
+    #[error("runID {0} was already used with other parameters")]
+    Conflict(uuid::Uuid),
+    /// The server is stopping.
+    #[error("the server is shutting down; try again shortly")]
+    ShuttingDown,
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The server's state, shared by the API, the workers and the webhook sender.
+pub struct Service {
+    /// The store.
+    pub store: Arc<dyn Store>,
+    /// Settings.
+    pub config: ServerConfig,
+    /// No users: every caller is the owner of every instance.
+    pub open: bool,
+    projects: RwLock<Arc<LoadOutcome>>,
+    queued: AtomicU64,
+    work: Notify,
+    /// Wakes the webhook sender.
+    pub webhooks_due: Notify,
+    running: Mutex<HashMap<RunKey, CancelToken>>,
+    ended: broadcast::Sender<RunKey>,
+    stopping: AtomicBool,
+    stop: Notify,
+}
+
+impl Service {
+    /// Builds the service over `store`, loading the projects and recovering
+    /// runs a crash left behind. Workers and the webhook sender start with [`Service::start`].
+    pub async fn new(config: ServerConfig, store: Arc<dyn Store>) -> Result<Arc<Self>, StoreError> {
+        let open = !store.has_users().await?;
+        let projects = Arc::new(load_projects(
+            &config.projects,
+            &LoadOptions {
+                data_dir: std::path::absolute(&config.data_dir).unwrap_or(config.data_dir.clone()),
+            },
+        ));
+        for p in &projects.problems {
+            tracing::warn!("project not loaded: {p}");
+        }
+        let (ended, _) = broadcast::channel(1024);
+        let svc = Arc::new(Service {
+            store,
+            config,
+            open,
+            projects: RwLock::new(projects),
+            queued: AtomicU64::new(0),
+            work: Notify::new(),
+            webhooks_due: Notify::new(),
+            running: Mutex::new(HashMap::new()),
+            ended,
+            stopping: AtomicBool::new(false),
+            stop: Notify::new(),
+        });
+        svc.recover().await?;
+        svc.queued
+            .store(svc.store.queued_count().await?, Ordering::SeqCst);
+        Ok(svc)
+    }
+
+    /// Starts the run workers and the webhook sender.
+    pub fn start(self: &Arc<Self>) {
+        for _ in 0..self.config.workers.max(1) {
+            tokio::spawn(self.clone().worker());
+        }
+        tokio::spawn(webhook::deliver_loop(self.clone()));
+    }
+
+    /// The loaded projects.
+    pub fn projects(&self) -> Arc<LoadOutcome> {
+        self.projects.read().expect("projects lock").clone()
+    }
+
+    /// Runs waiting to execute.
+    pub fn queue_depth(&self) -> u64 {
+        self.queued.load(Ordering::Relaxed)
+    }
+
+    /// Whether shutdown has begun.
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
+    }
+
+    /// A run that was Running when the server stopped is marked Failed, and its
+    /// webhook queued: it is never lost and never run twice.
+    async fn recover(&self) -> Result<(), StoreError> {
+        for rec in self.store.runs_in(RunStatus::Running).await? {
+            let results: Vec<ResultsResponse> = rec
+                .results_json
+                .as_deref()
+                .and_then(|j| serde_json::from_str(j).ok())
+                .unwrap_or_default();
+            let results: Vec<ResultsResponse> = results
+                .into_iter()
+                .map(|mut r| {
+                    if r.status == RunStatus::Running {
+                        r.status = RunStatus::Failed;
+                    }
+                    r
+                })
+                .collect();
+            let msg = "interrupted: the server stopped while the run was going; it was not resumed";
+            self.end_without_running(&rec, RunStatus::Running, RunStatus::Failed, results, msg)
+                .await?;
+            tracing::warn!(run = %rec.key, "run marked Failed: {msg}");
+        }
+        Ok(())
+    }
+
+    async fn end_without_running(
+        &self,
+        rec: &RunRecord,
+        from: RunStatus,
+        status: RunStatus,
+        results: Vec<ResultsResponse>,
+        error: &str,
+    ) -> Result<bool, StoreError> {
+        let run_id = rec.key.run_id.to_string();
+        let response = ExecJobResponse::ended_without_report(
+            &run_id,
+            status,
+            &rec.accepted_at,
+            results,
+            error,
+        );
+        let ok = self
+            .store
+            .finish(
+                &rec.key,
+                from,
+                RunEnd {
+                    status,
+                    results_json: serde_json::to_string(&response.results).unwrap_or_default(),
+                    response_json: serde_json::to_string(&response).unwrap_or_default(),
+                    error: Some(error.to_owned()),
+                },
+            )
+            .await?;
+        if ok {
+            metrics::counter!("tidepool_runs_total", "status" => status.to_string()).increment(1);
+            let _ = self.ended.send(rec.key.clone());
+            self.webhooks_due.notify_one();
+        }
+        Ok(ok)
+    }
+
+    /// Records a run durably as Queued (the answer `started: true` may follow).
+    pub async fn submit(
+        &self,
+        instance: &str,
+        req: &ExecJobRequest,
+    ) -> Result<Submitted, SubmitError> {
+        if self.is_stopping() {
+            return Err(SubmitError::ShuttingDown);
+        }
+        let depth = self.queued.load(Ordering::Relaxed);
+        if depth >= self.config.queue_size {
+            return Err(SubmitError::QueueFull(depth));
+        }
+        let key = RunKey {
+            instance: instance.to_owned(),
+            run_id: req.run_id,
+        };
+        let outcome = self
+            .store
+            .submit(NewRun {
+                key: key.clone(),
+                project_id: req.project_id.clone(),
+                job_id: req.job_id.clone(),
+                request_json: serde_json::to_string(req).unwrap_or_default(),
+                fingerprint: req.fingerprint(),
+                webhook_url: req.web_hook_url.clone(),
+                accepted_at: Local::now().fixed_offset(),
+            })
+            .await?;
+        match outcome {
+            Submitted::Accepted => {
+                self.queued.fetch_add(1, Ordering::SeqCst);
+                metrics::gauge!("tidepool_queue_depth").set(self.queue_depth() as f64);
+                self.work.notify_one();
+                tracing::info!(run = %key, project = %req.project_id, job = %req.job_id, "run accepted");
+                Ok(Submitted::Accepted)
+            }
+            Submitted::Duplicate => Ok(Submitted::Duplicate),
+            Submitted::Conflict => Err(SubmitError::Conflict(req.run_id)),
+        }
+    }
+
+    /// Waits until the run has ended and returns it.
+    pub async fn wait_for_end(&self, key: &RunKey) -> Result<Option<RunRecord>, StoreError> {
+        let mut rx = self.ended.subscribe();
+        loop {
+            match self.store.run(key).await? {
+                None => return Ok(None),
+                Some(r) if !matches!(r.status, RunStatus::Queued | RunStatus::Running) => {
+                    return Ok(Some(r));
+                }
+                Some(_) => {}
+            }
+            tokio::select! {
+                _ = rx.recv() => {}
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            }
+        }
+    }
+
+    /// Asks a run to stop: a Queued run ends at once as Cancelled; a Running one
+    /// stops between batches. Returns the run's status after the request.
+    pub async fn cancel(&self, key: &RunKey) -> Result<Option<RunStatus>, StoreError> {
+        let Some(rec) = self.store.run(key).await? else {
+            return Ok(None);
+        };
+        match rec.status {
+            RunStatus::Queued => {
+                if self
+                    .end_without_running(
+                        &rec,
+                        RunStatus::Queued,
+                        RunStatus::Cancelled,
+                        Vec::new(),
+                        "cancelled before it started",
+                    )
+                    .await?
+                {
+                    self.queued.fetch_sub(1, Ordering::SeqCst);
+                    return Ok(Some(RunStatus::Cancelled));
+                }
+                Ok(self.store.run(key).await?.map(|r| r.status))
+            }
+            RunStatus::Running => {
+                if let Some(t) = self.running.lock().expect("running lock").get(key) {
+                    t.cancel();
+                }
+                Ok(Some(RunStatus::Running))
+            }
+            s => Ok(Some(s)),
+        }
+    }
+
+    /// Stops taking runs; waits for running ones up to the grace period.
+    pub async fn shutdown(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        self.stop.notify_waiters();
+        self.work.notify_waiters();
+        let deadline =
+            tokio::time::Instant::now() + Duration::from_secs(self.config.shutdown_grace_secs);
+        while !self.running.lock().expect("running lock").is_empty() {
+            if tokio::time::Instant::now() >= deadline {
+                tracing::warn!("shutdown: runs still going are left to recovery at the next start");
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn worker(self: Arc<Self>) {
+        loop {
+            if self.is_stopping() {
+                return;
+            }
+            match self.store.claim_next().await {
+                Ok(Some(rec)) => {
+                    self.queued.fetch_sub(1, Ordering::SeqCst);
+                    metrics::gauge!("tidepool_queue_depth").set(self.queue_depth() as f64);
+                    self.execute(rec).await;
+                }
+                Ok(None) => {
+                    tokio::select! {
+                        _ = self.work.notified() => {}
+                        _ = self.stop.notified() => {}
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                }
+                Err(e) => {
+                    tracing::error!("claiming a run: {e}");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    }
+
+    async fn execute(self: &Arc<Self>, rec: RunRecord) {
+        let key = rec.key.clone();
+        let req: ExecJobRequest = match serde_json::from_str(&rec.request_json) {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = self
+                    .end_without_running(
+                        &rec,
+                        RunStatus::Running,
+                        RunStatus::Failed,
+                        Vec::new(),
+                        &format!("the stored request cannot be read: {e}"),
+                    )
+                    .await;
+                return;
+            }
+        };
+        let projects = self.projects();
+        let Some(project) = projects.project_in(&key.instance, &rec.project_id).cloned() else {
+            let _ = self
+                .end_without_running(
+                    &rec,
+                    RunStatus::Running,
+                    RunStatus::Failed,
+                    Vec::new(),
+                    &format!("project {:?} is no longer loaded", rec.project_id),
+                )
+                .await;
+            return;
+        };
+        let run_req = RunRequest {
+            run_id: engine::RunId(req.run_id),
+            project: project.id.clone(),
+            job: JobId(req.job_id.clone()),
+            argument: req.argument.clone(),
+            begin_at_row: req.begin_at_row,
+            end_after_row: req.end_after_row,
+            thread_count: req.thread_count,
+            logging_level: LogLevel::from_number(req.logging_level as u64),
+            chain_jobs: req.chain_jobs,
+            preview: false,
+        };
+        let cancel = CancelToken::new();
+        self.running
+            .lock()
+            .expect("running lock")
+            .insert(key.clone(), cancel.clone());
+        tracing::info!(run = %key, "run started");
+        let observer = LiveResults {
+            handle: tokio::runtime::Handle::current(),
+            store: self.store.clone(),
+            key: key.clone(),
+            run_id: req.run_id.to_string(),
+            done: Mutex::new(Vec::new()),
+            current: Mutex::new(None),
+        };
+        let outcome = tokio::task::spawn_blocking(move || {
+            let r = engine::run(&project, &run_req, &cancel, &observer);
+            (r, run_req.logging_level)
+        })
+        .await;
+        self.running.lock().expect("running lock").remove(&key);
+        let end = match outcome {
+            Ok((Ok(report), level)) => {
+                for (name, v) in counter_pairs(&report.counters) {
+                    metrics::counter!("tidepool_rows_total", "counter" => name).increment(v);
+                }
+                let response = ExecJobResponse::of_report(&report, level);
+                RunEnd {
+                    status: report.status,
+                    results_json: serde_json::to_string(&response.results).unwrap_or_default(),
+                    response_json: serde_json::to_string(&response).unwrap_or_default(),
+                    error: report.error.clone(),
+                }
+            }
+            Ok((Err(e), _)) => {
+                let _ = self
+                    .end_without_running(
+                        &rec,
+                        RunStatus::Running,
+                        RunStatus::Failed,
+                        Vec::new(),
+                        &e.to_string(),
+                    )
+                    .await;
+                return;
+            }
+            Err(e) => {
+                let _ = self
+                    .end_without_running(
+                        &rec,
+                        RunStatus::Running,
+                        RunStatus::Failed,
+                        Vec::new(),
+                        &format!("the run crashed: {e}"),
+                    )
+                    .await;
+                return;
+            }
+        };
+        let status = end.status;
+        match self.store.finish(&key, RunStatus::Running, end).await {
+            Ok(_) => {
+                metrics::counter!("tidepool_runs_total", "status" => status.to_string())
+                    .increment(1);
+                tracing::info!(run = %key, %status, "run ended");
+            }
+            Err(e) => tracing::error!(run = %key, "recording the end of the run: {e}"),
+        }
+        let _ = self.ended.send(key);
+        self.webhooks_due.notify_one();
+    }
+}
+
+fn counter_pairs(c: &Counters) -> [(&'static str, u64); 7] {
+    [
+        ("totalRows", c.total_rows),
+        ("inserts", c.inserts),
+        ("updates", c.updates),
+        ("deletes", c.deletes),
+        ("errors", c.errors),
+        ("skips", c.skips),
+        ("ignores", c.ignores),
+    ]
+}
+
+/// Writes live per-job results to the store while a run goes.
+struct LiveResults {
+    handle: tokio::runtime::Handle,
+    store: Arc<dyn Store>,
+    key: RunKey,
+    run_id: String,
+    done: Mutex<Vec<ResultsResponse>>,
+    current: Mutex<
+        Option<(
+            JobId,
+            chrono::DateTime<chrono::FixedOffset>,
+            std::time::Instant,
+        )>,
+    >,
+}
+
+impl LiveResults {
+    fn save(&self, running: Option<ResultsResponse>) {
+        let mut all = self.done.lock().expect("live lock").clone();
+        all.extend(running);
+        let json = serde_json::to_string(&all).unwrap_or_default();
+        // Called on the run's blocking thread: waiting here is fine.
+        if let Err(e) = self
+            .handle
+            .block_on(self.store.save_progress(&self.key, &json))
+        {
+            tracing::warn!(run = %self.key, "saving live results: {e}");
+        }
+    }
+}
+
+impl RunObserver for LiveResults {
+    fn job_started(&self, job: &JobId) {
+        let start = Local::now().fixed_offset();
+        *self.current.lock().expect("live lock") =
+            Some((job.clone(), start, std::time::Instant::now()));
+        self.save(Some(ResultsResponse::new(
+            &self.run_id,
+            &job.0,
+            &start,
+            Duration::ZERO,
+            RunStatus::Running,
+            &Counters::default(),
+        )));
+    }
+
+    fn progress(&self, job: &JobId, c: &Counters) {
+        let cur = self.current.lock().expect("live lock").clone();
+        if let Some((_, start, t0)) = cur {
+            self.save(Some(ResultsResponse::new(
+                &self.run_id,
+                &job.0,
+                &start,
+                t0.elapsed(),
+                RunStatus::Running,
+                c,
+            )));
+        }
+    }
+
+    fn job_finished(&self, report: &JobReport) {
+        self.done
+            .lock()
+            .expect("live lock")
+            .push(ResultsResponse::of_job(&self.run_id, report));
+        *self.current.lock().expect("live lock") = None;
+        self.save(None);
+    }
+}
+
+/// Finds a project for a caller's instance.
+pub fn find_project<'a>(
+    projects: &'a LoadOutcome,
+    instance: &str,
+    id: &str,
+) -> Option<&'a Project> {
+    projects.project_in(instance, id)
+}

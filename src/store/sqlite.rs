@@ -1,0 +1,591 @@
+//! The embedded store: one SQLite file (WAL, `synchronous=FULL`).
+//!
+//! Every write goes to one writer thread, which commits whatever writes are
+//! waiting as one transaction (group commit): each caller is answered only
+//! after the fsync that made its write durable, and under load one fsync
+//! serves many callers. Reads use their own connections, in parallel.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use chrono::{DateTime, FixedOffset};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+
+use super::{
+    NewRun, Role, RunEnd, RunKey, RunRecord, Store, StoreError, Submitted, UserRecord,
+    WebhookAttempt, WebhookDue, WebhookNext,
+};
+use crate::engine::RunStatus;
+
+type Reply = Box<dyn FnOnce(Result<(), String>) + Send>;
+type Op = Box<dyn FnOnce(&Connection) -> (bool, Reply) + Send>;
+
+/// Writes that one transaction may hold.
+const GROUP_MAX: usize = 2048;
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS runs (
+  instance      TEXT NOT NULL,
+  run_id        TEXT NOT NULL,
+  project_id    TEXT NOT NULL,
+  job_id        TEXT NOT NULL,
+  request       TEXT NOT NULL,
+  fingerprint   TEXT NOT NULL,
+  webhook_url   TEXT,
+  status        TEXT NOT NULL,
+  accepted_at   TEXT NOT NULL,
+  started_at    TEXT,
+  finished_at   TEXT,
+  results       TEXT,
+  response      TEXT,
+  error         TEXT,
+  PRIMARY KEY (instance, run_id)
+);
+CREATE INDEX IF NOT EXISTS runs_by_status ON runs(status);
+CREATE TABLE IF NOT EXISTS webhooks (
+  instance        TEXT NOT NULL,
+  run_id          TEXT NOT NULL,
+  url             TEXT NOT NULL,
+  body            TEXT NOT NULL,
+  created_at      TEXT NOT NULL,
+  next_attempt_at TEXT,
+  attempts        INTEGER NOT NULL DEFAULT 0,
+  state           TEXT NOT NULL DEFAULT 'pending',
+  PRIMARY KEY (instance, run_id)
+);
+CREATE INDEX IF NOT EXISTS webhooks_due ON webhooks(state, next_attempt_at);
+CREATE TABLE IF NOT EXISTS webhook_attempts (
+  instance    TEXT NOT NULL,
+  run_id      TEXT NOT NULL,
+  attempt     INTEGER NOT NULL,
+  at          TEXT NOT NULL,
+  status_code INTEGER,
+  error       TEXT,
+  PRIMARY KEY (instance, run_id, attempt)
+);
+CREATE TABLE IF NOT EXISTS users (
+  name             TEXT PRIMARY KEY,
+  password_hash    TEXT NOT NULL,
+  primary_instance TEXT NOT NULL,
+  grants           TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS api_keys (
+  key_hash   TEXT PRIMARY KEY,
+  user       TEXT NOT NULL,
+  label      TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS tokens (
+  token_hash TEXT PRIMARY KEY,
+  user       TEXT NOT NULL,
+  expires_at TEXT NOT NULL
+);
+"#;
+
+/// The embedded SQLite store.
+pub struct SqliteStore {
+    writer: crossbeam_channel::Sender<Op>,
+    readers: Arc<Mutex<Vec<Connection>>>,
+    path: PathBuf,
+}
+
+fn db_err(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Database(e.to_string())
+}
+
+fn open_conn(path: &Path, write: bool) -> rusqlite::Result<Connection> {
+    let flags = if write {
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE
+    } else {
+        OpenFlags::SQLITE_OPEN_READ_ONLY
+    } | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let c = Connection::open_with_flags(path, flags)?;
+    c.busy_timeout(std::time::Duration::from_secs(30))?;
+    Ok(c)
+}
+
+impl SqliteStore {
+    /// Opens (or creates) the store file and starts its writer thread.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        if let Some(dir) = path.parent()
+            && !dir.as_os_str().is_empty()
+        {
+            std::fs::create_dir_all(dir).map_err(db_err)?;
+        }
+        let conn = open_conn(path, true).map_err(db_err)?;
+        conn.query_row("PRAGMA journal_mode=WAL", [], |_| Ok(()))
+            .map_err(db_err)?;
+        // FULL: a commit is on disk (fsync'd) before any caller is answered.
+        conn.execute_batch("PRAGMA synchronous=FULL")
+            .map_err(db_err)?;
+        conn.execute_batch(SCHEMA).map_err(db_err)?;
+        let (tx, rx) = crossbeam_channel::unbounded::<Op>();
+        std::thread::Builder::new()
+            .name("tidepool-store".into())
+            .spawn(move || writer_loop(conn, rx))
+            .map_err(db_err)?;
+        Ok(SqliteStore {
+            writer: tx,
+            readers: Arc::new(Mutex::new(Vec::new())),
+            path: path.to_owned(),
+        })
+    }
+
+    async fn write<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let op: Op = Box::new(move |conn| {
+            let r = f(conn);
+            let ok = r.is_ok();
+            let reply: Reply = Box::new(move |commit| {
+                let out = match (r, commit) {
+                    (Ok(v), Ok(())) => Ok(v),
+                    (Err(e), _) => Err(db_err(e)),
+                    (Ok(_), Err(e)) => Err(StoreError::Database(e)),
+                };
+                let _ = tx.send(out);
+            });
+            (ok, reply)
+        });
+        self.writer.send(op).map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let readers = self.readers.clone();
+        let path = self.path.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = readers.lock().expect("reader pool").pop();
+            let conn = match conn {
+                Some(c) => c,
+                None => open_conn(&path, false).map_err(db_err)?,
+            };
+            let r = f(&conn).map_err(db_err);
+            let mut pool = readers.lock().expect("reader pool");
+            if pool.len() < 16 {
+                pool.push(conn);
+            }
+            r
+        })
+        .await
+        .map_err(db_err)?
+    }
+}
+
+fn writer_loop(conn: Connection, rx: crossbeam_channel::Receiver<Op>) {
+    while let Ok(first) = rx.recv() {
+        let mut ops = vec![first];
+        while ops.len() < GROUP_MAX {
+            match rx.try_recv() {
+                Ok(op) => ops.push(op),
+                Err(_) => break,
+            }
+        }
+        if conn.execute_batch("BEGIN IMMEDIATE").is_err() {
+            // No transaction to be had (the file is locked or failing): each
+            // write runs on its own and answers with its own outcome.
+            for op in ops {
+                let (_, reply) = op(&conn);
+                reply(Ok(()));
+            }
+            continue;
+        }
+        let mut replies = Vec::with_capacity(ops.len());
+        for op in ops {
+            // Each write in its own savepoint: one that fails leaves the others.
+            let _ = conn.execute_batch("SAVEPOINT op");
+            let (ok, reply) = op(&conn);
+            let _ = conn.execute_batch(if ok {
+                "RELEASE op"
+            } else {
+                "ROLLBACK TO op; RELEASE op"
+            });
+            replies.push(reply);
+        }
+        let commit = conn.execute_batch("COMMIT").map_err(|e| e.to_string());
+        if commit.is_err() {
+            let _ = conn.execute_batch("ROLLBACK");
+        }
+        for reply in replies {
+            reply(commit.clone());
+        }
+    }
+}
+
+fn now_text(t: &DateTime<FixedOffset>) -> String {
+    t.to_rfc3339()
+}
+
+fn parse_time(s: &str) -> DateTime<FixedOffset> {
+    DateTime::parse_from_rfc3339(s).unwrap_or_default()
+}
+
+fn parse_status(s: &str) -> RunStatus {
+    match s {
+        "Queued" => RunStatus::Queued,
+        "Running" => RunStatus::Running,
+        "Complete" => RunStatus::Complete,
+        "Cancelled" => RunStatus::Cancelled,
+        _ => RunStatus::Failed,
+    }
+}
+
+const RUN_COLUMNS: &str = "instance, run_id, project_id, job_id, request, webhook_url, status, accepted_at, results, response, error";
+
+fn run_row(r: &rusqlite::Row) -> rusqlite::Result<RunRecord> {
+    let run_id: String = r.get(1)?;
+    Ok(RunRecord {
+        key: RunKey {
+            instance: r.get(0)?,
+            run_id: uuid::Uuid::parse_str(&run_id).unwrap_or_default(),
+        },
+        project_id: r.get(2)?,
+        job_id: r.get(3)?,
+        request_json: r.get(4)?,
+        webhook_url: r.get(5)?,
+        status: parse_status(&r.get::<_, String>(6)?),
+        accepted_at: parse_time(&r.get::<_, String>(7)?),
+        results_json: r.get(8)?,
+        response_json: r.get(9)?,
+        error: r.get(10)?,
+    })
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn submit(&self, run: NewRun) -> Result<Submitted, StoreError> {
+        self.write(move |c| {
+            let existing: Option<String> = c
+                .query_row(
+                    "SELECT fingerprint FROM runs WHERE instance = ?1 AND run_id = ?2",
+                    params![run.key.instance, run.key.run_id.to_string()],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            if let Some(fp) = existing {
+                return Ok(if fp == run.fingerprint {
+                    Submitted::Duplicate
+                } else {
+                    Submitted::Conflict
+                });
+            }
+            c.prepare_cached(
+                "INSERT INTO runs (instance, run_id, project_id, job_id, request, fingerprint, webhook_url, status, accepted_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'Queued', ?8)",
+            )?
+            .execute(params![
+                run.key.instance,
+                run.key.run_id.to_string(),
+                run.project_id,
+                run.job_id,
+                run.request_json,
+                run.fingerprint,
+                run.webhook_url,
+                now_text(&run.accepted_at),
+            ])?;
+            Ok(Submitted::Accepted)
+        })
+        .await
+    }
+
+    async fn claim_next(&self) -> Result<Option<RunRecord>, StoreError> {
+        self.write(|c| {
+            let rec = c
+                .query_row(
+                    &format!(
+                        "SELECT {RUN_COLUMNS} FROM runs WHERE status = 'Queued' ORDER BY rowid LIMIT 1"
+                    ),
+                    [],
+                    run_row,
+                )
+                .optional()?;
+            let Some(mut rec) = rec else { return Ok(None) };
+            c.execute(
+                "UPDATE runs SET status = 'Running', started_at = ?3 WHERE instance = ?1 AND run_id = ?2",
+                params![
+                    rec.key.instance,
+                    rec.key.run_id.to_string(),
+                    now_text(&chrono::Local::now().fixed_offset())
+                ],
+            )?;
+            rec.status = RunStatus::Running;
+            Ok(Some(rec))
+        })
+        .await
+    }
+
+    async fn save_progress(&self, key: &RunKey, results_json: &str) -> Result<(), StoreError> {
+        let (k, r) = (key.clone(), results_json.to_owned());
+        self.write(move |c| {
+            c.execute(
+                "UPDATE runs SET results = ?3 WHERE instance = ?1 AND run_id = ?2 AND status = 'Running'",
+                params![k.instance, k.run_id.to_string(), r],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn finish(&self, key: &RunKey, from: RunStatus, end: RunEnd) -> Result<bool, StoreError> {
+        let k = key.clone();
+        self.write(move |c| {
+            let now = chrono::Local::now().fixed_offset();
+            let n = c.execute(
+                "UPDATE runs SET status = ?3, results = ?4, response = ?5, error = ?6, finished_at = ?7
+                 WHERE instance = ?1 AND run_id = ?2 AND status = ?8",
+                params![
+                    k.instance,
+                    k.run_id.to_string(),
+                    end.status.to_string(),
+                    end.results_json,
+                    end.response_json,
+                    end.error,
+                    now_text(&now),
+                    from.to_string(),
+                ],
+            )?;
+            if n == 0 {
+                return Ok(false);
+            }
+            c.execute(
+                "INSERT OR IGNORE INTO webhooks (instance, run_id, url, body, created_at, next_attempt_at)
+                 SELECT instance, run_id, webhook_url, ?3, ?4, ?4 FROM runs
+                 WHERE instance = ?1 AND run_id = ?2 AND webhook_url IS NOT NULL",
+                params![k.instance, k.run_id.to_string(), end.response_json, now_text(&now)],
+            )?;
+            Ok(true)
+        })
+        .await
+    }
+
+    async fn run(&self, key: &RunKey) -> Result<Option<RunRecord>, StoreError> {
+        let k = key.clone();
+        self.read(move |c| {
+            c.query_row(
+                &format!("SELECT {RUN_COLUMNS} FROM runs WHERE instance = ?1 AND run_id = ?2"),
+                params![k.instance, k.run_id.to_string()],
+                run_row,
+            )
+            .optional()
+        })
+        .await
+    }
+
+    async fn runs_in(&self, status: RunStatus) -> Result<Vec<RunRecord>, StoreError> {
+        self.read(move |c| {
+            let mut st = c.prepare(&format!(
+                "SELECT {RUN_COLUMNS} FROM runs WHERE status = ?1 ORDER BY rowid"
+            ))?;
+            st.query_map([status.to_string()], run_row)?.collect()
+        })
+        .await
+    }
+
+    async fn queued_count(&self) -> Result<u64, StoreError> {
+        self.read(|c| {
+            c.query_row(
+                "SELECT count(*) FROM runs WHERE status = 'Queued'",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+        })
+        .await
+        .map(|n| n as u64)
+    }
+
+    async fn due_webhooks(
+        &self,
+        now: DateTime<FixedOffset>,
+        limit: usize,
+    ) -> Result<Vec<WebhookDue>, StoreError> {
+        self.read(move |c| {
+            let mut st = c.prepare(
+                "SELECT instance, run_id, url, body, attempts, created_at, next_attempt_at FROM webhooks
+                 WHERE state = 'pending' ORDER BY next_attempt_at LIMIT ?1",
+            )?;
+            let rows = st.query_map([limit as i64], |r| {
+                let run_id: String = r.get(1)?;
+                let next: String = r.get(6)?;
+                Ok((
+                    WebhookDue {
+                        key: RunKey {
+                            instance: r.get(0)?,
+                            run_id: uuid::Uuid::parse_str(&run_id).unwrap_or_default(),
+                        },
+                        url: r.get(2)?,
+                        body: r.get(3)?,
+                        attempts: r.get(4)?,
+                        created_at: parse_time(&r.get::<_, String>(5)?),
+                    },
+                    parse_time(&next),
+                ))
+            })?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (due, next) = row?;
+                if next <= now {
+                    out.push(due);
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn record_attempt(
+        &self,
+        key: &RunKey,
+        attempt: WebhookAttempt,
+        next: WebhookNext,
+    ) -> Result<(), StoreError> {
+        let k = key.clone();
+        self.write(move |c| {
+            c.execute(
+                "INSERT OR REPLACE INTO webhook_attempts (instance, run_id, attempt, at, status_code, error)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![
+                    k.instance,
+                    k.run_id.to_string(),
+                    attempt.attempt,
+                    now_text(&attempt.at),
+                    attempt.status_code,
+                    attempt.error
+                ],
+            )?;
+            let (state, next_at) = match next {
+                WebhookNext::Delivered => ("delivered", None),
+                WebhookNext::GiveUp => ("failed", None),
+                WebhookNext::RetryAt(t) => ("pending", Some(now_text(&t))),
+            };
+            c.execute(
+                "UPDATE webhooks SET attempts = ?3, state = ?4, next_attempt_at = ?5 WHERE instance = ?1 AND run_id = ?2",
+                params![k.instance, k.run_id.to_string(), attempt.attempt, state, next_at],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn attempts(&self, key: &RunKey) -> Result<Vec<WebhookAttempt>, StoreError> {
+        let k = key.clone();
+        self.read(move |c| {
+            let mut st = c.prepare(
+                "SELECT attempt, at, status_code, error FROM webhook_attempts
+                 WHERE instance = ?1 AND run_id = ?2 ORDER BY attempt",
+            )?;
+            st.query_map(params![k.instance, k.run_id.to_string()], |r| {
+                Ok(WebhookAttempt {
+                    attempt: r.get(0)?,
+                    at: parse_time(&r.get::<_, String>(1)?),
+                    status_code: r.get(2)?,
+                    error: r.get(3)?,
+                })
+            })?
+            .collect()
+        })
+        .await
+    }
+
+    async fn put_user(&self, user: UserRecord) -> Result<(), StoreError> {
+        self.write(move |c| {
+            let grants = serde_json::to_string(&user.grants).unwrap_or_else(|_| "[]".into());
+            c.execute(
+                "INSERT OR REPLACE INTO users (name, password_hash, primary_instance, grants) VALUES (?1, ?2, ?3, ?4)",
+                params![user.name, user.password_hash, user.primary_instance, grants],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn user(&self, name: &str) -> Result<Option<UserRecord>, StoreError> {
+        let name = name.to_owned();
+        self.read(move |c| {
+            c.query_row(
+                "SELECT name, password_hash, primary_instance, grants FROM users WHERE name = ?1",
+                [name],
+                |r| {
+                    let grants: String = r.get(3)?;
+                    Ok(UserRecord {
+                        name: r.get(0)?,
+                        password_hash: r.get(1)?,
+                        primary_instance: r.get(2)?,
+                        grants: serde_json::from_str::<Vec<(String, Role)>>(&grants)
+                            .unwrap_or_default(),
+                    })
+                },
+            )
+            .optional()
+        })
+        .await
+    }
+
+    async fn has_users(&self) -> Result<bool, StoreError> {
+        self.read(|c| c.query_row("SELECT EXISTS (SELECT 1 FROM users)", [], |r| r.get(0)))
+            .await
+    }
+
+    async fn put_api_key(&self, key_hash: &str, user: &str, label: &str) -> Result<(), StoreError> {
+        let (h, u, l) = (key_hash.to_owned(), user.to_owned(), label.to_owned());
+        self.write(move |c| {
+            c.execute(
+                "INSERT INTO api_keys (key_hash, user, label) VALUES (?1, ?2, ?3)",
+                params![h, u, l],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn api_key_user(&self, key_hash: &str) -> Result<Option<String>, StoreError> {
+        let h = key_hash.to_owned();
+        self.read(move |c| {
+            c.query_row("SELECT user FROM api_keys WHERE key_hash = ?1", [h], |r| {
+                r.get(0)
+            })
+            .optional()
+        })
+        .await
+    }
+
+    async fn put_token(
+        &self,
+        token_hash: &str,
+        user: &str,
+        expires: DateTime<FixedOffset>,
+    ) -> Result<(), StoreError> {
+        let (h, u) = (token_hash.to_owned(), user.to_owned());
+        self.write(move |c| {
+            c.execute(
+                "INSERT OR REPLACE INTO tokens (token_hash, user, expires_at) VALUES (?1, ?2, ?3)",
+                params![h, u, now_text(&expires)],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn token_user(
+        &self,
+        token_hash: &str,
+        now: DateTime<FixedOffset>,
+    ) -> Result<Option<String>, StoreError> {
+        let h = token_hash.to_owned();
+        self.read(move |c| {
+            let row: Option<(String, String)> = c
+                .query_row(
+                    "SELECT user, expires_at FROM tokens WHERE token_hash = ?1",
+                    [h],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()?;
+            Ok(row.and_then(|(u, exp)| (parse_time(&exp) > now).then_some(u)))
+        })
+        .await
+    }
+}
