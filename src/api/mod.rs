@@ -41,6 +41,7 @@ pub fn app(
 > + Clone
 + Send
 + 'static {
+    metrics_handle();
     let router = Router::new()
         .route("/v1/executejobasync", post(execute_job_async))
         .route("/v1/executejob", post(execute_job))

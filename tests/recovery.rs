@@ -1,0 +1,194 @@
+//! A run accepted by `tidepool serve` survives `kill -9`: the run that was going
+//! is marked Failed (and its webhook sent), queued runs execute after restart.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::Fixture;
+use serde_json::{Value, json};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn serve(f: &Fixture, port: u16) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_tidepool"))
+        .args([
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--workers",
+            "1",
+        ])
+        .arg("--data-dir")
+        .arg(&f.data)
+        .arg("--projects")
+        .arg(&f.projects)
+        .env("TIDEPOOL_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start tidepool serve")
+}
+
+async fn wait_up(client: &reqwest::Client, base: &str) {
+    for _ in 0..200 {
+        if client.get(format!("{base}/healthz")).send().await.is_ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("server did not come up");
+}
+
+async fn results(client: &reqwest::Client, base: &str, id: &str) -> Value {
+    client
+        .get(format!("{base}/v1/Results/{id}"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_loses_nothing() {
+    let f = Fixture::new();
+    // A job slow enough to be caught running: many rows, tiny batches.
+    let mut csv = String::from("id,name\n");
+    for i in 1..=400_000 {
+        csv.push_str(&format!("{i},n{i}\n"));
+    }
+    f.project(
+        "slow",
+        "[connections.src]\nkind = \"csv\"\npath = \"in.csv\"\n[connections.db]\nkind = \"sqlite\"\npath = \"${DATA_DIR}/slow.sqlite\"\ninit_sql = [\"CREATE TABLE IF NOT EXISTS t(id INTEGER PRIMARY KEY, name TEXT)\"]\n",
+        &[(
+            "load",
+            "batch_size = 10\n[origin]\nconnection = \"src\"\n[destination]\nconnection = \"db\"\n[[stages]]\ntable = \"t\"\naction = \"update/insert\"\nfields = [{ column = \"id\", origin = \"id\", match = true }, { column = \"name\", origin = \"name\" }]\n",
+        )],
+    );
+    f.write("projects/slow/in.csv", csv);
+    let src = common::repo_projects().join("demo");
+    for rel in [
+        "project.toml",
+        "jobs/contacts.toml",
+        "jobs/countries.toml",
+        "data/contacts.csv",
+    ] {
+        f.write(
+            &format!("projects/demo/{rel}"),
+            std::fs::read(src.join(rel)).unwrap(),
+        );
+    }
+
+    // A webhook receiver that records what it gets.
+    let got: Arc<Mutex<Vec<Value>>> = Arc::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hook = format!("http://{}/hook", listener.local_addr().unwrap());
+    let sink = got.clone();
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |body: String| {
+            let sink = sink.clone();
+            async move {
+                sink.lock()
+                    .unwrap()
+                    .push(serde_json::from_str(&body).unwrap());
+                axum::http::StatusCode::OK
+            }
+        }),
+    );
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let port = free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let client = reqwest::Client::new();
+    let mut server = serve(&f, port);
+    wait_up(&client, &base).await;
+
+    let slow = uuid::Uuid::new_v4().to_string();
+    let queued = uuid::Uuid::new_v4().to_string();
+    for body in [
+        json!({"runID": slow, "projectID": "slow", "jobID": "load", "webHookURL": hook}),
+        json!({"runID": queued, "projectID": "demo", "jobID": "contacts"}),
+    ] {
+        let r: Value = client
+            .post(format!("{base}/v1/ExecuteJobAsync"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(r["started"], true, "{r}");
+    }
+    // Wait until the slow run is going and has counted rows.
+    let mut live = Value::Null;
+    for _ in 0..400 {
+        live = results(&client, &base, &slow).await;
+        if live[0]["status"] == "Running" && live[0]["totalRows"].as_u64().unwrap_or(0) > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(live[0]["status"], "Running", "{live}");
+    assert_eq!(
+        results(&client, &base, &queued).await[0]["status"],
+        "Queued"
+    );
+
+    server.kill().unwrap(); // SIGKILL
+    server.wait().unwrap();
+
+    let mut server = serve(&f, port);
+    wait_up(&client, &base).await;
+    let after = results(&client, &base, &slow).await;
+    assert_eq!(after[0]["status"], "Failed", "{after}");
+    let detail: Value = client
+        .get(format!("{base}/v1/Runs/{slow}"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        detail["error"].as_str().unwrap().contains("interrupted"),
+        "{detail}"
+    );
+
+    // The queued run executes after the restart, exactly once.
+    let mut done = Value::Null;
+    for _ in 0..400 {
+        done = results(&client, &base, &queued).await;
+        if done[0]["status"] == "Complete" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(done[0]["status"], "Complete", "{done}");
+    assert_eq!(done[0]["inserts"], 997);
+
+    // The interrupted run's webhook arrives, saying Failed.
+    for _ in 0..200 {
+        if !got.lock().unwrap().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let hooks = got.lock().unwrap().clone();
+    assert_eq!(hooks.len(), 1, "{hooks:?}");
+    assert_eq!(hooks[0]["runID"], slow);
+    assert_eq!(hooks[0]["status"], "Failed");
+    server.kill().unwrap();
+    let _ = server.wait();
+}
