@@ -698,8 +698,13 @@ async fn project(
 
 async fn healthz(State(svc): State<Arc<Service>>) -> Response {
     match svc.store.queued_count().await {
-        Ok(q) => axum::Json(json!({"status": "ok", "queued": q, "stopping": svc.is_stopping()}))
-            .into_response(),
+        Ok(q) => axum::Json(json!({
+            "status": "ok",
+            "queued": q,
+            "running": svc.running_count(),
+            "stopping": svc.is_stopping(),
+        }))
+        .into_response(),
         Err(e) => (
             StatusCode::SERVICE_UNAVAILABLE,
             axum::Json(json!({"status": "unavailable", "error": e.to_string()})),

@@ -464,11 +464,14 @@ impl ExecJobRequest {
         })
     }
 
-    /// The canonical text two requests are compared by (same runID, same run?).
+    /// What two requests are compared by (same runID, same run?): the SHA-256
+    /// of the canonical JSON of the parameters.
     pub fn fingerprint(&self) -> String {
+        use sha2::Digest;
         let mut c = self.clone();
         c.instance = None;
-        serde_json::to_string(&c).unwrap_or_default()
+        let json = serde_json::to_vec(&c).unwrap_or_default();
+        hex::encode(sha2::Sha256::digest(&json))
     }
 }
 

@@ -76,7 +76,11 @@ impl FileTarget {
                     .file_name()
                     .map(|n| n.to_string_lossy().into_owned())
                     .unwrap_or_default();
-                let tmp = path.with_file_name(format!(".{name}.tidepool-tmp"));
+                // Unique per writer, so two runs of one job never share a temporary file.
+                let tmp = path.with_file_name(format!(
+                    ".{name}.{}.tidepool-tmp",
+                    uuid::Uuid::new_v4().simple()
+                ));
                 let f = File::create(&tmp).map_err(open_err)?;
                 Ok(FileTarget {
                     writer: Box::new(BufWriter::with_capacity(256 * 1024, f)),

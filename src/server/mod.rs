@@ -92,7 +92,8 @@ impl Service {
 
     /// Starts the run workers and the webhook sender.
     pub fn start(self: &Arc<Self>) {
-        for _ in 0..self.config.workers.max(1) {
+        // workers = 0 makes an accept-only node: runs wait for another node (or a restart).
+        for _ in 0..self.config.workers {
             tokio::spawn(self.clone().worker());
         }
         tokio::spawn(webhook::deliver_loop(self.clone()));
@@ -106,6 +107,11 @@ impl Service {
     /// Runs waiting to execute.
     pub fn queue_depth(&self) -> u64 {
         self.queued.load(Ordering::Relaxed)
+    }
+
+    /// Runs executing on this node now.
+    pub fn running_count(&self) -> usize {
+        self.running.lock().expect("running lock").len()
     }
 
     /// Whether shutdown has begun.

@@ -19,7 +19,9 @@ use super::{
 use crate::engine::RunStatus;
 
 type Reply = Box<dyn FnOnce(Result<(), String>) + Send>;
-type Op = Box<dyn FnOnce(&Connection) -> (bool, Reply) + Send>;
+/// A write, and whether it needs a savepoint of its own (several statements
+/// that must land together; a lone statement is atomic already).
+type Op = (bool, Box<dyn FnOnce(&Connection) -> (bool, Reply) + Send>);
 
 /// Writes that one transaction may hold.
 const GROUP_MAX: usize = 2048;
@@ -84,6 +86,7 @@ CREATE TABLE IF NOT EXISTS tokens (
 
 /// The embedded SQLite store.
 pub struct SqliteStore {
+    _alive: Arc<()>,
     writer: crossbeam_channel::Sender<Op>,
     readers: Arc<Mutex<Vec<Connection>>>,
     path: PathBuf,
@@ -119,36 +122,75 @@ impl SqliteStore {
         conn.execute_batch("PRAGMA synchronous=FULL")
             .map_err(db_err)?;
         conn.execute_batch(SCHEMA).map_err(db_err)?;
+        // Checkpoints run on their own thread so the writer never stalls on
+        // copying the log into the database (and the fsync that follows).
+        conn.execute_batch("PRAGMA wal_autocheckpoint=0")
+            .map_err(db_err)?;
+        let checkpointer = open_conn(path, true).map_err(db_err)?;
         let (tx, rx) = crossbeam_channel::unbounded::<Op>();
+        let alive = Arc::new(());
+        let weak = Arc::downgrade(&alive);
+        std::thread::Builder::new()
+            .name("tidepool-checkpoint".into())
+            .spawn(move || {
+                // Ends when the store is dropped.
+                while weak.upgrade().is_some() {
+                    std::thread::sleep(std::time::Duration::from_millis(500));
+                    let _ =
+                        checkpointer.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
+                }
+            })
+            .map_err(db_err)?;
         std::thread::Builder::new()
             .name("tidepool-store".into())
             .spawn(move || writer_loop(conn, rx))
             .map_err(db_err)?;
         Ok(SqliteStore {
+            _alive: alive,
             writer: tx,
             readers: Arc::new(Mutex::new(Vec::new())),
             path: path.to_owned(),
         })
     }
 
+    /// A write of several statements that land together or not at all.
     async fn write<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
     ) -> Result<T, StoreError> {
+        self.write_op(true, f).await
+    }
+
+    /// A write whose one changing statement is atomic by itself.
+    async fn write_one<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        self.write_op(false, f).await
+    }
+
+    async fn write_op<T: Send + 'static>(
+        &self,
+        savepoint: bool,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    ) -> Result<T, StoreError> {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let op: Op = Box::new(move |conn| {
-            let r = f(conn);
-            let ok = r.is_ok();
-            let reply: Reply = Box::new(move |commit| {
-                let out = match (r, commit) {
-                    (Ok(v), Ok(())) => Ok(v),
-                    (Err(e), _) => Err(db_err(e)),
-                    (Ok(_), Err(e)) => Err(StoreError::Database(e)),
-                };
-                let _ = tx.send(out);
-            });
-            (ok, reply)
-        });
+        let op: Op = (
+            savepoint,
+            Box::new(move |conn| {
+                let r = f(conn);
+                let ok = r.is_ok();
+                let reply: Reply = Box::new(move |commit| {
+                    let out = match (r, commit) {
+                        (Ok(v), Ok(())) => Ok(v),
+                        (Err(e), _) => Err(db_err(e)),
+                        (Ok(_), Err(e)) => Err(StoreError::Database(e)),
+                    };
+                    let _ = tx.send(out);
+                });
+                (ok, reply)
+            }),
+        );
         self.writer.send(op).map_err(|_| StoreError::Closed)?;
         rx.await.map_err(|_| StoreError::Closed)?
     }
@@ -189,22 +231,26 @@ fn writer_loop(conn: Connection, rx: crossbeam_channel::Receiver<Op>) {
         if conn.execute_batch("BEGIN IMMEDIATE").is_err() {
             // No transaction to be had (the file is locked or failing): each
             // write runs on its own and answers with its own outcome.
-            for op in ops {
+            for (_, op) in ops {
                 let (_, reply) = op(&conn);
                 reply(Ok(()));
             }
             continue;
         }
         let mut replies = Vec::with_capacity(ops.len());
-        for op in ops {
-            // Each write in its own savepoint: one that fails leaves the others.
-            let _ = conn.execute_batch("SAVEPOINT op");
+        for (savepoint, op) in ops {
+            // A write of several statements gets its own savepoint: one that
+            // fails halfway leaves nothing behind, and the others land.
+            if savepoint {
+                let _ = exec_cached(&conn, "SAVEPOINT op");
+            }
             let (ok, reply) = op(&conn);
-            let _ = conn.execute_batch(if ok {
-                "RELEASE op"
-            } else {
-                "ROLLBACK TO op; RELEASE op"
-            });
+            if savepoint {
+                if !ok {
+                    let _ = exec_cached(&conn, "ROLLBACK TO op");
+                }
+                let _ = exec_cached(&conn, "RELEASE op");
+            }
             replies.push(reply);
         }
         let commit = conn.execute_batch("COMMIT").map_err(|e| e.to_string());
@@ -215,6 +261,11 @@ fn writer_loop(conn: Connection, rx: crossbeam_channel::Receiver<Op>) {
             reply(commit.clone());
         }
     }
+}
+
+/// Runs a statement kept prepared (the writer runs these for every write).
+fn exec_cached(conn: &Connection, sql: &str) -> rusqlite::Result<usize> {
+    conn.prepare_cached(sql)?.execute([])
 }
 
 fn now_text(t: &DateTime<FixedOffset>) -> String {
@@ -259,26 +310,14 @@ fn run_row(r: &rusqlite::Row) -> rusqlite::Result<RunRecord> {
 #[async_trait]
 impl Store for SqliteStore {
     async fn submit(&self, run: NewRun) -> Result<Submitted, StoreError> {
-        self.write(move |c| {
-            let existing: Option<String> = c
-                .query_row(
-                    "SELECT fingerprint FROM runs WHERE instance = ?1 AND run_id = ?2",
-                    params![run.key.instance, run.key.run_id.to_string()],
-                    |r| r.get(0),
-                )
-                .optional()?;
-            if let Some(fp) = existing {
-                return Ok(if fp == run.fingerprint {
-                    Submitted::Duplicate
-                } else {
-                    Submitted::Conflict
-                });
-            }
-            c.prepare_cached(
-                "INSERT INTO runs (instance, run_id, project_id, job_id, request, fingerprint, webhook_url, status, accepted_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'Queued', ?8)",
-            )?
-            .execute(params![
+        self.write_one(move |c| {
+            let inserted = c
+                .prepare_cached(
+                    "INSERT INTO runs (instance, run_id, project_id, job_id, request, fingerprint, webhook_url, status, accepted_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'Queued', ?8)
+                     ON CONFLICT (instance, run_id) DO NOTHING",
+                )?
+                .execute(params![
                 run.key.instance,
                 run.key.run_id.to_string(),
                 run.project_id,
@@ -286,9 +325,19 @@ impl Store for SqliteStore {
                 run.request_json,
                 run.fingerprint,
                 run.webhook_url,
-                now_text(&run.accepted_at),
-            ])?;
-            Ok(Submitted::Accepted)
+                    now_text(&run.accepted_at),
+                ])?;
+            if inserted == 1 {
+                return Ok(Submitted::Accepted);
+            }
+            let fp: String = c
+                .prepare_cached("SELECT fingerprint FROM runs WHERE instance = ?1 AND run_id = ?2")?
+                .query_row(params![run.key.instance, run.key.run_id.to_string()], |r| r.get(0))?;
+            Ok(if fp == run.fingerprint {
+                Submitted::Duplicate
+            } else {
+                Submitted::Conflict
+            })
         })
         .await
     }
@@ -321,7 +370,7 @@ impl Store for SqliteStore {
 
     async fn save_progress(&self, key: &RunKey, results_json: &str) -> Result<(), StoreError> {
         let (k, r) = (key.clone(), results_json.to_owned());
-        self.write(move |c| {
+        self.write_one(move |c| {
             c.execute(
                 "UPDATE runs SET results = ?3 WHERE instance = ?1 AND run_id = ?2 AND status = 'Running'",
                 params![k.instance, k.run_id.to_string(), r],
