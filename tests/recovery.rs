@@ -192,3 +192,104 @@ async fn kill_9_loses_nothing() {
     server.kill().unwrap();
     let _ = server.wait();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_keys_and_sigterm_through_the_binary() {
+    let f = Fixture::new();
+    let src = common::repo_projects().join("demo");
+    for rel in [
+        "project.toml",
+        "jobs/contacts.toml",
+        "jobs/countries.toml",
+        "data/contacts.csv",
+    ] {
+        f.write(
+            &format!("projects/demo/{rel}"),
+            std::fs::read(src.join(rel)).unwrap(),
+        );
+    }
+    let tp = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_tidepool"))
+            .args(args)
+            .arg("--data-dir")
+            .arg(&f.data)
+            .env("TIDEPOOL_PASSWORD", "correct horse battery")
+            .output()
+            .unwrap()
+    };
+    // Without users, a non-loopback address is refused.
+    let port = free_port();
+    let out = Command::new(env!("CARGO_BIN_EXE_tidepool"))
+        .args([
+            "serve",
+            "--listen",
+            &format!("0.0.0.0:{port}"),
+            "--data-dir",
+        ])
+        .arg(&f.data)
+        .arg("--projects")
+        .arg(&f.projects)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no users are configured"));
+
+    let out = tp(&["user", "add", "ann", "--instance", "default:Owner"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = tp(&["key", "create", "ann", "--label", "ci"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let key = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert!(key.starts_with("tpk_") && key.len() > 60, "{key}");
+    assert_eq!(tp(&["key", "create", "nobody"]).status.code(), Some(2));
+
+    let base = format!("http://127.0.0.1:{port}");
+    let client = reqwest::Client::new();
+    let mut server = serve(&f, port);
+    wait_up(&client, &base).await;
+    let body = json!({"runID": uuid::Uuid::new_v4().to_string(), "projectID": "demo", "jobID": "contacts"});
+    let r = client
+        .post(format!("{base}/v1/ExecuteJobAsync"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let r = client
+        .post(format!("{base}/v1/ExecuteJobAsync"))
+        .header("x-api-key", &key)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let tok: Value = client
+        .post(format!("{base}/token"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("grant_type=password&username=ann&password=correct+horse+battery")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(tok["token_type"], "bearer");
+
+    // SIGTERM: a clean stop.
+    let killed = Command::new("kill")
+        .args(["-TERM", &server.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let status = tokio::task::spawn_blocking(move || server.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+}

@@ -21,6 +21,7 @@ use axum::routing::{get, post};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde_json::json;
 
+use crate::engine::RunStatus;
 use crate::project::Project;
 use crate::server::{Service, SubmitError};
 use crate::store::{Role, RunKey, RunRecord, Submitted};
@@ -324,6 +325,13 @@ fn results_of(rec: &RunRecord) -> Vec<ResultsResponse> {
         .as_deref()
         .and_then(|j| serde_json::from_str(j).ok())
         .unwrap_or_default();
+    // Until the run's end is recorded it is going: a job that just completed
+    // may still be followed by the next of its chain.
+    if rec.status == RunStatus::Running
+        && let Some(last) = out.last_mut()
+    {
+        last.status = RunStatus::Running;
+    }
     if out.is_empty() {
         out.push(ResultsResponse::new(
             &rec.key.run_id.to_string(),
