@@ -854,6 +854,24 @@ async fn health_metrics_and_unknown_paths() {
         "{m}"
     );
     assert!(m.contains("tidepool_queue_depth"), "{m}");
+    let spec = a
+        .call("GET", "/openapi.json", &[], Body::empty())
+        .await
+        .json();
+    assert!(
+        spec["paths"]["/v1/ExecuteJobAsync"]["post"].is_object(),
+        "{spec}"
+    );
+    let schemas = &spec["components"]["schemas"];
+    for name in [
+        "execJobAsyncRequest",
+        "execJobAsyncResponse",
+        "resultsResponse",
+        "execJobResponse",
+    ] {
+        assert!(schemas[name].is_object(), "{name} missing from {schemas}");
+    }
+    assert!(schemas["execJobAsyncRequest"]["properties"]["runID"].is_object());
     let r = a.call("GET", "/v2/nothing", &[], Body::empty()).await;
     assert_eq!(r.status, StatusCode::NOT_FOUND);
 }

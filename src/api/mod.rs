@@ -55,6 +55,7 @@ pub fn app(
         .route("/v1/projects/{id}", get(project))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics_text))
+        .route("/openapi.json", get(openapi))
         .fallback(not_found)
         .layer(middleware::from_fn(observe))
         .with_state(svc);
@@ -261,6 +262,20 @@ async fn accept(
     }
 }
 
+/// Starts a run and answers at once.
+#[utoipa::path(post, path = "/v1/ExecuteJobAsync", tag = "v1",
+    request_body(content = ExecJobRequest, description = "JSON, XML (DataContract) or form", content_type = "application/json"),
+    responses(
+        (status = 200, description = "recorded durably; it will run", body = ExecJobAsyncResponse),
+        (status = 400, description = "a field breaks its rule, or the body does not parse", body = ExecJobAsyncResponse),
+        (status = 401, description = "missing or bad credentials", body = ExecJobAsyncResponse),
+        (status = 403, description = "read-only role", body = ExecJobAsyncResponse),
+        (status = 404, description = "unknown project or job", body = ExecJobAsyncResponse),
+        (status = 409, description = "the runID was used with other parameters", body = ExecJobAsyncResponse),
+        (status = 413, description = "the body is too large", body = ExecJobAsyncResponse),
+        (status = 415, description = "unsupported media type", body = ExecJobAsyncResponse),
+        (status = 503, description = "the queue is full; see Retry-After", body = ExecJobAsyncResponse),
+    ))]
 async fn execute_job_async(
     State(svc): State<Arc<Service>>,
     headers: HeaderMap,
@@ -281,6 +296,10 @@ async fn execute_job_async(
     }
 }
 
+/// Runs a job and answers when the run (and its chain) ends.
+#[utoipa::path(post, path = "/v1/ExecuteJob", tag = "v1",
+    request_body(content = ExecJobRequest, content_type = "application/json"),
+    responses((status = 200, body = ExecJobResponse), (status = 400, body = ExecJobAsyncResponse)))]
 async fn execute_job(State(svc): State<Arc<Service>>, headers: HeaderMap, body: Body) -> Reply {
     let format = wire::answer_format(&headers);
     let key = match accept(&svc, &headers, body, false).await {
@@ -370,6 +389,10 @@ async fn lookup(
         .flatten()
 }
 
+/// The per-job results of a run (live while it runs).
+#[utoipa::path(get, path = "/v1/Results/{id}", tag = "v1",
+    params(("id" = String, Path, description = "the runID")),
+    responses((status = 200, body = Vec<ResultsResponse>), (status = 404, description = "unknown run: []", body = Vec<ResultsResponse>)))]
 async fn results(
     State(svc): State<Arc<Service>>,
     headers: HeaderMap,
@@ -388,6 +411,10 @@ async fn results(
     }
 }
 
+/// The full answer of a run, with its log and webhook attempts.
+#[utoipa::path(get, path = "/v1/Runs/{id}", tag = "tidepool",
+    params(("id" = String, Path, description = "the runID")),
+    responses((status = 200, body = ExecJobResponse), (status = 404, body = ExecJobAsyncResponse)))]
 async fn run_detail(
     State(svc): State<Arc<Service>>,
     headers: HeaderMap,
@@ -435,6 +462,10 @@ async fn run_detail(
     Reply::one(StatusCode::OK, format, &resp).into_response()
 }
 
+/// Cancels a run: a queued one at once, a running one between batches.
+#[utoipa::path(post, path = "/v1/Runs/{id}/cancel", tag = "tidepool",
+    params(("id" = String, Path, description = "the runID")),
+    responses((status = 202, description = "{runID, status}"), (status = 404, body = ExecJobAsyncResponse)))]
 async fn cancel(
     State(svc): State<Arc<Service>>,
     headers: HeaderMap,
@@ -477,6 +508,11 @@ async fn cancel(
     }
 }
 
+/// Runs a job with the raw body as its argument; the server makes the runID.
+#[utoipa::path(post, path = "/v1/Webhook", tag = "v1",
+    params(("projectid" = String, Query), ("jobid" = String, Query), ("instance" = Option<String>, Query)),
+    request_body(content = String, description = "any text: the job argument"),
+    responses((status = 200, body = ExecJobAsyncResponse), (status = 400, body = ExecJobAsyncResponse)))]
 async fn webhook(
     State(svc): State<Arc<Service>>,
     headers: HeaderMap,
@@ -570,6 +606,9 @@ fn oauth_error(status: StatusCode, error: &str, description: &str) -> Response {
 }
 
 /// `POST /token`: the OAuth2 password grant.
+#[utoipa::path(post, path = "/token", tag = "v1",
+    request_body(content = String, description = "grant_type=password&username=…&password=…", content_type = "application/x-www-form-urlencoded"),
+    responses((status = 200, description = "{access_token, token_type: bearer, expires_in}"), (status = 400, description = "{error, error_description}")))]
 async fn token(State(svc): State<Arc<Service>>, body: Body) -> Response {
     let Ok(bytes) = read_body(&svc, body).await else {
         return oauth_error(
@@ -665,6 +704,8 @@ fn project_json(p: &Project) -> serde_json::Value {
     })
 }
 
+/// The caller's projects and their jobs.
+#[utoipa::path(get, path = "/v1/Projects", tag = "tidepool", responses((status = 200, description = "[{projectID, name, instance, jobs}]")))]
 async fn projects(State(svc): State<Arc<Service>>, headers: HeaderMap) -> Response {
     let caller = match auth::authenticate(&svc, &headers).await {
         Ok(c) => c,
@@ -704,6 +745,8 @@ async fn project(
     }
 }
 
+/// Liveness and queue depth.
+#[utoipa::path(get, path = "/healthz", tag = "tidepool", responses((status = 200, description = "{status, queued, running}")))]
 async fn healthz(State(svc): State<Arc<Service>>) -> Response {
     match svc.store.queued_count().await {
         Ok(q) => axum::Json(json!({
@@ -728,6 +771,40 @@ async fn metrics_text(State(svc): State<Arc<Service>>) -> Response {
         metrics_handle().render(),
     )
         .into_response()
+}
+
+/// The OpenAPI description of this API, generated from the wire types.
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(
+        title = "tidepool",
+        description = "The Starfish ETL v1 job API, and tidepool's additions"
+    ),
+    paths(
+        execute_job_async,
+        execute_job,
+        results,
+        webhook,
+        token,
+        run_detail,
+        cancel,
+        projects,
+        healthz
+    ),
+    components(schemas(
+        ExecJobRequest,
+        ExecJobAsyncResponse,
+        ExecJobResponse,
+        ResultsResponse,
+        wire::LogLine,
+        WebhookAttemptLine,
+        RunStatus
+    ))
+)]
+pub struct ApiDoc;
+
+async fn openapi() -> Response {
+    axum::Json(<ApiDoc as utoipa::OpenApi>::openapi()).into_response()
 }
 
 async fn not_found(headers: HeaderMap) -> Reply {

@@ -278,7 +278,8 @@ fn is_nil(e: &quick_xml::events::BytesStart) -> bool {
 }
 
 /// The fields of `execJobAsyncRequest` / `execJobRequest`, checked.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[schema(as = execJobAsyncRequest)]
 #[serde(rename_all = "camelCase")]
 pub struct ExecJobRequest {
     /// The caller's GUID for the run, lower-cased.
@@ -296,11 +297,14 @@ pub struct ExecJobRequest {
     pub logging_level: u8,
     /// The job argument.
     pub argument: String,
-    /// 1-based.
+    /// 1-based; a positive integer in a string (a number is accepted too).
+    #[schema(value_type = Option<String>, example = "1")]
     pub begin_at_row: u64,
-    /// Inclusive.
+    /// Inclusive; a positive integer in a string.
+    #[schema(value_type = Option<String>)]
     pub end_after_row: Option<u64>,
-    /// Writers.
+    /// Writers; a positive integer in a string.
+    #[schema(value_type = Option<String>, example = "1")]
     pub thread_count: usize,
     /// Where the result is POSTed.
     #[serde(rename = "webHookURL")]
@@ -505,7 +509,8 @@ pub fn datetime(t: &DateTime<FixedOffset>) -> String {
 }
 
 /// `execJobAsyncResponse`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
+#[schema(as = execJobAsyncResponse)]
 pub struct ExecJobAsyncResponse {
     /// The run's ID as the caller sent it (empty if it could not be read).
     #[serde(rename = "runID")]
@@ -517,7 +522,8 @@ pub struct ExecJobAsyncResponse {
 }
 
 /// `resultsResponse`: one job of a run.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
+#[schema(as = resultsResponse)]
 #[serde(rename_all = "camelCase")]
 pub struct ResultsResponse {
     /// The run.
@@ -588,7 +594,8 @@ impl ResultsResponse {
 }
 
 /// One log line in `execJobResponse`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
+#[schema(as = logEntry)]
 pub struct LogLine {
     /// ISO 8601.
     pub time: String,
@@ -616,7 +623,8 @@ impl From<&LogEntry> for LogLine {
 }
 
 /// One delivery attempt of a completion webhook (tidepool's addition).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
+#[schema(as = webhookAttempt)]
 #[serde(rename_all = "camelCase")]
 pub struct WebhookAttemptLine {
     /// 1-based.
@@ -630,7 +638,8 @@ pub struct WebhookAttemptLine {
 }
 
 /// `execJobResponse`: the answer of ExecuteJob and the body of the webhook.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
+#[schema(as = execJobResponse)]
 #[serde(rename_all = "camelCase")]
 pub struct ExecJobResponse {
     /// The run.

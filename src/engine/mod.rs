@@ -116,7 +116,7 @@ impl RunRequest {
 pub const MAX_THREADS: usize = 64;
 
 /// The state of a run or of one job in it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub enum RunStatus {
     /// Accepted, not started.
     Queued,
