@@ -8,6 +8,7 @@
 pub mod csv;
 pub mod file;
 pub mod json;
+pub mod postgres;
 pub mod sqlite;
 
 use std::collections::BTreeMap;
@@ -30,6 +31,9 @@ pub enum ConnectionConfig {
     Json(json::JsonConfig),
     /// A SQLite database file.
     Sqlite(sqlite::SqliteConfig),
+    /// A PostgreSQL database.
+    #[serde(alias = "postgresql")]
+    Postgres(postgres::PostgresConfig),
 }
 
 impl ConnectionConfig {
@@ -39,6 +43,7 @@ impl ConnectionConfig {
             ConnectionConfig::Csv(c) => c,
             ConnectionConfig::Json(c) => c,
             ConnectionConfig::Sqlite(c) => c,
+            ConnectionConfig::Postgres(c) => c,
         }
     }
 
@@ -92,6 +97,9 @@ pub enum ConnectorError {
     /// Reading or writing failed in a way that ends the batch or the job.
     #[error("{0}")]
     Io(String),
+    /// The connection was lost; the batch may be retried on a new one.
+    #[error("the connection was lost: {0}")]
+    Lost(String),
 }
 
 impl ConnectorError {

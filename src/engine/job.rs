@@ -313,7 +313,29 @@ impl Shared<'_> {
 
     /// One batch in one transaction; on failure, replayed row by row.
     fn process_batch(&self, w: &mut Writer, rows: &mut [RowState]) {
-        if let Err(e) = self.transaction(w, rows) {
+        let mut result = self.transaction(w, rows);
+        let mut attempt = 0;
+        while let Err(ConnectorError::Lost(msg)) = &result {
+            if attempt >= self.job.retry_attempts || self.stopping() {
+                break;
+            }
+            let _ = w.each(&mut |d| d.rollback());
+            let wait = self.job.retry_wait * 2u32.saturating_pow(attempt);
+            attempt += 1;
+            self.log(
+                LogLevel::Medium,
+                None,
+                format!(
+                    "the connection was lost ({msg}); retrying the batch in {:.1}s (attempt {attempt} of {})",
+                    wait.as_secs_f64(),
+                    self.job.retry_attempts
+                ),
+            );
+            std::thread::sleep(wait);
+            rows.iter_mut().for_each(RowState::reset);
+            result = self.transaction(w, rows);
+        }
+        if let Err(e) = result {
             let _ = w.each(&mut |d| d.rollback());
             let (first, last) = (
                 rows.first().map(|r| r.number).unwrap_or(0),

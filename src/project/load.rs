@@ -127,10 +127,22 @@ struct RawJob {
     halt_on_error: bool,
     error_file: Option<Spanned<String>>,
     batch_size: Option<Spanned<usize>>,
+    #[serde(default = "default_retry_attempts")]
+    retry_attempts: u32,
+    #[serde(default = "default_retry_wait_ms")]
+    retry_wait_ms: u64,
     origin: Spanned<RawOrigin>,
     destination: Option<RawDestination>,
     #[serde(default)]
     stages: Vec<Spanned<RawStage>>,
+}
+
+fn default_retry_attempts() -> u32 {
+    3
+}
+
+fn default_retry_wait_ms() -> u64 {
+    1000
 }
 
 #[derive(Deserialize)]
@@ -729,6 +741,8 @@ fn load_job(
         halt_on_error: raw.halt_on_error,
         error_file,
         batch_size,
+        retry_attempts: raw.retry_attempts,
+        retry_wait: std::time::Duration::from_millis(raw.retry_wait_ms),
     };
     Ok((job, raw.next, text))
 }

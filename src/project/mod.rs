@@ -91,6 +91,10 @@ pub struct Job {
     pub error_file: Option<PathBuf>,
     /// Rows per destination transaction.
     pub batch_size: usize,
+    /// Times a batch is tried again when the destination's connection is lost.
+    pub retry_attempts: u32,
+    /// The wait before the first retry; it doubles each time.
+    pub retry_wait: std::time::Duration,
 }
 
 /// Where a job's rows come from.

@@ -1,0 +1,834 @@
+//! PostgreSQL: an origin that streams a query, a destination with all five
+//! stage actions, set-based per batch.
+//!
+//! Inserts go through `COPY … FROM STDIN`. The other actions copy the batch
+//! into a session-local staging table and run one statement per action over
+//! it (`UPDATE … FROM`, `DELETE … USING`, `INSERT … SELECT`), each returning
+//! the staging row numbers it touched, so every row's outcome is exact. Values
+//! travel as text and the server converts them to each column's type, so
+//! numerics stay exact and dates keep their zones; a value that does not fit
+//! its column fails the batch, which the engine then replays row by row.
+
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::time::Duration;
+
+use postgres::fallible_iterator::FallibleIterator;
+use postgres::types::Type;
+use postgres::{Client, NoTls};
+use serde::Deserialize;
+
+use super::{
+    Capabilities, ColumnPlan, Connector, ConnectorError, Destination, DestinationRequest, Flow,
+    Origin, OriginInput, OriginRequest, RowAction, RowRead, StagePlan, WriteResult, bind_tokens,
+};
+use crate::project::StageAction;
+use crate::value::{Row, Value};
+
+/// `kind = "postgres"`: a PostgreSQL database.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresConfig {
+    /// A connection URL, `postgres://user:password@host:port/dbname` (put the
+    /// password in `${ENV}`).
+    pub url: String,
+    /// SQL run each time the connection opens (must be safe to run again).
+    #[serde(default)]
+    pub init_sql: Vec<String>,
+    /// How long to wait for a connection.
+    #[serde(default = "default_connect_secs")]
+    pub connect_timeout_secs: u64,
+}
+
+fn default_connect_secs() -> u64 {
+    10
+}
+
+impl PostgresConfig {
+    fn connect(&self) -> Result<Client, ConnectorError> {
+        let mut cfg: postgres::Config = self.url.parse().map_err(|e| ConnectorError::Open {
+            what: "postgres connection".into(),
+            reason: format!("bad url: {e}"),
+        })?;
+        cfg.connect_timeout(Duration::from_secs(self.connect_timeout_secs));
+        if cfg.get_application_name().is_none() {
+            cfg.application_name("tidepool");
+        }
+        let mut client = cfg.connect(NoTls).map_err(|e| ConnectorError::Open {
+            what: format!("postgres database {}", redact(&self.url)),
+            reason: pg_message(&e),
+        })?;
+        for sql in &self.init_sql {
+            client.batch_execute(sql).map_err(|e| {
+                ConnectorError::Schema(format!("init_sql failed: {}", pg_message(&e)))
+            })?;
+        }
+        Ok(client)
+    }
+}
+
+/// The URL without its password, for messages.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let creds = &url[s + 3..at];
+            match creds.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..s + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// A PostgreSQL error as a person should read it: message, detail, where.
+fn pg_message(e: &postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => {
+            let mut m = db.message().to_owned();
+            if let Some(d) = db.detail() {
+                let _ = write!(m, " ({d})");
+            }
+            if let Some(w) = db.where_() {
+                let _ = write!(m, " [{w}]");
+            }
+            m
+        }
+        None => e.to_string(),
+    }
+}
+
+/// Whether the error means the connection is gone (retry on a new one).
+fn is_lost(e: &postgres::Error) -> bool {
+    if e.is_closed() {
+        return true;
+    }
+    match e.code() {
+        Some(c) => {
+            let c = c.code();
+            c.starts_with("08") || c.starts_with("57P")
+        }
+        None => std::error::Error::source(e).is_some_and(|s| s.is::<std::io::Error>()),
+    }
+}
+
+fn to_connector_error(e: postgres::Error) -> ConnectorError {
+    if is_lost(&e) {
+        ConnectorError::Lost(pg_message(&e))
+    } else {
+        ConnectorError::Io(pg_message(&e))
+    }
+}
+
+impl Connector for PostgresConfig {
+    fn kind(&self) -> &'static str {
+        "postgres"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            actions: &[
+                StageAction::Insert,
+                StageAction::Update,
+                StageAction::Delete,
+                StageAction::UpdateInsert,
+                StageAction::SkipInsert,
+            ],
+            origin: OriginInput::Query,
+            needs_table: true,
+            max_writers: None,
+        }
+    }
+
+    fn open_origin(&self, req: &OriginRequest) -> Result<Box<dyn Origin>, ConnectorError> {
+        let query = req
+            .query
+            .ok_or_else(|| ConnectorError::Schema("a postgres origin needs origin.query".into()))?;
+        let mut client = self.connect()?;
+        let query = query.trim().trim_end_matches(';');
+        let (sql, params) = bind_tokens(query, req.variables, |n| format!("${n}"))
+            .map_err(ConnectorError::Schema)?;
+        let first = client
+            .prepare(&sql)
+            .map_err(|e| ConnectorError::Schema(format!("origin query: {}", pg_message(&e))))?;
+        // Parameters travel as text, cast to what the server expects there.
+        let param_types: Vec<Type> = first.params().to_vec();
+        let sql = if param_types.iter().all(|t| *t == Type::TEXT) {
+            sql
+        } else {
+            bind_tokens(query, req.variables, |n| match param_types.get(n - 1) {
+                Some(t) if *t != Type::TEXT => format!("(${n}::text::{})", t.name()),
+                _ => format!("${n}"),
+            })
+            .map_err(ConnectorError::Schema)?
+            .0
+        };
+        let stmt = client
+            .prepare(&sql)
+            .map_err(|e| ConnectorError::Schema(format!("origin query: {}", pg_message(&e))))?;
+        let columns: Vec<String> = stmt.columns().iter().map(|c| c.name().to_owned()).collect();
+        // Types tidepool does not read natively are read as their text form
+        // (numeric stays exact, timestamps keep their zone).
+        let mut unique = columns.clone();
+        unique.sort();
+        unique.dedup();
+        let wrap =
+            unique.len() == columns.len() && stmt.columns().iter().any(|c| !native(c.type_()));
+        let stmt = if wrap {
+            let list: Vec<String> = stmt
+                .columns()
+                .iter()
+                .map(|c| {
+                    let q = quote_ident(c.name());
+                    if native(c.type_()) {
+                        format!("q.{q}")
+                    } else {
+                        format!("q.{q}::text AS {q}")
+                    }
+                })
+                .collect();
+            let wrapped = format!("SELECT {} FROM ({sql}) AS q", list.join(", "));
+            let s = client
+                .prepare(&wrapped)
+                .map_err(|e| ConnectorError::Schema(format!("origin query: {}", pg_message(&e))))?;
+            s
+        } else {
+            stmt
+        };
+        let params: Vec<Option<String>> = params
+            .iter()
+            .map(|v| match v {
+                Value::Null => None,
+                v => Some(v.to_text()),
+            })
+            .collect();
+        Ok(Box::new(PostgresOrigin {
+            client,
+            stmt,
+            params,
+            columns,
+        }))
+    }
+
+    fn open_destination(
+        &self,
+        req: &DestinationRequest,
+    ) -> Result<Box<dyn Destination>, ConnectorError> {
+        let mut dest = PostgresDestination {
+            config: self.clone(),
+            client: self.connect()?,
+            stages: Vec::new(),
+            plans: req.stages.to_vec(),
+            preview: req.preview,
+        };
+        dest.prepare_session()?;
+        Ok(Box::new(dest))
+    }
+}
+
+fn native(t: &Type) -> bool {
+    matches!(
+        *t,
+        Type::INT2
+            | Type::INT4
+            | Type::INT8
+            | Type::FLOAT4
+            | Type::FLOAT8
+            | Type::BOOL
+            | Type::TEXT
+            | Type::VARCHAR
+            | Type::BPCHAR
+            | Type::NAME
+    )
+}
+
+fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+struct PostgresOrigin {
+    client: Client,
+    stmt: postgres::Statement,
+    params: Vec<Option<String>>,
+    columns: Vec<String>,
+}
+
+fn cell(row: &postgres::Row, i: usize) -> Result<Value, postgres::Error> {
+    let t = row.columns()[i].type_().clone();
+    Ok(match t {
+        Type::INT2 => row
+            .try_get::<_, Option<i16>>(i)?
+            .map(|v| Value::Int(v as i64)),
+        Type::INT4 => row
+            .try_get::<_, Option<i32>>(i)?
+            .map(|v| Value::Int(v as i64)),
+        Type::INT8 => row.try_get::<_, Option<i64>>(i)?.map(Value::Int),
+        Type::FLOAT4 => row
+            .try_get::<_, Option<f32>>(i)?
+            .map(|v| Value::Float(v as f64)),
+        Type::FLOAT8 => row.try_get::<_, Option<f64>>(i)?.map(Value::Float),
+        Type::BOOL => row.try_get::<_, Option<bool>>(i)?.map(Value::Bool),
+        _ => row.try_get::<_, Option<String>>(i)?.map(Value::Text),
+    }
+    .unwrap_or(Value::Null))
+}
+
+impl Origin for PostgresOrigin {
+    fn columns(&self) -> &[String] {
+        &self.columns
+    }
+
+    fn read(&mut self, sink: &mut dyn FnMut(RowRead) -> Flow) -> Result<(), ConnectorError> {
+        let mut rows = self
+            .client
+            .query_raw(&self.stmt, self.params.iter())
+            .map_err(to_connector_error)?;
+        let n = self.columns.len();
+        while let Some(row) = rows.next().map_err(to_connector_error)? {
+            let mut values = Vec::with_capacity(n);
+            let mut bad = None;
+            for i in 0..n {
+                match cell(&row, i) {
+                    Ok(v) => values.push(v),
+                    Err(e) => {
+                        bad = Some(format!(
+                            "column {:?} cannot be read ({e}); cast it to text in the query",
+                            self.columns[i]
+                        ));
+                        break;
+                    }
+                }
+            }
+            let read = match bad {
+                Some(e) => Err(e),
+                None => Ok(Row::from_values(values)),
+            };
+            if sink(read) == Flow::Stop {
+                break;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A destination column: its real name and its type as SQL (`numeric(10,2)`).
+#[derive(Debug, Clone)]
+struct Column {
+    name: String,
+    sql_type: String,
+    /// Blank text is NULL here (every type but the text ones).
+    blank_is_null: bool,
+}
+
+/// One stage's SQL, built when the connection opens.
+struct StageSql {
+    plan: StagePlan,
+    table: String,
+    staging: String,
+    columns: Vec<Column>,
+    insert_cols: Vec<usize>,
+    set_cols: Vec<usize>,
+    match_cols: Vec<usize>,
+}
+
+impl StageSql {
+    fn new(client: &mut Client, plan: &StagePlan, index: usize) -> Result<Self, ConnectorError> {
+        let table = plan
+            .table
+            .clone()
+            .ok_or_else(|| ConnectorError::Schema(format!("stage {:?} has no table", plan.name)))?;
+        let found = client
+            .query_opt("SELECT to_regclass($1::text)::text", &[&table])
+            .map_err(to_connector_error)?;
+        let qualified: Option<String> = found.and_then(|r| r.get(0));
+        let Some(qualified) = qualified else {
+            return Err(ConnectorError::Schema(format!(
+                "table {table:?} does not exist (stage {:?}); create it, or add init_sql to the connection",
+                plan.name
+            )));
+        };
+        let existing: Vec<(String, String)> = client
+            .query(
+                "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod)
+                 FROM pg_attribute a
+                 WHERE a.attrelid = $1::text::regclass AND a.attnum > 0 AND NOT a.attisdropped
+                 ORDER BY a.attnum",
+                &[&qualified],
+            )
+            .map_err(to_connector_error)?
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        let mut columns = Vec::new();
+        for c in &plan.columns {
+            let Some((name, ty)) = existing.iter().find(|(n, _)| n == &c.name).or_else(|| {
+                existing
+                    .iter()
+                    .find(|(n, _)| n.eq_ignore_ascii_case(&c.name))
+            }) else {
+                return Err(ConnectorError::Schema(format!(
+                    "table {table:?} has no column {:?} (stage {:?}); it has: {}",
+                    c.name,
+                    plan.name,
+                    existing
+                        .iter()
+                        .map(|(n, _)| n.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )));
+            };
+            let text_like = ["text", "character", "name", "citext"]
+                .iter()
+                .any(|t| ty.starts_with(t));
+            columns.push(Column {
+                name: name.clone(),
+                sql_type: ty.clone(),
+                blank_is_null: !text_like,
+            });
+        }
+        let pick = |f: &dyn Fn(&ColumnPlan) -> bool| -> Vec<usize> {
+            plan.columns
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| f(c))
+                .map(|(i, _)| i)
+                .collect()
+        };
+        Ok(StageSql {
+            plan: plan.clone(),
+            table: qualified,
+            staging: format!("tidepool_stage_{index}"),
+            insert_cols: pick(&|c| !c.update_only),
+            set_cols: pick(&|c| !c.is_match && !c.insert_only),
+            match_cols: pick(&|c| c.is_match),
+            columns,
+        })
+    }
+
+    fn col(&self, i: usize) -> String {
+        quote_ident(&self.columns[i].name)
+    }
+
+    /// The staging value of plan column `i`, converted to the column's type.
+    fn val(&self, i: usize) -> String {
+        format!("s.v{i}::{}", self.columns[i].sql_type)
+    }
+
+    fn matches(&self) -> String {
+        self.match_cols
+            .iter()
+            .map(|&i| format!("t.{} = {}", self.col(i), self.val(i)))
+            .collect::<Vec<_>>()
+            .join(" AND ")
+    }
+
+    fn set_value(&self, i: usize) -> String {
+        if self.plan.omit_blank {
+            format!(
+                "CASE WHEN s.v{i} IS NULL OR btrim(s.v{i}) = '' THEN t.{c} ELSE {v} END",
+                c = self.col(i),
+                v = self.val(i)
+            )
+        } else {
+            self.val(i)
+        }
+    }
+
+    fn update_sql(&self) -> String {
+        let sets: Vec<String> = self
+            .set_cols
+            .iter()
+            .map(|&i| format!("{} = {}", self.col(i), self.set_value(i)))
+            .collect();
+        let mut sql = format!(
+            "UPDATE {} AS t SET {} FROM {} AS s WHERE {}",
+            self.table,
+            sets.join(", "),
+            self.staging,
+            self.matches()
+        );
+        if self.plan.update_on_difference {
+            let diffs: Vec<String> = self
+                .set_cols
+                .iter()
+                .map(|&i| format!("t.{} IS DISTINCT FROM {}", self.col(i), self.set_value(i)))
+                .collect();
+            let _ = write!(sql, " AND ({})", diffs.join(" OR "));
+        }
+        sql.push_str(" RETURNING s.ord");
+        sql
+    }
+
+    fn exists_sql(&self) -> String {
+        format!(
+            "SELECT s.ord FROM {} AS s WHERE s.ord <> ALL($1) AND EXISTS (SELECT 1 FROM {} AS t WHERE {})",
+            self.staging,
+            self.table,
+            self.matches()
+        )
+    }
+
+    fn delete_sql(&self) -> String {
+        format!(
+            "DELETE FROM {} AS t USING {} AS s WHERE {} RETURNING s.ord",
+            self.table,
+            self.staging,
+            self.matches()
+        )
+    }
+
+    fn insert_select_sql(&self) -> String {
+        let names: Vec<String> = self.insert_cols.iter().map(|&i| self.col(i)).collect();
+        let vals: Vec<String> = self.insert_cols.iter().map(|&i| self.val(i)).collect();
+        format!(
+            "INSERT INTO {} ({}) SELECT {} FROM {} AS s WHERE s.ord = ANY($1) ORDER BY s.ord",
+            self.table,
+            names.join(", "),
+            vals.join(", "),
+            self.staging
+        )
+    }
+
+    fn copy_sql(&self) -> String {
+        let names: Vec<String> = self.insert_cols.iter().map(|&i| self.col(i)).collect();
+        format!("COPY {} ({}) FROM STDIN", self.table, names.join(", "))
+    }
+}
+
+/// Appends `v` in COPY's text format; blank text is NULL where `blank_is_null`.
+fn copy_value(out: &mut Vec<u8>, v: &Value, blank_is_null: bool) {
+    if blank_is_null && matches!(v, Value::Text(s) if s.trim().is_empty()) {
+        out.extend_from_slice(b"\\N");
+        return;
+    }
+    copy_text(out, v);
+}
+
+/// Appends `v` in COPY's text format.
+fn copy_text(out: &mut Vec<u8>, v: &Value) {
+    match v {
+        Value::Null => out.extend_from_slice(b"\\N"),
+        Value::Text(s) => {
+            for b in s.bytes() {
+                match b {
+                    b'\\' => out.extend_from_slice(b"\\\\"),
+                    b'\n' => out.extend_from_slice(b"\\n"),
+                    b'\r' => out.extend_from_slice(b"\\r"),
+                    b'\t' => out.extend_from_slice(b"\\t"),
+                    _ => out.push(b),
+                }
+            }
+        }
+        other => {
+            let _ = write!(out, "{other}");
+        }
+    }
+}
+
+struct PostgresDestination {
+    config: PostgresConfig,
+    client: Client,
+    plans: Vec<StagePlan>,
+    stages: Vec<StageSql>,
+    preview: bool,
+}
+
+impl PostgresDestination {
+    /// Checks the tables and makes the session's staging tables; again after a reconnect.
+    fn prepare_session(&mut self) -> Result<(), ConnectorError> {
+        if self.preview {
+            self.client
+                .batch_execute("BEGIN")
+                .map_err(to_connector_error)?;
+        }
+        let mut stages = Vec::new();
+        for (i, plan) in self.plans.iter().enumerate() {
+            let st = StageSql::new(&mut self.client, plan, i)?;
+            if plan.action != StageAction::Insert {
+                let cols: Vec<String> = (0..st.columns.len())
+                    .map(|k| format!("v{k} text"))
+                    .collect();
+                self.client
+                    .batch_execute(&format!(
+                        "CREATE TEMP TABLE IF NOT EXISTS {} (ord int4, {})",
+                        st.staging,
+                        cols.join(", ")
+                    ))
+                    .map_err(to_connector_error)?;
+            }
+            stages.push(st);
+        }
+        self.stages = stages;
+        Ok(())
+    }
+
+    fn stage_rows(&mut self, st: usize, rows: &[&[Value]]) -> Result<(), postgres::Error> {
+        let staging = self.stages[st].staging.clone();
+        self.client.batch_execute(&format!("TRUNCATE {staging}"))?;
+        let mut w = self.client.copy_in(&format!("COPY {staging} FROM STDIN"))?;
+        let mut buf = Vec::with_capacity(64 * 1024);
+        for (ord, row) in rows.iter().enumerate() {
+            let _ = write!(buf, "{ord}");
+            for (i, v) in row.iter().enumerate() {
+                buf.push(b'\t');
+                copy_value(&mut buf, v, self.stages[st].columns[i].blank_is_null);
+            }
+            buf.push(b'\n');
+            if buf.len() > 60 * 1024 {
+                // A failed write shows again, with the server's reason, in finish().
+                let _ = w.write_all(&buf);
+                buf.clear();
+            }
+        }
+        let _ = w.write_all(&buf);
+        w.finish()?;
+        Ok(())
+    }
+
+    fn ords(&mut self, sql: &str, done: &[i32]) -> Result<Vec<usize>, postgres::Error> {
+        let rows = if sql.contains("$1") {
+            self.client.query(sql, &[&done])?
+        } else {
+            self.client.query(sql, &[])?
+        };
+        Ok(rows.iter().map(|r| r.get::<_, i32>(0) as usize).collect())
+    }
+
+    /// The set-based write of one batch for one stage.
+    fn write_batch(
+        &mut self,
+        st: usize,
+        rows: &[&[Value]],
+    ) -> Result<Vec<RowAction>, postgres::Error> {
+        let n = rows.len();
+        let action = self.stages[st].plan.action;
+        if action == StageAction::Insert {
+            let sql = self.stages[st].copy_sql();
+            let cols = self.stages[st].insert_cols.clone();
+            let blank: Vec<bool> = cols
+                .iter()
+                .map(|&i| self.stages[st].columns[i].blank_is_null)
+                .collect();
+            let mut w = self.client.copy_in(&sql)?;
+            let mut buf = Vec::with_capacity(64 * 1024);
+            for row in rows {
+                for (k, &i) in cols.iter().enumerate() {
+                    if k > 0 {
+                        buf.push(b'\t');
+                    }
+                    copy_value(&mut buf, &row[i], blank[k]);
+                }
+                buf.push(b'\n');
+                if buf.len() > 60 * 1024 {
+                    let _ = w.write_all(&buf);
+                    buf.clear();
+                }
+            }
+            let _ = w.write_all(&buf);
+            w.finish()?;
+            return Ok(vec![RowAction::Insert; n]);
+        }
+        self.stage_rows(st, rows)?;
+        let mut out: Vec<Option<RowAction>> = vec![None; n];
+        let s = &self.stages[st];
+        let (update, exists, delete, insert) = (
+            (!s.set_cols.is_empty()).then(|| s.update_sql()),
+            s.exists_sql(),
+            s.delete_sql(),
+            s.insert_select_sql(),
+        );
+        let diff = s.plan.update_on_difference || s.set_cols.is_empty();
+        let mark = |out: &mut Vec<Option<RowAction>>, ords: Vec<usize>, a: RowAction| {
+            for o in ords {
+                if let Some(slot) = out.get_mut(o)
+                    && slot.is_none()
+                {
+                    *slot = Some(a);
+                }
+            }
+        };
+        let pending = |out: &Vec<Option<RowAction>>| -> Vec<i32> {
+            out.iter()
+                .enumerate()
+                .filter(|(_, a)| a.is_some())
+                .map(|(i, _)| i as i32)
+                .collect()
+        };
+        match action {
+            StageAction::Insert => unreachable!("handled above"),
+            StageAction::Delete => {
+                let d = self.ords(&delete, &[])?;
+                mark(&mut out, d, RowAction::Delete);
+            }
+            StageAction::Update | StageAction::UpdateInsert => {
+                if let Some(u) = &update {
+                    let u = self.ords(u, &[])?;
+                    mark(&mut out, u, RowAction::Update);
+                }
+                if diff {
+                    let done = pending(&out);
+                    let e = self.ords(&exists, &done)?;
+                    mark(&mut out, e, RowAction::Skip);
+                }
+            }
+            StageAction::SkipInsert => {
+                let e = self.ords(&exists, &[])?;
+                mark(&mut out, e, RowAction::Skip);
+            }
+        }
+        if matches!(action, StageAction::UpdateInsert | StageAction::SkipInsert) {
+            let missing: Vec<i32> = out
+                .iter()
+                .enumerate()
+                .filter(|(_, a)| a.is_none())
+                .map(|(i, _)| i as i32)
+                .collect();
+            if !missing.is_empty() {
+                self.client.execute(&insert, &[&missing])?;
+                for &i in &missing {
+                    out[i as usize] = Some(RowAction::Insert);
+                }
+            }
+        }
+        Ok(out
+            .into_iter()
+            .map(|a| a.unwrap_or(RowAction::Ignore))
+            .collect())
+    }
+}
+
+/// Whether two rows of a batch name the same destination row (then only a
+/// row-by-row replay gives each its own, ordered outcome).
+fn duplicate_keys(rows: &[&[Value]], match_cols: &[usize]) -> bool {
+    if match_cols.is_empty() || rows.len() < 2 {
+        return false;
+    }
+    let mut keys: Vec<String> = rows
+        .iter()
+        .map(|r| {
+            let mut k = String::new();
+            for &i in match_cols {
+                k.push_str(&r[i].to_text());
+                k.push('\u{1f}');
+            }
+            k
+        })
+        .collect();
+    keys.sort_unstable();
+    keys.windows(2).any(|w| w[0] == w[1])
+}
+
+impl Destination for PostgresDestination {
+    fn begin(&mut self) -> Result<(), ConnectorError> {
+        if self.client.is_closed() {
+            if self.preview {
+                return Err(ConnectorError::Io(
+                    "the connection was lost during a preview; its work is gone".into(),
+                ));
+            }
+            self.client = self.config.connect()?;
+            self.prepare_session()?;
+        }
+        let sql = if self.preview {
+            "SAVEPOINT tidepool_batch"
+        } else {
+            "BEGIN"
+        };
+        self.client.batch_execute(sql).map_err(to_connector_error)
+    }
+
+    fn write(
+        &mut self,
+        stage: usize,
+        rows: &[&[Value]],
+    ) -> Result<Vec<WriteResult>, ConnectorError> {
+        if rows.len() > 1
+            && self.stages[stage].plan.action != StageAction::Insert
+            && duplicate_keys(rows, &self.stages[stage].match_cols)
+        {
+            return Err(ConnectorError::Io(
+                "two rows of the batch have the same match values".into(),
+            ));
+        }
+        self.client
+            .batch_execute("SAVEPOINT tidepool_write")
+            .map_err(to_connector_error)?;
+        match self.write_batch(stage, rows) {
+            Ok(actions) => {
+                self.client
+                    .batch_execute("RELEASE tidepool_write")
+                    .map_err(to_connector_error)?;
+                Ok(actions.into_iter().map(Ok).collect())
+            }
+            Err(e) if is_lost(&e) => Err(ConnectorError::Lost(pg_message(&e))),
+            Err(e) => {
+                self.client
+                    .batch_execute("ROLLBACK TO tidepool_write; RELEASE tidepool_write")
+                    .map_err(to_connector_error)?;
+                if rows.len() == 1 {
+                    // One row: its own error, and the transaction goes on.
+                    Ok(vec![Err(pg_message(&e))])
+                } else {
+                    Err(ConnectorError::Io(pg_message(&e)))
+                }
+            }
+        }
+    }
+
+    fn commit(&mut self) -> Result<(), ConnectorError> {
+        let sql = if self.preview {
+            "RELEASE tidepool_batch"
+        } else {
+            "COMMIT"
+        };
+        self.client.batch_execute(sql).map_err(to_connector_error)
+    }
+
+    fn rollback(&mut self) -> Result<(), ConnectorError> {
+        if self.client.is_closed() {
+            return Ok(());
+        }
+        let sql = if self.preview {
+            "ROLLBACK TO tidepool_batch; RELEASE tidepool_batch"
+        } else {
+            "ROLLBACK"
+        };
+        self.client.batch_execute(sql).map_err(to_connector_error)
+    }
+
+    fn finish(self: Box<Self>) -> Result<(), ConnectorError> {
+        let mut this = *self;
+        if this.preview && !this.client.is_closed() {
+            let _ = this.client.batch_execute("ROLLBACK");
+        }
+        this.client.close().map_err(to_connector_error)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn copy_text_escapes_and_nulls() {
+        let mut b = Vec::new();
+        copy_text(&mut b, &Value::from("a\tb\\c\nd"));
+        b.push(b'|');
+        copy_text(&mut b, &Value::Null);
+        b.push(b'|');
+        copy_text(&mut b, &Value::Float(0.1));
+        assert_eq!(String::from_utf8(b).unwrap(), "a\\tb\\\\c\\nd|\\N|0.1");
+    }
+
+    #[test]
+    fn urls_are_redacted_and_duplicates_found() {
+        assert_eq!(
+            redact("postgres://u:secret@h:5432/db"),
+            "postgres://u:***@h:5432/db"
+        );
+        let a = [Value::Int(1), Value::from("x")];
+        let b = [Value::Int(1), Value::from("y")];
+        assert!(duplicate_keys(&[&a, &b], &[0]));
+        assert!(!duplicate_keys(&[&a, &b], &[1]));
+    }
+}

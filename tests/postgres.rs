@@ -1,0 +1,389 @@
+//! The PostgreSQL connector against the real local server, each test in its
+//! own schema so tests run in parallel.
+
+mod common;
+
+use common::{Fixture, request};
+use tidepool::engine::{LogLevel, RunStatus};
+
+fn url() -> String {
+    std::env::var("TIDEPOOL_TEST_PG_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+/// A schema of its own, dropped at the end.
+struct Schema {
+    name: String,
+    admin: postgres::Client,
+}
+
+impl Schema {
+    fn new() -> Self {
+        let mut admin = postgres::Client::connect(&url(), postgres::NoTls)
+            .expect("PostgreSQL must be running on 127.0.0.1:5432 (see .ci/run)");
+        let name = format!("tp_{}", uuid::Uuid::new_v4().simple());
+        admin
+            .batch_execute(&format!("CREATE SCHEMA {name}"))
+            .unwrap();
+        Schema { name, admin }
+    }
+
+    fn exec(&mut self, sql: &str) {
+        let sql = sql.replace("S.", &format!("{}.", self.name));
+        self.admin.batch_execute(&sql).unwrap();
+    }
+
+    fn rows(&mut self, sql: &str) -> Vec<String> {
+        let sql = sql.replace("S.", &format!("{}.", self.name));
+        self.admin
+            .simple_query(&sql)
+            .unwrap()
+            .into_iter()
+            .filter_map(|m| match m {
+                postgres::SimpleQueryMessage::Row(r) => Some(
+                    (0..r.len())
+                        .map(|i| r.get(i).unwrap_or("∅").to_owned())
+                        .collect::<Vec<_>>()
+                        .join("|"),
+                ),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+impl Drop for Schema {
+    fn drop(&mut self) {
+        let _ = self
+            .admin
+            .batch_execute(&format!("DROP SCHEMA {} CASCADE", self.name));
+    }
+}
+
+fn project(s: &Schema) -> String {
+    format!(
+        "[connections.src]\nkind = \"csv\"\npath = \"in.csv\"\n[connections.pg]\nkind = \"postgres\"\nurl = \"{}\"\n[connections.out]\nkind = \"csv\"\npath = \"${{DATA_DIR}}/out.csv\"\n[variables]\nSchema = \"{}\"\n",
+        url(),
+        s.name
+    )
+}
+
+fn people_job(s: &Schema, action: &str, extra: &str) -> String {
+    format!(
+        r#"
+[origin]
+connection = "src"
+[destination]
+connection = "pg"
+[[stages]]
+table = "{}.people"
+action = "{action}"
+{extra}
+fields = [
+  {{ column = "id", origin = "id", match = true }},
+  {{ column = "name", origin = "name" }},
+  {{ column = "city", origin = "city" }},
+]
+"#,
+        s.name
+    )
+}
+
+fn people(s: &mut Schema) {
+    s.exec(
+        "CREATE TABLE S.people(id integer PRIMARY KEY, name text, city text);
+         INSERT INTO S.people VALUES (1,'Ann','Oslo'), (2,'Bob','Rome'), (3,'Cy','Lima');",
+    );
+}
+
+#[test]
+fn every_stage_action_counts_exactly() {
+    let cases: [(&str, &str, [u64; 5], &[&str]); 5] = [
+        (
+            "update",
+            "",
+            [0, 2, 0, 0, 2],
+            &["1|Ann|Oslo", "2|Bobby|Rome", "3|Cy|Lima"],
+        ),
+        ("delete", "", [0, 0, 2, 0, 2], &["1|Ann|Oslo"]),
+        (
+            "update/insert",
+            "",
+            [2, 2, 0, 0, 0],
+            &[
+                "1|Ann|Oslo",
+                "2|Bobby|Rome",
+                "3|Cy|Lima",
+                "4|Dan|Kyiv",
+                "5|Eve|Pisa",
+            ],
+        ),
+        (
+            "skip/insert",
+            "",
+            [2, 0, 0, 2, 0],
+            &[
+                "1|Ann|Oslo",
+                "2|Bob|Rome",
+                "3|Cy|Lima",
+                "4|Dan|Kyiv",
+                "5|Eve|Pisa",
+            ],
+        ),
+        (
+            "update/insert",
+            "update_on_difference = true",
+            [2, 1, 0, 1, 0],
+            &[
+                "1|Ann|Oslo",
+                "2|Bobby|Rome",
+                "3|Cy|Lima",
+                "4|Dan|Kyiv",
+                "5|Eve|Pisa",
+            ],
+        ),
+    ];
+    for (action, extra, expected, table) in cases {
+        let mut s = Schema::new();
+        people(&mut s);
+        let f = Fixture::new();
+        f.project("p", &project(&s), &[("j", &people_job(&s, action, extra))]);
+        f.write(
+            "projects/p/in.csv",
+            "id,name,city\n2,Bobby,Rome\n3,Cy,Lima\n4,Dan,Kyiv\n5,Eve,Pisa\n",
+        );
+        let r = f.run(&request("p", "j"));
+        assert_eq!(r.status, RunStatus::Complete, "{action}: {:?}", r.error);
+        let c = r.counters;
+        assert_eq!(
+            [c.inserts, c.updates, c.deletes, c.skips, c.ignores],
+            expected,
+            "{action} {extra}"
+        );
+        assert_eq!((c.total_rows, c.errors), (4, 0));
+        assert_eq!(
+            s.rows("SELECT * FROM S.people ORDER BY id"),
+            table,
+            "{action} {extra}"
+        );
+    }
+}
+
+#[test]
+fn inserts_go_through_copy_and_a_bad_value_costs_only_its_row() {
+    let mut s = Schema::new();
+    s.exec("CREATE TABLE S.m(id integer PRIMARY KEY, amount numeric(12,2), seen timestamptz, tag uuid, doc jsonb, ok boolean, day date)");
+    let f = Fixture::new();
+    let job = format!(
+        r#"
+[origin]
+connection = "src"
+[destination]
+connection = "pg"
+[[stages]]
+table = "{0}.m"
+action = "insert"
+fields = [
+  {{ column = "id", origin = "id" }},
+  {{ column = "amount", origin = "amount" }},
+  {{ column = "seen", origin = "seen" }},
+  {{ column = "tag", origin = "tag" }},
+  {{ column = "doc", origin = "doc" }},
+  {{ column = "ok", origin = "ok" }},
+  {{ column = "day", origin = "day" }},
+]
+"#,
+        s.name
+    );
+    let back = format!(
+        "[origin]\nconnection = \"pg\"\nquery = \"SELECT id, amount, seen, tag, doc, ok, day FROM {0}.m WHERE id >= @@VAR:JobArgument@@ ORDER BY id\"\n[destination]\nconnection = \"out\"\n[[stages]]\naction = \"insert\"\nfields = [{{ column = \"id\", origin = \"id\" }}, {{ column = \"amount\", origin = \"amount\" }}, {{ column = \"seen\", origin = \"seen\" }}, {{ column = \"tag\", origin = \"tag\" }}, {{ column = \"doc\", origin = \"doc\" }}, {{ column = \"ok\", origin = \"ok\" }}, {{ column = \"day\", origin = \"day\" }}]\n",
+        s.name
+    );
+    f.project("p", &project(&s), &[("load", &job), ("back", &back)]);
+    f.write(
+        "projects/p/in.csv",
+        "id,amount,seen,tag,doc,ok,day\n\
+         1,12.50,2024-04-20T11:06:49.638407-05:00,0b5bd1c9-7c2e-4f2e-9a51-3c4f7d0e8a11,\"{\"\"a\"\": [1, 2]}\",true,2024-02-29\n\
+         2,abc,2024-04-20T11:06:49Z,0b5bd1c9-7c2e-4f2e-9a51-3c4f7d0e8a12,{},false,2024-03-01\n\
+         3,99999999.99,,,,,\n\
+         4,0.10,2024-01-01 00:00:00+02,not-a-uuid,{},yes,2024-01-01\n",
+    );
+    let mut req = request("p", "load");
+    req.logging_level = LogLevel::Low;
+    let r = f.run(&req);
+    let c = r.counters;
+    assert_eq!(
+        (c.total_rows, c.inserts, c.errors),
+        (4, 2, 2),
+        "{:?}",
+        r.jobs[0].log
+    );
+    let errs: Vec<&str> = r.jobs[0]
+        .log
+        .iter()
+        .filter(|e| e.row.is_some())
+        .map(|e| e.message.as_str())
+        .collect();
+    assert!(
+        errs[0].contains("row 2") && errs[0].contains("numeric") && errs[0].contains("amount"),
+        "{errs:?}"
+    );
+    assert!(
+        errs[1].contains("row 4") && errs[1].contains("uuid"),
+        "{errs:?}"
+    );
+    s.exec("SET TIME ZONE 'UTC'");
+    assert_eq!(
+        s.rows("SELECT id, amount, seen, tag, doc, ok, day FROM S.m ORDER BY id"),
+        [
+            "1|12.50|2024-04-20 16:06:49.638407+00|0b5bd1c9-7c2e-4f2e-9a51-3c4f7d0e8a11|{\"a\": [1, 2]}|t|2024-02-29",
+            "3|99999999.99|∅|∅|∅|∅|∅",
+        ]
+    );
+    // Back out through an origin query with a bound token: types read exactly.
+    let mut req = request("p", "back");
+    req.argument = "1".into();
+    let r = f.run(&req);
+    assert_eq!(r.counters.inserts, 2, "{:?}", r.error);
+    let out = std::fs::read_to_string(f.data.join("out.csv")).unwrap();
+    let mut lines = out.lines();
+    assert_eq!(lines.next(), Some("id,amount,seen,tag,doc,ok,day"));
+    let first = lines.next().unwrap();
+    assert!(first.starts_with("1,12.50,2024-04-20 "), "{first}");
+    assert!(
+        first.contains(
+            "0b5bd1c9-7c2e-4f2e-9a51-3c4f7d0e8a11,\"{\"\"a\"\": [1, 2]}\",true,2024-02-29"
+        ),
+        "{first}"
+    );
+    assert_eq!(lines.next(), Some("3,99999999.99,,,,,"));
+}
+
+#[test]
+fn threads_give_the_same_table_and_counts() {
+    let mut csv = String::from("id,name,city\n");
+    for i in 1..=3000 {
+        csv.push_str(&format!("{i},n{i},c{}\n", i % 7));
+    }
+    let mut outcomes = Vec::new();
+    for threads in [1, 4] {
+        let mut s = Schema::new();
+        people(&mut s);
+        let f = Fixture::new();
+        let job =
+            people_job(&s, "update/insert", "").replace("[origin]", "batch_size = 100\n[origin]");
+        f.project("p", &project(&s), &[("j", &job)]);
+        f.write("projects/p/in.csv", &csv);
+        let mut req = request("p", "j");
+        req.thread_count = threads;
+        let r = f.run(&req);
+        assert_eq!(r.status, RunStatus::Complete, "{:?}", r.error);
+        outcomes.push((
+            r.counters,
+            s.rows("SELECT md5(string_agg(id || name || city, ',' ORDER BY id)) FROM S.people"),
+        ));
+    }
+    assert_eq!((outcomes[0].0.inserts, outcomes[0].0.updates), (2997, 3));
+    assert_eq!(outcomes[0], outcomes[1]);
+}
+
+#[test]
+fn duplicate_keys_in_one_batch_are_replayed_in_order() {
+    let mut s = Schema::new();
+    people(&mut s);
+    let f = Fixture::new();
+    f.project(
+        "p",
+        &project(&s),
+        &[("j", &people_job(&s, "update/insert", ""))],
+    );
+    f.write("projects/p/in.csv", "id,name,city\n9,first,x\n9,second,y\n");
+    let r = f.run(&request("p", "j"));
+    assert_eq!(
+        (r.counters.inserts, r.counters.updates, r.counters.errors),
+        (1, 1, 0)
+    );
+    assert_eq!(
+        s.rows("SELECT * FROM S.people WHERE id = 9"),
+        ["9|second|y"]
+    );
+}
+
+#[test]
+fn a_refused_connection_fails_the_job_clearly() {
+    let s = Schema::new();
+    let f = Fixture::new();
+    let proj = project(&s).replace("127.0.0.1:5432", "127.0.0.1:1");
+    f.project("p", &proj, &[("j", &people_job(&s, "insert", ""))]);
+    f.write("projects/p/in.csv", "id,name,city\n1,a,b\n");
+    let r = f.run(&request("p", "j"));
+    assert_eq!(r.status, RunStatus::Failed);
+    let e = r.error.unwrap();
+    assert!(
+        e.contains("cannot open postgres database postgres://postgres@127.0.0.1:1/test"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_connection_killed_mid_run_is_retried_and_nothing_is_lost() {
+    let mut s = Schema::new();
+    people(&mut s);
+    let f = Fixture::new();
+    let job = people_job(&s, "update/insert", "").replace(
+        "[origin]",
+        "batch_size = 200\nretry_wait_ms = 100\n[origin]",
+    );
+    // Its own application_name, so only this test's connection is cut.
+    let app = format!("tp_kill_{}", &s.name[3..15]);
+    let proj = project(&s).replace("/test\"", &format!("/test?application_name={app}\""));
+    f.project("p", &proj, &[("j", &job)]);
+    let mut csv = String::from("id,name,city\n");
+    for i in 1..=60_000 {
+        csv.push_str(&format!("{i},n{i},c\n"));
+    }
+    f.write("projects/p/in.csv", &csv);
+    let schema = s.name.clone();
+    let app2 = app.clone();
+    let killer = std::thread::spawn(move || {
+        let app = app2;
+        let mut admin = postgres::Client::connect(&url(), postgres::NoTls).unwrap();
+        // Wait until rows are landing, then cut tidepool's connection.
+        for _ in 0..400 {
+            let n: i64 = admin
+                .query_one(&format!("SELECT count(*) FROM {schema}.people"), &[])
+                .unwrap()
+                .get(0);
+            if n > 2000 {
+                let killed: i64 = admin
+                    .query_one(
+                        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+                         WHERE application_name = $1 AND pid <> pg_backend_pid()",
+                        &[&app],
+                    )
+                    .unwrap()
+                    .get(0);
+                return killed;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        0
+    });
+    let mut req = request("p", "j");
+    req.logging_level = LogLevel::Medium;
+    let r = f.run(&req);
+    let killed = killer.join().unwrap();
+    assert_eq!(r.status, RunStatus::Complete, "{:?}", r.error);
+    let c = r.counters;
+    assert_eq!(
+        (c.total_rows, c.inserts + c.updates, c.errors),
+        (60_000, 60_000, 0)
+    );
+    assert_eq!(s.rows("SELECT count(*) FROM S.people"), ["60000"]);
+    assert!(killed > 0, "the test did not manage to cut the connection");
+    let log: Vec<&str> = r.jobs[0].log.iter().map(|e| e.message.as_str()).collect();
+    assert!(
+        log.iter().any(|m| m.contains("connection was lost")),
+        "{log:#?}"
+    );
+}
