@@ -188,10 +188,9 @@ impl Connector for PostgresConfig {
                 })
                 .collect();
             let wrapped = format!("SELECT {} FROM ({sql}) AS q", list.join(", "));
-            let s = client
+            client
                 .prepare(&wrapped)
-                .map_err(|e| ConnectorError::Schema(format!("origin query: {}", pg_message(&e))))?;
-            s
+                .map_err(|e| ConnectorError::Schema(format!("origin query: {}", pg_message(&e))))?
         } else {
             stmt
         };
