@@ -387,3 +387,23 @@ fn a_connection_killed_mid_run_is_retried_and_nothing_is_lost() {
         "{log:#?}"
     );
 }
+
+#[test]
+fn upsert_without_a_unique_index_takes_the_general_path() {
+    let mut s = Schema::new();
+    s.exec(
+        "CREATE TABLE S.people(id integer, name text, city text);
+         INSERT INTO S.people VALUES (1,'Ann','Oslo'), (2,'Bob','Rome'), (3,'Cy','Lima');",
+    );
+    let f = Fixture::new();
+    let job = people_job(&s, "update/insert", "update_on_difference = true");
+    f.project("p", &project(&s), &[("j", &job)]);
+    f.write("projects/p/in.csv", "id,name,city\n2,Bobby,Rome\n3,Cy,Lima\n4,Dan,Kyiv\n");
+    let r = f.run(&request("p", "j"));
+    let c = r.counters;
+    assert_eq!((c.inserts, c.updates, c.skips, c.errors), (1, 1, 1, 0), "{:?}", r.error);
+    assert_eq!(
+        s.rows("SELECT * FROM S.people ORDER BY id"),
+        ["1|Ann|Oslo", "2|Bobby|Rome", "3|Cy|Lima", "4|Dan|Kyiv"]
+    );
+}
