@@ -398,10 +398,18 @@ fn upsert_without_a_unique_index_takes_the_general_path() {
     let f = Fixture::new();
     let job = people_job(&s, "update/insert", "update_on_difference = true");
     f.project("p", &project(&s), &[("j", &job)]);
-    f.write("projects/p/in.csv", "id,name,city\n2,Bobby,Rome\n3,Cy,Lima\n4,Dan,Kyiv\n");
+    f.write(
+        "projects/p/in.csv",
+        "id,name,city\n2,Bobby,Rome\n3,Cy,Lima\n4,Dan,Kyiv\n",
+    );
     let r = f.run(&request("p", "j"));
     let c = r.counters;
-    assert_eq!((c.inserts, c.updates, c.skips, c.errors), (1, 1, 1, 0), "{:?}", r.error);
+    assert_eq!(
+        (c.inserts, c.updates, c.skips, c.errors),
+        (1, 1, 1, 0),
+        "{:?}",
+        r.error
+    );
     assert_eq!(
         s.rows("SELECT * FROM S.people ORDER BY id"),
         ["1|Ann|Oslo", "2|Bobby|Rome", "3|Cy|Lima", "4|Dan|Kyiv"]

@@ -8,6 +8,7 @@
 pub mod csv;
 pub mod file;
 pub mod json;
+pub mod mysql;
 pub mod postgres;
 pub mod sqlite;
 
@@ -34,6 +35,9 @@ pub enum ConnectionConfig {
     /// A PostgreSQL database.
     #[serde(alias = "postgresql")]
     Postgres(postgres::PostgresConfig),
+    /// A MySQL or MariaDB database.
+    #[serde(alias = "mariadb")]
+    Mysql(mysql::MysqlConfig),
 }
 
 impl ConnectionConfig {
@@ -44,6 +48,7 @@ impl ConnectionConfig {
             ConnectionConfig::Json(c) => c,
             ConnectionConfig::Sqlite(c) => c,
             ConnectionConfig::Postgres(c) => c,
+            ConnectionConfig::Mysql(c) => c,
         }
     }
 

@@ -1,0 +1,715 @@
+//! MySQL and MariaDB: an origin that streams a query, a destination with all
+//! five stage actions, set-based per batch.
+//!
+//! Inserts are multi-row `INSERT … VALUES (…), (…)`. The other actions load the
+//! batch into a session-local staging table with the target's column types (so
+//! the server converts and checks every value once), then find the matching
+//! rows with one join and write with one `UPDATE … JOIN`, `DELETE … JOIN` or
+//! `INSERT … SELECT`, so every row's outcome is exact. Match fields compare
+//! with `<=>` (NULL matches NULL, as in SQLite). The session runs in strict
+//! mode: a value that does not fit its column is an error, never a silent
+//! truncation.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use mysql::prelude::Queryable;
+use mysql::{Conn, Opts, OptsBuilder, Params};
+use serde::Deserialize;
+
+use super::{
+    Capabilities, ColumnPlan, Connector, ConnectorError, Destination, DestinationRequest, Flow,
+    Origin, OriginInput, OriginRequest, RowAction, RowRead, StagePlan, WriteResult, bind_tokens,
+};
+use crate::project::StageAction;
+use crate::value::{Row, Value};
+
+/// `kind = "mysql"` (or `"mariadb"`): a MySQL or MariaDB database.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MysqlConfig {
+    /// `mysql://user:password@host:port/database` (put the password in `${ENV}`).
+    pub url: String,
+    /// SQL run each time the connection opens (must be safe to run again).
+    #[serde(default)]
+    pub init_sql: Vec<String>,
+    /// How long to wait for a connection.
+    #[serde(default = "default_connect_secs")]
+    pub connect_timeout_secs: u64,
+}
+
+fn default_connect_secs() -> u64 {
+    10
+}
+
+const SESSION: &str = "SET NAMES utf8mb4, SESSION sql_mode = 'STRICT_ALL_TABLES,NO_ZERO_IN_DATE,NO_ZERO_DATE,ERROR_FOR_DIVISION_BY_ZERO,NO_ENGINE_SUBSTITUTION'";
+
+/// Rows of one multi-row statement (MySQL allows 65,535 placeholders).
+const MAX_PARAMS: usize = 60_000;
+
+impl MysqlConfig {
+    fn connect(&self) -> Result<Conn, ConnectorError> {
+        let open = |reason: String| ConnectorError::Open {
+            what: format!("mysql database {}", redact(&self.url)),
+            reason,
+        };
+        let opts = Opts::from_url(&self.url).map_err(|e| open(format!("bad url: {e}")))?;
+        let opts = OptsBuilder::from_opts(opts)
+            .tcp_connect_timeout(Some(Duration::from_secs(self.connect_timeout_secs)));
+        let mut conn = Conn::new(opts).map_err(|e| open(e.to_string()))?;
+        conn.query_drop(SESSION).map_err(|e| open(e.to_string()))?;
+        for sql in &self.init_sql {
+            conn.query_drop(sql)
+                .map_err(|e| ConnectorError::Schema(format!("init_sql failed: {e}")))?;
+        }
+        Ok(conn)
+    }
+}
+
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => match url[s + 3..at].split_once(':') {
+            Some((user, _)) => format!("{}{user}:***{}", &url[..s + 3], &url[at..]),
+            None => url.to_owned(),
+        },
+        _ => url.to_owned(),
+    }
+}
+
+fn is_lost(e: &mysql::Error) -> bool {
+    match e {
+        mysql::Error::IoError(_) | mysql::Error::CodecError(_) => true,
+        mysql::Error::DriverError(d) => matches!(
+            d,
+            mysql::DriverError::ConnectTimeout | mysql::DriverError::CouldNotConnect(_)
+        ),
+        mysql::Error::MySqlError(m) => matches!(m.code, 1927 | 2006 | 2013 | 1053),
+        _ => false,
+    }
+}
+
+fn to_connector_error(e: mysql::Error) -> ConnectorError {
+    if is_lost(&e) {
+        ConnectorError::Lost(e.to_string())
+    } else {
+        ConnectorError::Io(e.to_string())
+    }
+}
+
+fn quote_ident(s: &str) -> String {
+    format!("`{}`", s.replace('`', "``"))
+}
+
+/// A qualified, quoted table name from `table` or `db.table`.
+fn quote_table(t: &str) -> String {
+    match t.split_once('.') {
+        Some((db, name)) => format!("{}.{}", quote_ident(db), quote_ident(name)),
+        None => quote_ident(t),
+    }
+}
+
+fn to_param(v: &Value) -> mysql::Value {
+    match v {
+        Value::Null => mysql::Value::NULL,
+        Value::Bool(b) => mysql::Value::Int(*b as i64),
+        Value::Int(i) => mysql::Value::Int(*i),
+        Value::Float(f) => mysql::Value::Double(*f),
+        Value::Text(s) => mysql::Value::Bytes(s.as_bytes().to_vec()),
+    }
+}
+
+fn from_mysql(v: mysql::Value) -> Value {
+    match v {
+        mysql::Value::NULL => Value::Null,
+        mysql::Value::Bytes(b) => Value::Text(String::from_utf8_lossy(&b).into_owned()),
+        mysql::Value::Int(i) => Value::Int(i),
+        mysql::Value::UInt(u) => match i64::try_from(u) {
+            Ok(i) => Value::Int(i),
+            Err(_) => Value::Text(u.to_string()),
+        },
+        mysql::Value::Float(f) => Value::Float(f as f64),
+        mysql::Value::Double(f) => Value::Float(f),
+        mysql::Value::Date(y, mo, d, h, mi, s, us) => {
+            let mut t = format!("{y:04}-{mo:02}-{d:02}");
+            if (h, mi, s, us) != (0, 0, 0, 0) {
+                let _ = write!(t, " {h:02}:{mi:02}:{s:02}");
+                if us > 0 {
+                    let _ = write!(t, ".{us:06}");
+                }
+            }
+            Value::Text(t)
+        }
+        mysql::Value::Time(neg, d, h, mi, s, us) => {
+            let hours = d * 24 + h as u32;
+            let sign = if neg { "-" } else { "" };
+            let mut t = format!("{sign}{hours:02}:{mi:02}:{s:02}");
+            if us > 0 {
+                let _ = write!(t, ".{us:06}");
+            }
+            Value::Text(t)
+        }
+    }
+}
+
+impl Connector for MysqlConfig {
+    fn kind(&self) -> &'static str {
+        "mysql"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            actions: &[
+                StageAction::Insert,
+                StageAction::Update,
+                StageAction::Delete,
+                StageAction::UpdateInsert,
+                StageAction::SkipInsert,
+            ],
+            origin: OriginInput::Query,
+            needs_table: true,
+            max_writers: None,
+        }
+    }
+
+    fn open_origin(&self, req: &OriginRequest) -> Result<Box<dyn Origin>, ConnectorError> {
+        let query = req
+            .query
+            .ok_or_else(|| ConnectorError::Schema("a mysql origin needs origin.query".into()))?;
+        let mut conn = self.connect()?;
+        let (sql, params) = bind_tokens(query.trim().trim_end_matches(';'), req.variables, |_| {
+            "?".into()
+        })
+        .map_err(ConnectorError::Schema)?;
+        let stmt = conn
+            .prep(&sql)
+            .map_err(|e| ConnectorError::Schema(format!("origin query: {e}")))?;
+        let columns = stmt
+            .columns()
+            .iter()
+            .map(|c| c.name_str().into_owned())
+            .collect();
+        Ok(Box::new(MysqlOrigin {
+            conn,
+            stmt,
+            params: params.iter().map(to_param).collect(),
+            columns,
+        }))
+    }
+
+    fn open_destination(
+        &self,
+        req: &DestinationRequest,
+    ) -> Result<Box<dyn Destination>, ConnectorError> {
+        let mut d = MysqlDestination {
+            config: self.clone(),
+            conn: self.connect()?,
+            plans: req.stages.to_vec(),
+            stages: Vec::new(),
+            preview: req.preview,
+        };
+        d.prepare_session()?;
+        Ok(Box::new(d))
+    }
+}
+
+struct MysqlOrigin {
+    conn: Conn,
+    stmt: mysql::Statement,
+    params: Vec<mysql::Value>,
+    columns: Vec<String>,
+}
+
+impl Origin for MysqlOrigin {
+    fn columns(&self) -> &[String] {
+        &self.columns
+    }
+
+    fn read(&mut self, sink: &mut dyn FnMut(RowRead) -> Flow) -> Result<(), ConnectorError> {
+        let params = if self.params.is_empty() {
+            Params::Empty
+        } else {
+            Params::Positional(self.params.clone())
+        };
+        let result = self
+            .conn
+            .exec_iter(&self.stmt, params)
+            .map_err(to_connector_error)?;
+        for row in result {
+            let row = row.map_err(to_connector_error)?;
+            let values = row.unwrap().into_iter().map(from_mysql).collect();
+            if sink(Ok(Row::from_values(values))) == Flow::Stop {
+                break;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Column {
+    name: String,
+    /// Blank text is NULL here (every type but the character ones).
+    blank_is_null: bool,
+}
+
+struct StageSql {
+    plan: StagePlan,
+    table: String,
+    staging: String,
+    columns: Vec<Column>,
+    insert_cols: Vec<usize>,
+    set_cols: Vec<usize>,
+    match_cols: Vec<usize>,
+}
+
+impl StageSql {
+    fn new(conn: &mut Conn, plan: &StagePlan, index: usize) -> Result<Self, ConnectorError> {
+        let table = plan
+            .table
+            .clone()
+            .ok_or_else(|| ConnectorError::Schema(format!("stage {:?} has no table", plan.name)))?;
+        let (schema_sql, name) = match table.split_once('.') {
+            Some((db, t)) => ("?", (Some(db.to_owned()), t.to_owned())),
+            None => ("DATABASE()", (None, table.clone())),
+        };
+        let sql = format!(
+            "SELECT COLUMN_NAME, DATA_TYPE FROM information_schema.COLUMNS
+             WHERE TABLE_SCHEMA = {schema_sql} AND TABLE_NAME = ? ORDER BY ORDINAL_POSITION"
+        );
+        let params: Vec<mysql::Value> = match &name.0 {
+            Some(db) => vec![db.as_str().into(), name.1.as_str().into()],
+            None => vec![name.1.as_str().into()],
+        };
+        let existing: Vec<(String, String)> = conn.exec(sql, params).map_err(to_connector_error)?;
+        if existing.is_empty() {
+            return Err(ConnectorError::Schema(format!(
+                "table {table:?} does not exist (stage {:?}); create it, or add init_sql to the connection",
+                plan.name
+            )));
+        }
+        let mut columns = Vec::new();
+        for c in &plan.columns {
+            let Some((n, ty)) = existing.iter().find(|(n, _)| n == &c.name).or_else(|| {
+                existing
+                    .iter()
+                    .find(|(n, _)| n.eq_ignore_ascii_case(&c.name))
+            }) else {
+                return Err(ConnectorError::Schema(format!(
+                    "table {table:?} has no column {:?} (stage {:?}); it has: {}",
+                    c.name,
+                    plan.name,
+                    existing
+                        .iter()
+                        .map(|(n, _)| n.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )));
+            };
+            let text_like = [
+                "char",
+                "varchar",
+                "text",
+                "tinytext",
+                "mediumtext",
+                "longtext",
+                "enum",
+                "set",
+            ]
+            .contains(&ty.to_ascii_lowercase().as_str());
+            columns.push(Column {
+                name: n.clone(),
+                blank_is_null: !text_like,
+            });
+        }
+        let pick = |f: &dyn Fn(&ColumnPlan) -> bool| -> Vec<usize> {
+            plan.columns
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| f(c))
+                .map(|(i, _)| i)
+                .collect()
+        };
+        Ok(StageSql {
+            plan: plan.clone(),
+            table: quote_table(&table),
+            staging: format!("tidepool_stage_{index}"),
+            insert_cols: pick(&|c| !c.update_only),
+            set_cols: pick(&|c| !c.is_match && !c.insert_only),
+            match_cols: pick(&|c| c.is_match),
+            columns,
+        })
+    }
+
+    fn col(&self, i: usize) -> String {
+        quote_ident(&self.columns[i].name)
+    }
+
+    fn param(&self, i: usize, v: &Value) -> mysql::Value {
+        if self.columns[i].blank_is_null && matches!(v, Value::Text(s) if s.trim().is_empty()) {
+            mysql::Value::NULL
+        } else {
+            to_param(v)
+        }
+    }
+
+    fn join(&self) -> String {
+        self.match_cols
+            .iter()
+            .map(|&i| format!("t.{c} <=> s.v{i}", c = self.col(i)))
+            .collect::<Vec<_>>()
+            .join(" AND ")
+    }
+
+    fn set_value(&self, i: usize) -> String {
+        if self.plan.omit_blank {
+            format!(
+                "IF(s.v{i} IS NULL OR CAST(s.v{i} AS CHAR) = '', t.{c}, s.v{i})",
+                c = self.col(i)
+            )
+        } else {
+            format!("s.v{i}")
+        }
+    }
+
+    fn unchanged(&self) -> String {
+        self.set_cols
+            .iter()
+            .map(|&i| format!("t.{} <=> {}", self.col(i), self.set_value(i)))
+            .collect::<Vec<_>>()
+            .join(" AND ")
+    }
+
+    fn create_staging(&self) -> String {
+        let cols: Vec<String> = (0..self.columns.len())
+            .map(|i| format!("t.{} AS v{i}", self.col(i)))
+            .collect();
+        format!(
+            "CREATE TEMPORARY TABLE IF NOT EXISTS {} (tidepool_ord INT NOT NULL DEFAULT 0 PRIMARY KEY) SELECT {} FROM {} AS t LIMIT 0",
+            self.staging,
+            cols.join(", "),
+            self.table
+        )
+    }
+}
+
+struct MysqlDestination {
+    config: MysqlConfig,
+    conn: Conn,
+    plans: Vec<StagePlan>,
+    stages: Vec<StageSql>,
+    preview: bool,
+}
+
+/// Multi-row `INSERT INTO table (cols) VALUES …` of `rows`, in chunks.
+fn insert_rows(
+    conn: &mut Conn,
+    table: &str,
+    names: &[String],
+    rows: &mut dyn Iterator<Item = Vec<mysql::Value>>,
+) -> Result<(), mysql::Error> {
+    let per_row = names.len().max(1);
+    let chunk = (MAX_PARAMS / per_row).max(1);
+    let head = format!("INSERT INTO {table} ({}) VALUES ", names.join(", "));
+    let one = format!("({})", vec!["?"; names.len()].join(", "));
+    let mut params = Vec::with_capacity(chunk * per_row);
+    let mut count = 0usize;
+    let flush = |conn: &mut Conn, params: &mut Vec<mysql::Value>, count: &mut usize| {
+        if *count == 0 {
+            return Ok(());
+        }
+        let sql = format!("{head}{}", vec![one.as_str(); *count].join(", "));
+        let r = conn.exec_drop(sql, Params::Positional(std::mem::take(params)));
+        *count = 0;
+        r
+    };
+    for row in rows {
+        params.extend(row);
+        count += 1;
+        if count == chunk {
+            flush(conn, &mut params, &mut count)?;
+        }
+    }
+    flush(conn, &mut params, &mut count)
+}
+
+impl MysqlDestination {
+    fn prepare_session(&mut self) -> Result<(), ConnectorError> {
+        if self.preview {
+            self.conn
+                .query_drop("START TRANSACTION")
+                .map_err(to_connector_error)?;
+        }
+        let mut stages = Vec::new();
+        for (i, plan) in self.plans.iter().enumerate() {
+            let st = StageSql::new(&mut self.conn, plan, i)?;
+            if plan.action != StageAction::Insert {
+                self.conn
+                    .query_drop(st.create_staging())
+                    .map_err(to_connector_error)?;
+            }
+            stages.push(st);
+        }
+        self.stages = stages;
+        Ok(())
+    }
+
+    fn ords(&mut self, sql: String) -> Result<Vec<usize>, mysql::Error> {
+        let v: Vec<i64> = self.conn.query(sql)?;
+        Ok(v.into_iter().map(|o| o as usize).collect())
+    }
+
+    fn write_batch(
+        &mut self,
+        st: usize,
+        rows: &[&[Value]],
+    ) -> Result<Vec<RowAction>, mysql::Error> {
+        let n = rows.len();
+        let s = &self.stages[st];
+        let action = s.plan.action;
+        if action == StageAction::Insert {
+            let names: Vec<String> = s.insert_cols.iter().map(|&i| s.col(i)).collect();
+            let table = s.table.clone();
+            let cols = s.insert_cols.clone();
+            let mut values: Vec<Vec<mysql::Value>> = rows
+                .iter()
+                .map(|r| cols.iter().map(|&i| s.param(i, &r[i])).collect())
+                .collect();
+            insert_rows(&mut self.conn, &table, &names, &mut values.drain(..))?;
+            return Ok(vec![RowAction::Insert; n]);
+        }
+        // Load the batch into the staging table (typed like the target).
+        let staging = s.staging.clone();
+        let mut names = vec!["tidepool_ord".to_owned()];
+        names.extend((0..s.columns.len()).map(|i| format!("v{i}")));
+        let mut staged: Vec<Vec<mysql::Value>> = rows
+            .iter()
+            .enumerate()
+            .map(|(ord, r)| {
+                let mut p = vec![mysql::Value::Int(ord as i64)];
+                p.extend(r.iter().enumerate().map(|(i, v)| s.param(i, v)));
+                p
+            })
+            .collect();
+        let (join, unchanged) = (s.join(), s.unchanged());
+        let sets: Vec<String> = s
+            .set_cols
+            .iter()
+            .map(|&i| format!("t.{} = {}", s.col(i), s.set_value(i)))
+            .collect();
+        let (table, diff, has_set) = (
+            s.table.clone(),
+            s.plan.update_on_difference,
+            !s.set_cols.is_empty(),
+        );
+        let insert_names: Vec<String> = s.insert_cols.iter().map(|&i| s.col(i)).collect();
+        let insert_vals: Vec<String> = s.insert_cols.iter().map(|&i| format!("s.v{i}")).collect();
+        self.conn.query_drop(format!("DELETE FROM {staging}"))?;
+        insert_rows(&mut self.conn, &staging, &names, &mut staged.drain(..))?;
+
+        let matched = self.ords(format!(
+            "SELECT DISTINCT s.tidepool_ord FROM {staging} AS s JOIN {table} AS t ON {join}"
+        ))?;
+        let mut out: Vec<Option<RowAction>> = vec![None; n];
+        match action {
+            StageAction::Insert => unreachable!("handled above"),
+            StageAction::Delete => {
+                if !matched.is_empty() {
+                    self.conn.query_drop(format!(
+                        "DELETE t FROM {table} AS t JOIN {staging} AS s ON {join}"
+                    ))?;
+                }
+                for o in matched {
+                    out[o] = Some(RowAction::Delete);
+                }
+            }
+            StageAction::SkipInsert => {
+                for o in matched {
+                    out[o] = Some(RowAction::Skip);
+                }
+            }
+            StageAction::Update | StageAction::UpdateInsert => {
+                let changed: Vec<usize> = if !has_set {
+                    Vec::new()
+                } else if diff {
+                    self.ords(format!(
+                        "SELECT DISTINCT s.tidepool_ord FROM {staging} AS s JOIN {table} AS t ON {join} WHERE NOT ({unchanged})"
+                    ))?
+                } else {
+                    matched.clone()
+                };
+                if !changed.is_empty() {
+                    let mut sql = format!(
+                        "UPDATE {table} AS t JOIN {staging} AS s ON {join} SET {}",
+                        sets.join(", ")
+                    );
+                    if diff {
+                        let _ = write!(sql, " WHERE NOT ({unchanged})");
+                    }
+                    self.conn.query_drop(sql)?;
+                }
+                for o in matched {
+                    out[o] = Some(RowAction::Skip);
+                }
+                for o in changed {
+                    out[o] = Some(RowAction::Update);
+                }
+            }
+        }
+        if matches!(action, StageAction::UpdateInsert | StageAction::SkipInsert) {
+            let missing: Vec<String> = out
+                .iter()
+                .enumerate()
+                .filter(|(_, a)| a.is_none())
+                .map(|(i, _)| i.to_string())
+                .collect();
+            if !missing.is_empty() {
+                self.conn.query_drop(format!(
+                    "INSERT INTO {table} ({}) SELECT {} FROM {staging} AS s WHERE s.tidepool_ord IN ({}) ORDER BY s.tidepool_ord",
+                    insert_names.join(", "),
+                    insert_vals.join(", "),
+                    missing.join(",")
+                ))?;
+                for a in out.iter_mut().filter(|a| a.is_none()) {
+                    *a = Some(RowAction::Insert);
+                }
+            }
+        }
+        Ok(out
+            .into_iter()
+            .map(|a| a.unwrap_or(RowAction::Ignore))
+            .collect())
+    }
+}
+
+/// Whether two rows of a batch name the same destination row.
+fn duplicate_keys(rows: &[&[Value]], match_cols: &[usize]) -> bool {
+    if match_cols.is_empty() || rows.len() < 2 {
+        return false;
+    }
+    let mut keys: Vec<String> = rows
+        .iter()
+        .map(|r| {
+            let mut k = String::new();
+            for &i in match_cols {
+                k.push_str(&r[i].to_text());
+                k.push('\u{1f}');
+            }
+            k
+        })
+        .collect();
+    keys.sort_unstable();
+    keys.windows(2).any(|w| w[0] == w[1])
+}
+
+impl Destination for MysqlDestination {
+    fn begin(&mut self) -> Result<(), ConnectorError> {
+        if self.conn.ping().is_err() {
+            if self.preview {
+                return Err(ConnectorError::Io(
+                    "the connection was lost during a preview; its work is gone".into(),
+                ));
+            }
+            self.conn = self.config.connect()?;
+            self.prepare_session()?;
+        }
+        let sql = if self.preview {
+            "SAVEPOINT tidepool_batch"
+        } else {
+            "START TRANSACTION"
+        };
+        self.conn.query_drop(sql).map_err(to_connector_error)
+    }
+
+    fn write(
+        &mut self,
+        stage: usize,
+        rows: &[&[Value]],
+    ) -> Result<Vec<WriteResult>, ConnectorError> {
+        if rows.len() > 1
+            && self.stages[stage].plan.action != StageAction::Insert
+            && duplicate_keys(rows, &self.stages[stage].match_cols)
+        {
+            return Err(ConnectorError::Io(
+                "two rows of the batch have the same match values".into(),
+            ));
+        }
+        self.conn
+            .query_drop("SAVEPOINT tidepool_write")
+            .map_err(to_connector_error)?;
+        match self.write_batch(stage, rows) {
+            Ok(actions) => {
+                self.conn
+                    .query_drop("RELEASE SAVEPOINT tidepool_write")
+                    .map_err(to_connector_error)?;
+                Ok(actions.into_iter().map(Ok).collect())
+            }
+            Err(e) if is_lost(&e) => Err(ConnectorError::Lost(e.to_string())),
+            Err(e) => {
+                self.conn
+                    .query_drop("ROLLBACK TO SAVEPOINT tidepool_write")
+                    .map_err(to_connector_error)?;
+                if rows.len() == 1 {
+                    Ok(vec![Err(e.to_string())])
+                } else {
+                    Err(ConnectorError::Io(e.to_string()))
+                }
+            }
+        }
+    }
+
+    fn commit(&mut self) -> Result<(), ConnectorError> {
+        let sql = if self.preview {
+            "RELEASE SAVEPOINT tidepool_batch"
+        } else {
+            "COMMIT"
+        };
+        self.conn.query_drop(sql).map_err(to_connector_error)
+    }
+
+    fn rollback(&mut self) -> Result<(), ConnectorError> {
+        let sql = if self.preview {
+            "ROLLBACK TO SAVEPOINT tidepool_batch"
+        } else {
+            "ROLLBACK"
+        };
+        match self.conn.query_drop(sql) {
+            Err(e) if is_lost(&e) => Ok(()),
+            r => r.map_err(to_connector_error),
+        }
+    }
+
+    fn finish(self: Box<Self>) -> Result<(), ConnectorError> {
+        let mut this = *self;
+        if this.preview {
+            let _ = this.conn.query_drop("ROLLBACK");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_convert_both_ways() {
+        assert_eq!(
+            from_mysql(mysql::Value::Date(2024, 2, 29, 0, 0, 0, 0)),
+            Value::from("2024-02-29")
+        );
+        assert_eq!(
+            from_mysql(mysql::Value::Date(2024, 2, 29, 13, 5, 9, 120)),
+            Value::from("2024-02-29 13:05:09.000120")
+        );
+        assert_eq!(
+            from_mysql(mysql::Value::Bytes(b"12.50".to_vec())),
+            Value::from("12.50")
+        );
+        assert_eq!(
+            from_mysql(mysql::Value::UInt(u64::MAX)),
+            Value::from(u64::MAX.to_string())
+        );
+        assert_eq!(redact("mysql://root:pw@h/db"), "mysql://root:***@h/db");
+        assert_eq!(quote_table("db.t`x"), "`db`.`t``x`");
+    }
+}

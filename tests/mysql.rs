@@ -1,0 +1,351 @@
+//! The MySQL/MariaDB connector against the real local server, each test in its
+//! own database so tests run in parallel.
+
+mod common;
+
+use common::{Fixture, request};
+use mysql::prelude::Queryable;
+use tidepool::engine::{LogLevel, RunStatus};
+
+fn base_url() -> String {
+    std::env::var("TIDEPOOL_TEST_MYSQL_URL")
+        .unwrap_or_else(|_| "mysql://root@127.0.0.1:3306".into())
+}
+
+/// A database of its own, dropped at the end.
+struct Db {
+    name: String,
+    admin: mysql::Conn,
+}
+
+impl Db {
+    fn new() -> Self {
+        let mut admin = mysql::Conn::new(mysql::Opts::from_url(&base_url()).unwrap())
+            .expect("MariaDB must be running on 127.0.0.1:3306 (see .ci/run)");
+        let name = format!("tp_{}", &uuid::Uuid::new_v4().simple().to_string()[..16]);
+        admin.query_drop(format!("CREATE DATABASE {name}")).unwrap();
+        admin.query_drop(format!("USE {name}")).unwrap();
+        Db { name, admin }
+    }
+
+    fn url(&self) -> String {
+        format!("{}/{}", base_url(), self.name)
+    }
+
+    fn exec(&mut self, sql: &str) {
+        for stmt in sql.split(';').filter(|s| !s.trim().is_empty()) {
+            self.admin.query_drop(stmt).unwrap();
+        }
+    }
+
+    fn rows(&mut self, sql: &str) -> Vec<String> {
+        let rows: Vec<mysql::Row> = self.admin.query(sql).unwrap();
+        rows.into_iter()
+            .map(|r| {
+                r.unwrap()
+                    .into_iter()
+                    .map(|v| match v {
+                        mysql::Value::NULL => "∅".to_owned(),
+                        mysql::Value::Bytes(b) => String::from_utf8_lossy(&b).into_owned(),
+                        other => other.as_sql(true).trim_matches('\'').to_owned(),
+                    })
+                    .collect::<Vec<_>>()
+                    .join("|")
+            })
+            .collect()
+    }
+}
+
+impl Drop for Db {
+    fn drop(&mut self) {
+        let _ = self
+            .admin
+            .query_drop(format!("DROP DATABASE {}", self.name));
+    }
+}
+
+fn project(db: &Db) -> String {
+    format!(
+        "[connections.src]\nkind = \"csv\"\npath = \"in.csv\"\n[connections.my]\nkind = \"mariadb\"\nurl = \"{}\"\n[connections.out]\nkind = \"csv\"\npath = \"${{DATA_DIR}}/out.csv\"\n",
+        db.url()
+    )
+}
+
+fn people_job(action: &str, extra: &str) -> String {
+    format!(
+        r#"
+[origin]
+connection = "src"
+[destination]
+connection = "my"
+[[stages]]
+table = "people"
+action = "{action}"
+{extra}
+fields = [
+  {{ column = "id", origin = "id", match = true }},
+  {{ column = "name", origin = "name" }},
+  {{ column = "city", origin = "city" }},
+]
+"#
+    )
+}
+
+fn people(db: &mut Db, key: &str) {
+    db.exec(&format!(
+        "CREATE TABLE people(id integer {key}, name varchar(50), city varchar(50));
+         INSERT INTO people VALUES (1,'Ann','Oslo'), (2,'Bob','Rome'), (3,'Cy','Lima')"
+    ));
+}
+
+#[test]
+fn every_stage_action_counts_exactly() {
+    // action, stage extra, key, [inserts, updates, deletes, skips, ignores], table after
+    type Case<'a> = (&'a str, &'a str, &'a str, [u64; 5], &'a [&'a str]);
+    let cases: [Case; 6] = [
+        (
+            "update",
+            "",
+            "PRIMARY KEY",
+            [0, 2, 0, 0, 2],
+            &["1|Ann|Oslo", "2|Bobby|Rome", "3|Cy|Lima"],
+        ),
+        (
+            "delete",
+            "",
+            "PRIMARY KEY",
+            [0, 0, 2, 0, 2],
+            &["1|Ann|Oslo"],
+        ),
+        (
+            "update/insert",
+            "",
+            "PRIMARY KEY",
+            [2, 2, 0, 0, 0],
+            &[
+                "1|Ann|Oslo",
+                "2|Bobby|Rome",
+                "3|Cy|Lima",
+                "4|Dan|Kyiv",
+                "5|Eve|Pisa",
+            ],
+        ),
+        (
+            "skip/insert",
+            "",
+            "PRIMARY KEY",
+            [2, 0, 0, 2, 0],
+            &[
+                "1|Ann|Oslo",
+                "2|Bob|Rome",
+                "3|Cy|Lima",
+                "4|Dan|Kyiv",
+                "5|Eve|Pisa",
+            ],
+        ),
+        (
+            "update/insert",
+            "update_on_difference = true",
+            "PRIMARY KEY",
+            [2, 1, 0, 1, 0],
+            &[
+                "1|Ann|Oslo",
+                "2|Bobby|Rome",
+                "3|Cy|Lima",
+                "4|Dan|Kyiv",
+                "5|Eve|Pisa",
+            ],
+        ),
+        (
+            "update/insert",
+            "update_on_difference = true",
+            "",
+            [2, 1, 0, 1, 0],
+            &[
+                "1|Ann|Oslo",
+                "2|Bobby|Rome",
+                "3|Cy|Lima",
+                "4|Dan|Kyiv",
+                "5|Eve|Pisa",
+            ],
+        ),
+    ];
+    for (action, extra, key, expected, table) in cases {
+        let mut db = Db::new();
+        people(&mut db, key);
+        let f = Fixture::new();
+        f.project("p", &project(&db), &[("j", &people_job(action, extra))]);
+        f.write(
+            "projects/p/in.csv",
+            "id,name,city\n2,Bobby,Rome\n3,Cy,Lima\n4,Dan,Kyiv\n5,Eve,Pisa\n",
+        );
+        let r = f.run(&request("p", "j"));
+        assert_eq!(r.status, RunStatus::Complete, "{action}: {:?}", r.error);
+        let c = r.counters;
+        assert_eq!(
+            [c.inserts, c.updates, c.deletes, c.skips, c.ignores],
+            expected,
+            "{action} {extra} {key}"
+        );
+        assert_eq!((c.total_rows, c.errors), (4, 0));
+        assert_eq!(
+            db.rows("SELECT * FROM people ORDER BY id"),
+            table,
+            "{action} {extra} {key}"
+        );
+    }
+}
+
+#[test]
+fn types_round_trip_and_a_bad_value_costs_only_its_row() {
+    let mut db = Db::new();
+    db.exec("CREATE TABLE m(id integer PRIMARY KEY, amount decimal(12,2), seen datetime(6), ok boolean, day date, note text)");
+    let f = Fixture::new();
+    let fields = "fields = [{ column = \"id\", origin = \"id\" }, { column = \"amount\", origin = \"amount\" }, { column = \"seen\", origin = \"seen\" }, { column = \"ok\", origin = \"ok\" }, { column = \"day\", origin = \"day\" }, { column = \"note\", origin = \"note\" }]";
+    let load = format!(
+        "[origin]\nconnection = \"src\"\n[destination]\nconnection = \"my\"\n[[stages]]\ntable = \"m\"\naction = \"insert\"\n{fields}\n"
+    );
+    let back = format!(
+        "[origin]\nconnection = \"my\"\nquery = \"SELECT id, amount, seen, ok, day, note FROM m WHERE id >= '@@VAR:JobArgument@@' ORDER BY id\"\n[destination]\nconnection = \"out\"\n[[stages]]\naction = \"insert\"\n{fields}\n"
+    );
+    f.project("p", &project(&db), &[("load", &load), ("back", &back)]);
+    f.write(
+        "projects/p/in.csv",
+        "id,amount,seen,ok,day,note\n1,12.50,2024-04-20 11:06:49.638407,1,2024-02-29,\"tab\there\"\n2,abc,2024-04-20 11:06:49,0,2024-03-01,x\n3,99999999.99,,,,\n",
+    );
+    let mut req = request("p", "load");
+    req.logging_level = LogLevel::Low;
+    let r = f.run(&req);
+    let c = r.counters;
+    assert_eq!(
+        (c.total_rows, c.inserts, c.errors),
+        (3, 2, 1),
+        "{:?}",
+        r.jobs[0].log
+    );
+    let err = &r.jobs[0]
+        .log
+        .iter()
+        .find(|e| e.row == Some(2))
+        .unwrap()
+        .message;
+    assert!(err.contains("amount"), "{err}");
+    assert_eq!(
+        db.rows("SELECT id, amount, seen, ok, day, note FROM m ORDER BY id"),
+        [
+            "1|12.50|2024-04-20 11:06:49.638407|1|2024-02-29|tab\there",
+            "3|99999999.99|∅|∅|∅|"
+        ]
+    );
+    let mut req = request("p", "back");
+    req.argument = "1".into();
+    let r = f.run(&req);
+    assert_eq!(r.counters.inserts, 2, "{:?}", r.error);
+    assert_eq!(
+        std::fs::read_to_string(f.data.join("out.csv")).unwrap(),
+        "id,amount,seen,ok,day,note\n1,12.50,2024-04-20 11:06:49.638407,1,2024-02-29,tab\there\n3,99999999.99,,,,\n"
+    );
+}
+
+#[test]
+fn threads_and_duplicate_keys() {
+    let mut csv = String::from("id,name,city\n");
+    for i in 1..=3000 {
+        csv.push_str(&format!("{i},n{i},c{}\n", i % 7));
+    }
+    csv.push_str("7,again,z\n");
+    let mut outcomes = Vec::new();
+    for threads in [1, 4] {
+        let mut db = Db::new();
+        people(&mut db, "PRIMARY KEY");
+        let f = Fixture::new();
+        let job =
+            people_job("update/insert", "").replace("[origin]", "batch_size = 5000\n[origin]");
+        f.project("p", &project(&db), &[("j", &job)]);
+        f.write("projects/p/in.csv", &csv);
+        let mut req = request("p", "j");
+        req.thread_count = threads;
+        let r = f.run(&req);
+        assert_eq!(r.status, RunStatus::Complete, "{:?}", r.error);
+        outcomes.push((
+            r.counters,
+            db.rows("SELECT count(*), md5(group_concat(id, name, city ORDER BY id)) FROM people"),
+        ));
+        assert_eq!(db.rows("SELECT name FROM people WHERE id = 7"), ["again"]);
+    }
+    assert_eq!((outcomes[0].0.inserts, outcomes[0].0.updates), (2997, 4));
+    assert_eq!(outcomes[0], outcomes[1]);
+}
+
+#[test]
+fn a_refused_connection_fails_the_job_clearly() {
+    let db = Db::new();
+    let f = Fixture::new();
+    let proj = project(&db).replace("127.0.0.1:3306", "127.0.0.1:1");
+    f.project("p", &proj, &[("j", &people_job("insert", ""))]);
+    f.write("projects/p/in.csv", "id,name,city\n1,a,b\n");
+    let r = f.run(&request("p", "j"));
+    assert_eq!(r.status, RunStatus::Failed);
+    let e = r.error.unwrap();
+    assert!(
+        e.contains("cannot open mysql database mysql://root@127.0.0.1:1/"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_connection_killed_mid_run_is_retried_and_nothing_is_lost() {
+    let mut db = Db::new();
+    people(&mut db, "PRIMARY KEY");
+    let f = Fixture::new();
+    let job = people_job("update/insert", "").replace(
+        "[origin]",
+        "batch_size = 200\nretry_wait_ms = 100\n[origin]",
+    );
+    f.project("p", &project(&db), &[("j", &job)]);
+    let mut csv = String::from("id,name,city\n");
+    for i in 1..=40_000 {
+        csv.push_str(&format!("{i},n{i},c\n"));
+    }
+    f.write("projects/p/in.csv", &csv);
+    let name = db.name.clone();
+    let admin_id = db.admin.connection_id();
+    let killer = std::thread::spawn(move || {
+        let mut admin = mysql::Conn::new(mysql::Opts::from_url(&base_url()).unwrap()).unwrap();
+        for _ in 0..1000 {
+            let n: Option<i64> = admin
+                .query_first(format!("SELECT count(*) FROM {name}.people"))
+                .unwrap();
+            if n.unwrap_or(0) > 2000 {
+                let ids: Vec<u64> = admin
+                    .query(format!(
+                        "SELECT id FROM information_schema.PROCESSLIST WHERE db = '{name}' AND id NOT IN (CONNECTION_ID(), {admin_id})"
+                    ))
+                    .unwrap();
+                for id in &ids {
+                    let _ = admin.query_drop(format!("KILL {id}"));
+                }
+                return ids.len();
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        0
+    });
+    let mut req = request("p", "j");
+    req.logging_level = LogLevel::Medium;
+    let r = f.run(&req);
+    let killed = killer.join().unwrap();
+    assert_eq!(r.status, RunStatus::Complete, "{:?}", r.error);
+    let c = r.counters;
+    assert_eq!(
+        (c.total_rows, c.inserts + c.updates, c.errors),
+        (40_000, 40_000, 0)
+    );
+    assert_eq!(db.rows("SELECT count(*) FROM people"), ["40000"]);
+    assert!(killed > 0, "the test did not manage to cut the connection");
+    let log: Vec<&str> = r.jobs[0].log.iter().map(|e| e.message.as_str()).collect();
+    assert!(
+        log.iter().any(|m| m.contains("connection was lost")),
+        "{log:#?}"
+    );
+}
