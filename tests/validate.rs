@@ -151,7 +151,7 @@ fields = [{ column = "id", origin = "id", match = true }]
         "jobs/c.toml:6: stage 1: a csv connection (\"src\") cannot update; it supports: insert",
         "jobs/d.toml:10: stage 1, column \"name\": @@STG:1,#Action@@ reads a stage that has not run yet",
         "jobs/e.toml:10: stage 1, column \"name\": token @@FOO:x@@ has unknown kind",
-        "jobs/f.toml:1: origin: connection \"db\" is a sqlite database: give the rows' SQL as origin.query",
+        "jobs/f.toml:1: origin: connection \"db\" (sqlite) needs origin.query",
         "jobs/g.toml:7: unknown variant `merge`",
     ] {
         assert!(m.contains(expected), "missing {expected:?} in:\n{m}");

@@ -7,6 +7,7 @@
 
 pub mod csv;
 pub mod file;
+pub mod http;
 pub mod json;
 pub mod mysql;
 pub mod postgres;
@@ -38,6 +39,8 @@ pub enum ConnectionConfig {
     /// A MySQL or MariaDB database.
     #[serde(alias = "mariadb")]
     Mysql(mysql::MysqlConfig),
+    /// A JSON resource of an HTTP API.
+    Http(http::HttpConfig),
 }
 
 impl ConnectionConfig {
@@ -49,6 +52,7 @@ impl ConnectionConfig {
             ConnectionConfig::Sqlite(c) => c,
             ConnectionConfig::Postgres(c) => c,
             ConnectionConfig::Mysql(c) => c,
+            ConnectionConfig::Http(c) => c,
         }
     }
 

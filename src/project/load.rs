@@ -500,7 +500,7 @@ fn load_job(
                 OriginInput::Query if o.query.is_none() => problems.push(src.problem(
                     &raw.origin,
                     format!(
-                        "origin: connection {origin_name:?} is a {} database: give the rows' SQL as origin.query",
+                        "origin: connection {origin_name:?} ({}) needs origin.query: the rows' SQL (for http: the request path)",
                         c.kind()
                     ),
                 )),

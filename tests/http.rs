@@ -1,0 +1,292 @@
+//! The HTTP JSON connector against a real HTTP server on loopback.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::get;
+use axum::{Json, Router};
+use common::{Fixture, request};
+use serde_json::{Value, json};
+use tidepool::engine::{LogLevel, RunStatus};
+
+#[derive(Clone, Default)]
+struct Api {
+    items: Arc<Mutex<BTreeMap<String, Value>>>,
+    hits: Arc<AtomicUsize>,
+}
+
+fn authorized(h: &HeaderMap) -> bool {
+    h.get("authorization").and_then(|v| v.to_str().ok()) == Some("Bearer t0k")
+}
+
+async fn pages(
+    State(api): State<Api>,
+    h: HeaderMap,
+    Query(q): Query<BTreeMap<String, String>>,
+) -> (StatusCode, [(&'static str, &'static str); 1], Json<Value>) {
+    if !authorized(&h) {
+        return (
+            StatusCode::UNAUTHORIZED,
+            [("retry-after", "0")],
+            Json(json!({})),
+        );
+    }
+    // The very first request is told to come back later.
+    if api.hits.fetch_add(1, Ordering::SeqCst) == 0 {
+        return (
+            StatusCode::TOO_MANY_REQUESTS,
+            [("retry-after", "0")],
+            Json(json!({})),
+        );
+    }
+    let page: u64 = q.get("page").and_then(|p| p.parse().ok()).unwrap_or(1);
+    assert_eq!(
+        q.get("since").map(String::as_str),
+        Some("2024-01-01 & later")
+    );
+    let data: Vec<Value> = match page {
+        1 => vec![
+            json!({"id": 1, "name": "Ann"}),
+            json!({"id": 2, "name": "Bob"}),
+        ],
+        2 => vec![json!({"id": 3, "name": "Cy", "tags": ["x"]})],
+        _ => vec![],
+    };
+    (
+        StatusCode::OK,
+        [("x-page", "1")],
+        Json(json!({"data": data})),
+    )
+}
+
+async fn cursor(Query(q): Query<BTreeMap<String, String>>) -> Json<Value> {
+    match q.get("cursor").map(String::as_str) {
+        None => Json(json!({"items": [{"id": 1}], "next": "c2"})),
+        Some("c2") => Json(json!({"items": [{"id": 2}], "next": "c3"})),
+        _ => Json(json!({"items": [{"id": 3}], "next": null})),
+    }
+}
+
+async fn linked(Path(n): Path<u32>) -> Json<Value> {
+    let next = if n < 3 {
+        json!(format!("/linked/{}", n + 1))
+    } else {
+        Value::Null
+    };
+    Json(json!({"data": [{"id": n}], "links": {"next": next}}))
+}
+
+async fn create(State(api): State<Api>, Json(body): Json<Value>) -> (StatusCode, Json<Value>) {
+    if body["name"] == "bad" {
+        return (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Json(json!({"error": "name is bad"})),
+        );
+    }
+    let id = body["id"].to_string();
+    api.items.lock().unwrap().insert(id, body.clone());
+    (StatusCode::CREATED, Json(body))
+}
+
+async fn item_get(State(api): State<Api>, Path(id): Path<String>) -> StatusCode {
+    if api.items.lock().unwrap().contains_key(&id) {
+        StatusCode::OK
+    } else {
+        StatusCode::NOT_FOUND
+    }
+}
+
+async fn item_patch(
+    State(api): State<Api>,
+    Path(id): Path<String>,
+    Json(body): Json<Value>,
+) -> StatusCode {
+    let mut items = api.items.lock().unwrap();
+    match items.get_mut(&id) {
+        Some(v) => {
+            for (k, x) in body.as_object().unwrap() {
+                v[k] = x.clone();
+            }
+            StatusCode::OK
+        }
+        None => StatusCode::NOT_FOUND,
+    }
+}
+
+async fn item_put(
+    State(api): State<Api>,
+    Path(id): Path<String>,
+    Json(body): Json<Value>,
+) -> StatusCode {
+    let mut items = api.items.lock().unwrap();
+    let existed = items.insert(id, body).is_some();
+    if existed {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    }
+}
+
+async fn item_delete(State(api): State<Api>, Path(id): Path<String>) -> StatusCode {
+    if api.items.lock().unwrap().remove(&id).is_some() {
+        StatusCode::NO_CONTENT
+    } else {
+        StatusCode::NOT_FOUND
+    }
+}
+
+/// Starts the API on a loopback port in a runtime of its own thread.
+fn serve(api: Api) -> String {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let app = Router::new()
+                .route("/contacts", get(pages))
+                .route("/cursor", get(cursor))
+                .route("/linked/{n}", get(linked))
+                .route("/items", axum::routing::post(create))
+                .route(
+                    "/items/{id}",
+                    get(item_get)
+                        .patch(item_patch)
+                        .put(item_put)
+                        .delete(item_delete),
+                )
+                .with_state(api);
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            tx.send(l.local_addr().unwrap()).unwrap();
+            axum::serve(l, app).await.unwrap();
+        });
+    });
+    format!("http://{}", rx.recv().unwrap())
+}
+
+#[test]
+fn origin_pages_retries_429_and_authenticates() {
+    let base = serve(Api::default());
+    let f = Fixture::new();
+    let project = format!(
+        r#"
+[connections.api]
+kind = "http"
+base_url = "{base}"
+records = "/data"
+auth = {{ bearer = "t0k" }}
+pagination = {{ kind = "page", param = "page" }}
+[connections.cur]
+kind = "http"
+base_url = "{base}"
+records = "/items"
+pagination = {{ kind = "cursor", param = "cursor", pointer = "/next" }}
+[connections.link]
+kind = "http"
+base_url = "{base}"
+records = "/data"
+pagination = {{ kind = "next_link", pointer = "/links/next" }}
+[connections.out]
+kind = "json"
+path = "${{DATA_DIR}}/out.jsonl"
+"#
+    );
+    let job = |conn: &str, q: &str| {
+        format!(
+            "[origin]\nconnection = \"{conn}\"\nquery = \"{q}\"\n[destination]\nconnection = \"out\"\n[[stages]]\naction = \"insert\"\nfields = [{{ column = \"id\", origin = \"id\" }}, {{ column = \"name\", origin = \"name\" }}, {{ column = \"tags\", origin = \"tags\" }}]\n"
+        )
+    };
+    f.project(
+        "p",
+        &project,
+        &[
+            ("pages", &job("api", "/contacts?since=@@VAR:JobArgument@@")),
+            ("cursor", &job("cur", "/cursor")),
+            ("linked", &job("link", "/linked/1")),
+        ],
+    );
+    let mut req = request("p", "pages");
+    req.argument = "2024-01-01 & later".into();
+    let r = f.run(&req);
+    assert_eq!(r.status, RunStatus::Complete, "{:?}", r.error);
+    assert_eq!(r.counters.inserts, 3);
+    let out = std::fs::read_to_string(f.data.join("out.jsonl")).unwrap();
+    assert_eq!(
+        out,
+        "{\"id\":1,\"name\":\"Ann\",\"tags\":null}\n{\"id\":2,\"name\":\"Bob\",\"tags\":null}\n{\"id\":3,\"name\":\"Cy\",\"tags\":\"[\\\"x\\\"]\"}\n"
+    );
+    for job in ["cursor", "linked"] {
+        let r = f.run(&request("p", job));
+        assert_eq!(r.counters.inserts, 3, "{job}: {:?}", r.error);
+        let ids: Vec<Value> = std::fs::read_to_string(f.data.join("out.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap()["id"].clone())
+            .collect();
+        assert_eq!(ids, [json!(1), json!(2), json!(3)], "{job}");
+    }
+}
+
+#[test]
+fn destination_maps_statuses_to_outcomes() {
+    let api = Api::default();
+    let base = serve(api.clone());
+    let f = Fixture::new();
+    let project = format!(
+        "[connections.src]\nkind = \"csv\"\npath = \"in.csv\"\n[connections.api]\nkind = \"http\"\nbase_url = \"{base}\"\nmax_retries = 0\n"
+    );
+    let job = |action: &str| {
+        format!(
+            "[origin]\nconnection = \"src\"\n[destination]\nconnection = \"api\"\n[[stages]]\ntable = \"/items\"\naction = \"{action}\"\nfields = [{{ column = \"id\", origin = \"id\", type = \"integer\", match = true }}, {{ column = \"name\", origin = \"name\" }}]\n"
+        )
+    };
+    f.project(
+        "p",
+        &project,
+        &[
+            ("ins", &job("insert")),
+            ("upd", &job("update")),
+            ("ups", &job("update/insert")),
+            ("skip", &job("skip/insert")),
+            ("del", &job("delete")),
+        ],
+    );
+    f.write("projects/p/in.csv", "id,name\n1,Ann\n2,bad\n3,Cy\n");
+    let mut req = request("p", "ins");
+    req.logging_level = LogLevel::Low;
+    let r = f.run(&req);
+    assert_eq!((r.counters.inserts, r.counters.errors), (2, 1));
+    let msg = &r.jobs[0]
+        .log
+        .iter()
+        .find(|e| e.row == Some(2))
+        .unwrap()
+        .message;
+    assert!(
+        msg.contains("HTTP 422") && msg.contains("name is bad"),
+        "{msg}"
+    );
+    assert_eq!(api.items.lock().unwrap().len(), 2);
+
+    f.write("projects/p/in.csv", "id,name\n1,Annie\n4,Dan\n");
+    let c = f.run(&request("p", "upd")).counters;
+    assert_eq!((c.updates, c.ignores), (1, 1));
+    assert_eq!(api.items.lock().unwrap()["1"]["name"], "Annie");
+    let c = f.run(&request("p", "ups")).counters;
+    assert_eq!((c.updates, c.inserts), (1, 1));
+    f.write("projects/p/in.csv", "id,name\n1,X\n5,Eve\n");
+    let c = f.run(&request("p", "skip")).counters;
+    assert_eq!((c.skips, c.inserts), (1, 1));
+    assert_eq!(api.items.lock().unwrap()["1"]["name"], "Annie");
+    f.write("projects/p/in.csv", "id,name\n1,\n9,\n");
+    let c = f.run(&request("p", "del")).counters;
+    assert_eq!((c.deletes, c.ignores), (1, 1));
+    let left: Vec<String> = api.items.lock().unwrap().keys().cloned().collect();
+    assert_eq!(left, ["3", "4", "5"]);
+}
