@@ -479,12 +479,16 @@ impl StageSql {
     fn insert_select_sql(&self) -> String {
         let names: Vec<String> = self.insert_cols.iter().map(|&i| self.col(i)).collect();
         let vals: Vec<String> = self.insert_cols.iter().map(|&i| self.val(i)).collect();
+        // The rows that matched nothing: exactly those no earlier step answered
+        // for, found by the join instead of a long list of row numbers.
         format!(
-            "INSERT INTO {} ({}) SELECT {} FROM {} AS s WHERE s.ord = ANY($1) ORDER BY s.ord",
+            "INSERT INTO {} ({}) SELECT {} FROM {} AS s WHERE NOT EXISTS (SELECT 1 FROM {} AS t WHERE {}) ORDER BY s.ord",
             self.table,
             names.join(", "),
             vals.join(", "),
-            self.staging
+            self.staging,
+            self.table,
+            self.matches()
         )
     }
 
@@ -521,6 +525,20 @@ fn copy_text(out: &mut Vec<u8>, v: &Value) {
         other => {
             let _ = write!(out, "{other}");
         }
+    }
+}
+
+/// Why a batch's write did not go through.
+enum BatchError {
+    /// The server refused a statement.
+    Pg(postgres::Error),
+    /// The table changed between two statements of the batch (another writer).
+    Changed,
+}
+
+impl From<postgres::Error> for BatchError {
+    fn from(e: postgres::Error) -> Self {
+        BatchError::Pg(e)
     }
 }
 
@@ -597,11 +615,7 @@ impl PostgresDestination {
     }
 
     /// The set-based write of one batch for one stage.
-    fn write_batch(
-        &mut self,
-        st: usize,
-        rows: &[&[Value]],
-    ) -> Result<Vec<RowAction>, postgres::Error> {
+    fn write_batch(&mut self, st: usize, rows: &[&[Value]]) -> Result<Vec<RowAction>, BatchError> {
         let n = rows.len();
         let action = self.stages[st].plan.action;
         if action == StageAction::Insert {
@@ -686,7 +700,12 @@ impl PostgresDestination {
                 .map(|(i, _)| i as i32)
                 .collect();
             if !missing.is_empty() {
-                self.client.execute(&insert, &[&missing])?;
+                let n = self.client.execute(&insert, &[])?;
+                if n as usize != missing.len() {
+                    // Someone else wrote these rows meanwhile: let the row-by-row
+                    // replay give each its true outcome.
+                    return Err(BatchError::Changed);
+                }
                 for &i in &missing {
                     out[i as usize] = Some(RowAction::Insert);
                 }
@@ -762,16 +781,22 @@ impl Destination for PostgresDestination {
                     .map_err(to_connector_error)?;
                 Ok(actions.into_iter().map(Ok).collect())
             }
-            Err(e) if is_lost(&e) => Err(ConnectorError::Lost(pg_message(&e))),
-            Err(e) => {
+            Err(BatchError::Pg(e)) if is_lost(&e) => Err(ConnectorError::Lost(pg_message(&e))),
+            Err(err) => {
+                let msg = match &err {
+                    BatchError::Pg(e) => pg_message(e),
+                    BatchError::Changed => {
+                        "the table changed while the batch was written (another writer)".into()
+                    }
+                };
                 self.client
                     .batch_execute("ROLLBACK TO tidepool_write; RELEASE tidepool_write")
                     .map_err(to_connector_error)?;
                 if rows.len() == 1 {
                     // One row: its own error, and the transaction goes on.
-                    Ok(vec![Err(pg_message(&e))])
+                    Ok(vec![Err(msg)])
                 } else {
-                    Err(ConnectorError::Io(pg_message(&e)))
+                    Err(ConnectorError::Io(msg))
                 }
             }
         }
