@@ -93,6 +93,18 @@ async fn create(State(api): State<Api>, Json(body): Json<Value>) -> (StatusCode,
     (StatusCode::CREATED, Json(body))
 }
 
+async fn bulk(State(api): State<Api>, Json(body): Json<Vec<Value>>) -> StatusCode {
+    api.hits.fetch_add(1, Ordering::SeqCst);
+    if body.iter().any(|b| b["name"] == "bad") {
+        return StatusCode::UNPROCESSABLE_ENTITY;
+    }
+    let mut items = api.items.lock().unwrap();
+    for b in body {
+        items.insert(b["id"].to_string(), b);
+    }
+    StatusCode::CREATED
+}
+
 async fn item_get(State(api): State<Api>, Path(id): Path<String>) -> StatusCode {
     if api.items.lock().unwrap().contains_key(&id) {
         StatusCode::OK
@@ -154,6 +166,7 @@ fn serve(api: Api) -> String {
                 .route("/cursor", get(cursor))
                 .route("/linked/{n}", get(linked))
                 .route("/items", axum::routing::post(create))
+                .route("/bulk", axum::routing::post(bulk))
                 .route(
                     "/items/{id}",
                     get(item_get)
@@ -289,4 +302,30 @@ fn destination_maps_statuses_to_outcomes() {
     assert_eq!((c.deletes, c.ignores), (1, 1));
     let left: Vec<String> = api.items.lock().unwrap().keys().cloned().collect();
     assert_eq!(left, ["3", "4", "5"]);
+}
+
+#[test]
+fn batches_go_in_one_request_and_a_refused_batch_is_sent_row_by_row() {
+    let api = Api::default();
+    let base = serve(api.clone());
+    let f = Fixture::new();
+    let project = format!(
+        "[connections.src]\nkind = \"csv\"\npath = \"in.csv\"\n[connections.api]\nkind = \"http\"\nbase_url = \"{base}\"\nbatch = true\nmax_retries = 0\n"
+    );
+    let job = "[origin]\nconnection = \"src\"\n[destination]\nconnection = \"api\"\n[[stages]]\ntable = \"/bulk\"\naction = \"insert\"\nfields = [{ column = \"id\", origin = \"id\", type = \"integer\" }, { column = \"name\", origin = \"name\" }]\n";
+    f.project("p", &project, &[("j", job)]);
+    f.write("projects/p/in.csv", "id,name\n1,Ann\n2,Bob\n");
+    let r = f.run(&request("p", "j"));
+    assert_eq!(r.counters.inserts, 2, "{:?}", r.error);
+    assert_eq!(
+        api.hits.load(Ordering::SeqCst),
+        1,
+        "one request for the batch"
+    );
+    f.write("projects/p/in.csv", "id,name\n3,Cy\n4,bad\n5,Eve\n");
+    let r = f.run(&request("p", "j"));
+    assert_eq!((r.counters.inserts, r.counters.errors), (2, 1));
+    // 1 + the refused batch + 3 single-row requests
+    assert_eq!(api.hits.load(Ordering::SeqCst), 5);
+    assert_eq!(api.items.lock().unwrap().len(), 4);
 }

@@ -49,6 +49,11 @@ pub struct HttpConfig {
     /// Retries of a request answered 429 or 5xx (or not answered).
     #[serde(default = "default_retries")]
     pub max_retries: u32,
+    /// Insert stages send each batch as one `POST {table}` with a JSON array
+    /// (a 2xx answer inserts every row; any other fails the batch, which is
+    /// then sent again one row per request, as an array of one).
+    #[serde(default)]
+    pub batch: bool,
 }
 
 fn default_timeout() -> u64 {
@@ -519,6 +524,43 @@ impl HttpDestination {
     }
 }
 
+impl HttpDestination {
+    fn batch_insert(
+        &self,
+        plan: &StagePlan,
+        rows: &[&[Value]],
+    ) -> Result<Vec<WriteResult>, ConnectorError> {
+        if self.preview {
+            return Ok(vec![Ok(RowAction::Insert); rows.len()]);
+        }
+        let url = self.config.url(plan.table.as_deref().unwrap_or(""));
+        let body: Vec<serde_json::Value> = rows.iter().map(|r| Self::body(plan, r, true)).collect();
+        let body = serde_json::Value::Array(body);
+        let answer = self
+            .config
+            .send(&|| self.client.post(&url).json(&body))
+            .map(|r| {
+                let status = r.status();
+                (status, r.text().unwrap_or_default())
+            });
+        let failure = match answer {
+            Ok((status, _)) if status.is_success() => {
+                return Ok(vec![Ok(RowAction::Insert); rows.len()]);
+            }
+            Ok((status, text)) => format!(
+                "POST {url}: HTTP {status}: {}",
+                text.chars().take(200).collect::<String>()
+            ),
+            Err(e) => format!("POST {url}: {e}"),
+        };
+        if rows.len() == 1 {
+            Ok(vec![Err(failure)])
+        } else {
+            Err(ConnectorError::Io(failure))
+        }
+    }
+}
+
 impl Destination for HttpDestination {
     fn begin(&mut self) -> Result<(), ConnectorError> {
         Ok(())
@@ -530,6 +572,9 @@ impl Destination for HttpDestination {
         rows: &[&[Value]],
     ) -> Result<Vec<WriteResult>, ConnectorError> {
         let plan = self.stages[stage].clone();
+        if self.config.batch && plan.action == StageAction::Insert {
+            return self.batch_insert(&plan, rows);
+        }
         Ok(rows.iter().map(|r| self.one(&plan, r)).collect())
     }
 
@@ -567,6 +612,7 @@ mod tests {
             pagination: Pagination::None,
             timeout_secs: 1,
             max_retries: 0,
+            batch: false,
         };
         assert_eq!(c.url("/items"), "http://h/api/items");
         assert_eq!(c.url("https://other/x"), "https://other/x");
