@@ -18,8 +18,8 @@ use reqwest::blocking::{Client, RequestBuilder, Response};
 use serde::Deserialize;
 
 use super::{
-    Capabilities, Connector, ConnectorError, Destination, DestinationRequest, Flow, Origin,
-    OriginInput, OriginRequest, RowAction, RowRead, StagePlan, WriteResult,
+    ALL_ACTIONS, Capabilities, Connector, ConnectorError, Destination, DestinationRequest, Flow,
+    Origin, OriginInput, OriginRequest, RowAction, RowRead, StagePlan, WriteResult,
 };
 use crate::project::StageAction;
 use crate::project::template::{Part, Template, Token};
@@ -210,13 +210,7 @@ impl Connector for HttpConfig {
 
     fn capabilities(&self) -> Capabilities {
         Capabilities {
-            actions: &[
-                StageAction::Insert,
-                StageAction::Update,
-                StageAction::Delete,
-                StageAction::UpdateInsert,
-                StageAction::SkipInsert,
-            ],
+            actions: ALL_ACTIONS,
             origin: OriginInput::Query,
             needs_table: true,
             max_writers: None,

@@ -268,6 +268,112 @@ pub trait Connector {
     ) -> Result<Box<dyn Destination>, ConnectorError>;
 }
 
+/// Every stage action: what the database kinds support.
+pub(crate) const ALL_ACTIONS: &[StageAction] = &[
+    StageAction::Insert,
+    StageAction::Update,
+    StageAction::Delete,
+    StageAction::UpdateInsert,
+    StageAction::SkipInsert,
+];
+
+/// A connection URL without its password, for messages.
+pub(crate) fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => match url[s + 3..at].split_once(':') {
+            Some((user, _)) => format!("{}{user}:***{}", &url[..s + 3], &url[at..]),
+            None => url.to_owned(),
+        },
+        _ => url.to_owned(),
+    }
+}
+
+/// Whether two rows of a batch name the same destination row (set-based
+/// writers then let the engine replay the batch row by row, in order).
+pub(crate) fn duplicate_keys(rows: &[&[Value]], match_cols: &[usize]) -> bool {
+    if match_cols.is_empty() || rows.len() < 2 {
+        return false;
+    }
+    let mut keys: Vec<String> = rows
+        .iter()
+        .map(|r| {
+            let mut k = String::new();
+            for &i in match_cols {
+                k.push_str(&r[i].to_text());
+                k.push('\u{1f}');
+            }
+            k
+        })
+        .collect();
+    keys.sort_unstable();
+    keys.windows(2).any(|w| w[0] == w[1])
+}
+
+/// Which plan columns an insert writes, an update sets, and the WHERE matches.
+pub(crate) struct ColumnSets {
+    pub(crate) insert: Vec<usize>,
+    pub(crate) set: Vec<usize>,
+    pub(crate) matches: Vec<usize>,
+}
+
+impl ColumnSets {
+    pub(crate) fn of(plan: &StagePlan) -> Self {
+        let pick = |f: &dyn Fn(&ColumnPlan) -> bool| -> Vec<usize> {
+            plan.columns
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| f(c))
+                .map(|(i, _)| i)
+                .collect()
+        };
+        ColumnSets {
+            insert: pick(&|c| !c.update_only),
+            set: pick(&|c| !c.is_match && !c.insert_only),
+            matches: pick(&|c| c.is_match),
+        }
+    }
+}
+
+/// Finds each plan column among a table's `(name, type)` columns, exactly or
+/// case-insensitively; an unknown table or column is an error naming it.
+pub(crate) fn find_columns<'a>(
+    existing: &'a [(String, String)],
+    plan: &StagePlan,
+    table: &str,
+) -> Result<Vec<&'a (String, String)>, ConnectorError> {
+    if existing.is_empty() {
+        return Err(ConnectorError::Schema(format!(
+            "table {table:?} does not exist (stage {:?}); create it, or add init_sql to the connection",
+            plan.name
+        )));
+    }
+    plan.columns
+        .iter()
+        .map(|c| {
+            existing
+                .iter()
+                .find(|(n, _)| n == &c.name)
+                .or_else(|| {
+                    existing
+                        .iter()
+                        .find(|(n, _)| n.eq_ignore_ascii_case(&c.name))
+                })
+                .ok_or_else(|| {
+                    ConnectorError::Schema(format!(
+                        "table {table:?} has no column {:?} (stage {:?}); it has: {}",
+                        c.name,
+                        plan.name,
+                        existing
+                            .iter()
+                            .map(|(n, _)| n.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ))
+                })
+        })
+        .collect()
+}
+
 /// Resolves a connection path against the project folder.
 pub(crate) fn resolve_path(base: &Path, p: &Path) -> PathBuf {
     if p.is_absolute() {

@@ -18,8 +18,9 @@ use mysql::{Conn, Opts, OptsBuilder, Params};
 use serde::Deserialize;
 
 use super::{
-    Capabilities, ColumnPlan, Connector, ConnectorError, Destination, DestinationRequest, Flow,
-    Origin, OriginInput, OriginRequest, RowAction, RowRead, StagePlan, WriteResult, bind_tokens,
+    ALL_ACTIONS, Capabilities, ColumnSets, Connector, ConnectorError, Destination,
+    DestinationRequest, Flow, Origin, OriginInput, OriginRequest, RowAction, RowRead, StagePlan,
+    WriteResult, bind_tokens, duplicate_keys, find_columns, redact_url,
 };
 use crate::project::StageAction;
 use crate::value::{Row, Value};
@@ -50,7 +51,7 @@ const MAX_PARAMS: usize = 60_000;
 impl MysqlConfig {
     fn connect(&self) -> Result<Conn, ConnectorError> {
         let open = |reason: String| ConnectorError::Open {
-            what: format!("mysql database {}", redact(&self.url)),
+            what: format!("mysql database {}", redact_url(&self.url)),
             reason,
         };
         let opts = Opts::from_url(&self.url).map_err(|e| open(format!("bad url: {e}")))?;
@@ -63,16 +64,6 @@ impl MysqlConfig {
                 .map_err(|e| ConnectorError::Schema(format!("init_sql failed: {e}")))?;
         }
         Ok(conn)
-    }
-}
-
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => match url[s + 3..at].split_once(':') {
-            Some((user, _)) => format!("{}{user}:***{}", &url[..s + 3], &url[at..]),
-            None => url.to_owned(),
-        },
-        _ => url.to_owned(),
     }
 }
 
@@ -158,13 +149,7 @@ impl Connector for MysqlConfig {
 
     fn capabilities(&self) -> Capabilities {
         Capabilities {
-            actions: &[
-                StageAction::Insert,
-                StageAction::Update,
-                StageAction::Delete,
-                StageAction::UpdateInsert,
-                StageAction::SkipInsert,
-            ],
+            actions: ALL_ACTIONS,
             origin: OriginInput::Query,
             needs_table: true,
             max_writers: None,
@@ -281,61 +266,31 @@ impl StageSql {
             None => vec![name.1.as_str().into()],
         };
         let existing: Vec<(String, String)> = conn.exec(sql, params).map_err(to_connector_error)?;
-        if existing.is_empty() {
-            return Err(ConnectorError::Schema(format!(
-                "table {table:?} does not exist (stage {:?}); create it, or add init_sql to the connection",
-                plan.name
-            )));
-        }
-        let mut columns = Vec::new();
-        for c in &plan.columns {
-            let Some((n, ty)) = existing.iter().find(|(n, _)| n == &c.name).or_else(|| {
-                existing
-                    .iter()
-                    .find(|(n, _)| n.eq_ignore_ascii_case(&c.name))
-            }) else {
-                return Err(ConnectorError::Schema(format!(
-                    "table {table:?} has no column {:?} (stage {:?}); it has: {}",
-                    c.name,
-                    plan.name,
-                    existing
-                        .iter()
-                        .map(|(n, _)| n.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                )));
-            };
-            let text_like = [
-                "char",
-                "varchar",
-                "text",
-                "tinytext",
-                "mediumtext",
-                "longtext",
-                "enum",
-                "set",
-            ]
-            .contains(&ty.to_ascii_lowercase().as_str());
-            columns.push(Column {
+        const TEXT_TYPES: &[&str] = &[
+            "char",
+            "varchar",
+            "text",
+            "tinytext",
+            "mediumtext",
+            "longtext",
+            "enum",
+            "set",
+        ];
+        let columns = find_columns(&existing, plan, &table)?
+            .into_iter()
+            .map(|(n, ty)| Column {
                 name: n.clone(),
-                blank_is_null: !text_like,
-            });
-        }
-        let pick = |f: &dyn Fn(&ColumnPlan) -> bool| -> Vec<usize> {
-            plan.columns
-                .iter()
-                .enumerate()
-                .filter(|(_, c)| f(c))
-                .map(|(i, _)| i)
-                .collect()
-        };
+                blank_is_null: !TEXT_TYPES.contains(&ty.to_ascii_lowercase().as_str()),
+            })
+            .collect();
+        let sets = ColumnSets::of(plan);
         Ok(StageSql {
             plan: plan.clone(),
             table: quote_table(&table),
             staging: format!("tidepool_stage_{index}"),
-            insert_cols: pick(&|c| !c.update_only),
-            set_cols: pick(&|c| !c.is_match && !c.insert_only),
-            match_cols: pick(&|c| c.is_match),
+            insert_cols: sets.insert,
+            set_cols: sets.set,
+            match_cols: sets.matches,
             columns,
         })
     }
@@ -581,26 +536,6 @@ impl MysqlDestination {
     }
 }
 
-/// Whether two rows of a batch name the same destination row.
-fn duplicate_keys(rows: &[&[Value]], match_cols: &[usize]) -> bool {
-    if match_cols.is_empty() || rows.len() < 2 {
-        return false;
-    }
-    let mut keys: Vec<String> = rows
-        .iter()
-        .map(|r| {
-            let mut k = String::new();
-            for &i in match_cols {
-                k.push_str(&r[i].to_text());
-                k.push('\u{1f}');
-            }
-            k
-        })
-        .collect();
-    keys.sort_unstable();
-    keys.windows(2).any(|w| w[0] == w[1])
-}
-
 impl Destination for MysqlDestination {
     fn begin(&mut self) -> Result<(), ConnectorError> {
         if self.conn.ping().is_err() {
@@ -709,7 +644,7 @@ mod tests {
             from_mysql(mysql::Value::UInt(u64::MAX)),
             Value::from(u64::MAX.to_string())
         );
-        assert_eq!(redact("mysql://root:pw@h/db"), "mysql://root:***@h/db");
+        assert_eq!(redact_url("mysql://root:pw@h/db"), "mysql://root:***@h/db");
         assert_eq!(quote_table("db.t`x"), "`db`.`t``x`");
     }
 }

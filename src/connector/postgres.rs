@@ -19,8 +19,9 @@ use postgres::{Client, NoTls};
 use serde::Deserialize;
 
 use super::{
-    Capabilities, ColumnPlan, Connector, ConnectorError, Destination, DestinationRequest, Flow,
-    Origin, OriginInput, OriginRequest, RowAction, RowRead, StagePlan, WriteResult, bind_tokens,
+    ALL_ACTIONS, Capabilities, ColumnSets, Connector, ConnectorError, Destination,
+    DestinationRequest, Flow, Origin, OriginInput, OriginRequest, RowAction, RowRead, StagePlan,
+    WriteResult, bind_tokens, duplicate_keys, find_columns, redact_url,
 };
 use crate::project::StageAction;
 use crate::value::{Row, Value};
@@ -55,7 +56,7 @@ impl PostgresConfig {
             cfg.application_name("tidepool");
         }
         let mut client = cfg.connect(NoTls).map_err(|e| ConnectorError::Open {
-            what: format!("postgres database {}", redact(&self.url)),
+            what: format!("postgres database {}", redact_url(&self.url)),
             reason: pg_message(&e),
         })?;
         for sql in &self.init_sql {
@@ -64,20 +65,6 @@ impl PostgresConfig {
             })?;
         }
         Ok(client)
-    }
-}
-
-/// The URL without its password, for messages.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => {
-            let creds = &url[s + 3..at];
-            match creds.split_once(':') {
-                Some((user, _)) => format!("{}{user}:***{}", &url[..s + 3], &url[at..]),
-                None => url.to_owned(),
-            }
-        }
-        _ => url.to_owned(),
     }
 }
 
@@ -127,13 +114,7 @@ impl Connector for PostgresConfig {
 
     fn capabilities(&self) -> Capabilities {
         Capabilities {
-            actions: &[
-                StageAction::Insert,
-                StageAction::Update,
-                StageAction::Delete,
-                StageAction::UpdateInsert,
-                StageAction::SkipInsert,
-            ],
+            actions: ALL_ACTIONS,
             origin: OriginInput::Query,
             needs_table: true,
             max_writers: None,
@@ -358,48 +339,24 @@ impl StageSql {
             .iter()
             .map(|r| (r.get(0), r.get(1)))
             .collect();
-        let mut columns = Vec::new();
-        for c in &plan.columns {
-            let Some((name, ty)) = existing.iter().find(|(n, _)| n == &c.name).or_else(|| {
-                existing
-                    .iter()
-                    .find(|(n, _)| n.eq_ignore_ascii_case(&c.name))
-            }) else {
-                return Err(ConnectorError::Schema(format!(
-                    "table {table:?} has no column {:?} (stage {:?}); it has: {}",
-                    c.name,
-                    plan.name,
-                    existing
-                        .iter()
-                        .map(|(n, _)| n.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                )));
-            };
-            let text_like = ["text", "character", "name", "citext"]
-                .iter()
-                .any(|t| ty.starts_with(t));
-            columns.push(Column {
+        let columns = find_columns(&existing, plan, &table)?
+            .into_iter()
+            .map(|(name, ty)| Column {
                 name: name.clone(),
                 sql_type: ty.clone(),
-                blank_is_null: !text_like,
-            });
-        }
-        let pick = |f: &dyn Fn(&ColumnPlan) -> bool| -> Vec<usize> {
-            plan.columns
-                .iter()
-                .enumerate()
-                .filter(|(_, c)| f(c))
-                .map(|(i, _)| i)
-                .collect()
-        };
+                blank_is_null: !["text", "character", "name", "citext"]
+                    .iter()
+                    .any(|t| ty.starts_with(t)),
+            })
+            .collect();
+        let sets = ColumnSets::of(plan);
         Ok(StageSql {
             plan: plan.clone(),
             table: qualified,
             staging: format!("tidepool_stage_{index}"),
-            insert_cols: pick(&|c| !c.update_only),
-            set_cols: pick(&|c| !c.is_match && !c.insert_only),
-            match_cols: pick(&|c| c.is_match),
+            insert_cols: sets.insert,
+            set_cols: sets.set,
+            match_cols: sets.matches,
             columns,
         })
     }
@@ -718,27 +675,6 @@ impl PostgresDestination {
     }
 }
 
-/// Whether two rows of a batch name the same destination row (then only a
-/// row-by-row replay gives each its own, ordered outcome).
-fn duplicate_keys(rows: &[&[Value]], match_cols: &[usize]) -> bool {
-    if match_cols.is_empty() || rows.len() < 2 {
-        return false;
-    }
-    let mut keys: Vec<String> = rows
-        .iter()
-        .map(|r| {
-            let mut k = String::new();
-            for &i in match_cols {
-                k.push_str(&r[i].to_text());
-                k.push('\u{1f}');
-            }
-            k
-        })
-        .collect();
-    keys.sort_unstable();
-    keys.windows(2).any(|w| w[0] == w[1])
-}
-
 impl Destination for PostgresDestination {
     fn begin(&mut self) -> Result<(), ConnectorError> {
         if self.client.is_closed() {
@@ -850,7 +786,7 @@ mod tests {
     #[test]
     fn urls_are_redacted_and_duplicates_found() {
         assert_eq!(
-            redact("postgres://u:secret@h:5432/db"),
+            redact_url("postgres://u:secret@h:5432/db"),
             "postgres://u:***@h:5432/db"
         );
         let a = [Value::Int(1), Value::from("x")];

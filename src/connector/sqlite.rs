@@ -9,9 +9,9 @@ use rusqlite::{CachedStatement, Connection, ErrorCode, OpenFlags, Statement};
 use serde::Deserialize;
 
 use super::{
-    Capabilities, ColumnPlan, Connector, ConnectorError, Destination, DestinationRequest, Flow,
-    Origin, OriginInput, OriginRequest, RowAction, RowRead, StagePlan, WriteResult, bind_tokens,
-    resolve_path,
+    ALL_ACTIONS, Capabilities, ColumnSets, Connector, ConnectorError, Destination,
+    DestinationRequest, Flow, Origin, OriginInput, OriginRequest, RowAction, RowRead, StagePlan,
+    WriteResult, bind_tokens, find_columns, resolve_path,
 };
 use crate::project::StageAction;
 use crate::value::{Row, Value};
@@ -122,13 +122,7 @@ impl Connector for SqliteConfig {
 
     fn capabilities(&self) -> Capabilities {
         Capabilities {
-            actions: &[
-                StageAction::Insert,
-                StageAction::Update,
-                StageAction::Delete,
-                StageAction::UpdateInsert,
-                StageAction::SkipInsert,
-            ],
+            actions: ALL_ACTIONS,
             origin: OriginInput::Query,
             needs_table: true,
             max_writers: None,
@@ -344,45 +338,20 @@ impl StageSql {
                 plan.name
             )));
         }
-        let mut columns = Vec::new();
-        for c in &plan.columns {
-            let Some((name, declared)) =
-                existing.iter().find(|(n, _)| n == &c.name).or_else(|| {
-                    existing
-                        .iter()
-                        .find(|(n, _)| n.eq_ignore_ascii_case(&c.name))
-                })
-            else {
-                return Err(ConnectorError::Schema(format!(
-                    "table {table:?} has no column {:?} (stage {:?}); it has: {}",
-                    c.name,
-                    plan.name,
-                    existing
-                        .iter()
-                        .map(|(n, _)| n.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                )));
-            };
-            columns.push(Column {
+        let columns = find_columns(&existing, plan, &table)?
+            .into_iter()
+            .map(|(name, declared)| Column {
                 name: name.clone(),
                 declared: declared.clone(),
                 affinity: Affinity::of(declared),
-            });
-        }
-        let pick = |f: &dyn Fn(&ColumnPlan) -> bool| -> Vec<usize> {
-            plan.columns
-                .iter()
-                .enumerate()
-                .filter(|(_, c)| f(c))
-                .map(|(i, _)| i)
-                .collect()
-        };
+            })
+            .collect();
+        let sets = ColumnSets::of(plan);
         Ok(StageSql {
             table: quote_ident(&table),
-            insert_cols: pick(&|c| !c.update_only),
-            set_cols: pick(&|c| !c.is_match && !c.insert_only),
-            match_cols: pick(&|c| c.is_match),
+            insert_cols: sets.insert,
+            set_cols: sets.set,
+            match_cols: sets.matches,
             columns,
             plan: plan.clone(),
         })
