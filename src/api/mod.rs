@@ -168,7 +168,6 @@ fn raw_run_id(fields: &FieldMap) -> String {
 /// Resolves the instance and project of a request for `caller`, who must be
 /// allowed to execute there. Another instance's project answers like an unknown one.
 fn target<'a>(
-    svc: &Service,
     projects: &'a crate::project::LoadOutcome,
     caller: &Caller,
     req: &ExecJobRequest,
@@ -199,7 +198,6 @@ fn target<'a>(
             ),
         ));
     }
-    let _ = svc;
     Ok((instance, project))
 }
 
@@ -230,7 +228,7 @@ async fn accept(
         .map_err(|e| refuse(StatusCode::BAD_REQUEST, format, &run_id, e))?;
     let projects = svc.projects();
     let (instance, _) =
-        target(svc, &projects, &caller, &req).map_err(|(s, e)| refuse(s, format, &run_id, e))?;
+        target(&projects, &caller, &req).map_err(|(s, e)| refuse(s, format, &run_id, e))?;
     match svc.submit(&instance, &req).await {
         Ok(Submitted::Accepted | Submitted::Duplicate) => Ok((
             RunKey {
@@ -570,7 +568,7 @@ async fn webhook(
         }
     };
     let projects = svc.projects();
-    let instance = match target(&svc, &projects, &caller, &req) {
+    let instance = match target(&projects, &caller, &req) {
         Ok((i, _)) => i,
         Err((s, e)) => return refuse(s, format, "", e),
     };

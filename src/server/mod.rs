@@ -16,7 +16,7 @@ use crate::api::wire::{ExecJobRequest, ExecJobResponse, ResultsResponse};
 use crate::engine::{
     self, CancelToken, Counters, JobReport, LogLevel, RunObserver, RunRequest, RunStatus,
 };
-use crate::project::{JobId, LoadOptions, LoadOutcome, Project, load_projects};
+use crate::project::{JobId, LoadOptions, LoadOutcome, load_projects};
 use crate::store::{NewRun, RunEnd, RunKey, RunRecord, Store, StoreError, Submitted};
 pub use config::{ServerConfig, WebhookConfig};
 
@@ -511,13 +511,4 @@ impl RunObserver for LiveResults {
         *self.current.lock().expect("live lock") = None;
         self.save(None);
     }
-}
-
-/// Finds a project for a caller's instance.
-pub fn find_project<'a>(
-    projects: &'a LoadOutcome,
-    instance: &str,
-    id: &str,
-) -> Option<&'a Project> {
-    projects.project_in(instance, id)
 }
