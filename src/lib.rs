@@ -9,6 +9,7 @@ pub mod api;
 pub mod connector;
 pub mod engine;
 pub mod project;
+pub mod script;
 pub mod server;
 pub mod store;
 pub mod value;

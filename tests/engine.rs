@@ -831,3 +831,90 @@ fn logging_levels_filter_the_log() {
     // plus one entry per row that did not fail
     assert_eq!(count(LogLevel::High), 4 + 199);
 }
+
+#[test]
+fn script_fields_compute_values_and_fail_rows_not_runs() {
+    let job = r#"
+[origin]
+connection = "src"
+[destination]
+connection = "db"
+[[stages]]
+table = "people"
+action = "update/insert"
+fields = [
+  { column = "id", origin = "id", match = true },
+  { column = "name", script = "row.name.toUpperCase() + '/' + @@VAR:JobArgument@@" },
+  { column = "city", script = """
+const c = row.city;
+if (c === 'boom') { throw new Error('no boom here'); }
+if (row.city === 'loop') { while (true) {} }
+return row.city.length > 3 ? row.city : null;""" },
+]
+"#;
+    let f = people_fixture(&[("j", job.to_owned())]);
+    f.write(
+        "projects/p/in.csv",
+        "id,name,city\n10,ann,Lisbon\n11,bo,Oslo\n12,cy,boom\n13,di,loop\n14,ed,Rio\n",
+    );
+    let mut req = request("p", "j");
+    req.argument = "\"); evil(); (\"".into();
+    req.logging_level = LogLevel::Low;
+    req.thread_count = 2;
+    let r = f.run(&req);
+    assert_eq!(r.status, RunStatus::Complete, "{:?}", r.error);
+    assert_eq!((r.counters.inserts, r.counters.errors), (3, 2));
+    let msgs: Vec<&str> = r.jobs[0]
+        .log
+        .iter()
+        .filter(|e| e.row.is_some())
+        .map(|e| e.message.as_str())
+        .collect();
+    assert!(
+        msgs.iter().any(|m| m.contains("row 3")
+            && m.contains("no boom here")
+            && m.contains("line 2, column")),
+        "{msgs:?}"
+    );
+    assert!(
+        msgs.iter()
+            .any(|m| m.contains("row 4") && m.contains("longer than")),
+        "{msgs:?}"
+    );
+    assert_eq!(
+        rows(
+            &f.db("people.sqlite"),
+            "SELECT * FROM people WHERE id >= 10 ORDER BY id"
+        ),
+        [
+            "10|ANN/\"); evil(); (\"|Lisbon",
+            "11|BO/\"); evil(); (\"|Oslo",
+            "14|ED/\"); evil(); (\"|∅",
+        ]
+    );
+    // A preview of the same job writes nothing.
+    let db = f.db("people.sqlite");
+    db.execute("DELETE FROM people WHERE id >= 10", []).unwrap();
+    let mut req = request("p", "j");
+    req.preview = true;
+    let r = f.run(&req);
+    assert_eq!(r.counters.inserts, 3);
+    assert_eq!(
+        rows(&db, "SELECT count(*) FROM people WHERE id >= 10"),
+        ["0"]
+    );
+}
+
+#[test]
+fn a_script_that_does_not_compile_is_a_load_error_with_its_line() {
+    let job = "[origin]\nconnection = \"src\"\n[destination]\nconnection = \"db\"\n[[stages]]\ntable = \"people\"\naction = \"insert\"\nfields = [{ column = \"id\", script = \"row.id +\\n+ )\" }]\n";
+    let f = people_fixture(&[("j", job.to_owned())]);
+    let problems: Vec<String> = f.load().problems.iter().map(|p| p.to_string()).collect();
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert!(
+        problems[0].contains("jobs/j.toml:8: stage 1, column \"id\": the script does not compile"),
+        "{}",
+        problems[0]
+    );
+    assert!(problems[0].contains("line 2"), "{}", problems[0]);
+}

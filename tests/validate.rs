@@ -147,7 +147,7 @@ fields = [{ column = "id", origin = "id", match = true }]
     let m = messages(&f).join("\n");
     for expected in [
         "jobs/a.toml:5: stage 1: a update/insert stage needs at least one field with match = true",
-        "jobs/b.toml:10: stage 1, column \"name\": give exactly one of origin, value, template or function",
+        "jobs/b.toml:10: stage 1, column \"name\": give exactly one of origin, value, template, function or script",
         "jobs/c.toml:6: stage 1: a csv connection (\"src\") cannot update; it supports: insert",
         "jobs/d.toml:10: stage 1, column \"name\": @@STG:1,#Action@@ reads a stage that has not run yet",
         "jobs/e.toml:10: stage 1, column \"name\": token @@FOO:x@@ has unknown kind",

@@ -19,6 +19,7 @@ use crate::connector::{
     RowAction, RowRead,
 };
 use crate::project::{Job, Project};
+use crate::script::ScriptRuntime;
 use crate::value::{Row, Value};
 
 /// Log entries kept per job; past this the log says how many were dropped.
@@ -178,11 +179,16 @@ struct Shared<'a> {
     cancel: &'a CancelToken,
     error_file: Option<Mutex<::csv::Writer<File>>>,
     run_id: String,
+    /// The origin's field names (a script's `row` object).
+    columns: Vec<String>,
+    /// The job's script fields, compiled again in each writer thread.
+    scripts: Vec<String>,
+    variables: BTreeMap<String, Value>,
 }
 
 impl Shared<'_> {
     /// A row as the reader hands it on, with the stages that allow it mapped ahead.
-    fn new_row(&self, number: u64, read: RowRead) -> RowState {
+    fn new_row(&self, number: u64, read: RowRead, js: Option<&ScriptRuntime>) -> RowState {
         let (values, read_error) = match read {
             Ok(v) => (v, None),
             Err(e) => (Row::from_values(Vec::new()), Some(e)),
@@ -201,6 +207,8 @@ impl Shared<'_> {
                     values: &values,
                     actions: &actions,
                     run_id: &self.run_id,
+                    columns: &self.columns,
+                    scripts: js,
                 };
                 pre.push(Some(stage.evaluate(&ctx, &mut out).map(|()| out)));
             }
@@ -228,21 +236,31 @@ impl Shared<'_> {
 
     /// Evaluates and writes every stage for `rows` (no transaction handling).
     /// With halt on error, rows go one at a time and the first error stops the rest.
-    fn write_rows(&self, w: &mut Writer, rows: &mut [RowState]) -> Result<(), ConnectorError> {
+    fn write_rows(
+        &self,
+        w: &mut Writer,
+        js: Option<&ScriptRuntime>,
+        rows: &mut [RowState],
+    ) -> Result<(), ConnectorError> {
         if self.job.halt_on_error {
             for i in 0..rows.len() {
-                self.write_chunk(w, &mut rows[i..=i])?;
+                self.write_chunk(w, js, &mut rows[i..=i])?;
                 if rows[i].error.is_some() {
                     break;
                 }
             }
             Ok(())
         } else {
-            self.write_chunk(w, rows)
+            self.write_chunk(w, js, rows)
         }
     }
 
-    fn write_chunk(&self, w: &mut Writer, rows: &mut [RowState]) -> Result<(), ConnectorError> {
+    fn write_chunk(
+        &self,
+        w: &mut Writer,
+        js: Option<&ScriptRuntime>,
+        rows: &mut [RowState],
+    ) -> Result<(), ConnectorError> {
         for r in rows.iter_mut() {
             r.processed = true;
         }
@@ -265,6 +283,8 @@ impl Shared<'_> {
                             values: &row.values,
                             actions: &row.actions,
                             run_id: &self.run_id,
+                            columns: &self.columns,
+                            scripts: js,
                         };
                         stage.evaluate(&ctx, &mut out).map(|()| vals.push(out))
                     }
@@ -305,15 +325,20 @@ impl Shared<'_> {
         Ok(())
     }
 
-    fn transaction(&self, w: &mut Writer, rows: &mut [RowState]) -> Result<(), ConnectorError> {
+    fn transaction(
+        &self,
+        w: &mut Writer,
+        js: Option<&ScriptRuntime>,
+        rows: &mut [RowState],
+    ) -> Result<(), ConnectorError> {
         w.each(&mut |d| d.begin())?;
-        self.write_rows(w, rows)?;
+        self.write_rows(w, js, rows)?;
         w.each(&mut |d| d.commit())
     }
 
     /// One batch in one transaction; on failure, replayed row by row.
-    fn process_batch(&self, w: &mut Writer, rows: &mut [RowState]) {
-        let mut result = self.transaction(w, rows);
+    fn process_batch(&self, w: &mut Writer, js: Option<&ScriptRuntime>, rows: &mut [RowState]) {
+        let mut result = self.transaction(w, js, rows);
         let mut attempt = 0;
         while let Err(ConnectorError::Lost(msg)) = &result {
             if attempt >= self.job.retry_attempts || self.stopping() {
@@ -333,7 +358,7 @@ impl Shared<'_> {
             );
             std::thread::sleep(wait);
             rows.iter_mut().for_each(RowState::reset);
-            result = self.transaction(w, rows);
+            result = self.transaction(w, js, rows);
         }
         if let Err(e) = result {
             let _ = w.each(&mut |d| d.rollback());
@@ -349,7 +374,7 @@ impl Shared<'_> {
             rows.iter_mut().for_each(RowState::reset);
             for i in 0..rows.len() {
                 let one = &mut rows[i..=i];
-                if let Err(e) = self.transaction(w, one) {
+                if let Err(e) = self.transaction(w, js, one) {
                     let _ = w.each(&mut |d| d.rollback());
                     let r = &mut one[0];
                     r.actions.iter_mut().for_each(|a| *a = None);
@@ -595,10 +620,15 @@ fn execute(
         Err(e) => return job_failed(e, log),
     };
     let columns = origin.columns().to_vec();
-    let stages = match mapping::compile(job, &columns, &variables) {
+    let (stages, scripts) = match mapping::compile(job, &columns, &variables) {
         Ok(s) => s,
         Err(e) => return job_failed(e, log),
     };
+    if !scripts.is_empty()
+        && let Err(e) = ScriptRuntime::new(&scripts, &variables)
+    {
+        return job_failed(format!("a script does not compile: {e}"), log);
+    }
 
     // Open one writer per thread.
     let dest_plans = mapping::plans(&job.stages, Target::Destination);
@@ -712,6 +742,9 @@ fn execute(
         cancel,
         error_file,
         run_id: req.run_id.to_string(),
+        columns: columns.clone(),
+        scripts,
+        variables: variables.clone(),
     };
 
     let batch_size = job.batch_size;
@@ -727,6 +760,12 @@ fn execute(
     let (read_result, finish_errors) = std::thread::scope(|s| {
         let shared = &shared;
         let reader = s.spawn(move || {
+            // Script fields of stages mapped ahead run here, in the reader's own runtime.
+            let js = if shared.scripts.is_empty() {
+                None
+            } else {
+                ScriptRuntime::new(&shared.scripts, &shared.variables).ok()
+            };
             let mut n: u64 = 0;
             let mut batch = Vec::with_capacity(batch_size);
             let mut stopped = false;
@@ -739,7 +778,7 @@ fn execute(
                 if n < begin {
                     return Flow::Continue;
                 }
-                batch.push(shared.new_row(n, r));
+                batch.push(shared.new_row(n, r, js.as_ref()));
                 if batch.len() >= batch_size {
                     trash_rx.try_iter().for_each(drop);
                     if tx
@@ -770,12 +809,26 @@ fn execute(
                 let done = done_tx.clone();
                 let trash = trash_tx.clone();
                 s.spawn(move || {
+                    // A QuickJS runtime stays on its thread: one per writer.
+                    let js = if shared.scripts.is_empty() {
+                        None
+                    } else {
+                        match ScriptRuntime::new(&shared.scripts, &shared.variables) {
+                            Ok(rt) => Some(rt),
+                            Err(e) => {
+                                let mut h = shared.halted.lock().expect("halt lock");
+                                h.get_or_insert(format!("a script does not compile: {e}"));
+                                shared.stop.store(true, Ordering::SeqCst);
+                                None
+                            }
+                        }
+                    };
                     for batch in rx.iter() {
                         if shared.stopping() {
                             continue; // drain, so the reader never blocks
                         }
                         let mut rows = batch;
-                        shared.process_batch(&mut w, &mut rows);
+                        shared.process_batch(&mut w, js.as_ref(), &mut rows);
                         let _ = trash.send(rows);
                     }
                     drop(done);

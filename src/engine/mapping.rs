@@ -20,6 +20,8 @@ pub(crate) enum Target {
 
 #[derive(Debug)]
 enum Source {
+    /// Script number, and the origin columns it reads (all, when it uses `row` dynamically).
+    Script(usize, Vec<usize>),
     Origin(usize),
     Constant(Value),
     Template(Vec<Piece>),
@@ -60,6 +62,10 @@ pub(crate) struct RowContext<'a> {
     pub(crate) values: &'a Row,
     pub(crate) actions: &'a [Option<RowAction>],
     pub(crate) run_id: &'a str,
+    /// The origin's field names, for scripts' `row`.
+    pub(crate) columns: &'a [String],
+    /// This thread's compiled scripts, where the job has any.
+    pub(crate) scripts: Option<&'a crate::script::ScriptRuntime>,
 }
 
 fn find_column(columns: &[String], name: &str) -> Option<usize> {
@@ -75,8 +81,9 @@ pub(crate) fn compile(
     job: &Job,
     columns: &[String],
     variables: &BTreeMap<String, Value>,
-) -> Result<Vec<CompiledStage>, String> {
+) -> Result<(Vec<CompiledStage>, Vec<String>), String> {
     let mut locals = [0usize; 2];
+    let scripts = std::cell::RefCell::new(Vec::new());
     let missing = |stage: usize, column: &str, line: usize, field: &str| {
         format!(
             "stage {stage}, column {column:?} (line {line} of {}): the origin has no field {field:?}; it has: {}",
@@ -109,6 +116,16 @@ pub(crate) fn compile(
                                 .ok_or_else(|| missing(si + 1, &f.column, f.line, name))?,
                         ),
                         FieldSource::Constant(v) => Source::Constant(v.clone()),
+                        FieldSource::Script(src) => {
+                            let mut all = scripts.borrow_mut();
+                            all.push(src.clone());
+                            let read = script_reads(src)
+                                .map(|names| {
+                                    names.iter().filter_map(|n| find_column(columns, n)).collect()
+                                })
+                                .unwrap_or_else(|| (0..columns.len()).collect());
+                            Source::Script(all.len() - 1, read)
+                        }
                         FieldSource::Function(func) => Source::Function(*func),
                         FieldSource::Template(t) => {
                             let mut pieces = Vec::new();
@@ -149,6 +166,8 @@ pub(crate) fn compile(
                     })
                 })
                 .collect::<Result<Vec<_>, String>>()?;
+            // STG tokens need the earlier stages' outcomes: those stages are
+            // mapped by the writers; all others ahead, on the reader thread.
             let premap = !fields.iter().any(|f: &CompiledField| {
                 matches!(&f.source, Source::Template(p) if p.iter().any(|p| matches!(p, Piece::Stage(_))))
             });
@@ -160,7 +179,8 @@ pub(crate) fn compile(
                 fields,
             })
         })
-        .collect()
+        .collect::<Result<Vec<_>, String>>()
+        .map(|stages| (stages, scripts.into_inner()))
 }
 
 /// A variable by name, case-insensitively; unknown variables are NULL.
@@ -183,6 +203,13 @@ impl CompiledStage {
         out.clear();
         for f in &self.fields {
             let mut v = match &f.source {
+                Source::Script(i, read) => {
+                    let rt = row
+                        .scripts
+                        .ok_or_else(|| format!("column {:?}: no script runtime here", f.column))?;
+                    rt.call(*i, row.columns, read, row.values)
+                        .map_err(|e| format!("column {:?}: {e}", f.column))?
+                }
                 Source::Origin(i) => {
                     let r = row.values.get(*i);
                     if f.transforms.is_empty()
@@ -300,6 +327,49 @@ pub(crate) fn plans(stages: &[Stage], target: Target) -> Vec<StagePlan> {
         .collect()
 }
 
+/// The origin fields a script reads (`row.Name`, `row["Name"]`, `@@ORG:Name@@`),
+/// or `None` when it uses `row` in a way that could read any field.
+fn script_reads(src: &str) -> Option<Vec<String>> {
+    let mut out = Vec::new();
+    let bytes = src.as_bytes();
+    for (i, _) in src.match_indices("row") {
+        // Only the identifier `row`, not `arrow` or `rows`.
+        let before = i.checked_sub(1).map(|j| bytes[j] as char);
+        if before.is_some_and(|c| c.is_alphanumeric() || c == '_' || c == '$' || c == '.') {
+            continue;
+        }
+        let rest = &src[i + 3..];
+        let next = rest.chars().next();
+        if next.is_some_and(|c| c.is_alphanumeric() || c == '_' || c == '$') {
+            continue;
+        }
+        if let Some(r) = rest.strip_prefix('.') {
+            let name: String = r
+                .chars()
+                .take_while(|c| c.is_alphanumeric() || *c == '_' || *c == '$')
+                .collect();
+            out.push(name);
+        } else if let Some(r) = rest.strip_prefix('[') {
+            let quote = r.chars().next()?;
+            if !matches!(quote, '"' | '\'' | '`') {
+                return None;
+            }
+            let end = r[1..].find(quote)?;
+            out.push(r[1..1 + end].to_owned());
+        } else {
+            return None; // `row` itself is passed around or iterated
+        }
+    }
+    if let Ok(t) = crate::project::template::Template::parse(src) {
+        for tok in t.tokens() {
+            if let Token::Origin(n) = tok {
+                out.push(n.clone());
+            }
+        }
+    }
+    Some(out)
+}
+
 /// Origin fields the job reads, for origins without a fixed schema.
 pub(crate) fn origin_fields(job: &Job) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
@@ -317,6 +387,11 @@ pub(crate) fn origin_fields(job: &Job) -> Vec<String> {
                         if let Token::Origin(n) = tok {
                             add(n);
                         }
+                    }
+                }
+                FieldSource::Script(src) => {
+                    for n in script_reads(src).unwrap_or_default() {
+                        add(&n);
                     }
                 }
                 _ => {}

@@ -183,6 +183,7 @@ struct RawField {
     value: Option<toml::Value>,
     template: Option<String>,
     function: Option<BuiltinFunction>,
+    script: Option<String>,
     #[serde(default, rename = "match")]
     is_match: bool,
     #[serde(default)]
@@ -609,6 +610,7 @@ fn load_job(
                 rf.value.is_some(),
                 rf.template.is_some(),
                 rf.function.is_some(),
+                rf.script.is_some(),
             ]
             .iter()
             .filter(|g| **g)
@@ -648,9 +650,18 @@ fn load_job(
             if let Some(func) = rf.function {
                 sources.push(FieldSource::Function(func));
             }
+            if let Some(src) = rf.script {
+                match crate::script::check(&src) {
+                    Ok(()) => sources.push(FieldSource::Script(src)),
+                    Err(e) => problems.push(fat(format!(
+                        "stage {n}, column {:?}: the script does not compile: {e} (lines count from the script's first line)",
+                        rf.column
+                    ))),
+                }
+            }
             if given != 1 {
                 problems.push(fat(format!(
-                    "stage {n}, column {:?}: give exactly one of origin, value, template or function",
+                    "stage {n}, column {:?}: give exactly one of origin, value, template, function or script",
                     rf.column
                 )));
                 continue;

@@ -198,6 +198,8 @@ pub enum FieldSource {
     Template(Template),
     /// A built-in function.
     Function(BuiltinFunction),
+    /// A JavaScript expression or function body (see [`crate::script`]).
+    Script(String),
 }
 
 /// Built-in functions a field can take its value from (`function = "…"`).
