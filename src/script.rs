@@ -20,6 +20,41 @@ use rquickjs::{Context, Ctx, Function, Object, Persistent, Runtime};
 use crate::project::template::{Part, Template, Token};
 use crate::value::{Row, Value, ValueRef};
 
+/// What a script's `gotoNextRow()` turns into: the rest of the row is skipped.
+pub const SKIP_ROW: &str = "\u{1}tidepool: goto next row";
+
+/// Helpers every script sees: Starfish's row control, and a VBScript-style
+/// prelude for people porting formulas.
+const PRELUDE: &str = r#"
+"use strict";
+const __tpSkip = "\u0001tidepool: goto next row";
+function gotoNextRow() { throw __tpSkip; }
+function isBlank(v) { return v === null || v === undefined || String(v).trim() === ""; }
+function skipIfBlank(v) { if (isBlank(v)) gotoNextRow(); return v; }
+function UCase(s) { return s == null ? s : String(s).toUpperCase(); }
+function LCase(s) { return s == null ? s : String(s).toLowerCase(); }
+function Trim(s) { return s == null ? s : String(s).trim(); }
+function Left(s, n) { return s == null ? s : String(s).substring(0, n); }
+function Right(s, n) { if (s == null) return s; s = String(s); return s.substring(Math.max(0, s.length - n)); }
+function Mid(s, start, len) { if (s == null) return s; s = String(s); return len === undefined ? s.substring(start - 1) : s.substring(start - 1, start - 1 + len); }
+function Len(s) { return s == null ? 0 : String(s).length; }
+function IIf(c, a, b) { return c ? a : b; }
+function IsBlank(v) { return isBlank(v); }
+function CStr(v) { return v == null ? "" : String(v); }
+function CInt(v) { const n = Math.round(Number(v)); if (Number.isNaN(n)) throw new Error("CInt: " + v + " is not a number"); return n; }
+function CDbl(v) { const n = Number(v); if (Number.isNaN(n)) throw new Error("CDbl: " + v + " is not a number"); return n; }
+function Now() { return new Date().toISOString(); }
+function formatDate(v, pattern) {
+  const d = v instanceof Date ? v : new Date(v);
+  if (Number.isNaN(d.getTime())) throw new Error("formatDate: " + v + " is not a date");
+  const p = (n, w) => String(n).padStart(w, "0");
+  return String(pattern || "yyyy-MM-dd")
+    .replace(/yyyy/g, d.getUTCFullYear()).replace(/MM/g, p(d.getUTCMonth() + 1, 2))
+    .replace(/dd/g, p(d.getUTCDate(), 2)).replace(/HH/g, p(d.getUTCHours(), 2))
+    .replace(/mm/g, p(d.getUTCMinutes(), 2)).replace(/ss/g, p(d.getUTCSeconds(), 2));
+}
+"#;
+
 /// The longest one call of a script may run.
 pub const TIME_LIMIT: Duration = Duration::from_millis(1000);
 /// The most memory one runtime (one writer thread) may use.
@@ -107,7 +142,10 @@ fn exception(ctx: &Ctx) -> String {
 pub fn check(script: &str) -> Result<(), String> {
     let rt = Runtime::new().map_err(|e| e.to_string())?;
     let ctx = Context::full(&rt).map_err(|e| e.to_string())?;
-    ctx.with(|ctx| compile(&ctx, script).map(|_| ()))
+    ctx.with(|ctx| {
+        ctx.eval::<(), _>(PRELUDE).map_err(|e| e.to_string())?;
+        compile(&ctx, script).map(|_| ())
+    })
 }
 
 /// The scripts of one run, compiled in one runtime (one per writer thread).
@@ -134,6 +172,9 @@ impl ScriptRuntime {
         })));
         let ctx = Context::full(&rt).map_err(|e| e.to_string())?;
         let (functions, vars) = ctx.with(|ctx| -> Result<_, String> {
+            if let Err(e) = ctx.eval::<(), _>(PRELUDE) {
+                return Err(format!("the script prelude failed: {e}"));
+            }
             let mut fs = Vec::with_capacity(scripts.len());
             for s in scripts {
                 let f = compile(&ctx, s)?;
@@ -189,7 +230,9 @@ impl ScriptRuntime {
                 Ok(v) => from_js(&ctx, v),
                 Err(rquickjs::Error::Exception) => {
                     let e = exception(&ctx);
-                    if e.contains("interrupted") {
+                    if e == SKIP_ROW {
+                        Err(SKIP_ROW.to_owned())
+                    } else if e.contains("interrupted") {
                         Err(format!(
                             "the script ran longer than {} ms and was stopped",
                             TIME_LIMIT.as_millis()
@@ -292,6 +335,30 @@ mod tests {
         assert_eq!(run("null", &[], vec![]), Ok(Value::Null));
         assert_eq!(run("({a: 1})", &[], vec![]), Ok(Value::from("{\"a\":1}")));
         assert_eq!(run("1.5", &[], vec![]), Ok(Value::Float(1.5)));
+        assert_eq!(
+            run(
+                "UCase(Left(row.a, 2)) + Mid('abcdef', 2, 3) + Right('xyz', 2) + Len(null) + IIf(IsBlank(' '), 'b', 'n')",
+                &["a"],
+                vec!["hello".into()]
+            ),
+            Ok(Value::from("HEbcdyz0b"))
+        );
+        assert_eq!(
+            run(
+                "formatDate('2024-02-29T13:05:09Z', 'dd/MM/yyyy HH:mm')",
+                &[],
+                vec![]
+            ),
+            Ok(Value::from("29/02/2024 13:05"))
+        );
+        assert_eq!(
+            run("CInt('41.6') + CDbl('0.5')", &[], vec![]),
+            Ok(Value::Float(42.5))
+        );
+        assert_eq!(
+            run("skipIfBlank(row.a)", &["a"], vec!["  ".into()]),
+            Err(SKIP_ROW.to_owned())
+        );
     }
 
     #[test]

@@ -918,3 +918,48 @@ fn a_script_that_does_not_compile_is_a_load_error_with_its_line() {
     );
     assert!(problems[0].contains("line 2"), "{}", problems[0]);
 }
+
+#[test]
+fn go_to_next_row_skips_the_rest_of_the_row_and_counts_a_skip() {
+    let job = r#"
+[origin]
+connection = "src"
+[destination]
+connection = "db"
+[[stages]]
+table = "people"
+action = "update/insert"
+fields = [
+  { column = "id", origin = "id", match = true },
+  { column = "name", script = "UCase(skipIfBlank(row.name))" },
+  { column = "city", origin = "city" },
+]
+[[stages]]
+table = "people"
+action = "update"
+fields = [
+  { column = "id", origin = "id", match = true },
+  { column = "city", template = "@@ORG:city@@ (@@STG:1,#Action@@)" },
+]
+"#;
+    let f = people_fixture(&[("j", job.to_owned())]);
+    f.write(
+        "projects/p/in.csv",
+        "id,name,city\n20,ann,Oslo\n21,,Rome\n22,cy,Lima\n",
+    );
+    let r = f.run(&request("p", "j"));
+    let c = r.counters;
+    assert_eq!(
+        (c.total_rows, c.inserts, c.updates, c.skips, c.errors),
+        (3, 2, 2, 1, 0),
+        "{:?}",
+        r.error
+    );
+    assert_eq!(
+        rows(
+            &f.db("people.sqlite"),
+            "SELECT * FROM people WHERE id >= 20 ORDER BY id"
+        ),
+        ["20|ANN|Oslo (Insert)", "22|CY|Lima (Insert)"]
+    );
+}

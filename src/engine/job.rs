@@ -19,7 +19,7 @@ use crate::connector::{
     RowAction, RowRead,
 };
 use crate::project::{Job, Project};
-use crate::script::ScriptRuntime;
+use crate::script::{SKIP_ROW, ScriptRuntime};
 use crate::value::{Row, Value};
 
 /// Log entries kept per job; past this the log says how many were dropped.
@@ -120,6 +120,8 @@ struct RowState {
     pre: SmallVec<[Option<Mapped>; 2]>,
     /// The stage (1-based; 0 = reading or the batch) and reason of the row's error.
     error: Option<(usize, String)>,
+    /// A script called gotoNextRow(): the row's later stages do not run.
+    skipped: bool,
     processed: bool,
 }
 
@@ -127,6 +129,7 @@ impl RowState {
     fn reset(&mut self) {
         self.actions.iter_mut().for_each(|a| *a = None);
         self.error = self.read_error.clone().map(|e| (0, e));
+        self.skipped = false;
         self.processed = false;
     }
 }
@@ -221,6 +224,7 @@ impl Shared<'_> {
             read_error,
             actions,
             pre,
+            skipped: false,
         }
     }
 
@@ -270,7 +274,7 @@ impl Shared<'_> {
             idx.clear();
             vals.clear();
             for (ri, row) in rows.iter_mut().enumerate() {
-                if row.error.is_some() {
+                if row.error.is_some() || row.skipped {
                     continue;
                 }
                 let mapped = match row.pre.get(si) {
@@ -291,6 +295,10 @@ impl Shared<'_> {
                 };
                 match mapped {
                     Ok(()) => idx.push(ri),
+                    Err(e) if e == SKIP_ROW => {
+                        row.actions[si] = Some(RowAction::Skip);
+                        row.skipped = true;
+                    }
                     Err(e) => {
                         row.actions[si] = Some(RowAction::Error);
                         row.error = Some((si + 1, e));

@@ -207,8 +207,13 @@ impl CompiledStage {
                     let rt = row
                         .scripts
                         .ok_or_else(|| format!("column {:?}: no script runtime here", f.column))?;
-                    rt.call(*i, row.columns, read, row.values)
-                        .map_err(|e| format!("column {:?}: {e}", f.column))?
+                    rt.call(*i, row.columns, read, row.values).map_err(|e| {
+                        if e == crate::script::SKIP_ROW {
+                            e
+                        } else {
+                            format!("column {:?}: {e}", f.column)
+                        }
+                    })?
                 }
                 Source::Origin(i) => {
                     let r = row.values.get(*i);
