@@ -409,6 +409,29 @@ async fn results(
     }
 }
 
+/// The caller, and the run `id` it may see; else the refusal to answer
+/// (401, or 404 for a run that is unknown or another instance's).
+async fn caller_and_run(
+    svc: &Service,
+    headers: &HeaderMap,
+    id: &str,
+    instance: Option<String>,
+) -> Result<(Caller, RunRecord), Reply> {
+    let format = wire::answer_format(headers);
+    let caller = auth::authenticate(svc, headers)
+        .await
+        .map_err(|e| auth_refusal(e, format, id))?;
+    match lookup(svc, &caller, id, instance).await {
+        Some(rec) => Ok((caller, rec)),
+        None => Err(refuse(
+            StatusCode::NOT_FOUND,
+            format,
+            id,
+            format!("unknown run {id}"),
+        )),
+    }
+}
+
 /// The full answer of a run, with its log and webhook attempts.
 #[utoipa::path(get, path = "/v1/Runs/{id}", tag = "tidepool",
     params(("id" = String, Path, description = "the runID")),
@@ -420,18 +443,9 @@ async fn run_detail(
     Query(q): Query<InstanceQuery>,
 ) -> Response {
     let format = wire::answer_format(&headers);
-    let caller = match auth::authenticate(&svc, &headers).await {
-        Ok(c) => c,
-        Err(e) => return auth_refusal(e, format, &id).into_response(),
-    };
-    let Some(rec) = lookup(&svc, &caller, &id, q.instance).await else {
-        return refuse(
-            StatusCode::NOT_FOUND,
-            format,
-            &id,
-            format!("unknown run {id}"),
-        )
-        .into_response();
+    let (_, rec) = match caller_and_run(&svc, &headers, &id, q.instance).await {
+        Ok(found) => found,
+        Err(refusal) => return refusal.into_response(),
     };
     let mut resp = final_response(&rec).unwrap_or_else(|| {
         let results = results_of(&rec);
@@ -471,18 +485,9 @@ async fn cancel(
     Query(q): Query<InstanceQuery>,
 ) -> Response {
     let format = wire::answer_format(&headers);
-    let caller = match auth::authenticate(&svc, &headers).await {
-        Ok(c) => c,
-        Err(e) => return auth_refusal(e, format, &id).into_response(),
-    };
-    let Some(rec) = lookup(&svc, &caller, &id, q.instance).await else {
-        return refuse(
-            StatusCode::NOT_FOUND,
-            format,
-            &id,
-            format!("unknown run {id}"),
-        )
-        .into_response();
+    let (caller, rec) = match caller_and_run(&svc, &headers, &id, q.instance).await {
+        Ok(found) => found,
+        Err(refusal) => return refusal.into_response(),
     };
     if caller.role_in(&rec.key.instance) < Some(Role::Full) {
         return refuse(
