@@ -15,6 +15,8 @@ use std::collections::BTreeMap;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
+use std::cell::RefCell;
+
 use rquickjs::{Context, Ctx, Function, Object, Persistent, Runtime};
 
 use crate::project::template::{Part, Template, Token};
@@ -157,6 +159,7 @@ pub struct ScriptRuntime {
     ctx: Context,
     _rt: Runtime,
     deadline: Rc<Cell<Option<Instant>>>,
+    logged: Rc<RefCell<Vec<String>>>,
 }
 
 impl ScriptRuntime {
@@ -171,7 +174,18 @@ impl ScriptRuntime {
             d.get().is_some_and(|t| Instant::now() > t)
         })));
         let ctx = Context::full(&rt).map_err(|e| e.to_string())?;
+        let logged: Rc<RefCell<Vec<String>>> = Rc::default();
+        let sink = logged.clone();
         let (functions, vars) = ctx.with(|ctx| -> Result<_, String> {
+            // log(message): into the run's log, at Low, with the row's number.
+            let log = Function::new(ctx.clone(), move |msg: rquickjs::Coerced<String>| {
+                let mut l = sink.borrow_mut();
+                if l.len() < 10_000 {
+                    l.push(msg.0);
+                }
+            })
+            .map_err(|e| e.to_string())?;
+            ctx.globals().set("log", log).map_err(|e| e.to_string())?;
             if let Err(e) = ctx.eval::<(), _>(PRELUDE) {
                 return Err(format!("the script prelude failed: {e}"));
             }
@@ -196,7 +210,13 @@ impl ScriptRuntime {
             functions,
             vars,
             deadline,
+            logged,
         })
+    }
+
+    /// What scripts passed to `log()` since the last call of this.
+    pub fn take_logs(&self) -> Vec<String> {
+        std::mem::take(&mut *self.logged.borrow_mut())
     }
 
     /// Calls script `index` for a row whose field names are `columns`; the

@@ -963,3 +963,23 @@ fields = [
         ["20|ANN|Oslo (Insert)", "22|CY|Lima (Insert)"]
     );
 }
+
+#[test]
+fn script_log_messages_go_to_the_run_log_with_their_row() {
+    let job = "[origin]\nconnection = \"src\"\n[destination]\nconnection = \"db\"\n[[stages]]\ntable = \"people\"\naction = \"update/insert\"\nfields = [{ column = \"id\", origin = \"id\", match = true }, { column = \"name\", script = \"log('seen ' + row.name); return row.name;\" }]\n";
+    let f = people_fixture(&[("j", job.to_owned())]);
+    f.write("projects/p/in.csv", "id,name,city\n30,ann,x\n31,bo,y\n");
+    let mut req = request("p", "j");
+    req.logging_level = LogLevel::Low;
+    let r = f.run(&req);
+    let msgs: Vec<(Option<u64>, &str)> = r.jobs[0]
+        .log
+        .iter()
+        .filter(|e| e.message.contains("seen"))
+        .map(|e| (e.row, e.message.as_str()))
+        .collect();
+    assert_eq!(
+        msgs,
+        [(Some(1), "row 1: seen ann"), (Some(2), "row 2: seen bo")]
+    );
+}

@@ -212,6 +212,7 @@ impl Shared<'_> {
                     run_id: &self.run_id,
                     columns: &self.columns,
                     scripts: js,
+                    log: &|n, m| self.log(LogLevel::Low, Some(n), format!("row {n}: {m}")),
                 };
                 pre.push(Some(stage.evaluate(&ctx, &mut out).map(|()| out)));
             }
@@ -289,6 +290,7 @@ impl Shared<'_> {
                             run_id: &self.run_id,
                             columns: &self.columns,
                             scripts: js,
+                            log: &|n, m| self.log(LogLevel::Low, Some(n), format!("row {n}: {m}")),
                         };
                         stage.evaluate(&ctx, &mut out).map(|()| vals.push(out))
                     }

@@ -66,6 +66,8 @@ pub(crate) struct RowContext<'a> {
     pub(crate) columns: &'a [String],
     /// This thread's compiled scripts, where the job has any.
     pub(crate) scripts: Option<&'a crate::script::ScriptRuntime>,
+    /// Where a script's `log()` messages go (row number, message).
+    pub(crate) log: &'a dyn Fn(u64, String),
 }
 
 fn find_column(columns: &[String], name: &str) -> Option<usize> {
@@ -207,7 +209,11 @@ impl CompiledStage {
                     let rt = row
                         .scripts
                         .ok_or_else(|| format!("column {:?}: no script runtime here", f.column))?;
-                    rt.call(*i, row.columns, read, row.values).map_err(|e| {
+                    let v = rt.call(*i, row.columns, read, row.values);
+                    for m in rt.take_logs() {
+                        (row.log)(row.number, m);
+                    }
+                    v.map_err(|e| {
                         if e == crate::script::SKIP_ROW {
                             e
                         } else {
