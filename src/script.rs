@@ -30,6 +30,7 @@ pub const SKIP_ROW: &str = "\u{1}tidepool: goto next row";
 const PRELUDE: &str = r#"
 "use strict";
 const __tpSkip = "\u0001tidepool: goto next row";
+var returnValue = null;
 function gotoNextRow() { throw __tpSkip; }
 function isBlank(v) { return v === null || v === undefined || String(v).trim() === ""; }
 function skipIfBlank(v) { if (isBlank(v)) gotoNextRow(); return v; }
@@ -211,6 +212,17 @@ impl ScriptRuntime {
             vars,
             deadline,
             logged,
+        })
+    }
+
+    /// What the scripts left in `returnValue` (null: nothing).
+    pub fn return_value(&self) -> Option<Value> {
+        self.ctx.with(|ctx| {
+            let v: rquickjs::Value = ctx.globals().get("returnValue").ok()?;
+            match from_js(&ctx, v) {
+                Ok(Value::Null) | Err(_) => None,
+                Ok(v) => Some(v),
+            }
         })
     }
 

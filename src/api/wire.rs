@@ -696,7 +696,7 @@ impl ExecJobResponse {
             skips: c.skips,
             ignores: c.ignores,
             error: r.error.clone(),
-            return_value: None,
+            return_value: r.return_value.clone(),
             results: r
                 .jobs
                 .iter()

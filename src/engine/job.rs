@@ -187,6 +187,8 @@ struct Shared<'a> {
     /// The job's script fields, compiled again in each writer thread.
     scripts: Vec<String>,
     variables: BTreeMap<String, Value>,
+    /// The last `returnValue` a script thread left.
+    return_value: Mutex<Option<Value>>,
 }
 
 impl Shared<'_> {
@@ -226,6 +228,13 @@ impl Shared<'_> {
             actions,
             pre,
             skipped: false,
+        }
+    }
+
+    /// Keeps what a thread's scripts left in `returnValue`, if anything.
+    fn keep_return_value(&self, js: Option<&ScriptRuntime>) {
+        if let Some(v) = js.and_then(ScriptRuntime::return_value) {
+            *self.return_value.lock().expect("return value lock") = Some(v);
         }
     }
 
@@ -569,7 +578,7 @@ pub(crate) fn run_job(
         ),
     );
     let outcome = execute(project, job, req, cancel, observer, log);
-    let (counters, error, mut log, cancelled) = outcome;
+    let (counters, error, mut log, cancelled, return_value) = outcome;
     let status = if cancelled {
         RunStatus::Cancelled
     } else if error.is_some() {
@@ -603,10 +612,13 @@ pub(crate) fn run_job(
         counters,
         error,
         log: log.finish(),
+        return_value: return_value.map(|v| v.to_text()),
     }
 }
 
-type Outcome = (Counters, Option<String>, RunLog, bool);
+/// Counters, the job's error, its log, whether it was cancelled, and the
+/// scripts' `returnValue`.
+type Outcome = (Counters, Option<String>, RunLog, bool, Option<Value>);
 
 fn execute(
     project: &Project,
@@ -621,7 +633,7 @@ fn execute(
             errors: 1,
             ..Counters::default()
         };
-        (c, Some(msg), log, false)
+        (c, Some(msg), log, false, None)
     };
 
     let variables = job_variables(project, job, &req.argument, &req.run_id.to_string());
@@ -755,6 +767,7 @@ fn execute(
         columns: columns.clone(),
         scripts,
         variables: variables.clone(),
+        return_value: Mutex::new(None),
     };
 
     let batch_size = job.batch_size;
@@ -810,6 +823,7 @@ fn execute(
             if !batch.is_empty() && !stopped {
                 let _ = tx.send(batch);
             }
+            shared.keep_return_value(js.as_ref());
             res
         });
         let handles: Vec<_> = writers
@@ -841,6 +855,7 @@ fn execute(
                         shared.process_batch(&mut w, js.as_ref(), &mut rows);
                         let _ = trash.send(rows);
                     }
+                    shared.keep_return_value(js.as_ref());
                     drop(done);
                     w.finish()
                 })
@@ -867,6 +882,7 @@ fn execute(
     });
 
     let Shared {
+        return_value,
         counters,
         stage_counts,
         log,
@@ -922,7 +938,8 @@ fn execute(
     if cancelled {
         error.get_or_insert("cancelled".into());
     }
-    (counters, error, log, cancelled)
+    let return_value = return_value.into_inner().expect("return value lock");
+    (counters, error, log, cancelled, return_value)
 }
 
 /// Opens a job's connections as a preview run would, without reading rows:

@@ -210,6 +210,8 @@ pub struct JobReport {
     pub error: Option<String>,
     /// The log at the requested level.
     pub log: Vec<LogEntry>,
+    /// What the job's scripts left in `returnValue` (objects as JSON text).
+    pub return_value: Option<String>,
 }
 
 /// What a run did: one [`JobReport`] per job executed, in order.
@@ -231,6 +233,8 @@ pub struct RunReport {
     pub counters: Counters,
     /// Why the run failed, if it did (the first failing job's error).
     pub error: Option<String>,
+    /// The last `returnValue` a job's scripts set.
+    pub return_value: Option<String>,
     /// One report per job executed.
     pub jobs: Vec<JobReport>,
 }
@@ -359,7 +363,9 @@ pub fn run(
     let error = jobs
         .iter()
         .find_map(|j| j.error.as_ref().map(|e| format!("job {}: {e}", j.job_id)));
+    let return_value = jobs.iter().rev().find_map(|j| j.return_value.clone());
     Ok(RunReport {
+        return_value,
         run_id: req.run_id,
         status,
         start_time: start,
