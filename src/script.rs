@@ -226,6 +226,24 @@ impl ScriptRuntime {
         })
     }
 
+    /// The variables whose value the scripts changed from `initial`.
+    pub fn changed_vars(&self, initial: &BTreeMap<String, Value>) -> BTreeMap<String, Value> {
+        self.ctx.with(|ctx| {
+            let mut out = BTreeMap::new();
+            let Ok(vars) = self.vars.clone().restore(&ctx) else {
+                return out;
+            };
+            for (k, v) in vars.props::<String, rquickjs::Value>().flatten() {
+                if let Ok(v) = from_js(&ctx, v)
+                    && initial.get(&k) != Some(&v)
+                {
+                    out.insert(k, v);
+                }
+            }
+            out
+        })
+    }
+
     /// What scripts passed to `log()` since the last call of this.
     pub fn take_logs(&self) -> Vec<String> {
         std::mem::take(&mut *self.logged.borrow_mut())

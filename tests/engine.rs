@@ -983,3 +983,40 @@ fn script_log_messages_go_to_the_run_log_with_their_row() {
         [(Some(1), "row 1: seen ann"), (Some(2), "row 2: seen bo")]
     );
 }
+
+#[test]
+fn variables_scripts_set_and_last_run_date_persist_across_runs() {
+    let job = r#"
+[origin]
+connection = "src"
+[destination]
+connection = "db"
+[[stages]]
+table = "people"
+action = "update/insert"
+fields = [
+  { column = "id", origin = "id", match = true },
+  { column = "name", script = "vars.Counter = (Number(vars.Counter) || 0) + 1; return 'run ' + vars.Counter;" },
+  { column = "city", template = "last=@@VAR:LastRunDate@@" },
+]
+"#;
+    let f = people_fixture(&[("j", job.to_owned())]);
+    f.write("projects/p/in.csv", "id,name,city\n40,a,b\n");
+    let first = f.run(&request("p", "j"));
+    assert_eq!(first.status, RunStatus::Complete, "{:?}", first.error);
+    let db = f.db("people.sqlite");
+    assert_eq!(
+        rows(&db, "SELECT name, city FROM people WHERE id = 40"),
+        ["run 1|last="]
+    );
+    // A preview sees the kept values but keeps nothing itself.
+    let mut preview = request("p", "j");
+    preview.preview = true;
+    f.run(&preview);
+    f.run(&request("p", "j"));
+    let got = rows(&db, "SELECT name, city FROM people WHERE id = 40");
+    let start = first.jobs[0]
+        .start_time
+        .to_rfc3339_opts(chrono::SecondsFormat::Secs, false);
+    assert_eq!(got, [format!("run 2|last={start}")]);
+}

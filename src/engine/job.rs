@@ -11,6 +11,7 @@ use crossbeam_channel::RecvTimeoutError;
 use smallvec::{SmallVec, smallvec};
 
 use super::mapping::{self, CompiledStage, RowContext, Target};
+use super::state;
 use super::{
     CancelToken, Counters, JobReport, LogEntry, LogLevel, RunObserver, RunRequest, RunStatus,
 };
@@ -189,6 +190,8 @@ struct Shared<'a> {
     variables: BTreeMap<String, Value>,
     /// The last `returnValue` a script thread left.
     return_value: Mutex<Option<Value>>,
+    /// Variables the scripts changed (kept for the next run when the job completes).
+    changed_vars: Mutex<BTreeMap<String, Value>>,
 }
 
 impl Shared<'_> {
@@ -233,9 +236,15 @@ impl Shared<'_> {
 
     /// Keeps what a thread's scripts left in `returnValue`, if anything.
     fn keep_return_value(&self, js: Option<&ScriptRuntime>) {
-        if let Some(v) = js.and_then(ScriptRuntime::return_value) {
+        let Some(js) = js else { return };
+        if let Some(v) = js.return_value() {
             *self.return_value.lock().expect("return value lock") = Some(v);
         }
+        let changed = js.changed_vars(&self.variables);
+        self.changed_vars
+            .lock()
+            .expect("changed vars lock")
+            .extend(changed);
     }
 
     fn stopping(&self) -> bool {
@@ -577,7 +586,7 @@ pub(crate) fn run_job(
             }
         ),
     );
-    let outcome = execute(project, job, req, cancel, observer, log);
+    let outcome = execute(project, job, req, cancel, observer, log, &start_time);
     let (counters, error, mut log, cancelled, return_value) = outcome;
     let status = if cancelled {
         RunStatus::Cancelled
@@ -627,6 +636,7 @@ fn execute(
     cancel: &CancelToken,
     observer: &dyn RunObserver,
     mut log: RunLog,
+    start_time: &chrono::DateTime<chrono::FixedOffset>,
 ) -> Outcome {
     let job_failed = |msg: String, log: RunLog| -> Outcome {
         let c = Counters {
@@ -636,7 +646,35 @@ fn execute(
         (c, Some(msg), log, false, None)
     };
 
-    let variables = job_variables(project, job, &req.argument, &req.run_id.to_string());
+    let mut variables = job_variables(project, job, &req.argument, &req.run_id.to_string());
+    // Variables kept from earlier runs (LastRunDate, those scripts set).
+    let mut state = match state::JobState::open(&project.data_dir) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            log.push(
+                LogLevel::Medium,
+                None,
+                format!("job variables are not kept: {e}"),
+            );
+            None
+        }
+    };
+    if let Some(st) = &state {
+        match st.load(&project.id.0, &job.id.0) {
+            Ok(kept) => {
+                for (k, v) in kept {
+                    if !matches!(k.as_str(), "JobArgument" | "RunID" | "JobID" | "ProjectID") {
+                        variables.insert(k, Value::Text(v));
+                    }
+                }
+            }
+            Err(e) => log.push(
+                LogLevel::Medium,
+                None,
+                format!("job variables cannot be read: {e}"),
+            ),
+        }
+    }
     let (origin_conn, mut origin) = match open_origin(project, job, &variables, req.preview) {
         Ok(o) => o,
         Err(e) => return job_failed(e, log),
@@ -768,6 +806,7 @@ fn execute(
         scripts,
         variables: variables.clone(),
         return_value: Mutex::new(None),
+        changed_vars: Mutex::new(BTreeMap::new()),
     };
 
     let batch_size = job.batch_size;
@@ -883,6 +922,7 @@ fn execute(
 
     let Shared {
         return_value,
+        changed_vars,
         counters,
         stage_counts,
         log,
@@ -939,6 +979,29 @@ fn execute(
         error.get_or_insert("cancelled".into());
     }
     let return_value = return_value.into_inner().expect("return value lock");
+    if error.is_none()
+        && !cancelled
+        && !req.preview
+        && let Some(st) = state.as_mut()
+    {
+        let mut keep: BTreeMap<String, String> = changed_vars
+            .into_inner()
+            .expect("changed vars lock")
+            .into_iter()
+            .map(|(k, v)| (k, v.to_text()))
+            .collect();
+        keep.insert(
+            "LastRunDate".into(),
+            start_time.to_rfc3339_opts(chrono::SecondsFormat::Secs, false),
+        );
+        if let Err(e) = st.save(&project.id.0, &job.id.0, &keep) {
+            log.push(
+                LogLevel::Low,
+                None,
+                format!("job variables cannot be kept: {e}"),
+            );
+        }
+    }
     (counters, error, log, cancelled, return_value)
 }
 

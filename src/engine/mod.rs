@@ -8,6 +8,7 @@
 
 mod job;
 mod mapping;
+mod state;
 
 use std::fmt;
 use std::sync::Arc;

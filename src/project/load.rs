@@ -438,6 +438,7 @@ pub fn load_project(dir: &Path, opts: &LoadOptions) -> Result<Project, Vec<Probl
             .unwrap_or_else(|| DEFAULT_INSTANCE.to_owned()),
         name: raw.name.unwrap_or(folder_name),
         dir: dir.to_owned(),
+        data_dir: opts.data_dir.clone(),
         variables,
         connections,
         jobs,

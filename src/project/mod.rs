@@ -51,6 +51,8 @@ pub struct Project {
     pub name: String,
     /// The folder the project was loaded from; relative paths resolve against it.
     pub dir: PathBuf,
+    /// Where runs keep their files (`${DATA_DIR}`), and the jobs' persisted variables.
+    pub data_dir: PathBuf,
     /// Project variables (`@@VAR:Name@@`), after `${ENV}` interpolation.
     pub variables: BTreeMap<String, String>,
     /// Named connections.
