@@ -535,20 +535,9 @@ pub struct ResultsResponse {
     pub run_time: String,
     /// Queued, Running, Complete, Failed or Cancelled.
     pub status: RunStatus,
-    /// Origin rows processed.
-    pub total_rows: u64,
-    /// Rows inserted.
-    pub inserts: u64,
-    /// Rows updated.
-    pub updates: u64,
-    /// Rows deleted.
-    pub deletes: u64,
-    /// Errors.
-    pub errors: u64,
-    /// Rows skipped.
-    pub skips: u64,
-    /// Updates/deletes that matched nothing.
-    pub ignores: u64,
+    /// The seven counters (`totalRows`, `inserts`, … on the wire).
+    #[serde(flatten)]
+    pub counters: Counters,
     /// The job (tidepool's addition, useful with chains).
     #[serde(rename = "jobID")]
     pub job_id: String,
@@ -581,13 +570,7 @@ impl ResultsResponse {
             start_time: datetime(start),
             run_time: timespan(run_time),
             status,
-            total_rows: c.total_rows,
-            inserts: c.inserts,
-            updates: c.updates,
-            deletes: c.deletes,
-            errors: c.errors,
-            skips: c.skips,
-            ignores: c.ignores,
+            counters: *c,
             job_id: job_id.to_owned(),
         }
     }
@@ -651,23 +634,12 @@ pub struct ExecJobResponse {
     pub start_time: String,
     /// How long it took.
     pub run_time: String,
-    /// Summed over the jobs.
-    pub total_rows: u64,
-    /// Summed over the jobs.
-    pub inserts: u64,
-    /// Summed over the jobs.
-    pub updates: u64,
-    /// Summed over the jobs.
-    pub deletes: u64,
-    /// Summed over the jobs.
-    pub errors: u64,
-    /// Summed over the jobs.
-    pub skips: u64,
-    /// Summed over the jobs.
-    pub ignores: u64,
+    /// The counters summed over the jobs.
+    #[serde(flatten)]
+    pub counters: Counters,
     /// Why the run failed.
     pub error: Option<String>,
-    /// What the job's scripts handed back (scripts are not part of this build).
+    /// What the job's scripts left in `returnValue` (objects as JSON text).
     pub return_value: Option<String>,
     /// One per job executed.
     pub results: Vec<ResultsResponse>,
@@ -688,13 +660,7 @@ impl ExecJobResponse {
             status: r.status,
             start_time: datetime(&r.start_time),
             run_time: timespan(r.run_time),
-            total_rows: c.total_rows,
-            inserts: c.inserts,
-            updates: c.updates,
-            deletes: c.deletes,
-            errors: c.errors,
-            skips: c.skips,
-            ignores: c.ignores,
+            counters: *c,
             error: r.error.clone(),
             return_value: r.return_value.clone(),
             results: r
@@ -721,28 +687,17 @@ impl ExecJobResponse {
         results: Vec<ResultsResponse>,
         error: &str,
     ) -> Self {
-        let mut c = Counters::default();
+        let mut total = Counters::default();
         for r in &results {
-            c.total_rows += r.total_rows;
-            c.inserts += r.inserts;
-            c.updates += r.updates;
-            c.deletes += r.deletes;
-            c.errors += r.errors;
-            c.skips += r.skips;
-            c.ignores += r.ignores;
+            total.add(&r.counters);
         }
+        let c = &total;
         ExecJobResponse {
             run_id: run_id.to_owned(),
             status,
             start_time: datetime(start),
             run_time: timespan(Duration::ZERO),
-            total_rows: c.total_rows,
-            inserts: c.inserts,
-            updates: c.updates,
-            deletes: c.deletes,
-            errors: c.errors,
-            skips: c.skips,
-            ignores: c.ignores,
+            counters: *c,
             error: Some(error.to_owned()),
             return_value: None,
             results,
@@ -818,18 +773,18 @@ impl ToXml for ExecJobAsyncResponse {
 impl ToXml for ResultsResponse {
     const NAME: &'static str = "resultsResponse";
     fn children(&self, o: &mut XmlOut) {
-        o.plain("deletes", self.deletes);
-        o.plain("errors", self.errors);
-        o.plain("ignores", self.ignores);
-        o.plain("inserts", self.inserts);
+        o.plain("deletes", self.counters.deletes);
+        o.plain("errors", self.counters.errors);
+        o.plain("ignores", self.counters.ignores);
+        o.plain("inserts", self.counters.inserts);
         o.text("jobID", &self.job_id);
         o.text("runID", &self.run_id);
         o.text("runTime", &self.run_time);
-        o.plain("skips", self.skips);
+        o.plain("skips", self.counters.skips);
         o.text("startTime", &self.start_time);
         o.plain("status", self.status);
-        o.plain("totalRows", self.total_rows);
-        o.plain("updates", self.updates);
+        o.plain("totalRows", self.counters.total_rows);
+        o.plain("updates", self.counters.updates);
     }
 }
 
@@ -863,21 +818,21 @@ impl ToXml for WebhookAttemptLine {
 impl ToXml for ExecJobResponse {
     const NAME: &'static str = "execJobResponse";
     fn children(&self, o: &mut XmlOut) {
-        o.plain("deletes", self.deletes);
+        o.plain("deletes", self.counters.deletes);
         o.opt("error", self.error.as_deref());
-        o.plain("errors", self.errors);
-        o.plain("ignores", self.ignores);
-        o.plain("inserts", self.inserts);
+        o.plain("errors", self.counters.errors);
+        o.plain("ignores", self.counters.ignores);
+        o.plain("inserts", self.counters.inserts);
         o.list("log", &self.log);
         o.list("results", &self.results);
         o.opt("returnValue", self.return_value.as_deref());
         o.text("runID", &self.run_id);
         o.text("runTime", &self.run_time);
-        o.plain("skips", self.skips);
+        o.plain("skips", self.counters.skips);
         o.text("startTime", &self.start_time);
         o.plain("status", self.status);
-        o.plain("totalRows", self.total_rows);
-        o.plain("updates", self.updates);
+        o.plain("totalRows", self.counters.total_rows);
+        o.plain("updates", self.counters.updates);
         if let Some(a) = &self.webhook_attempts {
             o.list("webhookAttempts", a);
         }

@@ -138,7 +138,9 @@ impl fmt::Display for RunStatus {
 }
 
 /// The seven counters of a job (or, summed, of a run).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema,
+)]
 #[serde(rename_all = "camelCase")]
 pub struct Counters {
     /// Origin rows processed (inside the row window).
