@@ -1,26 +1,75 @@
 //! JavaScript fields (QuickJS through rquickjs).
 //!
 //! A script field is an expression (`row.FirstName + " " + row.LastName`) or a
-//! function body with `return`. It sees the origin row as `row` and the
-//! variables as `vars`; a token written inside it (`@@ORG:Name@@`,
-//! `@@VAR:Name@@`) becomes `row["Name"]` / `vars["Name"]`, so a value is always
-//! data, never source text. Scripts are compiled once per run, in one runtime
+//! function body with `return`. It sees the origin row as `row`, the
+//! variables as `vars` and, in jobs that need them, the row's stage results as
+//! `stages` (`stages[1].action`, `stages["upsert contacts"].values.Id`); an
+//! operation also sees `event` (the moment, the stage, the error, the query).
+//! A token written inside a script (`@@ORG:Name@@`, `@@VAR:Name@@`,
+//! `@@STG:1,#Action@@`) becomes `row["Name"]` / `vars["Name"]` /
+//! `stages[1].action`, so a value is always data, never source text. Scripts are compiled once per run, in one runtime
 //! per writer thread (a QuickJS runtime cannot cross threads), with a time
 //! limit per call and a memory limit per runtime: a script that loops, grows
 //! without end or throws is a row error with its message and line, never a
 //! hang or a crash. Scripts have no file system, network or process access.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 use std::rc::Rc;
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Instant;
 
-use std::cell::RefCell;
+use rquickjs::{Context, Ctx, Exception, Function, Object, Persistent, Runtime};
 
-use rquickjs::{Context, Ctx, Function, Object, Persistent, Runtime};
-
+use crate::project::ScriptLimits;
 use crate::project::template::{Part, Template, Token};
 use crate::value::{Row, Value, ValueRef};
+
+/// What scripts may reach outside themselves: the persisted cross-reference
+/// lists (`xrefRead`/`xrefWrite`) and lookups against a project's connections
+/// (`lookup`). One host serves every runtime of a job's run.
+pub trait ScriptHost: Send + Sync {
+    /// The value `key` maps to in cross-reference list `list`, if any.
+    fn xref_read(&self, list: &str, key: &str) -> Result<Option<String>, String>;
+    /// Maps `key` to `value` in `list` (kept when the job ends, unless previewing).
+    fn xref_write(&self, list: &str, key: &str, value: &str) -> Result<(), String>;
+    /// `field` of the first row of `table` in `connection` whose columns equal
+    /// `criteria`; NULL when none does.
+    fn lookup(
+        &self,
+        connection: &str,
+        table: &str,
+        field: &str,
+        criteria: &[(String, Value)],
+    ) -> Result<Value, String>;
+}
+
+/// One earlier stage's result for a row, as scripts see it in `stages`.
+#[derive(Debug, Clone, Copy)]
+pub struct StageView<'a> {
+    /// The stage's name.
+    pub name: &'a str,
+    /// What the stage did (`Insert`, `Update`, …); `None`: it has not run.
+    pub action: Option<&'static str>,
+    /// The stage's column names.
+    pub columns: &'a [String],
+    /// The values the stage wrote, in column order, once it ran.
+    pub values: Option<&'a [Value]>,
+}
+
+/// What one call of a script sees.
+pub struct CallInput<'a> {
+    /// The origin's field names.
+    pub columns: &'a [String],
+    /// The fields of `row` the script reads (indices into `columns`).
+    pub read: &'a [usize],
+    /// The origin row.
+    pub row: &'a Row,
+    /// The row's stages so far (`stages`); `None`: the script gets none.
+    pub stages: Option<&'a [StageView<'a>]>,
+    /// An operation's `event` (a JSON object), or `None` for fields.
+    pub event: Option<&'a serde_json::Value>,
+}
 
 /// What a script's `gotoNextRow()` turns into: the rest of the row is skipped.
 pub const SKIP_ROW: &str = "\u{1}tidepool: goto next row";
@@ -32,6 +81,8 @@ const PRELUDE: &str = r#"
 const __tpSkip = "\u0001tidepool: goto next row";
 var returnValue = null;
 function gotoNextRow() { throw __tpSkip; }
+function __tpText(v) { return v === null || v === undefined ? "" : String(v); }
+function varToken(name) { return "@" + "@VAR:" + name + "@" + "@"; }
 function isBlank(v) { return v === null || v === undefined || String(v).trim() === ""; }
 function skipIfBlank(v) { if (isBlank(v)) gotoNextRow(); return v; }
 function UCase(s) { return s == null ? s : String(s).toUpperCase(); }
@@ -58,40 +109,163 @@ function formatDate(v, pattern) {
 }
 "#;
 
-/// The longest one call of a script may run.
-pub const TIME_LIMIT: Duration = Duration::from_millis(1000);
-/// The most memory one runtime (one writer thread) may use.
-pub const MEMORY_LIMIT: usize = 64 * 1024 * 1024;
-
-/// The sources a field's script may mean, as functions `(row, vars) => value`:
+/// The sources a script may mean, as functions `(row, vars, stages, event) => value`:
 /// an expression, or a function body (tried in this order; with `return` only
 /// the body).
 pub fn function_sources(script: &str) -> Result<Vec<String>, String> {
     let template = Template::parse(script)?;
     let mut body = String::with_capacity(script.len() + 16);
+    let mut lexer = Lexer::default();
     for part in &template.parts {
-        match part {
-            Part::Literal(s) => body.push_str(s),
-            Part::Token(Token::Origin(n)) => body.push_str(&format!(
-                "row[{}]",
-                serde_json::to_string(n).unwrap_or_default()
-            )),
-            Part::Token(Token::Variable(n)) => body.push_str(&format!(
-                "vars[{}]",
-                serde_json::to_string(n).unwrap_or_default()
-            )),
-            Part::Token(t) => return Err(format!("{t} cannot be used in a script")),
+        let expr = match part {
+            Part::Literal(s) => {
+                lexer.feed(s);
+                body.push_str(s);
+                continue;
+            }
+            Part::Token(Token::Origin(n)) => {
+                format!("row[{}]", serde_json::to_string(n).unwrap_or_default())
+            }
+            Part::Token(Token::Variable(n)) => {
+                format!("vars[{}]", serde_json::to_string(n).unwrap_or_default())
+            }
+            Part::Token(Token::StageAction(n)) => format!("(stages[{n}] && stages[{n}].action)"),
+        };
+        // Inside a string the value is spliced in as text (as Starfish does),
+        // still by concatenation, never as source.
+        match lexer.state() {
+            Lexed::Code => body.push_str(&expr),
+            Lexed::Quoted(q) => body.push_str(&format!("{q} + __tpText({expr}) + {q}")),
+            Lexed::Backtick => body.push_str(&format!("${{__tpText({expr})}}")),
+            Lexed::Comment => {
+                if let Part::Token(t) = part {
+                    body.push_str(&t.to_string().replace("@@", "@ @"));
+                }
+            }
         }
     }
     // The header has a line of its own; `exception` takes one off line numbers.
-    let as_body = format!("(function(row, vars) {{ \"use strict\";\n{body}\n}})");
+    let as_body = format!("(function(row, vars, stages, event) {{ \"use strict\";\n{body}\n}})");
     if body.contains("return") {
         return Ok(vec![as_body]);
     }
     Ok(vec![
-        format!("(function(row, vars) {{ \"use strict\"; return (\n{body}\n);}})"),
+        format!("(function(row, vars, stages, event) {{ \"use strict\"; return (\n{body}\n);}})"),
         as_body,
     ])
+}
+
+/// Where a point of a script is, lexically.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lexed {
+    Code,
+    /// In a string with this quote.
+    Quoted(char),
+    /// In a template literal's text.
+    Backtick,
+    Comment,
+}
+
+/// A small JavaScript lexer: enough to tell code from strings and comments
+/// (regular expression literals are read as code).
+#[derive(Debug, Default)]
+struct Lexer {
+    /// Open template literals and `${` blocks: `true` for a template literal's text.
+    stack: Vec<bool>,
+    /// Braces open in the innermost `${` block.
+    braces: Vec<usize>,
+    quote: Option<char>,
+    line_comment: bool,
+    block_comment: bool,
+    escaped: bool,
+    prev: char,
+}
+
+impl Lexer {
+    fn state(&self) -> Lexed {
+        if self.line_comment || self.block_comment {
+            Lexed::Comment
+        } else if let Some(q) = self.quote {
+            Lexed::Quoted(q)
+        } else if self.stack.last() == Some(&true) {
+            Lexed::Backtick
+        } else {
+            Lexed::Code
+        }
+    }
+
+    fn feed(&mut self, text: &str) {
+        for c in text.chars() {
+            let prev = std::mem::replace(&mut self.prev, c);
+            if self.line_comment {
+                self.line_comment = c != '\n';
+                continue;
+            }
+            if self.block_comment {
+                if prev == '*' && c == '/' {
+                    self.block_comment = false;
+                    self.prev = ' ';
+                }
+                continue;
+            }
+            if self.escaped {
+                self.escaped = false;
+                self.prev = ' ';
+                continue;
+            }
+            if let Some(q) = self.quote {
+                match c {
+                    '\\' => self.escaped = true,
+                    c if c == q || c == '\n' => self.quote = None,
+                    _ => {}
+                }
+                continue;
+            }
+            if self.stack.last() == Some(&true) {
+                match c {
+                    '\\' => self.escaped = true,
+                    '`' => {
+                        self.stack.pop();
+                    }
+                    '{' if prev == '$' => {
+                        self.stack.push(false);
+                        self.braces.push(0);
+                    }
+                    _ => {}
+                }
+                continue;
+            }
+            match c {
+                '\'' | '"' => self.quote = Some(c),
+                '`' => self.stack.push(true),
+                '/' if prev == '/' => self.line_comment = true,
+                '*' if prev == '/' => {
+                    self.block_comment = true;
+                    self.prev = ' ';
+                }
+                '{' => {
+                    if let Some(b) = self.braces.last_mut() {
+                        *b += 1;
+                    }
+                }
+                '}' => match self.braces.last_mut() {
+                    Some(0) => {
+                        self.braces.pop();
+                        self.stack.pop();
+                    }
+                    Some(b) => *b -= 1,
+                    None => {}
+                },
+                _ => {}
+            }
+        }
+    }
+}
+
+/// Whether a script reads the row's stage results (then the engine runs the
+/// job's rows one at a time, stage after stage, on the writer threads).
+pub fn reads_stages(script: &str) -> bool {
+    script.contains("stages") || script.contains("@@STG:")
 }
 
 /// Compiles a field's script in `ctx`: the first of its readings that compiles.
@@ -151,7 +325,7 @@ pub fn check(script: &str) -> Result<(), String> {
     })
 }
 
-/// The scripts of one run, compiled in one runtime (one per writer thread).
+/// The scripts of one run, compiled in one runtime (one per thread).
 pub struct ScriptRuntime {
     // Fields drop in order: the saved values before the context, the context
     // before the runtime (QuickJS asserts that nothing outlives its runtime).
@@ -159,15 +333,88 @@ pub struct ScriptRuntime {
     vars: Persistent<Object<'static>>,
     ctx: Context,
     _rt: Runtime,
+    limits: ScriptLimits,
     deadline: Rc<Cell<Option<Instant>>>,
     logged: Rc<RefCell<Vec<String>>>,
 }
 
+/// Turns a Rust error into a JavaScript exception the script can catch.
+fn throw(ctx: &Ctx, message: String) -> rquickjs::Error {
+    Exception::throw_message(ctx, &message)
+}
+
+/// Registers the helpers that reach the host: `xrefRead`, `xrefWrite`, `lookup`.
+fn register_host<'js>(ctx: &Ctx<'js>, host: Arc<dyn ScriptHost>) -> rquickjs::Result<()> {
+    let h = host.clone();
+    let xref_read = Function::new(
+        ctx.clone(),
+        move |ctx: Ctx<'js>, list: rquickjs::Coerced<String>, key: rquickjs::Coerced<String>| {
+            h.xref_read(&list.0, &key.0)
+                .map_err(|e| throw(&ctx, format!("xrefRead: {e}")))
+        },
+    )?;
+    let h = host.clone();
+    let xref_write = Function::new(
+        ctx.clone(),
+        move |ctx: Ctx<'js>,
+              list: rquickjs::Coerced<String>,
+              key: rquickjs::Coerced<String>,
+              value: rquickjs::Value<'js>| {
+            let value = match from_js(&ctx, value) {
+                Ok(Value::Null) => {
+                    return Err(throw(&ctx, "xrefWrite: the value is null".into()));
+                }
+                Ok(v) => v.to_text(),
+                Err(e) => return Err(throw(&ctx, format!("xrefWrite: {e}"))),
+            };
+            h.xref_write(&list.0, &key.0, &value)
+                .map_err(|e| throw(&ctx, format!("xrefWrite: {e}")))
+        },
+    )?;
+    let lookup = Function::new(
+        ctx.clone(),
+        move |ctx: Ctx<'js>,
+              connection: rquickjs::Coerced<String>,
+              table: rquickjs::Coerced<String>,
+              field: rquickjs::Coerced<String>,
+              criteria: Object<'js>| {
+            let mut pairs = Vec::new();
+            for prop in criteria.props::<String, rquickjs::Value>() {
+                let (k, v) = prop?;
+                let v = from_js(&ctx, v).map_err(|e| throw(&ctx, format!("lookup: {e}")))?;
+                pairs.push((k, v));
+            }
+            if pairs.is_empty() {
+                return Err(throw(
+                    &ctx,
+                    "lookup: give at least one criterion, e.g. {Email: row.Email}".into(),
+                ));
+            }
+            let v = host
+                .lookup(&connection.0, &table.0, &field.0, &pairs)
+                .map_err(|e| throw(&ctx, format!("lookup: {e}")))?;
+            to_js(&ctx, v.as_ref())
+        },
+    )?;
+    let g = ctx.globals();
+    g.set("xrefRead", xref_read)?;
+    g.set("xrefWrite", xref_write)?;
+    g.set("lookup", lookup)?;
+    Ok(())
+}
+
 impl ScriptRuntime {
-    /// Compiles `scripts` (field scripts, in order) with `variables` as `vars`.
-    pub fn new(scripts: &[String], variables: &BTreeMap<String, Value>) -> Result<Self, String> {
+    /// Compiles `scripts` (in order; [`ScriptRuntime::call`] takes their index)
+    /// with `variables` as `vars`, under `limits`; `host` gives the helpers
+    /// that reach outside (none: those helpers are not defined).
+    pub fn new(
+        scripts: &[String],
+        variables: &BTreeMap<String, Value>,
+        limits: ScriptLimits,
+        host: Option<Arc<dyn ScriptHost>>,
+    ) -> Result<Self, String> {
         let rt = Runtime::new().map_err(|e| e.to_string())?;
-        rt.set_memory_limit(MEMORY_LIMIT);
+        rt.set_memory_limit(limits.memory);
         rt.set_max_stack_size(1024 * 1024);
         let deadline: Rc<Cell<Option<Instant>>> = Rc::new(Cell::new(None));
         let d = deadline.clone();
@@ -187,6 +434,9 @@ impl ScriptRuntime {
             })
             .map_err(|e| e.to_string())?;
             ctx.globals().set("log", log).map_err(|e| e.to_string())?;
+            if let Some(h) = host {
+                register_host(&ctx, h).map_err(|e| e.to_string())?;
+            }
             if let Err(e) = ctx.eval::<(), _>(PRELUDE) {
                 return Err(format!("the script prelude failed: {e}"));
             }
@@ -210,6 +460,7 @@ impl ScriptRuntime {
             ctx,
             functions,
             vars,
+            limits,
             deadline,
             logged,
         })
@@ -226,22 +477,49 @@ impl ScriptRuntime {
         })
     }
 
-    /// The variables whose value the scripts changed from `initial`.
-    pub fn changed_vars(&self, initial: &BTreeMap<String, Value>) -> BTreeMap<String, Value> {
+    /// Sets `returnValue` (what another thread's scripts left).
+    pub fn set_return_value(&self, v: &Value) {
+        self.ctx.with(|ctx| {
+            if let Ok(js) = to_js(&ctx, v.as_ref()) {
+                let _ = ctx.globals().set("returnValue", js);
+            }
+        })
+    }
+
+    /// Sets variables in `vars` (what other threads' scripts changed).
+    pub fn set_vars(&self, vars: &BTreeMap<String, Value>) {
+        self.ctx.with(|ctx| {
+            let Ok(obj) = self.vars.clone().restore(&ctx) else {
+                return;
+            };
+            for (k, v) in vars {
+                if let Ok(js) = to_js(&ctx, v.as_ref()) {
+                    let _ = obj.set(k.as_str(), js);
+                }
+            }
+        })
+    }
+
+    /// Every variable in `vars` now.
+    pub fn vars(&self) -> BTreeMap<String, Value> {
         self.ctx.with(|ctx| {
             let mut out = BTreeMap::new();
-            let Ok(vars) = self.vars.clone().restore(&ctx) else {
-                return out;
-            };
-            for (k, v) in vars.props::<String, rquickjs::Value>().flatten() {
-                if let Ok(v) = from_js(&ctx, v)
-                    && initial.get(&k) != Some(&v)
-                {
-                    out.insert(k, v);
+            if let Ok(vars) = self.vars.clone().restore(&ctx) {
+                for (k, v) in vars.props::<String, rquickjs::Value>().flatten() {
+                    if let Ok(v) = from_js(&ctx, v) {
+                        out.insert(k, v);
+                    }
                 }
             }
             out
         })
+    }
+
+    /// The variables whose value the scripts changed from `initial`.
+    pub fn changed_vars(&self, initial: &BTreeMap<String, Value>) -> BTreeMap<String, Value> {
+        let mut now = self.vars();
+        now.retain(|k, v| initial.get(k) != Some(v));
+        now
     }
 
     /// What scripts passed to `log()` since the last call of this.
@@ -249,15 +527,8 @@ impl ScriptRuntime {
         std::mem::take(&mut *self.logged.borrow_mut())
     }
 
-    /// Calls script `index` for a row whose field names are `columns`; the
-    /// script's `row` holds the fields at `read`.
-    pub fn call(
-        &self,
-        index: usize,
-        columns: &[String],
-        read: &[usize],
-        row: &Row,
-    ) -> Result<Value, String> {
+    /// Calls script `index` with `input`.
+    pub fn call(&self, index: usize, input: &CallInput) -> Result<Value, String> {
         self.ctx.with(|ctx| {
             let f = self.functions[index]
                 .clone()
@@ -265,16 +536,26 @@ impl ScriptRuntime {
                 .map_err(|e| e.to_string())?;
             let vars = self.vars.clone().restore(&ctx).map_err(|e| e.to_string())?;
             let obj = Object::new(ctx.clone()).map_err(|e| e.to_string())?;
-            for &i in read {
-                let Some(name) = columns.get(i) else { continue };
+            for &i in input.read {
+                let Some(name) = input.columns.get(i) else {
+                    continue;
+                };
                 obj.set(
                     name.as_str(),
-                    to_js(&ctx, row.get(i)).map_err(|e| e.to_string())?,
+                    to_js(&ctx, input.row.get(i)).map_err(|e| e.to_string())?,
                 )
                 .map_err(|e| e.to_string())?;
             }
-            self.deadline.set(Some(Instant::now() + TIME_LIMIT));
-            let result: Result<rquickjs::Value, _> = f.call((obj, vars));
+            let stages = match input.stages {
+                Some(st) => stages_js(&ctx, st).map_err(|e| e.to_string())?,
+                None => rquickjs::Value::new_undefined(ctx.clone()),
+            };
+            let event = match input.event {
+                Some(ev) => ctx.json_parse(ev.to_string()).map_err(|e| e.to_string())?,
+                None => rquickjs::Value::new_undefined(ctx.clone()),
+            };
+            self.deadline.set(Some(Instant::now() + self.limits.time));
+            let result: Result<rquickjs::Value, _> = f.call((obj, vars, stages, event));
             self.deadline.set(None);
             match result {
                 Ok(v) => from_js(&ctx, v),
@@ -285,7 +566,7 @@ impl ScriptRuntime {
                     } else if e.contains("interrupted") {
                         Err(format!(
                             "the script ran longer than {} ms and was stopped",
-                            TIME_LIMIT.as_millis()
+                            self.limits.time.as_millis()
                         ))
                     } else {
                         Err(format!("the script failed: {e}"))
@@ -295,6 +576,27 @@ impl ScriptRuntime {
             }
         })
     }
+}
+
+/// `stages`: each stage by 1-based number and by name, as
+/// `{name, action, values: {column: value}}`.
+fn stages_js<'js>(ctx: &Ctx<'js>, stages: &[StageView]) -> rquickjs::Result<rquickjs::Value<'js>> {
+    let all = Object::new(ctx.clone())?;
+    for (i, st) in stages.iter().enumerate() {
+        let o = Object::new(ctx.clone())?;
+        o.set("name", st.name)?;
+        o.set("action", st.action)?;
+        let values = Object::new(ctx.clone())?;
+        if let Some(vals) = st.values {
+            for (c, v) in st.columns.iter().zip(vals) {
+                values.set(c.as_str(), to_js(ctx, v.as_ref())?)?;
+            }
+        }
+        o.set("values", values)?;
+        all.set((i + 1) as u32, o.clone())?;
+        all.set(st.name, o)?;
+    }
+    Ok(all.into_value())
 }
 
 fn to_js<'js>(ctx: &Ctx<'js>, v: ValueRef) -> rquickjs::Result<rquickjs::Value<'js>> {
@@ -349,10 +651,20 @@ mod tests {
         let vars: BTreeMap<String, Value> = [("JobArgument".to_owned(), Value::from("arg"))]
             .into_iter()
             .collect();
-        let rt = ScriptRuntime::new(&[script.to_owned()], &vars)?;
+        let rt = ScriptRuntime::new(&[script.to_owned()], &vars, ScriptLimits::default(), None)?;
         let cols: Vec<String> = cols.iter().map(|c| c.to_string()).collect();
         let read: Vec<usize> = (0..cols.len()).collect();
-        rt.call(0, &cols, &read, &Row::from_values(vals))
+        let row = Row::from_values(vals);
+        rt.call(
+            0,
+            &CallInput {
+                columns: &cols,
+                read: &read,
+                row: &row,
+                stages: None,
+                event: None,
+            },
+        )
     }
 
     #[test]
@@ -381,6 +693,37 @@ mod tests {
         assert_eq!(
             run("@@ORG:x@@", &["x"], vec![Value::from("\"); evil(); (\"")]),
             Ok(Value::from("\"); evil(); (\""))
+        );
+        // Inside strings and template literals a token is spliced in as text,
+        // still as data; in comments it is left alone.
+        let evil = || vec![Value::from("it's \"x\" `${1}`"), Value::Null];
+        assert_eq!(
+            run("'a @@ORG:x@@ b'", &["x", "n"], evil()),
+            Ok(Value::from("a it's \"x\" `${1}` b"))
+        );
+        assert_eq!(
+            run(
+                "\"<@@ORG:x@@|@@ORG:n@@>\" // @@ORG:x@@",
+                &["x", "n"],
+                evil()
+            ),
+            Ok(Value::from("<it's \"x\" `${1}`|>"))
+        );
+        assert_eq!(
+            run(
+                "`${'q'} @@ORG:x@@ ${`in @@ORG:n@@!`}` /* @@ORG:x@@ */",
+                &["x", "n"],
+                evil()
+            ),
+            Ok(Value::from("q it's \"x\" `${1}` in !"))
+        );
+        assert_eq!(
+            run(
+                "'\\'' + \"@@VAR:JobArgument@@\" + varToken('A')",
+                &[],
+                vec![]
+            ),
+            Ok(Value::from("'arg@@VAR:A@@"))
         );
         assert_eq!(run("null", &[], vec![]), Ok(Value::Null));
         assert_eq!(run("({a: 1})", &[], vec![]), Ok(Value::from("{\"a\":1}")));

@@ -24,6 +24,11 @@ pub enum Value {
 }
 
 impl Value {
+    /// Whether the value is NULL.
+    pub fn is_null(&self) -> bool {
+        matches!(self, Value::Null)
+    }
+
     /// True for NULL and for text that is empty or only white space.
     pub fn is_blank(&self) -> bool {
         match self {

@@ -110,6 +110,13 @@ impl Connector for CsvConfig {
         }))
     }
 
+    fn open_lookup(
+        &self,
+        base_dir: &std::path::Path,
+    ) -> Result<Box<dyn super::Lookup>, ConnectorError> {
+        Ok(Box::new(super::FileLookup::new(self.clone(), base_dir)))
+    }
+
     fn open_destination(
         &self,
         req: &DestinationRequest,

@@ -266,6 +266,166 @@ pub trait Connector {
         &self,
         req: &DestinationRequest,
     ) -> Result<Box<dyn Destination>, ConnectorError>;
+    /// Opens a connection that answers scripts' `lookup()` (Smart Lookup).
+    fn open_lookup(&self, base_dir: &Path) -> Result<Box<dyn Lookup>, ConnectorError> {
+        let _ = base_dir;
+        Err(ConnectorError::Schema(format!(
+            "a {} connection cannot answer lookups; look up in a database or file connection",
+            self.kind()
+        )))
+    }
+}
+
+/// Answers lookups: one column of the first row whose columns equal the criteria.
+pub trait Lookup: Send {
+    /// `field` of the first row of `table` whose columns equal `criteria`
+    /// (a NULL criterion matches NULL); `None` when no row does.
+    fn find(
+        &mut self,
+        table: &str,
+        field: &str,
+        criteria: &[(String, Value)],
+    ) -> Result<Option<Value>, ConnectorError>;
+}
+
+/// The SQL of a lookup: `SELECT field FROM table WHERE a = $1 AND b IS NULL`,
+/// with a placeholder for each non-NULL criterion, in order.
+pub(crate) fn lookup_sql(
+    table: &str,
+    field: &str,
+    criteria: &[(String, Value)],
+    quote: impl Fn(&str) -> String,
+    placeholder: impl Fn(usize) -> String,
+) -> String {
+    let table = table.split('.').map(&quote).collect::<Vec<_>>().join(".");
+    let mut n = 0;
+    let cond: Vec<String> = criteria
+        .iter()
+        .map(|(k, v)| {
+            if v.is_null() {
+                format!("{} IS NULL", quote(k))
+            } else {
+                n += 1;
+                format!("{} = {}", quote(k), placeholder(n))
+            }
+        })
+        .collect();
+    format!(
+        "SELECT {} FROM {table} WHERE {} LIMIT 1",
+        quote(field),
+        cond.join(" AND ")
+    )
+}
+
+/// Lookups in file connections: a file (`table` is its path; empty: the
+/// connection's own) is read once, and each set of criteria columns indexed
+/// once, so every later lookup is a hash probe.
+pub(crate) struct FileLookup<C: Connector> {
+    config: C,
+    base_dir: PathBuf,
+    /// By file: its columns and rows.
+    files: BTreeMap<String, (Vec<String>, Vec<Row>)>,
+    /// By file, field and criteria columns: criteria values → the field's value.
+    indexes: std::collections::HashMap<String, std::collections::HashMap<String, Value>>,
+}
+
+impl<C: Connector> FileLookup<C> {
+    pub(crate) fn new(config: C, base_dir: &Path) -> Self {
+        FileLookup {
+            config,
+            base_dir: base_dir.to_owned(),
+            files: BTreeMap::new(),
+            indexes: Default::default(),
+        }
+    }
+}
+
+/// The text key of a set of values (each value's text, unit-separated).
+fn lookup_key<'a>(values: impl Iterator<Item = crate::value::ValueRef<'a>>) -> String {
+    let mut k = String::new();
+    for v in values {
+        match v {
+            crate::value::ValueRef::Null => k.push('\u{0}'),
+            v => v.push_text(&mut k),
+        }
+        k.push('\u{1f}');
+    }
+    k
+}
+
+impl<C: Connector + Send> Lookup for FileLookup<C> {
+    fn find(
+        &mut self,
+        table: &str,
+        field: &str,
+        criteria: &[(String, Value)],
+    ) -> Result<Option<Value>, ConnectorError> {
+        if !self.files.contains_key(table) {
+            let mut fields: Vec<String> = criteria.iter().map(|(k, _)| k.clone()).collect();
+            fields.push(field.to_owned());
+            let path = (!table.is_empty()).then(|| Path::new(table));
+            let mut origin = self.config.open_origin(&OriginRequest {
+                base_dir: &self.base_dir,
+                query: None,
+                path,
+                variables: &BTreeMap::new(),
+                fields: &fields,
+                preview: true,
+            })?;
+            let mut rows = Vec::new();
+            let mut bad = None;
+            origin.read(&mut |r| match r {
+                Ok(r) => {
+                    rows.push(r);
+                    Flow::Continue
+                }
+                Err(e) => {
+                    bad = Some(e);
+                    Flow::Stop
+                }
+            })?;
+            if let Some(e) = bad {
+                return Err(ConnectorError::Io(format!("lookup file {table:?}: {e}")));
+            }
+            self.files
+                .insert(table.to_owned(), (origin.columns().to_vec(), rows));
+        }
+        let (columns, rows) = &self.files[table];
+        let col = |name: &str| {
+            columns
+                .iter()
+                .position(|c| c == name)
+                .or_else(|| columns.iter().position(|c| c.eq_ignore_ascii_case(name)))
+                .ok_or_else(|| {
+                    ConnectorError::Schema(format!(
+                        "lookup file {table:?} has no field {name:?}; it has: {}",
+                        columns.join(", ")
+                    ))
+                })
+        };
+        let fi = col(field)?;
+        let ci: Vec<usize> = criteria
+            .iter()
+            .map(|(k, _)| col(k))
+            .collect::<Result<_, _>>()?;
+        let index_name = format!(
+            "{table}\u{1f}{fi}\u{1f}{}",
+            ci.iter()
+                .map(|i| i.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        );
+        let index = self.indexes.entry(index_name).or_insert_with(|| {
+            let mut m = std::collections::HashMap::with_capacity(rows.len());
+            for r in rows {
+                m.entry(lookup_key(ci.iter().map(|&i| r.get(i))))
+                    .or_insert_with(|| r.get(fi).to_owned());
+            }
+            m
+        });
+        let key = lookup_key(criteria.iter().map(|(_, v)| v.as_ref()));
+        Ok(index.get(&key).cloned())
+    }
 }
 
 /// Every stage action: what the database kinds support.

@@ -99,6 +99,35 @@ fn quote_table(t: &str) -> String {
     }
 }
 
+/// Lookups on their own connection (the driver caches prepared statements).
+struct MysqlLookup {
+    conn: Conn,
+}
+
+impl super::Lookup for MysqlLookup {
+    fn find(
+        &mut self,
+        table: &str,
+        field: &str,
+        criteria: &[(String, Value)],
+    ) -> Result<Option<Value>, ConnectorError> {
+        let sql = super::lookup_sql(table, field, criteria, quote_ident, |_| "?".into());
+        let params: Vec<mysql::Value> = criteria
+            .iter()
+            .filter(|(_, v)| !v.is_null())
+            .map(|(_, v)| to_param(v))
+            .collect();
+        let row: Option<mysql::Row> =
+            self.conn
+                .exec_first(&sql, params)
+                .map_err(|e| match is_lost(&e) {
+                    true => ConnectorError::Lost(e.to_string()),
+                    false => ConnectorError::Schema(format!("lookup in {table:?}: {e}")),
+                })?;
+        Ok(row.map(|mut r| from_mysql(r.take(0).unwrap_or(mysql::Value::NULL))))
+    }
+}
+
 fn to_param(v: &Value) -> mysql::Value {
     match v {
         Value::Null => mysql::Value::NULL,
@@ -178,6 +207,15 @@ impl Connector for MysqlConfig {
             stmt,
             params: params.iter().map(to_param).collect(),
             columns,
+        }))
+    }
+
+    fn open_lookup(
+        &self,
+        _base_dir: &std::path::Path,
+    ) -> Result<Box<dyn super::Lookup>, ConnectorError> {
+        Ok(Box::new(MysqlLookup {
+            conn: self.connect()?,
         }))
     }
 

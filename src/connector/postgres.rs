@@ -190,6 +190,16 @@ impl Connector for PostgresConfig {
         }))
     }
 
+    fn open_lookup(
+        &self,
+        _base_dir: &std::path::Path,
+    ) -> Result<Box<dyn super::Lookup>, ConnectorError> {
+        Ok(Box::new(PostgresLookup {
+            client: self.connect()?,
+            statements: Default::default(),
+        }))
+    }
+
     fn open_destination(
         &self,
         req: &DestinationRequest,
@@ -203,6 +213,63 @@ impl Connector for PostgresConfig {
         };
         dest.prepare_session()?;
         Ok(Box::new(dest))
+    }
+}
+
+/// Lookups on their own connection, statements prepared once per shape.
+struct PostgresLookup {
+    client: Client,
+    statements: std::collections::HashMap<String, postgres::Statement>,
+}
+
+impl super::Lookup for PostgresLookup {
+    fn find(
+        &mut self,
+        table: &str,
+        field: &str,
+        criteria: &[(String, Value)],
+    ) -> Result<Option<Value>, ConnectorError> {
+        let plain = super::lookup_sql(table, field, criteria, quote_ident, |n| format!("${n}"));
+        let stmt = match self.statements.get(&plain) {
+            Some(s) => s.clone(),
+            None => {
+                let bad = |e: postgres::Error| {
+                    ConnectorError::Schema(format!("lookup in {table:?}: {}", pg_message(&e)))
+                };
+                let first = self.client.prepare(&plain).map_err(bad)?;
+                // Criteria travel as text, cast to the column's type (as origin tokens do);
+                // a value tidepool does not read natively comes back as text.
+                let types = first.params().to_vec();
+                let field_sql = if native(first.columns()[0].type_()) {
+                    quote_ident(field)
+                } else {
+                    format!("{}::text", quote_ident(field))
+                };
+                let sql = super::lookup_sql(table, field, criteria, quote_ident, |n| {
+                    match types.get(n - 1) {
+                        Some(t) if *t != Type::TEXT => format!("(${n}::text::{})", t.name()),
+                        _ => format!("${n}"),
+                    }
+                })
+                .replacen(&quote_ident(field), &field_sql, 1);
+                let stmt = self.client.prepare(&sql).map_err(bad)?;
+                self.statements.insert(plain, stmt.clone());
+                stmt
+            }
+        };
+        let params: Vec<String> = criteria
+            .iter()
+            .filter(|(_, v)| !v.is_null())
+            .map(|(_, v)| v.to_text())
+            .collect();
+        let mut rows = self
+            .client
+            .query_raw(&stmt, params.iter())
+            .map_err(to_connector_error)?;
+        match rows.next().map_err(to_connector_error)? {
+            Some(r) => Ok(Some(cell(&r, 0).map_err(to_connector_error)?)),
+            None => Ok(None),
+        }
     }
 }
 

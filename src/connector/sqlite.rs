@@ -156,6 +156,11 @@ impl Connector for SqliteConfig {
         }))
     }
 
+    fn open_lookup(&self, base_dir: &Path) -> Result<Box<dyn super::Lookup>, ConnectorError> {
+        let (conn, _) = self.open(base_dir, true)?;
+        Ok(Box::new(SqliteLookup { conn }))
+    }
+
     fn open_destination(
         &self,
         req: &DestinationRequest,
@@ -298,6 +303,36 @@ impl Column {
                 "column {:?} ({}) cannot hold {s:?}: not a number",
                 self.name, self.declared
             )),
+        }
+    }
+}
+
+/// Lookups on their own connection, statements cached by shape.
+struct SqliteLookup {
+    conn: Connection,
+}
+
+impl super::Lookup for SqliteLookup {
+    fn find(
+        &mut self,
+        table: &str,
+        field: &str,
+        criteria: &[(String, Value)],
+    ) -> Result<Option<Value>, ConnectorError> {
+        let sql = super::lookup_sql(table, field, criteria, quote_ident, |n| format!("?{n}"));
+        let mut stmt = self
+            .conn
+            .prepare_cached(&sql)
+            .map_err(|e| ConnectorError::Schema(format!("lookup in {table:?}: {e}")))?;
+        let params = criteria.iter().map(|(_, v)| v).filter(|v| !v.is_null());
+        for (i, p) in params.enumerate() {
+            stmt.raw_bind_parameter(i + 1, plain(p))
+                .map_err(ConnectorError::io)?;
+        }
+        let mut rows = stmt.raw_query();
+        match rows.next().map_err(ConnectorError::io)? {
+            Some(r) => Ok(Some(from_sql(r.get_ref(0).map_err(ConnectorError::io)?))),
+            None => Ok(None),
         }
     }
 }

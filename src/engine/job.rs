@@ -2,14 +2,15 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::Local;
 use crossbeam_channel::RecvTimeoutError;
 use smallvec::{SmallVec, smallvec};
 
+use super::host::RunHost;
 use super::mapping::{self, CompiledStage, RowContext, Target};
 use super::state;
 use super::{
@@ -19,8 +20,8 @@ use crate::connector::{
     ConnectionConfig, ConnectorError, Destination, DestinationRequest, Flow, Origin, OriginRequest,
     RowAction, RowRead,
 };
-use crate::project::{Job, Project};
-use crate::script::{SKIP_ROW, ScriptRuntime};
+use crate::project::{Job, Moment, Project};
+use crate::script::{CallInput, SKIP_ROW, ScriptHost, ScriptRuntime, StageView};
 use crate::value::{Row, Value};
 
 /// Log entries kept per job; past this the log says how many were dropped.
@@ -124,11 +125,14 @@ struct RowState {
     /// A script called gotoNextRow(): the row's later stages do not run.
     skipped: bool,
     processed: bool,
+    /// The values each stage wrote (kept in jobs whose scripts read `stages`).
+    written: SmallVec<[Option<Vec<Value>>; 2]>,
 }
 
 impl RowState {
     fn reset(&mut self) {
         self.actions.iter_mut().for_each(|a| *a = None);
+        self.written.iter_mut().for_each(|w| *w = None);
         self.error = self.read_error.clone().map(|e| (0, e));
         self.skipped = false;
         self.processed = false;
@@ -170,6 +174,16 @@ impl Writer {
     }
 }
 
+/// An operation of the job, compiled in the threads' runtimes.
+#[derive(Debug, Clone, Copy)]
+struct OpRef {
+    when: Moment,
+    stage: Option<usize>,
+    /// Its index among the runtime's scripts.
+    script: usize,
+    line: usize,
+}
+
 /// What the writers share.
 struct Shared<'a> {
     job: &'a Job,
@@ -192,6 +206,14 @@ struct Shared<'a> {
     return_value: Mutex<Option<Value>>,
     /// Variables the scripts changed (kept for the next run when the job completes).
     changed_vars: Mutex<BTreeMap<String, Value>>,
+    /// The operations that run inside rows (and on row errors).
+    ops: Vec<OpRef>,
+    /// Rows go through the stages one at a time, every stage mapped on the
+    /// writer: row operations and scripts that read `stages` see each row's
+    /// own results, in order.
+    row_wise: bool,
+    limits: crate::project::ScriptLimits,
+    host: Option<Arc<RunHost>>,
 }
 
 impl Shared<'_> {
@@ -217,6 +239,7 @@ impl Shared<'_> {
                     run_id: &self.run_id,
                     columns: &self.columns,
                     scripts: js,
+                    stages: None,
                     log: &|n, m| self.log(LogLevel::Low, Some(n), format!("row {n}: {m}")),
                 };
                 pre.push(Some(stage.evaluate(&ctx, &mut out).map(|()| out)));
@@ -231,7 +254,101 @@ impl Shared<'_> {
             actions,
             pre,
             skipped: false,
+            written: if self.row_wise {
+                smallvec![None; self.stages.len()]
+            } else {
+                SmallVec::new()
+            },
         }
+    }
+
+    /// A new script runtime for a thread (field scripts, then the operations).
+    fn runtime(&self) -> Result<Option<ScriptRuntime>, String> {
+        if self.scripts.is_empty() {
+            return Ok(None);
+        }
+        let host = self.host.clone().map(|h| h as Arc<dyn ScriptHost>);
+        ScriptRuntime::new(&self.scripts, &self.variables, self.limits, host).map(Some)
+    }
+
+    /// The row's stage results, as scripts see them in `stages`.
+    fn views<'r>(&'r self, row: &'r RowState) -> Vec<StageView<'r>> {
+        self.stages
+            .iter()
+            .enumerate()
+            .map(|(i, st)| StageView {
+                name: &st.name,
+                action: row.actions.get(i).copied().flatten().map(RowAction::as_str),
+                columns: &st.columns,
+                values: row.written.get(i).and_then(|w| w.as_deref()),
+            })
+            .collect()
+    }
+
+    /// Runs the operations at `when` (for stage `stage`) on one row. Returns
+    /// whether one returned `true`; `Err(SKIP_ROW)` when one called gotoNextRow().
+    fn row_ops(
+        &self,
+        js: Option<&ScriptRuntime>,
+        when: Moment,
+        stage: Option<usize>,
+        row: &RowState,
+        error: Option<&str>,
+    ) -> Result<bool, String> {
+        let Some(js) = js else { return Ok(false) };
+        let mut said_true = false;
+        let mut event = None;
+        for op in &self.ops {
+            if op.when != when || (op.stage.is_some() && op.stage != stage) {
+                continue;
+            }
+            let ev = event.get_or_insert_with(|| {
+                let mut ev = serde_json::json!({"when": when.as_str(), "row": row.number});
+                if let Some(si) = stage {
+                    ev["stage"] = self.stages[si].name.clone().into();
+                    ev["stageNumber"] = (si + 1).into();
+                }
+                if let Some(e) = error {
+                    ev["error"] = e.into();
+                }
+                ev
+            });
+            let views = self.views(row);
+            let all: Vec<usize> = (0..self.columns.len()).collect();
+            let out = js.call(
+                op.script,
+                &CallInput {
+                    columns: &self.columns,
+                    read: &all,
+                    row: &row.values,
+                    stages: Some(&views),
+                    event: Some(ev),
+                },
+            );
+            for m in js.take_logs() {
+                self.log(
+                    LogLevel::Low,
+                    Some(row.number),
+                    format!("row {}: {m}", row.number),
+                );
+            }
+            match out {
+                Ok(v) => said_true |= v == Value::Bool(true),
+                Err(e) if e == SKIP_ROW => return Err(e),
+                Err(e) => {
+                    return Err(format!(
+                        "operation {} (line {}): {e}",
+                        when.as_str(),
+                        op.line
+                    ));
+                }
+            }
+        }
+        Ok(said_true)
+    }
+
+    fn has_ops(&self, when: Moment) -> bool {
+        self.ops.iter().any(|o| o.when == when)
     }
 
     /// Keeps what a thread's scripts left in `returnValue`, if anything.
@@ -265,10 +382,10 @@ impl Shared<'_> {
         js: Option<&ScriptRuntime>,
         rows: &mut [RowState],
     ) -> Result<(), ConnectorError> {
-        if self.job.halt_on_error {
+        if self.job.halt_on_error || self.row_wise {
             for i in 0..rows.len() {
                 self.write_chunk(w, js, &mut rows[i..=i])?;
-                if rows[i].error.is_some() {
+                if rows[i].error.is_some() && self.job.halt_on_error {
                     break;
                 }
             }
@@ -287,6 +404,22 @@ impl Shared<'_> {
         for r in rows.iter_mut() {
             r.processed = true;
         }
+        let hooks = self.row_wise && !self.ops.is_empty();
+        if hooks && self.has_ops(Moment::BeforeRow) {
+            for row in rows.iter_mut() {
+                if row.error.is_some() || row.skipped {
+                    continue;
+                }
+                match self.row_ops(js, Moment::BeforeRow, None, row, None) {
+                    Ok(_) => {}
+                    Err(e) if e == SKIP_ROW => {
+                        row.actions[0] = Some(RowAction::Skip);
+                        row.skipped = true;
+                    }
+                    Err(e) => row.error = Some((0, e)),
+                }
+            }
+        }
         let mut idx: Vec<usize> = Vec::with_capacity(rows.len());
         let mut vals: Vec<Vec<Value>> = Vec::new();
         for (si, stage) in self.stages.iter().enumerate() {
@@ -296,11 +429,23 @@ impl Shared<'_> {
                 if row.error.is_some() || row.skipped {
                     continue;
                 }
-                let mapped = match row.pre.get(si) {
-                    Some(Some(Ok(_))) => Ok(()),
-                    Some(Some(Err(e))) => Err(e.clone()),
+                let before = if hooks {
+                    self.row_ops(js, Moment::BeforeStage, Some(si), row, None)
+                        .map(|_| ())
+                } else {
+                    Ok(())
+                };
+                let mapped = match (before, row.pre.get(si)) {
+                    (Err(e), _) => Err(e),
+                    (Ok(()), Some(Some(Ok(_)))) => Ok(()),
+                    (Ok(()), Some(Some(Err(e)))) => Err(e.clone()),
                     _ => {
                         let mut out = Vec::new();
+                        let views = if self.row_wise {
+                            self.views(row)
+                        } else {
+                            Vec::new()
+                        };
                         let ctx = RowContext {
                             number: row.number,
                             values: &row.values,
@@ -308,9 +453,11 @@ impl Shared<'_> {
                             run_id: &self.run_id,
                             columns: &self.columns,
                             scripts: js,
+                            stages: self.row_wise.then_some(views.as_slice()),
                             log: &|n, m| self.log(LogLevel::Low, Some(n), format!("row {n}: {m}")),
                         };
-                        stage.evaluate(&ctx, &mut out).map(|()| vals.push(out))
+                        let r = stage.evaluate(&ctx, &mut out);
+                        r.map(|()| vals.push(out))
                     }
                 };
                 match mapped {
@@ -342,11 +489,38 @@ impl Shared<'_> {
             for (k, res) in results.into_iter().enumerate() {
                 let row = &mut rows[idx[k]];
                 match res {
-                    Ok(a) => row.actions[si] = Some(a),
+                    Ok(a) => {
+                        row.actions[si] = Some(a);
+                        // Row-wise, every stage is mapped here: `vals` lines up with `idx`.
+                        if self.row_wise
+                            && let Some(w) = row.written.get_mut(si)
+                        {
+                            *w = vals.get(k).cloned();
+                        }
+                    }
                     Err(e) => {
                         row.actions[si] = Some(RowAction::Error);
                         row.error = Some((si + 1, e));
                     }
+                }
+                if hooks && row.error.is_none() {
+                    match self.row_ops(js, Moment::AfterStage, Some(si), row, None) {
+                        Ok(_) => {}
+                        Err(e) if e == SKIP_ROW => row.skipped = true,
+                        Err(e) => row.error = Some((si + 1, e)),
+                    }
+                }
+            }
+        }
+        if hooks && self.has_ops(Moment::AfterRow) {
+            for row in rows.iter_mut() {
+                if row.error.is_some() || row.skipped {
+                    continue;
+                }
+                match self.row_ops(js, Moment::AfterRow, None, row, None) {
+                    Ok(_) => {}
+                    Err(e) if e == SKIP_ROW => row.skipped = true,
+                    Err(e) => row.error = Some((0, e)),
                 }
             }
         }
@@ -414,22 +588,52 @@ impl Shared<'_> {
                 }
             }
         }
-        self.account(rows);
+        self.account(js, rows);
+    }
+
+    /// Whether an `on_row_error` operation suppresses the row's error.
+    fn suppressed(&self, js: Option<&ScriptRuntime>, r: &RowState) -> bool {
+        let Some((stage, msg)) = &r.error else {
+            return false;
+        };
+        if !self.has_ops(Moment::OnRowError) {
+            return false;
+        }
+        let stage = stage.checked_sub(1);
+        match self.row_ops(js, Moment::OnRowError, stage, r, Some(msg)) {
+            Ok(suppress) => suppress,
+            Err(e) => {
+                self.log(
+                    LogLevel::Low,
+                    Some(r.number),
+                    format!("row {}: {e}", r.number),
+                );
+                false
+            }
+        }
     }
 
     /// Counts, logs and records the outcome of processed rows.
-    fn account(&self, rows: &[RowState]) {
+    fn account(&self, js: Option<&ScriptRuntime>, rows: &[RowState]) {
         let mut c = Counters::default();
         let mut per_stage = vec![Counters::default(); self.stages.len()];
         let mut first_error: Option<String> = None;
         for r in rows.iter().filter(|r| r.processed) {
             c.total_rows += 1;
+            // An error an operation suppresses is neither counted nor logged.
+            let suppressed = self.suppressed(js, r);
             for (si, a) in r.actions.iter().enumerate() {
                 let Some(a) = *a else { continue };
+                if a == RowAction::Error && suppressed {
+                    continue;
+                }
                 bump(&mut per_stage[si], a);
                 if a != RowAction::Error {
                     bump(&mut c, a);
                 }
+            }
+            if suppressed {
+                continue;
             }
             if let Some((stage, msg)) = &r.error {
                 // A row counts one error, whichever stage failed.
@@ -530,24 +734,35 @@ fn job_variables(
     variables
 }
 
-/// Opens the job's origin; the error names the connection.
+/// Opens the job's origin; the error names the connection. `changed` is the
+/// query (or, for file kinds, the path) a `before_query` operation gave.
 fn open_origin<'p>(
     project: &'p Project,
     job: &Job,
     variables: &BTreeMap<String, Value>,
     preview: bool,
+    changed: Option<&str>,
 ) -> Result<(&'p ConnectionConfig, Box<dyn Origin>), String> {
     let name = &job.origin.connection;
     let conn = project
         .connections
         .get(name)
         .ok_or_else(|| format!("unknown connection {name:?}"))?;
+    let by_query = conn.capabilities().origin == crate::connector::OriginInput::Query;
+    let query = match changed {
+        Some(q) if by_query => Some(q),
+        _ => job.origin.query.as_deref(),
+    };
+    let path = match changed {
+        Some(p) if !by_query => Some(std::path::Path::new(p)),
+        _ => job.origin.path.as_deref(),
+    };
     let origin = conn
         .connector()
         .open_origin(&OriginRequest {
             base_dir: &project.dir,
-            query: job.origin.query.as_deref(),
-            path: job.origin.path.as_deref(),
+            query,
+            path,
             variables,
             fields: &mapping::origin_fields(job),
             preview,
@@ -675,17 +890,106 @@ fn execute(
             ),
         }
     }
-    let (origin_conn, mut origin) = match open_origin(project, job, &variables, req.preview) {
+    let initial_vars = variables.clone();
+    let has_field_scripts = job.stages.iter().any(|s| {
+        s.fields
+            .iter()
+            .any(|f| matches!(f.source, crate::project::FieldSource::Script(_)))
+    });
+    let host = (has_field_scripts || !job.operations.is_empty())
+        .then(|| Arc::new(RunHost::new(project, req.preview)));
+    // Operations that run once (not in rows) run here, in a runtime of their own.
+    let op_sources: Vec<String> = job.operations.iter().map(|o| o.script.clone()).collect();
+    let job_js = if job
+        .operations
+        .iter()
+        .any(|o| !o.when.in_row() && o.when != Moment::OnRowError)
+    {
+        let h = host.clone().map(|h| h as Arc<dyn ScriptHost>);
+        match ScriptRuntime::new(&op_sources, &variables, job.script_limits, h) {
+            Ok(rt) => Some(rt),
+            Err(e) => return job_failed(format!("an operation does not compile: {e}"), log),
+        }
+    } else {
+        None
+    };
+    let mut changed_origin: Option<String> = None;
+    for when in [Moment::Once, Moment::BeforeConnections, Moment::BeforeQuery] {
+        let Some(js) = &job_js else { break };
+        let mut event = serde_json::json!({"when": when.as_str()});
+        if when == Moment::BeforeQuery {
+            let conn_path = match project.connections.get(&job.origin.connection) {
+                Some(ConnectionConfig::Csv(c)) => Some(&c.path),
+                Some(ConnectionConfig::Json(c)) => Some(&c.path),
+                _ => None,
+            };
+            let q = job.origin.query.clone().or_else(|| {
+                job.origin
+                    .path
+                    .as_ref()
+                    .or(conn_path)
+                    .map(|p| p.display().to_string())
+            });
+            event["query"] = q.into();
+        }
+        match job_ops(js, job, when, &event, &mut log) {
+            Ok(Some(Value::Text(q))) if when == Moment::BeforeQuery => changed_origin = Some(q),
+            Ok(_) => {}
+            Err(e) => return job_failed(e, log),
+        }
+        variables.extend(js.changed_vars(&variables));
+    }
+    if let Some(q) = &changed_origin {
+        log.push(
+            LogLevel::Medium,
+            None,
+            format!("a before_query operation set the origin query: {q}"),
+        );
+    }
+    let (origin_conn, mut origin) = match open_origin(
+        project,
+        job,
+        &variables,
+        req.preview,
+        changed_origin.as_deref(),
+    ) {
         Ok(o) => o,
         Err(e) => return job_failed(e, log),
     };
     let columns = origin.columns().to_vec();
-    let (stages, scripts) = match mapping::compile(job, &columns, &variables) {
+    if let Some(js) = &job_js {
+        let event = serde_json::json!({"when": "after_query", "columns": columns});
+        if let Err(e) = job_ops(js, job, Moment::AfterQuery, &event, &mut log) {
+            return job_failed(e, log);
+        }
+        variables.extend(js.changed_vars(&variables));
+    }
+    let (mut stages, mut scripts) = match mapping::compile(job, &columns, &variables) {
         Ok(s) => s,
         Err(e) => return job_failed(e, log),
     };
+    // Row operations and on_row_error run in the threads' runtimes, after the field scripts.
+    let ops: Vec<OpRef> = job
+        .operations
+        .iter()
+        .enumerate()
+        .filter(|(_, o)| o.when.in_row() || o.when == Moment::OnRowError)
+        .map(|(i, o)| OpRef {
+            when: o.when,
+            stage: o.stage,
+            script: scripts.len() + i,
+            line: o.line,
+        })
+        .collect();
+    if !ops.is_empty() {
+        scripts.extend(op_sources.iter().cloned());
+    }
+    let row_wise = ops.iter().any(|o| o.when.in_row()) || stages.iter().any(|s| s.reads_stages);
+    if row_wise {
+        stages.iter_mut().for_each(|s| s.premap = false);
+    }
     if !scripts.is_empty()
-        && let Err(e) = ScriptRuntime::new(&scripts, &variables)
+        && let Err(e) = ScriptRuntime::new(&scripts, &variables, job.script_limits, None)
     {
         return job_failed(format!("a script does not compile: {e}"), log);
     }
@@ -807,6 +1111,10 @@ fn execute(
         variables: variables.clone(),
         return_value: Mutex::new(None),
         changed_vars: Mutex::new(BTreeMap::new()),
+        ops,
+        row_wise,
+        limits: job.script_limits,
+        host: host.clone(),
     };
 
     let batch_size = job.batch_size;
@@ -823,11 +1131,7 @@ fn execute(
         let shared = &shared;
         let reader = s.spawn(move || {
             // Script fields of stages mapped ahead run here, in the reader's own runtime.
-            let js = if shared.scripts.is_empty() {
-                None
-            } else {
-                ScriptRuntime::new(&shared.scripts, &shared.variables).ok()
-            };
+            let js = shared.runtime().ok().flatten();
             let mut n: u64 = 0;
             let mut batch = Vec::with_capacity(batch_size);
             let mut stopped = false;
@@ -873,17 +1177,13 @@ fn execute(
                 let trash = trash_tx.clone();
                 s.spawn(move || {
                     // A QuickJS runtime stays on its thread: one per writer.
-                    let js = if shared.scripts.is_empty() {
-                        None
-                    } else {
-                        match ScriptRuntime::new(&shared.scripts, &shared.variables) {
-                            Ok(rt) => Some(rt),
-                            Err(e) => {
-                                let mut h = shared.halted.lock().expect("halt lock");
-                                h.get_or_insert(format!("a script does not compile: {e}"));
-                                shared.stop.store(true, Ordering::SeqCst);
-                                None
-                            }
+                    let js = match shared.runtime() {
+                        Ok(rt) => rt,
+                        Err(e) => {
+                            let mut h = shared.halted.lock().expect("halt lock");
+                            h.get_or_insert(format!("a script does not compile: {e}"));
+                            shared.stop.store(true, Ordering::SeqCst);
+                            None
                         }
                     };
                     for batch in rx.iter() {
@@ -978,18 +1278,60 @@ fn execute(
     if cancelled {
         error.get_or_insert("cancelled".into());
     }
-    let return_value = return_value.into_inner().expect("return value lock");
+    let mut return_value = return_value.into_inner().expect("return value lock");
+    // Variables changed since the job started: by the operations before the
+    // rows, then by the threads' scripts.
+    let mut changed: BTreeMap<String, Value> = variables
+        .iter()
+        .filter(|(k, v)| initial_vars.get(*k) != Some(*v))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    changed.extend(changed_vars.into_inner().expect("changed vars lock"));
+    if let Some(js) = &job_js
+        && !cancelled
+        && job.operations.iter().any(|o| o.when == Moment::End)
+    {
+        js.set_vars(&changed);
+        if let Some(rv) = &return_value {
+            js.set_return_value(rv);
+        }
+        let event = serde_json::json!({
+            "when": "end",
+            "counters": serde_json::to_value(counters).unwrap_or_default(),
+            "error": error.clone(),
+        });
+        if let Err(e) = job_ops(js, job, Moment::End, &event, &mut log) {
+            log.push(LogLevel::Low, None, e.clone());
+            error.get_or_insert(e);
+        }
+        changed = js.changed_vars(&initial_vars);
+        return_value = js.return_value().or(return_value);
+    }
+    if let Some(h) = &host {
+        if let Err(e) = h.flush() {
+            log.push(
+                LogLevel::Low,
+                None,
+                format!("the xref lists cannot be kept: {e}"),
+            );
+            error.get_or_insert(format!("the xref lists cannot be kept: {e}"));
+        }
+        let (calls, cached) = h.lookup_stats();
+        if calls > 0 {
+            log.push(
+                LogLevel::Medium,
+                None,
+                format!("lookups: {calls}, {cached} answered from the run's cache"),
+            );
+        }
+    }
     if error.is_none()
         && !cancelled
         && !req.preview
         && let Some(st) = state.as_mut()
     {
-        let mut keep: BTreeMap<String, String> = changed_vars
-            .into_inner()
-            .expect("changed vars lock")
-            .into_iter()
-            .map(|(k, v)| (k, v.to_text()))
-            .collect();
+        let mut keep: BTreeMap<String, String> =
+            changed.into_iter().map(|(k, v)| (k, v.to_text())).collect();
         keep.insert(
             "LastRunDate".into(),
             start_time.to_rfc3339_opts(chrono::SecondsFormat::Secs, false),
@@ -1005,11 +1347,58 @@ fn execute(
     (counters, error, log, cancelled, return_value)
 }
 
+/// Runs a job's operations at a moment outside rows (in `js`, compiled from
+/// the job's operations in order); the value the last one returned.
+fn job_ops(
+    js: &ScriptRuntime,
+    job: &Job,
+    when: Moment,
+    event: &serde_json::Value,
+    log: &mut RunLog,
+) -> Result<Option<Value>, String> {
+    let empty = Row::from_values(Vec::new());
+    let mut last = None;
+    for (i, op) in job.operations.iter().enumerate() {
+        if op.when != when {
+            continue;
+        }
+        let out = js.call(
+            i,
+            &CallInput {
+                columns: &[],
+                read: &[],
+                row: &empty,
+                stages: None,
+                event: Some(event),
+            },
+        );
+        for m in js.take_logs() {
+            log.push(LogLevel::Low, None, m);
+        }
+        match out {
+            Ok(v) => last = Some(v),
+            Err(e) => {
+                let e = if e == SKIP_ROW {
+                    "gotoNextRow() was called outside a row".to_owned()
+                } else {
+                    e
+                };
+                return Err(format!(
+                    "operation {} (line {}): {e}",
+                    when.as_str(),
+                    op.line
+                ));
+            }
+        }
+    }
+    Ok(last)
+}
+
 /// Opens a job's connections as a preview run would, without reading rows:
 /// finds a missing file or table, an origin field or column that does not exist.
 pub(crate) fn check_job(project: &Project, job: &Job) -> Result<(), String> {
     let variables = job_variables(project, job, "", "");
-    let (origin_conn, origin) = open_origin(project, job, &variables, true)?;
+    let (origin_conn, origin) = open_origin(project, job, &variables, true, None)?;
     mapping::compile(job, origin.columns(), &variables)?;
     drop(origin);
     let dest_conn = job

@@ -53,6 +53,10 @@ pub(crate) struct CompiledStage {
     /// The stage reads no other stage's outcome, so its values can be worked
     /// out ahead, on the reader thread, while writers write earlier rows.
     pub(crate) premap: bool,
+    /// A script of the stage reads the row's stage results (`stages`).
+    pub(crate) reads_stages: bool,
+    /// The destination columns, in value order.
+    pub(crate) columns: Vec<String>,
     fields: Vec<CompiledField>,
 }
 
@@ -66,6 +70,8 @@ pub(crate) struct RowContext<'a> {
     pub(crate) columns: &'a [String],
     /// This thread's compiled scripts, where the job has any.
     pub(crate) scripts: Option<&'a crate::script::ScriptRuntime>,
+    /// The row's stage results so far, for scripts (in jobs whose scripts read them).
+    pub(crate) stages: Option<&'a [crate::script::StageView<'a>]>,
     /// Where a script's `log()` messages go (row number, message).
     pub(crate) log: &'a dyn Fn(u64, String),
 }
@@ -170,14 +176,20 @@ pub(crate) fn compile(
                 .collect::<Result<Vec<_>, String>>()?;
             // STG tokens need the earlier stages' outcomes: those stages are
             // mapped by the writers; all others ahead, on the reader thread.
-            let premap = !fields.iter().any(|f: &CompiledField| {
-                matches!(&f.source, Source::Template(p) if p.iter().any(|p| matches!(p, Piece::Stage(_))))
-            });
+            let reads_stages = stage.fields.iter().any(
+                |f| matches!(&f.source, FieldSource::Script(s) if crate::script::reads_stages(s)),
+            );
+            let premap = !reads_stages
+                && !fields.iter().any(|f: &CompiledField| {
+                    matches!(&f.source, Source::Template(p) if p.iter().any(|p| matches!(p, Piece::Stage(_))))
+                });
             Ok(CompiledStage {
                 name: stage.name.clone(),
                 target,
                 local,
                 premap,
+                reads_stages,
+                columns: fields.iter().map(|f| f.column.clone()).collect(),
                 fields,
             })
         })
@@ -209,7 +221,16 @@ impl CompiledStage {
                     let rt = row
                         .scripts
                         .ok_or_else(|| format!("column {:?}: no script runtime here", f.column))?;
-                    let v = rt.call(*i, row.columns, read, row.values);
+                    let v = rt.call(
+                        *i,
+                        &crate::script::CallInput {
+                            columns: row.columns,
+                            read,
+                            row: row.values,
+                            stages: row.stages,
+                            event: None,
+                        },
+                    );
                     for m in rt.take_logs() {
                         (row.log)(row.number, m);
                     }

@@ -6,6 +6,7 @@
 //! batch is one transaction; a batch that fails is replayed row by row so only
 //! the bad rows count as errors. Counters are exact and live.
 
+mod host;
 mod job;
 mod mapping;
 mod state;

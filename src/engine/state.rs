@@ -1,5 +1,7 @@
-//! Variables a job keeps across runs (`LastRunDate`, and those its scripts set),
-//! in `<data dir>/state.sqlite`, shared by `tidepool run` and `tidepool serve`.
+//! What jobs keep across runs, in `<data dir>/state.sqlite`, shared by
+//! `tidepool run` and `tidepool serve`: each job's variables (`LastRunDate`,
+//! and those its scripts set) and each project's cross-reference lists
+//! (`xrefWrite`/`xrefRead`).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -22,7 +24,10 @@ impl JobState {
             "PRAGMA journal_mode=WAL;
              CREATE TABLE IF NOT EXISTS job_variables (
                project TEXT NOT NULL, job TEXT NOT NULL, name TEXT NOT NULL, value TEXT,
-               PRIMARY KEY (project, job, name))",
+               PRIMARY KEY (project, job, name));
+             CREATE TABLE IF NOT EXISTS xref (
+               project TEXT NOT NULL, list TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL,
+               PRIMARY KEY (project, list, key)) WITHOUT ROWID",
         )
         .map_err(|e| e.to_string())?;
         Ok(JobState { conn })
@@ -64,6 +69,48 @@ impl JobState {
                 params![project, job, k, v],
             )
             .map_err(|e| e.to_string())?;
+        }
+        tx.commit().map_err(|e| e.to_string())
+    }
+
+    /// The value `key` maps to in the project's cross-reference list `list`.
+    pub(crate) fn xref_get(
+        &self,
+        project: &str,
+        list: &str,
+        key: &str,
+    ) -> Result<Option<String>, String> {
+        let mut st = self
+            .conn
+            .prepare_cached("SELECT value FROM xref WHERE project = ?1 AND list = ?2 AND key = ?3")
+            .map_err(|e| e.to_string())?;
+        let mut rows = st
+            .query(params![project, list, key])
+            .map_err(|e| e.to_string())?;
+        match rows.next().map_err(|e| e.to_string())? {
+            Some(r) => r.get(0).map_err(|e| e.to_string()),
+            None => Ok(None),
+        }
+    }
+
+    /// Keeps `entries` (list, key, value) in the project's cross-reference lists.
+    pub(crate) fn xref_put(
+        &mut self,
+        project: &str,
+        entries: &[(&str, &str, &str)],
+    ) -> Result<(), String> {
+        let tx = self.conn.transaction().map_err(|e| e.to_string())?;
+        {
+            let mut st = tx
+                .prepare_cached(
+                    "INSERT INTO xref (project, list, key, value) VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT (project, list, key) DO UPDATE SET value = excluded.value",
+                )
+                .map_err(|e| e.to_string())?;
+            for (list, key, value) in entries {
+                st.execute(params![project, list, key, value])
+                    .map_err(|e| e.to_string())?;
+            }
         }
         tx.commit().map_err(|e| e.to_string())
     }

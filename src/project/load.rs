@@ -8,8 +8,8 @@ use toml::Spanned;
 
 use super::template::{Template, Token};
 use super::{
-    BuiltinFunction, Field, FieldSource, Job, JobId, OriginSpec, Problem, Project, ProjectId,
-    Stage, StageAction, Transform,
+    BuiltinFunction, Field, FieldSource, Job, JobId, Moment, Operation, OriginSpec, Problem,
+    Project, ProjectId, ScriptLimits, Stage, StageAction, Transform,
 };
 use crate::connector::{ConnectionConfig, OriginInput};
 use crate::value::{FieldType, Value};
@@ -135,6 +135,19 @@ struct RawJob {
     destination: Option<RawDestination>,
     #[serde(default)]
     stages: Vec<Spanned<RawStage>>,
+    #[serde(default)]
+    operations: Vec<Spanned<RawOperation>>,
+    script_time_limit_ms: Option<Spanned<u64>>,
+    script_memory_limit_mb: Option<Spanned<usize>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOperation {
+    when: Moment,
+    /// A stage's name or 1-based number (before_stage/after_stage only).
+    stage: Option<toml::Value>,
+    script: String,
 }
 
 fn default_retry_attempts() -> u32 {
@@ -628,21 +641,10 @@ fn load_job(
             if let Some(t) = rf.template {
                 match Template::parse(&t) {
                     Ok(t) => {
-                        for tok in t.tokens() {
-                            if let Token::StageAction(k) = tok
-                                && *k >= n
-                            {
-                                let readable = match n {
-                                    1 => "the first stage can read none".to_owned(),
-                                    2 => "only stage 1 can be read".to_owned(),
-                                    _ => format!("only stages 1 to {} can be read", n - 1),
-                                };
-                                problems.push(fat(format!(
-                                    "stage {n}, column {:?}: {tok} reads a stage that has not run yet; {readable}",
-                                    rf.column
-                                )));
-                            }
-                        }
+                        problems.extend(
+                            unrun_stages(&t, n)
+                                .map(|e| fat(format!("stage {n}, column {:?}: {e}", rf.column))),
+                        );
                         sources.push(FieldSource::Template(t));
                     }
                     Err(e) => problems.push(fat(format!("stage {n}, column {:?}: {e}", rf.column))),
@@ -652,6 +654,12 @@ fn load_job(
                 sources.push(FieldSource::Function(func));
             }
             if let Some(src) = rf.script {
+                if let Ok(t) = Template::parse(&src) {
+                    problems.extend(
+                        unrun_stages(&t, n)
+                            .map(|e| fat(format!("stage {n}, column {:?}: {e}", rf.column))),
+                    );
+                }
                 match crate::script::check(&src) {
                     Ok(()) => sources.push(FieldSource::Script(src)),
                     Err(e) => problems.push(fat(format!(
@@ -712,6 +720,69 @@ fn load_job(
         });
     }
 
+    let mut operations = Vec::new();
+    for op in raw.operations {
+        let line = src.line(op.span().start);
+        let op = op.into_inner();
+        let at = |msg: String| Problem::new(file, Some(line), msg);
+        let when = op.when.as_str();
+        let stage = match (&op.stage, op.when) {
+            (None, _) => None,
+            (Some(v), Moment::BeforeStage | Moment::AfterStage) => {
+                let found = match v {
+                    toml::Value::Integer(n) => usize::try_from(*n)
+                        .ok()
+                        .filter(|n| (1..=stages.len()).contains(n))
+                        .map(|n| n - 1),
+                    toml::Value::String(name) => stages.iter().position(|s| &s.name == name),
+                    _ => None,
+                };
+                if found.is_none() {
+                    problems.push(at(format!(
+                        "operation {when}: stage {v} is not a stage of this job; give a stage's name or its number (1 to {}); the stages are: {}",
+                        stages.len(),
+                        stages
+                            .iter()
+                            .map(|s| format!("{:?}", s.name))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )));
+                }
+                found
+            }
+            (Some(_), _) => {
+                problems.push(at(format!(
+                    "operation {when}: only before_stage and after_stage operations take a stage"
+                )));
+                None
+            }
+        };
+        if let Err(e) = crate::script::check(&op.script) {
+            problems.push(at(format!(
+                "operation {when}: the script does not compile: {e} (lines count from the script's first line)"
+            )));
+        }
+        operations.push(Operation {
+            when: op.when,
+            stage,
+            script: op.script,
+            line,
+        });
+    }
+    let mut script_limits = ScriptLimits::default();
+    if let Some(ms) = &raw.script_time_limit_ms {
+        match *ms.get_ref() {
+            1..=600_000 => script_limits.time = std::time::Duration::from_millis(*ms.get_ref()),
+            _ => problems.push(src.problem(ms, "script_time_limit_ms must be 1 to 600000")),
+        }
+    }
+    if let Some(mb) = &raw.script_memory_limit_mb {
+        match *mb.get_ref() {
+            1..=16_384 => script_limits.memory = *mb.get_ref() * 1024 * 1024,
+            _ => problems.push(src.problem(mb, "script_memory_limit_mb must be 1 to 16384")),
+        }
+    }
+
     let error_file = match &raw.error_file {
         Some(f) => match interpolate(f.get_ref(), builtins) {
             Ok(p) => Some(project_dir.join(p)),
@@ -755,8 +826,27 @@ fn load_job(
         batch_size,
         retry_attempts: raw.retry_attempts,
         retry_wait: std::time::Duration::from_millis(raw.retry_wait_ms),
+        operations,
+        script_limits,
     };
     Ok((job, raw.next, text))
+}
+
+/// The `@@STG:k,…@@` tokens of stage `n`'s field that read a stage that has not run yet.
+fn unrun_stages(t: &Template, n: usize) -> impl Iterator<Item = String> + '_ {
+    t.tokens().filter_map(move |tok| match tok {
+        Token::StageAction(k) if *k >= n => {
+            let readable = match n {
+                1 => "the first stage can read none".to_owned(),
+                2 => "only stage 1 can be read".to_owned(),
+                _ => format!("only stages 1 to {} can be read", n - 1),
+            };
+            Some(format!(
+                "{tok} reads a stage that has not run yet; {readable}"
+            ))
+        }
+        _ => None,
+    })
 }
 
 fn unknown_connection(name: &str, connections: &BTreeMap<String, ConnectionConfig>) -> String {

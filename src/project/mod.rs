@@ -97,6 +97,94 @@ pub struct Job {
     pub retry_attempts: u32,
     /// The wait before the first retry; it doubles each time.
     pub retry_wait: std::time::Duration,
+    /// Scripts run at fixed moments of the run (`[[operations]]`).
+    pub operations: Vec<Operation>,
+    /// Limits on every script of the job.
+    pub script_limits: ScriptLimits,
+}
+
+/// Limits on a job's scripts: a call that runs longer, or a runtime that grows
+/// larger, fails (the row, or the job for job-wide operations).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ScriptLimits {
+    /// The longest one call may run (`script_time_limit_ms`, default 1000).
+    pub time: std::time::Duration,
+    /// The most memory one runtime may use (`script_memory_limit_mb`, default 64).
+    pub memory: usize,
+}
+
+impl Default for ScriptLimits {
+    fn default() -> Self {
+        ScriptLimits {
+            time: std::time::Duration::from_millis(1000),
+            memory: 64 * 1024 * 1024,
+        }
+    }
+}
+
+/// A script the engine runs at a fixed moment of a job (Starfish's Exec operations).
+#[derive(Debug, Clone)]
+pub struct Operation {
+    /// When it runs.
+    pub when: Moment,
+    /// For `before_stage`/`after_stage`: the one stage (0-based) it runs for; `None`: every stage.
+    pub stage: Option<usize>,
+    /// A JavaScript expression or function body, like a script field's.
+    pub script: String,
+    /// The line of the operation in its job file (for messages).
+    pub line: usize,
+}
+
+/// The moments of a run at which an [`Operation`] runs (Starfish's "Execute When").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Moment {
+    /// Once per job, before anything else.
+    Once,
+    /// Before the job's connections open (set variables the origin's tokens read).
+    BeforeConnections,
+    /// Before the origin query runs: sees `event.query` and may return a new one.
+    BeforeQuery,
+    /// After the origin query ran, before the first row.
+    AfterQuery,
+    /// Before each row's first stage.
+    BeforeRow,
+    /// Before each stage of each row.
+    BeforeStage,
+    /// After each stage of each row wrote (sees the stage's result).
+    AfterStage,
+    /// After each row's last stage.
+    AfterRow,
+    /// When a row fails: sees `event.error`; returning `true` suppresses the error.
+    OnRowError,
+    /// Once, after every row was written (`event.counters` holds the job's counters).
+    End,
+}
+
+impl Moment {
+    /// The name a job file gives it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Moment::Once => "once",
+            Moment::BeforeConnections => "before_connections",
+            Moment::BeforeQuery => "before_query",
+            Moment::AfterQuery => "after_query",
+            Moment::BeforeRow => "before_row",
+            Moment::BeforeStage => "before_stage",
+            Moment::AfterStage => "after_stage",
+            Moment::AfterRow => "after_row",
+            Moment::OnRowError => "on_row_error",
+            Moment::End => "end",
+        }
+    }
+
+    /// Whether it runs inside a row's processing, in row order with the stages.
+    pub fn in_row(self) -> bool {
+        matches!(
+            self,
+            Moment::BeforeRow | Moment::BeforeStage | Moment::AfterStage | Moment::AfterRow
+        )
+    }
 }
 
 /// Where a job's rows come from.
