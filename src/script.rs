@@ -585,7 +585,10 @@ fn stages_js<'js>(ctx: &Ctx<'js>, stages: &[StageView]) -> rquickjs::Result<rqui
     for (i, st) in stages.iter().enumerate() {
         let o = Object::new(ctx.clone())?;
         o.set("name", st.name)?;
-        o.set("action", st.action)?;
+        match st.action {
+            Some(a) => o.set("action", a)?,
+            None => o.set("action", rquickjs::Value::new_null(ctx.clone()))?,
+        }
         let values = Object::new(ctx.clone())?;
         if let Some(vals) = st.values {
             for (c, v) in st.columns.iter().zip(vals) {

@@ -349,3 +349,40 @@ fn a_connection_killed_mid_run_is_retried_and_nothing_is_lost() {
         "{log:#?}"
     );
 }
+
+#[test]
+fn scripts_look_up_values_with_typed_criteria() {
+    let mut db = Db::new();
+    people(&mut db, "PRIMARY KEY");
+    db.exec(
+        "CREATE TABLE accounts(num int, region varchar(10), code varchar(20), balance decimal(12,2));
+         INSERT INTO accounts VALUES (2, 'eu', 'ACC-2', 10.50), (3, NULL, 'ACC-3', 7.25)",
+    );
+    let f = Fixture::new();
+    let job = r#"
+[origin]
+connection = "src"
+[destination]
+connection = "my"
+[[stages]]
+table = "people"
+action = "update"
+fields = [
+  { column = "id", origin = "id", match = true },
+  { column = "name", script = "lookup('my', 'accounts', 'code', {num: row.id, region: row.city === 'Lima' ? null : 'eu'}) || 'none'" },
+  { column = "city", script = "lookup('my', 'accounts', 'balance', {num: Number(row.id)})" },
+]
+"#;
+    f.project("p", &project(&db), &[("j", job)]);
+    f.write(
+        "projects/p/in.csv",
+        "id,name,city\n2,x,Rome\n3,y,Lima\n1,z,Oslo\n",
+    );
+    let r = f.run(&request("p", "j"));
+    assert_eq!(r.status, RunStatus::Complete, "{:?}", r.error);
+    assert_eq!(r.jobs[0].counters.updates, 3);
+    assert_eq!(
+        db.rows("SELECT id, name, city FROM people ORDER BY id"),
+        ["1|none|∅", "2|ACC-2|10.50", "3|ACC-3|7.25"]
+    );
+}

@@ -415,3 +415,50 @@ fn upsert_without_a_unique_index_takes_the_general_path() {
         ["1|Ann|Oslo", "2|Bobby|Rome", "3|Cy|Lima", "4|Dan|Kyiv"]
     );
 }
+
+#[test]
+fn scripts_look_up_values_with_typed_criteria() {
+    let mut s = Schema::new();
+    people(&mut s);
+    s.exec(
+        "CREATE TABLE S.accounts(num integer, region text, tag uuid, balance numeric(12,2));
+         INSERT INTO S.accounts VALUES (2, 'eu', 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', 10.50),
+                                       (3, NULL, 'b0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', 7.25);",
+    );
+    let f = Fixture::new();
+    let job = format!(
+        r#"
+[origin]
+connection = "src"
+[destination]
+connection = "pg"
+[[stages]]
+table = "{0}.people"
+action = "update"
+fields = [
+  {{ column = "id", origin = "id", match = true }},
+  {{ column = "name", script = "lookup('pg', '{0}.accounts', 'tag', {{num: row.id, region: row.city === 'Lima' ? null : 'eu'}})" }},
+  {{ column = "city", script = "String(lookup('pg', '{0}.accounts', 'balance', {{num: Number(row.id)}}))" }},
+]
+"#,
+        s.name
+    );
+    f.project("p", &project(&s), &[("j", &job)]);
+    f.write(
+        "projects/p/in.csv",
+        "id,name,city\n2,x,Rome\n3,y,Lima\n1,z,Oslo\n",
+    );
+    let mut req = request("p", "j");
+    req.logging_level = LogLevel::Medium;
+    let r = f.run(&req);
+    assert_eq!(r.status, RunStatus::Complete, "{:?}", r.error);
+    assert_eq!(r.jobs[0].counters.updates, 3);
+    assert_eq!(
+        s.rows("SELECT id, name, city FROM S.people ORDER BY id"),
+        [
+            "1|∅|null",
+            "2|a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11|10.50",
+            "3|b0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11|7.25"
+        ]
+    );
+}

@@ -524,3 +524,96 @@ fields = [{ column = "id", origin = "id" }]
         "{problems:#?}"
     );
 }
+
+#[test]
+fn a_replayed_batch_logs_and_runs_row_operations_once_per_row_outcome() {
+    let job = r#"
+[origin]
+connection = "src"
+[destination]
+connection = "db"
+[[operations]]
+when = "after_row"
+script = "log('after ' + row.id)"
+[[stages]]
+table = "people"
+action = "insert"
+fields = [
+  { column = "id", origin = "id" },
+  { column = "name", script = "log('map ' + row.id); return row.name" },
+]
+"#;
+    let f = fixture(&[("j", job)]);
+    // RAISE(ROLLBACK) undoes the whole batch: it is replayed row by row.
+    f.db("people.sqlite")
+        .execute_batch(
+            "CREATE TRIGGER no_bob BEFORE INSERT ON people WHEN NEW.name = 'Bob'
+             BEGIN SELECT RAISE(ROLLBACK, 'no Bob'); END;",
+        )
+        .unwrap();
+    let r = run(&f, "j");
+    let c = &r.jobs[0].counters;
+    assert_eq!((c.total_rows, c.inserts, c.errors), (3, 2, 1));
+    let log = messages(&r);
+    assert!(log.iter().any(|m| m.contains("replaying")), "{log:#?}");
+    for id in 1..=3 {
+        let maps = log
+            .iter()
+            .filter(|m| *m == &format!("row {id}: map {id}"))
+            .count();
+        assert_eq!(maps, 1, "row {id}: {log:#?}");
+    }
+    // The failed row ran no after_row; the others ran it once (the outcome that counts).
+    let afters: Vec<&String> = log.iter().filter(|m| m.contains(": after ")).collect();
+    assert_eq!(afters, ["row 1: after 1", "row 3: after 3"], "{log:#?}");
+}
+
+#[test]
+fn row_operations_with_four_threads_give_the_same_rows_and_counts() {
+    let job = |threads: &str| {
+        format!(
+            r#"
+[origin]
+connection = "src"
+[destination]
+connection = "db"
+[[operations]]
+when = "before_stage"
+script = "if (row.id % 7 === 0) gotoNextRow();"
+[[stages]]
+table = "people"
+action = "update/insert"
+fields = [
+  {{ column = "id", origin = "id", match = true }},
+  {{ column = "name", script = "'n' + row.id + '-{threads}'" }},
+  {{ column = "city", script = "String(stages[1].action)" }},
+]
+"#
+        )
+    };
+    let f = fixture(&[("one", &job("1")), ("four", &job("4"))]);
+    let mut csv = String::from("id,name,city\n");
+    for i in 1..=2000 {
+        csv.push_str(&format!("{i},x,y\n"));
+    }
+    f.write("projects/p/in.csv", csv);
+    let mut counts = Vec::new();
+    for (name, threads) in [("one", 1), ("four", 4)] {
+        let mut req = request("p", name);
+        req.thread_count = threads;
+        let r = f.run(&req);
+        let c = r.jobs[0].counters;
+        counts.push((c.total_rows, c.inserts + c.updates, c.skips, c.errors));
+    }
+    assert_eq!(counts[0], (2000, 1715, 285, 0));
+    assert_eq!(counts[0], counts[1]);
+    let db = f.db("people.sqlite");
+    // Stage 1 had not run when its own field was mapped: the action is null.
+    assert_eq!(
+        rows(
+            &db,
+            "SELECT count(*), min(name), max(city) FROM people WHERE name LIKE '%-4'"
+        ),
+        ["1715|n1-4|null"]
+    );
+}

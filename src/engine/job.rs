@@ -127,12 +127,18 @@ struct RowState {
     processed: bool,
     /// The values each stage wrote (kept in jobs whose scripts read `stages`).
     written: SmallVec<[Option<Vec<Value>>; 2]>,
+    /// What scripts logged for the row on the reader (mapping ahead), and on
+    /// the writer (cleared when a batch is replayed, so nothing logs twice);
+    /// the log gets both when the row is counted.
+    logs: Vec<String>,
+    writer_logs: Vec<String>,
 }
 
 impl RowState {
     fn reset(&mut self) {
         self.actions.iter_mut().for_each(|a| *a = None);
         self.written.iter_mut().for_each(|w| *w = None);
+        self.writer_logs.clear();
         self.error = self.read_error.clone().map(|e| (0, e));
         self.skipped = false;
         self.processed = false;
@@ -225,6 +231,7 @@ impl Shared<'_> {
         };
         let actions: SmallVec<[Option<RowAction>; 4]> = smallvec![None; self.stages.len()];
         let mut pre = SmallVec::new();
+        let logs = std::cell::RefCell::new(Vec::new());
         if read_error.is_none() {
             for stage in &self.stages {
                 if !stage.premap {
@@ -240,7 +247,7 @@ impl Shared<'_> {
                     columns: &self.columns,
                     scripts: js,
                     stages: None,
-                    log: &|n, m| self.log(LogLevel::Low, Some(n), format!("row {n}: {m}")),
+                    log: &|_, m| logs.borrow_mut().push(m),
                 };
                 pre.push(Some(stage.evaluate(&ctx, &mut out).map(|()| out)));
             }
@@ -259,6 +266,8 @@ impl Shared<'_> {
             } else {
                 SmallVec::new()
             },
+            logs: logs.into_inner(),
+            writer_logs: Vec::new(),
         }
     }
 
@@ -294,6 +303,7 @@ impl Shared<'_> {
         stage: Option<usize>,
         row: &RowState,
         error: Option<&str>,
+        logs: &mut Vec<String>,
     ) -> Result<bool, String> {
         let Some(js) = js else { return Ok(false) };
         let mut said_true = false;
@@ -325,13 +335,7 @@ impl Shared<'_> {
                     event: Some(ev),
                 },
             );
-            for m in js.take_logs() {
-                self.log(
-                    LogLevel::Low,
-                    Some(row.number),
-                    format!("row {}: {m}", row.number),
-                );
-            }
+            logs.extend(js.take_logs());
             match out {
                 Ok(v) => said_true |= v == Value::Bool(true),
                 Err(e) if e == SKIP_ROW => return Err(e),
@@ -410,7 +414,10 @@ impl Shared<'_> {
                 if row.error.is_some() || row.skipped {
                     continue;
                 }
-                match self.row_ops(js, Moment::BeforeRow, None, row, None) {
+                let mut logs = Vec::new();
+                let done = self.row_ops(js, Moment::BeforeRow, None, row, None, &mut logs);
+                row.writer_logs.append(&mut logs);
+                match done {
                     Ok(_) => {}
                     Err(e) if e == SKIP_ROW => {
                         row.actions[0] = Some(RowAction::Skip);
@@ -429,12 +436,14 @@ impl Shared<'_> {
                 if row.error.is_some() || row.skipped {
                     continue;
                 }
+                let mut logs = Vec::new();
                 let before = if hooks {
-                    self.row_ops(js, Moment::BeforeStage, Some(si), row, None)
+                    self.row_ops(js, Moment::BeforeStage, Some(si), row, None, &mut logs)
                         .map(|_| ())
                 } else {
                     Ok(())
                 };
+                let logs = std::cell::RefCell::new(logs);
                 let mapped = match (before, row.pre.get(si)) {
                     (Err(e), _) => Err(e),
                     (Ok(()), Some(Some(Ok(_)))) => Ok(()),
@@ -454,12 +463,13 @@ impl Shared<'_> {
                             columns: &self.columns,
                             scripts: js,
                             stages: self.row_wise.then_some(views.as_slice()),
-                            log: &|n, m| self.log(LogLevel::Low, Some(n), format!("row {n}: {m}")),
+                            log: &|_, m| logs.borrow_mut().push(m),
                         };
                         let r = stage.evaluate(&ctx, &mut out);
                         r.map(|()| vals.push(out))
                     }
                 };
+                row.writer_logs.append(&mut logs.into_inner());
                 match mapped {
                     Ok(()) => idx.push(ri),
                     Err(e) if e == SKIP_ROW => {
@@ -504,7 +514,10 @@ impl Shared<'_> {
                     }
                 }
                 if hooks && row.error.is_none() {
-                    match self.row_ops(js, Moment::AfterStage, Some(si), row, None) {
+                    let mut logs = Vec::new();
+                    let done = self.row_ops(js, Moment::AfterStage, Some(si), row, None, &mut logs);
+                    row.writer_logs.append(&mut logs);
+                    match done {
                         Ok(_) => {}
                         Err(e) if e == SKIP_ROW => row.skipped = true,
                         Err(e) => row.error = Some((si + 1, e)),
@@ -517,7 +530,10 @@ impl Shared<'_> {
                 if row.error.is_some() || row.skipped {
                     continue;
                 }
-                match self.row_ops(js, Moment::AfterRow, None, row, None) {
+                let mut logs = Vec::new();
+                let done = self.row_ops(js, Moment::AfterRow, None, row, None, &mut logs);
+                row.writer_logs.append(&mut logs);
+                match done {
                     Ok(_) => {}
                     Err(e) if e == SKIP_ROW => row.skipped = true,
                     Err(e) => row.error = Some((0, e)),
@@ -600,7 +616,16 @@ impl Shared<'_> {
             return false;
         }
         let stage = stage.checked_sub(1);
-        match self.row_ops(js, Moment::OnRowError, stage, r, Some(msg)) {
+        let mut logs = Vec::new();
+        let done = self.row_ops(js, Moment::OnRowError, stage, r, Some(msg), &mut logs);
+        for m in logs {
+            self.log(
+                LogLevel::Low,
+                Some(r.number),
+                format!("row {}: {m}", r.number),
+            );
+        }
+        match done {
             Ok(suppress) => suppress,
             Err(e) => {
                 self.log(
@@ -620,6 +645,13 @@ impl Shared<'_> {
         let mut first_error: Option<String> = None;
         for r in rows.iter().filter(|r| r.processed) {
             c.total_rows += 1;
+            for m in r.logs.iter().chain(&r.writer_logs) {
+                self.log(
+                    LogLevel::Low,
+                    Some(r.number),
+                    format!("row {}: {m}", r.number),
+                );
+            }
             // An error an operation suppresses is neither counted nor logged.
             let suppressed = self.suppressed(js, r);
             for (si, a) in r.actions.iter().enumerate() {
