@@ -386,3 +386,54 @@ fields = [
         ["1|none|∅", "2|ACC-2|10.50", "3|ACC-3|7.25"]
     );
 }
+
+#[test]
+fn upsert_on_a_unique_key_is_one_statement_with_exact_counts() {
+    let mut db = Db::new();
+    db.exec(
+        "CREATE TABLE people(id int AUTO_INCREMENT PRIMARY KEY, email varchar(60) NOT NULL UNIQUE,
+                             name varchar(50), city varchar(50), source varchar(10));
+         INSERT INTO people (email, name, city, source) VALUES
+           ('ann@x.io','Ann','Oslo','old'), ('bob@x.io','Bob','Rome','old'), ('cy@x.io','Cy','Lima','old')",
+    );
+    let f = Fixture::new();
+    let job = r#"
+[origin]
+connection = "src"
+[destination]
+connection = "my"
+[[stages]]
+table = "people"
+action = "update/insert"
+omit_blank = true
+fields = [
+  { column = "email", origin = "email", match = true },
+  { column = "name", origin = "name" },
+  { column = "city", origin = "city" },
+  { column = "source", value = "new", insert_only = true },
+]
+"#;
+    f.project("p", &project(&db), &[("j", job)]);
+    // Bob changes, Cy is unchanged, Ann's blank city keeps Oslo, Dan is new.
+    f.write(
+        "projects/p/in.csv",
+        "email,name,city\nbob@x.io,Bobby,Rome\ncy@x.io,Cy,Lima\nann@x.io,Anna,\ndan@x.io,Dan,Kyiv\n",
+    );
+    let mut req = request("p", "j");
+    req.logging_level = LogLevel::Medium;
+    let r = f.run(&req);
+    assert_eq!(r.status, RunStatus::Complete, "{:?}", r.error);
+    let c = r.counters;
+    assert_eq!((c.inserts, c.updates, c.errors), (1, 3, 0));
+    let log: Vec<&str> = r.jobs[0].log.iter().map(|e| e.message.as_str()).collect();
+    assert!(!log.iter().any(|m| m.contains("replaying")), "{log:#?}");
+    assert_eq!(
+        db.rows("SELECT email, name, city, source FROM people ORDER BY email"),
+        [
+            "ann@x.io|Anna|Oslo|old",
+            "bob@x.io|Bobby|Rome|old",
+            "cy@x.io|Cy|Lima|old",
+            "dan@x.io|Dan|Kyiv|new"
+        ]
+    );
+}

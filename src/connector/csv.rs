@@ -66,6 +66,7 @@ impl Connector for CsvConfig {
             origin: OriginInput::File,
             needs_table: false,
             max_writers: Some(1),
+            batch_size: 1000,
         }
     }
 

@@ -214,6 +214,7 @@ impl Connector for HttpConfig {
             origin: OriginInput::Query,
             needs_table: true,
             max_writers: None,
+            batch_size: 1000,
         }
     }
 

@@ -59,6 +59,7 @@ impl Connector for JsonConfig {
             origin: OriginInput::File,
             needs_table: false,
             max_writers: Some(1),
+            batch_size: 1000,
         }
     }
 

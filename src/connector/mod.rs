@@ -87,6 +87,9 @@ pub struct Capabilities {
     pub needs_table: bool,
     /// The most destination writers that may work at once (files: one).
     pub max_writers: Option<usize>,
+    /// Rows per transaction when a job does not say (`batch_size`): what the
+    /// kind loads fastest with (a PostgreSQL commit waits for the disk).
+    pub batch_size: usize,
 }
 
 /// An error of a connection as a whole (not of one row).

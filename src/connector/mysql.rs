@@ -10,6 +10,7 @@
 //! mode: a value that does not fit its column is an error, never a silent
 //! truncation.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::time::Duration;
 
@@ -182,6 +183,7 @@ impl Connector for MysqlConfig {
             origin: OriginInput::Query,
             needs_table: true,
             max_writers: None,
+            batch_size: 5_000,
         }
     }
 
@@ -283,6 +285,9 @@ struct StageSql {
     insert_cols: Vec<usize>,
     set_cols: Vec<usize>,
     match_cols: Vec<usize>,
+    /// A unique key is exactly the match columns: update/insert can write
+    /// with one `INSERT … ON DUPLICATE KEY UPDATE`, after a probe of the keys.
+    unique_on_match: bool,
 }
 
 impl StageSql {
@@ -314,7 +319,7 @@ impl StageSql {
             "enum",
             "set",
         ];
-        let columns = find_columns(&existing, plan, &table)?
+        let columns: Vec<Column> = find_columns(&existing, plan, &table)?
             .into_iter()
             .map(|(n, ty)| Column {
                 name: n.clone(),
@@ -322,6 +327,32 @@ impl StageSql {
             })
             .collect();
         let sets = ColumnSets::of(plan);
+        let sql = format!(
+            "SELECT INDEX_NAME, COLUMN_NAME FROM information_schema.STATISTICS
+             WHERE TABLE_SCHEMA = {schema_sql} AND TABLE_NAME = ? AND NON_UNIQUE = 0"
+        );
+        let params: Vec<mysql::Value> = match &name.0 {
+            Some(db) => vec![db.as_str().into(), name.1.as_str().into()],
+            None => vec![name.1.as_str().into()],
+        };
+        let unique: Vec<(String, String)> = conn.exec(sql, params).map_err(to_connector_error)?;
+        let mut match_names: Vec<String> = sets
+            .matches
+            .iter()
+            .map(|&i| columns[i].name.to_ascii_lowercase())
+            .collect();
+        match_names.sort();
+        let mut by_index: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+        for (index, col) in &unique {
+            by_index
+                .entry(index)
+                .or_default()
+                .push(col.to_ascii_lowercase());
+        }
+        let unique_on_match = by_index.into_values().any(|mut cols| {
+            cols.sort();
+            cols == match_names
+        });
         Ok(StageSql {
             plan: plan.clone(),
             table: quote_table(&table),
@@ -330,7 +361,57 @@ impl StageSql {
             set_cols: sets.set,
             match_cols: sets.matches,
             columns,
+            unique_on_match,
         })
+    }
+
+    /// Whether update/insert takes the `ON DUPLICATE KEY UPDATE` path: a
+    /// unique key on the match columns, every updated column also inserted,
+    /// and no comparison of old and new values.
+    fn upserts_in_one_statement(&self) -> bool {
+        self.plan.action == StageAction::UpdateInsert
+            && self.unique_on_match
+            && !self.plan.update_on_difference
+            && !self.set_cols.is_empty()
+            && self.set_cols.iter().all(|c| self.insert_cols.contains(c))
+    }
+
+    /// The session's table of a batch's match values, for the key probe.
+    fn keys_table(&self) -> String {
+        format!("{}_keys", self.staging)
+    }
+
+    fn create_keys_table(&self, engine: &str) -> String {
+        let cols: Vec<String> = self
+            .match_cols
+            .iter()
+            .map(|&i| format!("t.{} AS v{i}", self.col(i)))
+            .collect();
+        format!(
+            "CREATE TEMPORARY TABLE IF NOT EXISTS {} (tidepool_ord INT NOT NULL DEFAULT 0 PRIMARY KEY) {engine} SELECT {} FROM {} AS t LIMIT 0",
+            self.keys_table(),
+            cols.join(", "),
+            self.table
+        )
+    }
+
+    /// `ON DUPLICATE KEY UPDATE …` for the set columns.
+    fn on_duplicate(&self) -> String {
+        let sets: Vec<String> = self
+            .set_cols
+            .iter()
+            .map(|&i| {
+                let c = self.col(i);
+                if self.plan.omit_blank {
+                    format!(
+                        "{c} = IF(VALUES({c}) IS NULL OR CAST(VALUES({c}) AS CHAR) = '', {c}, VALUES({c}))"
+                    )
+                } else {
+                    format!("{c} = VALUES({c})")
+                }
+            })
+            .collect();
+        format!(" ON DUPLICATE KEY UPDATE {}", sets.join(", "))
     }
 
     fn col(&self, i: usize) -> String {
@@ -385,6 +466,20 @@ impl StageSql {
     }
 }
 
+/// Why a batch's write did not go through.
+enum BatchError {
+    /// The server refused a statement.
+    My(mysql::Error),
+    /// The table changed between two statements of the batch (another writer).
+    Changed,
+}
+
+impl From<mysql::Error> for BatchError {
+    fn from(e: mysql::Error) -> Self {
+        BatchError::My(e)
+    }
+}
+
 struct MysqlDestination {
     config: MysqlConfig,
     conn: Conn,
@@ -400,19 +495,33 @@ fn insert_rows(
     names: &[String],
     rows: &mut dyn Iterator<Item = Vec<mysql::Value>>,
 ) -> Result<(), mysql::Error> {
+    insert_rows_then(conn, table, names, rows, "").map(|_| ())
+}
+
+/// [`insert_rows`] with `tail` after each statement's values; the rows the
+/// statements affected.
+fn insert_rows_then(
+    conn: &mut Conn,
+    table: &str,
+    names: &[String],
+    rows: &mut dyn Iterator<Item = Vec<mysql::Value>>,
+    tail: &str,
+) -> Result<u64, mysql::Error> {
     let per_row = names.len().max(1);
     let chunk = (MAX_PARAMS / per_row).max(1);
     let head = format!("INSERT INTO {table} ({}) VALUES ", names.join(", "));
     let one = format!("({})", vec!["?"; names.len()].join(", "));
     let mut params = Vec::with_capacity(chunk * per_row);
     let mut count = 0usize;
-    let flush = |conn: &mut Conn, params: &mut Vec<mysql::Value>, count: &mut usize| {
+    let mut affected = 0u64;
+    let mut flush = |conn: &mut Conn, params: &mut Vec<mysql::Value>, count: &mut usize| {
         if *count == 0 {
             return Ok(());
         }
-        let sql = format!("{head}{}", vec![one.as_str(); *count].join(", "));
+        let sql = format!("{head}{}{tail}", vec![one.as_str(); *count].join(", "));
         let r = conn.exec_drop(sql, Params::Positional(std::mem::take(params)));
         *count = 0;
+        affected += conn.affected_rows();
         r
     };
     for row in rows {
@@ -422,7 +531,8 @@ fn insert_rows(
             flush(conn, &mut params, &mut count)?;
         }
     }
-    flush(conn, &mut params, &mut count)
+    flush(conn, &mut params, &mut count)?;
+    Ok(affected)
 }
 
 impl MysqlDestination {
@@ -440,6 +550,15 @@ impl MysqlDestination {
                     .query_drop(st.create_staging())
                     .map_err(to_connector_error)?;
             }
+            if st.upserts_in_one_statement() {
+                // In memory when the key's type allows it (not TEXT or BLOB).
+                let in_memory = self.conn.query_drop(st.create_keys_table("ENGINE=MEMORY"));
+                if in_memory.is_err() {
+                    self.conn
+                        .query_drop(st.create_keys_table(""))
+                        .map_err(to_connector_error)?;
+                }
+            }
             stages.push(st);
         }
         self.stages = stages;
@@ -451,11 +570,63 @@ impl MysqlDestination {
         Ok(v.into_iter().map(|o| o as usize).collect())
     }
 
-    fn write_batch(
-        &mut self,
-        st: usize,
-        rows: &[&[Value]],
-    ) -> Result<Vec<RowAction>, mysql::Error> {
+    /// Update/insert in one `INSERT … ON DUPLICATE KEY UPDATE`: a probe of the
+    /// batch's keys tells updates from inserts first. (A locking probe would
+    /// take gap locks that serialize, and deadlock, parallel writers.)
+    fn upsert_batch(&mut self, st: usize, rows: &[&[Value]]) -> Result<Vec<RowAction>, BatchError> {
+        let s = &self.stages[st];
+        let keys = s.keys_table();
+        let mut names = vec!["tidepool_ord".to_owned()];
+        names.extend(s.match_cols.iter().map(|i| format!("v{i}")));
+        let key_rows: Vec<Vec<mysql::Value>> = rows
+            .iter()
+            .enumerate()
+            .map(|(ord, r)| {
+                let mut p = vec![mysql::Value::Int(ord as i64)];
+                p.extend(s.match_cols.iter().map(|&i| s.param(i, &r[i])));
+                p
+            })
+            .collect();
+        let (table, join, tail) = (s.table.clone(), s.join(), s.on_duplicate());
+        let insert_names: Vec<String> = s.insert_cols.iter().map(|&i| s.col(i)).collect();
+        let values: Vec<Vec<mysql::Value>> = rows
+            .iter()
+            .map(|r| s.insert_cols.iter().map(|&i| s.param(i, &r[i])).collect())
+            .collect();
+        self.conn.query_drop(format!("DELETE FROM {keys}"))?;
+        insert_rows(&mut self.conn, &keys, &names, &mut key_rows.into_iter())?;
+        let matched = self.ords(format!(
+            "SELECT s.tidepool_ord FROM {keys} AS s JOIN {table} AS t ON {join}"
+        ))?;
+        let mut out = vec![RowAction::Insert; rows.len()];
+        for &o in &matched {
+            if let Some(a) = out.get_mut(o) {
+                *a = RowAction::Update;
+            }
+        }
+        let affected = insert_rows_then(
+            &mut self.conn,
+            &table,
+            &insert_names,
+            &mut values.into_iter(),
+            &tail,
+        )?;
+        // The server counts one per insert, two per changed row and none per
+        // unchanged one: a key another writer inserted after the probe (an
+        // "insert" that became an update) breaks the range or the parity, and
+        // the batch is replayed row by row for true outcomes.
+        let inserts = (rows.len() - matched.len()) as u64;
+        let extra = affected.checked_sub(inserts);
+        if !extra.is_some_and(|x| x % 2 == 0 && x <= 2 * matched.len() as u64) {
+            return Err(BatchError::Changed);
+        }
+        Ok(out)
+    }
+
+    fn write_batch(&mut self, st: usize, rows: &[&[Value]]) -> Result<Vec<RowAction>, BatchError> {
+        if self.stages[st].upserts_in_one_statement() {
+            return self.upsert_batch(st, rows);
+        }
         let n = rows.len();
         let s = &self.stages[st];
         let action = s.plan.action;
@@ -616,15 +787,21 @@ impl Destination for MysqlDestination {
                     .map_err(to_connector_error)?;
                 Ok(actions.into_iter().map(Ok).collect())
             }
-            Err(e) if is_lost(&e) => Err(ConnectorError::Lost(e.to_string())),
+            Err(BatchError::My(e)) if is_lost(&e) => Err(ConnectorError::Lost(e.to_string())),
             Err(e) => {
+                let msg = match e {
+                    BatchError::My(e) => e.to_string(),
+                    BatchError::Changed => {
+                        "the table changed while the batch was written (another writer)".into()
+                    }
+                };
                 self.conn
                     .query_drop("ROLLBACK TO SAVEPOINT tidepool_write")
                     .map_err(to_connector_error)?;
                 if rows.len() == 1 {
-                    Ok(vec![Err(e.to_string())])
+                    Ok(vec![Err(msg)])
                 } else {
-                    Err(ConnectorError::Io(e.to_string()))
+                    Err(ConnectorError::Io(msg))
                 }
             }
         }

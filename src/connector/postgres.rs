@@ -118,6 +118,7 @@ impl Connector for PostgresConfig {
             origin: OriginInput::Query,
             needs_table: true,
             max_writers: None,
+            batch_size: 10_000,
         }
     }
 
@@ -376,6 +377,9 @@ struct StageSql {
     insert_cols: Vec<usize>,
     set_cols: Vec<usize>,
     match_cols: Vec<usize>,
+    /// An index starts with a match column: rows are found by index probes,
+    /// so the planner is kept from hashing the whole table for each batch.
+    indexed: bool,
 }
 
 impl StageSql {
@@ -406,7 +410,7 @@ impl StageSql {
             .iter()
             .map(|r| (r.get(0), r.get(1)))
             .collect();
-        let columns = find_columns(&existing, plan, &table)?
+        let columns: Vec<Column> = find_columns(&existing, plan, &table)?
             .into_iter()
             .map(|(name, ty)| Column {
                 name: name.clone(),
@@ -417,7 +421,24 @@ impl StageSql {
             })
             .collect();
         let sets = ColumnSets::of(plan);
+        // The first key column of each plain index on the table.
+        let leading: Vec<String> = client
+            .query(
+                "SELECT a.attname::text FROM pg_index i
+                 JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
+                 WHERE i.indrelid = $1::text::regclass AND i.indpred IS NULL",
+                &[&qualified],
+            )
+            .map_err(to_connector_error)?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let indexed = sets
+            .matches
+            .iter()
+            .any(|&i| leading.iter().any(|l| *l == columns[i].name));
         Ok(StageSql {
+            indexed,
             plan: plan.clone(),
             table: qualified,
             staging: format!("tidepool_stage_{index}"),
@@ -605,10 +626,18 @@ impl PostgresDestination {
 
     fn stage_rows(&mut self, st: usize, rows: &[&[Value]]) -> Result<(), postgres::Error> {
         let staging = self.stages[st].staging.clone();
+        // The staging table has no statistics, and the target's are often
+        // stale while it grows: left alone, the planner hashes the whole
+        // table for every batch (quadratic). With an index, probe it.
+        let plan = if self.stages[st].indexed {
+            "SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off; "
+        } else {
+            "SET LOCAL enable_hashjoin = on; SET LOCAL enable_mergejoin = on; "
+        };
         // DELETE, not TRUNCATE: on a small temporary table it is cheaper and
         // leaves the catalog alone; commits empty the table anyway.
         self.client
-            .batch_execute(&format!("DELETE FROM {staging}"))?;
+            .batch_execute(&format!("{plan}DELETE FROM {staging}"))?;
         let mut w = self.client.copy_in(&format!("COPY {staging} FROM STDIN"))?;
         let mut buf = Vec::with_capacity(64 * 1024);
         for (ord, row) in rows.iter().enumerate() {
@@ -638,34 +667,45 @@ impl PostgresDestination {
         Ok(rows.iter().map(|r| r.get::<_, i32>(0) as usize).collect())
     }
 
+    /// Inserts `rows` into the stage's table by COPY.
+    fn copy_into_table<'r>(
+        &mut self,
+        st: usize,
+        rows: impl Iterator<Item = &'r [Value]>,
+    ) -> Result<(), postgres::Error> {
+        let sql = self.stages[st].copy_sql();
+        let cols = self.stages[st].insert_cols.clone();
+        let blank: Vec<bool> = cols
+            .iter()
+            .map(|&i| self.stages[st].columns[i].blank_is_null)
+            .collect();
+        let mut w = self.client.copy_in(&sql)?;
+        let mut buf = Vec::with_capacity(64 * 1024);
+        for row in rows {
+            for (k, &i) in cols.iter().enumerate() {
+                if k > 0 {
+                    buf.push(b'\t');
+                }
+                copy_value(&mut buf, &row[i], blank[k]);
+            }
+            buf.push(b'\n');
+            if buf.len() > 60 * 1024 {
+                // A failed write shows again, with the server's reason, in finish().
+                let _ = w.write_all(&buf);
+                buf.clear();
+            }
+        }
+        let _ = w.write_all(&buf);
+        w.finish()?;
+        Ok(())
+    }
+
     /// The set-based write of one batch for one stage.
     fn write_batch(&mut self, st: usize, rows: &[&[Value]]) -> Result<Vec<RowAction>, BatchError> {
         let n = rows.len();
         let action = self.stages[st].plan.action;
         if action == StageAction::Insert {
-            let sql = self.stages[st].copy_sql();
-            let cols = self.stages[st].insert_cols.clone();
-            let blank: Vec<bool> = cols
-                .iter()
-                .map(|&i| self.stages[st].columns[i].blank_is_null)
-                .collect();
-            let mut w = self.client.copy_in(&sql)?;
-            let mut buf = Vec::with_capacity(64 * 1024);
-            for row in rows {
-                for (k, &i) in cols.iter().enumerate() {
-                    if k > 0 {
-                        buf.push(b'\t');
-                    }
-                    copy_value(&mut buf, &row[i], blank[k]);
-                }
-                buf.push(b'\n');
-                if buf.len() > 60 * 1024 {
-                    let _ = w.write_all(&buf);
-                    buf.clear();
-                }
-            }
-            let _ = w.write_all(&buf);
-            w.finish()?;
+            self.copy_into_table(st, rows.iter().copied())?;
             return Ok(vec![RowAction::Insert; n]);
         }
         self.stage_rows(st, rows)?;
@@ -724,11 +764,18 @@ impl PostgresDestination {
                 .map(|(i, _)| i as i32)
                 .collect();
             if !missing.is_empty() {
-                let n = self.client.execute(&insert, &[])?;
-                if n as usize != missing.len() {
-                    // Someone else wrote these rows meanwhile: let the row-by-row
-                    // replay give each its true outcome.
-                    return Err(BatchError::Changed);
+                if self.stages[st].indexed {
+                    // The rows that matched nothing go straight in by COPY, with
+                    // no second probe; a row another writer inserted meanwhile
+                    // breaks the unique index and the batch is replayed row by row.
+                    self.copy_into_table(st, missing.iter().map(|&i| rows[i as usize]))?;
+                } else {
+                    let n = self.client.execute(&insert, &[])?;
+                    if n as usize != missing.len() {
+                        // Someone else wrote these rows meanwhile: let the row-by-row
+                        // replay give each its true outcome.
+                        return Err(BatchError::Changed);
+                    }
                 }
                 for &i in &missing {
                     out[i as usize] = Some(RowAction::Insert);

@@ -126,6 +126,7 @@ impl Connector for SqliteConfig {
             origin: OriginInput::Query,
             needs_table: true,
             max_writers: None,
+            batch_size: 5_000,
         }
     }
 

@@ -799,7 +799,9 @@ fn load_job(
             1
         }
         Some(b) => *b.get_ref(),
-        None => 1000,
+        None => dest_conn
+            .map(|c| c.capabilities().batch_size)
+            .unwrap_or(1000),
     };
     if let Some(next) = &raw.next {
         check_id(&src, next, "next job", &mut problems);
