@@ -424,7 +424,7 @@ table = "people"
 action = "insert"
 fields = [
   { column = "id", origin = "id" },
-  { column = "name", script = "row.id === '1' ? lookup('nope', 't', 'f', {a: 1}) : lookup('db', 'missing', 'code', {name: row.city})" },
+  { column = "name", script = "row.id === '1' ? lookup(['no', 'pe'].join(''), 't', 'f', {a: 1}) : lookup('db', 'missing', 'code', {name: row.city})" },
 ]
 "#;
     let f = fixture(&[("j", job)]);
@@ -491,7 +491,10 @@ script = "log(("
 [[stages]]
 table = "people"
 action = "insert"
-fields = [{ column = "id", origin = "id" }]
+fields = [
+  { column = "id", origin = "id" },
+  { column = "name", script = "lookup('crm', 'accounts', 'id', {name: row.name})" },
+]
 "#;
     let f = fixture(&[("j", job)]);
     let problems: Vec<String> = f.load().problems.iter().map(|p| p.to_string()).collect();
@@ -510,6 +513,10 @@ fields = [{ column = "id", origin = "id" }]
     );
     assert!(
         all.contains("j.toml:15: operation end: the script does not compile"),
+        "{all}"
+    );
+    assert!(
+        all.contains("j.toml:23: stage 1, column \"name\": unknown connection \"crm\"; project.toml defines: codes, db, src"),
         "{all}"
     );
     let bad_when = f.write(

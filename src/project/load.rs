@@ -660,6 +660,13 @@ fn load_job(
                             .map(|e| fat(format!("stage {n}, column {:?}: {e}", rf.column))),
                     );
                 }
+                for name in unknown_lookups(&src, connections, broken) {
+                    problems.push(fat(format!(
+                        "stage {n}, column {:?}: {}",
+                        rf.column,
+                        unknown_connection(&name, connections)
+                    )));
+                }
                 match crate::script::check(&src) {
                     Ok(()) => sources.push(FieldSource::Script(src)),
                     Err(e) => problems.push(fat(format!(
@@ -757,6 +764,12 @@ fn load_job(
                 None
             }
         };
+        for name in unknown_lookups(&op.script, connections, broken) {
+            problems.push(at(format!(
+                "operation {when}: {}",
+                unknown_connection(&name, connections)
+            )));
+        }
         if let Err(e) = crate::script::check(&op.script) {
             problems.push(at(format!(
                 "operation {when}: the script does not compile: {e} (lines count from the script's first line)"
@@ -832,6 +845,40 @@ fn load_job(
         script_limits,
     };
     Ok((job, raw.next, text))
+}
+
+/// The connections a script's `lookup('name', …)` calls name (as a string
+/// literal) that the project does not have.
+fn unknown_lookups(
+    script: &str,
+    connections: &BTreeMap<String, ConnectionConfig>,
+    broken: &BTreeSet<String>,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = script;
+    while let Some(at) = rest.find("lookup(") {
+        let preceded = rest[..at]
+            .chars()
+            .next_back()
+            .is_some_and(|c| c.is_alphanumeric() || c == '_' || c == '.');
+        rest = rest[at + "lookup(".len()..].trim_start();
+        if preceded {
+            continue;
+        }
+        let Some(q) = rest.chars().next().filter(|c| matches!(c, '\'' | '"')) else {
+            continue;
+        };
+        if let Some(end) = rest[1..].find(q) {
+            let name = &rest[1..1 + end];
+            if !connections.contains_key(name)
+                && !broken.contains(name)
+                && !out.iter().any(|n| n == name)
+            {
+                out.push(name.to_owned());
+            }
+        }
+    }
+    out
 }
 
 /// The `@@STG:k,…@@` tokens of stage `n`'s field that read a stage that has not run yet.
