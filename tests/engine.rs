@@ -630,6 +630,89 @@ fn a_csv_with_a_bom_reads_its_first_field_name() {
 }
 
 #[test]
+fn csv_files_in_other_encodings_are_read_and_written_in_them() {
+    let copy = r#"
+[origin]
+connection = "src"
+[destination]
+connection = "out"
+[[stages]]
+action = "insert"
+fields = [
+  { column = "id", origin = "id" },
+  { column = "name", origin = "name" },
+  { column = "city", origin = "city" },
+]
+"#;
+    let f = people_fixture(&[
+        ("j", people_job("update/insert", "")),
+        ("copy", copy.to_owned()),
+    ]);
+    let project = PEOPLE_PROJECT.replace(
+        "path = \"in.csv\"",
+        "path = \"in.csv\"\nencoding = \"windows-1252\"",
+    ) + "[connections.out]\nkind = \"csv\"\npath = \"${DATA_DIR}/out.csv\"\nencoding = \"iso-8859-15\"\n";
+    f.write("projects/p/project.toml", project);
+    // windows-1252: ü is 0xFC, € is 0x80, è is 0xE8.
+    let mut content = b"id,name,city\n8,M\xfcller \x80,Li\xe8ge\n9,Plain,Oslo\n".to_vec();
+    content.extend_from_slice(b"10,\x93quoted\x94,Rome\n");
+    f.write("projects/p/in.csv", &content);
+    let r = f.run(&request("p", "j"));
+    assert_eq!(r.counters.inserts, 3, "{:?}", r.error);
+    assert_eq!(
+        rows(
+            &f.db("people.sqlite"),
+            "SELECT * FROM people WHERE id >= 8 ORDER BY id"
+        ),
+        [
+            "8|Müller €|Liège",
+            "9|Plain|Oslo",
+            "10|\u{201c}quoted\u{201d}|Rome"
+        ]
+    );
+    // Written in ISO-8859-15: € is 0xA4 there; curly quotes do not exist in
+    // it, so that row is an error naming the column, and the others land.
+    let mut req = request("p", "copy");
+    req.logging_level = LogLevel::Low;
+    let r = f.run(&req);
+    assert_eq!(
+        (r.counters.inserts, r.counters.errors),
+        (2, 1),
+        "{:?}",
+        r.error
+    );
+    let log: Vec<&str> = r.jobs[0].log.iter().map(|e| e.message.as_str()).collect();
+    assert!(
+        log.iter().any(|m| m.starts_with("row 3")
+            && m.contains("column \"name\"")
+            && m.contains("cannot be written in ISO-8859-15")),
+        "{log:#?}"
+    );
+    let out = std::fs::read(f.data.join("out.csv")).unwrap();
+    assert_eq!(
+        out,
+        b"id,name,city\n8,M\xfcller \xa4,Li\xe8ge\n9,Plain,Oslo\n"
+    );
+    // An unknown label is a clear error.
+    f.write(
+        "projects/p/project.toml",
+        PEOPLE_PROJECT.replace(
+            "path = \"in.csv\"",
+            "path = \"in.csv\"\nencoding = \"klingon\"",
+        ) + "[connections.out]\nkind = \"csv\"\npath = \"out.csv\"\n",
+    );
+    let r = f.run(&request("p", "j"));
+    assert!(
+        r.error
+            .as_deref()
+            .unwrap_or("")
+            .contains("unknown csv encoding \"klingon\""),
+        "{:?}",
+        r.error
+    );
+}
+
+#[test]
 fn a_missing_origin_file_fails_the_job_with_its_path() {
     let f = people_fixture(&[("j", people_job("insert", ""))]);
     std::fs::remove_file(f.projects.join("p/in.csv")).unwrap();

@@ -1,7 +1,7 @@
 //! CSV files: an origin that streams records, a destination that writes rows.
 
 use std::fs::File;
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -13,8 +13,10 @@ use super::{
 };
 use crate::project::StageAction;
 use crate::value::{Row, Value};
+use encoding_rs::Encoding;
 
-/// `kind = "csv"`: a delimited text file, UTF-8 with or without a BOM.
+/// `kind = "csv"`: a delimited text file, UTF-8 with or without a BOM, or
+/// the `encoding` it names.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CsvConfig {
@@ -33,6 +35,24 @@ pub struct CsvConfig {
     /// As a destination: `overwrite` the file (default) or `append` to it.
     #[serde(default)]
     pub mode: FileMode,
+    /// The file's character encoding, a WHATWG label (`windows-1252`,
+    /// `iso-8859-15`, `utf-16le`, `shift_jis`, …). Default UTF-8.
+    pub encoding: Option<String>,
+}
+
+impl CsvConfig {
+    /// The encoding, unless it is UTF-8 (read and written as it is).
+    fn encoding(&self) -> Result<Option<&'static Encoding>, ConnectorError> {
+        let Some(label) = &self.encoding else {
+            return Ok(None);
+        };
+        let enc = Encoding::for_label(label.trim().as_bytes()).ok_or_else(|| {
+            ConnectorError::Schema(format!(
+                "unknown csv encoding {label:?}: give a label such as utf-8, windows-1252, iso-8859-15, utf-16le or shift_jis"
+            ))
+        })?;
+        Ok((enc != encoding_rs::UTF_8).then_some(enc))
+    }
 }
 
 fn comma() -> char {
@@ -76,13 +96,22 @@ impl Connector for CsvConfig {
             what: format!("csv file {}", path.display()),
             reason: e.to_string(),
         })?;
+        let input: Box<dyn Read + Send> = match self.encoding()? {
+            None => Box::new(file),
+            // Decoded to UTF-8 as it is read (a BOM, if any, still wins).
+            Some(enc) => Box::new(
+                encoding_rs_io::DecodeReaderBytesBuilder::new()
+                    .encoding(Some(enc))
+                    .build(file),
+            ),
+        };
         let mut reader = ::csv::ReaderBuilder::new()
             .delimiter(ascii(self.delimiter, "delimiter")?)
             .quote(ascii(self.quote, "quote")?)
             .has_headers(false)
             .flexible(true)
             .buffer_capacity(256 * 1024)
-            .from_reader(file);
+            .from_reader(input);
         let mut first = ::csv::StringRecord::new();
         let has_first = read_record(&mut reader, &mut first, &path)?;
         let (columns, pending) = if self.header {
@@ -129,25 +158,44 @@ impl Connector for CsvConfig {
         };
         let path = resolve_path(req.base_dir, &self.path);
         let header: Vec<String> = stage.columns.iter().map(|c| c.name.clone()).collect();
+        let encoding = self.encoding()?;
+        if let Some(enc) = encoding
+            && !enc.is_ascii_compatible()
+        {
+            return Err(ConnectorError::Schema(format!(
+                "a csv destination cannot be written in {}: choose an ASCII-compatible encoding",
+                enc.name()
+            )));
+        }
         let target = FileTarget::open(&path, self.mode, req.preview)?;
         let write_header = self.header && target.is_empty;
-        let mut writer = ::csv::WriterBuilder::new()
+        let writer = ::csv::WriterBuilder::new()
             .delimiter(ascii(self.delimiter, "delimiter")?)
             .quote(ascii(self.quote, "quote")?)
             .from_writer(target.writer);
-        if write_header {
-            writer.write_record(&header).map_err(ConnectorError::io)?;
-        }
-        Ok(Box::new(CsvDestination {
+        let mut dest = CsvDestination {
             writer,
             finish: target.finish,
-        }))
+            encoding,
+            header,
+        };
+        if write_header {
+            let names: Vec<Value> = dest
+                .header
+                .iter()
+                .map(|h| Value::from(h.as_str()))
+                .collect();
+            dest.write_row(&names)
+                .map_err(|e| ConnectorError::Schema(format!("the header: {e}")))?
+                .map_err(ConnectorError::Schema)?;
+        }
+        Ok(Box::new(dest))
     }
 }
 
 /// Reads one record; `Ok(false)` at the end. Only I/O errors end the job here.
 fn read_record(
-    reader: &mut ::csv::Reader<File>,
+    reader: &mut ::csv::Reader<Box<dyn Read + Send>>,
     rec: &mut ::csv::StringRecord,
     path: &Path,
 ) -> Result<bool, ConnectorError> {
@@ -162,7 +210,7 @@ fn read_record(
 
 struct CsvOrigin {
     path: PathBuf,
-    reader: ::csv::Reader<File>,
+    reader: ::csv::Reader<Box<dyn Read + Send>>,
     columns: Vec<String>,
     pending: Option<::csv::StringRecord>,
 }
@@ -204,7 +252,7 @@ impl Origin for CsvOrigin {
                 }
                 Err(e) => match e.kind() {
                     ::csv::ErrorKind::Utf8 { pos, err } => Err(format!(
-                        "the line is not valid UTF-8 (line {}, field {}): save the file as UTF-8",
+                        "the line is not valid UTF-8 (line {}, field {}): save the file as UTF-8, or give the connection its encoding (encoding = \"windows-1252\")",
                         pos.as_ref().map(|p| p.line()).unwrap_or(0),
                         err.field() + 1
                     )),
@@ -226,6 +274,49 @@ impl Origin for CsvOrigin {
 struct CsvDestination {
     writer: ::csv::Writer<Box<dyn Write + Send>>,
     finish: FileFinish,
+    /// Fields are encoded to this before they are written (`None`: UTF-8).
+    encoding: Option<&'static Encoding>,
+    /// The column names (for messages).
+    header: Vec<String>,
+}
+
+impl CsvDestination {
+    /// Writes one record; `Ok(Err)`: a value the encoding cannot hold (nothing written).
+    fn write_row(&mut self, row: &[Value]) -> Result<Result<(), String>, ConnectorError> {
+        let mut buf = String::new();
+        match self.encoding {
+            None => {
+                for v in row {
+                    buf.clear();
+                    v.push_text(&mut buf);
+                    self.writer.write_field(&buf).map_err(ConnectorError::io)?;
+                }
+            }
+            Some(enc) => {
+                let mut fields = Vec::with_capacity(row.len());
+                for (i, v) in row.iter().enumerate() {
+                    buf.clear();
+                    v.push_text(&mut buf);
+                    let (bytes, _, unmappable) = enc.encode(&buf);
+                    if unmappable {
+                        return Ok(Err(format!(
+                            "column {:?}: {buf:?} cannot be written in {}",
+                            self.header.get(i).map(String::as_str).unwrap_or(""),
+                            enc.name()
+                        )));
+                    }
+                    fields.push(bytes.into_owned());
+                }
+                for f in &fields {
+                    self.writer.write_field(f).map_err(ConnectorError::io)?;
+                }
+            }
+        }
+        self.writer
+            .write_record(None::<&[u8]>)
+            .map_err(ConnectorError::io)?;
+        Ok(Ok(()))
+    }
 }
 
 impl Destination for CsvDestination {
@@ -239,17 +330,8 @@ impl Destination for CsvDestination {
         rows: &[&[Value]],
     ) -> Result<Vec<WriteResult>, ConnectorError> {
         let mut out = Vec::with_capacity(rows.len());
-        let mut buf = String::new();
         for row in rows {
-            for v in row.iter() {
-                buf.clear();
-                v.push_text(&mut buf);
-                self.writer.write_field(&buf).map_err(ConnectorError::io)?;
-            }
-            self.writer
-                .write_record(None::<&[u8]>)
-                .map_err(ConnectorError::io)?;
-            out.push(Ok(RowAction::Insert));
+            out.push(self.write_row(row)?.map(|()| RowAction::Insert));
         }
         Ok(out)
     }
