@@ -836,6 +836,47 @@ async fn webhooks_to_link_local_addresses_are_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_name_resolving_to_a_blocked_address_is_refused_where_it_connects() {
+    // The name is resolved once, by the connection itself, and its loopback
+    // address is refused there: no window between a check and the connect.
+    let a = api_with(|c| c.webhooks.block_private = true, Vec::new(), true).await;
+    let id = guid();
+    let mut body = run_body(&id);
+    body["webHookURL"] = json!("http://localhost:9/hook");
+    body["endAfterRow"] = json!(1);
+    assert_eq!(
+        a.post_json("/v1/ExecuteJobAsync", body).await.status,
+        StatusCode::OK
+    );
+    a.wait_results(&id, &[]).await;
+    for _ in 0..100 {
+        let seen = a
+            .call("GET", &format!("/v1/Runs/{id}"), &[], Body::empty())
+            .await
+            .json()["webhookAttempts"]
+            .clone();
+        if !seen.as_array().unwrap().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    // Refused once and given up, not retried.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let attempts = a
+        .call("GET", &format!("/v1/Runs/{id}"), &[], Body::empty())
+        .await
+        .json()["webhookAttempts"]
+        .clone();
+    assert_eq!(attempts.as_array().unwrap().len(), 1, "{attempts}");
+    let e = attempts[0]["error"].as_str().unwrap();
+    assert!(
+        e.contains("refused by the webhook address policy: localhost is")
+            && e.contains("block_private"),
+        "{e}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_metrics_and_unknown_paths() {
     let a = api().await;
     let h = a.call("GET", "/healthz", &[], Body::empty()).await;

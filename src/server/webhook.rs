@@ -1,7 +1,7 @@
 //! Completion webhooks: the outbox in the store, delivered at least once with
 //! exponential backoff, through restarts, signed per Standard Webhooks.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,6 +19,7 @@ const PARALLEL: usize = 16;
 pub async fn deliver_loop(svc: Arc<Service>) {
     let cfg = svc.config.webhooks.clone();
     let client = match reqwest::Client::builder()
+        .dns_resolver(PolicyResolver { cfg: cfg.clone() })
         .timeout(Duration::from_secs_f64(cfg.timeout_secs))
         .redirect(reqwest::redirect::Policy::none())
         .user_agent(concat!("tidepool/", env!("CARGO_PKG_VERSION")))
@@ -61,22 +62,20 @@ pub async fn deliver_loop(svc: Arc<Service>) {
 async fn deliver(svc: &Service, client: &reqwest::Client, cfg: &WebhookConfig, d: WebhookDue) {
     let attempt = d.attempts + 1;
     let now = Local::now().fixed_offset();
-    let (status_code, error) = match check_target(&d.url, cfg).await {
-        Err(refused) => {
-            let a = WebhookAttempt {
-                attempt,
-                at: now,
-                status_code: None,
-                error: Some(refused),
-            };
-            metrics::counter!("tidepool_webhook_attempts_total", "outcome" => "refused")
-                .increment(1);
-            let _ = svc
-                .store
-                .record_attempt(&d.key, a, WebhookNext::GiveUp)
-                .await;
-            return;
-        }
+    // A refusal by the address policy is final, not retried.
+    let key = &d.key;
+    let give_up = |refused: String| async move {
+        let a = WebhookAttempt {
+            attempt,
+            at: now,
+            status_code: None,
+            error: Some(refused),
+        };
+        metrics::counter!("tidepool_webhook_attempts_total", "outcome" => "refused").increment(1);
+        let _ = svc.store.record_attempt(key, a, WebhookNext::GiveUp).await;
+    };
+    let (status_code, error) = match check_target(&d.url, cfg) {
+        Err(refused) => return give_up(refused).await,
         Ok(()) => {
             let msg_id = format!("msg_{}", d.key.run_id.simple());
             let ts = now.timestamp();
@@ -96,7 +95,23 @@ async fn deliver(svc: &Service, client: &reqwest::Client, cfg: &WebhookConfig, d
                     Some(resp.status().as_u16()),
                     Some(format!("the receiver answered HTTP {}", resp.status())),
                 ),
-                Err(e) => (None, Some(format!("cannot deliver: {e}"))),
+                Err(e) => {
+                    // The resolver's refusal is among the error's sources.
+                    let mut refusal = None;
+                    let mut reason = e.to_string();
+                    let mut source = std::error::Error::source(&e);
+                    while let Some(s) = source {
+                        if let Some(r) = s.downcast_ref::<Refused>() {
+                            refusal = Some(r.to_string());
+                        }
+                        reason = format!("{reason}: {s}");
+                        source = s.source();
+                    }
+                    if let Some(refused) = refusal {
+                        return give_up(refused).await;
+                    }
+                    (None, Some(format!("cannot deliver: {reason}")))
+                }
             }
         }
     };
@@ -150,29 +165,60 @@ pub fn sign(secret: &str, msg_id: &str, ts: i64, body: &str) -> String {
     format!("v1,{sig}")
 }
 
-/// Refuses addresses the policy forbids: link-local (cloud metadata) unless
-/// allowed; loopback and private ranges when `block_private` is set.
-pub async fn check_target(url: &str, cfg: &WebhookConfig) -> Result<(), String> {
+/// A host the webhook address policy refuses (all its addresses are refused).
+#[derive(Debug, thiserror::Error)]
+#[error("refused by the webhook address policy: {0}")]
+pub struct Refused(String);
+
+/// Checks a webhook URL, and its host when it is an IP address: link-local
+/// (cloud metadata) is refused unless allowed; loopback and private ranges
+/// when `block_private` is set. Host names are checked by [`PolicyResolver`]
+/// as they are resolved for the connection.
+pub fn check_target(url: &str, cfg: &WebhookConfig) -> Result<(), String> {
     let u = reqwest::Url::parse(url).map_err(|e| format!("bad webhook URL: {e}"))?;
     let host = u.host_str().ok_or("the webhook URL has no host")?;
-    let port = u.port_or_known_default().unwrap_or(80);
     let host = host.trim_start_matches('[').trim_end_matches(']');
-    let addrs: Vec<IpAddr> = match host.parse::<IpAddr>() {
-        Ok(ip) => vec![ip],
-        Err(_) => tokio::net::lookup_host((host, port))
-            .await
-            .map_err(|e| format!("cannot resolve {host}: {e}"))?
-            .map(|a| a.ip())
-            .collect(),
-    };
-    for ip in addrs {
-        if let Some(why) = refused(ip, cfg) {
-            return Err(format!(
-                "refused by the webhook address policy: {ip} is {why}"
-            ));
-        }
+    if let Ok(ip) = host.parse::<IpAddr>()
+        && let Some(why) = refused(ip, cfg)
+    {
+        return Err(Refused(format!("{ip} is {why}")).to_string());
     }
     Ok(())
+}
+
+/// Resolves webhook hosts and keeps only the addresses the policy allows, so
+/// the address checked is the address connected to: a name that resolves
+/// to a public address for a check and to a private one for the connection
+/// (DNS rebinding) gets nowhere.
+struct PolicyResolver {
+    cfg: WebhookConfig,
+}
+
+impl reqwest::dns::Resolve for PolicyResolver {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let cfg = self.cfg.clone();
+        let host = name.as_str().to_owned();
+        Box::pin(async move {
+            let found: Vec<SocketAddr> =
+                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            let mut why = None;
+            let allowed: Vec<SocketAddr> = found
+                .into_iter()
+                .filter(|a| match refused(a.ip(), &cfg) {
+                    Some(w) => {
+                        why.get_or_insert_with(|| format!("{host} is {} ({w})", a.ip()));
+                        false
+                    }
+                    None => true,
+                })
+                .collect();
+            if allowed.is_empty() {
+                let why = why.unwrap_or_else(|| format!("{host} has no address"));
+                return Err(Box::new(Refused(why)) as Box<dyn std::error::Error + Send + Sync>);
+            }
+            Ok(Box::new(allowed.into_iter()) as reqwest::dns::Addrs)
+        })
+    }
 }
 
 fn refused(ip: IpAddr, cfg: &WebhookConfig) -> Option<&'static str> {
