@@ -298,10 +298,8 @@ fn a_connection_killed_mid_run_is_retried_and_nothing_is_lost() {
     let mut db = Db::new();
     people(&mut db, "PRIMARY KEY");
     let f = Fixture::new();
-    let job = people_job("update/insert", "").replace(
-        "[origin]",
-        "batch_size = 200\nretry_wait_ms = 100\n[origin]",
-    );
+    let job = people_job("update/insert", "")
+        .replace("[origin]", "batch_size = 50\nretry_wait_ms = 100\n[origin]");
     f.project("p", &project(&db), &[("j", &job)]);
     let mut csv = String::from("id,name,city\n");
     for i in 1..=40_000 {
