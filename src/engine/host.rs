@@ -15,6 +15,8 @@ use crate::value::Value;
 const XREF_FLUSH_EVERY: usize = 10_000;
 /// Lookup answers cached per run; past this the cache starts again.
 const LOOKUP_CACHE_MAX: usize = 1_000_000;
+/// Cross-reference entries a run keeps in memory after reading or keeping them.
+const XREF_CACHE_MAX: usize = 100_000;
 
 /// A job run's [`ScriptHost`].
 pub(crate) struct RunHost {
@@ -82,8 +84,13 @@ impl RunHost {
             .collect();
         state.xref_put(project, &entries)?;
         let pending = std::mem::take(&mut x.pending);
-        for (k, v) in pending {
-            x.read.insert(k, Some(v));
+        if x.read.len() + pending.len() > XREF_CACHE_MAX {
+            x.read.clear();
+        }
+        if pending.len() <= XREF_CACHE_MAX {
+            for (k, v) in pending {
+                x.read.insert(k, Some(v));
+            }
         }
         Ok(())
     }
@@ -127,6 +134,9 @@ impl ScriptHost for RunHost {
             Some(s) => s.xref_get(&self.project, list, key)?,
             None => None,
         };
+        if x.read.len() >= XREF_CACHE_MAX {
+            x.read.clear();
+        }
         x.read.insert(k, v.clone());
         Ok(v)
     }

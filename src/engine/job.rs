@@ -181,13 +181,18 @@ impl Writer {
 }
 
 /// An operation of the job, compiled in the threads' runtimes.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct OpRef {
     when: Moment,
     stage: Option<usize>,
     /// Its index among the runtime's scripts.
     script: usize,
     line: usize,
+    /// The origin fields its `row` gets (those it reads).
+    read: Vec<usize>,
+    /// Whether it reads `stages` / `event` (each is built only then).
+    wants_stages: bool,
+    wants_event: bool,
 }
 
 /// What the writers share.
@@ -312,27 +317,32 @@ impl Shared<'_> {
             if op.when != when || (op.stage.is_some() && op.stage != stage) {
                 continue;
             }
-            let ev = event.get_or_insert_with(|| {
-                let mut ev = serde_json::json!({"when": when.as_str(), "row": row.number});
-                if let Some(si) = stage {
-                    ev["stage"] = self.stages[si].name.clone().into();
-                    ev["stageNumber"] = (si + 1).into();
-                }
-                if let Some(e) = error {
-                    ev["error"] = e.into();
-                }
-                ev
+            let ev = op.wants_event.then(|| {
+                &*event.get_or_insert_with(|| {
+                    let mut ev = serde_json::json!({"when": when.as_str(), "row": row.number});
+                    if let Some(si) = stage {
+                        ev["stage"] = self.stages[si].name.clone().into();
+                        ev["stageNumber"] = (si + 1).into();
+                    }
+                    if let Some(e) = error {
+                        ev["error"] = e.into();
+                    }
+                    ev
+                })
             });
-            let views = self.views(row);
-            let all: Vec<usize> = (0..self.columns.len()).collect();
+            let views = if op.wants_stages {
+                self.views(row)
+            } else {
+                Vec::new()
+            };
             let out = js.call(
                 op.script,
                 &CallInput {
                     columns: &self.columns,
-                    read: &all,
+                    read: &op.read,
                     row: &row.values,
-                    stages: Some(&views),
-                    event: Some(ev),
+                    stages: op.wants_stages.then_some(views.as_slice()),
+                    event: ev,
                 },
             );
             logs.extend(js.take_logs());
@@ -1011,6 +1021,9 @@ fn execute(
             stage: o.stage,
             script: scripts.len() + i,
             line: o.line,
+            read: mapping::script_columns(&o.script, &columns),
+            wants_stages: crate::script::reads_stages(&o.script),
+            wants_event: o.script.contains("event"),
         })
         .collect();
     if !ops.is_empty() {

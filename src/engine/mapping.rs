@@ -127,11 +127,7 @@ pub(crate) fn compile(
                         FieldSource::Script(src) => {
                             let mut all = scripts.borrow_mut();
                             all.push(src.clone());
-                            let read = script_reads(src)
-                                .map(|names| {
-                                    names.iter().filter_map(|n| find_column(columns, n)).collect()
-                                })
-                                .unwrap_or_else(|| (0..columns.len()).collect());
+                            let read = script_columns(src, columns);
                             Source::Script(all.len() - 1, read)
                         }
                         FieldSource::Function(func) => Source::Function(*func),
@@ -357,6 +353,19 @@ pub(crate) fn plans(stages: &[Stage], target: Target) -> Vec<StagePlan> {
                 .collect(),
         })
         .collect()
+}
+
+/// The indices among `columns` of the origin fields a script reads (all of
+/// them when it cannot tell): only those are handed to the script's `row`.
+pub(crate) fn script_columns(src: &str, columns: &[String]) -> Vec<usize> {
+    script_reads(src)
+        .map(|names| {
+            names
+                .iter()
+                .filter_map(|n| find_column(columns, n))
+                .collect()
+        })
+        .unwrap_or_else(|| (0..columns.len()).collect())
 }
 
 /// The origin fields a script reads (`row.Name`, `row["Name"]`, `@@ORG:Name@@`),
