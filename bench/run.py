@@ -4,9 +4,10 @@
     python3 bench/run.py [--rows 1000000] [--memory-rows 5000000] [--skip-python]
 
 Times `sqlite3 .import` of the raw file, a hand-written Python loader, dlt (if
-installed), and tidepool: insert into an empty table (threadCount 1 and 4) and
-update/insert into a table that already holds half the rows (threadCount 1 and
-4). Prints rows/s, peak memory and the ratios; absolute times drift on a shared
+installed), and tidepool: insert into an empty table (threadCount 1 and 4; with
+full_name as a script field; with country by a lookup(); with an after_row
+operation writing an xref entry) and update/insert into a table that already
+holds half the rows (threadCount 1 and 4). Prints rows/s, peak memory and the ratios; absolute times drift on a shared
 machine, ratios from one run hold.
 """
 import argparse, os, shutil, sqlite3, subprocess, sys, time
@@ -26,7 +27,9 @@ kind = "sqlite"
 path = "${{DATA_DIR}}/bench.sqlite"
 journal_mode = "wal"
 synchronous = "normal"
-init_sql = ["CREATE TABLE IF NOT EXISTS contacts(id INTEGER PRIMARY KEY, full_name TEXT, email TEXT, company TEXT, country TEXT, amount REAL)"]
+init_sql = ["CREATE TABLE IF NOT EXISTS contacts(id INTEGER PRIMARY KEY, full_name TEXT, email TEXT, company TEXT, country TEXT, amount REAL)",
+            "CREATE TABLE IF NOT EXISTS countries(code TEXT PRIMARY KEY, name TEXT)",
+            "INSERT OR IGNORE INTO countries VALUES ('FR', 'France'), ('US', 'United States'), ('DE', 'Germany')"]
 """
 
 JOB = """batch_size = 5000
@@ -78,6 +81,14 @@ def setup_project(csv):
     script = JOB.format(action="insert").replace(
         'template = "@@ORG:FirstName@@ @@ORG:LastName@@"', 'script = "row.FirstName + \' \' + row.LastName"')
     (proj / "jobs" / "insert_js.toml").write_text(script)
+    # Country's name by a lookup in another table (cached per run) ...
+    lookup = JOB.format(action="insert").replace(
+        'origin = "Country" }', 'script = "lookup(\'db\', \'countries\', \'name\', {code: row.Country}) || row.Country" }')
+    (proj / "jobs" / "insert_lookup.toml").write_text(lookup)
+    # ... and an operation after each row keeping an xref entry (rows then go one at a time).
+    xref = JOB.format(action="insert").replace(
+        "[origin]", '[[operations]]\nwhen = "after_row"\nscript = "xrefWrite(\'contacts\', row.Id, \'C-\' + row.Id)"\n[origin]')
+    (proj / "jobs" / "insert_xref.toml").write_text(xref)
 
 
 def tidepool(job, data, *extra):
@@ -141,6 +152,12 @@ def main():
     fresh(data)
     secs, mem = peak_rss(tidepool("insert_js", data))
     results.append(("tidepool insert, full_name as a script field", n, secs, mem))
+    fresh(data)
+    secs, mem = peak_rss(tidepool("insert_lookup", data))
+    results.append(("tidepool insert, country by lookup() (run cache)", n, secs, mem))
+    fresh(data)
+    secs, mem = peak_rss(tidepool("insert_xref", data))
+    results.append(("tidepool insert, after_row xrefWrite (row by row)", n, secs, mem))
     for threads in (1, 4):
         fresh(data)
         subprocess.run(tidepool("insert", data, "--end-after-row", str(n // 2)), check=True,
@@ -172,6 +189,8 @@ def main():
         print(f"tidepool insert / dlt:                     {tp / rate['dlt 1.x sqlalchemy (mapped)']:.1f}x (target >= 50x)")
     js = rate["tidepool insert, full_name as a script field"]
     print(f"script field / template rows/s:            {js / tp:.2f} (target >= 0.5)")
+    print(f"lookup field / template rows/s:            {rate['tidepool insert, country by lookup() (run cache)'] / tp:.2f}")
+    print(f"after_row operation / template rows/s:     {rate['tidepool insert, after_row xrefWrite (row by row)'] / tp:.2f}")
     up = rate["tidepool update/insert, half present, threadCount 1"]
     print(f"upsert time / insert time:                 {tp / up:.2f} (target <= 2)")
     mems = {r: m for r, _, _, m in results}
