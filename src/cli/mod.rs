@@ -256,6 +256,11 @@ fn print_report(report: &RunReport, preview: bool) {
             entries.len() - SHOWN
         );
     }
+    for j in &report.jobs {
+        if let Some(v) = &j.return_value {
+            println!("  {}: returnValue = {v}", j.job_id);
+        }
+    }
     if let Some(e) = &report.error {
         println!("error: {e}");
     }
