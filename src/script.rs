@@ -377,7 +377,13 @@ fn register_host<'js>(ctx: &Ctx<'js>, host: Arc<dyn ScriptHost>) -> rquickjs::Re
               connection: rquickjs::Coerced<String>,
               table: rquickjs::Coerced<String>,
               field: rquickjs::Coerced<String>,
-              criteria: Object<'js>| {
+              criteria: rquickjs::Value<'js>| {
+            let Some(criteria) = criteria.into_object().filter(|o| !o.is_array()) else {
+                return Err(throw(
+                    &ctx,
+                    "lookup: the criteria must be an object, e.g. {Email: row.Email}".into(),
+                ));
+            };
             let mut pairs = Vec::new();
             for prop in criteria.props::<String, rquickjs::Value>() {
                 let (k, v) = prop?;

@@ -424,7 +424,7 @@ table = "people"
 action = "insert"
 fields = [
   { column = "id", origin = "id" },
-  { column = "name", script = "row.id === '1' ? lookup(['no', 'pe'].join(''), 't', 'f', {a: 1}) : lookup('db', 'missing', 'code', {name: row.city})" },
+  { column = "name", script = "row.id === '1' ? lookup(['no', 'pe'].join(''), 't', 'f', {a: 1}) : row.id === '2' ? lookup('db', 'missing', 'code', {name: row.city}) : lookup('db', 'cities', 'code', row.city)" },
 ]
 "#;
     let f = fixture(&[("j", job)]);
@@ -436,6 +436,10 @@ fields = [
         "{log}"
     );
     assert!(log.contains("no such table: missing"), "{log}");
+    assert!(
+        log.contains("row 3, stage 1") && log.contains("lookup: the criteria must be an object"),
+        "{log}"
+    );
 }
 
 #[test]
