@@ -758,6 +758,14 @@ mod tests {
             Ok(Value::Float(42.5))
         );
         assert_eq!(
+            run(
+                "LCase(' AbC ') + '|' + Trim('  x  ') + '|' + CStr(null) + CStr(7) + '|' + (Now().length >= 20)",
+                &[],
+                vec![]
+            ),
+            Ok(Value::from(" abc |x|7|true"))
+        );
+        assert_eq!(
             run("skipIfBlank(row.a)", &["a"], vec!["  ".into()]),
             Err(SKIP_ROW.to_owned())
         );
