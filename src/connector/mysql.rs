@@ -19,9 +19,9 @@ use mysql::{Conn, Opts, OptsBuilder, Params};
 use serde::Deserialize;
 
 use super::{
-    ALL_ACTIONS, Capabilities, ColumnSets, Connector, ConnectorError, Destination,
-    DestinationRequest, Flow, Origin, OriginInput, OriginRequest, RowAction, RowRead, StagePlan,
-    WriteResult, bind_tokens, duplicate_keys, find_columns, redact_url,
+    ALL_ACTIONS, BatchError, Capabilities, ColumnSets, Connector, ConnectorError, Destination,
+    DestinationRequest, Flow, Origin, OriginInput, OriginRequest, RowAction, RowRead,
+    SavepointWriter, StagePlan, WriteResult, bind_tokens, find_columns, redact_url,
 };
 use crate::project::StageAction;
 use crate::value::{Row, Value};
@@ -81,11 +81,7 @@ fn is_lost(e: &mysql::Error) -> bool {
 }
 
 fn to_connector_error(e: mysql::Error) -> ConnectorError {
-    if is_lost(&e) {
-        ConnectorError::Lost(e.to_string())
-    } else {
-        ConnectorError::Io(e.to_string())
-    }
+    MysqlDestination::classify(&e)
 }
 
 fn quote_ident(s: &str) -> String {
@@ -466,20 +462,6 @@ impl StageSql {
     }
 }
 
-/// Why a batch's write did not go through.
-enum BatchError {
-    /// The server refused a statement.
-    My(mysql::Error),
-    /// The table changed between two statements of the batch (another writer).
-    Changed,
-}
-
-impl From<mysql::Error> for BatchError {
-    fn from(e: mysql::Error) -> Self {
-        BatchError::My(e)
-    }
-}
-
 struct MysqlDestination {
     config: MysqlConfig,
     conn: Conn,
@@ -573,7 +555,11 @@ impl MysqlDestination {
     /// Update/insert in one `INSERT … ON DUPLICATE KEY UPDATE`: a probe of the
     /// batch's keys tells updates from inserts first. (A locking probe would
     /// take gap locks that serialize, and deadlock, parallel writers.)
-    fn upsert_batch(&mut self, st: usize, rows: &[&[Value]]) -> Result<Vec<RowAction>, BatchError> {
+    fn upsert_batch(
+        &mut self,
+        st: usize,
+        rows: &[&[Value]],
+    ) -> Result<Vec<RowAction>, BatchError<mysql::Error>> {
         let s = &self.stages[st];
         let keys = s.keys_table();
         let mut names = vec!["tidepool_ord".to_owned()];
@@ -623,7 +609,11 @@ impl MysqlDestination {
         Ok(out)
     }
 
-    fn write_batch(&mut self, st: usize, rows: &[&[Value]]) -> Result<Vec<RowAction>, BatchError> {
+    fn write_stage(
+        &mut self,
+        st: usize,
+        rows: &[&[Value]],
+    ) -> Result<Vec<RowAction>, BatchError<mysql::Error>> {
         if self.stages[st].upserts_in_one_statement() {
             return self.upsert_batch(st, rows);
         }
@@ -745,6 +735,35 @@ impl MysqlDestination {
     }
 }
 
+impl SavepointWriter for MysqlDestination {
+    type DbError = mysql::Error;
+
+    fn execute(&mut self, sql: &str) -> Result<(), ConnectorError> {
+        self.conn.query_drop(sql).map_err(to_connector_error)
+    }
+
+    fn write_batch(
+        &mut self,
+        stage: usize,
+        rows: &[&[Value]],
+    ) -> Result<Vec<RowAction>, BatchError<mysql::Error>> {
+        self.write_stage(stage, rows)
+    }
+
+    fn match_cols(&self, stage: usize) -> Option<&[usize]> {
+        let s = &self.stages[stage];
+        (s.plan.action != StageAction::Insert).then_some(s.match_cols.as_slice())
+    }
+
+    fn classify(e: &mysql::Error) -> ConnectorError {
+        if is_lost(e) {
+            ConnectorError::Lost(e.to_string())
+        } else {
+            ConnectorError::Io(e.to_string())
+        }
+    }
+}
+
 impl Destination for MysqlDestination {
     fn begin(&mut self) -> Result<(), ConnectorError> {
         if self.conn.ping().is_err() {
@@ -769,42 +788,7 @@ impl Destination for MysqlDestination {
         stage: usize,
         rows: &[&[Value]],
     ) -> Result<Vec<WriteResult>, ConnectorError> {
-        if rows.len() > 1
-            && self.stages[stage].plan.action != StageAction::Insert
-            && duplicate_keys(rows, &self.stages[stage].match_cols)
-        {
-            return Err(ConnectorError::Io(
-                "two rows of the batch have the same match values".into(),
-            ));
-        }
-        self.conn
-            .query_drop("SAVEPOINT tidepool_write")
-            .map_err(to_connector_error)?;
-        match self.write_batch(stage, rows) {
-            Ok(actions) => {
-                self.conn
-                    .query_drop("RELEASE SAVEPOINT tidepool_write")
-                    .map_err(to_connector_error)?;
-                Ok(actions.into_iter().map(Ok).collect())
-            }
-            Err(BatchError::My(e)) if is_lost(&e) => Err(ConnectorError::Lost(e.to_string())),
-            Err(e) => {
-                let msg = match e {
-                    BatchError::My(e) => e.to_string(),
-                    BatchError::Changed => {
-                        "the table changed while the batch was written (another writer)".into()
-                    }
-                };
-                self.conn
-                    .query_drop("ROLLBACK TO SAVEPOINT tidepool_write")
-                    .map_err(to_connector_error)?;
-                if rows.len() == 1 {
-                    Ok(vec![Err(msg)])
-                } else {
-                    Err(ConnectorError::Io(msg))
-                }
-            }
-        }
+        self.write_in_savepoint(stage, rows)
     }
 
     fn commit(&mut self) -> Result<(), ConnectorError> {

@@ -19,9 +19,9 @@ use postgres::{Client, NoTls};
 use serde::Deserialize;
 
 use super::{
-    ALL_ACTIONS, Capabilities, ColumnSets, Connector, ConnectorError, Destination,
-    DestinationRequest, Flow, Origin, OriginInput, OriginRequest, RowAction, RowRead, StagePlan,
-    WriteResult, bind_tokens, duplicate_keys, find_columns, redact_url,
+    ALL_ACTIONS, BatchError, Capabilities, ColumnSets, Connector, ConnectorError, Destination,
+    DestinationRequest, Flow, Origin, OriginInput, OriginRequest, RowAction, RowRead,
+    SavepointWriter, StagePlan, WriteResult, bind_tokens, find_columns, redact_url,
 };
 use crate::project::StageAction;
 use crate::value::{Row, Value};
@@ -100,11 +100,7 @@ fn is_lost(e: &postgres::Error) -> bool {
 }
 
 fn to_connector_error(e: postgres::Error) -> ConnectorError {
-    if is_lost(&e) {
-        ConnectorError::Lost(pg_message(&e))
-    } else {
-        ConnectorError::Io(pg_message(&e))
-    }
+    PostgresDestination::classify(&e)
 }
 
 impl Connector for PostgresConfig {
@@ -573,20 +569,6 @@ fn copy_text(out: &mut Vec<u8>, v: &Value) {
     }
 }
 
-/// Why a batch's write did not go through.
-enum BatchError {
-    /// The server refused a statement.
-    Pg(postgres::Error),
-    /// The table changed between two statements of the batch (another writer).
-    Changed,
-}
-
-impl From<postgres::Error> for BatchError {
-    fn from(e: postgres::Error) -> Self {
-        BatchError::Pg(e)
-    }
-}
-
 struct PostgresDestination {
     config: PostgresConfig,
     client: Client,
@@ -701,7 +683,11 @@ impl PostgresDestination {
     }
 
     /// The set-based write of one batch for one stage.
-    fn write_batch(&mut self, st: usize, rows: &[&[Value]]) -> Result<Vec<RowAction>, BatchError> {
+    fn write_stage(
+        &mut self,
+        st: usize,
+        rows: &[&[Value]],
+    ) -> Result<Vec<RowAction>, BatchError<postgres::Error>> {
         let n = rows.len();
         let action = self.stages[st].plan.action;
         if action == StageAction::Insert {
@@ -789,6 +775,35 @@ impl PostgresDestination {
     }
 }
 
+impl SavepointWriter for PostgresDestination {
+    type DbError = postgres::Error;
+
+    fn execute(&mut self, sql: &str) -> Result<(), ConnectorError> {
+        self.client.batch_execute(sql).map_err(to_connector_error)
+    }
+
+    fn write_batch(
+        &mut self,
+        stage: usize,
+        rows: &[&[Value]],
+    ) -> Result<Vec<RowAction>, BatchError<postgres::Error>> {
+        self.write_stage(stage, rows)
+    }
+
+    fn match_cols(&self, stage: usize) -> Option<&[usize]> {
+        let s = &self.stages[stage];
+        (s.plan.action != StageAction::Insert).then_some(s.match_cols.as_slice())
+    }
+
+    fn classify(e: &postgres::Error) -> ConnectorError {
+        if is_lost(e) {
+            ConnectorError::Lost(pg_message(e))
+        } else {
+            ConnectorError::Io(pg_message(e))
+        }
+    }
+}
+
 impl Destination for PostgresDestination {
     fn begin(&mut self) -> Result<(), ConnectorError> {
         if self.client.is_closed() {
@@ -813,43 +828,7 @@ impl Destination for PostgresDestination {
         stage: usize,
         rows: &[&[Value]],
     ) -> Result<Vec<WriteResult>, ConnectorError> {
-        if rows.len() > 1
-            && self.stages[stage].plan.action != StageAction::Insert
-            && duplicate_keys(rows, &self.stages[stage].match_cols)
-        {
-            return Err(ConnectorError::Io(
-                "two rows of the batch have the same match values".into(),
-            ));
-        }
-        self.client
-            .batch_execute("SAVEPOINT tidepool_write")
-            .map_err(to_connector_error)?;
-        match self.write_batch(stage, rows) {
-            Ok(actions) => {
-                self.client
-                    .batch_execute("RELEASE tidepool_write")
-                    .map_err(to_connector_error)?;
-                Ok(actions.into_iter().map(Ok).collect())
-            }
-            Err(BatchError::Pg(e)) if is_lost(&e) => Err(ConnectorError::Lost(pg_message(&e))),
-            Err(err) => {
-                let msg = match &err {
-                    BatchError::Pg(e) => pg_message(e),
-                    BatchError::Changed => {
-                        "the table changed while the batch was written (another writer)".into()
-                    }
-                };
-                self.client
-                    .batch_execute("ROLLBACK TO tidepool_write; RELEASE tidepool_write")
-                    .map_err(to_connector_error)?;
-                if rows.len() == 1 {
-                    // One row: its own error, and the transaction goes on.
-                    Ok(vec![Err(msg)])
-                } else {
-                    Err(ConnectorError::Io(msg))
-                }
-            }
-        }
+        self.write_in_savepoint(stage, rows)
     }
 
     fn commit(&mut self) -> Result<(), ConnectorError> {
@@ -898,14 +877,10 @@ mod tests {
     }
 
     #[test]
-    fn urls_are_redacted_and_duplicates_found() {
+    fn urls_are_redacted() {
         assert_eq!(
             redact_url("postgres://u:secret@h:5432/db"),
             "postgres://u:***@h:5432/db"
         );
-        let a = [Value::Int(1), Value::from("x")];
-        let b = [Value::Int(1), Value::from("y")];
-        assert!(duplicate_keys(&[&a, &b], &[0]));
-        assert!(!duplicate_keys(&[&a, &b], &[1]));
     }
 }
