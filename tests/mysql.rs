@@ -435,3 +435,40 @@ fields = [
         ]
     );
 }
+
+#[test]
+fn a_second_unique_key_never_lets_a_new_row_update_another() {
+    let mut db = Db::new();
+    db.exec(
+        "CREATE TABLE people(id int PRIMARY KEY, email varchar(60) UNIQUE, name varchar(50));
+         INSERT INTO people VALUES (1, 'ann@x.io', 'Ann'), (2, 'bob@x.io', 'Bob')",
+    );
+    let f = Fixture::new();
+    let job = r#"
+[origin]
+connection = "src"
+[destination]
+connection = "my"
+[[stages]]
+table = "people"
+action = "update/insert"
+fields = [
+  { column = "id", origin = "id", match = true },
+  { column = "email", origin = "email" },
+  { column = "name", origin = "name" },
+]
+"#;
+    f.project("p", &project(&db), &[("j", job)]);
+    // Row 2 is new by id but takes Ann's email: an error, not an update of Ann.
+    f.write(
+        "projects/p/in.csv",
+        "id,email,name\n2,bob@x.io,Bobby\n3,ann@x.io,Impostor\n4,dan@x.io,Dan\n",
+    );
+    let r = f.run(&request("p", "j"));
+    let c = r.counters;
+    assert_eq!((c.inserts, c.updates, c.errors), (1, 1, 1), "{:?}", r.error);
+    assert_eq!(
+        db.rows("SELECT id, email, name FROM people ORDER BY id"),
+        ["1|ann@x.io|Ann", "2|bob@x.io|Bobby", "4|dan@x.io|Dan"]
+    );
+}

@@ -345,10 +345,25 @@ impl StageSql {
                 .or_default()
                 .push(col.to_ascii_lowercase());
         }
-        let unique_on_match = by_index.into_values().any(|mut cols| {
-            cols.sort();
-            cols == match_names
-        });
+        // ON DUPLICATE KEY UPDATE fires on any unique key: every other one
+        // must have a column the insert does not write (an auto-increment
+        // id), or a new row could update some other row instead.
+        let written: Vec<String> = sets
+            .insert
+            .iter()
+            .map(|&i| columns[i].name.to_ascii_lowercase())
+            .collect();
+        let keys: Vec<Vec<String>> = by_index
+            .into_values()
+            .map(|mut cols| {
+                cols.sort();
+                cols
+            })
+            .collect();
+        let unique_on_match = keys.contains(&match_names)
+            && keys
+                .iter()
+                .all(|k| *k == match_names || k.iter().any(|c| !written.contains(c)));
         Ok(StageSql {
             plan: plan.clone(),
             table: quote_table(&table),
