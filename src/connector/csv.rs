@@ -178,6 +178,7 @@ impl Connector for CsvConfig {
             finish: target.finish,
             encoding,
             header,
+            buf: String::new(),
         };
         if write_header {
             let names: Vec<Value> = dest
@@ -278,26 +279,28 @@ struct CsvDestination {
     encoding: Option<&'static Encoding>,
     /// The column names (for messages).
     header: Vec<String>,
+    /// A field's text, reused from row to row.
+    buf: String,
 }
 
 impl CsvDestination {
     /// Writes one record; `Ok(Err)`: a value the encoding cannot hold (nothing written).
     fn write_row(&mut self, row: &[Value]) -> Result<Result<(), String>, ConnectorError> {
-        let mut buf = String::new();
+        let buf = &mut self.buf;
         match self.encoding {
             None => {
                 for v in row {
                     buf.clear();
-                    v.push_text(&mut buf);
-                    self.writer.write_field(&buf).map_err(ConnectorError::io)?;
+                    v.push_text(buf);
+                    self.writer.write_field(&*buf).map_err(ConnectorError::io)?;
                 }
             }
             Some(enc) => {
                 let mut fields = Vec::with_capacity(row.len());
                 for (i, v) in row.iter().enumerate() {
                     buf.clear();
-                    v.push_text(&mut buf);
-                    let (bytes, _, unmappable) = enc.encode(&buf);
+                    v.push_text(buf);
+                    let (bytes, _, unmappable) = enc.encode(buf);
                     if unmappable {
                         return Ok(Err(format!(
                             "column {:?}: {buf:?} cannot be written in {}",

@@ -504,6 +504,42 @@ pub(crate) trait SavepointWriter {
     fn match_cols(&self, stage: usize) -> Option<&[usize]>;
     /// The driver's error as a lost connection or a message.
     fn classify(e: &Self::DbError) -> ConnectorError;
+    /// A preview: a batch is a savepoint inside one transaction never committed.
+    fn preview(&self) -> bool;
+
+    /// Starts a batch: a transaction (a savepoint in a preview).
+    fn begin_batch(&mut self) -> Result<(), ConnectorError> {
+        let sql = if self.preview() {
+            "SAVEPOINT tidepool_batch"
+        } else {
+            "START TRANSACTION"
+        };
+        self.execute(sql)
+    }
+
+    /// Makes the batch durable (in a preview, keeps it until the end).
+    fn commit_batch(&mut self) -> Result<(), ConnectorError> {
+        let sql = if self.preview() {
+            "RELEASE SAVEPOINT tidepool_batch"
+        } else {
+            "COMMIT"
+        };
+        self.execute(sql)
+    }
+
+    /// Undoes the batch; a lost connection has nothing left to undo.
+    fn rollback_batch(&mut self) -> Result<(), ConnectorError> {
+        let done = if self.preview() {
+            self.execute("ROLLBACK TO SAVEPOINT tidepool_batch")
+                .and_then(|()| self.execute("RELEASE SAVEPOINT tidepool_batch"))
+        } else {
+            self.execute("ROLLBACK")
+        };
+        match done {
+            Err(ConnectorError::Lost(_)) => Ok(()),
+            r => r,
+        }
+    }
 
     /// [`Destination::write`] for such a destination.
     fn write_in_savepoint(

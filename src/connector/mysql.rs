@@ -765,6 +765,10 @@ impl SavepointWriter for MysqlDestination {
         self.write_stage(stage, rows)
     }
 
+    fn preview(&self) -> bool {
+        self.preview
+    }
+
     fn match_cols(&self, stage: usize) -> Option<&[usize]> {
         let s = &self.stages[stage];
         (s.plan.action != StageAction::Insert).then_some(s.match_cols.as_slice())
@@ -790,12 +794,7 @@ impl Destination for MysqlDestination {
             self.conn = self.config.connect()?;
             self.prepare_session()?;
         }
-        let sql = if self.preview {
-            "SAVEPOINT tidepool_batch"
-        } else {
-            "START TRANSACTION"
-        };
-        self.conn.query_drop(sql).map_err(to_connector_error)
+        self.begin_batch()
     }
 
     fn write(
@@ -807,24 +806,11 @@ impl Destination for MysqlDestination {
     }
 
     fn commit(&mut self) -> Result<(), ConnectorError> {
-        let sql = if self.preview {
-            "RELEASE SAVEPOINT tidepool_batch"
-        } else {
-            "COMMIT"
-        };
-        self.conn.query_drop(sql).map_err(to_connector_error)
+        self.commit_batch()
     }
 
     fn rollback(&mut self) -> Result<(), ConnectorError> {
-        let sql = if self.preview {
-            "ROLLBACK TO SAVEPOINT tidepool_batch"
-        } else {
-            "ROLLBACK"
-        };
-        match self.conn.query_drop(sql) {
-            Err(e) if is_lost(&e) => Ok(()),
-            r => r.map_err(to_connector_error),
-        }
+        self.rollback_batch()
     }
 
     fn finish(self: Box<Self>) -> Result<(), ConnectorError> {

@@ -790,6 +790,10 @@ impl SavepointWriter for PostgresDestination {
         self.write_stage(stage, rows)
     }
 
+    fn preview(&self) -> bool {
+        self.preview
+    }
+
     fn match_cols(&self, stage: usize) -> Option<&[usize]> {
         let s = &self.stages[stage];
         (s.plan.action != StageAction::Insert).then_some(s.match_cols.as_slice())
@@ -815,12 +819,7 @@ impl Destination for PostgresDestination {
             self.client = self.config.connect()?;
             self.prepare_session()?;
         }
-        let sql = if self.preview {
-            "SAVEPOINT tidepool_batch"
-        } else {
-            "BEGIN"
-        };
-        self.client.batch_execute(sql).map_err(to_connector_error)
+        self.begin_batch()
     }
 
     fn write(
@@ -832,24 +831,11 @@ impl Destination for PostgresDestination {
     }
 
     fn commit(&mut self) -> Result<(), ConnectorError> {
-        let sql = if self.preview {
-            "RELEASE tidepool_batch"
-        } else {
-            "COMMIT"
-        };
-        self.client.batch_execute(sql).map_err(to_connector_error)
+        self.commit_batch()
     }
 
     fn rollback(&mut self) -> Result<(), ConnectorError> {
-        if self.client.is_closed() {
-            return Ok(());
-        }
-        let sql = if self.preview {
-            "ROLLBACK TO tidepool_batch; RELEASE tidepool_batch"
-        } else {
-            "ROLLBACK"
-        };
-        self.client.batch_execute(sql).map_err(to_connector_error)
+        self.rollback_batch()
     }
 
     fn finish(self: Box<Self>) -> Result<(), ConnectorError> {
