@@ -308,8 +308,11 @@ fn a_connection_killed_mid_run_is_retried_and_nothing_is_lost() {
     f.write("projects/p/in.csv", &csv);
     let name = db.name.clone();
     let admin_id = db.admin.connection_id();
+    // The killer connects before the run starts, or a slow start could miss it.
+    let (ready, connected) = std::sync::mpsc::channel();
     let killer = std::thread::spawn(move || {
         let mut admin = mysql::Conn::new(mysql::Opts::from_url(&base_url()).unwrap()).unwrap();
+        ready.send(()).unwrap();
         for _ in 0..1000 {
             let n: Option<i64> = admin
                 .query_first(format!("SELECT count(*) FROM {name}.people"))
@@ -329,6 +332,7 @@ fn a_connection_killed_mid_run_is_retried_and_nothing_is_lost() {
         }
         0
     });
+    connected.recv().unwrap();
     let mut req = request("p", "j");
     req.logging_level = LogLevel::Medium;
     let r = f.run(&req);

@@ -345,9 +345,12 @@ fn a_connection_killed_mid_run_is_retried_and_nothing_is_lost() {
     f.write("projects/p/in.csv", &csv);
     let schema = s.name.clone();
     let app2 = app.clone();
+    // The killer connects before the run starts, or a slow start could miss it.
+    let (ready, connected) = std::sync::mpsc::channel();
     let killer = std::thread::spawn(move || {
         let app = app2;
         let mut admin = postgres::Client::connect(&url(), postgres::NoTls).unwrap();
+        ready.send(()).unwrap();
         // Wait until rows are landing, then cut tidepool's connection.
         for _ in 0..400 {
             let n: i64 = admin
@@ -369,6 +372,7 @@ fn a_connection_killed_mid_run_is_retried_and_nothing_is_lost() {
         }
         0
     });
+    connected.recv().unwrap();
     let mut req = request("p", "j");
     req.logging_level = LogLevel::Medium;
     let r = f.run(&req);
@@ -413,6 +417,81 @@ fn upsert_without_a_unique_index_takes_the_general_path() {
     assert_eq!(
         s.rows("SELECT * FROM S.people ORDER BY id"),
         ["1|Ann|Oslo", "2|Bobby|Rome", "3|Cy|Lima", "4|Dan|Kyiv"]
+    );
+}
+
+#[test]
+fn unchanged_rows_count_as_updates_and_are_rewritten_only_where_it_shows() {
+    let mut s = Schema::new();
+    s.exec(
+        "CREATE TABLE S.plain(id integer PRIMARY KEY, name text, amount numeric, doc json);
+         INSERT INTO S.plain VALUES (1,'Ann',1.0,'{\"a\":1}'), (2,'Bob',2.50,'{}'), (3,'Cy',3,'[]');
+         CREATE TABLE S.watched (LIKE S.plain INCLUDING ALL);
+         INSERT INTO S.watched SELECT * FROM S.plain;
+         CREATE TABLE S.audit(id integer);
+         CREATE FUNCTION S.note() RETURNS trigger LANGUAGE plpgsql
+           AS $$BEGIN INSERT INTO S.audit VALUES (NEW.id); RETURN NEW; END$$;
+         CREATE TRIGGER note AFTER UPDATE ON S.watched FOR EACH ROW EXECUTE FUNCTION S.note();",
+    );
+    let job = |table: &str, extra: &str| {
+        format!(
+            "[origin]\nconnection = \"src\"\n[destination]\nconnection = \"pg\"\n[[stages]]\ntable = \"{}.{table}\"\naction = \"update/insert\"\n{extra}\nfields = [{{ column = \"id\", origin = \"id\", match = true }}, {{ column = \"name\", origin = \"name\" }}, {{ column = \"amount\", origin = \"amount\" }}, {{ column = \"doc\", origin = \"doc\" }}]\n",
+            s.name
+        )
+    };
+    let f = Fixture::new();
+    f.project(
+        "p",
+        &project(&s),
+        &[
+            ("plain", &job("plain", "")),
+            ("watched", &job("watched", "")),
+            ("diff", &job("plain", "update_on_difference = true")),
+        ],
+    );
+    // Row 1 changes only the numeric's scale, row 3 only the json's text,
+    // row 2 nothing at all; row 4 is new.
+    f.write(
+        "projects/p/in.csv",
+        "id,name,amount,doc\n1,Ann,1.00,\"{\"\"a\"\":1}\"\n2,Bob,2.50,{}\n3,Cy,3,[ ]\n4,Dan,4,{}\n",
+    );
+    let before = s.rows("SELECT id, xmin FROM S.plain ORDER BY id");
+    for j in ["plain", "watched"] {
+        let r = f.run(&request("p", j));
+        let c = r.counters;
+        assert_eq!(
+            (c.inserts, c.updates, c.skips, c.errors),
+            (1, 3, 0, 0),
+            "{j}: {:?}",
+            r.error
+        );
+    }
+    let after = s.rows("SELECT id, xmin FROM S.plain ORDER BY id");
+    // Counted as an update, but the unchanged row was not rewritten...
+    assert_eq!(after[1], before[1]);
+    assert_ne!(after[0], before[0]);
+    assert_ne!(after[2], before[2]);
+    let want = [
+        "1|Ann|1.00|{\"a\":1}",
+        "2|Bob|2.50|{}",
+        "3|Cy|3|[ ]",
+        "4|Dan|4|{}",
+    ];
+    assert_eq!(s.rows("SELECT * FROM S.plain ORDER BY id"), want);
+    assert_eq!(s.rows("SELECT * FROM S.watched ORDER BY id"), want);
+    // ...except where a trigger would see the difference.
+    assert_eq!(
+        s.rows("SELECT string_agg(id::text, ',' ORDER BY id) FROM S.audit"),
+        ["1,2,3"]
+    );
+    // update_on_difference compares json too: now nothing differs.
+    let r = f.run(&request("p", "diff"));
+    let c = r.counters;
+    assert_eq!(
+        (c.inserts, c.updates, c.skips, c.errors),
+        (0, 0, 4, 0),
+        "{:?}",
+        r.error
     );
 }
 

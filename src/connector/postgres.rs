@@ -8,6 +8,9 @@
 //! travel as text and the server converts them to each column's type, so
 //! numerics stay exact and dates keep their zones; a value that does not fit
 //! its column fails the batch, which the engine then replays row by row.
+//! An update whose values equal the row's (as text) still counts as an update
+//! but is not rewritten when the table has nothing (trigger, rule, policy,
+//! child, publication) that would see the difference.
 
 use std::fmt::Write as _;
 use std::io::Write as _;
@@ -376,6 +379,10 @@ struct StageSql {
     /// An index starts with a match column: rows are found by index probes,
     /// so the planner is kept from hashing the whole table for each batch.
     indexed: bool,
+    /// Nothing but the row itself would see an update that changes no value
+    /// (a plain table without triggers, rules, row security, children or
+    /// publications), so such rows are counted without being rewritten.
+    quiet: bool,
 }
 
 impl StageSql {
@@ -433,8 +440,27 @@ impl StageSql {
             .matches
             .iter()
             .any(|&i| leading.iter().any(|l| *l == columns[i].name));
+        // PostgreSQL writes a new row version for an update that changes
+        // nothing (MariaDB does not): that is most of a re-sync's cost, so it
+        // is left out where no trigger, rule, policy, child table or
+        // subscriber could tell.
+        let quiet: bool = client
+            .query_one(
+                "SELECT c.relkind = 'r' AND NOT c.relhasrules AND NOT c.relrowsecurity
+                        AND NOT c.relhassubclass
+                        AND NOT EXISTS (SELECT 1 FROM pg_trigger g
+                                        WHERE g.tgrelid = c.oid AND NOT g.tgisinternal)
+                        AND NOT EXISTS (SELECT 1 FROM pg_publication_tables p
+                                        WHERE p.schemaname = n.nspname AND p.tablename = c.relname)
+                 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                 WHERE c.oid = $1::text::regclass",
+                &[&qualified],
+            )
+            .map_err(to_connector_error)?
+            .get(0);
         Ok(StageSql {
             indexed,
+            quiet,
             plan: plan.clone(),
             table: qualified,
             staging: format!("tidepool_stage_{index}"),
@@ -480,28 +506,54 @@ impl StageSql {
             .iter()
             .map(|&i| format!("{} = {}", self.col(i), self.set_value(i)))
             .collect();
-        let mut sql = format!(
+        format!(
             "UPDATE {} AS t SET {} FROM {} AS s WHERE {}",
             self.table,
             sets.join(", "),
             self.staging,
             self.matches()
-        );
-        if self.plan.update_on_difference {
-            let diffs: Vec<String> = self
-                .set_cols
-                .iter()
-                .map(|&i| format!("t.{} IS DISTINCT FROM {}", self.col(i), self.set_value(i)))
-                .collect();
-            let _ = write!(sql, " AND ({})", diffs.join(" OR "));
-        }
-        sql.push_str(" RETURNING s.ord");
-        sql
+        )
+    }
+
+    /// Whether the batch row would change the matched row. Compared as text
+    /// (byte for byte), so `1.0` → `1.00` in a numeric, a case change in a
+    /// citext or a key order in json are changes, and json, which has no
+    /// equality, compares too.
+    fn differs(&self) -> String {
+        self.set_cols
+            .iter()
+            .map(|&i| {
+                format!(
+                    "(t.{})::text IS DISTINCT FROM ({})::text COLLATE \"C\"",
+                    self.col(i),
+                    self.set_value(i)
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(" OR ")
+    }
+
+    /// Every matched batch row, and whether writing it would change anything.
+    fn compare_sql(&self) -> String {
+        format!(
+            "SELECT s.ord, {} FROM {} AS s JOIN {} AS t ON {}",
+            self.differs(),
+            self.staging,
+            self.table,
+            self.matches()
+        )
+    }
+
+    /// Whether matched rows are compared before they are written: always
+    /// with `update_on_difference`, and where an unchanged row need not be
+    /// rewritten.
+    fn compares(&self) -> bool {
+        !self.set_cols.is_empty() && (self.plan.update_on_difference || self.quiet)
     }
 
     fn exists_sql(&self) -> String {
         format!(
-            "SELECT s.ord FROM {} AS s WHERE s.ord <> ALL($1) AND EXISTS (SELECT 1 FROM {} AS t WHERE {})",
+            "SELECT s.ord FROM {} AS s WHERE EXISTS (SELECT 1 FROM {} AS t WHERE {})",
             self.staging,
             self.table,
             self.matches()
@@ -640,11 +692,12 @@ impl PostgresDestination {
         Ok(())
     }
 
-    fn ords(&mut self, sql: &str, done: &[i32]) -> Result<Vec<usize>, postgres::Error> {
-        let rows = if sql.contains("$1") {
-            self.client.query(sql, &[&done])?
-        } else {
+    /// The staging row numbers `sql` returns; `$1` is `listed` when given.
+    fn ords(&mut self, sql: &str, listed: &[i32]) -> Result<Vec<usize>, postgres::Error> {
+        let rows = if listed.is_empty() {
             self.client.query(sql, &[])?
+        } else {
+            self.client.query(sql, &[&listed])?
         };
         Ok(rows.iter().map(|r| r.get::<_, i32>(0) as usize).collect())
     }
@@ -697,13 +750,14 @@ impl PostgresDestination {
         self.stage_rows(st, rows)?;
         let mut out: Vec<Option<RowAction>> = vec![None; n];
         let s = &self.stages[st];
-        let (update, exists, delete, insert) = (
-            (!s.set_cols.is_empty()).then(|| s.update_sql()),
+        let on_difference = s.plan.update_on_difference;
+        let (update, compare, exists, delete, insert) = (
+            s.update_sql(),
+            s.compares().then(|| s.compare_sql()),
             s.exists_sql(),
             s.delete_sql(),
             s.insert_select_sql(),
         );
-        let diff = s.plan.update_on_difference || s.set_cols.is_empty();
         let mark = |out: &mut Vec<Option<RowAction>>, ords: Vec<usize>, a: RowAction| {
             for o in ords {
                 if let Some(slot) = out.get_mut(o)
@@ -713,30 +767,58 @@ impl PostgresDestination {
                 }
             }
         };
-        let pending = |out: &Vec<Option<RowAction>>| -> Vec<i32> {
-            out.iter()
-                .enumerate()
-                .filter(|(_, a)| a.is_some())
-                .map(|(i, _)| i as i32)
-                .collect()
-        };
         match action {
             StageAction::Insert => unreachable!("handled above"),
             StageAction::Delete => {
                 let d = self.ords(&delete, &[])?;
                 mark(&mut out, d, RowAction::Delete);
             }
-            StageAction::Update | StageAction::UpdateInsert => {
-                if let Some(u) = &update {
-                    let u = self.ords(u, &[])?;
+            StageAction::Update | StageAction::UpdateInsert
+                if self.stages[st].set_cols.is_empty() =>
+            {
+                // Nothing to write: a match is a skip.
+                let e = self.ords(&exists, &[])?;
+                mark(&mut out, e, RowAction::Skip);
+            }
+            StageAction::Update | StageAction::UpdateInsert => match compare {
+                Some(compare) => {
+                    // One probe finds the matched rows and which of them
+                    // change; only those are written.
+                    let mut differs = vec![false; n];
+                    for r in self.client.query(&compare, &[])? {
+                        let o = r.get::<_, i32>(0) as usize;
+                        if o < n {
+                            differs[o] |= r.get::<_, Option<bool>>(1).unwrap_or(false);
+                            out[o] = Some(RowAction::Skip);
+                        }
+                    }
+                    let changed: Vec<i32> =
+                        (0..n).filter(|&o| differs[o]).map(|o| o as i32).collect();
+                    if !changed.is_empty() {
+                        let mut written = vec![false; n];
+                        let sql = format!("{update} AND s.ord = ANY($1) RETURNING s.ord");
+                        for o in self.ords(&sql, &changed)? {
+                            if let Some(w) = written.get_mut(o) {
+                                *w = true;
+                            }
+                        }
+                        if changed.iter().any(|&o| !written[o as usize]) {
+                            // A row went away since the probe: let the
+                            // row-by-row replay give each its true outcome.
+                            return Err(BatchError::Changed);
+                        }
+                    }
+                    for (o, slot) in out.iter_mut().enumerate() {
+                        if slot.is_some() && (differs[o] || !on_difference) {
+                            *slot = Some(RowAction::Update);
+                        }
+                    }
+                }
+                None => {
+                    let u = self.ords(&format!("{update} RETURNING s.ord"), &[])?;
                     mark(&mut out, u, RowAction::Update);
                 }
-                if diff {
-                    let done = pending(&out);
-                    let e = self.ords(&exists, &done)?;
-                    mark(&mut out, e, RowAction::Skip);
-                }
-            }
+            },
             StageAction::SkipInsert => {
                 let e = self.ords(&exists, &[])?;
                 mark(&mut out, e, RowAction::Skip);
