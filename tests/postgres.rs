@@ -496,6 +496,38 @@ fn unchanged_rows_count_as_updates_and_are_rewritten_only_where_it_shows() {
 }
 
 #[test]
+fn upserts_switching_between_changed_and_unchanged_stretches_stay_exact() {
+    // Changed rows make the writer stop comparing first; unchanged ones
+    // (seen when it samples again) make it compare again.
+    let mut s = Schema::new();
+    s.exec(
+        "CREATE TABLE S.people(id integer PRIMARY KEY, name text, city text);
+         INSERT INTO S.people SELECT i, 'old' || i, 'c' FROM generate_series(1, 1000) i;
+         INSERT INTO S.people SELECT i, 'n' || i, 'c' FROM generate_series(1001, 1500) i;",
+    );
+    let mut csv = String::from("id,name,city\n");
+    for i in 1..=2000 {
+        csv.push_str(&format!("{i},n{i},c\n"));
+    }
+    let f = Fixture::new();
+    let job = people_job(&s, "update/insert", "").replace("[origin]", "batch_size = 100\n[origin]");
+    f.project("p", &project(&s), &[("j", &job)]);
+    f.write("projects/p/in.csv", &csv);
+    let r = f.run(&request("p", "j"));
+    let c = r.counters;
+    assert_eq!(
+        (c.inserts, c.updates, c.skips, c.errors),
+        (500, 1500, 0, 0),
+        "{:?}",
+        r.error
+    );
+    assert_eq!(
+        s.rows("SELECT count(*) FROM S.people WHERE name = 'n' || id AND city = 'c'"),
+        ["2000"]
+    );
+}
+
+#[test]
 fn scripts_look_up_values_with_typed_criteria() {
     let mut s = Schema::new();
     people(&mut s);

@@ -383,7 +383,16 @@ struct StageSql {
     /// (a plain table without triggers, rules, row security, children or
     /// publications), so such rows are counted without being rewritten.
     quiet: bool,
+    /// The last comparison found most matched rows changed: comparing first
+    /// only adds a probe, so batches are written whole (and sampled again
+    /// every [`RESAMPLE`] batches).
+    mostly_changed: bool,
+    /// Batches written whole since the last comparison.
+    uncompared: u32,
 }
+
+/// How often a stage whose rows mostly change compares a batch again.
+const RESAMPLE: u32 = 8;
 
 impl StageSql {
     fn new(client: &mut Client, plan: &StagePlan, index: usize) -> Result<Self, ConnectorError> {
@@ -461,6 +470,8 @@ impl StageSql {
         Ok(StageSql {
             indexed,
             quiet,
+            mostly_changed: false,
+            uncompared: 0,
             plan: plan.clone(),
             table: qualified,
             staging: format!("tidepool_stage_{index}"),
@@ -548,7 +559,9 @@ impl StageSql {
     /// with `update_on_difference`, and where an unchanged row need not be
     /// rewritten.
     fn compares(&self) -> bool {
-        !self.set_cols.is_empty() && (self.plan.update_on_difference || self.quiet)
+        !self.set_cols.is_empty()
+            && (self.plan.update_on_difference
+                || (self.quiet && (!self.mostly_changed || self.uncompared >= RESAMPLE)))
     }
 
     fn exists_sql(&self) -> String {
@@ -794,6 +807,12 @@ impl PostgresDestination {
                     }
                     let changed: Vec<i32> =
                         (0..n).filter(|&o| differs[o]).map(|o| o as i32).collect();
+                    let matched = out.iter().filter(|a| a.is_some()).count();
+                    let stage = &mut self.stages[st];
+                    stage.uncompared = 0;
+                    if matched > 0 {
+                        stage.mostly_changed = changed.len() * 2 > matched;
+                    }
                     if !changed.is_empty() {
                         let mut written = vec![false; n];
                         let sql = format!("{update} AND s.ord = ANY($1) RETURNING s.ord");
@@ -815,6 +834,7 @@ impl PostgresDestination {
                     }
                 }
                 None => {
+                    self.stages[st].uncompared += 1;
                     let u = self.ords(&format!("{update} RETURNING s.ord"), &[])?;
                     mark(&mut out, u, RowAction::Update);
                 }
