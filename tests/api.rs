@@ -345,9 +345,10 @@ async fn the_same_run_id_never_runs_twice() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_queue_answers_503_with_retry_after() {
     let a = api_with(|c| c.queue_size = 2, Vec::new(), false).await;
-    for _ in 0..2 {
+    let first = guid();
+    for id in [first.clone(), guid()] {
         assert_eq!(
-            a.post_json("/v1/ExecuteJobAsync", run_body(&guid()))
+            a.post_json("/v1/ExecuteJobAsync", run_body(&id))
                 .await
                 .status,
             StatusCode::OK
@@ -362,6 +363,16 @@ async fn a_full_queue_answers_503_with_retry_after() {
             .unwrap()
             .contains("queue is full")
     );
+    // A client repeating an accepted request still gets its first answer,
+    // and one reusing its runID for other parameters still gets 409.
+    let again = a.post_json("/v1/ExecuteJobAsync", run_body(&first)).await;
+    assert_eq!(again.status, StatusCode::OK, "{}", again.body);
+    assert_eq!(again.json()["started"], true);
+    let mut other = run_body(&first);
+    other["argument"] = json!("x");
+    let clash = a.post_json("/v1/ExecuteJobAsync", other).await;
+    assert_eq!(clash.status, StatusCode::CONFLICT, "{}", clash.body);
+    assert_eq!(a.run_count().await, 2);
     // Queued runs show as such, and one can be cancelled before it starts.
     let id = guid();
     let a = api_with(|_| {}, Vec::new(), false).await;

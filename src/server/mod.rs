@@ -191,14 +191,21 @@ impl Service {
         if self.is_stopping() {
             return Err(SubmitError::ShuttingDown);
         }
-        let depth = self.queued.load(Ordering::Relaxed);
-        if depth >= self.config.queue_size {
-            return Err(SubmitError::QueueFull(depth));
-        }
         let key = RunKey {
             instance: instance.to_owned(),
             run_id: req.run_id,
         };
+        let depth = self.queued.load(Ordering::Relaxed);
+        if depth >= self.config.queue_size {
+            // A repeat of an accepted request gets its first answer, full
+            // queue or not: a client retrying after a timeout must not be
+            // told to retry again.
+            return match self.store.run(&key).await? {
+                Some(rec) if rec.fingerprint == req.fingerprint() => Ok(Submitted::Duplicate),
+                Some(_) => Err(SubmitError::Conflict(req.run_id)),
+                None => Err(SubmitError::QueueFull(depth)),
+            };
+        }
         let outcome = self
             .store
             .submit(NewRun {

@@ -85,6 +85,8 @@ pub struct RunRecord {
     pub response_json: Option<String>,
     /// Why it failed.
     pub error: Option<String>,
+    /// Tells a repeat of the same request from another one under its runID.
+    pub fingerprint: String,
 }
 
 /// How a run ended, to record in one transaction with its webhook.

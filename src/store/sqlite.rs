@@ -286,7 +286,7 @@ fn parse_status(s: &str) -> RunStatus {
     }
 }
 
-const RUN_COLUMNS: &str = "instance, run_id, project_id, job_id, request, webhook_url, status, accepted_at, results, response, error";
+const RUN_COLUMNS: &str = "instance, run_id, project_id, job_id, request, webhook_url, status, accepted_at, results, response, error, fingerprint";
 
 fn run_row(r: &rusqlite::Row) -> rusqlite::Result<RunRecord> {
     let run_id: String = r.get(1)?;
@@ -304,6 +304,7 @@ fn run_row(r: &rusqlite::Row) -> rusqlite::Result<RunRecord> {
         results_json: r.get(8)?,
         response_json: r.get(9)?,
         error: r.get(10)?,
+        fingerprint: r.get(11)?,
     })
 }
 
