@@ -80,6 +80,10 @@ impl Connector for CsvConfig {
         "csv"
     }
 
+    fn file_path(&self) -> Option<&Path> {
+        Some(&self.path)
+    }
+
     fn capabilities(&self) -> Capabilities {
         Capabilities {
             actions: &[StageAction::Insert],

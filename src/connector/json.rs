@@ -2,7 +2,7 @@
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 use serde::de::{DeserializeSeed, SeqAccess, Visitor};
@@ -51,6 +51,10 @@ impl JsonConfig {
 impl Connector for JsonConfig {
     fn kind(&self) -> &'static str {
         "json"
+    }
+
+    fn file_path(&self) -> Option<&Path> {
+        Some(&self.path)
     }
 
     fn capabilities(&self) -> Capabilities {

@@ -262,6 +262,10 @@ pub trait Connector {
     fn kind(&self) -> &'static str;
     /// What the kind can do.
     fn capabilities(&self) -> Capabilities;
+    /// The file a file connection reads and writes (`path`).
+    fn file_path(&self) -> Option<&Path> {
+        None
+    }
     /// Opens a row source.
     fn open_origin(&self, req: &OriginRequest) -> Result<Box<dyn Origin>, ConnectorError>;
     /// Opens a row sink (one per writer thread).

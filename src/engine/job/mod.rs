@@ -837,15 +837,14 @@ fn execute(
         let Some(js) = &job_js else { break };
         let mut event = serde_json::json!({"when": when.as_str()});
         if when == Moment::BeforeQuery {
-            let conn_path = match project.connections.get(&job.origin.connection) {
-                Some(ConnectionConfig::Csv(c)) => Some(&c.path),
-                Some(ConnectionConfig::Json(c)) => Some(&c.path),
-                _ => None,
-            };
+            let conn_path = project
+                .connections
+                .get(&job.origin.connection)
+                .and_then(|c| c.connector().file_path());
             let q = job.origin.query.clone().or_else(|| {
                 job.origin
                     .path
-                    .as_ref()
+                    .as_deref()
                     .or(conn_path)
                     .map(|p| p.display().to_string())
             });
