@@ -573,3 +573,69 @@ fields = [
         ]
     );
 }
+
+#[test]
+fn an_origin_cut_mid_stream_fails_the_job_and_counts_only_what_landed() {
+    let s = Schema::new();
+    let f = Fixture::new();
+    let app = format!("tp_origin_{}", &s.name[3..15]);
+    let proj = format!(
+        "[connections.pg]\nkind = \"postgres\"\nurl = \"{}?application_name={app}\"\n[connections.db]\nkind = \"sqlite\"\npath = \"${{DATA_DIR}}/out.sqlite\"\n",
+        url()
+    );
+    let job = "batch_size = 1000\n[origin]\nconnection = \"pg\"\nquery = \"SELECT i AS id, 'n' || i AS name FROM generate_series(1, 3000000) i\"\n[destination]\nconnection = \"db\"\n[[stages]]\ntable = \"people\"\naction = \"insert\"\nfields = [{ column = \"id\", origin = \"id\" }, { column = \"name\", origin = \"name\" }]\n";
+    f.project("p", &proj, &[("j", job)]);
+    let db = f.data.join("out.sqlite");
+    rusqlite::Connection::open(&db)
+        .unwrap()
+        .execute_batch("CREATE TABLE people(id integer PRIMARY KEY, name text)")
+        .unwrap();
+    let (ready, connected) = std::sync::mpsc::channel();
+    let killer = std::thread::spawn(move || {
+        let mut admin = postgres::Client::connect(&url(), postgres::NoTls).unwrap();
+        ready.send(()).unwrap();
+        // Once the origin's query has been streaming for a moment, cut it.
+        for _ in 0..2000 {
+            let active: i64 = admin
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1",
+                    &[&app],
+                )
+                .unwrap()
+                .get(0);
+            if active > 0 {
+                std::thread::sleep(std::time::Duration::from_millis(400));
+                return admin
+                    .query_one(
+                        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = $1",
+                        &[&app],
+                    )
+                    .unwrap()
+                    .get::<_, i64>(0);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        0
+    });
+    connected.recv().unwrap();
+    let r = f.run(&request("p", "j"));
+    assert_eq!(killer.join().unwrap(), 1, "the test did not cut the origin");
+    assert_eq!(r.status, RunStatus::Failed);
+    let e = r.error.clone().unwrap_or_default();
+    assert!(
+        e.contains("origin \"pg\"") && e.contains("connection was lost"),
+        "{e}"
+    );
+    let landed: i64 = rusqlite::Connection::open(&db)
+        .unwrap()
+        .query_row("SELECT count(*) FROM people", [], |r| r.get(0))
+        .unwrap();
+    let c = r.counters;
+    assert!(landed > 0 && landed < 3_000_000, "{landed}");
+    assert_eq!(c.inserts as i64, landed, "counted = landed");
+    assert!(
+        e.contains(&format!("the {landed} rows read before it were processed")),
+        "{e}"
+    );
+    assert_eq!(c.errors, 1, "the job error");
+}

@@ -1188,6 +1188,15 @@ fn execute(
     let mut error = halted.into_inner().expect("halt lock");
     if let Err(e) = read_result {
         counters.errors += 1;
+        // A stream cannot be resumed where it broke: say what landed, so the
+        // user knows what a rerun must cover.
+        let e = match e {
+            ConnectorError::Lost(_) => format!(
+                "{e}; the {} rows read before it were processed and counted, the rest were not read",
+                counters.total_rows
+            ),
+            e => e.to_string(),
+        };
         log.push(LogLevel::Low, None, format!("origin: {e}"));
         error.get_or_insert(format!("origin {:?}: {e}", job.origin.connection));
     }
