@@ -476,3 +476,68 @@ fields = [
         ["1|ann@x.io|Ann", "2|bob@x.io|Bobby", "4|dan@x.io|Dan"]
     );
 }
+
+#[test]
+fn an_origin_cut_mid_stream_fails_the_job_and_counts_only_what_landed() {
+    let mut db = Db::new();
+    db.exec("CREATE TABLE src(id integer PRIMARY KEY, name text)");
+    db.exec(
+        "CREATE TABLE d(i integer);
+         INSERT INTO d VALUES (0),(1),(2),(3),(4),(5),(6),(7),(8),(9);
+         INSERT INTO src SELECT n, concat('n', n) FROM (
+           SELECT 1 + a.i + 10*b.i + 100*c.i + 1000*e.i + 10000*g.i + 100000*h.i AS n
+           FROM d a, d b, d c, d e, d g, (SELECT 0 AS i UNION SELECT 1 UNION SELECT 2) h) x",
+    );
+    let f = Fixture::new();
+    let proj = format!(
+        "[connections.my]\nkind = \"mariadb\"\nurl = \"{}\"\n[connections.db]\nkind = \"sqlite\"\npath = \"${{DATA_DIR}}/out.sqlite\"\n",
+        db.url()
+    );
+    // Slow enough on the SQLite side that the cut lands mid-stream.
+    let job = "batch_size = 100\n[origin]\nconnection = \"my\"\nquery = \"SELECT id, name FROM src ORDER BY id\"\n[destination]\nconnection = \"db\"\n[[stages]]\ntable = \"people\"\naction = \"insert\"\nfields = [{ column = \"id\", origin = \"id\" }, { column = \"name\", origin = \"name\" }]\n";
+    f.project("p", &proj, &[("j", job)]);
+    let out = f.data.join("out.sqlite");
+    rusqlite::Connection::open(&out)
+        .unwrap()
+        .execute_batch("CREATE TABLE people(id integer PRIMARY KEY, name text)")
+        .unwrap();
+    let name = db.name.clone();
+    let admin_id = db.admin.connection_id();
+    let (ready, connected) = std::sync::mpsc::channel();
+    let killer = std::thread::spawn(move || {
+        let mut admin = mysql::Conn::new(mysql::Opts::from_url(&base_url()).unwrap()).unwrap();
+        ready.send(()).unwrap();
+        for _ in 0..2000 {
+            let ids: Vec<u64> = admin
+                .query(format!(
+                    "SELECT id FROM information_schema.PROCESSLIST WHERE db = '{name}' AND info LIKE 'SELECT id, name FROM src%' AND id NOT IN (CONNECTION_ID(), {admin_id})"
+                ))
+                .unwrap();
+            if !ids.is_empty() {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                for id in &ids {
+                    let _ = admin.query_drop(format!("KILL {id}"));
+                }
+                return ids.len();
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        0
+    });
+    connected.recv().unwrap();
+    let r = f.run(&request("p", "j"));
+    assert_eq!(killer.join().unwrap(), 1, "the test did not cut the origin");
+    assert_eq!(r.status, RunStatus::Failed);
+    let e = r.error.clone().unwrap_or_default();
+    let landed: i64 = rusqlite::Connection::open(&out)
+        .unwrap()
+        .query_row("SELECT count(*) FROM people", [], |r| r.get(0))
+        .unwrap();
+    assert!(landed < 300_000, "{landed}");
+    assert_eq!(r.counters.inserts as i64, landed, "counted = landed");
+    assert!(e.contains("origin \"my\""), "{e}");
+    assert!(
+        e.contains(&format!("the {landed} rows read before it were processed")),
+        "{e}"
+    );
+}
