@@ -152,6 +152,20 @@ async fn item_delete(State(api): State<Api>, Path(id): Path<String>) -> StatusCo
     }
 }
 
+/// People filtered by `email` (other parameters are ignored, as many APIs do).
+async fn people(State(api): State<Api>, Query(q): Query<BTreeMap<String, String>>) -> Json<Value> {
+    api.hits.fetch_add(1, Ordering::SeqCst);
+    let all = [
+        json!({"Id": 7, "email": "ann@x.org", "country": "NO", "owner": null}),
+        json!({"Id": 8, "email": "bob@x.org", "country": "IT", "owner": "cy"}),
+    ];
+    let data: Vec<Value> = all
+        .into_iter()
+        .filter(|p| q.get("email").is_none_or(|e| p["email"] == *e))
+        .collect();
+    Json(json!({"data": data}))
+}
+
 /// Starts the API on a loopback port in a runtime of its own thread.
 fn serve(api: Api) -> String {
     let (tx, rx) = std::sync::mpsc::channel();
@@ -164,6 +178,8 @@ fn serve(api: Api) -> String {
             let app = Router::new()
                 .route("/contacts", get(pages))
                 .route("/cursor", get(cursor))
+                .route("/people", get(people))
+                .route("/gone", get(|| async { StatusCode::INTERNAL_SERVER_ERROR }))
                 .route("/linked/{n}", get(linked))
                 .route("/items", axum::routing::post(create))
                 .route("/bulk", axum::routing::post(bulk))
@@ -328,4 +344,77 @@ fn batches_go_in_one_request_and_a_refused_batch_is_sent_row_by_row() {
     // 1 + the refused batch + 3 single-row requests
     assert_eq!(api.hits.load(Ordering::SeqCst), 5);
     assert_eq!(api.items.lock().unwrap().len(), 4);
+}
+
+#[test]
+fn scripts_look_up_records_through_the_api() {
+    let api = Api::default();
+    let base = serve(api.clone());
+    let f = Fixture::new();
+    let project = format!(
+        r#"
+[connections.src]
+kind = "csv"
+path = "in.csv"
+[connections.api]
+kind = "http"
+base_url = "{base}"
+records = "/data"
+max_retries = 0
+[connections.out]
+kind = "json"
+path = "${{DATA_DIR}}/out.jsonl"
+"#
+    );
+    let job = r#"
+[origin]
+connection = "src"
+[destination]
+connection = "out"
+[[stages]]
+action = "insert"
+fields = [
+  { column = "email", origin = "email" },
+  { column = "id", script = "lookup('api', '/people', 'id', {email: row.email})" },
+  { column = "in_it", script = "lookup('api', 'people', 'email', {email: row.email, country: 'IT'})" },
+  { column = "unowned", script = "lookup('api', '/people', 'Id', {email: row.email, owner: null})" },
+  { column = "gone", script = "row.email === 'x' ? lookup('api', '/gone', 'id', {a: 1}) : ''" },
+]
+"#;
+    f.project("p", &project, &[("j", job)]);
+    f.write(
+        "projects/p/in.csv",
+        "email\nann@x.org\nbob@x.org\nnobody@x.org\nann@x.org\nx\n",
+    );
+    let mut req = request("p", "j");
+    req.logging_level = LogLevel::Low;
+    let r = f.run(&req);
+    assert_eq!(
+        (r.counters.inserts, r.counters.errors),
+        (4, 1),
+        "{:?}",
+        r.jobs[0].log
+    );
+    let out: Vec<Value> = std::fs::read_to_string(f.data.join("out.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let want = json!([
+        {"email": "ann@x.org", "id": 7, "in_it": null, "unowned": 7, "gone": ""},
+        {"email": "bob@x.org", "id": 8, "in_it": "bob@x.org", "unowned": null, "gone": ""},
+        {"email": "nobody@x.org", "id": null, "in_it": null, "unowned": null, "gone": ""},
+        {"email": "ann@x.org", "id": 7, "in_it": null, "unowned": 7, "gone": ""},
+    ]);
+    assert_eq!(Value::Array(out), want);
+    // The repeated row's lookups came from the run's cache: 3 lookups for
+    // each of the 4 distinct emails.
+    assert_eq!(api.hits.load(Ordering::SeqCst), 12);
+    let err = r.jobs[0]
+        .log
+        .iter()
+        .find(|e| e.row == Some(5))
+        .map(|e| e.message.clone())
+        .unwrap_or_default();
+    assert!(err.contains("/gone") && err.contains("500"), "{err}");
 }

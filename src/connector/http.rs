@@ -8,9 +8,11 @@
 //! path: insert is `POST {table}`; update, delete and update/insert address
 //! `{table}/{match value}` with `PATCH`/`DELETE`/`PUT`; skip/insert asks
 //! `GET {table}/{match value}` first. 429 and 5xx answers are retried,
-//! honouring `Retry-After`.
+//! honouring `Retry-After`. Scripts' `lookup()` asks `GET {table}?{criteria}`
+//! and takes the first record (of the first page) that matches them.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::time::Duration;
 
 use reqwest::StatusCode;
@@ -19,7 +21,7 @@ use serde::Deserialize;
 
 use super::{
     ALL_ACTIONS, Capabilities, Connector, ConnectorError, Destination, DestinationRequest, Flow,
-    Origin, OriginInput, OriginRequest, RowAction, RowRead, StagePlan, WriteResult,
+    Lookup, Origin, OriginInput, OriginRequest, RowAction, RowRead, StagePlan, WriteResult,
 };
 use crate::project::StageAction;
 use crate::project::template::{Part, Template, Token};
@@ -249,6 +251,13 @@ impl Connector for HttpConfig {
         }))
     }
 
+    fn open_lookup(&self, _base_dir: &Path) -> Result<Box<dyn Lookup>, ConnectorError> {
+        Ok(Box::new(HttpLookup {
+            config: self.clone(),
+            client: self.client()?,
+        }))
+    }
+
     fn open_destination(
         &self,
         req: &DestinationRequest,
@@ -268,6 +277,84 @@ impl Connector for HttpConfig {
             stages: req.stages.to_vec(),
             preview: req.preview,
         }))
+    }
+}
+
+/// Answers `lookup(connection, path, field, criteria)` with
+/// `GET {path}?{criteria}`. The API is trusted to filter, but the records are
+/// checked against the criteria again, since an API may ignore a parameter it
+/// does not know; only the first page is read.
+struct HttpLookup {
+    config: HttpConfig,
+    client: Client,
+}
+
+/// A record's `field`, by exact name or else ignoring case.
+fn field_of<'a>(
+    record: &'a serde_json::Map<String, serde_json::Value>,
+    field: &str,
+) -> Option<&'a serde_json::Value> {
+    record.get(field).or_else(|| {
+        record
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(field))
+            .map(|(_, v)| v)
+    })
+}
+
+impl Lookup for HttpLookup {
+    fn find(
+        &mut self,
+        table: &str,
+        field: &str,
+        criteria: &[(String, Value)],
+    ) -> Result<Option<Value>, ConnectorError> {
+        let mut url = self.config.url(table);
+        for (k, v) in criteria.iter().filter(|(_, v)| !v.is_null()) {
+            url = with_param(&url, k, &v.to_text());
+        }
+        let resp = self
+            .config
+            .send(&|| self.client.get(&url))
+            .map_err(|e| ConnectorError::Io(format!("lookup GET {url}: {e}")))?;
+        let status = resp.status();
+        if status == StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        if !status.is_success() {
+            let body = resp.text().unwrap_or_default();
+            return Err(ConnectorError::Io(format!(
+                "lookup GET {url}: HTTP {status}: {}",
+                body.chars().take(200).collect::<String>()
+            )));
+        }
+        let answer: serde_json::Value = resp.json().map_err(|e| {
+            ConnectorError::Io(format!("lookup GET {url}: the answer is not JSON: {e}"))
+        })?;
+        let records = match pointer(&answer, &self.config.records) {
+            Some(serde_json::Value::Array(a)) => a.iter().collect(),
+            Some(one @ serde_json::Value::Object(_)) => vec![one],
+            _ => Vec::new(),
+        };
+        let matches = |r: &serde_json::Map<String, serde_json::Value>| {
+            criteria.iter().all(|(k, want)| {
+                let got = field_of(r, k).cloned().map(Value::from_json);
+                match got {
+                    None | Some(Value::Null) => want.is_null(),
+                    Some(got) => !want.is_null() && got.to_text() == want.to_text(),
+                }
+            })
+        };
+        Ok(records
+            .into_iter()
+            .filter_map(serde_json::Value::as_object)
+            .find(|r| matches(r))
+            .map(|r| {
+                field_of(r, field)
+                    .cloned()
+                    .map(Value::from_json)
+                    .unwrap_or(Value::Null)
+            }))
     }
 }
 
