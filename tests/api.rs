@@ -555,6 +555,32 @@ fn user(name: &str, password: &str, grants: &[(&str, Role)]) -> UserRecord {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_stops_working_when_it_expires_even_just_after_use() {
+    let users = vec![user("ann", "ann-secret-1", &[("default", Role::Owner)])];
+    let a = api_with(|c| c.token_lifetime_secs = 1, users, false).await;
+    let tok = a
+        .call(
+            "POST",
+            "/token",
+            &[("content-type", "application/x-www-form-urlencoded")],
+            "grant_type=password&username=ann&password=ann-secret-1",
+        )
+        .await
+        .json();
+    let bearer = format!("Bearer {}", tok["access_token"].as_str().unwrap());
+    let ann = [("authorization", bearer.as_str())];
+    // Used (and so remembered) while valid...
+    for _ in 0..2 {
+        let r = a.call("GET", "/v1/Projects", &ann, Body::empty()).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    }
+    // ...and refused once its second is up, though it was just used.
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let r = a.call("GET", "/v1/Projects", &ann, Body::empty()).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_keys_roles_and_instance_isolation() {
     let users = vec![
         user("ann", "ann-secret-1", &[("default", Role::Owner)]),

@@ -45,6 +45,8 @@ pub struct Service {
     pub config: ServerConfig,
     /// No users: every caller is the owner of every instance.
     pub open: bool,
+    /// Credentials that checked out recently.
+    pub credentials: crate::api::auth::CredentialCache,
     projects: RwLock<Arc<LoadOutcome>>,
     queued: AtomicU64,
     work: Notify,
@@ -75,6 +77,7 @@ impl Service {
             store,
             config,
             open,
+            credentials: Default::default(),
             projects: RwLock::new(projects),
             queued: AtomicU64::new(0),
             work: Notify::new(),

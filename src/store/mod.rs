@@ -238,10 +238,11 @@ pub trait Store: Send + Sync + 'static {
         user: &str,
         expires: DateTime<FixedOffset>,
     ) -> Result<(), StoreError>;
-    /// The user a bearer token (its SHA-256) belongs to, if it has not expired.
+    /// The user a bearer token (its SHA-256) belongs to and when the token
+    /// expires, if it has not.
     async fn token_user(
         &self,
         token_hash: &str,
         now: DateTime<FixedOffset>,
-    ) -> Result<Option<String>, StoreError>;
+    ) -> Result<Option<(String, DateTime<FixedOffset>)>, StoreError>;
 }

@@ -624,7 +624,7 @@ impl Store for SqliteStore {
         &self,
         token_hash: &str,
         now: DateTime<FixedOffset>,
-    ) -> Result<Option<String>, StoreError> {
+    ) -> Result<Option<(String, DateTime<FixedOffset>)>, StoreError> {
         let h = token_hash.to_owned();
         self.read(move |c| {
             let row: Option<(String, String)> = c
@@ -634,7 +634,10 @@ impl Store for SqliteStore {
                     |r| Ok((r.get(0)?, r.get(1)?)),
                 )
                 .optional()?;
-            Ok(row.and_then(|(u, exp)| (parse_time(&exp) > now).then_some(u)))
+            Ok(row.and_then(|(u, exp)| {
+                let exp = parse_time(&exp);
+                (exp > now).then_some((u, exp))
+            }))
         })
         .await
     }
