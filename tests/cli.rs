@@ -152,3 +152,74 @@ fn validate_reports_problems_with_lines_and_exits_one() {
     assert!(out.status.success(), "{}", text(&out.stdout));
     assert!(text(&out.stdout).starts_with("ok: 1 project(s), 2 job(s)"));
 }
+
+#[test]
+fn keys_are_listed_revoked_and_go_with_their_user() {
+    let f = with_demo();
+    let data = f.data.to_str().unwrap().to_owned();
+    let run = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend(["--data-dir", &data]);
+        let mut c = Command::new(env!("CARGO_BIN_EXE_tidepool"));
+        c.args(&all)
+            .current_dir(&f.root)
+            .env("TIDEPOOL_PASSWORD", "long-enough-1");
+        c.output().unwrap()
+    };
+    for u in ["ann", "bob"] {
+        assert!(
+            run(&["user", "add", u, "--instance", "default:Full"])
+                .status
+                .success()
+        );
+    }
+    let key = |u: &str, label: &str| {
+        let o = run(&["key", "create", u, "--label", label]);
+        assert!(o.status.success(), "{}", text(&o.stderr));
+        text(&o.stdout).trim().to_owned()
+    };
+    let (k1, k2, k3) = (key("ann", "crm"), key("ann", "erp"), key("bob", "ci"));
+    let listed = |want: usize| {
+        let o = run(&["key", "list"]);
+        let out = text(&o.stdout);
+        assert_eq!(out.lines().count(), want + 1, "{out}");
+        assert!(!out.contains("tpk_"), "keys are never shown again: {out}");
+        out
+    };
+    let out = listed(3);
+    assert!(
+        out.contains("ann") && out.contains("crm") && out.contains("ci"),
+        "{out}"
+    );
+    // Revoke by the key itself, then by the ID the list prints.
+    assert!(run(&["key", "revoke", &k1]).status.success());
+    let out = listed(2);
+    let erp_id = out
+        .lines()
+        .find(|l| l.ends_with("erp"))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap()
+        .to_owned();
+    let o = run(&["key", "revoke", &erp_id[..4]]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(text(&o.stderr).contains("at least 8 characters"));
+    assert!(run(&["key", "revoke", &erp_id]).status.success());
+    let o = run(&["key", "revoke", &k2]);
+    assert_eq!(o.status.code(), Some(2), "revoked twice");
+    listed(1);
+    // Removing a user takes its keys along.
+    assert!(run(&["user", "remove", "bob"]).status.success());
+    listed(0);
+    let o = run(&["key", "revoke", &k3]);
+    assert!(
+        text(&o.stderr).contains("no such API key"),
+        "{}",
+        text(&o.stderr)
+    );
+    let o = run(&["user", "remove", "bob"]);
+    assert!(
+        text(&o.stderr).contains("no user \"bob\""),
+        "{}",
+        text(&o.stderr)
+    );
+}

@@ -40,12 +40,18 @@ enum Command {
 enum UserCommand {
     /// Add (or replace) a user; the password is read from TIDEPOOL_PASSWORD or standard input.
     Add(serve::UserAddArgs),
+    /// Remove a user, with its API keys and tokens.
+    Remove(serve::UserRemoveArgs),
 }
 
 #[derive(Subcommand)]
 enum KeyCommand {
     /// Create an API key for a user and print it once.
     Create(serve::KeyCreateArgs),
+    /// List the API keys: ID (the start of the key's hash), user, label.
+    List(serve::KeyListArgs),
+    /// Revoke an API key, by the ID `key list` prints or by the key itself.
+    Revoke(serve::KeyRevokeArgs),
 }
 
 #[derive(Args)]
@@ -115,7 +121,10 @@ pub fn main() -> ExitCode {
         Command::Validate(args) => validate(args),
         Command::Serve(args) => serve::serve(args),
         Command::User(UserCommand::Add(args)) => serve::user_add(args),
+        Command::User(UserCommand::Remove(args)) => serve::user_remove(args),
         Command::Key(KeyCommand::Create(args)) => serve::key_create(args),
+        Command::Key(KeyCommand::List(args)) => serve::key_list(args),
+        Command::Key(KeyCommand::Revoke(args)) => serve::key_revoke(args),
     };
     match result {
         Ok(code) => code,

@@ -102,6 +102,31 @@ pub struct KeyCreateArgs {
     cfg: ConfigArgs,
 }
 
+#[derive(Args)]
+pub struct UserRemoveArgs {
+    /// The user name.
+    name: String,
+    #[command(flatten)]
+    cfg: ConfigArgs,
+}
+
+#[derive(Args)]
+pub struct KeyListArgs {
+    #[command(flatten)]
+    cfg: ConfigArgs,
+}
+
+#[derive(Args)]
+pub struct KeyRevokeArgs {
+    /// The key's ID as `tidepool key list` prints it, or the key itself.
+    key: String,
+    #[command(flatten)]
+    cfg: ConfigArgs,
+}
+
+/// How `key list` shows a key: the start of its hash (the key is never kept).
+const KEY_ID_LEN: usize = 12;
+
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -249,5 +274,73 @@ pub fn key_create(args: KeyCreateArgs) -> anyhow::Result<ExitCode> {
     rt.block_on(store.put_api_key(&api::auth::digest(&key), &args.user, &args.label))?;
     println!("{key}");
     eprintln!("this key is shown once; send it as X-API-Key: <key>");
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn user_remove(args: UserRemoveArgs) -> anyhow::Result<ExitCode> {
+    let (_, store) = args.cfg.open_store()?;
+    if !runtime()?.block_on(store.remove_user(&args.name))? {
+        bail!("no user {:?}", args.name);
+    }
+    println!(
+        "user {} removed, with its API keys and tokens (a running server stops accepting them within 5 s)",
+        args.name
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn key_list(args: KeyListArgs) -> anyhow::Result<ExitCode> {
+    let (_, store) = args.cfg.open_store()?;
+    let keys = runtime()?.block_on(store.api_keys())?;
+    println!("{:<KEY_ID_LEN$}  {:<20}  label", "id", "user");
+    for k in keys {
+        println!(
+            "{:<KEY_ID_LEN$}  {:<20}  {}",
+            &k.key_hash[..KEY_ID_LEN.min(k.key_hash.len())],
+            k.user,
+            k.label
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn key_revoke(args: KeyRevokeArgs) -> anyhow::Result<ExitCode> {
+    let (_, store) = args.cfg.open_store()?;
+    let rt = runtime()?;
+    let hash = if args.key.starts_with("tpk_") {
+        api::auth::digest(&args.key)
+    } else {
+        let id = args.key.to_ascii_lowercase();
+        if id.len() < 8 {
+            bail!(
+                "give at least 8 characters of the key's ID (see `tidepool key list`), or the key itself"
+            );
+        }
+        let found: Vec<String> = rt
+            .block_on(store.api_keys())?
+            .into_iter()
+            .map(|k| k.key_hash)
+            .filter(|h| h.starts_with(&id))
+            .collect();
+        match found.as_slice() {
+            [one] => one.clone(),
+            [] => bail!(
+                "no API key has the ID {:?} (see `tidepool key list`)",
+                args.key
+            ),
+            _ => bail!(
+                "{} keys start with {:?}: give more of the ID",
+                found.len(),
+                args.key
+            ),
+        }
+    };
+    if !rt.block_on(store.remove_api_key(&hash))? {
+        bail!("no such API key (see `tidepool key list`)");
+    }
+    println!(
+        "key {} revoked (a running server stops accepting it within 5 s)",
+        &hash[..KEY_ID_LEN]
+    );
     Ok(ExitCode::SUCCESS)
 }

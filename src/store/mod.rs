@@ -164,6 +164,17 @@ impl std::str::FromStr for Role {
     }
 }
 
+/// An API key as stored: its hash, never the key.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiKeyRecord {
+    /// SHA-256 of the key, hex.
+    pub key_hash: String,
+    /// The user it acts as.
+    pub user: String,
+    /// What its creator called it.
+    pub label: String,
+}
+
 /// A user and the instances it holds roles in.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct UserRecord {
@@ -231,6 +242,12 @@ pub trait Store: Send + Sync + 'static {
     async fn put_api_key(&self, key_hash: &str, user: &str, label: &str) -> Result<(), StoreError>;
     /// The user an API key (its SHA-256) belongs to.
     async fn api_key_user(&self, key_hash: &str) -> Result<Option<String>, StoreError>;
+    /// Every API key (hashes only), by user and label.
+    async fn api_keys(&self) -> Result<Vec<ApiKeyRecord>, StoreError>;
+    /// Removes an API key; whether it existed.
+    async fn remove_api_key(&self, key_hash: &str) -> Result<bool, StoreError>;
+    /// Removes a user with its API keys and tokens; whether it existed.
+    async fn remove_user(&self, name: &str) -> Result<bool, StoreError>;
     /// Stores a bearer token (its SHA-256) for a user until `expires`.
     async fn put_token(
         &self,

@@ -13,8 +13,8 @@ use chrono::{DateTime, FixedOffset};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 
 use super::{
-    NewRun, Role, RunEnd, RunKey, RunRecord, Store, StoreError, Submitted, UserRecord,
-    WebhookAttempt, WebhookDue, WebhookNext,
+    ApiKeyRecord, NewRun, Role, RunEnd, RunKey, RunRecord, Store, StoreError, Submitted,
+    UserRecord, WebhookAttempt, WebhookDue, WebhookNext,
 };
 use crate::engine::RunStatus;
 
@@ -588,6 +588,37 @@ impl Store for SqliteStore {
                 params![h, u, l],
             )?;
             Ok(())
+        })
+        .await
+    }
+
+    async fn api_keys(&self) -> Result<Vec<ApiKeyRecord>, StoreError> {
+        self.read(|c| {
+            c.prepare("SELECT key_hash, user, label FROM api_keys ORDER BY user, label")?
+                .query_map([], |r| {
+                    Ok(ApiKeyRecord {
+                        key_hash: r.get(0)?,
+                        user: r.get(1)?,
+                        label: r.get(2)?,
+                    })
+                })?
+                .collect()
+        })
+        .await
+    }
+
+    async fn remove_api_key(&self, key_hash: &str) -> Result<bool, StoreError> {
+        let h = key_hash.to_owned();
+        self.write(move |c| Ok(c.execute("DELETE FROM api_keys WHERE key_hash = ?1", [h])? > 0))
+            .await
+    }
+
+    async fn remove_user(&self, name: &str) -> Result<bool, StoreError> {
+        let n = name.to_owned();
+        self.write(move |c| {
+            c.execute("DELETE FROM api_keys WHERE user = ?1", [&n])?;
+            c.execute("DELETE FROM tokens WHERE user = ?1", [&n])?;
+            Ok(c.execute("DELETE FROM users WHERE name = ?1", [&n])? > 0)
         })
         .await
     }
