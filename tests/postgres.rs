@@ -528,6 +528,55 @@ fn upserts_switching_between_changed_and_unchanged_stretches_stay_exact() {
 }
 
 #[test]
+fn new_rows_that_break_another_key_or_a_type_cost_only_their_row() {
+    // New rows first go in as one COPY; one that breaks the email key or
+    // does not fit a column sends the batch the long way, row by row.
+    let mut s = Schema::new();
+    s.exec(
+        "CREATE TABLE S.people(id integer PRIMARY KEY, name text, email text UNIQUE, age integer);
+         INSERT INTO S.people VALUES (1, 'Ann', 'ann@x', 30);",
+    );
+    let job = format!(
+        "[origin]\nconnection = \"src\"\n[destination]\nconnection = \"pg\"\n[[stages]]\ntable = \"{}.people\"\naction = \"update/insert\"\nfields = [{{ column = \"id\", origin = \"id\", match = true }}, {{ column = \"name\", origin = \"name\" }}, {{ column = \"email\", origin = \"email\" }}, {{ column = \"age\", origin = \"age\" }}]\n",
+        s.name
+    );
+    let f = Fixture::new();
+    f.project("p", &project(&s), &[("j", &job)]);
+    f.write(
+        "projects/p/in.csv",
+        "id,name,email,age\n2,Bob,bob@x,40\n3,Cy,ann@x,50\n4,Dan,dan@x,abc\n1,Ann2,ann@x,31\n",
+    );
+    let mut req = request("p", "j");
+    req.logging_level = LogLevel::Low;
+    let r = f.run(&req);
+    let c = r.counters;
+    assert_eq!(
+        (c.inserts, c.updates, c.errors),
+        (1, 1, 2),
+        "{:?}",
+        r.jobs[0].log
+    );
+    let errs: Vec<&str> = r.jobs[0]
+        .log
+        .iter()
+        .filter(|e| e.row.is_some())
+        .map(|e| e.message.as_str())
+        .collect();
+    assert!(
+        errs[0].contains("row 2") && errs[0].contains("people_email_key"),
+        "{errs:?}"
+    );
+    assert!(
+        errs[1].contains("row 3") && errs[1].contains("integer"),
+        "{errs:?}"
+    );
+    assert_eq!(
+        s.rows("SELECT * FROM S.people ORDER BY id"),
+        ["1|Ann2|ann@x|31", "2|Bob|bob@x|40"]
+    );
+}
+
+#[test]
 fn scripts_look_up_values_with_typed_criteria() {
     let mut s = Schema::new();
     people(&mut s);

@@ -10,7 +10,10 @@
 //! its column fails the batch, which the engine then replays row by row.
 //! An update whose values equal the row's (as text) still counts as an update
 //! but is not rewritten when the table has nothing (trigger, rule, policy,
-//! child, publication) that would see the difference.
+//! child, publication) that would see the difference. Where a unique index
+//! is exactly the match columns, an upsert batch after one that matched
+//! nothing is first tried as a plain `COPY` (in a savepoint; a broken key
+//! means something matched, and the batch goes the full way).
 
 use std::fmt::Write as _;
 use std::io::Write as _;
@@ -389,6 +392,12 @@ struct StageSql {
     mostly_changed: bool,
     /// Batches written whole since the last comparison.
     uncompared: u32,
+    /// A unique index (not partial, no expressions) is exactly the match
+    /// columns: a batch that breaks none of its keys matched no row.
+    unique_on_match: bool,
+    /// The last batch matched no row: the next is first tried as a plain
+    /// `COPY` (an upsert into an empty table runs as fast as an insert).
+    expect_new: bool,
 }
 
 /// How often a stage whose rows mostly change compares a batch again.
@@ -449,6 +458,24 @@ impl StageSql {
             .matches
             .iter()
             .any(|&i| leading.iter().any(|l| *l == columns[i].name));
+        let mut match_names: Vec<&str> = sets
+            .matches
+            .iter()
+            .map(|&i| columns[i].name.as_str())
+            .collect();
+        match_names.sort_unstable();
+        let unique_on_match = client
+            .query(
+                "SELECT array_agg(a.attname::text ORDER BY a.attname::text) FROM pg_index i
+                 JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)
+                 WHERE i.indrelid = $1::text::regclass AND i.indisunique
+                   AND i.indpred IS NULL AND i.indexprs IS NULL
+                 GROUP BY i.indexrelid",
+                &[&qualified],
+            )
+            .map_err(to_connector_error)?
+            .iter()
+            .any(|r| r.get::<_, Vec<String>>(0) == match_names);
         // PostgreSQL writes a new row version for an update that changes
         // nothing (MariaDB does not): that is most of a re-sync's cost, so it
         // is left out where no trigger, rule, policy, child table or
@@ -472,6 +499,8 @@ impl StageSql {
             quiet,
             mostly_changed: false,
             uncompared: 0,
+            unique_on_match,
+            expect_new: true,
             plan: plan.clone(),
             table: qualified,
             staging: format!("tidepool_stage_{index}"),
@@ -760,6 +789,26 @@ impl PostgresDestination {
             self.copy_into_table(st, rows.iter().copied())?;
             return Ok(vec![RowAction::Insert; n]);
         }
+        let inserts_new = matches!(action, StageAction::UpdateInsert | StageAction::SkipInsert);
+        if inserts_new && self.stages[st].unique_on_match && self.stages[st].expect_new {
+            // Most likely nothing matches: try the batch as a plain COPY; a
+            // broken key means something did, and the batch takes the full path.
+            self.client.batch_execute("SAVEPOINT tidepool_new")?;
+            match self.copy_into_table(st, rows.iter().copied()) {
+                Ok(()) => {
+                    self.client
+                        .batch_execute("RELEASE SAVEPOINT tidepool_new")?;
+                    return Ok(vec![RowAction::Insert; n]);
+                }
+                Err(e) if e.code() == Some(&postgres::error::SqlState::UNIQUE_VIOLATION) => {
+                    self.client.batch_execute(
+                        "ROLLBACK TO SAVEPOINT tidepool_new; RELEASE SAVEPOINT tidepool_new",
+                    )?;
+                    self.stages[st].expect_new = false;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
         self.stage_rows(st, rows)?;
         let mut out: Vec<Option<RowAction>> = vec![None; n];
         let s = &self.stages[st];
@@ -851,6 +900,7 @@ impl PostgresDestination {
                 .filter(|(_, a)| a.is_none())
                 .map(|(i, _)| i as i32)
                 .collect();
+            self.stages[st].expect_new = missing.len() == n;
             if !missing.is_empty() {
                 if self.stages[st].indexed {
                     // The rows that matched nothing go straight in by COPY, with
