@@ -302,7 +302,7 @@ fn a_connection_killed_mid_run_is_retried_and_nothing_is_lost() {
         .replace("[origin]", "batch_size = 50\nretry_wait_ms = 100\n[origin]");
     f.project("p", &project(&db), &[("j", &job)]);
     let mut csv = String::from("id,name,city\n");
-    for i in 1..=40_000 {
+    for i in 1..=200_000 {
         csv.push_str(&format!("{i},n{i},c\n"));
     }
     f.write("projects/p/in.csv", &csv);
@@ -341,9 +341,9 @@ fn a_connection_killed_mid_run_is_retried_and_nothing_is_lost() {
     let c = r.counters;
     assert_eq!(
         (c.total_rows, c.inserts + c.updates, c.errors),
-        (40_000, 40_000, 0)
+        (200_000, 200_000, 0)
     );
-    assert_eq!(db.rows("SELECT count(*) FROM people"), ["40000"]);
+    assert_eq!(db.rows("SELECT count(*) FROM people"), ["200000"]);
     assert!(killed > 0, "the test did not manage to cut the connection");
     let log: Vec<&str> = r.jobs[0].log.iter().map(|e| e.message.as_str()).collect();
     assert!(
@@ -539,5 +539,36 @@ fn an_origin_cut_mid_stream_fails_the_job_and_counts_only_what_landed() {
     assert!(
         e.contains(&format!("the {landed} rows read before it were processed")),
         "{e}"
+    );
+}
+
+#[test]
+fn upserts_switching_between_new_and_present_stretches_stay_exact() {
+    // New stretches go in as plain inserts; the first batch that meets a
+    // present key falls back to the full path, with nothing written twice.
+    let mut db = Db::new();
+    db.exec(
+        "CREATE TABLE people(id integer PRIMARY KEY, name varchar(50), city varchar(50));
+         INSERT INTO people VALUES (1050, 'old', 'x'), (1051, 'n1051', 'c');",
+    );
+    let mut csv = String::from("id,name,city\n");
+    for i in 1..=2000 {
+        csv.push_str(&format!("{i},n{i},c\n"));
+    }
+    let f = Fixture::new();
+    let job = people_job("update/insert", "").replace("[origin]", "batch_size = 100\n[origin]");
+    f.project("p", &project(&db), &[("j", &job)]);
+    f.write("projects/p/in.csv", &csv);
+    let r = f.run(&request("p", "j"));
+    let c = r.counters;
+    assert_eq!(
+        (c.inserts, c.updates, c.errors),
+        (1998, 2, 0),
+        "{:?}",
+        r.error
+    );
+    assert_eq!(
+        db.rows("SELECT count(*) FROM people WHERE name = concat('n', id) AND city = 'c'"),
+        ["2000"]
     );
 }

@@ -339,7 +339,7 @@ fn a_connection_killed_mid_run_is_retried_and_nothing_is_lost() {
     let proj = project(&s).replace("/test\"", &format!("/test?application_name={app}\""));
     f.project("p", &proj, &[("j", &job)]);
     let mut csv = String::from("id,name,city\n");
-    for i in 1..=60_000 {
+    for i in 1..=200_000 {
         csv.push_str(&format!("{i},n{i},c\n"));
     }
     f.write("projects/p/in.csv", &csv);
@@ -381,9 +381,9 @@ fn a_connection_killed_mid_run_is_retried_and_nothing_is_lost() {
     let c = r.counters;
     assert_eq!(
         (c.total_rows, c.inserts + c.updates, c.errors),
-        (60_000, 60_000, 0)
+        (200_000, 200_000, 0)
     );
-    assert_eq!(s.rows("SELECT count(*) FROM S.people"), ["60000"]);
+    assert_eq!(s.rows("SELECT count(*) FROM S.people"), ["200000"]);
     assert!(killed > 0, "the test did not manage to cut the connection");
     let log: Vec<&str> = r.jobs[0].log.iter().map(|e| e.message.as_str()).collect();
     assert!(

@@ -273,6 +273,9 @@ struct Column {
     blank_is_null: bool,
 }
 
+/// MySQL's "Duplicate entry … for key …".
+const ER_DUP_ENTRY: u16 = 1062;
+
 struct StageSql {
     plan: StagePlan,
     table: String,
@@ -284,6 +287,10 @@ struct StageSql {
     /// A unique key is exactly the match columns: update/insert can write
     /// with one `INSERT … ON DUPLICATE KEY UPDATE`, after a probe of the keys.
     unique_on_match: bool,
+    /// The last one-statement upsert matched no row: the next batch is first
+    /// tried as a plain insert (an upsert into an empty table runs as fast
+    /// as an insert).
+    expect_new: bool,
 }
 
 impl StageSql {
@@ -373,6 +380,7 @@ impl StageSql {
             match_cols: sets.matches,
             columns,
             unique_on_match,
+            expect_new: true,
         })
     }
 
@@ -570,11 +578,51 @@ impl MysqlDestination {
     /// Update/insert in one `INSERT … ON DUPLICATE KEY UPDATE`: a probe of the
     /// batch's keys tells updates from inserts first. (A locking probe would
     /// take gap locks that serialize, and deadlock, parallel writers.)
+    /// Tries the batch as a plain multi-row insert in a savepoint: `true`
+    /// when every row went in (so none matched); `false`, with nothing
+    /// written, when a key was already there.
+    fn insert_all_new(
+        &mut self,
+        st: usize,
+        rows: &[&[Value]],
+    ) -> Result<bool, BatchError<mysql::Error>> {
+        let s = &self.stages[st];
+        let names: Vec<String> = s.insert_cols.iter().map(|&i| s.col(i)).collect();
+        let table = s.table.clone();
+        let mut values = rows
+            .iter()
+            .map(|r| {
+                s.insert_cols
+                    .iter()
+                    .map(|&i| s.param(i, &r[i]))
+                    .collect::<Vec<_>>()
+            })
+            .collect::<Vec<_>>()
+            .into_iter();
+        self.conn.query_drop("SAVEPOINT tidepool_new")?;
+        match insert_rows(&mut self.conn, &table, &names, &mut values) {
+            Ok(()) => {
+                self.conn.query_drop("RELEASE SAVEPOINT tidepool_new")?;
+                Ok(true)
+            }
+            Err(mysql::Error::MySqlError(e)) if e.code == ER_DUP_ENTRY => {
+                self.conn.query_drop("ROLLBACK TO SAVEPOINT tidepool_new")?;
+                self.conn.query_drop("RELEASE SAVEPOINT tidepool_new")?;
+                self.stages[st].expect_new = false;
+                Ok(false)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
     fn upsert_batch(
         &mut self,
         st: usize,
         rows: &[&[Value]],
     ) -> Result<Vec<RowAction>, BatchError<mysql::Error>> {
+        if self.stages[st].expect_new && self.insert_all_new(st, rows)? {
+            return Ok(vec![RowAction::Insert; rows.len()]);
+        }
         let s = &self.stages[st];
         let keys = s.keys_table();
         let mut names = vec!["tidepool_ord".to_owned()];
@@ -590,15 +638,17 @@ impl MysqlDestination {
             .collect();
         let (table, join, tail) = (s.table.clone(), s.join(), s.on_duplicate());
         let insert_names: Vec<String> = s.insert_cols.iter().map(|&i| s.col(i)).collect();
-        let values: Vec<Vec<mysql::Value>> = rows
-            .iter()
-            .map(|r| s.insert_cols.iter().map(|&i| s.param(i, &r[i])).collect())
-            .collect();
         self.conn.query_drop(format!("DELETE FROM {keys}"))?;
         insert_rows(&mut self.conn, &keys, &names, &mut key_rows.into_iter())?;
         let matched = self.ords(format!(
             "SELECT s.tidepool_ord FROM {keys} AS s JOIN {table} AS t ON {join}"
         ))?;
+        self.stages[st].expect_new = matched.is_empty();
+        let s = &self.stages[st];
+        let values: Vec<Vec<mysql::Value>> = rows
+            .iter()
+            .map(|r| s.insert_cols.iter().map(|&i| s.param(i, &r[i])).collect())
+            .collect();
         let mut out = vec![RowAction::Insert; rows.len()];
         for &o in &matched {
             if let Some(a) = out.get_mut(o) {
