@@ -466,7 +466,7 @@ impl StageSql {
         match_names.sort_unstable();
         let unique_on_match = client
             .query(
-                "SELECT array_agg(a.attname::text ORDER BY a.attname::text) FROM pg_index i
+                "SELECT array_agg(a.attname::text ORDER BY a.attname::text COLLATE \"C\") FROM pg_index i
                  JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)
                  WHERE i.indrelid = $1::text::regclass AND i.indisunique
                    AND i.indpred IS NULL AND i.indexprs IS NULL
