@@ -1103,3 +1103,46 @@ fields = [
         .to_rfc3339_opts(chrono::SecondsFormat::Secs, false);
     assert_eq!(got, [format!("run 2|last={start}")]);
 }
+
+#[test]
+fn a_stage_whose_match_field_has_no_index_says_so() {
+    // The rowid, a plain index and a second-column-only index, by match field.
+    let cases = [
+        (
+            "CREATE TABLE people(id INTEGER PRIMARY KEY, name TEXT, city TEXT)",
+            false,
+        ),
+        (
+            "CREATE TABLE people(id int, name TEXT, city TEXT); CREATE INDEX p_id ON people(id)",
+            false,
+        ),
+        (
+            "CREATE TABLE people(id int, name TEXT, city TEXT); CREATE INDEX p_ni ON people(name, id)",
+            true,
+        ),
+        (
+            "CREATE TABLE people(id int PRIMARY KEY, name TEXT, city TEXT)",
+            false,
+        ),
+        ("CREATE TABLE people(id int, name TEXT, city TEXT)", true),
+    ];
+    for (ddl, noted) in cases {
+        let f = Fixture::new();
+        f.project(
+            "p",
+            PEOPLE_PROJECT,
+            &[("j", &people_job("update/insert", ""))],
+        );
+        f.write("projects/p/in.csv", "id,name,city\n1,Ann,Oslo\n");
+        f.db("people.sqlite").execute_batch(ddl).unwrap();
+        let mut req = request("p", "j");
+        req.logging_level = LogLevel::Low;
+        let r = f.run(&req);
+        assert_eq!(r.counters.inserts, 1, "{ddl}: {:?}", r.error);
+        let said = r.jobs[0].log.iter().any(|e| {
+            e.message
+                .contains("destination \"db\": stage \"update/insert people\": no index on \"people\" starts with a match field (id), so finding matches scans")
+        });
+        assert_eq!(said, noted, "{ddl}: {:?}", r.jobs[0].log);
+    }
+}

@@ -179,7 +179,9 @@ fn every_stage_action_counts_exactly() {
             "projects/p/in.csv",
             "id,name,city\n2,Bobby,Rome\n3,Cy,Lima\n4,Dan,Kyiv\n5,Eve,Pisa\n",
         );
-        let r = f.run(&request("p", "j"));
+        let mut req = request("p", "j");
+        req.logging_level = LogLevel::Low;
+        let r = f.run(&req);
         assert_eq!(r.status, RunStatus::Complete, "{action}: {:?}", r.error);
         let c = r.counters;
         assert_eq!(
@@ -187,6 +189,12 @@ fn every_stage_action_counts_exactly() {
             expected,
             "{action} {extra} {key}"
         );
+        // A table with no index on the match field says so in the log.
+        let noted = r.jobs[0].log.iter().any(|e| {
+            e.message
+                .contains("no index on `people` starts with a match field (id)")
+        });
+        assert_eq!(noted, key.is_empty(), "{action} {extra} {key}");
         assert_eq!((c.total_rows, c.errors), (4, 0));
         assert_eq!(
             db.rows("SELECT * FROM people ORDER BY id"),

@@ -406,7 +406,18 @@ fn upsert_without_a_unique_index_takes_the_general_path() {
         "projects/p/in.csv",
         "id,name,city\n2,Bobby,Rome\n3,Cy,Lima\n4,Dan,Kyiv\n",
     );
-    let r = f.run(&request("p", "j"));
+    let mut req = request("p", "j");
+    req.logging_level = LogLevel::Low;
+    let r = f.run(&req);
+    let note = format!(
+        "no index on {}.people starts with a match field (id)",
+        s.name
+    );
+    assert!(
+        r.jobs[0].log.iter().any(|e| e.message.contains(&note)),
+        "{:?}",
+        r.jobs[0].log
+    );
     let c = r.counters;
     assert_eq!(
         (c.inserts, c.updates, c.skips, c.errors),

@@ -254,6 +254,12 @@ pub trait Destination: Send {
     fn rollback(&mut self) -> Result<(), ConnectorError>;
     /// Ends the run: flush files, close connections; in preview, discard everything.
     fn finish(self: Box<Self>) -> Result<(), ConnectorError>;
+    /// What the user should know about how the stages will be written (a
+    /// missing index that makes every batch scan the table, …); logged once
+    /// per run.
+    fn notes(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// A connector kind.
@@ -587,6 +593,14 @@ pub(crate) trait SavepointWriter {
             }
         }
     }
+}
+
+/// The note of a stage whose match fields no index starts with.
+pub(crate) fn unindexed_note(stage: &str, table: &str, match_cols: &[&str]) -> String {
+    format!(
+        "stage {stage:?}: no index on {table} starts with a match field ({}), so finding matches scans the whole table (per batch, or per row); an index on them makes the stage much faster",
+        match_cols.join(", ")
+    )
 }
 
 /// Which plan columns an insert writes, an update sets, and the WHERE matches.

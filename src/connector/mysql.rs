@@ -21,7 +21,7 @@ use serde::Deserialize;
 use super::{
     ALL_ACTIONS, BatchError, Capabilities, ColumnSets, Connector, ConnectorError, Destination,
     DestinationRequest, Flow, Origin, OriginInput, OriginRequest, RowAction, RowRead,
-    SavepointWriter, StagePlan, WriteResult, bind_tokens, find_columns, redact_url,
+    SavepointWriter, StagePlan, WriteResult, bind_tokens, find_columns, redact_url, unindexed_note,
 };
 use crate::project::StageAction;
 use crate::value::{Row, Value};
@@ -287,6 +287,9 @@ struct StageSql {
     /// A unique key is exactly the match columns: update/insert can write
     /// with one `INSERT … ON DUPLICATE KEY UPDATE`, after a probe of the keys.
     unique_on_match: bool,
+    /// An index starts with a match column (without one, every batch's
+    /// join scans the table).
+    indexed: bool,
     /// The last one-statement upsert matched no row: the next batch is first
     /// tried as a plain insert (an upsert into an empty table runs as fast
     /// as an insert).
@@ -371,7 +374,20 @@ impl StageSql {
             && keys
                 .iter()
                 .all(|k| *k == match_names || k.iter().any(|c| !written.contains(c)));
+        let sql = format!(
+            "SELECT COLUMN_NAME FROM information_schema.STATISTICS
+             WHERE TABLE_SCHEMA = {schema_sql} AND TABLE_NAME = ? AND SEQ_IN_INDEX = 1"
+        );
+        let params: Vec<mysql::Value> = match &name.0 {
+            Some(db) => vec![db.as_str().into(), name.1.as_str().into()],
+            None => vec![name.1.as_str().into()],
+        };
+        let leading: Vec<String> = conn.exec(sql, params).map_err(to_connector_error)?;
+        let indexed = leading
+            .iter()
+            .any(|l| match_names.contains(&l.to_ascii_lowercase()));
         Ok(StageSql {
+            indexed,
             plan: plan.clone(),
             table: quote_table(&table),
             staging: format!("tidepool_stage_{index}"),
@@ -861,6 +877,21 @@ impl Destination for MysqlDestination {
 
     fn rollback(&mut self) -> Result<(), ConnectorError> {
         self.rollback_batch()
+    }
+
+    fn notes(&self) -> Vec<String> {
+        self.stages
+            .iter()
+            .filter(|s| s.plan.action != StageAction::Insert && !s.indexed)
+            .map(|s| {
+                let cols: Vec<&str> = s
+                    .match_cols
+                    .iter()
+                    .map(|&i| s.columns[i].name.as_str())
+                    .collect();
+                unindexed_note(&s.plan.name, &s.table, &cols)
+            })
+            .collect()
     }
 
     fn finish(self: Box<Self>) -> Result<(), ConnectorError> {

@@ -27,7 +27,7 @@ use serde::Deserialize;
 use super::{
     ALL_ACTIONS, BatchError, Capabilities, ColumnSets, Connector, ConnectorError, Destination,
     DestinationRequest, Flow, Origin, OriginInput, OriginRequest, RowAction, RowRead,
-    SavepointWriter, StagePlan, WriteResult, bind_tokens, find_columns, redact_url,
+    SavepointWriter, StagePlan, WriteResult, bind_tokens, find_columns, redact_url, unindexed_note,
 };
 use crate::project::StageAction;
 use crate::value::{Row, Value};
@@ -988,6 +988,21 @@ impl Destination for PostgresDestination {
 
     fn rollback(&mut self) -> Result<(), ConnectorError> {
         self.rollback_batch()
+    }
+
+    fn notes(&self) -> Vec<String> {
+        self.stages
+            .iter()
+            .filter(|s| s.plan.action != StageAction::Insert && !s.indexed)
+            .map(|s| {
+                let cols: Vec<&str> = s
+                    .match_cols
+                    .iter()
+                    .map(|&i| s.columns[i].name.as_str())
+                    .collect();
+                unindexed_note(&s.plan.name, &s.table, &cols)
+            })
+            .collect()
     }
 
     fn finish(self: Box<Self>) -> Result<(), ConnectorError> {

@@ -11,7 +11,7 @@ use serde::Deserialize;
 use super::{
     ALL_ACTIONS, Capabilities, ColumnSets, Connector, ConnectorError, Destination,
     DestinationRequest, Flow, Origin, OriginInput, OriginRequest, RowAction, RowRead, StagePlan,
-    WriteResult, bind_tokens, find_columns, resolve_path,
+    WriteResult, bind_tokens, find_columns, resolve_path, unindexed_note,
 };
 use crate::project::StageAction;
 use crate::value::{Row, Value};
@@ -351,6 +351,9 @@ struct StageSql {
     insert_cols: Vec<usize>,
     set_cols: Vec<usize>,
     match_cols: Vec<usize>,
+    /// An index (or the rowid) starts with a match column; without one each
+    /// row's lookup scans the table.
+    indexed: bool,
 }
 
 impl StageSql {
@@ -374,7 +377,7 @@ impl StageSql {
                 plan.name
             )));
         }
-        let columns = find_columns(&existing, plan, &table)?
+        let columns: Vec<Column> = find_columns(&existing, plan, &table)?
             .into_iter()
             .map(|(name, declared)| Column {
                 name: name.clone(),
@@ -383,7 +386,29 @@ impl StageSql {
             })
             .collect();
         let sets = ColumnSets::of(plan);
+        // The first column of each index, and the INTEGER PRIMARY KEY, which
+        // is the rowid and in no index list.
+        let leading: Vec<String> = conn
+            .prepare(
+                "SELECT ii.name FROM pragma_index_list(?1) AS il, pragma_index_info(il.name) AS ii
+                 WHERE ii.seqno = 0
+                 UNION ALL
+                 SELECT name FROM pragma_table_info(?1)
+                 WHERE pk = 1 AND upper(type) = 'INTEGER'
+                   AND (SELECT count(*) FROM pragma_table_info(?1) WHERE pk > 0) = 1",
+            )
+            .and_then(|mut stmt| {
+                stmt.query_map([&table], |r| r.get(0))
+                    .and_then(|rows| rows.collect())
+            })
+            .map_err(ConnectorError::io)?;
+        let indexed = sets.matches.iter().any(|&i: &usize| {
+            leading
+                .iter()
+                .any(|l| l.eq_ignore_ascii_case(&columns[i].name))
+        });
         Ok(StageSql {
+            indexed,
             table: quote_ident(&table),
             insert_cols: sets.insert,
             set_cols: sets.set,
@@ -730,6 +755,21 @@ impl Destination for SqliteDestination {
         } else {
             Ok(())
         }
+    }
+
+    fn notes(&self) -> Vec<String> {
+        self.stages
+            .iter()
+            .filter(|s| s.plan.action != StageAction::Insert && !s.indexed)
+            .map(|s| {
+                let cols: Vec<&str> = s
+                    .match_cols
+                    .iter()
+                    .map(|&i| s.columns[i].name.as_str())
+                    .collect();
+                unindexed_note(&s.plan.name, &s.table, &cols)
+            })
+            .collect()
     }
 
     fn finish(self: Box<Self>) -> Result<(), ConnectorError> {

@@ -975,7 +975,17 @@ fn execute(
             })
         });
         match w {
-            Ok(w) => writers.push(w),
+            Ok(w) => {
+                if writers.is_empty() {
+                    let (dest, back) = (w.dest.as_deref(), w.back.as_deref());
+                    for (d, name) in [(dest, &dest_name), (back, &back_name)] {
+                        for note in d.map(|d| d.notes()).unwrap_or_default() {
+                            log.push(LogLevel::Low, None, format!("{name}: {note}"));
+                        }
+                    }
+                }
+                writers.push(w)
+            }
             Err(e) => {
                 for w in writers {
                     let _ = w.finish();
