@@ -595,12 +595,23 @@ pub(crate) trait SavepointWriter {
     }
 }
 
-/// The note of a stage whose match fields no index starts with.
-pub(crate) fn unindexed_note(stage: &str, table: &str, match_cols: &[&str]) -> String {
-    format!(
-        "stage {stage:?}: no index on {table} starts with a match field ({}), so finding matches scans the whole table (per batch, or per row); an index on them makes the stage much faster",
-        match_cols.join(", ")
-    )
+/// The note for a stage that finds matches (not an insert) when no index
+/// on `table` starts with one of its match fields.
+pub(crate) fn unindexed_note(plan: &StagePlan, table: &str, indexed: bool) -> Option<String> {
+    if plan.action == StageAction::Insert || indexed {
+        return None;
+    }
+    let cols: Vec<&str> = plan
+        .columns
+        .iter()
+        .filter(|c| c.is_match)
+        .map(|c| c.name.as_str())
+        .collect();
+    Some(format!(
+        "stage {:?}: no index on {table} starts with a match field ({}), so finding matches scans the whole table (per batch, or per row); an index on them makes the stage much faster",
+        plan.name,
+        cols.join(", ")
+    ))
 }
 
 /// Which plan columns an insert writes, an update sets, and the WHERE matches.

@@ -993,15 +993,7 @@ impl Destination for PostgresDestination {
     fn notes(&self) -> Vec<String> {
         self.stages
             .iter()
-            .filter(|s| s.plan.action != StageAction::Insert && !s.indexed)
-            .map(|s| {
-                let cols: Vec<&str> = s
-                    .match_cols
-                    .iter()
-                    .map(|&i| s.columns[i].name.as_str())
-                    .collect();
-                unindexed_note(&s.plan.name, &s.table, &cols)
-            })
+            .filter_map(|s| unindexed_note(&s.plan, &s.table, s.indexed))
             .collect()
     }
 
