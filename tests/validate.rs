@@ -42,7 +42,11 @@ fn a_good_project_loads_and_its_connections_check_out() {
     assert!(loaded.problems.is_empty(), "{:?}", loaded.problems);
     let p = loaded.project("p").unwrap();
     assert_eq!(p.jobs.len(), 1);
-    assert!(engine::check_connections(p).is_empty());
+    let check = engine::check_connections(p);
+    assert!(
+        check.problems.is_empty() && check.notes.is_empty(),
+        "{check:?}"
+    );
     // Checking created nothing.
     assert!(!f.data.join("t.sqlite").exists());
 }
@@ -168,6 +172,7 @@ fn connection_checks_find_missing_fields_files_and_columns() {
     let loaded = f.load();
     assert!(loaded.problems.is_empty());
     let m: Vec<String> = engine::check_connections(loaded.project("p").unwrap())
+        .problems
         .iter()
         .map(|p| p.to_string())
         .collect();
@@ -185,7 +190,7 @@ fn connection_checks_find_missing_fields_files_and_columns() {
     );
 
     std::fs::remove_file(f.projects.join("p/in.csv")).unwrap();
-    let m = engine::check_connections(f.load().project("p").unwrap());
+    let m = engine::check_connections(f.load().project("p").unwrap()).problems;
     assert!(m[0].to_string().contains("cannot open csv file"), "{m:?}");
 }
 
@@ -202,5 +207,22 @@ fn one_broken_project_does_not_stop_the_others() {
         loaded.problems[0]
             .to_string()
             .contains("projects/bad/project.toml:1")
+    );
+}
+
+#[test]
+fn a_match_field_without_an_index_is_a_note_not_a_problem() {
+    let f = Fixture::new();
+    let conns = CONNS.replace("id INTEGER PRIMARY KEY", "id INTEGER");
+    f.project("p", &conns, &[("j", GOOD_JOB)]);
+    f.write("projects/p/in.csv", "id,name\n1,a\n");
+    let check = engine::check_connections(f.load().project("p").unwrap());
+    assert!(check.problems.is_empty(), "{:?}", check.problems);
+    let notes: Vec<String> = check.notes.iter().map(|n| n.to_string()).collect();
+    assert_eq!(notes.len(), 1, "{notes:?}");
+    assert!(
+        notes[0].contains("j.toml")
+            && notes[0].contains("no index on \"t\" starts with a match field (id)"),
+        "{notes:?}"
     );
 }

@@ -282,13 +282,19 @@ fn validate(args: ValidateArgs) -> anyhow::Result<ExitCode> {
     }
     let loaded = load(&dir, &args.dirs.data_dir);
     let mut problems = loaded.problems.clone();
+    let mut notes = Vec::new();
     if !args.no_connect {
         for p in &loaded.projects {
-            problems.extend(engine::check_connections(p));
+            let check = engine::check_connections(p);
+            problems.extend(check.problems);
+            notes.extend(check.notes);
         }
     }
     for p in &problems {
         println!("{p}");
+    }
+    for n in &notes {
+        println!("note: {n}");
     }
     let jobs: usize = loaded.projects.iter().map(|p| p.jobs.len()).sum();
     if problems.is_empty() {

@@ -19,7 +19,7 @@ use std::time::Duration;
 use chrono::{DateTime, FixedOffset, Local};
 use serde::{Serialize, Serializer};
 
-use crate::project::{JobId, Project, ProjectId};
+use crate::project::{JobId, Problem, Project, ProjectId};
 
 /// The ID of a run: a GUID, supplied by the caller (API) or made new (CLI).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
@@ -380,17 +380,27 @@ pub fn run(
     })
 }
 
+/// What opening a project's connections found.
+#[derive(Debug, Default)]
+pub struct ConnectionCheck {
+    /// What stops a job from running as written.
+    pub problems: Vec<Problem>,
+    /// What the user should know though the job runs (a missing index, …).
+    pub notes: Vec<Problem>,
+}
+
 /// Opens every job's connections as a preview run would, reading no rows, and
 /// reports what a static load cannot see: missing files and tables, origin
-/// fields and destination columns that do not exist.
-pub fn check_connections(project: &Project) -> Vec<crate::project::Problem> {
-    project
-        .jobs
-        .values()
-        .filter_map(|j| {
-            job::check_job(project, j)
-                .err()
-                .map(|m| crate::project::Problem::new(&j.file, None, m))
-        })
-        .collect()
+/// fields and destination columns that do not exist; and the destinations' notes.
+pub fn check_connections(project: &Project) -> ConnectionCheck {
+    let mut check = ConnectionCheck::default();
+    for j in project.jobs.values() {
+        match job::check_job(project, j) {
+            Ok(notes) => check
+                .notes
+                .extend(notes.into_iter().map(|n| Problem::new(&j.file, None, n))),
+            Err(m) => check.problems.push(Problem::new(&j.file, None, m)),
+        }
+    }
+    check
 }

@@ -1288,8 +1288,9 @@ fn execute(
 }
 
 /// Opens a job's connections as a preview run would, without reading rows:
-/// finds a missing file or table, an origin field or column that does not exist.
-pub(crate) fn check_job(project: &Project, job: &Job) -> Result<(), String> {
+/// finds a missing file or table, an origin field or column that does not
+/// exist. Returns the destinations' notes (a missing index, …).
+pub(crate) fn check_job(project: &Project, job: &Job) -> Result<Vec<String>, String> {
     let variables = job_variables(project, job, "", "");
     let (origin_conn, origin) = open_origin(project, job, &variables, true, None)?;
     mapping::compile(job, origin.columns(), &variables)?;
@@ -1298,6 +1299,7 @@ pub(crate) fn check_job(project: &Project, job: &Job) -> Result<(), String> {
         .destination
         .as_ref()
         .and_then(|d| project.connections.get(d));
+    let mut notes = Vec::new();
     for (conn, target, name) in [
         (
             dest_conn,
@@ -1323,8 +1325,13 @@ pub(crate) fn check_job(project: &Project, job: &Job) -> Result<(), String> {
                 preview: true,
             })
             .map_err(|e| format!("destination {name:?}: {e}"))?;
+        notes.extend(
+            d.notes()
+                .into_iter()
+                .map(|n| format!("destination {name:?}: {n}")),
+        );
         d.finish()
             .map_err(|e| format!("destination {name:?}: {e}"))?;
     }
-    Ok(())
+    Ok(notes)
 }
