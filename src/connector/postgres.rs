@@ -392,8 +392,9 @@ struct StageSql {
     mostly_changed: bool,
     /// Batches written whole since the last comparison.
     uncompared: u32,
-    /// A unique index (not partial, no expressions) is exactly the match
-    /// columns: a batch that breaks none of its keys matched no row.
+    /// A unique index (checked at once, not deferred; not partial; no
+    /// expressions) is exactly the match columns: a batch that breaks none
+    /// of its keys matched no row.
     unique_on_match: bool,
     /// The last batch matched no row: the next is first tried as a plain
     /// `COPY` (an upsert into an empty table runs as fast as an insert).
@@ -468,7 +469,7 @@ impl StageSql {
             .query(
                 "SELECT array_agg(a.attname::text ORDER BY a.attname::text COLLATE \"C\") FROM pg_index i
                  JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)
-                 WHERE i.indrelid = $1::text::regclass AND i.indisunique
+                 WHERE i.indrelid = $1::text::regclass AND i.indisunique AND i.indimmediate
                    AND i.indpred IS NULL AND i.indexprs IS NULL
                  GROUP BY i.indexrelid",
                 &[&qualified],
