@@ -152,6 +152,27 @@ async fn item_delete(State(api): State<Api>, Path(id): Path<String>) -> StatusCo
     }
 }
 
+/// A first page of two records, then a server that keeps failing (and asks
+/// to be retried at once).
+async fn flaky(
+    State(api): State<Api>,
+    Query(q): Query<BTreeMap<String, String>>,
+) -> (StatusCode, [(&'static str, &'static str); 1], Json<Value>) {
+    api.hits.fetch_add(1, Ordering::SeqCst);
+    match q.get("page").map(String::as_str) {
+        None | Some("1") => (
+            StatusCode::OK,
+            [("x-page", "1")],
+            Json(json!({"data": [{"id": 1}, {"id": 2}]})),
+        ),
+        _ => (
+            StatusCode::BAD_GATEWAY,
+            [("retry-after", "0")],
+            Json(json!({"error": "upstream down"})),
+        ),
+    }
+}
+
 /// People filtered by `email` (other parameters are ignored, as many APIs do).
 async fn people(State(api): State<Api>, Query(q): Query<BTreeMap<String, String>>) -> Json<Value> {
     api.hits.fetch_add(1, Ordering::SeqCst);
@@ -180,6 +201,7 @@ fn serve(api: Api) -> String {
                 .route("/cursor", get(cursor))
                 .route("/people", get(people))
                 .route("/gone", get(|| async { StatusCode::INTERNAL_SERVER_ERROR }))
+                .route("/flaky", get(flaky))
                 .route("/linked/{n}", get(linked))
                 .route("/items", axum::routing::post(create))
                 .route("/bulk", axum::routing::post(bulk))
@@ -417,4 +439,38 @@ fields = [
         .map(|e| e.message.clone())
         .unwrap_or_default();
     assert!(err.contains("/gone") && err.contains("500"), "{err}");
+}
+
+#[test]
+fn an_api_failing_mid_pagination_fails_the_job_and_keeps_the_first_pages() {
+    let api = Api::default();
+    let base = serve(api.clone());
+    let f = Fixture::new();
+    let project = format!(
+        r#"
+[connections.api]
+kind = "http"
+base_url = "{base}"
+records = "/data"
+max_retries = 2
+pagination = {{ kind = "page", param = "page" }}
+[connections.out]
+kind = "json"
+path = "${{DATA_DIR}}/out.jsonl"
+"#
+    );
+    let job = "[origin]\nconnection = \"api\"\nquery = \"/flaky\"\n[destination]\nconnection = \"out\"\n[[stages]]\naction = \"insert\"\nfields = [{ column = \"id\", origin = \"id\" }]\n";
+    f.project("p", &project, &[("j", job)]);
+    let r = f.run(&request("p", "j"));
+    assert_eq!(r.status, RunStatus::Failed);
+    let e = r.error.clone().unwrap_or_default();
+    assert!(
+        e.contains("origin \"api\"") && e.contains("/flaky?page=2") && e.contains("502"),
+        "{e}"
+    );
+    // The first page landed and is counted; page 2 was tried 1 + 2 times.
+    assert_eq!((r.counters.inserts, r.counters.errors), (2, 1));
+    let out = std::fs::read_to_string(f.data.join("out.jsonl")).unwrap();
+    assert_eq!(out, "{\"id\":1}\n{\"id\":2}\n");
+    assert_eq!(api.hits.load(Ordering::SeqCst), 4);
 }
