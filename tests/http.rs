@@ -173,6 +173,15 @@ async fn flaky(
     }
 }
 
+/// Takes three requests, then is unavailable for good.
+async fn going_down(State(api): State<Api>) -> (StatusCode, [(&'static str, &'static str); 1]) {
+    if api.hits.fetch_add(1, Ordering::SeqCst) < 3 {
+        (StatusCode::CREATED, [("x-ok", "1")])
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, [("retry-after", "0")])
+    }
+}
+
 /// People filtered by `email` (other parameters are ignored, as many APIs do).
 async fn people(State(api): State<Api>, Query(q): Query<BTreeMap<String, String>>) -> Json<Value> {
     api.hits.fetch_add(1, Ordering::SeqCst);
@@ -202,6 +211,7 @@ fn serve(api: Api) -> String {
                 .route("/people", get(people))
                 .route("/gone", get(|| async { StatusCode::INTERNAL_SERVER_ERROR }))
                 .route("/flaky", get(flaky))
+                .route("/down", axum::routing::post(going_down))
                 .route("/linked/{n}", get(linked))
                 .route("/items", axum::routing::post(create))
                 .route("/bulk", axum::routing::post(bulk))
@@ -473,4 +483,42 @@ path = "${{DATA_DIR}}/out.jsonl"
     let out = std::fs::read_to_string(f.data.join("out.jsonl")).unwrap();
     assert_eq!(out, "{\"id\":1}\n{\"id\":2}\n");
     assert_eq!(api.hits.load(Ordering::SeqCst), 4);
+}
+
+#[test]
+fn an_api_that_stops_answering_stops_the_job_and_counts_what_it_took() {
+    for batch in [false, true] {
+        let api = Api::default();
+        let base = serve(api.clone());
+        let f = Fixture::new();
+        let project = format!(
+            "[connections.src]\nkind = \"csv\"\npath = \"in.csv\"\n[connections.api]\nkind = \"http\"\nbase_url = \"{base}\"\nmax_retries = 1\nbatch = {batch}\n"
+        );
+        let job = "batch_size = 4\n[origin]\nconnection = \"src\"\n[destination]\nconnection = \"api\"\n[[stages]]\ntable = \"/down\"\naction = \"insert\"\nfields = [{ column = \"id\", origin = \"id\" }]\n";
+        f.project("p", &project, &[("j", job)]);
+        let csv: String = std::iter::once("id\n".to_owned())
+            .chain((1..=20).map(|i| format!("{i}\n")))
+            .collect();
+        f.write("projects/p/in.csv", csv);
+        let r = f.run(&request("p", "j"));
+        assert_eq!(r.status, RunStatus::Failed, "batch = {batch}");
+        let e = r.error.clone().unwrap_or_default();
+        assert!(
+            e.contains("stopped answering") && e.contains("503"),
+            "batch = {batch}: {e}"
+        );
+        let c = r.counters;
+        if batch {
+            // Three batches of four went in whole; the fourth was refused
+            // (after a retry): nothing of it is counted, nothing more is sent.
+            assert_eq!((c.total_rows, c.inserts, c.errors), (12, 12, 1), "{c:?}");
+            assert_eq!(api.hits.load(Ordering::SeqCst), 5);
+        } else {
+            // Rows 1-3 went in; row 4 was refused (after a retry; its error
+            // and the job's are counted) and the job stopped: no later row
+            // was sent or counted.
+            assert_eq!((c.total_rows, c.inserts, c.errors), (4, 3, 2), "{c:?}");
+            assert_eq!(api.hits.load(Ordering::SeqCst), 5);
+        }
+    }
 }

@@ -205,6 +205,21 @@ impl HttpConfig {
     }
 }
 
+impl HttpConfig {
+    /// `r`, unless it says the API is not taking requests (429 or 503 after
+    /// every retry).
+    fn check_available(&self, what: &str, r: Response) -> Result<Response, Unavailable> {
+        let status = r.status();
+        if status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::SERVICE_UNAVAILABLE {
+            return Err(Unavailable(format!(
+                "{what}: HTTP {status} after {} retries",
+                self.max_retries
+            )));
+        }
+        Ok(r)
+    }
+}
+
 impl Connector for HttpConfig {
     fn kind(&self) -> &'static str {
         "http"
@@ -276,6 +291,7 @@ impl Connector for HttpConfig {
             client: self.client()?,
             stages: req.stages.to_vec(),
             preview: req.preview,
+            down: None,
         }))
     }
 }
@@ -483,7 +499,14 @@ struct HttpDestination {
     client: Client,
     stages: Vec<StagePlan>,
     preview: bool,
+    /// Why the API stopped taking requests (no answer, or 429/503 after
+    /// every retry): later rows are not sent and the job stops.
+    down: Option<String>,
 }
+
+/// A request that failed with the API itself, not with the row: no answer,
+/// or "too many requests" / "unavailable" after every retry.
+struct Unavailable(String);
 
 impl HttpDestination {
     fn body(plan: &StagePlan, row: &[Value], inserting: bool) -> serde_json::Value {
@@ -513,17 +536,23 @@ impl HttpDestination {
         self.config.url(&path)
     }
 
-    fn one(&self, plan: &StagePlan, row: &[Value]) -> WriteResult {
+    /// Sends one row's request(s): the row's outcome, or [`Unavailable`].
+    fn one(&self, plan: &StagePlan, row: &[Value]) -> Result<WriteResult, Unavailable> {
         let collection = self.config.url(plan.table.as_deref().unwrap_or(""));
         let item = self.item_url(plan, row);
         let send = |method: reqwest::Method, url: &str, body: Option<serde_json::Value>| {
-            self.config.send(&|| {
-                let rb = self.client.request(method.clone(), url);
-                match &body {
-                    Some(b) => rb.json(b),
-                    None => rb,
-                }
-            })
+            let what = format!("{method} {url}");
+            let r = self
+                .config
+                .send(&|| {
+                    let rb = self.client.request(method.clone(), url);
+                    match &body {
+                        Some(b) => rb.json(b),
+                        None => rb,
+                    }
+                })
+                .map_err(|e| Unavailable(format!("{what}: {e}")))?;
+            self.config.check_available(&what, r)
         };
         let fail = |what: &str, r: Response| -> String {
             let status = r.status();
@@ -535,29 +564,29 @@ impl HttpDestination {
         };
         if self.preview && plan.action != StageAction::SkipInsert {
             // A preview reads nothing back and changes nothing remotely.
-            return Ok(match plan.action {
+            return Ok(Ok(match plan.action {
                 StageAction::Delete => RowAction::Delete,
                 StageAction::Update => RowAction::Update,
                 _ => RowAction::Insert,
-            });
+            }));
         }
-        let insert = |this: &Self| -> WriteResult {
+        let insert = |this: &Self| -> Result<WriteResult, Unavailable> {
             if this.preview {
-                return Ok(RowAction::Insert);
+                return Ok(Ok(RowAction::Insert));
             }
             let r = send(
                 reqwest::Method::POST,
                 &collection,
                 Some(Self::body(plan, row, true)),
             )?;
-            if r.status().is_success() {
+            Ok(if r.status().is_success() {
                 Ok(RowAction::Insert)
             } else {
                 Err(fail(&format!("POST {collection}"), r))
-            }
+            })
         };
-        match plan.action {
-            StageAction::Insert => insert(self),
+        Ok(match plan.action {
+            StageAction::Insert => return insert(self),
             StageAction::Update => {
                 let r = send(
                     reqwest::Method::PATCH,
@@ -598,17 +627,17 @@ impl HttpDestination {
                 let r = send(reqwest::Method::GET, &item, None)?;
                 match r.status() {
                     s if s.is_success() => Ok(RowAction::Skip),
-                    StatusCode::NOT_FOUND => insert(self),
+                    StatusCode::NOT_FOUND => return insert(self),
                     _ => Err(fail(&format!("GET {item}"), r)),
                 }
             }
-        }
+        })
     }
 }
 
 impl HttpDestination {
     fn batch_insert(
-        &self,
+        &mut self,
         plan: &StagePlan,
         rows: &[&[Value]],
     ) -> Result<Vec<WriteResult>, ConnectorError> {
@@ -618,22 +647,30 @@ impl HttpDestination {
         let url = self.config.url(plan.table.as_deref().unwrap_or(""));
         let body: Vec<serde_json::Value> = rows.iter().map(|r| Self::body(plan, r, true)).collect();
         let body = serde_json::Value::Array(body);
+        let what = format!("POST {url}");
         let answer = self
             .config
             .send(&|| self.client.post(&url).json(&body))
-            .map(|r| {
-                let status = r.status();
-                (status, r.text().unwrap_or_default())
-            });
+            .map_err(|e| Unavailable(format!("{what}: {e}")))
+            .and_then(|r| self.config.check_available(&what, r));
         let failure = match answer {
-            Ok((status, _)) if status.is_success() => {
+            Ok(r) if r.status().is_success() => {
                 return Ok(vec![Ok(RowAction::Insert); rows.len()]);
             }
-            Ok((status, text)) => format!(
-                "POST {url}: HTTP {status}: {}",
-                text.chars().take(200).collect::<String>()
-            ),
-            Err(e) => format!("POST {url}: {e}"),
+            Ok(r) => {
+                let status = r.status();
+                let text = r.text().unwrap_or_default();
+                format!(
+                    "{what}: HTTP {status}: {}",
+                    text.chars().take(200).collect::<String>()
+                )
+            }
+            Err(Unavailable(why)) => {
+                // Nothing of this batch was taken: it is not counted, and
+                // the job stops.
+                self.down = Some(why.clone());
+                return Err(ConnectorError::Unavailable(why));
+            }
         };
         if rows.len() == 1 {
             Ok(vec![Err(failure)])
@@ -645,7 +682,10 @@ impl HttpDestination {
 
 impl Destination for HttpDestination {
     fn begin(&mut self) -> Result<(), ConnectorError> {
-        Ok(())
+        match &self.down {
+            Some(why) => Err(ConnectorError::Unavailable(why.clone())),
+            None => Ok(()),
+        }
     }
 
     fn write(
@@ -657,7 +697,23 @@ impl Destination for HttpDestination {
         if self.config.batch && plan.action == StageAction::Insert {
             return self.batch_insert(&plan, rows);
         }
-        Ok(rows.iter().map(|r| self.one(&plan, r)).collect())
+        let mut out = Vec::with_capacity(rows.len());
+        for r in rows {
+            if let Some(why) = &self.down {
+                // Sent rows are counted; the rest of the batch is not sent,
+                // and each says why (they land in the error file).
+                out.push(Err(format!("not sent: the API stopped answering ({why})")));
+                continue;
+            }
+            match self.one(&plan, r) {
+                Ok(result) => out.push(result),
+                Err(Unavailable(why)) => {
+                    out.push(Err(format!("not sent: the API stopped answering ({why})")));
+                    self.down = Some(why);
+                }
+            }
+        }
+        Ok(out)
     }
 
     fn commit(&mut self) -> Result<(), ConnectorError> {

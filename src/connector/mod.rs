@@ -112,6 +112,10 @@ pub enum ConnectorError {
     /// The connection was lost; the batch may be retried on a new one.
     #[error("the connection was lost: {0}")]
     Lost(String),
+    /// The destination stopped taking rows (an API that no longer answers,
+    /// after its own retries): the batch is not replayed and the job stops.
+    #[error("the destination stopped answering: {0}")]
+    Unavailable(String),
 }
 
 impl ConnectorError {

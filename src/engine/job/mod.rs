@@ -286,6 +286,20 @@ impl Shared<'_> {
             .extend(changed);
     }
 
+    /// Stops the job with `why` as its error (the first reason wins), which
+    /// counts as one error.
+    fn fail_job(&self, why: String) {
+        let mut h = self.halted.lock().expect("halt lock");
+        if h.is_none() {
+            *h = Some(why);
+            self.counters.add(&Counters {
+                errors: 1,
+                ..Counters::default()
+            });
+        }
+        self.stop.store(true, Ordering::SeqCst);
+    }
+
     fn stopping(&self) -> bool {
         self.stop.load(Ordering::Relaxed) || self.cancel.is_cancelled()
     }
@@ -496,6 +510,13 @@ impl Shared<'_> {
             rows.iter_mut().for_each(RowState::reset);
             result = self.transaction(w, js, rows);
         }
+        if let Err(e @ ConnectorError::Unavailable(_)) = &result {
+            // Nothing of this batch landed and the destination takes no
+            // more: the job stops here, and these rows are not counted.
+            let _ = w.each(&mut |d| d.rollback());
+            self.fail_job(e.to_string());
+            return;
+        }
         if let Err(e) = result {
             let _ = w.each(&mut |d| d.rollback());
             let (first, last) = (
@@ -510,12 +531,22 @@ impl Shared<'_> {
             rows.iter_mut().for_each(RowState::reset);
             for i in 0..rows.len() {
                 let one = &mut rows[i..=i];
-                if let Err(e) = self.transaction(w, js, one) {
-                    let _ = w.each(&mut |d| d.rollback());
-                    let r = &mut one[0];
-                    r.actions.iter_mut().for_each(|a| *a = None);
-                    r.error = Some((0, e.to_string()));
-                    r.processed = true;
+                match self.transaction(w, js, one) {
+                    Err(e @ ConnectorError::Unavailable(_)) => {
+                        // The rest of the batch is not counted.
+                        let _ = w.each(&mut |d| d.rollback());
+                        one[0].reset();
+                        self.fail_job(e.to_string());
+                        break;
+                    }
+                    Err(e) => {
+                        let _ = w.each(&mut |d| d.rollback());
+                        let r = &mut one[0];
+                        r.actions.iter_mut().for_each(|a| *a = None);
+                        r.error = Some((0, e.to_string()));
+                        r.processed = true;
+                    }
+                    Ok(()) => {}
                 }
                 if self.job.halt_on_error && rows[i].error.is_some() {
                     break;
