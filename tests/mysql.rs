@@ -580,3 +580,68 @@ fn upserts_switching_between_new_and_present_stretches_stay_exact() {
         ["2000"]
     );
 }
+
+#[test]
+fn a_database_gone_for_good_fails_the_job_after_its_retries() {
+    let mut db = Db::new();
+    people(&mut db, "PRIMARY KEY");
+    let proxy = common::Proxy::start("127.0.0.1:3306");
+    let f = Fixture::new();
+    let job = people_job("update/insert", "").replace(
+        "[origin]",
+        "batch_size = 200\nretry_attempts = 2\nretry_wait_ms = 50\n[origin]",
+    );
+    // Through the proxy only: without prefer_socket=false the driver moves
+    // to the server's Unix socket.
+    let proj = project(&db)
+        .replace("127.0.0.1:3306", &format!("127.0.0.1:{}", proxy.port))
+        .replace(
+            &format!("/{}\"", db.name),
+            &format!("/{}?prefer_socket=false\"", db.name),
+        );
+    f.project("p", &proj, &[("j", &job)]);
+    let mut csv = String::from("id,name,city\n");
+    for i in 1..=200_000 {
+        csv.push_str(&format!("{i},n{i},c\n"));
+    }
+    f.write("projects/p/in.csv", &csv);
+    let name = db.name.clone();
+    let (ready, connected) = std::sync::mpsc::channel();
+    let killer = std::thread::spawn(move || {
+        let mut admin = mysql::Conn::new(mysql::Opts::from_url(&base_url()).unwrap()).unwrap();
+        ready.send(()).unwrap();
+        for _ in 0..2000 {
+            let n: Option<i64> = admin
+                .query_first(format!("SELECT count(*) FROM {name}.people"))
+                .unwrap();
+            if n.unwrap_or(0) > 3000 {
+                proxy.take_down();
+                return true;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        false
+    });
+    connected.recv().unwrap();
+    let r = f.run(&request("p", "j"));
+    assert!(
+        killer.join().unwrap(),
+        "the test did not take the database down"
+    );
+    assert_eq!(
+        r.status,
+        RunStatus::Failed,
+        "{:?} {:?}",
+        r.counters,
+        r.error
+    );
+    let e = r.error.clone().unwrap_or_default();
+    assert!(
+        e.contains("connection was lost") && e.contains("gave up after 2 retries"),
+        "{e}"
+    );
+    let landed: i64 = db.rows("SELECT count(*) FROM people")[0].parse().unwrap();
+    let c = r.counters;
+    assert_eq!((c.inserts + c.updates) as i64, landed, "{c:?}");
+    assert!(c.total_rows < 200_000 && c.errors == 1, "{c:?}");
+}

@@ -725,3 +725,69 @@ fn an_origin_cut_mid_stream_fails_the_job_and_counts_only_what_landed() {
     );
     assert_eq!(c.errors, 1, "the job error");
 }
+
+#[test]
+fn a_database_gone_for_good_fails_the_job_after_its_retries() {
+    let mut s = Schema::new();
+    people(&mut s);
+    let proxy = common::Proxy::start("127.0.0.1:5432");
+    let f = Fixture::new();
+    let job = people_job(&s, "update/insert", "").replace(
+        "[origin]",
+        "batch_size = 500\nretry_attempts = 2\nretry_wait_ms = 50\n[origin]",
+    );
+    let proj = project(&s).replace("127.0.0.1:5432", &format!("127.0.0.1:{}", proxy.port));
+    f.project("p", &proj, &[("j", &job)]);
+    let mut csv = String::from("id,name,city\n");
+    for i in 1..=200_000 {
+        csv.push_str(&format!("{i},n{i},c\n"));
+    }
+    f.write("projects/p/in.csv", &csv);
+    let schema = s.name.clone();
+    let (ready, connected) = std::sync::mpsc::channel();
+    let killer = std::thread::spawn(move || {
+        let mut admin = postgres::Client::connect(&url(), postgres::NoTls).unwrap();
+        ready.send(()).unwrap();
+        for _ in 0..2000 {
+            let n: i64 = admin
+                .query_one(&format!("SELECT count(*) FROM {schema}.people"), &[])
+                .unwrap()
+                .get(0);
+            if n > 5000 {
+                proxy.take_down();
+                return true;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        false
+    });
+    connected.recv().unwrap();
+    let mut req = request("p", "j");
+    req.logging_level = LogLevel::Medium;
+    let r = f.run(&req);
+    assert!(
+        killer.join().unwrap(),
+        "the test did not take the database down"
+    );
+    assert_eq!(
+        r.status,
+        RunStatus::Failed,
+        "{:?} {:?}",
+        r.counters,
+        r.error
+    );
+    let e = r.error.clone().unwrap_or_default();
+    assert!(
+        e.contains("connection was lost") || e.contains("cannot open"),
+        "{e}"
+    );
+    let landed: i64 = s.rows("SELECT count(*) FROM S.people")[0].parse().unwrap();
+    let c = r.counters;
+    assert_eq!((c.inserts + c.updates) as i64, landed, "{c:?}");
+    assert!(
+        c.total_rows < 200_000 && c.errors == 1,
+        "{c:?} {:?}",
+        r.jobs[0].log
+    );
+    assert!(e.contains("gave up after 2 retries"), "{e}");
+}

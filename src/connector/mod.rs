@@ -124,6 +124,14 @@ impl ConnectorError {
     }
 }
 
+/// A reconnect that failed: the connection is still lost.
+pub(crate) fn reconnect_failed(e: ConnectorError) -> ConnectorError {
+    match e {
+        lost @ ConnectorError::Lost(_) => lost,
+        other => ConnectorError::Lost(format!("reconnecting failed: {other}")),
+    }
+}
+
 /// What a destination did with one row in one stage.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub enum RowAction {

@@ -21,7 +21,8 @@ use serde::Deserialize;
 use super::{
     ALL_ACTIONS, BatchError, Capabilities, ColumnSets, Connector, ConnectorError, Destination,
     DestinationRequest, Flow, Origin, OriginInput, OriginRequest, RowAction, RowRead,
-    SavepointWriter, StagePlan, WriteResult, bind_tokens, find_columns, redact_url, unindexed_note,
+    SavepointWriter, StagePlan, WriteResult, bind_tokens, find_columns, reconnect_failed,
+    redact_url, unindexed_note,
 };
 use crate::project::StageAction;
 use crate::value::{Row, Value};
@@ -857,7 +858,9 @@ impl Destination for MysqlDestination {
                     "the connection was lost during a preview; its work is gone".into(),
                 ));
             }
-            self.conn = self.config.connect()?;
+            // A server that does not take the new connection is still "lost":
+            // the engine's retry policy applies, then the job fails.
+            self.conn = self.config.connect().map_err(reconnect_failed)?;
             self.prepare_session()?;
         }
         self.begin_batch()

@@ -27,7 +27,8 @@ use serde::Deserialize;
 use super::{
     ALL_ACTIONS, BatchError, Capabilities, ColumnSets, Connector, ConnectorError, Destination,
     DestinationRequest, Flow, Origin, OriginInput, OriginRequest, RowAction, RowRead,
-    SavepointWriter, StagePlan, WriteResult, bind_tokens, find_columns, redact_url, unindexed_note,
+    SavepointWriter, StagePlan, WriteResult, bind_tokens, find_columns, reconnect_failed,
+    redact_url, unindexed_note,
 };
 use crate::project::StageAction;
 use crate::value::{Row, Value};
@@ -969,7 +970,9 @@ impl Destination for PostgresDestination {
                     "the connection was lost during a preview; its work is gone".into(),
                 ));
             }
-            self.client = self.config.connect()?;
+            // A server that does not take the new connection is still "lost":
+            // the engine's retry policy applies, then the job fails.
+            self.client = self.config.connect().map_err(reconnect_failed)?;
             self.prepare_session()?;
         }
         self.begin_batch()
@@ -1000,7 +1003,12 @@ impl Destination for PostgresDestination {
 
     fn finish(self: Box<Self>) -> Result<(), ConnectorError> {
         let mut this = *self;
-        if this.preview && !this.client.is_closed() {
+        if this.client.is_closed() {
+            // Every batch was committed or reported; a dead connection has
+            // nothing left to lose (its loss was already reported).
+            return Ok(());
+        }
+        if this.preview {
             let _ = this.client.batch_execute("ROLLBACK");
         }
         this.client.close().map_err(to_connector_error)

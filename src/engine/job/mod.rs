@@ -510,11 +510,18 @@ impl Shared<'_> {
             rows.iter_mut().for_each(RowState::reset);
             result = self.transaction(w, js, rows);
         }
-        if let Err(e @ ConnectorError::Unavailable(_)) = &result {
+        if let Err(e @ (ConnectorError::Unavailable(_) | ConnectorError::Lost(_))) = &result {
             // Nothing of this batch landed and the destination takes no
-            // more: the job stops here, and these rows are not counted.
+            // more (or the retries are spent): the job stops here, and these
+            // rows are not counted.
             let _ = w.each(&mut |d| d.rollback());
-            self.fail_job(e.to_string());
+            let why = match e {
+                ConnectorError::Lost(_) if attempt > 0 => {
+                    format!("{e} (gave up after {attempt} retries)")
+                }
+                _ => e.to_string(),
+            };
+            self.fail_job(why);
             return;
         }
         if let Err(e) = result {
