@@ -12,6 +12,20 @@ fn base_url() -> String {
         .unwrap_or_else(|_| "mysql://root@127.0.0.1:3306".into())
 }
 
+fn admin() -> mysql::Conn {
+    mysql::Conn::new(mysql::Opts::from_url(&base_url()).unwrap()).unwrap()
+}
+
+/// Rows in `db`.people, for [`common::when_count_passes`].
+fn people_count(db: String) -> impl Fn(&mut mysql::Conn) -> i64 + Send + 'static {
+    move |c| {
+        c.query_first::<Option<i64>, _>(format!("SELECT count(*) FROM {db}.people"))
+            .unwrap()
+            .flatten()
+            .unwrap_or(0)
+    }
+}
+
 /// A database of its own, dropped at the end.
 struct Db {
     name: String,
@@ -316,35 +330,22 @@ fn a_connection_killed_mid_run_is_retried_and_nothing_is_lost() {
     f.write("projects/p/in.csv", &csv);
     let name = db.name.clone();
     let admin_id = db.admin.connection_id();
-    // The killer connects before the run starts, or a slow start could miss it.
-    let (ready, connected) = std::sync::mpsc::channel();
-    let killer = std::thread::spawn(move || {
-        let mut admin = mysql::Conn::new(mysql::Opts::from_url(&base_url()).unwrap()).unwrap();
-        ready.send(()).unwrap();
-        for _ in 0..1000 {
-            let n: Option<i64> = admin
-                .query_first(format!("SELECT count(*) FROM {name}.people"))
-                .unwrap();
-            if n.unwrap_or(0) > 2000 {
-                let ids: Vec<u64> = admin
-                    .query(format!(
-                        "SELECT id FROM information_schema.PROCESSLIST WHERE db = '{name}' AND id NOT IN (CONNECTION_ID(), {admin_id})"
-                    ))
-                    .unwrap();
-                for id in &ids {
-                    let _ = admin.query_drop(format!("KILL {id}"));
-                }
-                return ids.len();
-            }
-            std::thread::sleep(std::time::Duration::from_millis(5));
+    // Once rows are landing, cut tidepool's connections.
+    let killer = common::when_count_passes(admin, people_count(name.clone()), 2000, move |c| {
+        let ids: Vec<u64> = c
+            .query(format!(
+                "SELECT id FROM information_schema.PROCESSLIST WHERE db = '{name}' AND id NOT IN (CONNECTION_ID(), {admin_id})"
+            ))
+            .unwrap();
+        for id in &ids {
+            let _ = c.query_drop(format!("KILL {id}"));
         }
-        0
+        ids.len()
     });
-    connected.recv().unwrap();
     let mut req = request("p", "j");
     req.logging_level = LogLevel::Medium;
     let r = f.run(&req);
-    let killed = killer.join().unwrap();
+    let killed = killer.join().unwrap().unwrap_or(0);
     assert_eq!(r.status, RunStatus::Complete, "{:?}", r.error);
     let c = r.counters;
     assert_eq!(
@@ -511,30 +512,33 @@ fn an_origin_cut_mid_stream_fails_the_job_and_counts_only_what_landed() {
         .unwrap();
     let name = db.name.clone();
     let admin_id = db.admin.connection_id();
-    let (ready, connected) = std::sync::mpsc::channel();
-    let killer = std::thread::spawn(move || {
-        let mut admin = mysql::Conn::new(mysql::Opts::from_url(&base_url()).unwrap()).unwrap();
-        ready.send(()).unwrap();
-        for _ in 0..2000 {
-            let ids: Vec<u64> = admin
-                .query(format!(
-                    "SELECT id FROM information_schema.PROCESSLIST WHERE db = '{name}' AND info LIKE 'SELECT id, name FROM src%' AND id NOT IN (CONNECTION_ID(), {admin_id})"
-                ))
-                .unwrap();
-            if !ids.is_empty() {
-                std::thread::sleep(std::time::Duration::from_millis(100));
-                for id in &ids {
-                    let _ = admin.query_drop(format!("KILL {id}"));
-                }
-                return ids.len();
+    // Once the origin's query is streaming, cut it.
+    let readers = move |c: &mut mysql::Conn| -> Vec<u64> {
+        c.query(format!(
+            "SELECT id FROM information_schema.PROCESSLIST WHERE db = '{name}' AND info LIKE 'SELECT id, name FROM src%' AND id NOT IN (CONNECTION_ID(), {admin_id})"
+        ))
+        .unwrap()
+    };
+    let watching = readers.clone();
+    let killer = common::when_count_passes(
+        admin,
+        move |c| watching(c).len() as i64,
+        0,
+        move |c| {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            let ids = readers(c);
+            for id in &ids {
+                let _ = c.query_drop(format!("KILL {id}"));
             }
-            std::thread::sleep(std::time::Duration::from_millis(2));
-        }
-        0
-    });
-    connected.recv().unwrap();
+            ids.len()
+        },
+    );
     let r = f.run(&request("p", "j"));
-    assert_eq!(killer.join().unwrap(), 1, "the test did not cut the origin");
+    assert_eq!(
+        killer.join().unwrap(),
+        Some(1),
+        "the test did not cut the origin"
+    );
     assert_eq!(r.status, RunStatus::Failed);
     let e = r.error.clone().unwrap_or_default();
     let landed: i64 = rusqlite::Connection::open(&out)
@@ -605,27 +609,12 @@ fn a_database_gone_for_good_fails_the_job_after_its_retries() {
         csv.push_str(&format!("{i},n{i},c\n"));
     }
     f.write("projects/p/in.csv", &csv);
-    let name = db.name.clone();
-    let (ready, connected) = std::sync::mpsc::channel();
-    let killer = std::thread::spawn(move || {
-        let mut admin = mysql::Conn::new(mysql::Opts::from_url(&base_url()).unwrap()).unwrap();
-        ready.send(()).unwrap();
-        for _ in 0..2000 {
-            let n: Option<i64> = admin
-                .query_first(format!("SELECT count(*) FROM {name}.people"))
-                .unwrap();
-            if n.unwrap_or(0) > 3000 {
-                proxy.take_down();
-                return true;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(2));
-        }
-        false
+    let down = common::when_count_passes(admin, people_count(db.name.clone()), 3000, move |_| {
+        proxy.take_down()
     });
-    connected.recv().unwrap();
     let r = f.run(&request("p", "j"));
     assert!(
-        killer.join().unwrap(),
+        down.join().unwrap().is_some(),
         "the test did not take the database down"
     );
     assert_eq!(

@@ -344,39 +344,29 @@ fn a_connection_killed_mid_run_is_retried_and_nothing_is_lost() {
     }
     f.write("projects/p/in.csv", &csv);
     let schema = s.name.clone();
-    let app2 = app.clone();
-    // The killer connects before the run starts, or a slow start could miss it.
-    let (ready, connected) = std::sync::mpsc::channel();
-    let killer = std::thread::spawn(move || {
-        let app = app2;
-        let mut admin = postgres::Client::connect(&url(), postgres::NoTls).unwrap();
-        ready.send(()).unwrap();
-        // Wait until rows are landing, then cut tidepool's connection.
-        for _ in 0..400 {
-            let n: i64 = admin
-                .query_one(&format!("SELECT count(*) FROM {schema}.people"), &[])
+    // Once rows are landing, cut tidepool's connection.
+    let killer = common::when_count_passes(
+        || postgres::Client::connect(&url(), postgres::NoTls).unwrap(),
+        move |c| {
+            c.query_one(&format!("SELECT count(*) FROM {schema}.people"), &[])
                 .unwrap()
-                .get(0);
-            if n > 2000 {
-                let killed: i64 = admin
-                    .query_one(
-                        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
-                         WHERE application_name = $1 AND pid <> pg_backend_pid()",
-                        &[&app],
-                    )
-                    .unwrap()
-                    .get(0);
-                return killed;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
-        0
-    });
-    connected.recv().unwrap();
+                .get(0)
+        },
+        2000,
+        move |c| {
+            c.query_one(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+                 WHERE application_name = $1 AND pid <> pg_backend_pid()",
+                &[&app],
+            )
+            .unwrap()
+            .get::<_, i64>(0)
+        },
+    );
     let mut req = request("p", "j");
     req.logging_level = LogLevel::Medium;
     let r = f.run(&req);
-    let killed = killer.join().unwrap();
+    let killed = killer.join().unwrap().unwrap_or(0);
     assert_eq!(r.status, RunStatus::Complete, "{:?}", r.error);
     let c = r.counters;
     assert_eq!(
@@ -676,36 +666,35 @@ fn an_origin_cut_mid_stream_fails_the_job_and_counts_only_what_landed() {
         .unwrap()
         .execute_batch("CREATE TABLE people(id integer PRIMARY KEY, name text)")
         .unwrap();
-    let (ready, connected) = std::sync::mpsc::channel();
-    let killer = std::thread::spawn(move || {
-        let mut admin = postgres::Client::connect(&url(), postgres::NoTls).unwrap();
-        ready.send(()).unwrap();
-        // Once the origin's query has been streaming for a moment, cut it.
-        for _ in 0..2000 {
-            let active: i64 = admin
-                .query_one(
-                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1",
-                    &[&app],
-                )
-                .unwrap()
-                .get(0);
-            if active > 0 {
-                std::thread::sleep(std::time::Duration::from_millis(400));
-                return admin
-                    .query_one(
-                        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = $1",
-                        &[&app],
-                    )
-                    .unwrap()
-                    .get::<_, i64>(0);
-            }
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
-        0
-    });
-    connected.recv().unwrap();
+    // Once the origin's query has been streaming for a moment, cut it.
+    let app2 = app.clone();
+    let killer = common::when_count_passes(
+        || postgres::Client::connect(&url(), postgres::NoTls).unwrap(),
+        move |c| {
+            c.query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1",
+                &[&app2],
+            )
+            .unwrap()
+            .get(0)
+        },
+        0,
+        move |c| {
+            std::thread::sleep(std::time::Duration::from_millis(400));
+            c.query_one(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = $1",
+                &[&app],
+            )
+            .unwrap()
+            .get::<_, i64>(0)
+        },
+    );
     let r = f.run(&request("p", "j"));
-    assert_eq!(killer.join().unwrap(), 1, "the test did not cut the origin");
+    assert_eq!(
+        killer.join().unwrap(),
+        Some(1),
+        "the test did not cut the origin"
+    );
     assert_eq!(r.status, RunStatus::Failed);
     let e = r.error.clone().unwrap_or_default();
     assert!(
@@ -744,29 +733,21 @@ fn a_database_gone_for_good_fails_the_job_after_its_retries() {
     }
     f.write("projects/p/in.csv", &csv);
     let schema = s.name.clone();
-    let (ready, connected) = std::sync::mpsc::channel();
-    let killer = std::thread::spawn(move || {
-        let mut admin = postgres::Client::connect(&url(), postgres::NoTls).unwrap();
-        ready.send(()).unwrap();
-        for _ in 0..2000 {
-            let n: i64 = admin
-                .query_one(&format!("SELECT count(*) FROM {schema}.people"), &[])
+    let down = common::when_count_passes(
+        || postgres::Client::connect(&url(), postgres::NoTls).unwrap(),
+        move |c| {
+            c.query_one(&format!("SELECT count(*) FROM {schema}.people"), &[])
                 .unwrap()
-                .get(0);
-            if n > 5000 {
-                proxy.take_down();
-                return true;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(2));
-        }
-        false
-    });
-    connected.recv().unwrap();
+                .get(0)
+        },
+        5000,
+        move |_| proxy.take_down(),
+    );
     let mut req = request("p", "j");
     req.logging_level = LogLevel::Medium;
     let r = f.run(&req);
     assert!(
-        killer.join().unwrap(),
+        down.join().unwrap().is_some(),
         "the test did not take the database down"
     );
     assert_eq!(

@@ -171,3 +171,32 @@ impl Proxy {
         }
     }
 }
+
+/// Starts a thread that connects (`connect`), then polls `count` every 2 ms
+/// and, once it passes `threshold`, runs `act` and returns its answer (`None`
+/// if the count never got there in ~10 s). Returns after the thread has
+/// connected, so the run started next cannot finish before it watches.
+pub fn when_count_passes<C, T>(
+    connect: impl FnOnce() -> C + Send + 'static,
+    count: impl Fn(&mut C) -> i64 + Send + 'static,
+    threshold: i64,
+    act: impl FnOnce(&mut C) -> T + Send + 'static,
+) -> std::thread::JoinHandle<Option<T>>
+where
+    T: Send + 'static,
+{
+    let (ready, connected) = std::sync::mpsc::channel();
+    let watcher = std::thread::spawn(move || {
+        let mut c = connect();
+        ready.send(()).unwrap();
+        for _ in 0..5000 {
+            if count(&mut c) > threshold {
+                return Some(act(&mut c));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        None
+    });
+    connected.recv().unwrap();
+    watcher
+}
