@@ -298,12 +298,7 @@ fn plain_insert_of_existing_keys_is_a_row_error_and_the_rest_land() {
     let c = r.counters;
     assert_eq!((c.total_rows, c.inserts, c.errors), (4, 2, 2));
     assert_eq!(r.status, RunStatus::Complete);
-    let errors: Vec<&str> = r.jobs[0]
-        .log
-        .iter()
-        .filter(|e| e.row.is_some())
-        .map(|e| e.message.as_str())
-        .collect();
+    let errors = common::row_messages(&r);
     assert_eq!(errors.len(), 2);
     assert!(
         errors[0].starts_with("row 1, stage 1 (insert people): UNIQUE constraint failed"),
@@ -595,12 +590,7 @@ fn malformed_csv_lines_are_row_errors_and_the_rest_land() {
     let r = f.run(&req);
     let c = r.counters;
     assert_eq!((c.total_rows, c.inserts, c.errors), (4, 2, 2));
-    let msgs: Vec<&str> = r.jobs[0]
-        .log
-        .iter()
-        .filter(|e| e.row.is_some())
-        .map(|e| e.message.as_str())
-        .collect();
+    let msgs = common::row_messages(&r);
     assert!(
         msgs[0].starts_with("row 2: the line has 2 fields where the header has 3"),
         "{msgs:?}"
@@ -947,12 +937,7 @@ return row.city.length > 3 ? row.city : null;""" },
     let r = f.run(&req);
     assert_eq!(r.status, RunStatus::Complete, "{:?}", r.error);
     assert_eq!((r.counters.inserts, r.counters.errors), (3, 2));
-    let msgs: Vec<&str> = r.jobs[0]
-        .log
-        .iter()
-        .filter(|e| e.row.is_some())
-        .map(|e| e.message.as_str())
-        .collect();
+    let msgs = common::row_messages(&r);
     assert!(
         msgs.iter().any(|m| m.contains("row 3")
             && m.contains("no boom here")

@@ -218,12 +218,7 @@ fields = [
         "{:?}",
         r.jobs[0].log
     );
-    let errs: Vec<&str> = r.jobs[0]
-        .log
-        .iter()
-        .filter(|e| e.row.is_some())
-        .map(|e| e.message.as_str())
-        .collect();
+    let errs = common::row_messages(&r);
     assert!(
         errs[0].contains("row 2") && errs[0].contains("numeric") && errs[0].contains("amount"),
         "{errs:?}"
@@ -557,12 +552,7 @@ fn new_rows_that_break_another_key_or_a_type_cost_only_their_row() {
         "{:?}",
         r.jobs[0].log
     );
-    let errs: Vec<&str> = r.jobs[0]
-        .log
-        .iter()
-        .filter(|e| e.row.is_some())
-        .map(|e| e.message.as_str())
-        .collect();
+    let errs = common::row_messages(&r);
     assert!(
         errs[0].contains("row 2") && errs[0].contains("people_email_key"),
         "{errs:?}"

@@ -200,3 +200,13 @@ where
     connected.recv().unwrap();
     watcher
 }
+
+/// The messages of the first job's log entries that name a row.
+pub fn row_messages(r: &RunReport) -> Vec<&str> {
+    r.jobs[0]
+        .log
+        .iter()
+        .filter(|e| e.row.is_some())
+        .map(|e| e.message.as_str())
+        .collect()
+}
