@@ -486,8 +486,16 @@ impl Shared<'_> {
         w.each(&mut |d| d.commit())
     }
 
-    /// One batch in one transaction; on failure, replayed row by row.
-    fn process_batch(&self, w: &mut Writer, js: Option<&ScriptRuntime>, rows: &mut [RowState]) {
+    /// Runs the rows' transaction, and again on a new connection while the
+    /// connection is lost (`retry_attempts` times, waiting `retry_wait`,
+    /// doubling). The last result, and the retries made.
+    fn transaction_retried(
+        &self,
+        w: &mut Writer,
+        js: Option<&ScriptRuntime>,
+        rows: &mut [RowState],
+        what: &str,
+    ) -> (Result<(), ConnectorError>, u32) {
         let mut result = self.transaction(w, js, rows);
         let mut attempt = 0;
         while let Err(ConnectorError::Lost(msg)) = &result {
@@ -501,7 +509,7 @@ impl Shared<'_> {
                 LogLevel::Medium,
                 None,
                 format!(
-                    "the connection was lost ({msg}); retrying the batch in {:.1}s (attempt {attempt} of {})",
+                    "the connection was lost ({msg}); retrying {what} in {:.1}s (attempt {attempt} of {})",
                     wait.as_secs_f64(),
                     self.job.retry_attempts
                 ),
@@ -510,17 +518,18 @@ impl Shared<'_> {
             rows.iter_mut().for_each(RowState::reset);
             result = self.transaction(w, js, rows);
         }
-        if let Err(e @ (ConnectorError::Unavailable(_) | ConnectorError::Lost(_))) = &result {
-            // Nothing of this batch landed and the destination takes no
-            // more (or the retries are spent): the job stops here, and these
-            // rows are not counted.
+        (result, attempt)
+    }
+
+    /// One batch in one transaction; on failure, replayed row by row. A
+    /// destination that takes no more rows (lost past its retries, or
+    /// unavailable) fails the job: what it had not taken is not counted.
+    fn process_batch(&self, w: &mut Writer, js: Option<&ScriptRuntime>, rows: &mut [RowState]) {
+        let (result, attempt) = self.transaction_retried(w, js, rows, "the batch");
+        if let Err(e) = &result
+            && let Some(why) = gave_up(e, attempt)
+        {
             let _ = w.each(&mut |d| d.rollback());
-            let why = match e {
-                ConnectorError::Lost(_) if attempt > 0 => {
-                    format!("{e} (gave up after {attempt} retries)")
-                }
-                _ => e.to_string(),
-            };
             self.fail_job(why);
             return;
         }
@@ -538,22 +547,20 @@ impl Shared<'_> {
             rows.iter_mut().for_each(RowState::reset);
             for i in 0..rows.len() {
                 let one = &mut rows[i..=i];
-                match self.transaction(w, js, one) {
-                    Err(e @ ConnectorError::Unavailable(_)) => {
-                        // The rest of the batch is not counted.
-                        let _ = w.each(&mut |d| d.rollback());
+                let what = format!("row {}", one[0].number);
+                let (result, attempt) = self.transaction_retried(w, js, one, &what);
+                if let Err(e) = result {
+                    let _ = w.each(&mut |d| d.rollback());
+                    if let Some(why) = gave_up(&e, attempt) {
+                        // This row and the rest of the batch are not counted.
                         one[0].reset();
-                        self.fail_job(e.to_string());
+                        self.fail_job(why);
                         break;
                     }
-                    Err(e) => {
-                        let _ = w.each(&mut |d| d.rollback());
-                        let r = &mut one[0];
-                        r.actions.iter_mut().for_each(|a| *a = None);
-                        r.error = Some((0, e.to_string()));
-                        r.processed = true;
-                    }
-                    Ok(()) => {}
+                    let r = &mut one[0];
+                    r.actions.iter_mut().for_each(|a| *a = None);
+                    r.error = Some((0, e.to_string()));
+                    r.processed = true;
                 }
                 if self.job.halt_on_error && rows[i].error.is_some() {
                     break;
@@ -658,6 +665,18 @@ impl Shared<'_> {
             }
             self.stop.store(true, Ordering::SeqCst);
         }
+    }
+}
+
+/// The job error when `e` means the destination takes no more rows: lost
+/// past its `attempt` retries, or unavailable.
+fn gave_up(e: &ConnectorError, attempt: u32) -> Option<String> {
+    match e {
+        ConnectorError::Lost(_) if attempt > 0 => {
+            Some(format!("{e} (gave up after {attempt} retries)"))
+        }
+        ConnectorError::Lost(_) | ConnectorError::Unavailable(_) => Some(e.to_string()),
+        _ => None,
     }
 }
 
