@@ -469,6 +469,35 @@ async fn hostile_bodies_get_a_4xx_and_change_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn execute_job_waits_as_configured_and_never_for_a_node_that_runs_nothing() {
+    // Workers not started: the run stays queued, and the wait is up after 1 s.
+    let a = api_with(|c| c.execute_job_wait_secs = 1, Vec::new(), false).await;
+    let id = guid();
+    let r = a.post_json("/v1/ExecuteJob", run_body(&id)).await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
+    let v = r.json();
+    assert_eq!(
+        (v["runID"].as_str(), v["status"].as_str()),
+        (Some(id.as_str()), Some("Queued"))
+    );
+    assert_eq!(v["error"], Value::Null);
+    assert_eq!(a.run_count().await, 1);
+    // An accept-only node refuses ExecuteJob at once and records nothing.
+    let a = api_with(|c| c.workers = 0, Vec::new(), false).await;
+    let r = a.post_json("/v1/ExecuteJob", run_body(&guid())).await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{}", r.body);
+    assert!(
+        r.json()["error"]
+            .as_str()
+            .unwrap()
+            .contains("ExecuteJobAsync"),
+        "{}",
+        r.body
+    );
+    assert_eq!(a.run_count().await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn execute_job_answers_when_the_run_ends() {
     let a = api().await;
     let id = guid();

@@ -300,11 +300,30 @@ async fn execute_job_async(
     responses((status = 200, body = ExecJobResponse), (status = 400, body = ExecJobAsyncResponse)))]
 async fn execute_job(State(svc): State<Arc<Service>>, headers: HeaderMap, body: Body) -> Reply {
     let format = wire::answer_format(&headers);
+    if svc.config.workers == 0 {
+        // Nothing here would ever run it: say so instead of waiting forever.
+        return refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format,
+            "",
+            "this server runs no jobs (--workers 0): call ExecuteJobAsync and read /v1/Results/{runID}",
+        );
+    }
     let key = match accept(&svc, &headers, body, false).await {
         Ok((key, _)) => key,
         Err(r) => return r,
     };
-    match svc.wait_for_end(&key).await {
+    let ended = match svc.config.execute_job_wait_secs {
+        0 => svc.wait_for_end(&key).await,
+        secs => {
+            let wait = std::time::Duration::from_secs(secs);
+            match tokio::time::timeout(wait, svc.wait_for_end(&key)).await {
+                Ok(ended) => ended,
+                Err(_) => return still_going(&svc, &key, format).await,
+            }
+        }
+    };
+    match ended {
         Ok(Some(rec)) => match final_response(&rec) {
             Some(resp) => Reply::one(StatusCode::OK, format, &resp),
             None => refuse(
@@ -326,6 +345,37 @@ async fn execute_job(State(svc): State<Arc<Service>>, headers: HeaderMap, body: 
             &key.run_id.to_string(),
             e.to_string(),
         ),
+    }
+}
+
+/// ExecuteJob's answer when its wait is up: 202 with the run as it stands
+/// (status Queued or Running, counters so far); the rest is in Results.
+async fn still_going(svc: &Service, key: &RunKey, format: wire::Format) -> Reply {
+    let id = key.run_id.to_string();
+    match svc.store.run(key).await {
+        Ok(Some(rec)) if matches!(rec.status, RunStatus::Queued | RunStatus::Running) => {
+            let mut resp = ExecJobResponse::ended_without_report(
+                &id,
+                rec.status,
+                &rec.accepted_at,
+                results_of(&rec),
+                "",
+            );
+            resp.error = None;
+            Reply::one(StatusCode::ACCEPTED, format, &resp)
+        }
+        // It ended just now: the final answer after all.
+        Ok(Some(rec)) => match final_response(&rec) {
+            Some(resp) => Reply::one(StatusCode::OK, format, &resp),
+            None => refuse(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format,
+                &id,
+                "the run ended without a result",
+            ),
+        },
+        Ok(None) => refuse(StatusCode::NOT_FOUND, format, &id, "the run is gone"),
+        Err(e) => refuse(StatusCode::SERVICE_UNAVAILABLE, format, &id, e.to_string()),
     }
 }
 

@@ -69,6 +69,9 @@ pub struct ServeArgs {
     /// The largest request body, in bytes.
     #[arg(long)]
     body_limit: Option<usize>,
+    /// Seconds ExecuteJob waits before answering 202 with the run as it stands (0: no limit).
+    #[arg(long)]
+    execute_job_wait_secs: Option<u64>,
     /// Signing secret for completion webhooks (Standard Webhooks).
     #[arg(long, env = "TIDEPOOL_WEBHOOK_SECRET")]
     webhook_secret: Option<String>,
@@ -157,6 +160,9 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     }
     if let Some(b) = args.body_limit {
         c.body_limit = b;
+    }
+    if let Some(w) = args.execute_job_wait_secs {
+        c.execute_job_wait_secs = w;
     }
     if args.webhook_secret.is_some() {
         c.webhooks.secret = args.webhook_secret;

@@ -29,6 +29,10 @@ pub struct ServerConfig {
     pub insecure: bool,
     /// How long a bearer token from `/token` lives.
     pub token_lifetime_secs: u64,
+    /// How long `ExecuteJob` waits for its run; past it, it answers 202 with
+    /// the run as it stands (read the rest from Results). 0: as long as the
+    /// run takes.
+    pub execute_job_wait_secs: u64,
     /// Completion webhooks.
     pub webhooks: WebhookConfig,
 }
@@ -46,6 +50,7 @@ impl Default for ServerConfig {
             shutdown_grace_secs: 30,
             insecure: false,
             token_lifetime_secs: 5 * 24 * 3600,
+            execute_job_wait_secs: 0,
             webhooks: WebhookConfig::default(),
         }
     }
