@@ -297,7 +297,11 @@ async fn execute_job_async(
 /// Runs a job and answers when the run (and its chain) ends.
 #[utoipa::path(post, path = "/v1/ExecuteJob", tag = "v1",
     request_body(content = ExecJobRequest, content_type = "application/json"),
-    responses((status = 200, body = ExecJobResponse), (status = 400, body = ExecJobAsyncResponse)))]
+    responses(
+        (status = 200, description = "the run ended", body = ExecJobResponse),
+        (status = 202, description = "execute_job_wait_secs is up: the run as it stands", body = ExecJobResponse),
+        (status = 400, body = ExecJobAsyncResponse),
+        (status = 503, description = "the queue is full, or this node runs no jobs", body = ExecJobAsyncResponse)))]
 async fn execute_job(State(svc): State<Arc<Service>>, headers: HeaderMap, body: Body) -> Reply {
     let format = wire::answer_format(&headers);
     if svc.config.workers == 0 {
