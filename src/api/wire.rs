@@ -650,7 +650,33 @@ pub struct ExecJobResponse {
     pub webhook_attempts: Option<Vec<WebhookAttemptLine>>,
 }
 
+/// Log lines a completion webhook carries at most; receivers often limit
+/// body sizes, and the whole log stays in `GET /v1/Runs/{id}`.
+pub const WEBHOOK_LOG_MAX: usize = 1000;
+
 impl ExecJobResponse {
+    /// The webhook body: this answer with at most [`WEBHOOK_LOG_MAX`] log
+    /// lines, the last of which then says where the rest is.
+    pub fn for_webhook(&self) -> ExecJobResponse {
+        let mut w = self.clone();
+        if w.log.len() > WEBHOOK_LOG_MAX {
+            let more = w.log.len() - (WEBHOOK_LOG_MAX - 1);
+            w.log.truncate(WEBHOOK_LOG_MAX - 1);
+            let last = w.log.last().cloned();
+            w.log.push(LogLine {
+                time: last.as_ref().map(|l| l.time.clone()).unwrap_or_default(),
+                level: "Low".into(),
+                job_id: last.map(|l| l.job_id).unwrap_or_default(),
+                row: None,
+                message: format!(
+                    "{more} more log lines: GET /v1/Runs/{} has the whole log",
+                    w.run_id
+                ),
+            });
+        }
+        w
+    }
+
     /// The answer for a finished run; the log keeps what `level` asks for.
     pub fn of_report(r: &RunReport, level: LogLevel) -> Self {
         let run_id = r.run_id.to_string();
@@ -922,6 +948,37 @@ impl IntoResponse for Reply {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn webhook_bodies_carry_a_capped_log_that_says_where_the_rest_is() {
+        let start = DateTime::parse_from_rfc3339("2024-04-20T11:06:49-05:00").unwrap();
+        let mut r = ExecJobResponse::ended_without_report(
+            "r1",
+            RunStatus::Complete,
+            &start,
+            Vec::new(),
+            "",
+        );
+        let line = |n: usize| LogLine {
+            time: "t".into(),
+            level: "High".into(),
+            job_id: "j".into(),
+            row: Some(n as u64),
+            message: format!("row {n}"),
+        };
+        r.log = (1..=1500).map(line).collect();
+        let w = r.for_webhook();
+        assert_eq!(w.log.len(), WEBHOOK_LOG_MAX);
+        assert_eq!(w.log[998].message, "row 999");
+        assert_eq!(
+            w.log[999].message,
+            "501 more log lines: GET /v1/Runs/r1 has the whole log"
+        );
+        assert_eq!(r.log.len(), 1500, "the answer itself keeps the whole log");
+        r.log.truncate(WEBHOOK_LOG_MAX);
+        assert_eq!(r.for_webhook().log.len(), WEBHOOK_LOG_MAX);
+        assert_eq!(r.for_webhook().log[999].message, "row 1000");
+    }
 
     fn fields(pairs: &[(&str, WireValue)]) -> FieldMap {
         pairs

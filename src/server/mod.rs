@@ -173,6 +173,8 @@ impl Service {
                     status,
                     results_json: serde_json::to_string(&response.results).unwrap_or_default(),
                     response_json: serde_json::to_string(&response).unwrap_or_default(),
+                    webhook_json: serde_json::to_string(&response.for_webhook())
+                        .unwrap_or_default(),
                     error: Some(error.to_owned()),
                 },
             )
@@ -399,6 +401,8 @@ impl Service {
                     status: report.status,
                     results_json: serde_json::to_string(&response.results).unwrap_or_default(),
                     response_json: serde_json::to_string(&response).unwrap_or_default(),
+                    webhook_json: serde_json::to_string(&response.for_webhook())
+                        .unwrap_or_default(),
                     error: report.error.clone(),
                 }
             }

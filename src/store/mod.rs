@@ -96,8 +96,10 @@ pub struct RunEnd {
     pub status: RunStatus,
     /// Per-job results (API-owned JSON).
     pub results_json: String,
-    /// The final answer (API-owned JSON); also the webhook body.
+    /// The final answer (API-owned JSON).
     pub response_json: String,
+    /// The completion webhook's body (the answer, its log capped).
+    pub webhook_json: String,
     /// Why it failed.
     pub error: Option<String>,
 }

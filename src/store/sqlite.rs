@@ -406,7 +406,7 @@ impl Store for SqliteStore {
                 "INSERT OR IGNORE INTO webhooks (instance, run_id, url, body, created_at, next_attempt_at)
                  SELECT instance, run_id, webhook_url, ?3, ?4, ?4 FROM runs
                  WHERE instance = ?1 AND run_id = ?2 AND webhook_url IS NOT NULL",
-                params![k.instance, k.run_id.to_string(), end.response_json, now_text(&now)],
+                params![k.instance, k.run_id.to_string(), end.webhook_json, now_text(&now)],
             )?;
             Ok(true)
         })
