@@ -323,10 +323,7 @@ fn a_connection_killed_mid_run_is_retried_and_nothing_is_lost() {
     let job = people_job("update/insert", "")
         .replace("[origin]", "batch_size = 50\nretry_wait_ms = 100\n[origin]");
     f.project("p", &project(&db), &[("j", &job)]);
-    let mut csv = String::from("id,name,city\n");
-    for i in 1..=200_000 {
-        csv.push_str(&format!("{i},n{i},c\n"));
-    }
+    let csv = common::people_csv(200_000);
     f.write("projects/p/in.csv", &csv);
     let name = db.name.clone();
     let admin_id = db.admin.connection_id();
@@ -563,10 +560,7 @@ fn upserts_switching_between_new_and_present_stretches_stay_exact() {
         "CREATE TABLE people(id integer PRIMARY KEY, name varchar(50), city varchar(50));
          INSERT INTO people VALUES (1050, 'old', 'x'), (1051, 'n1051', 'c');",
     );
-    let mut csv = String::from("id,name,city\n");
-    for i in 1..=2000 {
-        csv.push_str(&format!("{i},n{i},c\n"));
-    }
+    let csv = common::people_csv(2000);
     let f = Fixture::new();
     let job = people_job("update/insert", "").replace("[origin]", "batch_size = 100\n[origin]");
     f.project("p", &project(&db), &[("j", &job)]);
@@ -604,10 +598,7 @@ fn a_database_gone_for_good_fails_the_job_after_its_retries() {
             &format!("/{}?prefer_socket=false\"", db.name),
         );
     f.project("p", &proj, &[("j", &job)]);
-    let mut csv = String::from("id,name,city\n");
-    for i in 1..=200_000 {
-        csv.push_str(&format!("{i},n{i},c\n"));
-    }
+    let csv = common::people_csv(200_000);
     f.write("projects/p/in.csv", &csv);
     let down = common::when_count_passes(admin, people_count(db.name.clone()), 3000, move |_| {
         proxy.take_down()

@@ -333,10 +333,7 @@ fn a_connection_killed_mid_run_is_retried_and_nothing_is_lost() {
     let app = format!("tp_kill_{}", &s.name[3..15]);
     let proj = project(&s).replace("/test\"", &format!("/test?application_name={app}\""));
     f.project("p", &proj, &[("j", &job)]);
-    let mut csv = String::from("id,name,city\n");
-    for i in 1..=200_000 {
-        csv.push_str(&format!("{i},n{i},c\n"));
-    }
+    let csv = common::people_csv(200_000);
     f.write("projects/p/in.csv", &csv);
     let schema = s.name.clone();
     // Once rows are landing, cut tidepool's connection.
@@ -501,10 +498,7 @@ fn upserts_switching_between_changed_and_unchanged_stretches_stay_exact() {
          INSERT INTO S.people SELECT i, 'old' || i, 'c' FROM generate_series(1, 1000) i;
          INSERT INTO S.people SELECT i, 'n' || i, 'c' FROM generate_series(1001, 1500) i;",
     );
-    let mut csv = String::from("id,name,city\n");
-    for i in 1..=2000 {
-        csv.push_str(&format!("{i},n{i},c\n"));
-    }
+    let csv = common::people_csv(2000);
     let f = Fixture::new();
     let job = people_job(&s, "update/insert", "").replace("[origin]", "batch_size = 100\n[origin]");
     f.project("p", &project(&s), &[("j", &job)]);
@@ -717,10 +711,7 @@ fn a_database_gone_for_good_fails_the_job_after_its_retries() {
     );
     let proj = project(&s).replace("127.0.0.1:5432", &format!("127.0.0.1:{}", proxy.port));
     f.project("p", &proj, &[("j", &job)]);
-    let mut csv = String::from("id,name,city\n");
-    for i in 1..=200_000 {
-        csv.push_str(&format!("{i},n{i},c\n"));
-    }
+    let csv = common::people_csv(200_000);
     f.write("projects/p/in.csv", &csv);
     let schema = s.name.clone();
     let down = common::when_count_passes(

@@ -210,3 +210,12 @@ pub fn row_messages(r: &RunReport) -> Vec<&str> {
         .map(|e| e.message.as_str())
         .collect()
 }
+
+/// `id,name,city` rows 1..=n with name `n{id}` and city `c`.
+pub fn people_csv(n: u32) -> String {
+    let mut csv = String::from("id,name,city\n");
+    for i in 1..=n {
+        csv.push_str(&format!("{i},n{i},c\n"));
+    }
+    csv
+}
