@@ -522,7 +522,6 @@ fn an_origin_cut_mid_stream_fails_the_job_and_counts_only_what_landed() {
         move |c| watching(c).len() as i64,
         0,
         move |c| {
-            std::thread::sleep(std::time::Duration::from_millis(100));
             let ids = readers(c);
             for id in &ids {
                 let _ = c.query_drop(format!("KILL {id}"));

@@ -650,22 +650,27 @@ fn an_origin_cut_mid_stream_fails_the_job_and_counts_only_what_landed() {
         .unwrap()
         .execute_batch("CREATE TABLE people(id integer PRIMARY KEY, name text)")
         .unwrap();
-    // Once the origin's query has been streaming for a moment, cut it.
-    let app2 = app.clone();
+    // Once the first rows have landed (the origin is streaming and the
+    // writer has committed), cut the origin's connection.
+    let landed_db = db.clone();
     let killer = common::when_count_passes(
-        || postgres::Client::connect(&url(), postgres::NoTls).unwrap(),
-        move |c| {
-            c.query_one(
-                "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1",
-                &[&app2],
+        move || {
+            let c = rusqlite::Connection::open(&landed_db).unwrap();
+            c.busy_timeout(std::time::Duration::from_millis(50))
+                .unwrap();
+            (
+                c,
+                postgres::Client::connect(&url(), postgres::NoTls).unwrap(),
             )
-            .unwrap()
-            .get(0)
+        },
+        |(lite, _)| {
+            // Busy while the writer commits: count as nothing yet.
+            lite.query_row("SELECT count(*) FROM people", [], |r| r.get(0))
+                .unwrap_or(0)
         },
         0,
-        move |c| {
-            std::thread::sleep(std::time::Duration::from_millis(400));
-            c.query_one(
+        move |(_, pg)| {
+            pg.query_one(
                 "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = $1",
                 &[&app],
             )

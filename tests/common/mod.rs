@@ -174,7 +174,7 @@ impl Proxy {
 
 /// Starts a thread that connects (`connect`), then polls `count` every 2 ms
 /// and, once it passes `threshold`, runs `act` and returns its answer (`None`
-/// if the count never got there in ~10 s). Returns after the thread has
+/// if the count never got there within 120 s). Returns after the thread has
 /// connected, so the run started next cannot finish before it watches.
 pub fn when_count_passes<C, T>(
     connect: impl FnOnce() -> C + Send + 'static,
@@ -189,7 +189,10 @@ where
     let watcher = std::thread::spawn(move || {
         let mut c = connect();
         ready.send(()).unwrap();
-        for _ in 0..5000 {
+        // A deadline, not a number of tries: on a busy machine a run takes
+        // its time to get going.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        while std::time::Instant::now() < deadline {
             if count(&mut c) > threshold {
                 return Some(act(&mut c));
             }
