@@ -248,6 +248,8 @@ pub struct LoginGuard {
     users: Mutex<Failures>,
     addresses: Mutex<Failures>,
     password_checks: AtomicU64,
+    /// Checks running now, and the most there ever were at once.
+    running: Arc<(AtomicU64, AtomicU64)>,
 }
 
 impl LoginGuard {
@@ -259,7 +261,18 @@ impl LoginGuard {
             users: Mutex::new(Failures::default()),
             addresses: Mutex::new(Failures::default()),
             password_checks: AtomicU64::new(0),
+            running: Arc::default(),
         }
+    }
+
+    /// Password checks running now.
+    pub fn checks_running(&self) -> u64 {
+        self.running.0.load(Ordering::Relaxed)
+    }
+
+    /// The most password checks that ever ran at once.
+    pub fn checks_running_peak(&self) -> u64 {
+        self.running.1.load(Ordering::Relaxed)
     }
 
     /// Password checks (argon2, real or against the dummy hash) run so far.
@@ -343,9 +356,13 @@ pub async fn check_login(
     metrics::counter!("tidepool_password_checks_total").increment(1);
     // The permit moves into the blocking task: a client that hangs up does
     // not free its check before the argon2 work is done.
+    let running = guard.running.clone();
     let granted = tokio::task::spawn_blocking(move || {
         let _permit = permit;
+        let now = running.0.fetch_add(1, Ordering::Relaxed) + 1;
+        running.1.fetch_max(now, Ordering::Relaxed);
         let matched = verify_password(&password, hash.as_deref().unwrap_or(&DUMMY_HASH));
+        running.0.fetch_sub(1, Ordering::Relaxed);
         matched && hash.is_some()
     })
     .await
