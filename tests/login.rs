@@ -527,6 +527,17 @@ async fn tokens_revoked_by_the_cli_stop_working_within_the_cache_ttl() {
         }
     };
 
+    // `user add` again replaces the user and revokes its tokens.
+    let token = token_of(&client, &base, "ann", "ann-secret-1").await;
+    assert_eq!(projects_status(&client, &base, &token).await, 200);
+    let out = tidepool(
+        &f,
+        &["user", "add", "ann", "--instance", "default:Owner"],
+        "ann-secret-1",
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("replaced"));
+    until_refused(token).await;
+
     let token = token_of(&client, &base, "ann", "ann-secret-1").await;
     assert_eq!(projects_status(&client, &base, &token).await, 200);
     let out = tidepool(&f, &["user", "passwd", "ann"], "ann-secret-2");
