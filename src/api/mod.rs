@@ -677,7 +677,9 @@ const TOKEN_BODY_LIMIT: usize = 8 * 1024;
 #[utoipa::path(post, path = "/token", tag = "v1",
     request_body(content = String, description = "grant_type=password&username=…&password=…", content_type = "application/x-www-form-urlencoded"),
     responses((status = 200, description = "{access_token, token_type: bearer, expires_in}"), (status = 400, description = "{error, error_description}"),
-        (status = 429, description = "too many failed attempts for the user or from the address, or too many at once; see Retry-After. {error, error_description}")))]
+        (status = 413, description = "the body is larger than 8 KiB. {error, error_description}"),
+        (status = 429, description = "too many failed attempts for the user or from the address, or too many at once; see Retry-After. {error, error_description}"),
+        (status = 503, description = "the store failed. {error, error_description}")))]
 async fn token(
     State(svc): State<Arc<Service>>,
     peer: Option<axum::Extension<axum::extract::ConnectInfo<std::net::SocketAddr>>>,
