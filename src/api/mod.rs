@@ -662,16 +662,34 @@ fn oauth_error(status: StatusCode, error: &str, description: &str) -> Response {
         .into_response()
 }
 
-/// `POST /token`: the OAuth2 password grant.
+/// A 429 from `/token`, in its OAuth error shape, with Retry-After.
+fn too_many(error: &str, description: &str, retry_after_secs: u64) -> Response {
+    let mut r = oauth_error(StatusCode::TOO_MANY_REQUESTS, error, description);
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, retry_after_secs.into());
+    r
+}
+
+/// `POST /token`'s largest body: a user name and a password fit easily.
+const TOKEN_BODY_LIMIT: usize = 8 * 1024;
+
+/// `POST /token`: the OAuth2 password grant, under [`auth::LoginGuard`]'s limits.
 #[utoipa::path(post, path = "/token", tag = "v1",
     request_body(content = String, description = "grant_type=password&username=…&password=…", content_type = "application/x-www-form-urlencoded"),
-    responses((status = 200, description = "{access_token, token_type: bearer, expires_in}"), (status = 400, description = "{error, error_description}")))]
-async fn token(State(svc): State<Arc<Service>>, body: Body) -> Response {
-    let Ok(bytes) = read_body(&svc, body).await else {
+    responses((status = 200, description = "{access_token, token_type: bearer, expires_in}"), (status = 400, description = "{error, error_description}"),
+        (status = 413, description = "the body is larger than 8 KiB. {error, error_description}"),
+        (status = 429, description = "too many failed attempts for the user or from the address, or too many at once; see Retry-After. {error, error_description}"),
+        (status = 503, description = "the store failed. {error, error_description}")))]
+async fn token(
+    State(svc): State<Arc<Service>>,
+    peer: Option<axum::Extension<axum::extract::ConnectInfo<std::net::SocketAddr>>>,
+    body: Body,
+) -> Response {
+    let Ok(bytes) = axum::body::to_bytes(body, TOKEN_BODY_LIMIT).await else {
         return oauth_error(
             StatusCode::PAYLOAD_TOO_LARGE,
             "invalid_request",
-            "the body is too large",
+            &format!("the body is larger than {TOKEN_BODY_LIMIT} bytes"),
         );
     };
     let form: TokenForm = match serde_urlencoded::from_bytes(&bytes) {
@@ -702,28 +720,40 @@ async fn token(State(svc): State<Arc<Service>>, body: Body) -> Response {
             "username and password are required",
         );
     };
-    let record = match svc.store.user(&user).await {
-        Ok(r) => r,
-        Err(e) => {
+    let peer = peer.map(|axum::Extension(info)| info.0.ip());
+    match auth::check_login(&svc, &user, password, peer).await {
+        auth::LoginOutcome::Granted => {}
+        auth::LoginOutcome::Denied => {
+            return oauth_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_grant",
+                "the user name or password is incorrect",
+            );
+        }
+        auth::LoginOutcome::Throttled(left) => {
+            let secs = left.as_secs() + u64::from(left.subsec_nanos() > 0);
+            return too_many(
+                "too_many_attempts",
+                &format!(
+                    "too many failed attempts for this user or from this address: try again in {secs} s"
+                ),
+                secs.max(1),
+            );
+        }
+        auth::LoginOutcome::Busy => {
+            return too_many(
+                "temporarily_unavailable",
+                "too many password checks at once: try again shortly",
+                1,
+            );
+        }
+        auth::LoginOutcome::Store(e) => {
             return oauth_error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "temporarily_unavailable",
                 &e.to_string(),
             );
         }
-    };
-    let hash = record.map(|r| r.password_hash);
-    let ok = tokio::task::spawn_blocking(move || {
-        hash.is_some_and(|h| auth::verify_password(&password, &h))
-    })
-    .await
-    .unwrap_or(false);
-    if !ok {
-        return oauth_error(
-            StatusCode::BAD_REQUEST,
-            "invalid_grant",
-            "the user name or password is incorrect",
-        );
     }
     let token = auth::new_secret("tpt_");
     let lifetime = svc.config.token_lifetime_secs;

@@ -39,9 +39,13 @@ enum Command {
 #[derive(Subcommand)]
 enum UserCommand {
     /// Add (or replace) a user; the password is read from TIDEPOOL_PASSWORD or standard input.
+    /// Replacing a user revokes its bearer tokens.
     Add(serve::UserAddArgs),
     /// Remove a user, with its API keys and tokens.
     Remove(serve::UserRemoveArgs),
+    /// Change a user's password and revoke its bearer tokens (API keys stay);
+    /// the password is read like `user add`'s.
+    Passwd(serve::UserPasswdArgs),
 }
 
 #[derive(Subcommand)]
@@ -122,6 +126,7 @@ pub fn main() -> ExitCode {
         Command::Serve(args) => serve::serve(args),
         Command::User(UserCommand::Add(args)) => serve::user_add(args),
         Command::User(UserCommand::Remove(args)) => serve::user_remove(args),
+        Command::User(UserCommand::Passwd(args)) => serve::user_passwd(args),
         Command::Key(KeyCommand::Create(args)) => serve::key_create(args),
         Command::Key(KeyCommand::List(args)) => serve::key_list(args),
         Command::Key(KeyCommand::Revoke(args)) => serve::key_revoke(args),

@@ -114,6 +114,14 @@ pub struct UserRemoveArgs {
 }
 
 #[derive(Args)]
+pub struct UserPasswdArgs {
+    /// The user name.
+    name: String,
+    #[command(flatten)]
+    cfg: ConfigArgs,
+}
+
+#[derive(Args)]
 pub struct KeyListArgs {
     #[command(flatten)]
     cfg: ConfigArgs,
@@ -243,10 +251,34 @@ pub fn user_add(args: UserAddArgs) -> anyhow::Result<ExitCode> {
         grants.push((inst.to_owned(), role));
     }
     let primary = args.primary.clone().unwrap_or_else(|| grants[0].0.clone());
+    let hash = read_password_hash(&args.name)?;
+    let (_, store) = args.cfg.open_store()?;
+    let rt = runtime()?;
+    let existed = rt.block_on(store.user(&args.name))?.is_some();
+    rt.block_on(store.put_user(UserRecord {
+        name: args.name.clone(),
+        password_hash: hash,
+        primary_instance: primary.clone(),
+        grants,
+    }))?;
+    if existed {
+        println!(
+            "user {} replaced (primary instance {primary}); its bearer tokens are revoked (a running server stops accepting them within 5 s)",
+            args.name
+        );
+    } else {
+        println!("user {} saved (primary instance {primary})", args.name);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Reads a password from TIDEPOOL_PASSWORD or one line of standard input,
+/// and hashes it.
+fn read_password_hash(name: &str) -> anyhow::Result<String> {
     let password = match std::env::var("TIDEPOOL_PASSWORD") {
         Ok(p) => p,
         Err(_) => {
-            eprintln!("password for {} (one line on standard input):", args.name);
+            eprintln!("password for {name} (one line on standard input):");
             let mut line = String::new();
             std::io::stdin().read_line(&mut line)?;
             line.trim_end_matches(['\r', '\n']).to_owned()
@@ -255,15 +287,23 @@ pub fn user_add(args: UserAddArgs) -> anyhow::Result<ExitCode> {
     if password.len() < 8 {
         bail!("the password must be at least 8 characters");
     }
-    let hash = api::auth::hash_password(&password).map_err(anyhow::Error::msg)?;
+    api::auth::hash_password(&password).map_err(anyhow::Error::msg)
+}
+
+pub fn user_passwd(args: UserPasswdArgs) -> anyhow::Result<ExitCode> {
     let (_, store) = args.cfg.open_store()?;
-    runtime()?.block_on(store.put_user(UserRecord {
-        name: args.name.clone(),
-        password_hash: hash,
-        primary_instance: primary.clone(),
-        grants,
-    }))?;
-    println!("user {} saved (primary instance {primary})", args.name);
+    let rt = runtime()?;
+    if rt.block_on(store.user(&args.name))?.is_none() {
+        bail!("no user {:?}: add it with `tidepool user add`", args.name);
+    }
+    let hash = read_password_hash(&args.name)?;
+    if !rt.block_on(store.set_password(&args.name, &hash))? {
+        bail!("no user {:?}", args.name);
+    }
+    println!(
+        "password of {} changed; its bearer tokens are revoked (a running server stops accepting them within 5 s; API keys stay)",
+        args.name
+    );
     Ok(ExitCode::SUCCESS)
 }
 

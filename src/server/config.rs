@@ -35,6 +35,9 @@ pub struct ServerConfig {
     pub execute_job_wait_secs: u64,
     /// Completion webhooks.
     pub webhooks: WebhookConfig,
+    /// `POST /token`: how many password checks run at once, and the backoff
+    /// after failed attempts.
+    pub login: LoginConfig,
 }
 
 impl Default for ServerConfig {
@@ -52,6 +55,7 @@ impl Default for ServerConfig {
             token_lifetime_secs: 5 * 24 * 3600,
             execute_job_wait_secs: 0,
             webhooks: WebhookConfig::default(),
+            login: LoginConfig::default(),
         }
     }
 }
@@ -86,6 +90,47 @@ impl Default for WebhookConfig {
             timeout_secs: 10.0,
             block_private: false,
             allow_link_local: false,
+        }
+    }
+}
+
+/// Limits on `POST /token`. Each password check is argon2id with 19 MiB of
+/// memory, so the number at once bounds the server's memory; repeated
+/// failures for a user or from an address are answered 429 without a check.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoginConfig {
+    /// Password checks that run at once (each holds 19 MiB and a core for
+    /// about 25 ms). Default: the number of cores, at most 8; 0 counts as 1.
+    pub checks: usize,
+    /// How long an attempt waits for a free check before it is answered
+    /// 429 with Retry-After, in milliseconds.
+    pub wait_ms: u64,
+    /// Failed attempts for one user name, or from one address (IPv6: its
+    /// /64), within `window_secs` before further attempts are refused.
+    pub max_failures: u32,
+    /// The window the failures are counted in, in seconds.
+    pub window_secs: u64,
+    /// The first refusal period; each further one for the same user or
+    /// address is twice as long, up to `backoff_max_secs`.
+    pub backoff_secs: u64,
+    /// The longest refusal period, in seconds.
+    pub backoff_max_secs: u64,
+    /// User names and addresses tracked at most (each); past it the one seen
+    /// longest ago is forgotten.
+    pub tracked_max: usize,
+}
+
+impl Default for LoginConfig {
+    fn default() -> Self {
+        LoginConfig {
+            checks: std::thread::available_parallelism().map_or(2, |n| n.get().min(8)),
+            wait_ms: 1000,
+            max_failures: 5,
+            window_secs: 300,
+            backoff_secs: 30,
+            backoff_max_secs: 900,
+            tracked_max: 10_000,
         }
     }
 }

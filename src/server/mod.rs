@@ -47,6 +47,8 @@ pub struct Service {
     pub open: bool,
     /// Credentials that checked out recently.
     pub credentials: crate::api::auth::CredentialCache,
+    /// `POST /token`'s limits: password checks at once, backoff.
+    pub logins: crate::api::auth::LoginGuard,
     projects: RwLock<Arc<LoadOutcome>>,
     queued: AtomicU64,
     work: Notify,
@@ -73,11 +75,13 @@ impl Service {
             tracing::warn!("project not loaded: {p}");
         }
         let (ended, _) = broadcast::channel(1024);
+        let logins = crate::api::auth::LoginGuard::new(&config.login);
         let svc = Arc::new(Service {
             store,
             config,
             open,
             credentials: Default::default(),
+            logins,
             projects: RwLock::new(projects),
             queued: AtomicU64::new(0),
             work: Notify::new(),

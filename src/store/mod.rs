@@ -8,6 +8,7 @@
 mod sqlite;
 
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_trait::async_trait;
 use chrono::{DateTime, FixedOffset};
@@ -201,6 +202,22 @@ pub enum StoreError {
     Closed,
 }
 
+/// Revocations (a user replaced or removed, a password changed, an API key
+/// removed) committed through any store of this process: a credential cache
+/// of this process forgets what it learned before the last one at once.
+static REVOCATIONS: AtomicU64 = AtomicU64::new(0);
+
+/// How many revocations this process has committed (see [`REVOCATIONS`]);
+/// the CLI's, from another process, are not counted.
+pub fn revocation_epoch() -> u64 {
+    REVOCATIONS.load(Ordering::Acquire)
+}
+
+/// Called by a store once a revoking write has committed.
+fn note_revocation() {
+    REVOCATIONS.fetch_add(1, Ordering::AcqRel);
+}
+
 /// Runs, results, the webhook outbox, users, keys and tokens.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -234,8 +251,12 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<(), StoreError>;
     /// The attempts of a run's webhook.
     async fn attempts(&self, key: &RunKey) -> Result<Vec<WebhookAttempt>, StoreError>;
-    /// Adds or replaces a user.
+    /// Adds or replaces a user; replacing revokes its bearer tokens (its
+    /// password may have changed), not its API keys.
     async fn put_user(&self, user: UserRecord) -> Result<(), StoreError>;
+    /// Changes a user's password hash and revokes its bearer tokens, in one
+    /// transaction; false if there is no such user.
+    async fn set_password(&self, name: &str, password_hash: &str) -> Result<bool, StoreError>;
     /// A user by name.
     async fn user(&self, name: &str) -> Result<Option<UserRecord>, StoreError>;
     /// Whether any user exists.

@@ -548,9 +548,25 @@ impl Store for SqliteStore {
                 "INSERT OR REPLACE INTO users (name, password_hash, primary_instance, grants) VALUES (?1, ?2, ?3, ?4)",
                 params![user.name, user.password_hash, user.primary_instance, grants],
             )?;
+            c.execute("DELETE FROM tokens WHERE user = ?1", [&user.name])?;
             Ok(())
         })
         .await
+        .inspect(|_| super::note_revocation())
+    }
+
+    async fn set_password(&self, name: &str, password_hash: &str) -> Result<bool, StoreError> {
+        let (n, h) = (name.to_owned(), password_hash.to_owned());
+        self.write(move |c| {
+            let found = c.execute(
+                "UPDATE users SET password_hash = ?2 WHERE name = ?1",
+                [&n, &h],
+            )? > 0;
+            c.execute("DELETE FROM tokens WHERE user = ?1", [&n])?;
+            Ok(found)
+        })
+        .await
+        .inspect(|_| super::note_revocation())
     }
 
     async fn user(&self, name: &str) -> Result<Option<UserRecord>, StoreError> {
@@ -611,6 +627,7 @@ impl Store for SqliteStore {
         let h = key_hash.to_owned();
         self.write(move |c| Ok(c.execute("DELETE FROM api_keys WHERE key_hash = ?1", [h])? > 0))
             .await
+            .inspect(|_| super::note_revocation())
     }
 
     async fn remove_user(&self, name: &str) -> Result<bool, StoreError> {
@@ -621,6 +638,7 @@ impl Store for SqliteStore {
             Ok(c.execute("DELETE FROM users WHERE name = ?1", [&n])? > 0)
         })
         .await
+        .inspect(|_| super::note_revocation())
     }
 
     async fn api_key_user(&self, key_hash: &str) -> Result<Option<String>, StoreError> {
