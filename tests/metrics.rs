@@ -87,7 +87,10 @@ fn user(name: &str, grants: &[(&str, Role)]) -> UserRecord {
 
 /// A server with projects in `instances` and these users (none: open mode).
 async fn serve(instances: &[&str], users: Vec<UserRecord>) -> Api {
-    let f = Fixture::new();
+    serve_in(Fixture::new(), instances, users).await
+}
+
+async fn serve_in(f: Fixture, instances: &[&str], users: Vec<UserRecord>) -> Api {
     for i in instances {
         project(&f, i);
     }
@@ -324,4 +327,41 @@ async fn open_mode_metrics_stay_open_and_whole() {
             r.body
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_makes_metrics_users_and_keeps_star_for_metrics() {
+    let f = Fixture::new();
+    let tp = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_tidepool"))
+            .args(args)
+            .arg("--data-dir")
+            .arg(&f.data)
+            .env("TIDEPOOL_PASSWORD", "a-long-password")
+            .output()
+            .unwrap()
+    };
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    let out = tp(&["user", "add", "boss", "--instance", "*:Owner"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("goes with the Metrics role only"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = tp(&["user", "add", "prom", "--instance", "*:metrics"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = tp(&["key", "create", "prom"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let key = text(&out.stdout).trim().to_owned();
+
+    let one = format!("one-{}", suffix());
+    let a = serve_in(f, &[&one], Vec::new()).await;
+    assert!(!a.svc.open);
+    let r = a
+        .metrics(&[("authorization", &format!("Bearer {key}"))])
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert!(r.body.contains("tidepool_queue_depth"), "{}", r.body);
+    assert_eq!(a.metrics(&[]).await.status, StatusCode::UNAUTHORIZED);
 }
