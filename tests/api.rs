@@ -879,38 +879,66 @@ async fn completion_webhook_is_retried_then_delivered_signed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn webhooks_to_link_local_addresses_are_refused() {
+async fn webhooks_to_metadata_and_link_local_addresses_are_refused() {
+    // Every URL here is refused by the address policy before any connection
+    // is tried: IP literals and metadata host names are judged first.
     let a = api().await;
-    let id = guid();
-    let mut body = run_body(&id);
-    body["webHookURL"] = json!("http://169.254.169.254/latest/meta-data");
-    body["endAfterRow"] = json!(1);
-    assert_eq!(
-        a.post_json("/v1/ExecuteJobAsync", body).await.status,
-        StatusCode::OK
-    );
-    a.wait_results(&id, &[]).await;
-    let mut attempts = Value::Null;
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while std::time::Instant::now() < deadline {
-        attempts = a
-            .call("GET", &format!("/v1/Runs/{id}"), &[], Body::empty())
-            .await
-            .json()["webhookAttempts"]
-            .clone();
-        if !attempts.as_array().unwrap().is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
+    let cases = [
+        (
+            "http://169.254.169.254/latest/meta-data",
+            "169.254.169.254 is a cloud metadata address",
+        ),
+        ("http://169.254.1.1/", "a link-local address"),
+        ("http://[fd00:ec2::254]/", "a cloud metadata address"),
+        ("http://100.100.100.200/", "a cloud metadata address"),
+        (
+            "http://[64:ff9b::a9fe:a9fe]/",
+            "carries 169.254.169.254, a cloud metadata address",
+        ),
+        (
+            "http://[2002:a9fe:a9fe::1]/",
+            "carries 169.254.169.254, a cloud metadata address",
+        ),
+        (
+            "http://metadata.google.internal/",
+            "cloud metadata host name",
+        ),
+    ];
+    let mut ids = Vec::new();
+    for (url, _) in cases {
+        let id = guid();
+        let mut body = run_body(&id);
+        body["webHookURL"] = json!(url);
+        body["endAfterRow"] = json!(1);
+        assert_eq!(
+            a.post_json("/v1/ExecuteJobAsync", body).await.status,
+            StatusCode::OK
+        );
+        ids.push(id);
     }
-    assert_eq!(attempts.as_array().unwrap().len(), 1);
-    assert!(
-        attempts[0]["error"]
-            .as_str()
-            .unwrap()
-            .contains("link-local"),
-        "{attempts}"
-    );
+    for (id, (url, says)) in ids.iter().zip(cases) {
+        a.wait_results(id, &[]).await;
+        let mut attempts = Value::Null;
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while std::time::Instant::now() < deadline {
+            attempts = a
+                .call("GET", &format!("/v1/Runs/{id}"), &[], Body::empty())
+                .await
+                .json()["webhookAttempts"]
+                .clone();
+            if !attempts.as_array().unwrap().is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        assert_eq!(attempts.as_array().unwrap().len(), 1, "{url}: {attempts}");
+        assert_eq!(attempts[0]["statusCode"], Value::Null, "{url}");
+        let e = attempts[0]["error"].as_str().unwrap();
+        assert!(
+            e.starts_with("refused by the webhook address policy: ") && e.contains(says),
+            "{url}: {e}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -967,7 +995,7 @@ async fn health_metrics_and_unknown_paths() {
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     let m = loop {
         let m = a.call("GET", "/metrics", &[], Body::empty()).await.body;
-        if m.contains("tidepool_runs_total{status=\"Complete\"}")
+        if m.contains("tidepool_runs_total{instance=\"default\",status=\"Complete\"}")
             || std::time::Instant::now() > deadline
         {
             break m;
@@ -975,11 +1003,11 @@ async fn health_metrics_and_unknown_paths() {
         tokio::time::sleep(Duration::from_millis(25)).await;
     };
     assert!(
-        m.contains("tidepool_runs_total{status=\"Complete\"}"),
+        m.contains("tidepool_runs_total{instance=\"default\",status=\"Complete\"}"),
         "{m}"
     );
     assert!(
-        m.contains("tidepool_rows_total{counter=\"inserts\"}"),
+        m.contains("tidepool_rows_total{instance=\"default\",counter=\"inserts\"}"),
         "{m}"
     );
     assert!(m.contains("tidepool_queue_depth"), "{m}");

@@ -1,7 +1,7 @@
 //! Who is calling: bearer tokens from `POST /token`, API keys, users and their
 //! roles per instance. Secrets are kept as hashes only.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
@@ -25,7 +25,22 @@ pub struct Caller {
     /// The instance used when a request names none.
     pub primary: String,
     grants: HashMap<String, Role>,
+    /// Instances whose `/metrics` series the caller reads by the Metrics role
+    /// (kept apart from `grants`: that role reads nothing else).
+    metrics: BTreeSet<String>,
     open: bool,
+}
+
+/// The instance name that, with the Metrics role, stands for every instance.
+pub const ALL_INSTANCES: &str = "*";
+
+/// The series of `/metrics` a caller may read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MetricsScope {
+    /// Every series, the server-wide ones (no `instance` label) included.
+    All,
+    /// Only the series labelled with one of these instances.
+    Instances(BTreeSet<String>),
 }
 
 impl Caller {
@@ -35,6 +50,7 @@ impl Caller {
             user: None,
             primary: DEFAULT_INSTANCE.to_owned(),
             grants: HashMap::new(),
+            metrics: BTreeSet::new(),
             open: true,
         }
     }
@@ -52,11 +68,32 @@ impl Caller {
         self.role_in(instance).is_some()
     }
 
+    /// What the caller may read of `/metrics`: everything in open mode or
+    /// with Metrics on [`ALL_INSTANCES`]; else the series of the instances
+    /// it holds Metrics or Owner in; `None` if there are none.
+    pub fn metrics_scope(&self) -> Option<MetricsScope> {
+        if self.open || self.metrics.contains(ALL_INSTANCES) {
+            return Some(MetricsScope::All);
+        }
+        let owned = self
+            .grants
+            .iter()
+            .filter(|(_, r)| **r == Role::Owner)
+            .map(|(i, _)| i.clone());
+        let mine: BTreeSet<String> = self.metrics.iter().cloned().chain(owned).collect();
+        (!mine.is_empty()).then_some(MetricsScope::Instances(mine))
+    }
+
     fn of(user: UserRecord) -> Self {
+        let (metrics, grants): (Vec<_>, Vec<_>) = user
+            .grants
+            .into_iter()
+            .partition(|(_, r)| *r == Role::Metrics);
         Caller {
             user: Some(user.name),
             primary: user.primary_instance,
-            grants: user.grants.into_iter().collect(),
+            grants: grants.into_iter().collect(),
+            metrics: metrics.into_iter().map(|(i, _)| i).collect(),
             open: false,
         }
     }

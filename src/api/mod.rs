@@ -6,6 +6,7 @@
 //! the problem.
 
 pub mod auth;
+pub mod scrape;
 pub mod wire;
 
 use std::sync::{Arc, OnceLock};
@@ -851,13 +852,30 @@ async fn healthz(State(svc): State<Arc<Service>>) -> Response {
     }
 }
 
-async fn metrics_text(State(svc): State<Arc<Service>>) -> Response {
+/// Prometheus text. With users, it takes a credential: Metrics on `*` (or
+/// open mode) reads every series; Metrics or Owner in instances reads the
+/// series labelled with those instances only.
+async fn metrics_text(State(svc): State<Arc<Service>>, headers: HeaderMap) -> Response {
+    let caller = match auth::authenticate(&svc, &headers).await {
+        Ok(c) => c,
+        Err(e) => return auth_refusal(e, Format::Json, "").into_response(),
+    };
+    let Some(scope) = caller.metrics_scope() else {
+        return refuse(
+            StatusCode::FORBIDDEN,
+            Format::Json,
+            "",
+            "reading /metrics needs the Metrics role (or Owner) in an instance",
+        )
+        .into_response();
+    };
     metrics::gauge!("tidepool_queue_depth").set(svc.queue_depth() as f64);
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        metrics_handle().render(),
-    )
-        .into_response()
+    let text = metrics_handle().render();
+    let text = match scope {
+        auth::MetricsScope::All => text,
+        auth::MetricsScope::Instances(allowed) => scrape::only_instances(&text, &allowed),
+    };
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
 /// The OpenAPI description of this API, generated from the wire types.

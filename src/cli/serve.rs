@@ -84,7 +84,8 @@ pub struct ServeArgs {
 pub struct UserAddArgs {
     /// The user name.
     name: String,
-    /// A role in an instance, as INSTANCE:ROLE (Owner, Full, ReadOnly); repeat for more.
+    /// A role in an instance, as INSTANCE:ROLE (Owner, Full, ReadOnly, Metrics); repeat for
+    /// more. `*:Metrics` reads every instance's /metrics series.
     #[arg(long = "instance", required = true)]
     instances: Vec<String>,
     /// The instance used when a request names none (default: the first --instance).
@@ -248,6 +249,9 @@ pub fn user_add(args: UserAddArgs) -> anyhow::Result<ExitCode> {
             .rsplit_once(':')
             .with_context(|| format!("--instance {g:?}: write INSTANCE:ROLE, e.g. acme:Owner"))?;
         let role: Role = role.parse().map_err(anyhow::Error::msg)?;
+        if inst == api::auth::ALL_INSTANCES && role != Role::Metrics {
+            bail!("--instance {g:?}: {inst} (every instance) goes with the Metrics role only");
+        }
         grants.push((inst.to_owned(), role));
     }
     let primary = args.primary.clone().unwrap_or_else(|| grants[0].0.clone());

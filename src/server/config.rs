@@ -74,9 +74,12 @@ pub struct WebhookConfig {
     pub max_retry_interval_secs: f64,
     /// One attempt's timeout.
     pub timeout_secs: f64,
-    /// Refuse loopback and private addresses (for shared deployments).
+    /// Also refuse loopback, private (RFC 1918), unique-local, CGNAT,
+    /// benchmarking and local-use NAT64 addresses (for shared deployments);
+    /// see `server::webhook::policy`.
     pub block_private: bool,
-    /// Allow link-local addresses (169.254.0.0/16: cloud metadata); refused by default.
+    /// Allow link-local addresses (169.254.0.0/16, fe80::/10); refused by
+    /// default. Cloud metadata addresses stay refused.
     pub allow_link_local: bool,
 }
 

@@ -184,7 +184,8 @@ impl Service {
             )
             .await?;
         if ok {
-            metrics::counter!("tidepool_runs_total", "status" => status.to_string()).increment(1);
+            metrics::counter!("tidepool_runs_total", "instance" => rec.key.instance.clone(), "status" => status.to_string())
+                .increment(1);
             let _ = self.ended.send(rec.key.clone());
             self.webhooks_due.notify_one();
         }
@@ -398,7 +399,8 @@ impl Service {
         let end = match outcome {
             Ok((Ok(report), level)) => {
                 for (name, v) in counter_pairs(&report.counters) {
-                    metrics::counter!("tidepool_rows_total", "counter" => name).increment(v);
+                    metrics::counter!("tidepool_rows_total", "instance" => key.instance.clone(), "counter" => name)
+                        .increment(v);
                 }
                 let response = ExecJobResponse::of_report(&report, level);
                 RunEnd {
@@ -438,7 +440,7 @@ impl Service {
         let status = end.status;
         match self.store.finish(&key, RunStatus::Running, end).await {
             Ok(_) => {
-                metrics::counter!("tidepool_runs_total", "status" => status.to_string())
+                metrics::counter!("tidepool_runs_total", "instance" => key.instance.clone(), "status" => status.to_string())
                     .increment(1);
                 tracing::info!(run = %key, %status, "run ended");
             }

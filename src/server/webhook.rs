@@ -12,19 +12,15 @@ use hmac::{KeyInit, Mac};
 use super::{Service, WebhookConfig};
 use crate::store::{WebhookAttempt, WebhookDue, WebhookNext};
 
+pub mod policy;
+
 /// Deliveries tried at once.
 const PARALLEL: usize = 16;
 
 /// Sends due webhooks until the server stops.
 pub async fn deliver_loop(svc: Arc<Service>) {
     let cfg = svc.config.webhooks.clone();
-    let client = match reqwest::Client::builder()
-        .dns_resolver(PolicyResolver { cfg: cfg.clone() })
-        .timeout(Duration::from_secs_f64(cfg.timeout_secs))
-        .redirect(reqwest::redirect::Policy::none())
-        .user_agent(concat!("tidepool/", env!("CARGO_PKG_VERSION")))
-        .build()
-    {
+    let client = match client(&cfg) {
         Ok(c) => c,
         Err(e) => {
             tracing::error!("webhooks disabled: cannot build an HTTP client: {e}");
@@ -71,7 +67,8 @@ async fn deliver(svc: &Service, client: &reqwest::Client, cfg: &WebhookConfig, d
             status_code: None,
             error: Some(refused),
         };
-        metrics::counter!("tidepool_webhook_attempts_total", "outcome" => "refused").increment(1);
+        metrics::counter!("tidepool_webhook_attempts_total", "instance" => key.instance.clone(), "outcome" => "refused")
+            .increment(1);
         let _ = svc.store.record_attempt(key, a, WebhookNext::GiveUp).await;
     };
     let (status_code, error) = match check_target(&d.url, cfg) {
@@ -129,7 +126,8 @@ async fn deliver(svc: &Service, client: &reqwest::Client, cfg: &WebhookConfig, d
             WebhookNext::RetryAt(next_at)
         }
     };
-    metrics::counter!("tidepool_webhook_attempts_total", "outcome" => if delivered { "delivered" } else { "failed" })
+    let outcome = if delivered { "delivered" } else { "failed" };
+    metrics::counter!("tidepool_webhook_attempts_total", "instance" => d.key.instance.clone(), "outcome" => outcome)
         .increment(1);
     if let Some(e) = &error {
         tracing::warn!(run = %d.key, attempt, "webhook to {}: {e}", d.url);
@@ -170,20 +168,38 @@ pub fn sign(secret: &str, msg_id: &str, ts: i64, body: &str) -> String {
 #[error("refused by the webhook address policy: {0}")]
 pub struct Refused(String);
 
-/// Checks a webhook URL, and its host when it is an IP address: link-local
-/// (cloud metadata) is refused unless allowed; loopback and private ranges
-/// when `block_private` is set. Host names are checked by [`PolicyResolver`]
-/// as they are resolved for the connection.
+/// Checks a webhook URL before anything is sent: its host when it is an IP
+/// address (see [`policy`]), or a metadata service's host name. Other host
+/// names are checked by [`PolicyResolver`] as they are resolved for the
+/// connection.
 pub fn check_target(url: &str, cfg: &WebhookConfig) -> Result<(), String> {
     let u = reqwest::Url::parse(url).map_err(|e| format!("bad webhook URL: {e}"))?;
+    // The URL parser has already turned 2852039166 or 0xa9.0xfe.0xa9.0xfe
+    // into 169.254.169.254.
     let host = u.host_str().ok_or("the webhook URL has no host")?;
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    if let Ok(ip) = host.parse::<IpAddr>()
-        && let Some(why) = refused(ip, cfg)
-    {
-        return Err(Refused(format!("{ip} is {why}")).to_string());
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    let refusal = match bare.parse::<IpAddr>() {
+        Ok(ip) => policy::judge(ip, cfg).map(|r| r.to_string()),
+        Err(_) => policy::judge_host(host),
+    };
+    match refusal {
+        Some(why) => Err(Refused(why).to_string()),
+        None => Ok(()),
     }
-    Ok(())
+}
+
+/// The client webhooks are sent with: every address it connects to passes
+/// [`PolicyResolver`]; redirects are not followed (a 3xx is a failed attempt),
+/// and proxies from the environment are not used, so that the address judged
+/// is the receiver's and not a proxy's.
+fn client(cfg: &WebhookConfig) -> reqwest::Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .dns_resolver(PolicyResolver { cfg: cfg.clone() })
+        .timeout(Duration::from_secs_f64(cfg.timeout_secs))
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
+        .user_agent(concat!("tidepool/", env!("CARGO_PKG_VERSION")))
+        .build()
 }
 
 /// Resolves webhook hosts and keeps only the addresses the policy allows, so
@@ -199,14 +215,17 @@ impl reqwest::dns::Resolve for PolicyResolver {
         let cfg = self.cfg.clone();
         let host = name.as_str().to_owned();
         Box::pin(async move {
+            if let Some(why) = policy::judge_host(&host) {
+                return Err(Box::new(Refused(why)) as Box<dyn std::error::Error + Send + Sync>);
+            }
             let found: Vec<SocketAddr> =
                 tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
             let mut why = None;
             let allowed: Vec<SocketAddr> = found
                 .into_iter()
-                .filter(|a| match refused(a.ip(), &cfg) {
-                    Some(w) => {
-                        why.get_or_insert_with(|| format!("{host} is {} ({w})", a.ip()));
+                .filter(|a| match policy::judge(a.ip(), &cfg) {
+                    Some(r) => {
+                        why.get_or_insert_with(|| r.of_host(&host));
                         false
                     }
                     None => true,
@@ -219,37 +238,6 @@ impl reqwest::dns::Resolve for PolicyResolver {
             Ok(Box::new(allowed.into_iter()) as reqwest::dns::Addrs)
         })
     }
-}
-
-fn refused(ip: IpAddr, cfg: &WebhookConfig) -> Option<&'static str> {
-    let ip = match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
-        v4 => v4,
-    };
-    let link_local = match ip {
-        IpAddr::V4(v4) => v4.is_link_local(),
-        IpAddr::V6(v6) => (v6.segments()[0] & 0xffc0) == 0xfe80,
-    };
-    if link_local && !cfg.allow_link_local {
-        return Some("link-local (cloud metadata lives there)");
-    }
-    if cfg.block_private {
-        let private = match ip {
-            IpAddr::V4(v4) => {
-                v4.is_loopback()
-                    || v4.is_private()
-                    || v4.is_unspecified()
-                    || (v4.octets()[0] == 100 && (v4.octets()[1] & 0xc0) == 64)
-            }
-            IpAddr::V6(v6) => {
-                v6.is_loopback() || v6.is_unspecified() || (v6.segments()[0] & 0xfe00) == 0xfc00
-            }
-        };
-        if private {
-            return Some("loopback or private, and block_private is set");
-        }
-    }
-    None
 }
 
 #[cfg(test)]
@@ -268,24 +256,143 @@ mod tests {
     }
 
     #[test]
-    fn policy_refuses_link_local_always_and_private_on_request() {
+    fn urls_are_judged_before_anything_is_sent() {
         let open = WebhookConfig::default();
-        assert!(refused("169.254.169.254".parse().unwrap(), &open).is_some());
-        assert!(refused("127.0.0.1".parse().unwrap(), &open).is_none());
+        for (url, says) in [
+            (
+                "http://169.254.169.254/latest/meta-data",
+                "a cloud metadata address",
+            ),
+            (
+                "http://2852039166/",
+                "169.254.169.254 is a cloud metadata address",
+            ),
+            (
+                "http://0xa9.0xfe.0xa9.0xfe/",
+                "169.254.169.254 is a cloud metadata address",
+            ),
+            ("http://[fd00:ec2::254]/", "a cloud metadata address"),
+            (
+                "https://[64:ff9b::a9fe:a9fe]:8443/x",
+                "carries 169.254.169.254",
+            ),
+            (
+                "http://[::ffff:169.254.169.254]/",
+                "carries 169.254.169.254",
+            ),
+            (
+                "http://metadata.google.internal/computeMetadata/v1/",
+                "cloud metadata host name",
+            ),
+            ("http://0.0.0.0:8080/", "an unspecified address"),
+        ] {
+            let e = check_target(url, &open).expect_err(url);
+            assert!(
+                e.starts_with("refused by the webhook address policy: "),
+                "{e}"
+            );
+            assert!(e.contains(says), "{url}: {e}");
+        }
+        for url in [
+            "http://127.0.0.1:9/",
+            "http://[::1]/",
+            "https://example.com/hook",
+        ] {
+            assert_eq!(check_target(url, &open), Ok(()), "{url}");
+        }
         let shared = WebhookConfig {
             block_private: true,
             ..WebhookConfig::default()
         };
-        for ip in [
-            "127.0.0.1",
-            "10.1.2.3",
-            "192.168.0.1",
-            "::1",
-            "fd00::1",
-            "::ffff:10.0.0.1",
-        ] {
-            assert!(refused(ip.parse().unwrap(), &shared).is_some(), "{ip}");
+        let e = check_target("http://[::ffff:127.0.0.1]/", &shared).unwrap_err();
+        assert!(e.contains("carries 127.0.0.1, a loopback address"), "{e}");
+        assert!(
+            check_target("not a url", &open)
+                .unwrap_err()
+                .contains("bad webhook URL")
+        );
+    }
+
+    /// A receiver's redirect is an answer, not an instruction: the client
+    /// does not follow it to the address it names.
+    #[tokio::test]
+    async fn redirects_are_not_followed() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let hits = Arc::new(AtomicUsize::new(0));
+        let target = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let target_addr = target.local_addr().unwrap();
+        let counted = hits.clone();
+        let target_app = axum::Router::new().fallback(move || {
+            counted.fetch_add(1, Ordering::SeqCst);
+            async { "reached" }
+        });
+        let redirecting = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let redirecting_addr = redirecting.local_addr().unwrap();
+        let location = format!("http://{target_addr}/");
+        let redirect_app = axum::Router::new().fallback(move || {
+            let location = location.clone();
+            async move {
+                (
+                    axum::http::StatusCode::TEMPORARY_REDIRECT,
+                    [("location", location)],
+                )
+            }
+        });
+        let servers = [
+            tokio::spawn(async move { axum::serve(target, target_app).await }),
+            tokio::spawn(async move { axum::serve(redirecting, redirect_app).await }),
+        ];
+        let c = client(&WebhookConfig::default()).unwrap();
+        let resp = c
+            .post(format!("http://{redirecting_addr}/hook"))
+            .body("{}")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 307);
+        assert_eq!(hits.load(Ordering::SeqCst), 0, "the redirect was followed");
+        // The target itself answers (so a followed redirect would have counted).
+        let direct = c
+            .get(format!("http://{target_addr}/"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(direct.text().await.unwrap(), "reached");
+        assert_eq!(hits.load(Ordering::SeqCst), 1);
+        for s in servers {
+            s.abort();
         }
-        assert!(refused("93.184.216.34".parse().unwrap(), &shared).is_none());
+    }
+
+    /// The resolver judges every address a name resolves to.
+    #[tokio::test]
+    async fn names_are_judged_as_they_resolve() {
+        let shared = WebhookConfig {
+            block_private: true,
+            ..WebhookConfig::default()
+        };
+        let c = client(&shared).unwrap();
+        // localhost resolves to loopback only: refused before any connection.
+        let e = c.get("http://localhost:9/").send().await.unwrap_err();
+        let mut refused = None;
+        let mut source = std::error::Error::source(&e);
+        while let Some(s) = source {
+            if let Some(r) = s.downcast_ref::<Refused>() {
+                refused = Some(r.to_string());
+            }
+            source = s.source();
+        }
+        let refused = refused.expect("refused by the resolver");
+        assert!(refused.contains("localhost is "), "{refused}");
+        assert!(refused.contains("a loopback address"), "{refused}");
+        let e = c
+            .get("http://metadata.google.internal./")
+            .send()
+            .await
+            .unwrap_err();
+        assert!(
+            format!("{e:?}").contains("cloud metadata host name"),
+            "{e:?}"
+        );
     }
 }

@@ -147,6 +147,9 @@ pub enum WebhookNext {
 /// What a user may do in an instance.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum Role {
+    /// Read the instance's series of `/metrics`, nothing else (on the
+    /// instance `*`: every instance's series and the server-wide ones).
+    Metrics,
     /// Read runs, results and projects.
     ReadOnly,
     /// Also execute jobs.
@@ -162,7 +165,10 @@ impl std::str::FromStr for Role {
             "owner" => Ok(Role::Owner),
             "full" => Ok(Role::Full),
             "readonly" | "read-only" | "read_only" | "read" => Ok(Role::ReadOnly),
-            _ => Err(format!("unknown role {s:?}: use Owner, Full or ReadOnly")),
+            "metrics" => Ok(Role::Metrics),
+            _ => Err(format!(
+                "unknown role {s:?}: use Owner, Full, ReadOnly or Metrics"
+            )),
         }
     }
 }
