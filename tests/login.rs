@@ -429,6 +429,16 @@ fn proc_status_kb(pid: u32, field: &str) -> u64 {
 async fn two_hundred_concurrent_wrong_passwords_keep_memory_bounded_and_healthz_up() {
     let f = Fixture::new();
     add_user(&f, "ann", "ann-secret-1");
+    let out = tidepool(
+        &f,
+        &["user", "add", "scraper", "--instance", "*:Metrics"],
+        "scraper-secret-1",
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // Backoff out of the way: this is about concurrency.
     let (server, base) = serve(
         &f,
@@ -440,6 +450,8 @@ async fn two_hundred_concurrent_wrong_passwords_keep_memory_bounded_and_healthz_
         .pool_max_idle_per_host(0)
         .build()
         .unwrap();
+    // /metrics needs a credential once users exist; this login is one check.
+    let scrape = token_of(&client, &base, "scraper", "scraper-secret-1").await;
     let done = Arc::new(AtomicUsize::new(0));
     let burst: Vec<_> = (0..200)
         .map(|i| {
@@ -481,6 +493,7 @@ async fn two_hundred_concurrent_wrong_passwords_keep_memory_bounded_and_healthz_
     // Each 400 ran exactly one argon2 check; no 429 ran any.
     let metrics = client
         .get(format!("{base}/metrics"))
+        .bearer_auth(&scrape)
         .send()
         .await
         .unwrap()
@@ -492,7 +505,7 @@ async fn two_hundred_concurrent_wrong_passwords_keep_memory_bounded_and_healthz_
         .find_map(|l| l.strip_prefix("tidepool_password_checks_total "))
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or_else(|| panic!("no password check counter in {metrics}"));
-    assert_eq!(checks, denied);
+    assert_eq!(checks, denied + 1, "the scraper's login and one per 400");
     let peak_mb = proc_status_kb(pid, "VmHWM") / 1024;
     let threads = proc_status_kb(pid, "Threads");
     eprintln!(
