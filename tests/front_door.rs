@@ -78,7 +78,11 @@ impl Server {
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         while get(s.port, "/healthz").map(|r| r.0) != Some(200) {
-            assert!(Instant::now() < deadline, "server did not come up:\n{}", s.log());
+            assert!(
+                Instant::now() < deadline,
+                "server did not come up:\n{}",
+                s.log()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         s
@@ -149,7 +153,11 @@ fn read_response(s: &mut TcpStream) -> std::io::Result<(u16, String)> {
 fn get(port: u16, path: &str) -> Option<(u16, String)> {
     let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
     read_response(&mut s).ok()
 }
 
@@ -306,11 +314,15 @@ fn a_300_kb_header_is_refused_and_normal_requests_still_work() {
         "GET /healthz HTTP/1.1\r\nHost: t\r\nX-Big: {}\r\n\r\n",
         "a".repeat(300 * 1024)
     );
-    // The server may close before taking it all: then the write fails.
-    let wrote = s.write_all(big.as_bytes());
+    // The server may close before taking it all: then the write fails, and
+    // the 431 may be lost to the reset.
+    let _ = s.write_all(big.as_bytes());
     match read_response(&mut s) {
         Ok((status, _)) => assert_eq!(status, 431),
-        Err(e) => assert!(wrote.is_err() || e.kind() != ErrorKind::WouldBlock, "{e}"),
+        Err(e) => assert!(
+            !matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut),
+            "the server neither refused nor closed: {e}"
+        ),
     }
     // A 32 KiB header is within the default 64 KiB.
     let mut s = server.connect();
@@ -354,5 +366,9 @@ fn sigterm_lets_a_request_in_flight_finish_and_closes_idle_connections() {
     assert_eq!(status, 400, "{body}");
     assert!(body.contains("grant_type must be password"), "{body}");
     let status = server.exit_within(Duration::from_secs(20));
-    assert!(status.is_some_and(|s| s.success()), "{status:?}\n{}", server.log());
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "{status:?}\n{}",
+        server.log()
+    );
 }

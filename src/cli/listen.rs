@@ -236,14 +236,15 @@ impl Registry {
         self.open.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn add(&self) -> Arc<Conn> {
+    /// Adds a connection, removed again when the guard drops (even if its
+    /// task panics).
+    fn add(&self) -> Registered<'_> {
         let conn = Arc::new(Conn::new(self.next_id.fetch_add(1, Ordering::Relaxed)));
         self.open().insert(conn.id, conn.clone());
-        conn
-    }
-
-    fn remove(&self, id: u64) {
-        self.open().remove(&id);
+        Registered {
+            registry: self,
+            conn,
+        }
     }
 
     /// Closes the oldest connection without a request in progress; false if
@@ -261,6 +262,17 @@ impl Registry {
             }
             None => false,
         }
+    }
+}
+
+struct Registered<'a> {
+    registry: &'a Registry,
+    conn: Arc<Conn>,
+}
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        self.registry.open().remove(&self.conn.id);
     }
 }
 
@@ -471,7 +483,8 @@ async fn serve_connection<A>(
         + 'static,
     A::Future: Send,
 {
-    let conn = shared.registry.add();
+    let registered = shared.registry.add();
+    let conn = registered.conn.clone();
     let _ = stream.set_nodelay(true);
     let io = TokioIo::new(WatchedIo {
         inner: stream,
@@ -516,7 +529,6 @@ async fn serve_connection<A>(
             }
         }
     }
-    shared.registry.remove(conn.id);
 }
 
 /// Logs the connection cap being reached once per burst, not per connection.
@@ -669,7 +681,10 @@ mod tests {
             max_connections: Some(5000),
             ..ServerConfig::default()
         };
-        assert_eq!(Limits::new(&asked, Some(1024)).unwrap().max_connections, 896);
+        assert_eq!(
+            Limits::new(&asked, Some(1024)).unwrap().max_connections,
+            896
+        );
         assert_eq!(Limits::new(&asked, None).unwrap().max_connections, 5000);
     }
 
