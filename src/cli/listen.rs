@@ -688,6 +688,40 @@ mod tests {
         assert_eq!(Limits::new(&asked, None).unwrap().max_connections, 5000);
     }
 
+    #[tokio::test]
+    async fn handlers_see_the_peer_address() {
+        use axum::routing::get;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let app = axum::Router::new().route(
+            "/peer",
+            get(|ConnectInfo(peer): ConnectInfo<SocketAddr>| async move { peer.to_string() }),
+        );
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let limits = Limits::new(&ServerConfig::default(), None).unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve(
+            listener,
+            app,
+            limits,
+            Duration::from_secs(5),
+            async {
+                let _ = stopped.await;
+            },
+        ));
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /peer HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).await.unwrap();
+        let me = s.local_addr().unwrap().to_string();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(answer.ends_with(&me), "{answer} should end with {me}");
+        stop.send(()).unwrap();
+        server.await.unwrap();
+    }
+
     #[test]
     fn bad_limits_are_refused_by_name() {
         let c = ServerConfig {
