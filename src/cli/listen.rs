@@ -145,6 +145,9 @@ struct ConnState {
     phase: Phase,
     /// Since when a write has been waiting for the client to read.
     write_stalled: Option<Instant>,
+    /// The last write that went through: a response may still be going out
+    /// after hyper has taken its whole body.
+    last_write: Instant,
 }
 
 /// One open connection, as the watchdog and the connection cap see it.
@@ -163,6 +166,7 @@ impl Conn {
             state: Mutex::new(ConnState {
                 phase: Phase::Head(Instant::now()),
                 write_stalled: None,
+                last_write: Instant::now(),
             }),
             wake: Notify::new(),
             evicted: AtomicBool::new(false),
@@ -196,8 +200,11 @@ impl Conn {
                 drop(s);
                 self.wake.notify_one();
             }
-            (false, Some(_)) => s.write_stalled = None,
-            _ => {}
+            (false, _) => {
+                s.write_stalled = None;
+                s.last_write = Instant::now();
+            }
+            (true, Some(_)) => {}
         }
     }
 
@@ -206,7 +213,7 @@ impl Conn {
         let s = self.state();
         let phase = match s.phase {
             Phase::Head(t) => Some((t + l.header_read, "request head not received in time")),
-            Phase::Idle(t) => Some((t + l.idle, "idle")),
+            Phase::Idle(t) => Some((t.max(s.last_write) + l.idle, "idle")),
             Phase::Request => None,
         };
         let stall = s
@@ -598,13 +605,31 @@ pub async fn serve<A>(
         + 'static,
     A::Future: Send,
 {
-    let cap = limits.max_connections;
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
     let shared = Arc::new(Shared {
         app,
         limits,
         registry: Registry::default(),
     });
-    let slots = Arc::new(Semaphore::new(cap));
+    run(listener, shared, slots, drain, shutdown).await;
+}
+
+/// The accept loop; `slots` holds one permit per connection allowed.
+async fn run<A>(
+    listener: TcpListener,
+    shared: Arc<Shared<A>>,
+    slots: Arc<Semaphore>,
+    drain: Duration,
+    shutdown: impl Future<Output = ()>,
+) where
+    A: tower::Service<Request, Response = Response, Error = Infallible>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    A::Future: Send,
+{
+    let cap = shared.limits.max_connections;
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut shutdown = pin!(shutdown);
     let mut burst = Burst::default();
@@ -718,6 +743,81 @@ mod tests {
         let me = s.local_addr().unwrap().to_string();
         assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
         assert!(answer.ends_with(&me), "{answer} should end with {me}");
+        stop.send(()).unwrap();
+        server.await.unwrap();
+    }
+
+    /// A response of many chunks, pulled as the socket takes them.
+    struct Chunks(usize);
+
+    impl http_body::Body for Chunks {
+        type Data = Bytes;
+        type Error = Infallible;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut TaskContext<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+            if self.0 == 0 {
+                return Poll::Ready(None);
+            }
+            self.0 -= 1;
+            Poll::Ready(Some(Ok(Frame::data(Bytes::from(vec![b'x'; 1 << 20])))))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_client_that_stops_reading_is_cut_off_after_the_idle_timeout() {
+        use axum::routing::get;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        const CHUNKS: usize = 64;
+        const CAP: usize = 8;
+        let app = axum::Router::new().route("/big", get(|| async { Body::new(Chunks(CHUNKS)) }));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let c = ServerConfig {
+            idle_timeout_secs: 0.5,
+            max_connections: Some(CAP),
+            ..ServerConfig::default()
+        };
+        let shared = Arc::new(Shared {
+            app,
+            limits: Limits::new(&c, None).unwrap(),
+            registry: Registry::default(),
+        });
+        let slots = Arc::new(Semaphore::new(CAP));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(run(
+            listener,
+            shared,
+            slots.clone(),
+            Duration::from_secs(5),
+            async {
+                let _ = stopped.await;
+            },
+        ));
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /big HTTP/1.1\r\nHost: t\r\n\r\n")
+            .await
+            .unwrap();
+        // Not reading: the server's writes stall once the socket buffers are
+        // full, and it gives up after the idle timeout.
+        let t0 = Instant::now();
+        while slots.available_permits() == CAP {
+            assert!(t0.elapsed() < Duration::from_secs(30), "never accepted");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        while slots.available_permits() < CAP {
+            assert!(t0.elapsed() < Duration::from_secs(30), "never cut off");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(t0.elapsed() >= Duration::from_millis(450));
+        let mut got = 0usize;
+        let mut buf = vec![0u8; 1 << 16];
+        while let Ok(n @ 1..) = s.read(&mut buf).await {
+            got += n;
+        }
+        assert!(got < CHUNKS << 20, "the whole body arrived: not cut off");
         stop.send(()).unwrap();
         server.await.unwrap();
     }
