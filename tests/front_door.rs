@@ -196,12 +196,15 @@ fn raise_own_file_limit(need: u64) {
     }
 }
 
+/// A request whose body stops after its first bytes.
+const SLOW_BODY: &[u8] = b"POST /token HTTP/1.1\r\nHost: t\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: 1000\r\n\r\ngrant_type=";
+
 #[test]
 fn slow_connections_under_a_low_file_limit_leave_room_for_a_normal_request() {
     raise_own_file_limit(1400);
     // Long client time limits: only the connection cap can make room.
     let server = Server::start(
-        "header_read_timeout_secs = 120\nidle_timeout_secs = 120",
+        "header_read_timeout_secs = 120\nidle_timeout_secs = 120\nbody_read_timeout_secs = 120",
         Some(256),
     );
     assert!(
@@ -215,10 +218,11 @@ fn slow_connections_under_a_low_file_limit_leave_room_for_a_normal_request() {
     for i in 0..1100 {
         let mut s = TcpStream::connect(("127.0.0.1", server.port)).expect("connect");
         // Writes may fail once the server has shed the connection.
-        let _ = match i % 3 {
+        let _ = match i % 4 {
             0 => Ok(()), // connected, silent
             1 => s.write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\nX-Slow: "),
-            _ => s.write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n"), // then idle
+            2 => s.write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n"), // then idle
+            _ => s.write_all(SLOW_BODY), // the body's first bytes only
         };
         held.push(s);
     }

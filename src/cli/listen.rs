@@ -134,8 +134,9 @@ pub fn raise_open_file_limit() -> Option<u64> {
 enum Phase {
     /// Waiting for a request's head, since then.
     Head(Instant),
-    /// A request is being answered.
-    Request,
+    /// A request is being answered; true while its handler waits for more
+    /// of the body.
+    Request { body_wait: bool },
     /// Kept alive between requests, since then.
     Idle(Instant),
 }
@@ -214,7 +215,7 @@ impl Conn {
         let phase = match s.phase {
             Phase::Head(t) => Some((t + l.header_read, "request head not received in time")),
             Phase::Idle(t) => Some((t.max(s.last_write) + l.idle, "idle")),
-            Phase::Request => None,
+            Phase::Request { .. } => None,
         };
         let stall = s
             .write_stalled
@@ -225,9 +226,16 @@ impl Conn {
         }
     }
 
-    /// Whether closing it loses no request in progress.
+    /// Whether closing it loses nothing but what the client is slow to send:
+    /// no request, or one whose handler waits for the rest of its body.
     fn sheddable(&self) -> bool {
-        !matches!(self.state().phase, Phase::Request)
+        !matches!(self.state().phase, Phase::Request { body_wait: false })
+    }
+
+    fn body_wait(&self, waiting: bool) {
+        if let Phase::Request { body_wait } = &mut self.state().phase {
+            *body_wait = waiting;
+        }
     }
 }
 
@@ -350,6 +358,7 @@ struct TimedBody {
     sleep: Option<Pin<Box<Sleep>>>,
     limit: Duration,
     timed_out: Arc<AtomicBool>,
+    conn: Arc<Conn>,
 }
 
 impl http_body::Body for TimedBody {
@@ -361,7 +370,9 @@ impl http_body::Body for TimedBody {
         cx: &mut TaskContext<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = &mut *self;
-        match Pin::new(&mut this.inner).poll_frame(cx) {
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        this.conn.body_wait(polled.is_pending());
+        match polled {
             Poll::Pending => {
                 let deadline = this.deadline;
                 let sleep = this
@@ -437,7 +448,7 @@ where
     A: tower::Service<Request, Response = Response, Error = Infallible> + Clone + Send,
     A::Future: Send,
 {
-    conn.set_phase(Phase::Request);
+    conn.set_phase(Phase::Request { body_wait: false });
     let timed_out = Arc::new(AtomicBool::new(false));
     let limit = shared.limits.body_read;
     let mut req = req.map(|body| {
@@ -450,6 +461,7 @@ where
                 sleep: None,
                 limit,
                 timed_out: timed_out.clone(),
+                conn: conn.clone(),
             })
         }
     });
@@ -551,7 +563,7 @@ impl Burst {
             self.active = true;
             self.shed = 0;
             tracing::warn!(
-                "connection limit {cap} reached: closing the oldest idle connections to admit new ones (those with a request in progress are kept; while all are busy, new ones wait)"
+                "connection limit {cap} reached: closing the oldest idle connections to admit new ones (those answering a request are kept; while all are busy, new ones wait)"
             );
         }
     }

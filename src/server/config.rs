@@ -49,7 +49,8 @@ pub struct ServerConfig {
     /// one is answered 431. At least 8192.
     pub max_header_bytes: usize,
     /// Connections open at once. At the limit, the oldest connection without a
-    /// request in progress is closed to admit a new one; when every one is
+    /// request in progress (or whose request body is still on its way) is
+    /// closed to admit a new one; when every one is
     /// busy, new ones wait in the listen queue. Default: from the open-file
     /// limit (which `serve` raises to its hard limit), leaving room for the
     /// store and job files, at most 4096.
