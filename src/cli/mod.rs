@@ -1,5 +1,6 @@
 //! The command line: `tidepool run` and `tidepool validate`.
 
+mod listen;
 mod progress;
 mod serve;
 

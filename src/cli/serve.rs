@@ -78,6 +78,9 @@ pub struct ServeArgs {
     /// Serve without users on a non-loopback address.
     #[arg(long)]
     insecure: bool,
+    /// Connections open at once (default: from the open-file limit).
+    #[arg(long)]
+    max_connections: Option<usize>,
 }
 
 #[derive(Args)]
@@ -177,6 +180,11 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         c.webhooks.secret = args.webhook_secret;
     }
     c.insecure |= args.insecure;
+    if args.max_connections.is_some() {
+        c.max_connections = args.max_connections;
+    }
+    let open_files = super::listen::raise_open_file_limit();
+    let limits = super::listen::Limits::new(&c, open_files)?;
     std::fs::create_dir_all(&c.data_dir)
         .with_context(|| format!("cannot create the data directory {}", c.data_dir.display()))?;
     let path = c.store_path()?;
@@ -207,16 +215,24 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             .with_context(|| format!("cannot listen on {}", c.listen))?;
         svc.start();
         tracing::info!("listening on http://{}", c.listen);
+        tracing::info!(
+            "open-file limit {}; at most {} connections; header read {:?}, idle {:?}, body read {:?}; headers up to {} bytes",
+            open_files.map_or_else(|| "unlimited".to_owned(), |n| n.to_string()),
+            limits.max_connections,
+            limits.header_read,
+            limits.idle,
+            limits.body_read,
+            limits.max_header_bytes
+        );
         let app = api::app(svc.clone());
         let stopping = svc.clone();
-        axum::serve(listener, tower::make::Shared::new(app))
-            .with_graceful_shutdown(async move {
-                shutdown_signal().await;
-                tracing::info!("stopping: no new runs; waiting for running ones");
-                stopping.shutdown().await;
-            })
-            .await
-            .context("the server failed")?;
+        let drain = std::time::Duration::from_secs(c.shutdown_grace_secs);
+        super::listen::serve(listener, app, limits, drain, async move {
+            shutdown_signal().await;
+            tracing::info!("stopping: no new runs; waiting for running ones");
+            stopping.shutdown().await;
+        })
+        .await;
         Ok(ExitCode::SUCCESS)
     })
 }

@@ -38,6 +38,26 @@ pub struct ServerConfig {
     /// `POST /token`: how many password checks run at once, and the backoff
     /// after failed attempts.
     pub login: LoginConfig,
+    /// Seconds a client has to send a request's head (request line and
+    /// headers), counted from when the connection opens or the first byte of
+    /// the next request arrives; past it the connection is closed.
+    pub header_read_timeout_secs: f64,
+    /// Seconds a kept-alive connection may wait for its next request, and a
+    /// client may leave a response unread, before the connection is closed.
+    pub idle_timeout_secs: f64,
+    /// Seconds a request's body may take to arrive, counted from its head;
+    /// past it the request is answered 408 and the connection closed.
+    pub body_read_timeout_secs: f64,
+    /// The largest request head (request line and headers) in bytes; a larger
+    /// one is answered 431. At least 8192.
+    pub max_header_bytes: usize,
+    /// Connections open at once. At the limit, the oldest connection without a
+    /// request in progress (or whose request body is still on its way) is
+    /// closed to admit a new one; when every one is
+    /// busy, new ones wait in the listen queue. Default: from the open-file
+    /// limit (which `serve` raises to its hard limit), leaving room for the
+    /// store and job files, at most 4096.
+    pub max_connections: Option<usize>,
 }
 
 impl Default for ServerConfig {
@@ -56,6 +76,11 @@ impl Default for ServerConfig {
             execute_job_wait_secs: 0,
             webhooks: WebhookConfig::default(),
             login: LoginConfig::default(),
+            header_read_timeout_secs: 10.0,
+            idle_timeout_secs: 60.0,
+            body_read_timeout_secs: 60.0,
+            max_header_bytes: 64 * 1024,
+            max_connections: None,
         }
     }
 }
