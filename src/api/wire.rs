@@ -157,12 +157,58 @@ fn parse_json(body: &[u8]) -> Result<FieldMap, BodyError> {
 }
 
 fn parse_form(body: &[u8]) -> Result<FieldMap, BodyError> {
-    let pairs: Vec<(String, String)> = serde_urlencoded::from_bytes(body)
-        .map_err(|e| BodyError::bad(format!("malformed form body: {e}")))?;
-    Ok(pairs
+    Ok(form_pairs(body)?
         .into_iter()
         .map(|(k, v)| (k.to_ascii_lowercase(), WireValue::Text(v)))
         .collect())
+}
+
+/// The `name=value` pairs of an `application/x-www-form-urlencoded` body,
+/// decoded (`+` is a space, `%XX` a byte). Unlike the usual decoders, bytes
+/// that are not UTF-8 are refused, naming the field, instead of being
+/// replaced with U+FFFD: a job must never see text the caller did not send.
+pub fn form_pairs(body: &[u8]) -> Result<Vec<(String, String)>, BodyError> {
+    let mut pairs = Vec::new();
+    for part in body.split(|&b| b == b'&').filter(|p| !p.is_empty()) {
+        let (name, value) = match part.iter().position(|&b| b == b'=') {
+            Some(i) => (&part[..i], &part[i + 1..]),
+            None => (part, &part[..0]),
+        };
+        let name = String::from_utf8(percent_decode(name))
+            .map_err(|_| BodyError::bad("the body is not valid UTF-8 (in a field name)"))?;
+        let value = String::from_utf8(percent_decode(value)).map_err(|e| {
+            BodyError::bad(format!(
+                "{name} is not valid UTF-8 (byte {} of its decoded value)",
+                e.utf8_error().valid_up_to() + 1
+            ))
+        })?;
+        pairs.push((name, value));
+    }
+    Ok(pairs)
+}
+
+/// Form decoding of one name or value: `+` is a space, `%XX` a byte; a `%`
+/// not followed by two hex digits stays as it is (as browsers send it).
+fn percent_decode(s: &[u8]) -> Vec<u8> {
+    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
+    let mut out = Vec::with_capacity(s.len());
+    let mut i = 0;
+    while i < s.len() {
+        match s[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < s.len() => match (hex(s[i + 1]), hex(s[i + 2])) {
+                (Some(h), Some(l)) => {
+                    out.push(h << 4 | l);
+                    i += 3;
+                    continue;
+                }
+                _ => out.push(b'%'),
+            },
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    out
 }
 
 /// Reads `<anyRoot><field>text</field>…</anyRoot>`: elements in any order, any
@@ -321,17 +367,82 @@ fn text_of(v: &WireValue) -> Option<String> {
     }
 }
 
-fn positive(name: &str, v: Option<&WireValue>, errors: &mut Vec<String>) -> Option<u64> {
-    let t = v.and_then(text_of)?;
-    let t = t.trim();
-    if t.is_empty() {
+/// The largest row number a request may name: runs are stored with their
+/// rows as SQLite integers, which are signed 64-bit.
+pub const MAX_ROW: u64 = i64::MAX as u64;
+
+/// Blank, which in a request means "not given": empty, or nothing but
+/// ASCII spaces, tabs and line breaks.
+fn is_blank(t: &str) -> bool {
+    t.bytes().all(|b| b.is_ascii_whitespace())
+}
+
+/// The value of a number written in ASCII digits only (leading zeros allowed):
+/// `None` if anything else is in it, `Some(None)` if it is past `u64`.
+fn digits_value(t: &str) -> Option<Option<u64>> {
+    if t.is_empty() || !t.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
-    match t.parse::<u64>() {
-        Ok(n) if n >= 1 => Some(n),
+    Some(t.bytes().try_fold(0u64, |n, d| {
+        n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
+    }))
+}
+
+/// A value for an error message, cut short: the whole of a long one would
+/// only echo the body back.
+fn shown(t: &str) -> String {
+    const MAX: usize = 40;
+    if t.chars().count() <= MAX {
+        format!("{t:?}")
+    } else {
+        format!("{:?}…", t.chars().take(MAX).collect::<String>())
+    }
+}
+
+/// A counted field (`beginAtRow`, `endAfterRow`, `threadCount`): a whole
+/// number from 1 to `max` in digits only, in a string or a JSON number; blank
+/// or null means not given. " 5", "+5", "5.0" and "1e3" are refused, not guessed at.
+fn positive(name: &str, v: Option<&WireValue>, max: u64, errors: &mut Vec<String>) -> Option<u64> {
+    let t = match v? {
+        WireValue::Null => return None,
+        WireValue::Text(t) if is_blank(t) => return None,
+        WireValue::Text(t) | WireValue::Number(t) => t.as_str(),
+        WireValue::Bool(b) => {
+            if *b {
+                "true"
+            } else {
+                "false"
+            }
+        }
+    };
+    match digits_value(t) {
+        Some(Some(n)) if (1..=max).contains(&n) => Some(n),
         _ => {
-            errors.push(format!("{name} must be a positive integer, not {t:?}"));
+            errors.push(format!(
+                "{name} must be a positive integer from 1 to {max} in digits only (no sign, spaces or decimal point), not {}",
+                shown(t)
+            ));
             None
+        }
+    }
+}
+
+/// `loggingLevel`: 0 to 3 in digits only, in a string or a JSON number; above
+/// 3 means 3 (as the vendor documents); blank or null means 0.
+fn logging_level(v: Option<&WireValue>, errors: &mut Vec<String>) -> u8 {
+    let t = match v {
+        None | Some(WireValue::Null) => return 0,
+        Some(WireValue::Text(t)) if is_blank(t) => return 0,
+        Some(v) => text_of(v).unwrap_or_default(),
+    };
+    match digits_value(&t) {
+        Some(n) => n.map_or(3, |n| n.min(3)) as u8,
+        None => {
+            errors.push(format!(
+                "loggingLevel must be 0 to 3 (above 3 means 3), a whole number in digits only, not {}",
+                shown(&t)
+            ));
+            0
         }
     }
 }
@@ -380,7 +491,11 @@ impl ExecJobRequest {
             Some(WireValue::Bool(b)) => *b,
             Some(v) => {
                 let t = text_of(v).unwrap_or_default();
-                match t.trim().to_ascii_lowercase().as_str() {
+                match t
+                    .trim_matches(|c: char| c.is_ascii_whitespace())
+                    .to_ascii_lowercase()
+                    .as_str()
+                {
                     "" | "false" => false,
                     "true" => true,
                     _ => {
@@ -390,24 +505,11 @@ impl ExecJobRequest {
                 }
             }
         };
-        let logging_level = match get("loggingLevel").and_then(text_of) {
-            None => 0,
-            Some(t) if t.trim().is_empty() => 0,
-            Some(t) => match t.trim().parse::<i64>() {
-                Ok(n) if n < 0 => {
-                    errors.push(format!("loggingLevel must be 0 to 3, not {n}"));
-                    0
-                }
-                Ok(n) => n.min(3) as u8,
-                Err(_) => {
-                    errors.push(format!("loggingLevel must be an integer, not {t:?}"));
-                    0
-                }
-            },
-        };
+        let logging_level = logging_level(get("loggingLevel"), &mut errors);
         let argument = get("argument").and_then(text_of).unwrap_or_default();
-        let begin_at_row = positive("beginAtRow", get("beginAtRow"), &mut errors).unwrap_or(1);
-        let end_after_row = positive("endAfterRow", get("endAfterRow"), &mut errors);
+        let begin_at_row =
+            positive("beginAtRow", get("beginAtRow"), MAX_ROW, &mut errors).unwrap_or(1);
+        let end_after_row = positive("endAfterRow", get("endAfterRow"), MAX_ROW, &mut errors);
         if let Some(end) = end_after_row
             && end < begin_at_row
         {
@@ -415,10 +517,13 @@ impl ExecJobRequest {
                 "endAfterRow ({end}) must not be less than beginAtRow ({begin_at_row})"
             ));
         }
-        let thread_count = positive("threadCount", get("threadCount"), &mut errors).unwrap_or(1);
-        if thread_count as usize > MAX_THREADS {
-            errors.push(format!("threadCount must be at most {MAX_THREADS}"));
-        }
+        let thread_count = positive(
+            "threadCount",
+            get("threadCount"),
+            MAX_THREADS as u64,
+            &mut errors,
+        )
+        .unwrap_or(1);
         let web_hook_url = if webhook {
             match get("webHookURL").and_then(text_of) {
                 Some(u) if !u.trim().is_empty() => {
@@ -985,6 +1090,26 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
             .collect()
+    }
+
+    #[test]
+    fn form_decoding_keeps_stray_percents_and_refuses_bytes_that_are_not_utf8() {
+        let pairs = form_pairs(b"a=1+2%2B3&&b=%&c=%4&d=%zz%41&e").unwrap();
+        let want = [
+            ("a", "1 2+3"),
+            ("b", "%"),
+            ("c", "%4"),
+            ("d", "%zzA"),
+            ("e", ""),
+        ];
+        assert_eq!(
+            pairs,
+            want.map(|(k, v)| (k.to_owned(), v.to_owned())).to_vec()
+        );
+        assert_eq!(
+            form_pairs(b"x=%C3%A9%FF").unwrap_err().message,
+            "x is not valid UTF-8 (byte 3 of its decoded value)"
+        );
     }
 
     #[test]
