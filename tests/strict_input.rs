@@ -221,14 +221,16 @@ async fn row_numbers_that_are_not_plain_digits_are_refused_in_every_format() {
             a.refused("application/xml", xml_body(&id, field, v), &id, &rule)
                 .await;
         }
-        // JSON numbers follow the same rule.
+        // JSON numbers follow the same rule, by value: 5.5 is not whole.
         for n in [
             "0",
             "-5",
-            "5.0",
-            "1e3",
+            "5.5",
+            "1e-3",
+            "-0.0",
             "9223372036854775808",
             "18446744073709551615",
+            "1e19",
         ] {
             let id = guid();
             let body = format!(
@@ -281,6 +283,16 @@ async fn row_numbers_in_digits_are_accepted_and_blank_means_not_given() {
             .await;
         let begin = if stored.is_null() { json!(1) } else { stored };
         assert_eq!(req["beginAtRow"], begin, "beginAtRow {sent}");
+    }
+    // A JSON number is a number however it is written (JSON Schema's integers).
+    for (n, stored) in [("5.0", 5), ("1e3", 1000), ("2.5e1", 25)] {
+        let id = guid();
+        let body = format!(
+            r#"{{"runID":"{id}","projectID":"demo","jobID":"contacts","endAfterRow":{n},"loggingLevel":{n}}}"#
+        );
+        let req = a.accepted("application/json", body.into_bytes(), &id).await;
+        assert_eq!(req["endAfterRow"], stored, "{n}");
+        assert_eq!(req["loggingLevel"], 3, "{n}");
     }
     // Blank is "not given" in every format.
     let id = guid();
