@@ -576,8 +576,8 @@ impl ExecJobRequest {
         .unwrap_or(1);
         let web_hook_url = if webhook {
             match get("webHookURL").and_then(text_of) {
-                Some(u) if !u.trim().is_empty() => {
-                    let u = u.trim().to_owned();
+                Some(u) if !is_blank(&u) => {
+                    let u = u.trim_matches(|c: char| c.is_ascii_whitespace()).to_owned();
                     match reqwest::Url::parse(&u) {
                         Ok(url)
                             if matches!(url.scheme(), "http" | "https") && url.host().is_some() =>
@@ -655,7 +655,7 @@ pub mod patterns {
     /// `webHookURL`: blank, or a plain http(s) URL. The server takes any
     /// absolute http or https URL; this is the part of that a fuzzer can be
     /// told of without suggesting strings no URL parser accepts.
-    pub const WEBHOOK_URL: &str = r"^[ \t\n\f\r]*$|^[Hh][Tt][Tt][Pp][Ss]?://[A-Za-z][A-Za-z0-9]*(\.[A-Za-z][A-Za-z0-9]*)*(:[1-9][0-9]{0,3})?(/[A-Za-z0-9._~/=&-]*)?$";
+    pub const WEBHOOK_URL: &str = r"^[ \t\n\f\r]*$|^[Hh][Tt][Tt][Pp][Ss]?://[A-Za-z][A-Za-z0-9]*(\.[A-Za-z][A-Za-z0-9]*)*(:[1-9][0-9]{0,3})?(/[A-Za-z0-9._~/?=&-]*)?$";
 }
 
 /// The schema of `execJobAsyncRequest` (`webhook`) or `execJobRequest`: the
@@ -1374,6 +1374,7 @@ impl IntoResponse for Reply {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn webhook_bodies_carry_a_capped_log_that_says_where_the_rest_is() {
@@ -1431,6 +1432,144 @@ mod tests {
             form_pairs(b"x=%C3%A9%FF").unwrap_err().message,
             "x is not valid UTF-8 (byte 3 of its decoded value)"
         );
+    }
+
+    /// Whether the server's rules take `value` in `field` (the rest valid).
+    fn accepts(field: &str, value: &str) -> bool {
+        let mut f = fields(&[
+            (
+                "runID",
+                WireValue::Text("0b5bd1c9-7c2e-4f2e-9a51-3c4f7d0e8a11".into()),
+            ),
+            ("projectID", WireValue::Text("demo".into())),
+            ("jobID", WireValue::Text("contacts".into())),
+        ]);
+        f.insert(field.to_ascii_lowercase(), WireValue::Text(value.into()));
+        ExecJobRequest::from_fields(&f, true).is_ok()
+    }
+
+    #[test]
+    fn the_documented_patterns_say_exactly_what_the_rules_accept() {
+        let mut samples: Vec<String> = [
+            "",
+            " ",
+            "\t\r\n\x0c",
+            "\x0b",
+            "\u{a0}",
+            "0",
+            "000",
+            "1",
+            "3",
+            "4",
+            "007",
+            "64",
+            "065",
+            "65",
+            " 5",
+            "5 ",
+            "+5",
+            "-5",
+            "-0",
+            "5.0",
+            "1e3",
+            "0x10",
+            "5\n",
+            "\n5",
+            "٥",
+            "five",
+            "true",
+            "True",
+            " FALSE\t",
+            "tru",
+            "yes",
+            "null",
+            "9223372036854775806",
+            "9223372036854775807",
+            "09223372036854775807",
+            "9223372036854775808",
+            "9223372036854775810",
+            "9300000000000000000",
+            "18446744073709551615",
+            "18446744073709551616",
+            "99999999999999999999999",
+            "0b5bd1c9-7c2e-4f2e-9a51-3c4f7d0e8a11",
+            "0B5BD1C9-7C2E-4F2E-9A51-3C4F7D0E8A11",
+            "{0b5bd1c9-7c2e-4f2e-9a51-3c4f7d0e8a11}",
+            "0b5bd1c97c2e4f2e9a513c4f7d0e8a11",
+            " 0b5bd1c9-7c2e-4f2e-9a51-3c4f7d0e8a1",
+            "0b5bd1c9-7c2e-4f2e-9a51-3c4f7d0e8a1g",
+            "demo",
+            " demo",
+            "d",
+        ]
+        .map(String::from)
+        .to_vec();
+        // Every number up to 100, and a spread of larger ones either side of 2^63.
+        samples.extend((0..=100).map(|n| n.to_string()));
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        for _ in 0..2000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            samples.push(x.to_string());
+            samples.push((x >> (x % 64)).to_string());
+        }
+        // The field, its pattern, and its maxLength.
+        let rules = [
+            ("runID", patterns::GUID, 36),
+            ("projectID", patterns::NOT_BLANK, 36),
+            ("jobID", patterns::NOT_BLANK, 36),
+            ("beginAtRow", patterns::ROW, usize::MAX),
+            ("endAfterRow", patterns::ROW, usize::MAX),
+            ("threadCount", patterns::THREADS, usize::MAX),
+            ("loggingLevel", patterns::LEVEL, usize::MAX),
+            ("chainJobs", patterns::BOOL, usize::MAX),
+        ];
+        for (field, pattern, max_len) in rules {
+            let re = regex::Regex::new(pattern).unwrap();
+            for v in &samples {
+                assert_eq!(
+                    re.is_match(v) && v.chars().count() <= max_len,
+                    accepts(field, v),
+                    "{field} = {v:?}: the pattern and the rules disagree"
+                );
+            }
+        }
+        // webHookURL: the pattern is a part of what the rules take.
+        let re = regex::Regex::new(patterns::WEBHOOK_URL).unwrap();
+        for v in [
+            "",
+            " ",
+            "http://a",
+            "HTTPS://hooks.example.com:8443/a/b?c=d&e=f",
+            "http://x1.y2/~p_q.r-s",
+        ] {
+            assert!(re.is_match(v) && accepts("webHookURL", v), "{v:?}");
+        }
+        for v in ["ftp://a", "http://", "http//a", "a", "http://a b"] {
+            assert!(!re.is_match(v) && !accepts("webHookURL", v), "{v:?}");
+        }
+    }
+
+    #[test]
+    fn the_request_schemas_read_as_openapi() {
+        for (webhook, text) in [(true, false), (true, true), (false, false), (false, true)] {
+            let schema = schema_from_json(exec_request_schema(webhook, text));
+            let back = serde_json::to_value(&schema).unwrap();
+            assert_eq!(
+                back["properties"]["runID"]["pattern"],
+                patterns::GUID,
+                "{back}"
+            );
+            let row = &back["properties"]["beginAtRow"];
+            if text {
+                assert_eq!(row["pattern"], patterns::ROW, "{row}");
+            } else {
+                // Integers past 2^53 keep every digit.
+                assert_eq!(row["anyOf"][1]["maximum"], json!(MAX_ROW), "{row}");
+            }
+            assert_eq!(back["properties"].get("webHookURL").is_some(), webhook);
+        }
     }
 
     #[test]
