@@ -17,12 +17,18 @@ Loaded by schemathesis as its hooks file (SCHEMATHESIS_HOOKS), this file
 teaches it the one rule a JSON schema cannot state (see `map_body`).
 """
 
-import argparse
 import os
+import sys
+
+# Run as a script, this file's folder comes first on sys.path, and this file
+# is named like the package it drives: look for that package elsewhere.
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path = [p for p in sys.path if os.path.abspath(p or ".") != HERE]
+
+import argparse
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.request
