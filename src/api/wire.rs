@@ -724,7 +724,7 @@ fn exec_request_schema(webhook: bool, text: bool) -> serde_json::Value {
         "instance": field(
             "the instance to run in; default the caller's primary instance",
             json!({"type": "string", "maxLength": 255}),
-            &[null.clone()],
+            std::slice::from_ref(&null),
         ),
     });
     if webhook {
