@@ -28,7 +28,8 @@ use crate::server::{Service, SubmitError};
 use crate::store::{Role, RunKey, RunRecord, Submitted};
 use auth::{AuthError, Caller};
 use wire::{
-    ExecJobAsyncResponse, ExecJobRequest, ExecJobResponse, FieldMap, Format, Many, Reply,
+    ExecJobAsyncRequestDoc, ExecJobAsyncRequestTextDoc, ExecJobAsyncResponse, ExecJobRequest,
+    ExecJobRequestDoc, ExecJobRequestTextDoc, ExecJobResponse, FieldMap, Format, Many, Reply,
     ResultsResponse, WebhookAttemptLine, WireValue,
 };
 
@@ -262,18 +263,27 @@ async fn accept(
 }
 
 /// Starts a run and answers at once.
-#[utoipa::path(post, path = "/v1/ExecuteJobAsync", tag = "v1",
-    request_body(content = ExecJobRequest, description = "JSON, XML (DataContract) or form", content_type = "application/json"),
+#[utoipa::path(post, path = "/v1/ExecuteJobAsync", tag = "v1", operation_id = "ExecuteJobAsync",
+    request_body(description = "JSON, XML (DataContract) or form", content(
+        (ExecJobAsyncRequestDoc = "application/json"), (ExecJobAsyncRequestDoc = "text/json"),
+        (ExecJobAsyncRequestTextDoc = "application/xml"), (ExecJobAsyncRequestTextDoc = "text/xml"),
+        (ExecJobAsyncRequestTextDoc = "application/x-www-form-urlencoded"))),
+    security(("bearer" = []), ("apiKey" = [])),
     responses(
-        (status = 200, description = "recorded durably; it will run", body = ExecJobAsyncResponse),
+        (status = 200, description = "recorded durably; it will run (also the answer to the same request again)", body = ExecJobAsyncResponse,
+        links(
+            ("Results" = (operation_id = "Results", parameters(("id" = "$response.body#/runID")), description = "the run's per-job results")),
+            ("Run" = (operation_id = "Run", parameters(("id" = "$response.body#/runID")), description = "the run's full answer")),
+            ("CancelRun" = (operation_id = "CancelRun", parameters(("id" = "$response.body#/runID")), description = "cancel the run"))
+        )),
         (status = 400, description = "a field breaks its rule, or the body does not parse", body = ExecJobAsyncResponse),
         (status = 401, description = "missing or bad credentials", body = ExecJobAsyncResponse),
         (status = 403, description = "read-only role", body = ExecJobAsyncResponse),
-        (status = 404, description = "unknown project or job", body = ExecJobAsyncResponse),
+        (status = 404, description = "unknown project or job (in the caller's instance)", body = ExecJobAsyncResponse),
         (status = 409, description = "the runID was used with other parameters", body = ExecJobAsyncResponse),
         (status = 413, description = "the body is too large", body = ExecJobAsyncResponse),
         (status = 415, description = "unsupported media type", body = ExecJobAsyncResponse),
-        (status = 503, description = "the queue is full; see Retry-After", body = ExecJobAsyncResponse),
+        (status = 503, description = "the queue is full, the server is stopping, or the store failed; see Retry-After", body = ExecJobAsyncResponse),
     ))]
 async fn execute_job_async(
     State(svc): State<Arc<Service>>,
@@ -296,13 +306,33 @@ async fn execute_job_async(
 }
 
 /// Runs a job and answers when the run (and its chain) ends.
-#[utoipa::path(post, path = "/v1/ExecuteJob", tag = "v1",
-    request_body(content = ExecJobRequest, content_type = "application/json"),
+#[utoipa::path(post, path = "/v1/ExecuteJob", tag = "v1", operation_id = "ExecuteJob",
+    request_body(description = "JSON, XML (DataContract) or form", content(
+        (ExecJobRequestDoc = "application/json"), (ExecJobRequestDoc = "text/json"),
+        (ExecJobRequestTextDoc = "application/xml"), (ExecJobRequestTextDoc = "text/xml"),
+        (ExecJobRequestTextDoc = "application/x-www-form-urlencoded"))),
+    security(("bearer" = []), ("apiKey" = [])),
     responses(
-        (status = 200, description = "the run ended", body = ExecJobResponse),
-        (status = 202, description = "execute_job_wait_secs is up: the run as it stands", body = ExecJobResponse),
-        (status = 400, body = ExecJobAsyncResponse),
-        (status = 503, description = "the queue is full, or this node runs no jobs", body = ExecJobAsyncResponse)))]
+        (status = 200, description = "the run ended", body = ExecJobResponse, links(
+            ("Results" = (operation_id = "Results", parameters(("id" = "$response.body#/runID")), description = "the run's per-job results")),
+            ("Run" = (operation_id = "Run", parameters(("id" = "$response.body#/runID")), description = "the run's full answer")),
+            ("CancelRun" = (operation_id = "CancelRun", parameters(("id" = "$response.body#/runID")), description = "cancel the run"))
+        )),
+        (status = 202, description = "execute_job_wait_secs is up: the run as it stands", body = ExecJobResponse, links(
+            ("Results" = (operation_id = "Results", parameters(("id" = "$response.body#/runID")), description = "the run's per-job results")),
+            ("Run" = (operation_id = "Run", parameters(("id" = "$response.body#/runID")), description = "the run's full answer")),
+            ("CancelRun" = (operation_id = "CancelRun", parameters(("id" = "$response.body#/runID")), description = "cancel the run"))
+        )),
+        (status = 400, description = "a field breaks its rule, or the body does not parse", body = ExecJobAsyncResponse),
+        (status = 401, description = "missing or bad credentials", body = ExecJobAsyncResponse),
+        (status = 403, description = "read-only role", body = ExecJobAsyncResponse),
+        (status = 404, description = "unknown project or job (in the caller's instance)", body = ExecJobAsyncResponse),
+        (status = 409, description = "the runID was used with other parameters", body = ExecJobAsyncResponse),
+        (status = 413, description = "the body is too large", body = ExecJobAsyncResponse),
+        (status = 415, description = "unsupported media type", body = ExecJobAsyncResponse),
+        (status = 500, description = "the run ended without a result (a bug)", body = ExecJobAsyncResponse),
+        (status = 503, description = "the queue is full, this node runs no jobs (--workers 0), or the store failed", body = ExecJobAsyncResponse),
+    ))]
 async fn execute_job(State(svc): State<Arc<Service>>, headers: HeaderMap, body: Body) -> Reply {
     let format = wire::answer_format(&headers);
     if svc.config.workers == 0 {
@@ -417,8 +447,10 @@ fn results_of(rec: &RunRecord) -> Vec<ResultsResponse> {
     out
 }
 
-#[derive(serde::Deserialize, Default)]
+#[derive(serde::Deserialize, Default, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct InstanceQuery {
+    /// The instance the run belongs to; default the caller's primary instance.
     #[serde(alias = "Instance", alias = "INSTANCE")]
     instance: Option<String>,
 }
@@ -443,9 +475,15 @@ async fn lookup(
 }
 
 /// The per-job results of a run (live while it runs).
-#[utoipa::path(get, path = "/v1/Results/{id}", tag = "v1",
-    params(("id" = String, Path, description = "the runID")),
-    responses((status = 200, body = Vec<ResultsResponse>), (status = 404, description = "unknown run: []", body = Vec<ResultsResponse>)))]
+#[utoipa::path(get, path = "/v1/Results/{id}", tag = "v1", operation_id = "Results",
+    params(("id" = String, Path, description = "the runID"), InstanceQuery),
+    security(("bearer" = []), ("apiKey" = [])),
+    responses(
+        (status = 200, description = "one per job the run executed, in order (live while it runs)", body = Vec<ResultsResponse>),
+        (status = 401, description = "missing or bad credentials", body = ExecJobAsyncResponse),
+        (status = 404, description = "unknown run, or another instance's: []", body = Vec<ResultsResponse>),
+        (status = 503, description = "the store failed", body = ExecJobAsyncResponse),
+    ))]
 async fn results(
     State(svc): State<Arc<Service>>,
     headers: HeaderMap,
@@ -488,9 +526,15 @@ async fn caller_and_run(
 }
 
 /// The full answer of a run, with its log and webhook attempts.
-#[utoipa::path(get, path = "/v1/Runs/{id}", tag = "tidepool",
-    params(("id" = String, Path, description = "the runID")),
-    responses((status = 200, body = ExecJobResponse), (status = 404, body = ExecJobAsyncResponse)))]
+#[utoipa::path(get, path = "/v1/Runs/{id}", tag = "tidepool", operation_id = "Run",
+    params(("id" = String, Path, description = "the runID"), InstanceQuery),
+    security(("bearer" = []), ("apiKey" = [])),
+    responses(
+        (status = 200, description = "the run's answer (live while it runs), with its webhook attempts", body = ExecJobResponse),
+        (status = 401, description = "missing or bad credentials", body = ExecJobAsyncResponse),
+        (status = 404, description = "unknown run, or another instance's", body = ExecJobAsyncResponse),
+        (status = 503, description = "the store failed", body = ExecJobAsyncResponse),
+    ))]
 async fn run_detail(
     State(svc): State<Arc<Service>>,
     headers: HeaderMap,
@@ -530,9 +574,16 @@ async fn run_detail(
 }
 
 /// Cancels a run: a queued one at once, a running one between batches.
-#[utoipa::path(post, path = "/v1/Runs/{id}/cancel", tag = "tidepool",
-    params(("id" = String, Path, description = "the runID")),
-    responses((status = 202, description = "{runID, status}"), (status = 404, body = ExecJobAsyncResponse)))]
+#[utoipa::path(post, path = "/v1/Runs/{id}/cancel", tag = "tidepool", operation_id = "CancelRun",
+    params(("id" = String, Path, description = "the runID"), InstanceQuery),
+    security(("bearer" = []), ("apiKey" = [])),
+    responses(
+        (status = 202, description = "a queued run is Cancelled at once; a running one stops between batches", body = wire::CancelAnswerDoc),
+        (status = 401, description = "missing or bad credentials", body = ExecJobAsyncResponse),
+        (status = 403, description = "read-only role", body = ExecJobAsyncResponse),
+        (status = 404, description = "unknown run, or another instance's", body = ExecJobAsyncResponse),
+        (status = 503, description = "the store failed", body = ExecJobAsyncResponse),
+    ))]
 async fn cancel(
     State(svc): State<Arc<Service>>,
     headers: HeaderMap,
@@ -567,10 +618,27 @@ async fn cancel(
 }
 
 /// Runs a job with the raw body as its argument; the server makes the runID.
-#[utoipa::path(post, path = "/v1/Webhook", tag = "v1",
-    params(("projectid" = String, Query), ("jobid" = String, Query), ("instance" = Option<String>, Query)),
-    request_body(content = String, description = "any text: the job argument"),
-    responses((status = 200, body = ExecJobAsyncResponse), (status = 400, body = ExecJobAsyncResponse)))]
+#[utoipa::path(post, path = "/v1/Webhook", tag = "v1", operation_id = "Webhook",
+    params(
+        ("projectid" = String, Query, min_length = 1, max_length = 36, pattern = r"\S", description = "the project (name in any case)"),
+        ("jobid" = String, Query, min_length = 1, max_length = 36, pattern = r"\S", description = "the job (name in any case)"),
+        ("instance" = Option<String>, Query, max_length = 255, description = "the instance to run in; default the caller's primary instance"),
+    ),
+    request_body(content = Option<String>, content_type = "text/plain", description = "any UTF-8 text: the job argument"),
+    security(("bearer" = []), ("apiKey" = [])),
+    responses(
+        (status = 200, description = "recorded durably under a new runID; it will run", body = ExecJobAsyncResponse, links(
+            ("Results" = (operation_id = "Results", parameters(("id" = "$response.body#/runID")), description = "the run's per-job results")),
+            ("Run" = (operation_id = "Run", parameters(("id" = "$response.body#/runID")), description = "the run's full answer")),
+            ("CancelRun" = (operation_id = "CancelRun", parameters(("id" = "$response.body#/runID")), description = "cancel the run"))
+        )),
+        (status = 400, description = "a parameter breaks its rule, or the body is not UTF-8", body = ExecJobAsyncResponse),
+        (status = 401, description = "missing or bad credentials", body = ExecJobAsyncResponse),
+        (status = 403, description = "read-only role", body = ExecJobAsyncResponse),
+        (status = 404, description = "unknown project or job (in the caller's instance)", body = ExecJobAsyncResponse),
+        (status = 413, description = "the body is too large", body = ExecJobAsyncResponse),
+        (status = 503, description = "the queue is full, the server is stopping, or the store failed; see Retry-After", body = ExecJobAsyncResponse),
+    ))]
 async fn webhook(
     State(svc): State<Arc<Service>>,
     headers: HeaderMap,
@@ -675,12 +743,15 @@ fn too_many(error: &str, description: &str, retry_after_secs: u64) -> Response {
 const TOKEN_BODY_LIMIT: usize = 8 * 1024;
 
 /// `POST /token`: the OAuth2 password grant, under [`auth::LoginGuard`]'s limits.
-#[utoipa::path(post, path = "/token", tag = "v1",
-    request_body(content = String, description = "grant_type=password&username=…&password=…", content_type = "application/x-www-form-urlencoded"),
-    responses((status = 200, description = "{access_token, token_type: bearer, expires_in}"), (status = 400, description = "{error, error_description}"),
-        (status = 413, description = "the body is larger than 8 KiB. {error, error_description}"),
-        (status = 429, description = "too many failed attempts for the user or from the address, or too many at once; see Retry-After. {error, error_description}"),
-        (status = 503, description = "the store failed. {error, error_description}")))]
+#[utoipa::path(post, path = "/token", tag = "v1", operation_id = "Token",
+    request_body(content = wire::TokenRequestDoc, content_type = "application/x-www-form-urlencoded"),
+    responses(
+        (status = 200, description = "a bearer token", body = wire::TokenAnswerDoc),
+        (status = 400, description = "invalid_request, unsupported_grant_type, or invalid_grant (a wrong user name or password, as RFC 6749 answers it)", body = wire::OAuthErrorDoc),
+        (status = 413, description = "the body is larger than 8 KiB", body = wire::OAuthErrorDoc),
+        (status = 429, description = "too many failed attempts for the user or from the address, or too many password checks at once: see Retry-After", body = wire::OAuthErrorDoc),
+        (status = 503, description = "the store failed", body = wire::OAuthErrorDoc),
+    ))]
 async fn token(
     State(svc): State<Arc<Service>>,
     peer: Option<axum::Extension<axum::extract::ConnectInfo<std::net::SocketAddr>>>,
@@ -693,6 +764,10 @@ async fn token(
             &format!("the body is larger than {TOKEN_BODY_LIMIT} bytes"),
         );
     };
+    // serde_urlencoded would turn bytes that are not UTF-8 into U+FFFD.
+    if let Err(e) = wire::form_pairs(&bytes) {
+        return oauth_error(StatusCode::BAD_REQUEST, "invalid_request", &e.message);
+    }
     let form: TokenForm = match serde_urlencoded::from_bytes(&bytes) {
         Ok(f) => f,
         Err(e) => {
@@ -793,7 +868,13 @@ fn project_json(p: &Project) -> serde_json::Value {
 }
 
 /// The caller's projects and their jobs.
-#[utoipa::path(get, path = "/v1/Projects", tag = "tidepool", responses((status = 200, description = "[{projectID, name, instance, jobs}]")))]
+#[utoipa::path(get, path = "/v1/Projects", tag = "tidepool", operation_id = "Projects",
+    security(("bearer" = []), ("apiKey" = [])),
+    responses(
+        (status = 200, description = "the projects of the caller's instances", body = Vec<wire::ProjectInfoDoc>),
+        (status = 401, description = "missing or bad credentials", body = ExecJobAsyncResponse),
+        (status = 503, description = "the store failed", body = ExecJobAsyncResponse),
+    ))]
 async fn projects(State(svc): State<Arc<Service>>, headers: HeaderMap) -> Response {
     let caller = match auth::authenticate(&svc, &headers).await {
         Ok(c) => c,
@@ -809,6 +890,16 @@ async fn projects(State(svc): State<Arc<Service>>, headers: HeaderMap) -> Respon
     axum::Json(list).into_response()
 }
 
+/// One of the caller's projects and its jobs.
+#[utoipa::path(get, path = "/v1/Projects/{id}", tag = "tidepool", operation_id = "Project",
+    params(("id" = String, Path, description = "the projectID (any case)", example = "demo")),
+    security(("bearer" = []), ("apiKey" = [])),
+    responses(
+        (status = 200, description = "the project", body = wire::ProjectInfoDoc),
+        (status = 401, description = "missing or bad credentials", body = ExecJobAsyncResponse),
+        (status = 404, description = "unknown project, or another instance's", body = wire::ErrorDoc),
+        (status = 503, description = "the store failed", body = ExecJobAsyncResponse),
+    ))]
 async fn project(
     State(svc): State<Arc<Service>>,
     headers: HeaderMap,
@@ -834,7 +925,11 @@ async fn project(
 }
 
 /// Liveness and queue depth.
-#[utoipa::path(get, path = "/healthz", tag = "tidepool", responses((status = 200, description = "{status, queued, running}")))]
+#[utoipa::path(get, path = "/healthz", tag = "tidepool", operation_id = "Health",
+    responses(
+        (status = 200, description = "up", body = wire::HealthDoc),
+        (status = 503, description = "the store cannot be read", body = wire::HealthDoc),
+    ))]
 async fn healthz(State(svc): State<Arc<Service>>) -> Response {
     match svc.store.queued_count().await {
         Ok(q) => axum::Json(json!({
@@ -883,7 +978,7 @@ async fn metrics_text(State(svc): State<Arc<Service>>, headers: HeaderMap) -> Re
 #[openapi(
     info(
         title = "tidepool",
-        description = "The Starfish ETL v1 job API, and tidepool's additions"
+        description = "The Starfish ETL v1 job API, and tidepool's additions. Paths and field names match in any case. With no users configured the server is open (loopback only) and takes no credentials."
     ),
     paths(
         execute_job_async,
@@ -894,19 +989,83 @@ async fn metrics_text(State(svc): State<Arc<Service>>, headers: HeaderMap) -> Re
         run_detail,
         cancel,
         projects,
+        project,
         healthz
     ),
     components(schemas(
-        ExecJobRequest,
+        ExecJobAsyncRequestDoc,
+        ExecJobAsyncRequestTextDoc,
+        ExecJobRequestDoc,
+        ExecJobRequestTextDoc,
         ExecJobAsyncResponse,
         ExecJobResponse,
         ResultsResponse,
         wire::LogLine,
         WebhookAttemptLine,
         RunStatus
-    ))
+    )),
+    modifiers(&SecuritySchemes, &XmlAnswers)
 )]
 pub struct ApiDoc;
+
+/// The two ways to present credentials (see [`auth::authenticate`]).
+struct SecuritySchemes;
+
+impl utoipa::Modify for SecuritySchemes {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{
+            ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme,
+        };
+        let components = doc.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some(
+                        "`Authorization: Bearer tpt_…`, a token from `POST /token`; an API key (`tpk_…`) is taken here too",
+                    ))
+                    .build(),
+            ),
+        );
+        components.add_security_scheme(
+            "apiKey",
+            SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::with_description(
+                "X-API-Key",
+                "an API key from `tidepool key create USER`",
+            ))),
+        );
+    }
+}
+
+/// The answers that follow content negotiation (`Accept`, then the request's
+/// `Content-Type`) come in XML as well: the document says so once, here.
+struct XmlAnswers;
+
+impl utoipa::Modify for XmlAnswers {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        for (path, item) in doc.paths.paths.iter_mut() {
+            if !path.starts_with("/v1/") || path.starts_with("/v1/Projects") {
+                continue;
+            }
+            let ops = [&mut item.get, &mut item.post];
+            for op in ops.into_iter().flatten() {
+                for (status, response) in op.responses.responses.iter_mut() {
+                    let utoipa::openapi::RefOr::T(response) = response else {
+                        continue;
+                    };
+                    // Cancel answers its 202 in JSON only.
+                    if path.ends_with("/cancel") && status == "202" {
+                        continue;
+                    }
+                    if let Some(json) = response.content.get("application/json").cloned() {
+                        response.content.insert("application/xml".into(), json);
+                    }
+                }
+            }
+        }
+    }
+}
 
 async fn openapi() -> Response {
     axum::Json(<ApiDoc as utoipa::OpenApi>::openapi()).into_response()

@@ -78,6 +78,9 @@ pub enum WireValue {
     Number(String),
     /// A string (every XML and form value).
     Text(String),
+    /// A JSON array or object, or XML elements inside the field's element:
+    /// ignored in an unknown field (as unknown fields are), refused in a known one.
+    Nested,
 }
 
 /// Request fields by lower-cased name (names are read case-insensitively).
@@ -145,11 +148,7 @@ fn parse_json(body: &[u8]) -> Result<FieldMap, BodyError> {
             serde_json::Value::Bool(b) => WireValue::Bool(b),
             serde_json::Value::Number(n) => WireValue::Number(n.to_string()),
             serde_json::Value::String(s) => WireValue::Text(s),
-            _ => {
-                return Err(BodyError::bad(format!(
-                    "{k} must be a string, number or boolean, not an array or object"
-                )));
-            }
+            serde_json::Value::Array(_) | serde_json::Value::Object(_) => WireValue::Nested,
         };
         map.insert(k.to_ascii_lowercase(), w);
     }
@@ -157,12 +156,58 @@ fn parse_json(body: &[u8]) -> Result<FieldMap, BodyError> {
 }
 
 fn parse_form(body: &[u8]) -> Result<FieldMap, BodyError> {
-    let pairs: Vec<(String, String)> = serde_urlencoded::from_bytes(body)
-        .map_err(|e| BodyError::bad(format!("malformed form body: {e}")))?;
-    Ok(pairs
+    Ok(form_pairs(body)?
         .into_iter()
         .map(|(k, v)| (k.to_ascii_lowercase(), WireValue::Text(v)))
         .collect())
+}
+
+/// The `name=value` pairs of an `application/x-www-form-urlencoded` body,
+/// decoded (`+` is a space, `%XX` a byte). Unlike the usual decoders, bytes
+/// that are not UTF-8 are refused, naming the field, instead of being
+/// replaced with U+FFFD: a job must never see text the caller did not send.
+pub fn form_pairs(body: &[u8]) -> Result<Vec<(String, String)>, BodyError> {
+    let mut pairs = Vec::new();
+    for part in body.split(|&b| b == b'&').filter(|p| !p.is_empty()) {
+        let (name, value) = match part.iter().position(|&b| b == b'=') {
+            Some(i) => (&part[..i], &part[i + 1..]),
+            None => (part, &part[..0]),
+        };
+        let name = String::from_utf8(percent_decode(name))
+            .map_err(|_| BodyError::bad("the body is not valid UTF-8 (in a field name)"))?;
+        let value = String::from_utf8(percent_decode(value)).map_err(|e| {
+            BodyError::bad(format!(
+                "{name} is not valid UTF-8 (byte {} of its decoded value)",
+                e.utf8_error().valid_up_to() + 1
+            ))
+        })?;
+        pairs.push((name, value));
+    }
+    Ok(pairs)
+}
+
+/// Form decoding of one name or value: `+` is a space, `%XX` a byte; a `%`
+/// not followed by two hex digits stays as it is (as browsers send it).
+fn percent_decode(s: &[u8]) -> Vec<u8> {
+    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
+    let mut out = Vec::with_capacity(s.len());
+    let mut i = 0;
+    while i < s.len() {
+        match s[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < s.len() => match (hex(s[i + 1]), hex(s[i + 2])) {
+                (Some(h), Some(l)) => {
+                    out.push(h << 4 | l);
+                    i += 3;
+                    continue;
+                }
+                _ => out.push(b'%'),
+            },
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    out
 }
 
 /// Reads `<anyRoot><field>text</field>…</anyRoot>`: elements in any order, any
@@ -175,7 +220,8 @@ fn parse_xml(body: &[u8]) -> Result<FieldMap, BodyError> {
     let mut reader = quick_xml::Reader::from_str(text);
     let mut map = FieldMap::new();
     let mut depth = 0usize;
-    let mut current: Option<(String, String, bool)> = None; // name, text, nil
+    // The field being read: name, text, nil, holds elements.
+    let mut current: Option<(String, String, bool, bool)> = None;
     let at = |r: &quick_xml::Reader<&[u8]>| r.buffer_position();
     let bad = |pos: u64, msg: String| BodyError::bad(format!("malformed XML at byte {pos}: {msg}"));
     loop {
@@ -192,20 +238,27 @@ fn parse_xml(body: &[u8]) -> Result<FieldMap, BodyError> {
             Event::Start(_) if depth == 0 => depth = 1,
             Event::Start(e) => {
                 if depth >= 2 {
-                    return Err(bad(
-                        at(&reader),
-                        "elements nest deeper than root and field".into(),
-                    ));
+                    // Elements inside a field: its value is nested (read no further).
+                    if let Some(field) = current.as_mut() {
+                        field.3 = true;
+                    }
+                    depth += 1;
+                    continue;
                 }
                 depth = 2;
-                current = Some((local_name(e.name().as_ref()), String::new(), is_nil(&e)));
+                current = Some((
+                    local_name(e.name().as_ref()),
+                    String::new(),
+                    is_nil(&e),
+                    false,
+                ));
             }
             Event::Empty(e) => {
                 if depth >= 2 {
-                    return Err(bad(
-                        at(&reader),
-                        "elements nest deeper than root and field".into(),
-                    ));
+                    if let Some(field) = current.as_mut() {
+                        field.3 = true;
+                    }
+                    continue;
                 }
                 let v = if is_nil(&e) {
                     WireValue::Null
@@ -217,13 +270,13 @@ fn parse_xml(body: &[u8]) -> Result<FieldMap, BodyError> {
             Event::Text(t) => {
                 let s = t.into_inner();
                 match current.as_mut() {
-                    Some((_, buf, _)) => buf.push_str(&s),
+                    Some((_, buf, _, _)) => buf.push_str(&s),
                     None if s.trim().is_empty() => {}
                     None => return Err(bad(at(&reader), "text outside a field".into())),
                 }
             }
             Event::CData(t) => {
-                if let Some((_, buf, _)) = current.as_mut() {
+                if let Some((_, buf, _, _)) = current.as_mut() {
                     buf.push_str(&t.into_inner());
                 }
             }
@@ -242,15 +295,17 @@ fn parse_xml(body: &[u8]) -> Result<FieldMap, BodyError> {
                     _ => None,
                 };
                 let ch = ch.ok_or_else(|| bad(at(&reader), format!("unknown entity &{name};")))?;
-                if let Some((_, buf, _)) = current.as_mut() {
+                if let Some((_, buf, _, _)) = current.as_mut() {
                     buf.push(ch);
                 }
             }
             Event::End(_) => {
                 if depth == 2
-                    && let Some((name, text, nil)) = current.take()
+                    && let Some((name, text, nil, nested)) = current.take()
                 {
-                    let v = if nil {
+                    let v = if nested {
+                        WireValue::Nested
+                    } else if nil {
                         WireValue::Null
                     } else {
                         WireValue::Text(text)
@@ -278,8 +333,7 @@ fn is_nil(e: &quick_xml::events::BytesStart) -> bool {
 }
 
 /// The fields of `execJobAsyncRequest` / `execJobRequest`, checked.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
-#[schema(as = execJobAsyncRequest)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ExecJobRequest {
     /// The caller's GUID for the run, lower-cased.
@@ -298,13 +352,10 @@ pub struct ExecJobRequest {
     /// The job argument.
     pub argument: String,
     /// 1-based; a positive integer in a string (a number is accepted too).
-    #[schema(value_type = Option<String>, example = "1")]
     pub begin_at_row: u64,
     /// Inclusive; a positive integer in a string.
-    #[schema(value_type = Option<String>)]
     pub end_after_row: Option<u64>,
     /// Writers; a positive integer in a string.
-    #[schema(value_type = Option<String>, example = "1")]
     pub thread_count: usize,
     /// Where the result is POSTed.
     #[serde(rename = "webHookURL")]
@@ -318,20 +369,104 @@ fn text_of(v: &WireValue) -> Option<String> {
         WireValue::Null => None,
         WireValue::Bool(b) => Some(b.to_string()),
         WireValue::Number(n) | WireValue::Text(n) => Some(n.clone()),
+        WireValue::Nested => None,
     }
 }
 
-fn positive(name: &str, v: Option<&WireValue>, errors: &mut Vec<String>) -> Option<u64> {
-    let t = v.and_then(text_of)?;
-    let t = t.trim();
-    if t.is_empty() {
+/// The largest row number a request may name: runs are stored with their
+/// rows as SQLite integers, which are signed 64-bit.
+pub const MAX_ROW: u64 = i64::MAX as u64;
+
+/// Blank, which in a request means "not given": empty, or nothing but
+/// ASCII spaces, tabs and line breaks.
+fn is_blank(t: &str) -> bool {
+    t.bytes().all(|b| b.is_ascii_whitespace())
+}
+
+/// The value of a number written in ASCII digits only (leading zeros allowed):
+/// `None` if anything else is in it, `Some(None)` if it is past `u64`.
+fn digits_value(t: &str) -> Option<Option<u64>> {
+    if t.is_empty() || !t.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
-    match t.parse::<u64>() {
-        Ok(n) if n >= 1 => Some(n),
+    Some(t.bytes().try_fold(0u64, |n, d| {
+        n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
+    }))
+}
+
+/// The value of a field as a whole number: in a string, ASCII digits only
+/// (`None` for anything else; `Some(None)` past `u64`). A JSON number is a
+/// number however it is written, so `36.0` and `3.6e1` are 36 (as JSON Schema
+/// counts them integers), and `36.5` is not whole.
+fn whole_value(v: &WireValue) -> Option<Option<u64>> {
+    match v {
+        WireValue::Text(t) => digits_value(t),
+        WireValue::Number(t) => digits_value(t).or_else(|| {
+            let x: f64 = t.parse().ok()?;
+            // 2^64 is the first float past u64.
+            let whole = x.is_finite() && x.fract() == 0.0 && x >= 0.0;
+            whole.then_some((x < 18_446_744_073_709_551_616.0).then_some(x as u64))
+        }),
+        WireValue::Null | WireValue::Bool(_) | WireValue::Nested => None,
+    }
+}
+
+/// A value for an error message, cut short: the whole of a long one would
+/// only echo the body back.
+fn shown(t: &str) -> String {
+    const MAX: usize = 40;
+    if t.chars().count() <= MAX {
+        format!("{t:?}")
+    } else {
+        format!("{:?}…", t.chars().take(MAX).collect::<String>())
+    }
+}
+
+/// A counted field (`beginAtRow`, `endAfterRow`, `threadCount`): a whole
+/// number from 1 to `max` in digits only, in a string or a JSON number; blank
+/// or null means not given. " 5", "+5", "5.0" and "1e3" are refused, not guessed at.
+fn positive(name: &str, v: Option<&WireValue>, max: u64, errors: &mut Vec<String>) -> Option<u64> {
+    let v = v?;
+    let t = match v {
+        WireValue::Null | WireValue::Nested => return None,
+        WireValue::Text(t) if is_blank(t) => return None,
+        WireValue::Text(t) | WireValue::Number(t) => t.as_str(),
+        WireValue::Bool(b) => {
+            if *b {
+                "true"
+            } else {
+                "false"
+            }
+        }
+    };
+    match whole_value(v) {
+        Some(Some(n)) if (1..=max).contains(&n) => Some(n),
         _ => {
-            errors.push(format!("{name} must be a positive integer, not {t:?}"));
+            errors.push(format!(
+                "{name} must be a positive integer from 1 to {max} in digits only (no sign, spaces or decimal point), not {}",
+                shown(t)
+            ));
             None
+        }
+    }
+}
+
+/// `loggingLevel`: 0 to 3 in digits only, in a string or a JSON number; above
+/// 3 means 3 (as the vendor documents); blank or null means 0.
+fn logging_level(v: Option<&WireValue>, errors: &mut Vec<String>) -> u8 {
+    let (v, t) = match v {
+        None | Some(WireValue::Null) => return 0,
+        Some(WireValue::Text(t)) if is_blank(t) => return 0,
+        Some(v) => (v, text_of(v).unwrap_or_default()),
+    };
+    match whole_value(v) {
+        Some(n) => n.map_or(3, |n| n.min(3)) as u8,
+        None => {
+            errors.push(format!(
+                "loggingLevel must be 0 to 3 (above 3 means 3), a whole number in digits only, not {}",
+                shown(&t)
+            ));
+            0
         }
     }
 }
@@ -341,7 +476,33 @@ impl ExecJobRequest {
     /// `webhook` says whether `webHookURL` is part of this request type.
     pub fn from_fields(f: &FieldMap, webhook: bool) -> Result<Self, String> {
         let mut errors = Vec::new();
-        let get = |n: &str| f.get(&n.to_ascii_lowercase());
+        let mut known = vec![
+            "runID",
+            "projectID",
+            "jobID",
+            "chainJobs",
+            "loggingLevel",
+            "argument",
+            "beginAtRow",
+            "endAfterRow",
+            "threadCount",
+            "instance",
+        ];
+        if webhook {
+            known.push("webHookURL");
+        }
+        for name in known {
+            if f.get(&name.to_ascii_lowercase()) == Some(&WireValue::Nested) {
+                errors.push(format!(
+                    "{name} must be a string, number or boolean, not an array, object or elements"
+                ));
+            }
+        }
+        // A nested value was reported above; the rules below see it as absent.
+        let get = |n: &str| {
+            f.get(&n.to_ascii_lowercase())
+                .filter(|v| **v != WireValue::Nested)
+        };
         let required = |name: &str, max: usize, errors: &mut Vec<String>| -> String {
             match get(name).and_then(text_of) {
                 None => {
@@ -380,7 +541,11 @@ impl ExecJobRequest {
             Some(WireValue::Bool(b)) => *b,
             Some(v) => {
                 let t = text_of(v).unwrap_or_default();
-                match t.trim().to_ascii_lowercase().as_str() {
+                match t
+                    .trim_matches(|c: char| c.is_ascii_whitespace())
+                    .to_ascii_lowercase()
+                    .as_str()
+                {
                     "" | "false" => false,
                     "true" => true,
                     _ => {
@@ -390,24 +555,11 @@ impl ExecJobRequest {
                 }
             }
         };
-        let logging_level = match get("loggingLevel").and_then(text_of) {
-            None => 0,
-            Some(t) if t.trim().is_empty() => 0,
-            Some(t) => match t.trim().parse::<i64>() {
-                Ok(n) if n < 0 => {
-                    errors.push(format!("loggingLevel must be 0 to 3, not {n}"));
-                    0
-                }
-                Ok(n) => n.min(3) as u8,
-                Err(_) => {
-                    errors.push(format!("loggingLevel must be an integer, not {t:?}"));
-                    0
-                }
-            },
-        };
+        let logging_level = logging_level(get("loggingLevel"), &mut errors);
         let argument = get("argument").and_then(text_of).unwrap_or_default();
-        let begin_at_row = positive("beginAtRow", get("beginAtRow"), &mut errors).unwrap_or(1);
-        let end_after_row = positive("endAfterRow", get("endAfterRow"), &mut errors);
+        let begin_at_row =
+            positive("beginAtRow", get("beginAtRow"), MAX_ROW, &mut errors).unwrap_or(1);
+        let end_after_row = positive("endAfterRow", get("endAfterRow"), MAX_ROW, &mut errors);
         if let Some(end) = end_after_row
             && end < begin_at_row
         {
@@ -415,14 +567,17 @@ impl ExecJobRequest {
                 "endAfterRow ({end}) must not be less than beginAtRow ({begin_at_row})"
             ));
         }
-        let thread_count = positive("threadCount", get("threadCount"), &mut errors).unwrap_or(1);
-        if thread_count as usize > MAX_THREADS {
-            errors.push(format!("threadCount must be at most {MAX_THREADS}"));
-        }
+        let thread_count = positive(
+            "threadCount",
+            get("threadCount"),
+            MAX_THREADS as u64,
+            &mut errors,
+        )
+        .unwrap_or(1);
         let web_hook_url = if webhook {
             match get("webHookURL").and_then(text_of) {
-                Some(u) if !u.trim().is_empty() => {
-                    let u = u.trim().to_owned();
+                Some(u) if !is_blank(&u) => {
+                    let u = u.trim_matches(|c: char| c.is_ascii_whitespace()).to_owned();
                     match reqwest::Url::parse(&u) {
                         Ok(url)
                             if matches!(url.scheme(), "http" | "https") && url.host().is_some() =>
@@ -477,6 +632,277 @@ impl ExecJobRequest {
         let json = serde_json::to_vec(&c).unwrap_or_default();
         hex::encode(sha2::Sha256::digest(&json))
     }
+}
+
+/// The patterns of the request fields, as the OpenAPI document states them.
+/// Each says exactly what the rules in [`ExecJobRequest::from_fields`] accept
+/// (a unit test holds both to the same answers), so a client that follows the
+/// document is never refused and a value outside it never slips in.
+pub mod patterns {
+    /// `runID`: a GUID in its 36-character form, any case.
+    pub const GUID: &str =
+        "^[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}$";
+    /// `projectID`, `jobID`: something other than white space.
+    pub const NOT_BLANK: &str = r"\S";
+    /// `beginAtRow`, `endAfterRow`: blank, or 1 to 2^63-1 in digits.
+    pub const ROW: &str = r"^[ \t\n\f\r]*$|^0*([1-9][0-9]{0,17}|[1-8][0-9]{18}|9[0-1][0-9]{17}|92[0-1][0-9]{16}|922[0-2][0-9]{15}|9223[0-2][0-9]{14}|92233[0-6][0-9]{13}|922337[0-1][0-9]{12}|92233720[0-2][0-9]{10}|922337203[0-5][0-9]{9}|9223372036[0-7][0-9]{8}|92233720368[0-4][0-9]{7}|922337203685[0-3][0-9]{6}|9223372036854[0-6][0-9]{5}|92233720368547[0-6][0-9]{4}|922337203685477[0-4][0-9]{3}|9223372036854775[0-7][0-9]{2}|922337203685477580[0-6]|9223372036854775807)$";
+    /// `threadCount`: blank, or 1 to 64 in digits.
+    pub const THREADS: &str = r"^[ \t\n\f\r]*$|^0*([1-9]|[1-5][0-9]|6[0-4])$";
+    /// `loggingLevel`: blank, or digits (above 3 means 3).
+    pub const LEVEL: &str = r"^[ \t\n\f\r]*$|^[0-9]+$";
+    /// `chainJobs` in a string: blank, true or false, any case.
+    pub const BOOL: &str = r"^[ \t\n\f\r]*([Tt][Rr][Uu][Ee]|[Ff][Aa][Ll][Ss][Ee])?[ \t\n\f\r]*$";
+    /// `webHookURL`: blank, or a plain http(s) URL. The server takes any
+    /// absolute http or https URL; this is the part of that a fuzzer can be
+    /// told of without suggesting strings no URL parser accepts.
+    pub const WEBHOOK_URL: &str = r"^[ \t\n\f\r]*$|^[Hh][Tt][Tt][Pp][Ss]?://[A-Za-z][A-Za-z0-9]*(\.[A-Za-z][A-Za-z0-9]*)*(:[1-9][0-9]{0,3})?(/[A-Za-z0-9._~/?=&-]*)?$";
+}
+
+/// The schema of `execJobAsyncRequest` (`webhook`) or `execJobRequest`: the
+/// fields as they travel. In JSON (`text` false) a field may also be a number,
+/// boolean or null where the rules take one; in XML and forms (`text`) every
+/// value is text.
+fn exec_request_schema(webhook: bool, text: bool) -> serde_json::Value {
+    use serde_json::{Value, json};
+    // The text form of a field, and in JSON its other forms too.
+    let field = |description: &str, string: Value, json_alternatives: &[Value]| {
+        if text || json_alternatives.is_empty() {
+            let mut v = string;
+            v["description"] = description.into();
+            v
+        } else {
+            let mut any = vec![string];
+            any.extend_from_slice(json_alternatives);
+            json!({"description": description, "anyOf": any})
+        }
+    };
+    let null = json!({"type": "null"});
+    let counted = |pattern: &str, max: u64, what: &str| {
+        field(
+            &format!(
+                "{what}: a whole number from 1 to {max} in digits only (in JSON a number is taken too); blank means not given"
+            ),
+            json!({"type": "string", "pattern": pattern}),
+            &[
+                json!({"type": "integer", "minimum": 1, "maximum": max}),
+                null.clone(),
+            ],
+        )
+    };
+    let mut properties = json!({
+        "runID": {
+            "type": "string", "minLength": 36, "maxLength": 36, "pattern": patterns::GUID,
+            "description": "the caller's GUID for the run (any case; the same run either way)",
+            "example": "0b5bd1c9-7c2e-4f2e-9a51-3c4f7d0e8a11",
+        },
+        "projectID": {
+            "type": "string", "minLength": 1, "maxLength": 36, "pattern": patterns::NOT_BLANK,
+            "description": "the project", "example": "demo",
+        },
+        "jobID": {
+            "type": "string", "minLength": 1, "maxLength": 36, "pattern": patterns::NOT_BLANK,
+            "description": "the job", "example": "contacts",
+        },
+        "chainJobs": field(
+            "run the job's chain: true or false in any case (in JSON a boolean); default false",
+            json!({"type": "string", "pattern": patterns::BOOL}),
+            &[json!({"type": "boolean"}), null.clone()],
+        ),
+        "loggingLevel": field(
+            "0 none, 1 low, 2 medium, 3 high, in digits only; above 3 means 3; negative is an error; default 0",
+            json!({"type": "string", "pattern": patterns::LEVEL}),
+            &[json!({"type": "integer", "minimum": 0, "maximum": u64::MAX}), null.clone()],
+        ),
+        "argument": field(
+            "@@VAR:JobArgument@@ in the job (in JSON a number or boolean is taken as its text)",
+            json!({"type": "string"}),
+            &[json!({"type": "number"}), json!({"type": "boolean"}), null.clone()],
+        ),
+        "beginAtRow": counted(patterns::ROW, MAX_ROW, "the first origin row processed (1-based); default 1"),
+        "endAfterRow": counted(patterns::ROW, MAX_ROW, "the last origin row processed, inclusive, not less than beginAtRow; default all rows"),
+        "threadCount": counted(patterns::THREADS, MAX_THREADS as u64, "writers into the destination; default 1"),
+        "instance": field(
+            "the instance to run in; default the caller's primary instance",
+            json!({"type": "string", "maxLength": 255}),
+            std::slice::from_ref(&null),
+        ),
+    });
+    if webhook {
+        properties["webHookURL"] = field(
+            "an absolute http or https URL: the run's execJobResponse is POSTed there when it ends",
+            json!({"type": "string", "pattern": patterns::WEBHOOK_URL, "example": "https://hooks.example.com/tidepool"}),
+            &[null],
+        );
+    }
+    let name = if webhook {
+        "execJobAsyncRequest"
+    } else {
+        "execJobRequest"
+    };
+    json!({
+        "type": "object",
+        "description": "Field names are read in any case; unknown fields are ignored; every rule broken is reported in `error`.",
+        "required": ["runID", "projectID", "jobID"],
+        "properties": properties,
+        "xml": {"name": name, "namespace": XML_NS},
+    })
+}
+
+/// A schema written as JSON, read into the document's types. The JSON is a
+/// constant of this file, which a unit test reads, so it always parses.
+fn schema_from_json(
+    v: serde_json::Value,
+) -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+    serde_json::from_value(v).expect("the request schemas of wire.rs are valid OpenAPI")
+}
+
+/// A request schema of the OpenAPI document: its type, component name, and
+/// the arguments of [`exec_request_schema`].
+macro_rules! request_doc {
+    ($(#[$doc:meta])* $ty:ident, $name:literal, webhook: $webhook:literal, text: $text:literal) => {
+        $(#[$doc])*
+        pub struct $ty;
+
+        impl utoipa::PartialSchema for $ty {
+            fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+                schema_from_json(exec_request_schema($webhook, $text))
+            }
+        }
+
+        impl utoipa::ToSchema for $ty {
+            fn name() -> std::borrow::Cow<'static, str> {
+                $name.into()
+            }
+        }
+    };
+}
+
+request_doc!(
+    /// `execJobAsyncRequest` in JSON.
+    ExecJobAsyncRequestDoc, "execJobAsyncRequest", webhook: true, text: false
+);
+request_doc!(
+    /// `execJobAsyncRequest` in XML or a form.
+    ExecJobAsyncRequestTextDoc, "execJobAsyncRequestText", webhook: true, text: true
+);
+request_doc!(
+    /// `execJobRequest` (ExecuteJob: no `webHookURL`) in JSON.
+    ExecJobRequestDoc, "execJobRequest", webhook: false, text: false
+);
+request_doc!(
+    /// `execJobRequest` in XML or a form.
+    ExecJobRequestTextDoc, "execJobRequestText", webhook: false, text: true
+);
+
+/// The form of `POST /token` in the OpenAPI document.
+pub struct TokenRequestDoc;
+
+impl utoipa::PartialSchema for TokenRequestDoc {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        schema_from_json(serde_json::json!({
+            "type": "object",
+            "required": ["grant_type", "username", "password"],
+            "properties": {
+                "grant_type": {"type": "string", "enum": ["password"], "description": "the OAuth2 password grant (read in any case)"},
+                "username": {"type": "string", "description": "the user"},
+                "password": {"type": "string", "format": "password", "description": "the user's password"},
+            },
+        }))
+    }
+}
+
+impl utoipa::ToSchema for TokenRequestDoc {
+    fn name() -> std::borrow::Cow<'static, str> {
+        "tokenRequest".into()
+    }
+}
+
+/// The answer of `POST /token`.
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)]
+pub struct TokenAnswerDoc {
+    /// `tpt_…`: send it as `Authorization: Bearer …`.
+    access_token: String,
+    /// Always `bearer`.
+    token_type: String,
+    /// Seconds until it expires.
+    expires_in: u64,
+}
+
+/// A refusal of `POST /token` (RFC 6749 §5.2): `invalid_request`,
+/// `unsupported_grant_type`, `invalid_grant`, `temporarily_unavailable`.
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)]
+pub struct OAuthErrorDoc {
+    /// The OAuth2 error code.
+    error: String,
+    /// What is wrong.
+    error_description: String,
+}
+
+/// The answer of `POST /v1/Runs/{id}/cancel`.
+#[derive(utoipa::ToSchema)]
+#[schema(as = cancelResponse)]
+#[allow(dead_code)]
+pub struct CancelAnswerDoc {
+    /// The run.
+    #[schema(rename = "runID")]
+    run_id: String,
+    /// Cancelled if it was queued; still Running if it stops between batches.
+    status: RunStatus,
+}
+
+/// One job of a project in `GET /v1/Projects`.
+#[derive(utoipa::ToSchema)]
+#[schema(as = jobInfo)]
+#[allow(dead_code)]
+pub struct JobInfoDoc {
+    #[schema(rename = "jobID")]
+    job_id: String,
+    name: Option<String>,
+    /// The job its chain runs next.
+    next: Option<String>,
+    /// How many stages it has.
+    stages: u64,
+}
+
+/// One project in `GET /v1/Projects`.
+#[derive(utoipa::ToSchema)]
+#[schema(as = projectInfo)]
+#[allow(dead_code)]
+pub struct ProjectInfoDoc {
+    #[schema(rename = "projectID")]
+    project_id: String,
+    name: Option<String>,
+    /// The instance that owns it.
+    instance: String,
+    jobs: Vec<JobInfoDoc>,
+}
+
+/// A refusal outside the v1 shapes (`GET /v1/Projects/{id}`).
+#[derive(utoipa::ToSchema)]
+#[schema(as = errorResponse)]
+#[allow(dead_code)]
+pub struct ErrorDoc {
+    /// What is wrong.
+    error: String,
+}
+
+/// The answer of `GET /healthz`.
+#[derive(utoipa::ToSchema)]
+#[schema(as = healthResponse)]
+#[allow(dead_code)]
+pub struct HealthDoc {
+    /// `ok`, or `unavailable` (503) when the store cannot be read.
+    status: String,
+    /// Runs waiting.
+    queued: Option<u64>,
+    /// Runs executing.
+    running: Option<u64>,
+    /// The server is shutting down.
+    stopping: Option<bool>,
+    /// Why it is unavailable.
+    error: Option<String>,
 }
 
 /// .NET `TimeSpan` text: `hh:mm:ss.fffffff`, with `d.` in front past a day.
@@ -948,6 +1374,7 @@ impl IntoResponse for Reply {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn webhook_bodies_carry_a_capped_log_that_says_where_the_rest_is() {
@@ -985,6 +1412,164 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
             .collect()
+    }
+
+    #[test]
+    fn form_decoding_keeps_stray_percents_and_refuses_bytes_that_are_not_utf8() {
+        let pairs = form_pairs(b"a=1+2%2B3&&b=%&c=%4&d=%zz%41&e").unwrap();
+        let want = [
+            ("a", "1 2+3"),
+            ("b", "%"),
+            ("c", "%4"),
+            ("d", "%zzA"),
+            ("e", ""),
+        ];
+        assert_eq!(
+            pairs,
+            want.map(|(k, v)| (k.to_owned(), v.to_owned())).to_vec()
+        );
+        assert_eq!(
+            form_pairs(b"x=%C3%A9%FF").unwrap_err().message,
+            "x is not valid UTF-8 (byte 3 of its decoded value)"
+        );
+    }
+
+    /// Whether the server's rules take `value` in `field` (the rest valid).
+    fn accepts(field: &str, value: &str) -> bool {
+        let mut f = fields(&[
+            (
+                "runID",
+                WireValue::Text("0b5bd1c9-7c2e-4f2e-9a51-3c4f7d0e8a11".into()),
+            ),
+            ("projectID", WireValue::Text("demo".into())),
+            ("jobID", WireValue::Text("contacts".into())),
+        ]);
+        f.insert(field.to_ascii_lowercase(), WireValue::Text(value.into()));
+        ExecJobRequest::from_fields(&f, true).is_ok()
+    }
+
+    #[test]
+    fn the_documented_patterns_say_exactly_what_the_rules_accept() {
+        let mut samples: Vec<String> = [
+            "",
+            " ",
+            "\t\r\n\x0c",
+            "\x0b",
+            "\u{a0}",
+            "0",
+            "000",
+            "1",
+            "3",
+            "4",
+            "007",
+            "64",
+            "065",
+            "65",
+            " 5",
+            "5 ",
+            "+5",
+            "-5",
+            "-0",
+            "5.0",
+            "1e3",
+            "0x10",
+            "5\n",
+            "\n5",
+            "٥",
+            "five",
+            "true",
+            "True",
+            " FALSE\t",
+            "tru",
+            "yes",
+            "null",
+            "9223372036854775806",
+            "9223372036854775807",
+            "09223372036854775807",
+            "9223372036854775808",
+            "9223372036854775810",
+            "9300000000000000000",
+            "18446744073709551615",
+            "18446744073709551616",
+            "99999999999999999999999",
+            "0b5bd1c9-7c2e-4f2e-9a51-3c4f7d0e8a11",
+            "0B5BD1C9-7C2E-4F2E-9A51-3C4F7D0E8A11",
+            "{0b5bd1c9-7c2e-4f2e-9a51-3c4f7d0e8a11}",
+            "0b5bd1c97c2e4f2e9a513c4f7d0e8a11",
+            " 0b5bd1c9-7c2e-4f2e-9a51-3c4f7d0e8a1",
+            "0b5bd1c9-7c2e-4f2e-9a51-3c4f7d0e8a1g",
+            "demo",
+            " demo",
+            "d",
+        ]
+        .map(String::from)
+        .to_vec();
+        // Every number up to 100, and a spread of larger ones either side of 2^63.
+        samples.extend((0..=100).map(|n| n.to_string()));
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        for _ in 0..2000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            samples.push(x.to_string());
+            samples.push((x >> (x % 64)).to_string());
+        }
+        // The field, its pattern, and its maxLength.
+        let rules = [
+            ("runID", patterns::GUID, 36),
+            ("projectID", patterns::NOT_BLANK, 36),
+            ("jobID", patterns::NOT_BLANK, 36),
+            ("beginAtRow", patterns::ROW, usize::MAX),
+            ("endAfterRow", patterns::ROW, usize::MAX),
+            ("threadCount", patterns::THREADS, usize::MAX),
+            ("loggingLevel", patterns::LEVEL, usize::MAX),
+            ("chainJobs", patterns::BOOL, usize::MAX),
+        ];
+        for (field, pattern, max_len) in rules {
+            let re = regex::Regex::new(pattern).unwrap();
+            for v in &samples {
+                assert_eq!(
+                    re.is_match(v) && v.chars().count() <= max_len,
+                    accepts(field, v),
+                    "{field} = {v:?}: the pattern and the rules disagree"
+                );
+            }
+        }
+        // webHookURL: the pattern is a part of what the rules take.
+        let re = regex::Regex::new(patterns::WEBHOOK_URL).unwrap();
+        for v in [
+            "",
+            " ",
+            "http://a",
+            "HTTPS://hooks.example.com:8443/a/b?c=d&e=f",
+            "http://x1.y2/~p_q.r-s",
+        ] {
+            assert!(re.is_match(v) && accepts("webHookURL", v), "{v:?}");
+        }
+        for v in ["ftp://a", "http://", "http//a", "a", "http://a b"] {
+            assert!(!re.is_match(v) && !accepts("webHookURL", v), "{v:?}");
+        }
+    }
+
+    #[test]
+    fn the_request_schemas_read_as_openapi() {
+        for (webhook, text) in [(true, false), (true, true), (false, false), (false, true)] {
+            let schema = schema_from_json(exec_request_schema(webhook, text));
+            let back = serde_json::to_value(&schema).unwrap();
+            assert_eq!(
+                back["properties"]["runID"]["pattern"],
+                patterns::GUID,
+                "{back}"
+            );
+            let row = &back["properties"]["beginAtRow"];
+            if text {
+                assert_eq!(row["pattern"], patterns::ROW, "{row}");
+            } else {
+                // Integers past 2^53 keep every digit.
+                assert_eq!(row["anyOf"][1]["maximum"], json!(MAX_ROW), "{row}");
+            }
+            assert_eq!(back["properties"].get("webHookURL").is_some(), webhook);
+        }
     }
 
     #[test]
