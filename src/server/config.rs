@@ -35,6 +35,10 @@ pub struct ServerConfig {
     pub execute_job_wait_secs: u64,
     /// Completion webhooks.
     pub webhooks: WebhookConfig,
+    /// Ended runs older than this many days are deleted with their results,
+    /// log and webhook (only once the webhook is delivered or given up).
+    /// Fractions are allowed (0.5 = 12 hours); 0 keeps runs forever.
+    pub retention_days: f64,
 }
 
 impl Default for ServerConfig {
@@ -52,6 +56,7 @@ impl Default for ServerConfig {
             token_lifetime_secs: 5 * 24 * 3600,
             execute_job_wait_secs: 0,
             webhooks: WebhookConfig::default(),
+            retention_days: 30.0,
         }
     }
 }

@@ -6,14 +6,16 @@
 //! serves many callers. Reads use their own connections, in parallel.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, FixedOffset};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 
 use super::{
-    ApiKeyRecord, NewRun, Role, RunEnd, RunKey, RunRecord, Store, StoreError, Submitted,
+    ApiKeyRecord, NewRun, Purged, Role, RunEnd, RunKey, RunRecord, Store, StoreError, Submitted,
     UserRecord, WebhookAttempt, WebhookDue, WebhookNext,
 };
 use crate::engine::RunStatus;
@@ -25,6 +27,14 @@ type Op = (bool, Box<dyn FnOnce(&Connection) -> (bool, Reply) + Send>);
 
 /// Writes that one transaction may hold.
 const GROUP_MAX: usize = 2048;
+
+/// Past this much log, a checkpoint waits for readers and writers so that the
+/// log can start over (a passive one cannot while they keep it busy), and a
+/// log that restarts is cut back to this size.
+const WAL_RESTART_BYTES: i64 = 64 * 1024 * 1024;
+
+/// How often the checkpointer looks at the log.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
 
 const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS runs (
@@ -90,6 +100,8 @@ pub struct SqliteStore {
     writer: crossbeam_channel::Sender<Op>,
     readers: Arc<Mutex<Vec<Connection>>>,
     path: PathBuf,
+    /// Where the retention sweep goes on from (a rowid; 0: from the start).
+    purge_cursor: Mutex<i64>,
 }
 
 fn db_err(e: impl std::fmt::Display) -> StoreError {
@@ -126,30 +138,31 @@ impl SqliteStore {
         // copying the log into the database (and the fsync that follows).
         conn.execute_batch("PRAGMA wal_autocheckpoint=0")
             .map_err(db_err)?;
+        // A log that grew under load is cut back to this size when it restarts.
+        conn.execute_batch(&format!("PRAGMA journal_size_limit={WAL_RESTART_BYTES}"))
+            .map_err(db_err)?;
+        // Whatever a previous process left in the log goes into the database now.
+        checkpoint(&conn, "TRUNCATE").map_err(db_err)?;
         let checkpointer = open_conn(path, true).map_err(db_err)?;
         let (tx, rx) = crossbeam_channel::unbounded::<Op>();
         let alive = Arc::new(());
+        let log = Arc::new(LogState::default());
         let weak = Arc::downgrade(&alive);
+        let watched = log.clone();
         std::thread::Builder::new()
             .name("tidepool-checkpoint".into())
-            .spawn(move || {
-                // Ends when the store is dropped.
-                while weak.upgrade().is_some() {
-                    std::thread::sleep(std::time::Duration::from_millis(500));
-                    let _ =
-                        checkpointer.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
-                }
-            })
+            .spawn(move || checkpoint_loop(checkpointer, weak, watched))
             .map_err(db_err)?;
         std::thread::Builder::new()
             .name("tidepool-store".into())
-            .spawn(move || writer_loop(conn, rx))
+            .spawn(move || writer_loop(conn, rx, log))
             .map_err(db_err)?;
         Ok(SqliteStore {
             _alive: alive,
             writer: tx,
             readers: Arc::new(Mutex::new(Vec::new())),
             path: path.to_owned(),
+            purge_cursor: Mutex::new(0),
         })
     }
 
@@ -219,8 +232,80 @@ impl SqliteStore {
     }
 }
 
-fn writer_loop(conn: Connection, rx: crossbeam_channel::Receiver<Op>) {
-    while let Ok(first) = rx.recv() {
+/// Runs `PRAGMA wal_checkpoint(MODE)`: the log's size in frames (0 once it
+/// is truncated), and whether the checkpoint could not finish.
+fn checkpoint(conn: &Connection, mode: &str) -> rusqlite::Result<(i64, bool)> {
+    conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| {
+        let busy: i64 = r.get(0)?;
+        let frames: i64 = r.get(1)?;
+        Ok((frames.max(0), busy != 0))
+    })
+}
+
+/// What the checkpointer and the writer share about the log.
+#[derive(Default)]
+struct LogState {
+    /// Transactions committed (the checkpointer's "was anything written").
+    commits: AtomicU64,
+    /// The log has passed [`WAL_RESTART_BYTES`]: the writer truncates it
+    /// between two transactions.
+    too_big: AtomicBool,
+}
+
+/// Passive checkpoints every tick while there are writes: they never block
+/// anyone, but under steady load they cannot let the log start over. Once the
+/// log has passed [`WAL_RESTART_BYTES`] the writer is asked to truncate it.
+/// Ends when the store is dropped.
+fn checkpoint_loop(conn: Connection, alive: Weak<()>, log: Arc<LogState>) {
+    let page_size: i64 = conn
+        .query_row("PRAGMA page_size", [], |r| r.get(0))
+        .unwrap_or(4096);
+    let mut seen = log.commits.load(Ordering::Relaxed);
+    while alive.upgrade().is_some() {
+        std::thread::sleep(CHECKPOINT_EVERY);
+        let commits = log.commits.load(Ordering::Relaxed);
+        if commits == seen {
+            continue;
+        }
+        seen = commits;
+        if let Ok((frames, _)) = checkpoint(&conn, "PASSIVE")
+            && frames * page_size > WAL_RESTART_BYTES
+        {
+            log.too_big.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The writer's own TRUNCATE checkpoint: it holds no transaction, so only
+/// readers of an older snapshot can make it wait (briefly). True if the log
+/// is now empty.
+fn truncate_log(conn: &Connection) -> bool {
+    matches!(checkpoint(conn, "TRUNCATE"), Ok((0, false)))
+}
+
+/// Commits waiting writes in groups; between groups, truncates the log when
+/// it has grown too big or when no write came for a while (the queue is idle),
+/// and once more when the store is dropped.
+fn writer_loop(conn: Connection, rx: crossbeam_channel::Receiver<Op>, log: Arc<LogState>) {
+    let mut log_dirty = false;
+    loop {
+        if log.too_big.swap(false, Ordering::Relaxed) {
+            log_dirty = !truncate_log(&conn);
+        }
+        let first = match rx.recv_timeout(CHECKPOINT_EVERY) {
+            Ok(op) => op,
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                if log_dirty {
+                    log_dirty = !truncate_log(&conn);
+                }
+                continue;
+            }
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+                truncate_log(&conn);
+                return;
+            }
+        };
+        log_dirty = true;
         let mut ops = vec![first];
         while ops.len() < GROUP_MAX {
             match rx.try_recv() {
@@ -254,6 +339,7 @@ fn writer_loop(conn: Connection, rx: crossbeam_channel::Receiver<Op>) {
             replies.push(reply);
         }
         let commit = conn.execute_batch("COMMIT").map_err(|e| e.to_string());
+        log.commits.fetch_add(1, Ordering::Relaxed);
         if commit.is_err() {
             let _ = conn.execute_batch("ROLLBACK");
         }
@@ -286,7 +372,10 @@ fn parse_status(s: &str) -> RunStatus {
     }
 }
 
-const RUN_COLUMNS: &str = "instance, run_id, project_id, job_id, request, webhook_url, status, accepted_at, results, response, error, fingerprint";
+/// An ended run's results are kept once, inside its response (see `finish`).
+const RUN_COLUMNS: &str = "instance, run_id, project_id, job_id, request, webhook_url, status, accepted_at,
+    CASE WHEN results IS NULL AND json_valid(response) THEN json_extract(response, '$.results') ELSE results END,
+    response, error, fingerprint";
 
 fn run_row(r: &rusqlite::Row) -> rusqlite::Result<RunRecord> {
     let run_id: String = r.get(1)?;
@@ -383,6 +472,12 @@ impl Store for SqliteStore {
 
     async fn finish(&self, key: &RunKey, from: RunStatus, end: RunEnd) -> Result<bool, StoreError> {
         let k = key.clone();
+        // Results that the response carries verbatim are not stored twice
+        // (reads take them from the response).
+        let embedded = end
+            .response_json
+            .contains(&format!("\"results\":{}", end.results_json));
+        let results = (!embedded).then_some(end.results_json);
         self.write(move |c| {
             let now = chrono::Local::now().fixed_offset();
             let n = c.execute(
@@ -392,7 +487,7 @@ impl Store for SqliteStore {
                     k.instance,
                     k.run_id.to_string(),
                     end.status.to_string(),
-                    end.results_json,
+                    results,
                     end.response_json,
                     end.error,
                     now_text(&now),
@@ -446,6 +541,101 @@ impl Store for SqliteStore {
         })
         .await
         .map(|n| n as u64)
+    }
+
+    async fn purge_ended(
+        &self,
+        cutoff: DateTime<FixedOffset>,
+        limit: usize,
+    ) -> Result<Purged, StoreError> {
+        let after = *self.purge_cursor.lock().expect("purge cursor");
+        // Candidates are read off the writer, in the order runs were accepted;
+        // the sweep stops at the first run accepted after the cutoff.
+        let scan = limit.saturating_mul(4).max(64);
+        let rows = self
+            .read(move |c| {
+                c.prepare_cached(
+                    "SELECT rowid, instance, run_id, status, accepted_at, finished_at FROM runs
+                     WHERE rowid > ?1 ORDER BY rowid LIMIT ?2",
+                )?
+                .query_map(params![after, scan as i64], |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, String>(2)?,
+                        parse_status(&r.get::<_, String>(3)?),
+                        parse_time(&r.get::<_, String>(4)?),
+                        r.get::<_, Option<String>>(5)?.map(|t| parse_time(&t)),
+                    ))
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()
+            })
+            .await?;
+        let mut more = rows.len() == scan;
+        let mut cursor = after;
+        let mut picked = Vec::new();
+        for (rowid, instance, run_id, status, accepted, finished) in rows {
+            if accepted >= cutoff {
+                more = false;
+                break;
+            }
+            cursor = rowid;
+            let ended = !matches!(status, RunStatus::Queued | RunStatus::Running);
+            if ended && finished.is_some_and(|f| f < cutoff) {
+                picked.push((instance, run_id));
+                if picked.len() >= limit {
+                    more = true;
+                    break;
+                }
+            }
+        }
+        *self.purge_cursor.lock().expect("purge cursor") = if more { cursor } else { 0 };
+        if picked.is_empty() {
+            return Ok(Purged { deleted: 0, more });
+        }
+        let deleted = self
+            .write(move |c| {
+                let mut deleted = 0;
+                for (instance, run_id) in picked {
+                    // Checked again here: the run is ended and its webhook is
+                    // not pending, whatever happened since it was read.
+                    let n = c
+                        .prepare_cached(
+                            "DELETE FROM runs WHERE instance = ?1 AND run_id = ?2
+                               AND status IN ('Complete', 'Failed', 'Cancelled')
+                               AND NOT EXISTS (SELECT 1 FROM webhooks w
+                                 WHERE w.instance = ?1 AND w.run_id = ?2 AND w.state = 'pending')",
+                        )?
+                        .execute(params![instance, run_id])?;
+                    if n == 1 {
+                        deleted += 1;
+                        c.prepare_cached("DELETE FROM webhooks WHERE instance = ?1 AND run_id = ?2")?
+                            .execute(params![instance, run_id])?;
+                        c.prepare_cached(
+                            "DELETE FROM webhook_attempts WHERE instance = ?1 AND run_id = ?2",
+                        )?
+                        .execute(params![instance, run_id])?;
+                    }
+                }
+                Ok(deleted)
+            })
+            .await?;
+        Ok(Purged { deleted, more })
+    }
+
+    async fn checkpoint(&self) -> Result<(), StoreError> {
+        let path = self.path.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = open_conn(&path, true).map_err(db_err)?;
+            match checkpoint(&conn, "TRUNCATE").map_err(db_err)? {
+                (_, false) => Ok(()),
+                (frames, true) => Err(StoreError::Database(format!(
+                    "checkpoint: the log is busy ({frames} frames left)"
+                ))),
+            }
+        })
+        .await
+        .map_err(db_err)?
     }
 
     async fn due_webhooks(
