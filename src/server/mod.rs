@@ -174,7 +174,10 @@ impl Service {
             let now = Local::now().fixed_offset();
             let zero = Counters::default();
             let mut interrupted = false;
-            for r in results.iter_mut().filter(|r| r.status == RunStatus::Running) {
+            for r in results
+                .iter_mut()
+                .filter(|r| r.status == RunStatus::Running)
+            {
                 r.status = RunStatus::Failed;
                 interrupted = true;
             }
@@ -576,7 +579,9 @@ const PURGE_BATCH: usize = 500;
 fn retention(days: f64) -> Option<chrono::Duration> {
     if !(days.is_finite() && days > 0.0) {
         if days != 0.0 {
-            tracing::warn!("retention_days = {days} is not a number of days: runs are kept forever");
+            tracing::warn!(
+                "retention_days = {days} is not a number of days: runs are kept forever"
+            );
         }
         return None;
     }

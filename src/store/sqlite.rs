@@ -609,8 +609,10 @@ impl Store for SqliteStore {
                         .execute(params![instance, run_id])?;
                     if n == 1 {
                         deleted += 1;
-                        c.prepare_cached("DELETE FROM webhooks WHERE instance = ?1 AND run_id = ?2")?
-                            .execute(params![instance, run_id])?;
+                        c.prepare_cached(
+                            "DELETE FROM webhooks WHERE instance = ?1 AND run_id = ?2",
+                        )?
+                        .execute(params![instance, run_id])?;
                         c.prepare_cached(
                             "DELETE FROM webhook_attempts WHERE instance = ?1 AND run_id = ?2",
                         )?
