@@ -865,3 +865,154 @@ impl Store for SqliteStore {
         .await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key() -> RunKey {
+        RunKey {
+            instance: "default".into(),
+            run_id: uuid::Uuid::new_v4(),
+        }
+    }
+
+    async fn queued(store: &SqliteStore, webhook: Option<&str>) -> RunKey {
+        let k = key();
+        let run = NewRun {
+            key: k.clone(),
+            project_id: "p".into(),
+            job_id: "j".into(),
+            request_json: "{}".into(),
+            fingerprint: k.run_id.to_string(),
+            webhook_url: webhook.map(str::to_owned),
+            accepted_at: chrono::Local::now().fixed_offset(),
+        };
+        assert_eq!(store.submit(run).await.unwrap(), Submitted::Accepted);
+        k
+    }
+
+    /// A run submitted, claimed and ended Complete.
+    async fn ended(store: &SqliteStore, webhook: Option<&str>) -> RunKey {
+        let k = queued(store, webhook).await;
+        let claimed = store.claim_next().await.unwrap().unwrap();
+        assert_eq!(claimed.key, k);
+        let results = format!(
+            r#"[{{"jobID":"j","runID":"{}","status":"Complete"}}]"#,
+            k.run_id
+        );
+        let end = RunEnd {
+            status: RunStatus::Complete,
+            response_json: format!(r#"{{"status":"Complete","results":{results},"log":[]}}"#),
+            results_json: results,
+            webhook_json: "{}".into(),
+            error: None,
+        };
+        assert!(store.finish(&k, RunStatus::Running, end).await.unwrap());
+        k
+    }
+
+    fn later() -> DateTime<FixedOffset> {
+        chrono::Local::now().fixed_offset() + chrono::Duration::hours(1)
+    }
+
+    #[tokio::test]
+    async fn purge_deletes_ended_runs_but_not_queued_ones_or_pending_webhooks() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("s.sqlite")).unwrap();
+        let plain = ended(&store, None).await;
+        let pending = ended(&store, Some("http://127.0.0.1:9/hook")).await;
+        let delivered = ended(&store, Some("http://127.0.0.1:9/hook")).await;
+        let attempt = WebhookAttempt {
+            attempt: 1,
+            at: chrono::Local::now().fixed_offset(),
+            status_code: Some(200),
+            error: None,
+        };
+        store
+            .record_attempt(&delivered, attempt, WebhookNext::Delivered)
+            .await
+            .unwrap();
+        let waiting = queued(&store, None).await;
+
+        // Nothing ended before a cutoff in the past.
+        let past = chrono::Local::now().fixed_offset() - chrono::Duration::hours(1);
+        assert_eq!(store.purge_ended(past, 10).await.unwrap().deleted, 0);
+
+        let step = store.purge_ended(later(), 10).await.unwrap();
+        assert_eq!(
+            step,
+            Purged {
+                deleted: 2,
+                more: false
+            }
+        );
+        assert!(store.run(&plain).await.unwrap().is_none());
+        assert!(store.run(&delivered).await.unwrap().is_none());
+        assert!(store.attempts(&delivered).await.unwrap().is_empty());
+        assert!(store.run(&pending).await.unwrap().is_some());
+        assert!(store.run(&waiting).await.unwrap().is_some());
+        assert_eq!(store.due_webhooks(later(), 10).await.unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn purge_goes_in_batches_and_starts_over_after_a_sweep() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("s.sqlite")).unwrap();
+        for _ in 0..10 {
+            ended(&store, None).await;
+        }
+        let mut steps = Vec::new();
+        loop {
+            let step = store.purge_ended(later(), 3).await.unwrap();
+            steps.push(step.deleted);
+            if !step.more {
+                break;
+            }
+        }
+        assert_eq!(steps.iter().sum::<u64>(), 10, "{steps:?}");
+        assert!(steps.iter().all(|&n| n <= 3), "{steps:?}");
+        // A new sweep finds the runs that ended since.
+        ended(&store, None).await;
+        assert_eq!(store.purge_ended(later(), 3).await.unwrap().deleted, 1);
+    }
+
+    #[tokio::test]
+    async fn an_ended_run_keeps_its_results_once_and_reads_them_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sqlite");
+        let store = SqliteStore::open(&path).unwrap();
+        let k = ended(&store, None).await;
+        let rec = store.run(&k).await.unwrap().unwrap();
+        let results: serde_json::Value =
+            serde_json::from_str(rec.results_json.as_deref().unwrap()).unwrap();
+        assert_eq!(results[0]["status"], "Complete");
+        assert_eq!(results[0]["runID"], k.run_id.to_string());
+        let raw = open_conn(&path, false).unwrap();
+        let stored: Option<String> = raw
+            .query_row("SELECT results FROM runs", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(stored, None, "results stored twice");
+    }
+
+    #[tokio::test]
+    async fn the_log_is_empty_once_writes_pause_and_after_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sqlite");
+        let wal = dir.path().join("s.sqlite-wal");
+        let store = SqliteStore::open(&path).unwrap();
+        for _ in 0..20 {
+            queued(&store, None).await;
+        }
+        store.checkpoint().await.unwrap();
+        assert_eq!(std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0), 0);
+        for _ in 0..20 {
+            queued(&store, None).await;
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0) > 0 {
+            assert!(std::time::Instant::now() < deadline, "the log stayed");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
