@@ -154,8 +154,12 @@ def main():
     ap.add_argument("--max-queued", type=int, default=5000)
     ap.add_argument("--every", type=float, default=10.0, help="seconds between two lines")
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    ap.add_argument("--bin", type=Path, default=None,
+                    help="a tidepool binary to use instead of building the release one")
     args = ap.parse_args()
-    subprocess.run(["cargo", "build", "--release", "--quiet"], cwd=REPO, check=True)
+    binary = args.bin or BIN
+    if args.bin is None:
+        subprocess.run(["cargo", "build", "--release", "--quiet"], cwd=REPO, check=True)
 
     root = Path(tempfile.mkdtemp(prefix="tidepool-soak-"))
     proj = root / "projects" / "tiny"
@@ -168,7 +172,7 @@ def main():
     config.write_text("" if args.retention_minutes is None
                       else f"retention_days = {args.retention_minutes / 1440!r}\n")
     port = free_port()
-    srv = subprocess.Popen([BIN, "serve", "--config", config, "--listen", f"127.0.0.1:{port}",
+    srv = subprocess.Popen([binary, "serve", "--config", config, "--listen", f"127.0.0.1:{port}",
                             "--workers", str(args.workers), "--data-dir", data, "--projects", root / "projects"],
                            env={**os.environ, "TIDEPOOL_LOG": "warn"})
     server = Server(port)

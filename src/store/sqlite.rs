@@ -277,10 +277,14 @@ fn checkpoint_loop(conn: Connection, alive: Weak<()>, log: Arc<LogState>) {
 }
 
 /// The writer's own TRUNCATE checkpoint: it holds no transaction, so only
-/// readers of an older snapshot can make it wait (briefly). True if the log
-/// is now empty.
+/// readers of an older snapshot can make it wait, and not for long (writes
+/// queue meanwhile): a busy log is tried again later. True if the log is now
+/// empty.
 fn truncate_log(conn: &Connection) -> bool {
-    matches!(checkpoint(conn, "TRUNCATE"), Ok((0, false)))
+    let _ = conn.busy_timeout(Duration::from_millis(100));
+    let done = matches!(checkpoint(conn, "TRUNCATE"), Ok((0, false)));
+    let _ = conn.busy_timeout(Duration::from_secs(30));
+    done
 }
 
 /// Commits waiting writes in groups; between groups, truncates the log when
