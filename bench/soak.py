@@ -61,11 +61,13 @@ def mb(n):
 
 def sizes(data):
     """(whole folder, store file, its WAL) in bytes."""
-    total = sum(p.stat().st_size for p in data.iterdir() if p.is_file())
-    def size(name):
-        p = data / name
-        return p.stat().st_size if p.exists() else 0
-    return total, size("tidepool.sqlite"), size("tidepool.sqlite-wal")
+    def size(p):
+        try:
+            return p.stat().st_size if p.is_file() else 0
+        except FileNotFoundError:  # a log that went away meanwhile
+            return 0
+    total = sum(size(p) for p in data.iterdir())
+    return total, size(data / "tidepool.sqlite"), size(data / "tidepool.sqlite-wal")
 
 
 class Server:
