@@ -293,3 +293,175 @@ async fn users_keys_and_sigterm_through_the_binary() {
         .unwrap();
     assert!(status.success(), "{status:?}");
 }
+
+/// The statuses of a list of job results.
+fn statuses(results: &Value) -> Vec<String> {
+    results
+        .as_array()
+        .unwrap_or_else(|| panic!("not a list: {results}"))
+        .iter()
+        .map(|r| r["status"].as_str().unwrap_or_default().to_owned())
+        .collect()
+}
+
+/// The status a run must have, given its jobs' statuses.
+fn run_status_of(jobs: &[String]) -> &'static str {
+    if jobs.iter().all(|s| s == "Complete") {
+        "Complete"
+    } else if jobs.iter().any(|s| s == "Cancelled") {
+        "Cancelled"
+    } else {
+        "Failed"
+    }
+}
+
+/// Copies the demo project (contacts, chained to countries) into the fixture.
+fn demo_project(f: &Fixture) {
+    let src = common::repo_projects().join("demo");
+    for rel in [
+        "project.toml",
+        "jobs/contacts.toml",
+        "jobs/countries.toml",
+        "data/contacts.csv",
+    ] {
+        f.write(
+            &format!("projects/demo/{rel}"),
+            std::fs::read(src.join(rel)).unwrap(),
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_at_each_point_of_a_run_end_leaves_one_truth() {
+    let f = Fixture::new();
+    demo_project(&f);
+    let got: Arc<Mutex<Vec<Value>>> = Arc::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hook = format!("http://{}/hook", listener.local_addr().unwrap());
+    let sink = got.clone();
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |body: String| {
+            let sink = sink.clone();
+            async move {
+                sink.lock()
+                    .unwrap()
+                    .push(serde_json::from_str(&body).unwrap());
+                axum::http::StatusCode::OK
+            }
+        }),
+    );
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let client = reqwest::Client::new();
+
+    // (abort point, chained?, the status the run must end with)
+    let cases = [
+        ("job_started", false, "Failed"),
+        ("after_job_commit", false, "Failed"),
+        ("after_job_saved", false, "Failed"),
+        ("before_finish", false, "Failed"),
+        ("after_finish", false, "Complete"),
+        ("job_started", true, "Failed"),
+        ("after_job_commit", true, "Failed"),
+        ("after_job_saved", true, "Failed"),
+        ("before_finish", true, "Failed"),
+        ("after_finish", true, "Complete"),
+    ];
+    for (point, chain, expected) in cases {
+        let case = format!("{point}, chainJobs {chain}");
+        let port = free_port();
+        let base = format!("http://127.0.0.1:{port}");
+        // The test hook (debug builds) aborts the server at `point`, as kill -9 would.
+        let mut server = Command::new(env!("CARGO_BIN_EXE_tidepool"))
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+            .arg("--data-dir")
+            .arg(&f.data)
+            .arg("--projects")
+            .arg(&f.projects)
+            .current_dir(&f.root)
+            .env("TIDEPOOL_LOG", "error")
+            .env("TIDEPOOL_TEST_ABORT_AT", point)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        wait_up(&client, &base).await;
+        let run = uuid::Uuid::new_v4().to_string();
+        let body = json!({"runID": run, "projectID": "demo", "jobID": "contacts",
+                          "chainJobs": chain, "webHookURL": hook});
+        let r = client
+            .post(format!("{base}/v1/ExecuteJobAsync"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{case}");
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        let exit = loop {
+            if let Some(status) = server.try_wait().unwrap() {
+                break status;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{case}: the server did not stop at the abort point"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert!(!exit.success(), "{case}: {exit:?}");
+
+        let mut server = serve(&f, port);
+        wait_up(&client, &base).await;
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        let hook_body = loop {
+            let found = got
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|h| h["runID"] == run.as_str())
+                .cloned();
+            if let Some(h) = found {
+                break h;
+            }
+            assert!(std::time::Instant::now() < deadline, "{case}: no webhook");
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        };
+        let listed = results(&client, &base, &run).await;
+        let detail: Value = client
+            .get(format!("{base}/v1/Runs/{run}"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let jobs = statuses(&listed);
+        assert_eq!(detail["status"], expected, "{case}: {detail}");
+        assert_eq!(hook_body["status"], expected, "{case}: {hook_body}");
+        assert_eq!(run_status_of(&jobs), expected, "{case}: {listed}");
+        assert_eq!(statuses(&detail["results"]), jobs, "{case}: {detail}");
+        assert_eq!(statuses(&hook_body["results"]), jobs, "{case}: {hook_body}");
+        let job_ids: Vec<&str> = listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["jobID"].as_str().unwrap())
+            .collect();
+        // A chain that stopped after its first job says which job did not run.
+        if chain && point != "job_started" && point != "after_job_commit" {
+            assert_eq!(job_ids, ["contacts", "countries"], "{case}: {listed}");
+        } else if !chain {
+            assert_eq!(job_ids, ["contacts"], "{case}: {listed}");
+        }
+        if expected == "Failed" {
+            assert!(
+                detail["error"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .contains("interrupted"),
+                "{case}: {detail}"
+            );
+        }
+        server.kill().unwrap();
+        server.wait().unwrap();
+    }
+}

@@ -58,6 +58,10 @@ pub struct ServerConfig {
     /// limit (which `serve` raises to its hard limit), leaving room for the
     /// store and job files, at most 4096.
     pub max_connections: Option<usize>,
+    /// Ended runs older than this many days are deleted with their results,
+    /// log and webhook (only once the webhook is delivered or given up).
+    /// Fractions are allowed (0.5 = 12 hours); 0 keeps runs forever.
+    pub retention_days: f64,
 }
 
 impl Default for ServerConfig {
@@ -81,6 +85,7 @@ impl Default for ServerConfig {
             body_read_timeout_secs: 60.0,
             max_header_bytes: 64 * 1024,
             max_connections: None,
+            retention_days: 30.0,
         }
     }
 }

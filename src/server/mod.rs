@@ -104,6 +104,42 @@ impl Service {
             tokio::spawn(self.clone().worker());
         }
         tokio::spawn(webhook::deliver_loop(self.clone()));
+        if let Some(keep) = retention(self.config.retention_days) {
+            tokio::spawn(self.clone().retention_loop(keep));
+        }
+    }
+
+    /// Deletes ended runs older than `keep`, a small batch at a time so that
+    /// accepts never wait long behind it, until the server stops.
+    async fn retention_loop(self: Arc<Self>, keep: chrono::Duration) {
+        // A sweep a minute; more often for a retention of minutes.
+        let pause = (keep.to_std().unwrap_or(Duration::MAX) / 4)
+            .clamp(Duration::from_millis(250), Duration::from_secs(60));
+        while !self.is_stopping() {
+            // A retention longer than the calendar keeps everything.
+            let Some(cutoff) = Local::now().fixed_offset().checked_sub_signed(keep) else {
+                return;
+            };
+            let more = match self.store.purge_ended(cutoff, PURGE_BATCH).await {
+                Ok(step) => {
+                    metrics::counter!("tidepool_runs_purged_total").increment(step.deleted);
+                    step.more
+                }
+                Err(e) => {
+                    tracing::warn!("retention: deleting old runs: {e}");
+                    false
+                }
+            };
+            let wait = if more {
+                Duration::from_millis(20)
+            } else {
+                pause
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = self.stop.notified() => {}
+            }
+        }
     }
 
     /// The loaded projects.
@@ -126,30 +162,90 @@ impl Service {
         self.stopping.load(Ordering::SeqCst)
     }
 
-    /// A run that was Running when the server stopped is marked Failed, and its
-    /// webhook queued: it is never lost and never run twice.
+    /// A run that was Running when the server stopped ends with what its
+    /// recorded job results say, in one transaction with them and its webhook:
+    /// a job left Running (or a chain cut between two jobs) makes it Failed
+    /// ("interrupted"); a run whose every job had ended (a store written by an
+    /// older version) ends with their outcome. It is never lost and never run twice.
     async fn recover(&self) -> Result<(), StoreError> {
         for rec in self.store.runs_in(RunStatus::Running).await? {
-            let results: Vec<ResultsResponse> = rec
+            let mut results: Vec<ResultsResponse> = rec
                 .results_json
                 .as_deref()
                 .and_then(|j| serde_json::from_str(j).ok())
                 .unwrap_or_default();
-            let results: Vec<ResultsResponse> = results
-                .into_iter()
-                .map(|mut r| {
-                    if r.status == RunStatus::Running {
-                        r.status = RunStatus::Failed;
-                    }
-                    r
-                })
-                .collect();
-            let msg = "interrupted: the server stopped while the run was going; it was not resumed";
-            self.end_without_running(&rec, RunStatus::Running, RunStatus::Failed, results, msg)
-                .await?;
-            tracing::warn!(run = %rec.key, "run marked Failed: {msg}");
+            let run_id = rec.key.run_id.to_string();
+            let now = Local::now().fixed_offset();
+            let zero = Counters::default();
+            let mut interrupted = false;
+            for r in results
+                .iter_mut()
+                .filter(|r| r.status == RunStatus::Running)
+            {
+                r.status = RunStatus::Failed;
+                interrupted = true;
+            }
+            let next = results
+                .last()
+                .filter(|r| r.status == RunStatus::Complete)
+                .and_then(|r| self.chain_next(&rec, &r.job_id));
+            if let Some(next) = next {
+                // The chain stopped between two jobs: the next one never ran.
+                results.push(ResultsResponse::new(
+                    &run_id,
+                    &next,
+                    &now,
+                    Duration::ZERO,
+                    RunStatus::Failed,
+                    &zero,
+                ));
+                interrupted = true;
+            }
+            if results.is_empty() {
+                results.push(ResultsResponse::new(
+                    &run_id,
+                    &rec.job_id,
+                    &rec.accepted_at,
+                    Duration::ZERO,
+                    RunStatus::Failed,
+                    &zero,
+                ));
+                interrupted = true;
+            }
+            if interrupted {
+                let msg =
+                    "interrupted: the server stopped while the run was going; it was not resumed";
+                self.end_without_running(&rec, RunStatus::Running, RunStatus::Failed, results, msg)
+                    .await?;
+                tracing::warn!(run = %rec.key, "run marked Failed: {msg}");
+            } else {
+                let status = if results.iter().all(|r| r.status == RunStatus::Complete) {
+                    RunStatus::Complete
+                } else if results.iter().any(|r| r.status == RunStatus::Cancelled) {
+                    RunStatus::Cancelled
+                } else {
+                    RunStatus::Failed
+                };
+                let error = (status != RunStatus::Complete)
+                    .then(|| "the run's last job had ended when the server stopped".to_owned());
+                self.record_end(&rec, RunStatus::Running, status, results, error)
+                    .await?;
+                tracing::warn!(run = %rec.key, %status, "run ended by recovery: every job had ended");
+            }
         }
         Ok(())
+    }
+
+    /// The job a chained run goes on to after `job_id` completes, if any.
+    fn chain_next(&self, rec: &RunRecord, job_id: &str) -> Option<String> {
+        let req: ExecJobRequest = serde_json::from_str(&rec.request_json).ok()?;
+        if !req.chain_jobs {
+            return None;
+        }
+        let projects = self.projects();
+        let project = projects.project_in(&rec.key.instance, &rec.project_id)?;
+        let next = project.jobs.get(&JobId(job_id.to_owned()))?.next.clone()?;
+        project.jobs.contains_key(&next).then_some(next.0)
     }
 
     async fn end_without_running(
@@ -160,14 +256,28 @@ impl Service {
         results: Vec<ResultsResponse>,
         error: &str,
     ) -> Result<bool, StoreError> {
+        self.record_end(rec, from, status, results, Some(error.to_owned()))
+            .await
+    }
+
+    /// Ends a run in status `from` with these job results (no engine report).
+    async fn record_end(
+        &self,
+        rec: &RunRecord,
+        from: RunStatus,
+        status: RunStatus,
+        results: Vec<ResultsResponse>,
+        error: Option<String>,
+    ) -> Result<bool, StoreError> {
         let run_id = rec.key.run_id.to_string();
-        let response = ExecJobResponse::ended_without_report(
+        let mut response = ExecJobResponse::ended_without_report(
             &run_id,
             status,
             &rec.accepted_at,
             results,
-            error,
+            error.as_deref().unwrap_or_default(),
         );
+        response.error = error.clone();
         let ok = self
             .store
             .finish(
@@ -179,7 +289,7 @@ impl Service {
                     response_json: serde_json::to_string(&response).unwrap_or_default(),
                     webhook_json: serde_json::to_string(&response.for_webhook())
                         .unwrap_or_default(),
-                    error: Some(error.to_owned()),
+                    error,
                 },
             )
             .await?;
@@ -306,6 +416,10 @@ impl Service {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        // Leave an empty write-ahead log behind: the store is all in one file.
+        if let Err(e) = self.store.checkpoint().await {
+            tracing::warn!("shutdown: {e}");
+        }
     }
 
     async fn worker(self: Arc<Self>) {
@@ -382,7 +496,18 @@ impl Service {
             .expect("running lock")
             .insert(key.clone(), cancel.clone());
         tracing::info!(run = %key, "run started");
+        let next_of = if req.chain_jobs {
+            project
+                .jobs
+                .values()
+                .filter_map(|j| j.next.clone().map(|n| (j.id.clone(), n)))
+                .filter(|(_, n)| project.jobs.contains_key(n))
+                .collect()
+        } else {
+            HashMap::new()
+        };
         let observer = LiveResults {
+            next_of,
             handle: tokio::runtime::Handle::current(),
             store: self.store.clone(),
             key: key.clone(),
@@ -438,8 +563,10 @@ impl Service {
             }
         };
         let status = end.status;
+        abort_point("before_finish");
         match self.store.finish(&key, RunStatus::Running, end).await {
             Ok(_) => {
+                abort_point("after_finish");
                 metrics::counter!("tidepool_runs_total", "instance" => key.instance.clone(), "status" => status.to_string())
                     .increment(1);
                 tracing::info!(run = %key, %status, "run ended");
@@ -449,6 +576,42 @@ impl Service {
         let _ = self.ended.send(key);
         self.webhooks_due.notify_one();
     }
+}
+
+/// Runs deleted per retention transaction.
+const PURGE_BATCH: usize = 500;
+
+/// How long ended runs are kept; None: forever (0, or not a usable number).
+fn retention(days: f64) -> Option<chrono::Duration> {
+    if !(days.is_finite() && days > 0.0) {
+        if days != 0.0 {
+            tracing::warn!(
+                "retention_days = {days} is not a number of days: runs are kept forever"
+            );
+        }
+        return None;
+    }
+    chrono::Duration::try_milliseconds((days * 86_400_000.0).min(i64::MAX as f64 / 2.0) as i64)
+}
+
+/// A test hook (debug builds only): `TIDEPOOL_TEST_ABORT_AT=<point>` aborts
+/// the process at that point of a run, as a `kill -9` would there. Points:
+/// `job_started`, `after_job_commit`, `after_job_saved`, `before_finish`,
+/// `after_finish`.
+fn abort_point(point: &str) {
+    #[cfg(debug_assertions)]
+    {
+        static AT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+        if AT
+            .get_or_init(|| std::env::var("TIDEPOOL_TEST_ABORT_AT").ok())
+            .as_deref()
+            == Some(point)
+        {
+            std::process::abort();
+        }
+    }
+    #[cfg(not(debug_assertions))]
+    let _ = point;
 }
 
 fn counter_pairs(c: &Counters) -> [(&'static str, u64); 7] {
@@ -463,8 +626,13 @@ fn counter_pairs(c: &Counters) -> [(&'static str, u64); 7] {
     ]
 }
 
-/// Writes live per-job results to the store while a run goes.
+/// Writes live per-job results to the store while a run goes. A job's end is
+/// recorded together with the start of the next job of the chain; the last
+/// job's end only with the run's end (in `finish`): whatever the moment the
+/// server dies, the recorded results say whether the run was still going.
 struct LiveResults {
+    /// The job a chain goes on to after each job (empty without `chainJobs`).
+    next_of: HashMap<JobId, JobId>,
     handle: tokio::runtime::Handle,
     store: Arc<dyn Store>,
     key: RunKey,
@@ -507,6 +675,7 @@ impl RunObserver for LiveResults {
             RunStatus::Running,
             &Counters::default(),
         )));
+        abort_point("job_started");
     }
 
     fn progress(&self, job: &JobId, c: &Counters) {
@@ -524,11 +693,27 @@ impl RunObserver for LiveResults {
     }
 
     fn job_finished(&self, report: &JobReport) {
+        // The job's own writes are committed by now; the store does not know yet.
+        abort_point("after_job_commit");
         self.done
             .lock()
             .expect("live lock")
             .push(ResultsResponse::of_job(&self.run_id, report));
         *self.current.lock().expect("live lock") = None;
-        self.save(None);
+        let next = match report.status {
+            RunStatus::Complete => self.next_of.get(&report.job_id),
+            _ => None,
+        };
+        if let Some(next) = next {
+            self.save(Some(ResultsResponse::new(
+                &self.run_id,
+                &next.0,
+                &Local::now().fixed_offset(),
+                Duration::ZERO,
+                RunStatus::Running,
+                &Counters::default(),
+            )));
+        }
+        abort_point("after_job_saved");
     }
 }

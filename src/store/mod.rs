@@ -105,6 +105,16 @@ pub struct RunEnd {
     pub error: Option<String>,
 }
 
+/// What one step of [`Store::purge_ended`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Purged {
+    /// Runs deleted, with their logs, results and webhook rows.
+    pub deleted: u64,
+    /// More old runs may be waiting: call again soon. False once the sweep
+    /// has reached runs younger than the cutoff (the next call starts over).
+    pub more: bool,
+}
+
 /// A webhook delivery that is due.
 #[derive(Debug, Clone)]
 pub struct WebhookDue {
@@ -242,6 +252,19 @@ pub trait Store: Send + Sync + 'static {
     async fn runs_in(&self, status: RunStatus) -> Result<Vec<RunRecord>, StoreError>;
     /// How many runs are Queued.
     async fn queued_count(&self) -> Result<u64, StoreError>;
+    /// Retention: deletes up to `limit` runs that ended before `cutoff`, with
+    /// their results, log, webhook and its attempts, in one short transaction.
+    /// A run whose webhook is still being delivered is kept until it is
+    /// delivered or given up.
+    async fn purge_ended(
+        &self,
+        cutoff: DateTime<FixedOffset>,
+        limit: usize,
+    ) -> Result<Purged, StoreError>;
+    /// Folds the write-ahead log into the database and empties it (at shutdown).
+    async fn checkpoint(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
     /// Webhooks due at `now`, oldest first.
     async fn due_webhooks(
         &self,

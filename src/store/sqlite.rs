@@ -6,14 +6,16 @@
 //! serves many callers. Reads use their own connections, in parallel.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, FixedOffset};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 
 use super::{
-    ApiKeyRecord, NewRun, Role, RunEnd, RunKey, RunRecord, Store, StoreError, Submitted,
+    ApiKeyRecord, NewRun, Purged, Role, RunEnd, RunKey, RunRecord, Store, StoreError, Submitted,
     UserRecord, WebhookAttempt, WebhookDue, WebhookNext,
 };
 use crate::engine::RunStatus;
@@ -25,6 +27,14 @@ type Op = (bool, Box<dyn FnOnce(&Connection) -> (bool, Reply) + Send>);
 
 /// Writes that one transaction may hold.
 const GROUP_MAX: usize = 2048;
+
+/// Past this much log, a checkpoint waits for readers and writers so that the
+/// log can start over (a passive one cannot while they keep it busy), and a
+/// log that restarts is cut back to this size.
+const WAL_RESTART_BYTES: i64 = 64 * 1024 * 1024;
+
+/// How often the checkpointer looks at the log.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
 
 const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS runs (
@@ -90,6 +100,8 @@ pub struct SqliteStore {
     writer: crossbeam_channel::Sender<Op>,
     readers: Arc<Mutex<Vec<Connection>>>,
     path: PathBuf,
+    /// Where the retention sweep goes on from (a rowid; 0: from the start).
+    purge_cursor: Mutex<i64>,
 }
 
 fn db_err(e: impl std::fmt::Display) -> StoreError {
@@ -126,30 +138,31 @@ impl SqliteStore {
         // copying the log into the database (and the fsync that follows).
         conn.execute_batch("PRAGMA wal_autocheckpoint=0")
             .map_err(db_err)?;
+        // A log that grew under load is cut back to this size when it restarts.
+        conn.execute_batch(&format!("PRAGMA journal_size_limit={WAL_RESTART_BYTES}"))
+            .map_err(db_err)?;
+        // Whatever a previous process left in the log goes into the database now.
+        checkpoint(&conn, "TRUNCATE").map_err(db_err)?;
         let checkpointer = open_conn(path, true).map_err(db_err)?;
         let (tx, rx) = crossbeam_channel::unbounded::<Op>();
         let alive = Arc::new(());
+        let log = Arc::new(LogState::default());
         let weak = Arc::downgrade(&alive);
+        let watched = log.clone();
         std::thread::Builder::new()
             .name("tidepool-checkpoint".into())
-            .spawn(move || {
-                // Ends when the store is dropped.
-                while weak.upgrade().is_some() {
-                    std::thread::sleep(std::time::Duration::from_millis(500));
-                    let _ =
-                        checkpointer.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
-                }
-            })
+            .spawn(move || checkpoint_loop(checkpointer, weak, watched))
             .map_err(db_err)?;
         std::thread::Builder::new()
             .name("tidepool-store".into())
-            .spawn(move || writer_loop(conn, rx))
+            .spawn(move || writer_loop(conn, rx, log))
             .map_err(db_err)?;
         Ok(SqliteStore {
             _alive: alive,
             writer: tx,
             readers: Arc::new(Mutex::new(Vec::new())),
             path: path.to_owned(),
+            purge_cursor: Mutex::new(0),
         })
     }
 
@@ -219,8 +232,84 @@ impl SqliteStore {
     }
 }
 
-fn writer_loop(conn: Connection, rx: crossbeam_channel::Receiver<Op>) {
-    while let Ok(first) = rx.recv() {
+/// Runs `PRAGMA wal_checkpoint(MODE)`: the log's size in frames (0 once it
+/// is truncated), and whether the checkpoint could not finish.
+fn checkpoint(conn: &Connection, mode: &str) -> rusqlite::Result<(i64, bool)> {
+    conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| {
+        let busy: i64 = r.get(0)?;
+        let frames: i64 = r.get(1)?;
+        Ok((frames.max(0), busy != 0))
+    })
+}
+
+/// What the checkpointer and the writer share about the log.
+#[derive(Default)]
+struct LogState {
+    /// Transactions committed (the checkpointer's "was anything written").
+    commits: AtomicU64,
+    /// The log has passed [`WAL_RESTART_BYTES`]: the writer truncates it
+    /// between two transactions.
+    too_big: AtomicBool,
+}
+
+/// Passive checkpoints every tick while there are writes: they never block
+/// anyone, but under steady load they cannot let the log start over. Once the
+/// log has passed [`WAL_RESTART_BYTES`] the writer is asked to truncate it.
+/// Ends when the store is dropped.
+fn checkpoint_loop(conn: Connection, alive: Weak<()>, log: Arc<LogState>) {
+    let page_size: i64 = conn
+        .query_row("PRAGMA page_size", [], |r| r.get(0))
+        .unwrap_or(4096);
+    let mut seen = log.commits.load(Ordering::Relaxed);
+    while alive.upgrade().is_some() {
+        std::thread::sleep(CHECKPOINT_EVERY);
+        let commits = log.commits.load(Ordering::Relaxed);
+        if commits == seen {
+            continue;
+        }
+        seen = commits;
+        if let Ok((frames, _)) = checkpoint(&conn, "PASSIVE")
+            && frames * page_size > WAL_RESTART_BYTES
+        {
+            log.too_big.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The writer's own TRUNCATE checkpoint: it holds no transaction, so only
+/// readers of an older snapshot can make it wait, and not for long (writes
+/// queue meanwhile): a busy log is tried again later. True if the log is now
+/// empty.
+fn truncate_log(conn: &Connection) -> bool {
+    let _ = conn.busy_timeout(Duration::from_millis(100));
+    let done = matches!(checkpoint(conn, "TRUNCATE"), Ok((0, false)));
+    let _ = conn.busy_timeout(Duration::from_secs(30));
+    done
+}
+
+/// Commits waiting writes in groups; between groups, truncates the log when
+/// it has grown too big or when no write came for a while (the queue is idle),
+/// and once more when the store is dropped.
+fn writer_loop(conn: Connection, rx: crossbeam_channel::Receiver<Op>, log: Arc<LogState>) {
+    let mut log_dirty = false;
+    loop {
+        if log.too_big.swap(false, Ordering::Relaxed) {
+            log_dirty = !truncate_log(&conn);
+        }
+        let first = match rx.recv_timeout(CHECKPOINT_EVERY) {
+            Ok(op) => op,
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                if log_dirty {
+                    log_dirty = !truncate_log(&conn);
+                }
+                continue;
+            }
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+                truncate_log(&conn);
+                return;
+            }
+        };
+        log_dirty = true;
         let mut ops = vec![first];
         while ops.len() < GROUP_MAX {
             match rx.try_recv() {
@@ -254,6 +343,7 @@ fn writer_loop(conn: Connection, rx: crossbeam_channel::Receiver<Op>) {
             replies.push(reply);
         }
         let commit = conn.execute_batch("COMMIT").map_err(|e| e.to_string());
+        log.commits.fetch_add(1, Ordering::Relaxed);
         if commit.is_err() {
             let _ = conn.execute_batch("ROLLBACK");
         }
@@ -286,7 +376,10 @@ fn parse_status(s: &str) -> RunStatus {
     }
 }
 
-const RUN_COLUMNS: &str = "instance, run_id, project_id, job_id, request, webhook_url, status, accepted_at, results, response, error, fingerprint";
+/// An ended run's results are kept once, inside its response (see `finish`).
+const RUN_COLUMNS: &str = "instance, run_id, project_id, job_id, request, webhook_url, status, accepted_at,
+    CASE WHEN results IS NULL AND json_valid(response) THEN json_extract(response, '$.results') ELSE results END,
+    response, error, fingerprint";
 
 fn run_row(r: &rusqlite::Row) -> rusqlite::Result<RunRecord> {
     let run_id: String = r.get(1)?;
@@ -383,6 +476,12 @@ impl Store for SqliteStore {
 
     async fn finish(&self, key: &RunKey, from: RunStatus, end: RunEnd) -> Result<bool, StoreError> {
         let k = key.clone();
+        // Results that the response carries verbatim are not stored twice
+        // (reads take them from the response).
+        let embedded = end
+            .response_json
+            .contains(&format!("\"results\":{}", end.results_json));
+        let results = (!embedded).then_some(end.results_json);
         self.write(move |c| {
             let now = chrono::Local::now().fixed_offset();
             let n = c.execute(
@@ -392,7 +491,7 @@ impl Store for SqliteStore {
                     k.instance,
                     k.run_id.to_string(),
                     end.status.to_string(),
-                    end.results_json,
+                    results,
                     end.response_json,
                     end.error,
                     now_text(&now),
@@ -446,6 +545,103 @@ impl Store for SqliteStore {
         })
         .await
         .map(|n| n as u64)
+    }
+
+    async fn purge_ended(
+        &self,
+        cutoff: DateTime<FixedOffset>,
+        limit: usize,
+    ) -> Result<Purged, StoreError> {
+        let after = *self.purge_cursor.lock().expect("purge cursor");
+        // Candidates are read off the writer, in the order runs were accepted;
+        // the sweep stops at the first run accepted after the cutoff.
+        let scan = limit.saturating_mul(4).max(64);
+        let rows = self
+            .read(move |c| {
+                c.prepare_cached(
+                    "SELECT rowid, instance, run_id, status, accepted_at, finished_at FROM runs
+                     WHERE rowid > ?1 ORDER BY rowid LIMIT ?2",
+                )?
+                .query_map(params![after, scan as i64], |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, String>(2)?,
+                        parse_status(&r.get::<_, String>(3)?),
+                        parse_time(&r.get::<_, String>(4)?),
+                        r.get::<_, Option<String>>(5)?.map(|t| parse_time(&t)),
+                    ))
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()
+            })
+            .await?;
+        let mut more = rows.len() == scan;
+        let mut cursor = after;
+        let mut picked = Vec::new();
+        for (rowid, instance, run_id, status, accepted, finished) in rows {
+            if accepted >= cutoff {
+                more = false;
+                break;
+            }
+            cursor = rowid;
+            let ended = !matches!(status, RunStatus::Queued | RunStatus::Running);
+            if ended && finished.is_some_and(|f| f < cutoff) {
+                picked.push((instance, run_id));
+                if picked.len() >= limit {
+                    more = true;
+                    break;
+                }
+            }
+        }
+        *self.purge_cursor.lock().expect("purge cursor") = if more { cursor } else { 0 };
+        if picked.is_empty() {
+            return Ok(Purged { deleted: 0, more });
+        }
+        let deleted = self
+            .write(move |c| {
+                let mut deleted = 0;
+                for (instance, run_id) in picked {
+                    // Checked again here: the run is ended and its webhook is
+                    // not pending, whatever happened since it was read.
+                    let n = c
+                        .prepare_cached(
+                            "DELETE FROM runs WHERE instance = ?1 AND run_id = ?2
+                               AND status IN ('Complete', 'Failed', 'Cancelled')
+                               AND NOT EXISTS (SELECT 1 FROM webhooks w
+                                 WHERE w.instance = ?1 AND w.run_id = ?2 AND w.state = 'pending')",
+                        )?
+                        .execute(params![instance, run_id])?;
+                    if n == 1 {
+                        deleted += 1;
+                        c.prepare_cached(
+                            "DELETE FROM webhooks WHERE instance = ?1 AND run_id = ?2",
+                        )?
+                        .execute(params![instance, run_id])?;
+                        c.prepare_cached(
+                            "DELETE FROM webhook_attempts WHERE instance = ?1 AND run_id = ?2",
+                        )?
+                        .execute(params![instance, run_id])?;
+                    }
+                }
+                Ok(deleted)
+            })
+            .await?;
+        Ok(Purged { deleted, more })
+    }
+
+    async fn checkpoint(&self) -> Result<(), StoreError> {
+        let path = self.path.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = open_conn(&path, true).map_err(db_err)?;
+            match checkpoint(&conn, "TRUNCATE").map_err(db_err)? {
+                (_, false) => Ok(()),
+                (frames, true) => Err(StoreError::Database(format!(
+                    "checkpoint: the log is busy ({frames} frames left)"
+                ))),
+            }
+        })
+        .await
+        .map_err(db_err)?
     }
 
     async fn due_webhooks(
@@ -689,5 +885,156 @@ impl Store for SqliteStore {
             }))
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key() -> RunKey {
+        RunKey {
+            instance: "default".into(),
+            run_id: uuid::Uuid::new_v4(),
+        }
+    }
+
+    async fn queued(store: &SqliteStore, webhook: Option<&str>) -> RunKey {
+        let k = key();
+        let run = NewRun {
+            key: k.clone(),
+            project_id: "p".into(),
+            job_id: "j".into(),
+            request_json: "{}".into(),
+            fingerprint: k.run_id.to_string(),
+            webhook_url: webhook.map(str::to_owned),
+            accepted_at: chrono::Local::now().fixed_offset(),
+        };
+        assert_eq!(store.submit(run).await.unwrap(), Submitted::Accepted);
+        k
+    }
+
+    /// A run submitted, claimed and ended Complete.
+    async fn ended(store: &SqliteStore, webhook: Option<&str>) -> RunKey {
+        let k = queued(store, webhook).await;
+        let claimed = store.claim_next().await.unwrap().unwrap();
+        assert_eq!(claimed.key, k);
+        let results = format!(
+            r#"[{{"jobID":"j","runID":"{}","status":"Complete"}}]"#,
+            k.run_id
+        );
+        let end = RunEnd {
+            status: RunStatus::Complete,
+            response_json: format!(r#"{{"status":"Complete","results":{results},"log":[]}}"#),
+            results_json: results,
+            webhook_json: "{}".into(),
+            error: None,
+        };
+        assert!(store.finish(&k, RunStatus::Running, end).await.unwrap());
+        k
+    }
+
+    fn later() -> DateTime<FixedOffset> {
+        chrono::Local::now().fixed_offset() + chrono::Duration::hours(1)
+    }
+
+    #[tokio::test]
+    async fn purge_deletes_ended_runs_but_not_queued_ones_or_pending_webhooks() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("s.sqlite")).unwrap();
+        let plain = ended(&store, None).await;
+        let pending = ended(&store, Some("http://127.0.0.1:9/hook")).await;
+        let delivered = ended(&store, Some("http://127.0.0.1:9/hook")).await;
+        let attempt = WebhookAttempt {
+            attempt: 1,
+            at: chrono::Local::now().fixed_offset(),
+            status_code: Some(200),
+            error: None,
+        };
+        store
+            .record_attempt(&delivered, attempt, WebhookNext::Delivered)
+            .await
+            .unwrap();
+        let waiting = queued(&store, None).await;
+
+        // Nothing ended before a cutoff in the past.
+        let past = chrono::Local::now().fixed_offset() - chrono::Duration::hours(1);
+        assert_eq!(store.purge_ended(past, 10).await.unwrap().deleted, 0);
+
+        let step = store.purge_ended(later(), 10).await.unwrap();
+        assert_eq!(
+            step,
+            Purged {
+                deleted: 2,
+                more: false
+            }
+        );
+        assert!(store.run(&plain).await.unwrap().is_none());
+        assert!(store.run(&delivered).await.unwrap().is_none());
+        assert!(store.attempts(&delivered).await.unwrap().is_empty());
+        assert!(store.run(&pending).await.unwrap().is_some());
+        assert!(store.run(&waiting).await.unwrap().is_some());
+        assert_eq!(store.due_webhooks(later(), 10).await.unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn purge_goes_in_batches_and_starts_over_after_a_sweep() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("s.sqlite")).unwrap();
+        for _ in 0..10 {
+            ended(&store, None).await;
+        }
+        let mut steps = Vec::new();
+        loop {
+            let step = store.purge_ended(later(), 3).await.unwrap();
+            steps.push(step.deleted);
+            if !step.more {
+                break;
+            }
+        }
+        assert_eq!(steps.iter().sum::<u64>(), 10, "{steps:?}");
+        assert!(steps.iter().all(|&n| n <= 3), "{steps:?}");
+        // A new sweep finds the runs that ended since.
+        ended(&store, None).await;
+        assert_eq!(store.purge_ended(later(), 3).await.unwrap().deleted, 1);
+    }
+
+    #[tokio::test]
+    async fn an_ended_run_keeps_its_results_once_and_reads_them_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sqlite");
+        let store = SqliteStore::open(&path).unwrap();
+        let k = ended(&store, None).await;
+        let rec = store.run(&k).await.unwrap().unwrap();
+        let results: serde_json::Value =
+            serde_json::from_str(rec.results_json.as_deref().unwrap()).unwrap();
+        assert_eq!(results[0]["status"], "Complete");
+        assert_eq!(results[0]["runID"], k.run_id.to_string());
+        let raw = open_conn(&path, false).unwrap();
+        let stored: Option<String> = raw
+            .query_row("SELECT results FROM runs", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(stored, None, "results stored twice");
+    }
+
+    #[tokio::test]
+    async fn the_log_is_empty_once_writes_pause_and_after_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sqlite");
+        let wal = dir.path().join("s.sqlite-wal");
+        let store = SqliteStore::open(&path).unwrap();
+        for _ in 0..20 {
+            queued(&store, None).await;
+        }
+        store.checkpoint().await.unwrap();
+        assert_eq!(std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0), 0);
+        for _ in 0..20 {
+            queued(&store, None).await;
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0) > 0 {
+            assert!(std::time::Instant::now() < deadline, "the log stayed");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 }

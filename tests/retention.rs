@@ -1,0 +1,304 @@
+//! The store stays small: the write-ahead log is truncated once runs stop
+//! coming, on SIGTERM and at a restart after kill -9; ended runs older than
+//! `retention_days` are deleted with their webhook, unless the webhook is
+//! still being delivered.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::Fixture;
+use serde_json::{Value, json};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `tidepool serve` with `config` as its TOML config file.
+fn serve(f: &Fixture, port: u16, config: &str) -> Child {
+    let path = f.write("serve.toml", config);
+    Command::new(env!("CARGO_BIN_EXE_tidepool"))
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .arg("--config")
+        .arg(path)
+        .arg("--data-dir")
+        .arg(&f.data)
+        .arg("--projects")
+        .arg(&f.projects)
+        .env("TIDEPOOL_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start tidepool serve")
+}
+
+async fn wait_up(client: &reqwest::Client, base: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while client.get(format!("{base}/healthz")).send().await.is_err() {
+        assert!(Instant::now() < deadline, "server did not come up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Polls `check` until it holds (a deadline, not a fixed sleep).
+async fn until<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A job of three rows into SQLite.
+fn tiny_project(f: &Fixture) {
+    f.project(
+        "tiny",
+        "[connections.src]\nkind = \"csv\"\npath = \"in.csv\"\n[connections.db]\nkind = \"sqlite\"\npath = \"${DATA_DIR}/tiny.sqlite\"\ninit_sql = [\"CREATE TABLE IF NOT EXISTS t(id INTEGER PRIMARY KEY, name TEXT)\"]\n",
+        &[(
+            "load",
+            "[origin]\nconnection = \"src\"\n[destination]\nconnection = \"db\"\n[[stages]]\ntable = \"t\"\naction = \"update/insert\"\nfields = [{ column = \"id\", origin = \"id\", match = true }, { column = \"name\", origin = \"name\" }]\n",
+        )],
+    );
+    f.write("projects/tiny/in.csv", "id,name\n1,a\n2,b\n3,c\n");
+}
+
+fn wal_size(data: &Path) -> u64 {
+    std::fs::metadata(data.join("tidepool.sqlite-wal"))
+        .map(|m| m.len())
+        .unwrap_or(0)
+}
+
+async fn submit(client: &reqwest::Client, base: &str, body: Value) {
+    let r: Value = client
+        .post(format!("{base}/v1/ExecuteJobAsync"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(r["started"], true, "{r}");
+}
+
+/// Submits `n` tiny runs, eight at a time.
+async fn burst(client: &reqwest::Client, base: &str, n: usize) {
+    for _ in 0..n / 8 {
+        let mut posts = tokio::task::JoinSet::new();
+        for _ in 0..8 {
+            let (client, base) = (client.clone(), base.to_owned());
+            posts.spawn(async move {
+                let body =
+                    json!({"runID": uuid::Uuid::new_v4(), "projectID": "tiny", "jobID": "load"});
+                submit(&client, &base, body).await
+            });
+        }
+        while let Some(done) = posts.join_next().await {
+            done.unwrap();
+        }
+    }
+}
+
+async fn health(client: &reqwest::Client, base: &str) -> Value {
+    client
+        .get(format!("{base}/healthz"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_wal_is_truncated_when_idle_on_sigterm_and_at_restart() {
+    let f = Fixture::new();
+    tiny_project(&f);
+    let client = reqwest::Client::new();
+    let port = free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let mut server = serve(&f, port, "workers = 2\n");
+    wait_up(&client, &base).await;
+
+    // A burst, then the queue empties: the log is emptied.
+    burst(&client, &base, 240).await;
+    until("the queue empties and the WAL is truncated", || async {
+        let h = health(&client, &base).await;
+        h["queued"] == 0 && h["running"] == 0 && wal_size(&f.data) == 0
+    })
+    .await;
+
+    // SIGTERM with runs still queued: the log is empty after the stop.
+    burst(&client, &base, 80).await;
+    let term = Command::new("kill")
+        .args(["-TERM", &server.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    let status = tokio::task::spawn_blocking(move || server.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    assert_eq!(wal_size(&f.data), 0, "WAL left after SIGTERM");
+
+    // kill -9 in a burst leaves a log (tried again in the rare case that the
+    // server had emptied it already); the restart empties it.
+    for attempt in 1.. {
+        let mut server = serve(&f, port, "workers = 2\n");
+        wait_up(&client, &base).await;
+        burst(&client, &base, 80).await;
+        server.kill().unwrap();
+        server.wait().unwrap();
+        if wal_size(&f.data) > 0 {
+            break;
+        }
+        assert!(attempt < 5, "kill -9 never left a log to test with");
+    }
+    let mut server = serve(&f, port, "workers = 2\n");
+    wait_up(&client, &base).await;
+    until(
+        "the restarted server's queue empties and the WAL is truncated",
+        || async {
+            let h = health(&client, &base).await;
+            h["queued"] == 0 && h["running"] == 0 && wal_size(&f.data) == 0
+        },
+    )
+    .await;
+    server.kill().unwrap();
+    server.wait().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_deletes_ended_runs_once_their_webhook_is_done() {
+    let f = Fixture::new();
+    tiny_project(&f);
+    let pending = uuid::Uuid::new_v4().to_string();
+    // A receiver that takes every webhook but `pending`'s (500: retried in an hour).
+    let got: Arc<Mutex<Vec<String>>> = Arc::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hook = format!("http://{}/hook", listener.local_addr().unwrap());
+    let (sink, refused) = (got.clone(), pending.clone());
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |body: String| {
+            let (sink, refused) = (sink.clone(), refused.clone());
+            async move {
+                let v: Value = serde_json::from_str(&body).unwrap();
+                let id = v["runID"].as_str().unwrap().to_owned();
+                sink.lock().unwrap().push(id.clone());
+                if id == refused {
+                    axum::http::StatusCode::INTERNAL_SERVER_ERROR
+                } else {
+                    axum::http::StatusCode::OK
+                }
+            }
+        }),
+    );
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let client = reqwest::Client::new();
+    let port = free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    // Runs are kept one second after they end.
+    let config = format!(
+        "workers = 2\nretention_days = {}\n[webhooks]\nfirst_retry_secs = 3600.0\n",
+        1.0 / 86_400.0
+    );
+    let mut server = serve(&f, port, &config);
+    wait_up(&client, &base).await;
+
+    let plain = uuid::Uuid::new_v4().to_string();
+    let delivered = uuid::Uuid::new_v4().to_string();
+    submit(
+        &client,
+        &base,
+        json!({"runID": plain, "projectID": "tiny", "jobID": "load"}),
+    )
+    .await;
+    for id in [&delivered, &pending] {
+        submit(
+            &client,
+            &base,
+            json!({"runID": id, "projectID": "tiny", "jobID": "load", "webHookURL": hook}),
+        )
+        .await;
+    }
+    let status = |id: String| {
+        let (client, base) = (client.clone(), base.clone());
+        async move {
+            let r = client
+                .get(format!("{base}/v1/Results/{id}"))
+                .send()
+                .await
+                .unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        }
+    };
+    until("both webhooks were tried", || async {
+        let got = got.lock().unwrap();
+        got.contains(&delivered) && got.contains(&pending)
+    })
+    .await;
+    until("the plain and the delivered runs are deleted", || async {
+        status(plain.clone()).await.0 == 404 && status(delivered.clone()).await.0 == 404
+    })
+    .await;
+    // A deleted run answers as an unknown one does.
+    let unknown = status(uuid::Uuid::new_v4().to_string()).await;
+    assert_eq!(unknown.0, 404);
+    assert_eq!(status(plain.clone()).await, unknown);
+    assert_eq!(status(delivered.clone()).await, unknown);
+    let detail = client
+        .get(format!("{base}/v1/Runs/{delivered}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(detail.status(), 404);
+
+    // A later run is deleted too (a later sweep ran); the run whose webhook
+    // is still pending is kept all along.
+    let later = uuid::Uuid::new_v4().to_string();
+    submit(
+        &client,
+        &base,
+        json!({"runID": later, "projectID": "tiny", "jobID": "load"}),
+    )
+    .await;
+    until("the later run is deleted", || async {
+        status(later.clone()).await.0 == 404
+    })
+    .await;
+    let (code, body) = status(pending.clone()).await;
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("Complete"), "{body}");
+
+    // The deleted run's webhook and its attempts are gone from the store; the
+    // pending one is there.
+    let db = rusqlite::Connection::open(f.data.join("tidepool.sqlite")).unwrap();
+    let count = |table: &str, id: &str| -> i64 {
+        db.query_row(
+            &format!("SELECT count(*) FROM {table} WHERE run_id = ?1"),
+            [id],
+            |r| r.get(0),
+        )
+        .unwrap()
+    };
+    assert_eq!(count("webhooks", &delivered), 0);
+    assert_eq!(count("webhook_attempts", &delivered), 0);
+    assert_eq!(count("runs", &delivered), 0);
+    assert_eq!(count("webhooks", &pending), 1);
+    assert_eq!(count("webhook_attempts", &pending), 1);
+    server.kill().unwrap();
+    server.wait().unwrap();
+}
