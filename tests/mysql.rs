@@ -580,13 +580,14 @@ fn upserts_switching_between_new_and_present_stretches_stay_exact() {
 
 #[test]
 fn a_database_gone_for_good_fails_the_job_after_its_retries() {
+    const BATCH: i64 = 200;
     let mut db = Db::new();
     people(&mut db, "PRIMARY KEY");
     let proxy = common::Proxy::start("127.0.0.1:3306");
     let f = Fixture::new();
     let job = people_job("update/insert", "").replace(
         "[origin]",
-        "batch_size = 200\nretry_attempts = 2\nretry_wait_ms = 50\n[origin]",
+        &format!("batch_size = {BATCH}\nretry_attempts = 2\nretry_wait_ms = 50\n[origin]"),
     );
     // Through the proxy only: without prefer_socket=false the driver moves
     // to the server's Unix socket.
@@ -621,6 +622,12 @@ fn a_database_gone_for_good_fails_the_job_after_its_retries() {
     );
     let landed: i64 = db.rows("SELECT count(*) FROM people")[0].parse().unwrap();
     let c = r.counters;
-    assert_eq!((c.inserts + c.updates) as i64, landed, "{c:?}");
+    // A batch whose COMMIT was on its way when the link went down may have
+    // landed without the answer reaching us: at most that one batch.
+    let uncounted = landed - (c.inserts + c.updates) as i64;
+    assert!(
+        uncounted == 0 || uncounted == BATCH,
+        "{landed} landed, {c:?}"
+    );
     assert!(c.total_rows < 200_000 && c.errors == 1, "{c:?}");
 }

@@ -706,13 +706,14 @@ fn an_origin_cut_mid_stream_fails_the_job_and_counts_only_what_landed() {
 
 #[test]
 fn a_database_gone_for_good_fails_the_job_after_its_retries() {
+    const BATCH: i64 = 500;
     let mut s = Schema::new();
     people(&mut s);
     let proxy = common::Proxy::start("127.0.0.1:5432");
     let f = Fixture::new();
     let job = people_job(&s, "update/insert", "").replace(
         "[origin]",
-        "batch_size = 500\nretry_attempts = 2\nretry_wait_ms = 50\n[origin]",
+        &format!("batch_size = {BATCH}\nretry_attempts = 2\nretry_wait_ms = 50\n[origin]"),
     );
     let proj = project(&s).replace("127.0.0.1:5432", &format!("127.0.0.1:{}", proxy.port));
     f.project("p", &proj, &[("j", &job)]);
@@ -750,7 +751,13 @@ fn a_database_gone_for_good_fails_the_job_after_its_retries() {
     );
     let landed: i64 = s.rows("SELECT count(*) FROM S.people")[0].parse().unwrap();
     let c = r.counters;
-    assert_eq!((c.inserts + c.updates) as i64, landed, "{c:?}");
+    // A batch whose COMMIT was on its way when the link went down may have
+    // landed without the answer reaching us: at most that one batch.
+    let uncounted = landed - (c.inserts + c.updates) as i64;
+    assert!(
+        uncounted == 0 || uncounted == BATCH,
+        "{landed} landed, {c:?}"
+    );
     assert!(
         c.total_rows < 200_000 && c.errors == 1,
         "{c:?} {:?}",
