@@ -6,6 +6,7 @@
 //! the problem.
 
 pub mod auth;
+pub mod console;
 pub mod wire;
 
 use std::sync::{Arc, OnceLock};
@@ -56,6 +57,7 @@ pub fn app(
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics_text))
         .route("/openapi.json", get(openapi))
+        .merge(console::routes())
         .fallback(not_found)
         .layer(middleware::from_fn(observe))
         .with_state(svc);
