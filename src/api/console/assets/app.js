@@ -19,7 +19,7 @@ function h(tag, attrs, ...children) {
   return el;
 }
 function append(el, children) {
-  for (const c of children.flat(Infinity)) {
+  for (const c of [children].flat(Infinity)) {
     if (c === null || c === undefined || c === false) continue;
     el.append(c instanceof Node ? c : document.createTextNode(String(c)));
   }
@@ -355,7 +355,11 @@ async function runsPage(ctx) {
 // ---------- a run ----------
 
 function levelName(l) {
-  return { Low: "Info", Medium: "Warning", High: "Error" }[l] || l || "";
+  return l || "";
+}
+/** Severity for the level filter; the v1 log's Low/Medium/High are the loggingLevel a line needs. */
+function levelRank(l) {
+  return { Error: 3, Warning: 2, Info: 1, Debug: 0, Low: 1, Medium: 0, High: 0 }[l] ?? 1;
 }
 
 async function runPage(ctx, id) {
@@ -376,7 +380,7 @@ async function runPage(ctx, id) {
   const head = h("div", { class: "pagehead" });
   const jobsBox = h("div", { class: "jobs", "aria-live": "off" });
   const failure = h("div");
-  const request = h("div");
+  const request = h("section", { "aria-label": "Request" });
   const errorsBox = h("section", { id: "row-errors", tabindex: "-1", "aria-label": "Row errors" });
   const logBox = h("section", { "aria-label": "Log" });
   const hooksBox = h("section", { "aria-label": "Webhook attempts" });
@@ -445,11 +449,9 @@ async function runPage(ctx, id) {
     const vals = {};
     const counters = h("div", { class: "counters" }, names.map(([k, label]) => {
       vals[k] = h("b", {}, "0");
-      const box = h("div", { class: "counter" }, vals[k], h("span", {}, label));
-      if (k === "errors") {
-        box.append(h("button", { type: "button", class: "linkish", hidden: true, onclick: showErrors, "data-errors-link": "1" }, "see rows"));
-      }
-      return box;
+      const more = k === "errors"
+        ? h("button", { type: "button", class: "linkish", hidden: true, onclick: showErrors, "data-errors-link": "1" }, "see rows") : null;
+      return h("div", { class: "counter", "data-counter": k }, vals[k], h("span", {}, label, more ? " " : "", more));
     }));
     const badgeSlot = h("span");
     const fill = h("i");
@@ -487,6 +489,8 @@ async function runPage(ctx, id) {
         }
         rate.textContent = rps !== null && rps !== undefined ? `${num(rps)} rows/s${isLive(status) ? "" : " average"}` : "– rows/s";
         const pts = series[job] || [];
+        // The chart is there while the run goes (so nothing moves when points arrive) and after, if it has points.
+        chart.classList.toggle("hidden", !isLive(status) && pts.length < 2);
         if (pts.length > 1) {
           const t0 = pts[0].t, t1 = pts[pts.length - 1].t, max = Math.max(1, ...pts.map((q) => q.rps));
           line.setAttribute("points", pts.map((q) => `${(((q.t - t0) / Math.max(1, t1 - t0)) * 120).toFixed(2)},${(38 - (q.rps / max) * 36).toFixed(2)}`).join(" "));
@@ -568,7 +572,7 @@ async function runPage(ctx, id) {
       if (data.truncated) note = `Only the first ${num(data.kept)} of ${num(total)} row errors were kept.`;
     } else {
       // A server without the errors API: the log's lines about a row.
-      errors = (detail.rowErrors || (detail.log || []).filter((l) => l.row && levelName(l.level) === "Error"))
+      errors = (detail.rowErrors || (detail.log || []).filter((l) => l.row && levelRank(l.level) >= 1))
         .map((l) => ({ job: l.job || l.jobID, row: l.row, message: l.message, values: l.values }));
       total = errors.length;
     }
@@ -598,14 +602,12 @@ async function runPage(ctx, id) {
   // The log: level filter and paging.
   const logState = { level: p.get("level") || "", cursor: null, done: false, fallback: false, body: null, count: 0 };
   function logLevelOk(l) {
-    const order = ["Debug", "Info", "Warning", "Error"];
-    const want = order.indexOf(logState.level || "Debug");
-    return order.indexOf(levelName(l.level)) >= want || order.indexOf(levelName(l.level)) < 0;
+    return levelRank(l.level) >= levelRank(logState.level || "Debug");
   }
   function logRow(l) {
     const lvl = levelName(l.level);
     return h("tr", {}, h("td", { class: "when" }, timeEl(l.time)), h("td", {}, h("span", { class: "lvl " + lvl }, lvl)),
-      h("td", { class: "mono hide-sm" }, l.job || l.jobID || ""), h("td", { class: "msg" }, l.row ? h("span", { class: "muted" }, `row ${num(l.row)}: `) : "", l.message));
+      h("td", { class: "mono hide-sm" }, l.job || l.jobID || ""), h("td", { class: "msg" }, l.row && !/^row \d/.test(l.message) ? h("span", { class: "muted" }, `row ${num(l.row)}: `) : "", l.message));
   }
   async function loadLog(reset) {
     if (reset) {
@@ -615,7 +617,7 @@ async function runPage(ctx, id) {
         [["", "All levels"], ["Info", "Info and above"], ["Warning", "Warnings and errors"], ["Error", "Errors only"]]
           .map(([v, t]) => h("option", { value: v, selected: v === logState.level }, t)));
       logState.more = h("div", { class: "pager" });
-      logBox.replaceChildren(h("div", { class: "tabs" }, h("h2", { style: "margin-bottom:0" }, "Log"), h("label", {}, "Level", sel)),
+      logBox.replaceChildren(h("div", { class: "tabs" }, h("h2", { class: "inline" }, "Log"), h("label", { class: "inline" }, "Level", sel)),
         h("div", { class: "scroll" }, h("table", { class: "log", "aria-label": "Log" },
           h("thead", {}, h("tr", {}, h("th", {}, "Time"), h("th", {}, "Level"), h("th", { class: "hide-sm" }, "Job"), h("th", {}, "Message"))), logState.body)),
         logState.more);
@@ -759,7 +761,7 @@ function fieldsTable(fields) {
 }
 function stagesView(stages) {
   if (!Array.isArray(stages)) return h("p", { class: "muted" }, `${num(stages || 0)} stage(s)`);
-  return stages.map((s, i) => h("div", { class: "card", style: "margin-bottom:10px" },
+  return stages.map((s, i) => h("div", { class: "card stage" },
     h("h3", {}, h("span", { class: "pill" }, `stage ${i + 1}`), s.name || "", s.action ? h("span", { class: "pill" }, s.action) : "",
       s.table ? h("span", { class: "muted" }, `→ ${s.table}`) : ""),
     s.condition || s.when ? h("p", { class: "sub" }, "when ", h("code", {}, s.condition || s.when)) : null,
@@ -833,7 +835,7 @@ async function jobPage(ctx, projectId, jobId) {
       h("h1", {}, h("a", { href: `#/projects/${encodeURIComponent(pid)}` }, pid), " / ", job.jobID),
       h("div", { class: "sub" }, job.name || ""))),
     h("h2", {}, "Start"), startBox,
-    h("div", { class: "grid2", style: "margin-top:12px" },
+    h("div", { class: "grid2 spaced" },
       h("div", { class: "card" }, h("h3", {}, "Origin"), describe(job.origin)),
       h("div", { class: "card" }, h("h3", {}, "Destination"), describe(job.destination))),
     h("h2", {}, "Chain"), chainView(pid, job, jobs),
@@ -850,7 +852,7 @@ function startForm(projectId, job, instance) {
     h("label", {}, "End after row", input({ name: "endAfterRow", type: "number", min: 1, placeholder: "all" })),
     h("label", {}, "Threads", input({ name: "threadCount", type: "number", min: 1, max: 64, value: 1 })),
     h("label", {}, "Log level", h("select", { name: "loggingLevel" },
-      [["0", "0 – none"], ["1", "1 – start, end, errors"], ["2", "2 – + stage summaries"], ["3", "3 – + every row"]]
+      [["0", "0 none"], ["1", "1 errors"], ["2", "2 summaries"], ["3", "3 every row"]]
         .map(([v, t]) => h("option", { value: v, selected: v === "1" }, t)))),
     h("label", { class: "check" }, h("input", { type: "checkbox", name: "chainJobs", checked: !!job.next }), "Run the chain (next jobs)"),
     h("div", { class: "buttons" },
