@@ -49,6 +49,17 @@ impl Caller {
         self.role_in(instance).is_some()
     }
 
+    /// The instances the caller holds a role in, sorted; `None` when it may
+    /// see every instance (open mode).
+    pub fn instances(&self) -> Option<Vec<String>> {
+        if self.open {
+            return None;
+        }
+        let mut list: Vec<String> = self.grants.keys().cloned().collect();
+        list.sort();
+        Some(list)
+    }
+
     fn of(user: UserRecord) -> Self {
         Caller {
             user: Some(user.name),

@@ -7,6 +7,7 @@
 
 pub mod auth;
 pub mod console;
+pub mod runs;
 pub mod wire;
 
 use std::sync::{Arc, OnceLock};
@@ -50,6 +51,7 @@ pub fn app(
         .route("/v1/results/{id}", get(results))
         .route("/v1/webhook", post(webhook))
         .route("/token", post(token))
+        .route("/v1/runs", get(runs::list_runs))
         .route("/v1/runs/{id}", get(run_detail))
         .route("/v1/runs/{id}/cancel", post(cancel))
         .route("/v1/projects", get(projects))
@@ -847,6 +849,7 @@ async fn metrics_text(State(svc): State<Arc<Service>>) -> Response {
         token,
         run_detail,
         cancel,
+        runs::list_runs,
         projects,
         healthz
     ),
@@ -857,7 +860,9 @@ async fn metrics_text(State(svc): State<Arc<Service>>) -> Response {
         ResultsResponse,
         wire::LogLine,
         WebhookAttemptLine,
-        RunStatus
+        RunStatus,
+        runs::RunPage,
+        runs::RunSummary
     ))
 )]
 pub struct ApiDoc;

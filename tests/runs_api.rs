@@ -1,0 +1,353 @@
+//! The console's API through the real router on a real SQLite store: the run
+//! list (filters, paging, instances), a run's log and row errors, live events.
+
+mod common;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use common::Fixture;
+use serde_json::{Value, json};
+use tidepool::api;
+use tidepool::server::{ServerConfig, Service};
+use tidepool::store::{Role, SqliteStore, Store, UserRecord};
+use tower::ServiceExt;
+
+struct Api {
+    f: Fixture,
+    svc: Arc<Service>,
+}
+
+struct Answer {
+    status: StatusCode,
+    headers: axum::http::HeaderMap,
+    body: String,
+}
+
+impl Answer {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+    }
+}
+
+/// The demo project, in instance `default` and (same ID) in instance `other`.
+fn copy_demo(f: &Fixture) {
+    let src = common::repo_projects().join("demo");
+    for (dir, instance) in [("demo", None), ("demo_other", Some("other"))] {
+        for rel in [
+            "project.toml",
+            "jobs/contacts.toml",
+            "jobs/countries.toml",
+            "data/contacts.csv",
+        ] {
+            let mut text = std::fs::read_to_string(src.join(rel)).unwrap();
+            if let (Some(i), "project.toml") = (instance, rel) {
+                text = text.replacen(
+                    "id = \"demo\"",
+                    &format!("id = \"demo\"\ninstance = \"{i}\""),
+                    1,
+                );
+            }
+            f.write(&format!("projects/{dir}/{rel}"), text);
+        }
+    }
+}
+
+/// API keys of the test users: `key-<name>`.
+fn key_of(name: &str) -> String {
+    format!("tpk_test_{name}")
+}
+
+/// A server over the demo project; `users` get an API key each (`key_of`).
+async fn api_with(users: &[(&str, &[(&str, Role)])], start: bool) -> Api {
+    let f = Fixture::new();
+    copy_demo(&f);
+    let config = ServerConfig {
+        data_dir: f.data.clone(),
+        projects: f.projects.clone(),
+        workers: 2,
+        ..ServerConfig::default()
+    };
+    let store = Arc::new(SqliteStore::open(&f.data.join("tidepool.sqlite")).unwrap());
+    for (name, grants) in users {
+        store
+            .put_user(UserRecord {
+                name: name.to_string(),
+                password_hash: String::new(),
+                primary_instance: grants[0].0.into(),
+                grants: grants.iter().map(|(i, r)| (i.to_string(), *r)).collect(),
+            })
+            .await
+            .unwrap();
+        store
+            .put_api_key(&api::auth::digest(&key_of(name)), name, "test")
+            .await
+            .unwrap();
+    }
+    let svc = Service::new(config, store).await.unwrap();
+    if start {
+        svc.start();
+    }
+    Api { f, svc }
+}
+
+impl Api {
+    async fn call(&self, method: &str, path: &str, who: Option<&str>, body: Value) -> Answer {
+        let mut req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("content-type", "application/json");
+        if let Some(name) = who {
+            req = req.header("x-api-key", key_of(name));
+        }
+        let body = if body.is_null() {
+            Body::empty()
+        } else {
+            Body::from(body.to_string())
+        };
+        let resp = api::app(self.svc.clone())
+            .oneshot(req.body(body).unwrap())
+            .await
+            .unwrap();
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        Answer {
+            status,
+            headers,
+            body: String::from_utf8_lossy(&bytes).into_owned(),
+        }
+    }
+
+    async fn get(&self, path: &str, who: Option<&str>) -> Answer {
+        self.call("GET", path, who, Value::Null).await
+    }
+
+    /// Starts the demo job; returns the runID.
+    async fn start(&self, who: Option<&str>, job: &str, argument: &str, level: u8) -> String {
+        let id = uuid::Uuid::new_v4().to_string();
+        let r = self
+            .call(
+                "POST",
+                "/v1/ExecuteJobAsync",
+                who,
+                json!({"runID": id, "projectID": "demo", "jobID": job,
+                       "argument": argument, "loggingLevel": level}),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+        id
+    }
+
+    /// Polls the run until it has ended; returns `GET /v1/Runs/{id}`.
+    async fn wait_end(&self, id: &str, who: Option<&str>) -> Value {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let r = self.get(&format!("/v1/Runs/{id}"), who).await;
+            assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+            let v = r.json();
+            if !matches!(v["status"].as_str(), Some("Queued" | "Running")) {
+                return v;
+            }
+            assert!(std::time::Instant::now() < deadline, "run {id} did not end");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Every page of `GET /v1/Runs?{query}` with `limit`, in order.
+    async fn all_pages(&self, query: &str, limit: usize, who: Option<&str>) -> Vec<Value> {
+        let mut runs = Vec::new();
+        let mut cursor: Option<String> = None;
+        for _ in 0..1000 {
+            let mut path = format!("/v1/Runs?limit={limit}&{query}");
+            if let Some(c) = &cursor {
+                path.push_str(&format!("&cursor={c}"));
+            }
+            let r = self.get(&path, who).await;
+            assert_eq!(r.status, StatusCode::OK, "{path}: {}", r.body);
+            let v = r.json();
+            let page = v["runs"].as_array().unwrap().clone();
+            assert!(page.len() <= limit, "a page holds at most limit runs");
+            runs.extend(page);
+            match v["nextCursor"].as_str() {
+                Some(c) => cursor = Some(c.to_owned()),
+                None => return runs,
+            }
+        }
+        panic!("paging did not end");
+    }
+}
+
+fn ids(runs: &[Value]) -> Vec<String> {
+    runs.iter()
+        .map(|r| r["runID"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_run_list_pages_newest_first_without_gaps_or_duplicates_and_filters() {
+    // Not started: runs stay Queued unless cancelled, so statuses are ours to set.
+    let a = api_with(&[], false).await;
+    let mut started = Vec::new();
+    for i in 0..23 {
+        let job = if i % 3 == 0 { "countries" } else { "contacts" };
+        let arg = if i % 5 == 0 { "Nightly-EU" } else { "adhoc" };
+        started.push(a.start(None, job, arg, 0).await);
+    }
+    for id in started.iter().step_by(4) {
+        let r = a
+            .call("POST", &format!("/v1/Runs/{id}/cancel"), None, Value::Null)
+            .await;
+        assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
+    }
+
+    let all = a.all_pages("", 5, None).await;
+    let got = ids(&all);
+    assert_eq!(got.len(), 23, "every run once");
+    assert_eq!(
+        got.iter().collect::<HashSet<_>>().len(),
+        23,
+        "no duplicates"
+    );
+    let mut newest_first = started.clone();
+    newest_first.reverse();
+    // Accepted in order, one after the other: newest first is the reverse
+    // (runs accepted in the same millisecond are ordered by ID).
+    let accepted: Vec<&str> = all
+        .iter()
+        .map(|r| r["accepted"].as_str().unwrap())
+        .collect();
+    let mut sorted = accepted.clone();
+    sorted.sort_by(|x, y| y.cmp(x));
+    assert_eq!(accepted, sorted, "newest first");
+    assert_eq!(
+        got.iter().collect::<HashSet<_>>(),
+        newest_first.iter().collect::<HashSet<_>>()
+    );
+
+    let first = &all[0];
+    assert_eq!(first["projectID"], "demo");
+    assert_eq!(first["instance"], "default");
+    assert!(first["counters"]["totalRows"].is_number(), "{first}");
+
+    // Filters, each paged.
+    let cancelled = a.all_pages("status=cancelled", 2, None).await;
+    assert_eq!(cancelled.len(), 6);
+    assert!(cancelled.iter().all(|r| r["status"] == "Cancelled"));
+    let queued = a.all_pages("status=Queued&job=countries", 3, None).await;
+    let expect = (0..23).filter(|i| i % 3 == 0 && i % 4 != 0).count();
+    assert_eq!(queued.len(), expect);
+    assert!(
+        queued
+            .iter()
+            .all(|r| r["jobID"] == "countries" && r["status"] == "Queued")
+    );
+    let nightly = a.all_pages("q=nightly-eu&project=demo", 2, None).await;
+    assert_eq!(nightly.len(), 5, "argument text, case-insensitive");
+    assert!(nightly.iter().all(|r| r["argument"] == "Nightly-EU"));
+    assert!(a.all_pages("project=nosuch", 5, None).await.is_empty());
+
+    // A time window: nothing after a time in the future, everything since the past.
+    let future = (chrono::Utc::now() + chrono::Duration::hours(1)).to_rfc3339();
+    let past = (chrono::Utc::now() - chrono::Duration::hours(1)).to_rfc3339();
+    let q = format!("since={}", url_encode(&future));
+    assert!(a.all_pages(&q, 5, None).await.is_empty());
+    let q = format!("since={}&until={}", url_encode(&past), url_encode(&future));
+    assert_eq!(a.all_pages(&q, 50, None).await.len(), 23);
+
+    // Bad parameters are named.
+    for (q, word) in [
+        ("status=Done", "status"),
+        ("limit=0", "limit"),
+        ("limit=501", "limit"),
+        ("since=yesterday", "since"),
+        ("cursor=xyz", "cursor"),
+    ] {
+        let r = a.get(&format!("/v1/Runs?{q}"), None).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{q}: {}", r.body);
+        assert!(
+            r.json()["error"].as_str().unwrap().contains(word),
+            "{q}: {}",
+            r.body
+        );
+    }
+}
+
+fn url_encode(s: &str) -> String {
+    s.replace('+', "%2B").replace(':', "%3A")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_sees_only_the_runs_of_their_instances() {
+    let a = api_with(
+        &[
+            ("ann", &[("default", Role::Owner)]),
+            ("bob", &[("other", Role::Owner)]),
+            ("cy", &[("other", Role::Full), ("default", Role::ReadOnly)]),
+        ],
+        false,
+    )
+    .await;
+    let mine: Vec<String> = [
+        a.start(Some("ann"), "contacts", "", 0).await,
+        a.start(Some("ann"), "contacts", "", 0).await,
+    ]
+    .into();
+    let r = a.get("/v1/Runs", Some("ann")).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(ids(r.json()["runs"].as_array().unwrap()).len(), 2);
+
+    let r = a.get("/v1/Runs?instance=other", Some("ann")).await;
+    assert_eq!(r.json(), json!({"runs": [], "nextCursor": null}));
+    let r = a.get("/v1/Runs", Some("bob")).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(r.json(), json!({"runs": [], "nextCursor": null}));
+    let theirs: Vec<String> = [
+        a.start(Some("bob"), "contacts", "", 0).await,
+        a.start(Some("bob"), "countries", "", 0).await,
+    ]
+    .into();
+    let r = a.get("/v1/Runs", Some("bob")).await;
+    let got = ids(r.json()["runs"].as_array().unwrap());
+    assert_eq!(got, vec![theirs[1].clone(), theirs[0].clone()]);
+    assert!(
+        r.json()["runs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["instance"] == "other")
+    );
+    let r = a.get("/v1/Runs?instance=default", Some("bob")).await;
+    assert_eq!(
+        r.json()["runs"],
+        json!([]),
+        "asking for another instance finds nothing"
+    );
+    for id in &mine {
+        let r = a.get(&format!("/v1/Runs/{id}"), Some("bob")).await;
+        assert_eq!(r.status, StatusCode::NOT_FOUND);
+    }
+
+    // A user of two instances sees both, merged newest first, across pages.
+    let all = a.all_pages("", 1, Some("cy")).await;
+    let mut got = ids(&all);
+    got.sort();
+    let mut want = [mine.clone(), theirs.clone()].concat();
+    want.sort();
+    assert_eq!(got, want);
+    let accepted: Vec<&str> = all
+        .iter()
+        .map(|r| r["accepted"].as_str().unwrap())
+        .collect();
+    let mut sorted = accepted.clone();
+    sorted.sort_by(|x, y| y.cmp(x));
+    assert_eq!(accepted, sorted, "newest first across instances");
+
+    let r = a.get("/v1/Runs", None).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.body);
+}
