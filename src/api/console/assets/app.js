@@ -93,9 +93,9 @@ function duration(ms) {
 }
 
 const STATUSES = ["Queued", "Running", "Complete", "Failed", "Cancelled"];
-function badge(status) {
+function badge(status, why) {
   const s = STATUSES.includes(status) ? status : "Queued";
-  return h("span", { class: "badge " + s }, status || "?");
+  return h("span", { class: "badge " + s, title: why || null }, status || "?");
 }
 function isLive(status) { return status === "Queued" || status === "Running"; }
 
@@ -240,18 +240,18 @@ function toRfc3339(v) {
   return d && !Number.isNaN(d.getTime()) ? d.toISOString() : undefined;
 }
 
-function runLink(run, label) {
+function runLink(run, label, cls) {
   const p = { project: run.projectID || undefined, instance: run.instance && run.instance !== "default" ? run.instance : undefined };
-  return h("a", { href: `#/runs/${encodeURIComponent(run.runID)}${qs(p)}`, class: "mono", title: run.runID }, label || String(run.runID).slice(0, 8));
+  return h("a", { href: `#/runs/${encodeURIComponent(run.runID)}${qs(p)}`, class: cls || "mono", title: run.runID }, label || String(run.runID).slice(0, 8));
 }
 
 function runRow(run) {
   const c = run.counters || {};
   const ms = run.durationMs ?? null;
   return h("tr", { "data-run": run.runID },
-    h("td", { class: "badgecell" }, badge(run.status)),
-    h("td", {}, runLink(run)),
-    h("td", {}, h("span", {}, run.projectID || ""), h("span", { class: "muted" }, " / "), h("span", {}, run.jobID || "")),
+    h("td", { class: "badgecell" }, badge(run.status, run.error)),
+    h("td", { class: "hide-sm" }, runLink(run)),
+    h("td", {}, runLink(run, `${run.projectID || ""} / ${run.jobID || ""}`, "plain")),
     h("td", { class: "arg hide-sm mono", title: run.argument || "" }, run.argument || ""),
     h("td", { class: "when" }, timeEl(run.accepted || run.started)),
     h("td", { class: "num hide-sm" }, isLive(run.status) && ms === null ? "…" : duration(ms)),
@@ -269,7 +269,7 @@ function numCellHide(n) {
 
 function runsTable(runs, opts = {}) {
   const head = h("tr", {},
-    h("th", {}, "Status"), h("th", {}, "Run"), h("th", {}, "Project / job"),
+    h("th", {}, "Status"), h("th", { class: "hide-sm" }, "Run"), h("th", {}, "Project / job"),
     h("th", { class: "hide-sm" }, "Argument"), h("th", {}, "Accepted"),
     h("th", { class: "num hide-sm" }, "Duration"), h("th", { class: "num" }, "Rows"),
     h("th", { class: "num hide-sm" }, "Inserts"), h("th", { class: "num hide-sm" }, "Updates"),
@@ -301,6 +301,7 @@ async function runsPage(ctx) {
   const since = h("input", { type: "datetime-local", name: "since", value: filters.since });
   const until = h("input", { type: "datetime-local", name: "until", value: filters.until });
   const text = h("input", { type: "search", name: "q", value: filters.q, placeholder: "text in the argument" });
+  const active = RUN_FILTERS.filter((k) => filters[k]).length;
   const form = h("form", { class: "filters", role: "search", "aria-label": "Filter runs" },
     field("project", "Project", projectSel), field("job", "Job", jobInput),
     h("datalist", { id: "joblist" }, jobs.map((j) => h("option", { value: j }))),
@@ -320,7 +321,9 @@ async function runsPage(ctx) {
   const status = h("p", { class: "sub", "aria-live": "polite" });
   const { table, body } = runsTable([], { empty: "Loading…" });
   const pager = h("div", { class: "pager" });
-  ctx.mount(h("div", { class: "pagehead" }, h("div", {}, h("h1", {}, "Runs"), status)), form, table, pager);
+  const box = h("details", { class: "filterbox", open: active > 0 || window.innerWidth > 720 },
+    h("summary", {}, active ? `Filters (${active} set)` : "Filters"), form);
+  ctx.mount(h("div", { class: "pagehead" }, h("div", {}, h("h1", {}, "Runs"), status)), box, table, pager);
 
   const query = {
     project: filters.project, job: filters.job, status: filters.status, q: filters.q,
@@ -343,9 +346,10 @@ async function runsPage(ctx) {
     const live = runs.filter((r) => isLive(r.status)).length;
     status.textContent = `${num(runs.length)} run${runs.length === 1 ? "" : "s"} on this page` +
       (live ? ` · ${live} going, updating live` : "") + (query.cursor ? " · older runs" : "");
-    pager.replaceChildren(
+    pager.replaceChildren();
+    append(pager, [
       query.cursor ? h("a", { class: "button", href: "#/runs" + qs({ ...filters }) }, "← Newest") : null,
-      data.nextCursor ? h("a", { class: "button", href: "#/runs" + qs({ ...filters, cursor: data.nextCursor }) }, "Older →") : null);
+      data.nextCursor ? h("a", { class: "button", href: "#/runs" + qs({ ...filters, cursor: data.nextCursor }) }, "Older →") : null]);
     // Live: the first page is re-read while anything on it is going (new runs appear on top too).
     if (live || !query.cursor) timer = setTimeout(load, live ? 1500 : 5000);
   }
@@ -412,7 +416,7 @@ async function runPage(ctx, id) {
         h("h1", {}, badge(d.status), " ", project ? h("a", { href: `#/projects/${encodeURIComponent(project)}` }, project) : "", project ? " / " : "",
           project && firstJob ? h("a", { href: `#/projects/${encodeURIComponent(project)}/jobs/${encodeURIComponent(firstJob)}` }, firstJob) : firstJob),
         h("div", { class: "sub" }, h("span", { class: "mono" }, d.runID), " · started ", started ? timeEl(d.startTime) : "–",
-          " · ", duration(timespanMs(d.runTime)), instance !== "default" ? ` · instance ${instance}` : "")),
+          " · ", h("span", { "data-duration": "1" }, runDuration(d)), instance !== "default" ? ` · instance ${instance}` : "")),
       actions);
     failure.replaceChildren(d.error ? h("div", { class: "error", role: "alert" }, d.error) : "");
     renderJobs(d);
@@ -420,6 +424,12 @@ async function runPage(ctx, id) {
     renderHooks(d);
   }
 
+  function runDuration(d) {
+    const ms = timespanMs(d.runTime);
+    const t0 = parseTime(d.startTime);
+    if (isLive(d.status) && t0 && !ms) return d.status === "Queued" ? "waiting" : `running for ${duration(Date.now() - t0.getTime())}`;
+    return duration(ms);
+  }
   function expectedRows(d) {
     const r = d.request || {};
     if (r.endAfterRow) return r.endAfterRow - (r.beginAtRow || 1) + 1;
@@ -677,6 +687,8 @@ async function runPage(ctx, id) {
       const job = x.job || x.jobID;
       (series[job] = series[job] || []).push({ t: Date.now(), rps: x.rowsPerSec || 0 });
       if (series[job].length > 120) series[job].shift();
+      const dur = head.querySelector("[data-duration]");
+      if (dur) dur.textContent = runDuration(detail);
       if (!cards[job]) { later(); return; }
       cards[job].update(x.status || "Running", x.counters || {}, x.rowsPerSec, expectedRows(detail));
     });
