@@ -115,24 +115,7 @@ fn wait_up(base: &str, server: &mut Server) {
     panic!("tidepool serve did not listen on {base}");
 }
 
-#[test]
-fn the_console_in_chromium() {
-    let chromium = browser_prerequisites();
-    let f = Fixture::new();
-    projects(&f);
-    tidepool(
-        &f.data,
-        &["user", "add", "ann", "--instance", "default:Owner"],
-    );
-    tidepool(
-        &f.data,
-        &["user", "add", "rita", "--instance", "default:ReadOnly"],
-    );
-    tidepool(
-        &f.data,
-        &["user", "add", "otto", "--instance", "other:Owner"],
-    );
-
+fn serve(f: &Fixture) -> (Server, String) {
     let port = free_port();
     let base = format!("http://127.0.0.1:{port}");
     let mut server = Server(
@@ -149,21 +132,19 @@ fn the_console_in_chromium() {
             .expect("start tidepool serve"),
     );
     wait_up(&base, &mut server);
+    (server, base)
+}
 
-    // Kept after the test so a reviewer can look at them.
-    let shots = tempfile::Builder::new()
-        .prefix("tidepool-console-screenshots-")
-        .tempdir()
-        .unwrap()
-        .keep();
-    println!("console screenshots: {}", shots.display());
+/// Runs the browser script in `mode` ("open" or "users") against `base`.
+fn browse(chromium: &Path, base: &str, shots: &Path, mode: &str) {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser/test_console.py");
     let out = Command::new("python3")
         .arg(&script)
-        .env("TIDEPOOL_URL", &base)
-        .env("TIDEPOOL_SHOTS", &shots)
+        .env("TIDEPOOL_URL", base)
+        .env("TIDEPOOL_SHOTS", shots)
         .env("TIDEPOOL_PASSWORD", PASSWORD)
-        .env("TIDEPOOL_CHROMIUM", &chromium)
+        .env("TIDEPOOL_CHROMIUM", chromium)
+        .env("TIDEPOOL_MODE", mode)
         .output()
         .expect("run python3");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -171,9 +152,45 @@ fn the_console_in_chromium() {
     println!("{stdout}");
     assert!(
         out.status.success(),
-        "the browser test failed ({}):\n{stdout}\n{stderr}\nscreenshots so far: {}",
+        "the browser test ({mode}) failed ({}):\n{stdout}\n{stderr}\nscreenshots so far: {}",
         out.status,
         shots.display()
     );
-    assert!(stdout.contains("console browser test: OK"), "{stdout}");
+    assert!(stdout.contains(": OK"), "{stdout}");
+}
+
+#[test]
+fn the_console_in_chromium() {
+    let chromium = browser_prerequisites();
+    // Kept after the test so a reviewer can look at them.
+    let shots = tempfile::Builder::new()
+        .prefix("tidepool-console-screenshots-")
+        .tempdir()
+        .unwrap()
+        .keep();
+    println!("console screenshots: {}", shots.display());
+
+    // Without users (loopback only): no login.
+    let open = Fixture::new();
+    projects(&open);
+    let (server, base) = serve(&open);
+    browse(&chromium, &base, &shots, "open");
+    drop(server);
+
+    let f = Fixture::new();
+    projects(&f);
+    tidepool(
+        &f.data,
+        &["user", "add", "ann", "--instance", "default:Owner"],
+    );
+    tidepool(
+        &f.data,
+        &["user", "add", "rita", "--instance", "default:ReadOnly"],
+    );
+    tidepool(
+        &f.data,
+        &["user", "add", "otto", "--instance", "other:Owner"],
+    );
+    let (_server, base) = serve(&f);
+    browse(&chromium, &base, &shots, "users");
 }
