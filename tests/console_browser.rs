@@ -70,9 +70,9 @@ fn tidepool(data: &Path, args: &[&str]) {
     );
 }
 
-/// The demo project as in the repository, and `slow`: enough rows in tiny
-/// batches that a run is still going when the test cancels it.
-fn projects(f: &Fixture) {
+/// The demo project as in the repository, and (if `slow`) `slow`: enough rows
+/// in tiny batches that a run is still going when the test cancels it.
+fn projects(f: &Fixture, slow: bool) {
     let src = common::repo_projects().join("demo");
     for rel in [
         "project.toml",
@@ -84,6 +84,9 @@ fn projects(f: &Fixture) {
             &format!("projects/demo/{rel}"),
             std::fs::read(src.join(rel)).unwrap(),
         );
+    }
+    if !slow {
+        return;
     }
     let mut csv = String::from("id,name\n");
     for i in 1..=2_000_000 {
@@ -172,13 +175,13 @@ fn the_console_in_chromium() {
 
     // Without users (loopback only): no login.
     let open = Fixture::new();
-    projects(&open);
+    projects(&open, false);
     let (server, base) = serve(&open);
     browse(&chromium, &base, &shots, "open");
     drop(server);
 
     let f = Fixture::new();
-    projects(&f);
+    projects(&f, true);
     tidepool(
         &f.data,
         &["user", "add", "ann", "--instance", "default:Owner"],
