@@ -551,3 +551,88 @@ async fn the_event_stream_of_a_run_ends_with_its_final_counters_and_closes() {
         .await;
     assert_eq!(r.status, StatusCode::NOT_FOUND);
 }
+
+/// `tidepool run` on the fixture's projects and data dir.
+fn cli_run(a: &Api, extra: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_tidepool"))
+        .args([
+            "run",
+            "demo",
+            "contacts",
+            "--logging-level",
+            "0",
+            "--projects",
+        ])
+        .arg(&a.f.projects)
+        .arg("--data-dir")
+        .arg(&a.f.data)
+        .args(extra)
+        .env_remove("TIDEPOOL_PROJECTS")
+        .env_remove("TIDEPOOL_DATA_DIR")
+        .env_remove("TIDEPOOL_STORE")
+        .output()
+        .expect("run tidepool")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_of_the_command_line_are_in_the_servers_history() {
+    let a = api_with(&[], false).await;
+    let id = uuid::Uuid::new_v4().to_string();
+    let out = cli_run(&a, &["--run-id", &id, "--argument", "from the shell"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let r = a.get("/v1/Runs", None).await.json();
+    let runs = r["runs"].as_array().unwrap();
+    assert_eq!(
+        ids(runs),
+        vec![id.clone()],
+        "recorded in the data dir's store"
+    );
+    assert_eq!(runs[0]["status"], "Complete");
+    assert_eq!(runs[0]["argument"], "from the shell");
+    assert_eq!(runs[0]["counters"]["inserts"], 997);
+    assert!(runs[0]["durationMs"].is_number(), "{}", runs[0]);
+    let detail = a.get(&format!("/v1/Runs/{id}"), None).await.json();
+    assert_eq!(detail["errors"], 3);
+    let errors = a.get(&format!("/v1/Runs/{id}/errors"), None).await.json();
+    assert_eq!(errors["total"], 3);
+    assert_eq!(errors["errors"][1]["values"]["Amount"], "12,50");
+
+    // Opted out, or a preview: not recorded.
+    let out = cli_run(&a, &["--no-record"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = cli_run(&a, &["--preview"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = a.get("/v1/Runs", None).await.json();
+    assert_eq!(r["runs"].as_array().unwrap().len(), 1);
+
+    // Another store, named.
+    let other = a.f.root.join("elsewhere.sqlite");
+    let out = cli_run(&a, &["--store", &format!("sqlite:{}", other.display())]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let db = rusqlite::Connection::open(&other).unwrap();
+    let n: i64 = db
+        .query_row(
+            "SELECT count(*) FROM runs WHERE status = 'Complete'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(n, 1);
+}
