@@ -351,3 +351,288 @@ async fn a_user_sees_only_the_runs_of_their_instances() {
     let r = a.get("/v1/Runs", None).await;
     assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.body);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demos_three_row_errors_are_kept_at_logging_level_0_with_their_origin_values() {
+    let a = api_with(&[], true).await;
+    let id = a.start(None, "contacts", "", 0).await;
+    let run = a.wait_end(&id, None).await;
+    assert_eq!(run["errors"], 3);
+    assert_eq!(
+        run["log"],
+        json!([]),
+        "level 0: the answer's log stays empty"
+    );
+
+    let r = a.get(&format!("/v1/Runs/{id}/errors"), None).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let v = r.json();
+    assert_eq!(v["total"], 3);
+    assert_eq!(v["kept"], 3);
+    assert_eq!(v["truncated"], false);
+    assert_eq!(v["nextCursor"], Value::Null);
+    let errors = v["errors"].as_array().unwrap();
+    let rows: Vec<u64> = errors.iter().map(|e| e["row"].as_u64().unwrap()).collect();
+    assert_eq!(rows, [101, 502, 903]);
+    let amounts: Vec<&str> = errors
+        .iter()
+        .map(|e| e["values"]["Amount"].as_str().unwrap())
+        .collect();
+    assert_eq!(amounts, ["n/a", "12,50", "abc"]);
+    let first = &errors[0];
+    assert_eq!(first["jobID"], "contacts");
+    assert_eq!(first["stage"], 1);
+    assert_eq!(first["stageName"], "upsert contacts");
+    assert_eq!(first["values"]["Id"], "101");
+    assert_eq!(first["values"]["City"], "Perth");
+    assert_eq!(first["columns"][0], "Id");
+    assert!(
+        first["message"].as_str().unwrap().contains("amount"),
+        "{first}"
+    );
+
+    // Paged one at a time: the same three, in order.
+    let p1 = a
+        .get(&format!("/v1/Runs/{id}/errors?limit=2"), None)
+        .await
+        .json();
+    assert_eq!(p1["errors"].as_array().unwrap().len(), 2);
+    let c = p1["nextCursor"].as_str().unwrap();
+    let p2 = a
+        .get(&format!("/v1/Runs/{id}/errors?limit=2&cursor={c}"), None)
+        .await
+        .json();
+    assert_eq!(p2["errors"][0]["row"], 903);
+    assert_eq!(p2["nextCursor"], Value::Null);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_level_3_log_pages_line_by_line_and_filters_by_level() {
+    let a = api_with(&[], true).await;
+    let id = a.start(None, "contacts", "", 3).await;
+    let run = a.wait_end(&id, None).await;
+    let whole = run["log"].as_array().unwrap().clone();
+    assert!(
+        whole.len() > 1000,
+        "a line per row at level 3: {}",
+        whole.len()
+    );
+
+    let mut lines = Vec::new();
+    let mut cursor = String::new();
+    loop {
+        let r = a
+            .get(
+                &format!("/v1/Runs/{id}/log?limit=300&cursor={cursor}"),
+                None,
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+        let v = r.json();
+        let page = v["lines"].as_array().unwrap();
+        assert!(page.len() <= 300);
+        lines.extend(page.iter().cloned());
+        match v["nextCursor"].as_str() {
+            Some(c) => cursor = c.to_owned(),
+            None => break,
+        }
+    }
+    assert_eq!(
+        lines.len(),
+        whole.len(),
+        "the pages hold the whole log once"
+    );
+    for (paged, blob) in lines.iter().zip(&whole) {
+        assert_eq!(paged["message"], blob["message"]);
+        assert_eq!(paged["level"], blob["level"]);
+        assert_eq!(paged["row"], blob["row"]);
+    }
+    let seqs: Vec<u64> = lines.iter().map(|l| l["seq"].as_u64().unwrap()).collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "in order, no repeats");
+
+    let low = a
+        .get(&format!("/v1/Runs/{id}/log?level=Low&limit=1000"), None)
+        .await
+        .json();
+    let low = low["lines"].as_array().unwrap();
+    let want = whole.iter().filter(|l| l["level"] == "Low").count();
+    assert_eq!(low.len(), want);
+    assert!(low.iter().all(|l| l["level"] == "Low"));
+    assert!(
+        low.iter()
+            .any(|l| l["message"].as_str().unwrap().contains("row 502")),
+        "row errors are Low lines"
+    );
+    let r = a.get(&format!("/v1/Runs/{id}/log?level=9"), None).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert!(r.body.contains("level"), "{}", r.body);
+    let r = a
+        .get(&format!("/v1/Runs/{}/log", uuid::Uuid::new_v4()), None)
+        .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+}
+
+/// The events of an SSE body: (name, data as JSON).
+fn sse_events(body: &str) -> Vec<(String, Value)> {
+    let mut out = Vec::new();
+    for block in body.split("\n\n") {
+        let mut name = String::from("message");
+        let mut data = String::new();
+        for line in block.lines() {
+            if let Some(n) = line.strip_prefix("event:") {
+                name = n.trim().to_owned();
+            } else if let Some(d) = line.strip_prefix("data:") {
+                data.push_str(d.trim_start());
+            }
+        }
+        if !data.is_empty() {
+            out.push((name, serde_json::from_str(&data).unwrap()));
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_event_stream_of_a_run_ends_with_its_final_counters_and_closes() {
+    let a = api_with(&[], true).await;
+    let id = a.start(None, "contacts", "", 1).await;
+    // The stream closes by itself after `end`: reading the whole body ends.
+    let r = tokio::time::timeout(
+        Duration::from_secs(60),
+        a.get(&format!("/v1/Runs/{id}/events"), None),
+    )
+    .await
+    .expect("the stream closes after the run ends");
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert!(
+        r.headers["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
+    let events = sse_events(&r.body);
+    let names: Vec<&str> = events.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names.first(), Some(&"status"), "{names:?}");
+    assert_eq!(names.last(), Some(&"end"), "{names:?}");
+    let end = &events.last().unwrap().1;
+    assert_eq!(end["status"], "Complete");
+    assert_eq!(end["runID"], id.as_str());
+    assert_eq!(end["counters"]["totalRows"], 1000);
+    assert_eq!(end["counters"]["inserts"], 997);
+    assert_eq!(end["counters"]["errors"], 3);
+    let log: Vec<&Value> = events
+        .iter()
+        .filter(|(n, _)| n == "log")
+        .map(|(_, v)| v)
+        .collect();
+    assert!(
+        log.iter()
+            .any(|l| l["message"].as_str().unwrap().contains("row 903")),
+        "the log lines come before the end: {log:?}"
+    );
+    let statuses: Vec<&Value> = events
+        .iter()
+        .filter(|(n, _)| n == "status")
+        .map(|(_, v)| &v["status"])
+        .collect();
+    assert_eq!(statuses.last().unwrap().as_str(), Some("Complete"));
+
+    // A run that has ended already: status, its log, end.
+    let again = a.get(&format!("/v1/Runs/{id}/events"), None).await;
+    let names: Vec<String> = sse_events(&again.body)
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    assert_eq!(names.first().map(String::as_str), Some("status"));
+    assert_eq!(names.last().map(String::as_str), Some("end"));
+
+    let r = a
+        .get(&format!("/v1/Runs/{}/events", uuid::Uuid::new_v4()), None)
+        .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+}
+
+/// `tidepool run` on the fixture's projects and data dir.
+fn cli_run(a: &Api, extra: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_tidepool"))
+        .args([
+            "run",
+            "demo",
+            "contacts",
+            "--logging-level",
+            "0",
+            "--projects",
+        ])
+        .arg(&a.f.projects)
+        .arg("--data-dir")
+        .arg(&a.f.data)
+        .args(extra)
+        .env_remove("TIDEPOOL_PROJECTS")
+        .env_remove("TIDEPOOL_DATA_DIR")
+        .env_remove("TIDEPOOL_STORE")
+        .output()
+        .expect("run tidepool")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_of_the_command_line_are_in_the_servers_history() {
+    let a = api_with(&[], false).await;
+    let id = uuid::Uuid::new_v4().to_string();
+    let out = cli_run(&a, &["--run-id", &id, "--argument", "from the shell"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let r = a.get("/v1/Runs", None).await.json();
+    let runs = r["runs"].as_array().unwrap();
+    assert_eq!(
+        ids(runs),
+        vec![id.clone()],
+        "recorded in the data dir's store"
+    );
+    assert_eq!(runs[0]["status"], "Complete");
+    assert_eq!(runs[0]["argument"], "from the shell");
+    assert_eq!(runs[0]["counters"]["inserts"], 997);
+    assert!(runs[0]["durationMs"].is_number(), "{}", runs[0]);
+    let detail = a.get(&format!("/v1/Runs/{id}"), None).await.json();
+    assert_eq!(detail["errors"], 3);
+    let errors = a.get(&format!("/v1/Runs/{id}/errors"), None).await.json();
+    assert_eq!(errors["total"], 3);
+    assert_eq!(errors["errors"][1]["values"]["Amount"], "12,50");
+
+    // Opted out, or a preview: not recorded.
+    let out = cli_run(&a, &["--no-record"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = cli_run(&a, &["--preview"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = a.get("/v1/Runs", None).await.json();
+    assert_eq!(r["runs"].as_array().unwrap().len(), 1);
+
+    // Another store, named.
+    let other = a.f.root.join("elsewhere.sqlite");
+    let out = cli_run(&a, &["--store", &format!("sqlite:{}", other.display())]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let db = rusqlite::Connection::open(&other).unwrap();
+    let n: i64 = db
+        .query_row(
+            "SELECT count(*) FROM runs WHERE status = 'Complete'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(n, 1);
+}

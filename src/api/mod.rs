@@ -7,6 +7,7 @@
 
 pub mod auth;
 pub mod console;
+pub mod events;
 pub mod runs;
 pub mod wire;
 
@@ -54,6 +55,9 @@ pub fn app(
         .route("/v1/runs", get(runs::list_runs))
         .route("/v1/runs/{id}", get(run_detail))
         .route("/v1/runs/{id}/cancel", post(cancel))
+        .route("/v1/runs/{id}/log", get(runs::run_log))
+        .route("/v1/runs/{id}/errors", get(runs::run_errors))
+        .route("/v1/runs/{id}/events", get(events::run_events))
         .route("/v1/projects", get(projects))
         .route("/v1/projects/{id}", get(project))
         .route("/healthz", get(healthz))
@@ -850,6 +854,9 @@ async fn metrics_text(State(svc): State<Arc<Service>>) -> Response {
         run_detail,
         cancel,
         runs::list_runs,
+        runs::run_log,
+        runs::run_errors,
+        events::run_events,
         projects,
         healthz
     ),

@@ -275,3 +275,178 @@ pub async fn list_runs(
     })
     .into_response()
 }
+
+/// Log lines a page holds when the caller names no limit, and at most.
+const LOG_PAGE_DEFAULT: usize = 200;
+const LOG_PAGE_MAX: usize = 1000;
+/// Row errors a page holds when the caller names no limit, and at most.
+const ERRORS_PAGE_DEFAULT: usize = 100;
+const ERRORS_PAGE_MAX: usize = 1000;
+
+/// The name of a log level number.
+pub(super) fn level_name(level: u8) -> &'static str {
+    match level {
+        1 => "Low",
+        2 => "Medium",
+        _ => "High",
+    }
+}
+
+/// `level`: 1 to 3 or Low, Medium, High (lines at that level or more important).
+fn level_param(q: &[(String, String)]) -> Result<u8, String> {
+    let Some(t) = param(q, "level") else {
+        return Ok(3);
+    };
+    match t.to_ascii_lowercase().as_str() {
+        "1" | "low" => Ok(1),
+        "2" | "medium" => Ok(2),
+        "3" | "high" => Ok(3),
+        _ => Err(format!(
+            "level must be 1, 2, 3, Low, Medium or High, not {t:?}"
+        )),
+    }
+}
+
+/// `cursor` of a log or error page: the last `seq` seen.
+fn seq_cursor(q: &[(String, String)]) -> Result<u64, String> {
+    match param(q, "cursor") {
+        None => Ok(0),
+        Some(t) => t
+            .parse()
+            .map_err(|_| format!("cursor must be the nextCursor of the page before, not {t:?}")),
+    }
+}
+
+/// A stored log line as the API shows it.
+pub(super) fn log_line_json(l: &crate::store::history::StoredLogLine) -> serde_json::Value {
+    json!({
+        "seq": l.seq,
+        "time": l.time,
+        "level": level_name(l.level),
+        "jobID": l.job,
+        "row": l.row,
+        "message": l.message,
+    })
+}
+
+/// The caller and run `id`, if the caller may see it; else the refusal (401, 404).
+async fn visible_run(
+    svc: &Service,
+    headers: &HeaderMap,
+    id: &str,
+    q: &[(String, String)],
+) -> Result<(Caller, crate::store::RunRecord), Response> {
+    super::caller_and_run(svc, headers, id, param(q, "instance").map(str::to_owned))
+        .await
+        .map_err(IntoResponse::into_response)
+}
+
+/// A run's log, line by line, paged, at a level or more important.
+#[utoipa::path(get, path = "/v1/Runs/{id}/log", tag = "tidepool",
+    params(("id" = String, Path, description = "the runID"),
+        ("level" = Option<String>, Query, description = "1..3 or Low, Medium, High: lines at this level or more important (default 3: all)"),
+        ("cursor" = Option<String>, Query, description = "nextCursor of the page before"),
+        ("limit" = Option<usize>, Query, description = "1 to 1000; 200 if absent")),
+    responses((status = 200, description = "{lines: [{seq, time, level, jobID, row, message}], nextCursor}"),
+        (status = 400, description = "{error}"), (status = 404, description = "unknown run")))]
+pub async fn run_log(
+    State(svc): State<Arc<Service>>,
+    headers: HeaderMap,
+    axum::extract::Path(id): axum::extract::Path<String>,
+    Query(q): Query<Vec<(String, String)>>,
+) -> Response {
+    let (_, rec) = match visible_run(&svc, &headers, &id, &q).await {
+        Ok(found) => found,
+        Err(r) => return r,
+    };
+    let args = (
+        level_param(&q),
+        seq_cursor(&q),
+        limit_param(&q, LOG_PAGE_DEFAULT, LOG_PAGE_MAX),
+    );
+    let (level, after, limit) = match args {
+        (Ok(l), Ok(a), Ok(n)) => (l, a, n),
+        (l, a, n) => {
+            let errors: Vec<String> = [l.err(), a.err(), n.err()].into_iter().flatten().collect();
+            return json_error(StatusCode::BAD_REQUEST, errors.join("; "));
+        }
+    };
+    let mut lines = match svc.store.log_lines(&rec.key, level, after, limit + 1).await {
+        Ok(l) => l,
+        Err(e) => return json_error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    };
+    let more = lines.len() > limit;
+    lines.truncate(limit);
+    let next = more
+        .then(|| lines.last().map(|l| l.seq.to_string()))
+        .flatten();
+    axum::Json(json!({
+        "lines": lines.iter().map(log_line_json).collect::<Vec<_>>(),
+        "nextCursor": next,
+    }))
+    .into_response()
+}
+
+/// A run's row errors with their origin values, paged; kept at every log level.
+#[utoipa::path(get, path = "/v1/Runs/{id}/errors", tag = "tidepool",
+    params(("id" = String, Path, description = "the runID"),
+        ("cursor" = Option<String>, Query, description = "nextCursor of the page before"),
+        ("limit" = Option<usize>, Query, description = "1 to 1000; 100 if absent")),
+    responses((status = 200, description = "{errors: [{seq, jobID, row, stage, stageName, message, columns, values}], total, kept, truncated, nextCursor}"),
+        (status = 400, description = "{error}"), (status = 404, description = "unknown run")))]
+pub async fn run_errors(
+    State(svc): State<Arc<Service>>,
+    headers: HeaderMap,
+    axum::extract::Path(id): axum::extract::Path<String>,
+    Query(q): Query<Vec<(String, String)>>,
+) -> Response {
+    let (_, rec) = match visible_run(&svc, &headers, &id, &q).await {
+        Ok(found) => found,
+        Err(r) => return r,
+    };
+    let (after, limit) = match (
+        seq_cursor(&q),
+        limit_param(&q, ERRORS_PAGE_DEFAULT, ERRORS_PAGE_MAX),
+    ) {
+        (Ok(a), Ok(n)) => (a, n),
+        (a, n) => {
+            let errors: Vec<String> = [a.err(), n.err()].into_iter().flatten().collect();
+            return json_error(StatusCode::BAD_REQUEST, errors.join("; "));
+        }
+    };
+    let (mut errors, totals) = match svc.store.row_errors(&rec.key, after, limit + 1).await {
+        Ok(found) => found,
+        Err(e) => return json_error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    };
+    let more = errors.len() > limit;
+    errors.truncate(limit);
+    let next = more
+        .then(|| errors.last().map(|e| e.seq.to_string()))
+        .flatten();
+    let list: Vec<_> = errors
+        .iter()
+        .map(|e| {
+            json!({
+                "seq": e.seq,
+                "jobID": e.job,
+                "row": e.row,
+                "stage": e.stage,
+                "stageName": e.stage_name,
+                "message": e.message,
+                "columns": e.values.iter().map(|(c, _)| c).collect::<Vec<_>>(),
+                "values": e.values.iter()
+                    .map(|(c, v)| (c.clone(), serde_json::Value::String(v.clone())))
+                    .collect::<serde_json::Map<_, _>>(),
+            })
+        })
+        .collect();
+    axum::Json(json!({
+        "errors": list,
+        "total": totals.total,
+        "kept": totals.kept,
+        "truncated": totals.total > totals.kept,
+        "keptPerJob": crate::engine::ROW_ERRORS_KEPT,
+        "nextCursor": next,
+    }))
+    .into_response()
+}

@@ -189,6 +189,22 @@ pub struct LogEntry {
     pub message: String,
 }
 
+/// A row that failed, kept with its origin values whatever the log level.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RowError {
+    /// The origin row (1-based).
+    pub row: u64,
+    /// The stage that failed (1-based; 0 = reading the row, or its batch).
+    pub stage: usize,
+    /// That stage's name.
+    pub stage_name: Option<String>,
+    /// What went wrong.
+    pub message: String,
+    /// The row's origin values by column, as text.
+    pub values: Vec<(String, String)>,
+}
+
 fn as_seconds<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_f64(d.as_secs_f64())
 }
@@ -216,7 +232,20 @@ pub struct JobReport {
     pub log: Vec<LogEntry>,
     /// What the job's scripts left in `returnValue` (objects as JSON text).
     pub return_value: Option<String>,
+    /// The first row errors (at any log level), at most `ROW_ERRORS_KEPT`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub row_errors: Vec<RowError>,
+    /// Row errors counted, kept or not.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub row_errors_total: u64,
 }
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// Row errors a job keeps with their origin values; past it they are only counted.
+pub const ROW_ERRORS_KEPT: usize = 1000;
 
 /// What a run did: one [`JobReport`] per job executed, in order.
 #[derive(Debug, Clone, Serialize)]

@@ -6,7 +6,7 @@ use base64::Engine as _;
 use chrono::{DateTime, FixedOffset};
 use serde::{Deserialize, Serialize};
 
-use super::{RunKey, StoreError};
+use super::{NewRun, RunEnd, RunKey, StoreError, Submitted};
 use crate::engine::RunStatus;
 
 /// Where a page of the run list starts: just after this run, in the order
@@ -158,6 +158,15 @@ pub trait RunHistory: Send + Sync + 'static {
     /// Runs matching `filter`, newest first, at most `filter.limit + 1` (one
     /// more than asked tells the caller a next page exists).
     async fn list_runs(&self, filter: &RunFilter) -> Result<Vec<RunListed>, StoreError>;
+    /// Records a run that ran elsewhere (`tidepool run`) as ended, with its
+    /// start time; it is never queued, so no worker takes it, and no webhook
+    /// is sent. `Duplicate`/`Conflict` if its key is taken.
+    async fn record_ended(
+        &self,
+        run: NewRun,
+        started_at: DateTime<FixedOffset>,
+        end: RunEnd,
+    ) -> Result<Submitted, StoreError>;
     /// Saves a run's log lines and row errors (replacing any saved before).
     async fn save_details(&self, key: &RunKey, details: RunDetails) -> Result<(), StoreError>;
     /// Log lines after `after_seq`, at `max_level` or below, at most `limit`.

@@ -16,7 +16,8 @@ use super::host::RunHost;
 use super::mapping::{self, CompiledStage, RowContext, Target};
 use super::state;
 use super::{
-    CancelToken, Counters, JobReport, LogEntry, LogLevel, RunObserver, RunRequest, RunStatus,
+    CancelToken, Counters, JobReport, LogEntry, LogLevel, ROW_ERRORS_KEPT, RowError, RunObserver,
+    RunRequest, RunStatus,
 };
 use crate::connector::{
     ConnectionConfig, ConnectorError, Destination, DestinationRequest, Flow, Origin, OriginRequest,
@@ -74,9 +75,19 @@ struct RunLog {
     job: crate::project::JobId,
     entries: Vec<LogEntry>,
     dropped: u64,
+    /// Row errors are kept at every level (up to [`ROW_ERRORS_KEPT`]), apart from the log.
+    row_errors: Vec<RowError>,
+    row_errors_total: u64,
 }
 
 impl RunLog {
+    fn row_error(&mut self, e: RowError) {
+        self.row_errors_total += 1;
+        if self.row_errors.len() < ROW_ERRORS_KEPT {
+            self.row_errors.push(e);
+        }
+    }
+
     fn push(&mut self, level: LogLevel, row: Option<u64>, message: String) {
         if level > self.level || self.level == LogLevel::None {
             return;
@@ -570,6 +581,27 @@ impl Shared<'_> {
         self.account(js, rows);
     }
 
+    /// Keeps a row error with the row's origin values, whatever the log level.
+    fn keep_row_error(&self, r: &RowState, stage: usize, msg: &str) {
+        let values = self
+            .columns
+            .iter()
+            .zip(r.values.iter())
+            .map(|(c, v)| {
+                let mut s = String::new();
+                v.push_text(&mut s);
+                (c.clone(), s)
+            })
+            .collect();
+        self.log.lock().expect("log lock").row_error(RowError {
+            row: r.number,
+            stage,
+            stage_name: stage.checked_sub(1).map(|i| self.stages[i].name.clone()),
+            message: msg.to_owned(),
+            values,
+        });
+    }
+
     /// Counts, logs and records the outcome of processed rows.
     fn account(&self, js: Option<&ScriptRuntime>, rows: &[RowState]) {
         let mut c = Counters::default();
@@ -608,6 +640,7 @@ impl Shared<'_> {
                 };
                 let text = format!("row {}{place}: {msg}", r.number);
                 self.log(LogLevel::Low, Some(r.number), text.clone());
+                self.keep_row_error(r, *stage, msg);
                 if first_error.is_none() {
                     first_error = Some(text);
                 }
@@ -762,6 +795,8 @@ pub(crate) fn run_job(
         job: job.id.clone(),
         entries: Vec::new(),
         dropped: 0,
+        row_errors: Vec::new(),
+        row_errors_total: 0,
     };
     log.push(
         LogLevel::Low,
@@ -804,7 +839,11 @@ pub(crate) fn run_job(
             error.as_ref().map(|e| format!(": {e}")).unwrap_or_default()
         ),
     );
+    let row_errors = std::mem::take(&mut log.row_errors);
+    let row_errors_total = log.row_errors_total;
     JobReport {
+        row_errors,
+        row_errors_total,
         job_id: job.id.clone(),
         start_time,
         run_time,

@@ -3,12 +3,12 @@
 use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, params, params_from_iter, types::Value as Sql};
 
-use super::{SqliteStore, parse_status, parse_time};
+use super::{SqliteStore, now_text, parse_status, parse_time};
 use crate::store::history::{
     RowErrorTotals, RunCursor, RunDetails, RunFilter, RunHistory, RunListed, StoredLogLine,
     StoredRowError,
 };
-use crate::store::{RunKey, StoreError};
+use crate::store::{NewRun, RunEnd, RunKey, StoreError, Submitted};
 
 /// The run list's indexes and the tables a run's details are paged from.
 /// `accepted_ms` is computed by SQLite from `accepted_at` (a virtual
@@ -59,8 +59,10 @@ pub(super) fn history_schema(conn: &Connection) -> rusqlite::Result<()> {
     )?;
     if !has_ms {
         conn.execute_batch(
-            "ALTER TABLE runs ADD COLUMN accepted_ms INTEGER
-             GENERATED ALWAYS AS (CAST(unixepoch(accepted_at, 'subsec') * 1000 AS INTEGER)) VIRTUAL",
+            // julianday keeps whole milliseconds: round gives them back exactly
+            // (and any SQLite since 3.31 computes the same, other tools included).
+            "ALTER TABLE runs ADD COLUMN accepted_ms INTEGER GENERATED ALWAYS AS
+             (CAST(round((julianday(accepted_at) - 2440587.5) * 86400000.0) AS INTEGER)) VIRTUAL",
         )?;
     }
     conn.execute_batch(HISTORY_SCHEMA)
@@ -199,6 +201,42 @@ impl RunHistory for SqliteStore {
                 all.truncate(f.limit + 1);
             }
             Ok(all)
+        })
+        .await
+    }
+
+    async fn record_ended(
+        &self,
+        run: NewRun,
+        started_at: chrono::DateTime<chrono::FixedOffset>,
+        end: RunEnd,
+    ) -> Result<Submitted, StoreError> {
+        self.write_one(move |c| {
+            let inserted = c.execute(
+                "INSERT INTO runs (instance, run_id, project_id, job_id, request, fingerprint, status,
+                   accepted_at, started_at, finished_at, results, response, error)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8, ?9, ?10, ?11, ?12)
+                 ON CONFLICT (instance, run_id) DO NOTHING",
+                params![
+                    run.key.instance,
+                    run.key.run_id.to_string(),
+                    run.project_id,
+                    run.job_id,
+                    run.request_json,
+                    run.fingerprint,
+                    end.status.to_string(),
+                    now_text(&started_at),
+                    now_text(&chrono::Local::now().fixed_offset()),
+                    end.results_json,
+                    end.response_json,
+                    end.error,
+                ],
+            )?;
+            Ok(if inserted == 1 {
+                Submitted::Accepted
+            } else {
+                Submitted::Conflict
+            })
         })
         .await
     }
