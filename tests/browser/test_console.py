@@ -170,7 +170,7 @@ def main():
         expect(counter(card, "inserts")).to_have_text("997")
         expect(counter(card, "errors")).to_have_text("3")
         expect(page.locator('.card[data-job="countries"]')).to_contain_text("Complete")
-        expect(page.get_by_role("region", name="Request")).to_contain_text("Threads")
+        expect(page.get_by_role("region", name="Request")).to_contain_text("Argument")
 
         step("the row errors, with their origin values")
         card.get_by_role("button", name="see rows").click()

@@ -261,6 +261,11 @@ function runRow(run) {
     numCell(c.errors, "errs"),
     h("td", { class: "num hide-sm" }, run.rowsPerSec ? num(run.rowsPerSec) : "–"));
 }
+function valueText(v) {
+  if (v === null || v === undefined) return h("i", { class: "muted" }, "null");
+  if (v === "") return h("i", { class: "muted" }, "empty");
+  return String(v);
+}
 function numCellHide(n) {
   const td = numCell(n);
   td.classList.add("hide-sm");
@@ -361,9 +366,9 @@ async function runsPage(ctx) {
 function levelName(l) {
   return l || "";
 }
-/** Severity for the level filter; the v1 log's Low/Medium/High are the loggingLevel a line needs. */
+/** How important a line is; the log's Low/Medium/High are the loggingLevel a line needs (Low = 1 = most important). */
 function levelRank(l) {
-  return { Error: 3, Warning: 2, Info: 1, Debug: 0, Low: 1, Medium: 0, High: 0 }[l] ?? 1;
+  return { Low: 3, Medium: 2, High: 1, 1: 3, 2: 2, 3: 1 }[l] ?? 3;
 }
 
 async function runPage(ctx, id) {
@@ -381,6 +386,22 @@ async function runPage(ctx, id) {
     }
     throw e;
   }
+  // The run's list entry: its project, instance and argument (the run's answer has none of them).
+  let summary = null;
+  async function findSummary(d) {
+    const job = d.results && d.results[0] && d.results[0].jobID;
+    const t = parseTime(d.startTime);
+    if (!job || !t) return null;
+    try {
+      const until = new Date(t.getTime() + 1000).toISOString();
+      const page = await api("/v1/Runs" + qs({ job, until, instance: inst, project: p.get("project") || undefined, limit: 100 }));
+      return (page.runs || []).find((r) => r.runID === d.runID) || null;
+    } catch (e) {
+      if (e.status === 401) throw e;
+      return null;
+    }
+  }
+  summary = await findSummary(detail);
   const head = h("div", { class: "pagehead" });
   const jobsBox = h("div", { class: "jobs", "aria-live": "off" });
   const failure = h("div");
@@ -395,20 +416,21 @@ async function runPage(ctx, id) {
   let lastStatus = null;
 
   function projectOf(d) {
-    return d.projectID || (d.request && d.request.projectID) || p.get("project") || "";
+    return d.projectID || (d.request && d.request.projectID) || (summary && summary.projectID) || p.get("project") || "";
   }
   function render(d) {
     detail = d;
     const project = projectOf(d);
     const firstJob = (d.request && d.request.jobID) || d.jobID || (d.results && d.results[0] && d.results[0].jobID) || "";
-    const instance = d.instance || (d.request && d.request.instance) || inst || "default";
+    const instance = d.instance || (d.request && d.request.instance) || (summary && summary.instance) || inst || "default";
     const write = canWrite(instance);
     const actions = h("div", { class: "actions" });
     if (write && isLive(d.status)) {
       append(actions, h("button", { type: "button", class: "danger", onclick: () => cancelRun(actions) }, "Cancel run"));
     }
-    if (write && project && firstJob) {
-      append(actions, h("button", { type: "button", onclick: () => runAgain(d, project, firstJob, instance, actions) }, "Run again"));
+    if (write && project && firstJob && (d.request || summary)) {
+      append(actions, h("button", { type: "button", title: "A new run of this job with the same argument (and chain)",
+        onclick: () => runAgain(d, project, firstJob, instance, actions) }, "Run again"));
     }
     const started = parseTime(d.startTime);
     head.replaceChildren(
@@ -518,8 +540,16 @@ async function runPage(ctx, id) {
   }
 
   function renderRequest(d) {
-    const r = d.request;
+    const r = d.request || (summary ? { argument: summary.argument, partial: true, chainJobs: (d.results || []).length > 1 } : null);
     if (!r) { request.replaceChildren(); return; }
+    if (r.partial) {
+      request.replaceChildren(h("h2", {}, "Request"), h("div", { class: "card" }, h("dl", { class: "kv" },
+        h("dt", {}, "Argument"), h("dd", { class: "mono" }, r.argument ? r.argument : h("span", { class: "muted" }, "(empty)")),
+        h("dt", {}, "Accepted"), h("dd", {}, timeEl(summary.accepted)),
+        h("dt", {}, "Chain"), h("dd", {}, r.chainJobs ? "yes" : "first job only"),
+        h("dt", {}, "Row window, threads"), h("dd", { class: "muted" }, "not recorded by this server"))));
+      return;
+    }
     const win = `${num(r.beginAtRow || 1)} – ${r.endAfterRow ? num(r.endAfterRow) : "end"}`;
     request.replaceChildren(h("h2", {}, "Request"), h("div", { class: "card" }, h("dl", { class: "kv" },
       h("dt", {}, "Argument"), h("dd", { class: "mono" }, r.argument ? r.argument : h("span", { class: "muted" }, "(empty)")),
@@ -550,7 +580,9 @@ async function runPage(ctx, id) {
     }
   }
   async function runAgain(d, project, job, instance, actions) {
-    const r = d.request || {};
+    // The recorded request when the server gives it; else the list entry's argument,
+    // and the chain if the run went past its first job.
+    const r = d.request || { argument: summary ? summary.argument : "", chainJobs: (d.results || []).length > 1 };
     const body = {
       runID: newRunId(), projectID: project, jobID: job, argument: r.argument || "",
       beginAtRow: r.beginAtRow || 1, threadCount: r.threadCount || 1, loggingLevel: r.loggingLevel ?? 1,
@@ -565,6 +597,23 @@ async function runPage(ctx, id) {
       failure.replaceChildren(h("div", { class: "error", role: "alert" }, `Could not start: ${e.message}`));
       for (const b of actions.querySelectorAll("button")) b.disabled = false;
     }
+  }
+
+  /** Whether an error message names this origin column or quotes its value. */
+  function blames(message, column, value) {
+    const m = String(message || "").toLowerCase();
+    return m.includes(`"${String(column).toLowerCase()}"`) || (value !== null && value !== undefined && value !== "" && m.includes(`"${String(value).toLowerCase()}"`));
+  }
+  function stageLabel(x) {
+    if (x.stage === 0) return "reading";
+    if (x.stage === undefined || x.stage === null) return "";
+    return x.stageName ? `${x.stage}: ${x.stageName}` : String(x.stage);
+  }
+  /** The row's origin values in the origin's column order. */
+  function orderedValues(x) {
+    const v = x.values || {};
+    const cols = Array.isArray(x.columns) && x.columns.length ? x.columns : Object.keys(v);
+    return cols.map((c) => [c, v[c]]);
   }
 
   // Row errors, with the origin values of each row.
@@ -582,16 +631,16 @@ async function runPage(ctx, id) {
       if (data.truncated) note = `Only the first ${num(data.kept)} of ${num(total)} row errors were kept.`;
     } else {
       // A server without the errors API: the log's lines about a row.
-      errors = (detail.rowErrors || (detail.log || []).filter((l) => l.row && levelRank(l.level) >= 1))
+      errors = (detail.rowErrors || (detail.log || []).filter((l) => l.row && levelRank(l.level) >= 3))
         .map((l) => ({ job: l.job || l.jobID, row: l.row, message: l.message, values: l.values }));
       total = errors.length;
     }
     const body = h("tbody", {});
     const addRows = (list) => append(body, list.map((x) => h("tr", {},
-      h("td", { class: "mono" }, x.job || x.jobID || ""), h("td", { class: "num" }, num(x.row)), h("td", { class: "hide-sm" }, x.stage ?? ""),
+      h("td", { class: "mono" }, x.job || x.jobID || ""), h("td", { class: "num" }, num(x.row)), h("td", { class: "hide-sm" }, stageLabel(x)),
       h("td", {}, x.message || ""),
-      h("td", {}, h("div", { class: "values" }, Object.entries(x.values || {}).map(([k, v]) =>
-        h("span", {}, h("b", {}, k), " ", v === null ? h("i", { class: "muted" }, "null") : String(v))))))));
+      h("td", {}, h("div", { class: "values" }, orderedValues(x).map(([k, v]) =>
+        h("span", { class: blames(x.message, k, v) ? "bad" : null }, h("b", {}, k), " ", valueText(v))))))));
     addRows(errors);
     const more = h("div", { class: "pager" });
     const setMore = (cursor) => more.replaceChildren(cursor ? h("button", { type: "button", onclick: async () => {
@@ -612,7 +661,7 @@ async function runPage(ctx, id) {
   // The log: level filter and paging.
   const logState = { level: p.get("level") || "", cursor: null, done: false, fallback: false, body: null, count: 0 };
   function logLevelOk(l) {
-    return levelRank(l.level) >= levelRank(logState.level || "Debug");
+    return levelRank(l.level) >= (logState.level ? levelRank(logState.level) : 0);
   }
   function logRow(l) {
     const lvl = levelName(l.level);
@@ -624,7 +673,7 @@ async function runPage(ctx, id) {
       logState.cursor = null; logState.done = false; logState.count = 0;
       logState.body = h("tbody", {});
       const sel = h("select", { "aria-label": "Log level", onchange: (ev) => { logState.level = ev.target.value; loadLog(true); } },
-        [["", "All levels"], ["Info", "Info and above"], ["Warning", "Warnings and errors"], ["Error", "Errors only"]]
+        [["", "All lines"], ["2", "Low and Medium (no per-row lines)"], ["1", "Low: start, end, row errors"]]
           .map(([v, t]) => h("option", { value: v, selected: v === logState.level }, t)));
       logState.more = h("div", { class: "pager" });
       logBox.replaceChildren(h("div", { class: "tabs" }, h("h2", { class: "inline" }, "Log"), h("label", { class: "inline" }, "Level", sel)),
@@ -652,15 +701,12 @@ async function runPage(ctx, id) {
     if (!ctx.alive()) return;
     logState.count += lines.length;
     append(logState.body, lines.map(logRow));
-    if (!logState.count) append(logState.body, h("tr", { "data-empty": "1" }, h("td", { colspan: 4, class: "muted" }, "No log lines at this level.")));
+    if (!logState.count) {
+      const why = isLive(detail.status) ? "The log is stored when the run ends." : "No log lines at this level.";
+      append(logState.body, h("tr", { "data-empty": "1" }, h("td", { colspan: 4, class: "muted" }, why)));
+    }
     logState.more.replaceChildren(logState.done ? "" : h("button", { type: "button", onclick: () => loadLog(false) }, "More log lines"),
       h("span", { class: "sub" }, `${num(logState.count)} lines shown`));
-  }
-  function appendLiveLog(l) {
-    if (!logState.done || !logLevelOk(l) || logState.fallback) return;
-    logState.body.querySelector("[data-empty]")?.remove();
-    logState.body.append(logRow(l));
-    logState.count += 1;
   }
 
   async function refresh() {
@@ -670,7 +716,7 @@ async function runPage(ctx, id) {
       const ended = isLive(lastStatus) && !isLive(d.status);
       render(d);
       lastStatus = d.status;
-      if (ended) { loadErrors(); if (logState.fallback) loadLog(true); }
+      if (ended) { loadErrors(); loadLog(true); }
     } catch (_) { /* keep what is shown; the next tick tries again */ }
   }
 
@@ -693,7 +739,6 @@ async function runPage(ctx, id) {
       cards[job].update(x.status || "Running", x.counters || {}, x.rowsPerSec, expectedRows(detail));
     });
     es.addEventListener("status", later);
-    es.addEventListener("log", (ev) => appendLiveLog(JSON.parse(ev.data)));
     es.addEventListener("end", () => { es.close(); refresh(); });
     es.onerror = () => {
       if (opened && es.readyState !== EventSource.CLOSED) return; // the browser reconnects by itself
