@@ -892,7 +892,7 @@ async function jobPage(ctx, projectId, jobId) {
       h("h1", {}, h("a", { href: `#/projects/${encodeURIComponent(pid)}` }, pid), " / ", job.jobID),
       h("div", { class: "sub" }, job.name || ""))),
     h("h2", {}, "Start"), startBox,
-    h("div", { class: "grid2 spaced" },
+    job.origin === undefined && job.destination === undefined ? null : h("div", { class: "grid2 spaced" },
       h("div", { class: "card" }, h("h3", {}, "Origin"), describe(job.origin)),
       h("div", { class: "card" }, h("h3", {}, "Destination"), describe(job.destination))),
     h("h2", {}, "Chain"), chainView(pid, job, jobs),
