@@ -636,3 +636,159 @@ async fn runs_of_the_command_line_are_in_the_servers_history() {
         .unwrap();
     assert_eq!(n, 1);
 }
+
+const TAGGED_PROJECT: &str = r#"id = "tagged"
+[connections.src]
+kind = "csv"
+path = "in.csv"
+[connections.db]
+kind = "sqlite"
+path = "${DATA_DIR}/tagged.sqlite"
+init_sql = ["CREATE TABLE IF NOT EXISTS t(id INTEGER, name TEXT, tag TEXT)"]
+"#;
+
+/// A job that inserts every row with `tag` set to this text.
+fn tagged_job(tag: &str) -> String {
+    format!(
+        r#"[origin]
+connection = "src"
+[destination]
+connection = "db"
+[[stages]]
+table = "t"
+action = "insert"
+fields = [{{ column = "id", origin = "id" }}, {{ column = "name", origin = "name" }}, {{ column = "tag", template = "{tag}" }}]
+"#
+    )
+}
+
+fn tags(a: &Api) -> Vec<(String, i64)> {
+    let db = rusqlite::Connection::open(a.f.data.join("tagged.sqlite")).unwrap();
+    let mut st = db
+        .prepare("SELECT tag, count(*) FROM t GROUP BY tag ORDER BY tag")
+        .unwrap();
+    st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_picks_up_new_projects_reports_broken_ones_and_runs_keep_their_version() {
+    let a = api_with(&[], true).await;
+    let r = a.get("/v1/Projects", None).await.json();
+    assert!(
+        r.as_array()
+            .unwrap()
+            .iter()
+            .all(|p| p["projectID"] != "tagged")
+    );
+
+    let mut csv = String::from("id,name\n");
+    for i in 0..200_000 {
+        csv.push_str(&format!("{i},name {i}\n"));
+    }
+    a.f.project("tagged", TAGGED_PROJECT, &[("load", &tagged_job("v1"))]);
+    a.f.write("projects/tagged/in.csv", csv);
+    // A broken project: a stage with an unknown action, on line 7 of its job.
+    a.f.project(
+        "m1",
+        "id = \"m1\"\n[connections.src]\nkind = \"csv\"\npath = \"in.csv\"\n",
+        &[(
+            "orders",
+            "[origin]\nconnection = \"src\"\n[destination]\nconnection = \"src\"\n[[stages]]\ntable = \"t\"\naction = \"explode\"\n",
+        )],
+    );
+    let r = a
+        .call("POST", "/v1/Projects/reload", None, Value::Null)
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let list = r.json();
+    let tagged = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["projectID"] == "tagged")
+        .unwrap_or_else(|| panic!("the new project is listed: {list}"));
+    assert_eq!(tagged["loaded"], true);
+    let m1 = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["projectID"] == "m1")
+        .unwrap_or_else(|| panic!("the broken project is listed: {list}"));
+    assert_eq!(m1["loaded"], false);
+    let errors: Vec<&str> = m1["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e.as_str().unwrap())
+        .collect();
+    assert!(
+        errors.iter().any(|e| e.contains("orders.toml:7:")),
+        "file:line: reason: {errors:?}"
+    );
+
+    // A run of the broken project says why it is unknown.
+    let r = a
+        .call(
+            "POST",
+            "/v1/ExecuteJobAsync",
+            None,
+            json!({"runID": uuid::Uuid::new_v4().to_string(), "projectID": "m1", "jobID": "orders"}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND, "{}", r.body);
+    let why = r.json()["error"].as_str().unwrap().to_owned();
+    assert!(
+        why.contains("did not load") && why.contains("orders.toml:7:"),
+        "{why}"
+    );
+
+    // A run going when the job changes keeps the version it started with.
+    let first = uuid::Uuid::new_v4().to_string();
+    let body = json!({"runID": first, "projectID": "tagged", "jobID": "load"});
+    let r = a.call("POST", "/v1/ExecuteJobAsync", None, body).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let v = a.get(&format!("/v1/Results/{first}"), None).await.json();
+        if v[0]["status"] == "Running" && v[0]["totalRows"].as_u64() > Some(0) {
+            break;
+        }
+        assert!(
+            v[0]["status"] != "Complete",
+            "the run ended before the reload"
+        );
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the run did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    a.f.write("projects/tagged/jobs/load.toml", tagged_job("v2"));
+    let r = a
+        .call("POST", "/v1/Projects/reload", None, Value::Null)
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let v = a.get(&format!("/v1/Results/{first}"), None).await.json();
+    assert_eq!(
+        v[0]["status"], "Running",
+        "the reload happened while the run went"
+    );
+    let run = a.wait_end(&first, None).await;
+    assert_eq!(run["status"], "Complete", "{run}");
+    assert_eq!(tags(&a), vec![("v1".to_owned(), 200_000)]);
+
+    // The next run gets the new version.
+    let second = uuid::Uuid::new_v4().to_string();
+    let body =
+        json!({"runID": second, "projectID": "tagged", "jobID": "load", "endAfterRow": "10"});
+    let r = a.call("POST", "/v1/ExecuteJobAsync", None, body).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    a.wait_end(&second, None).await;
+    assert_eq!(
+        tags(&a),
+        vec![("v1".to_owned(), 200_000), ("v2".to_owned(), 10)]
+    );
+}
