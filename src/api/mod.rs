@@ -6,6 +6,7 @@
 //! the problem.
 
 pub mod auth;
+pub mod console;
 pub mod events;
 pub mod projects;
 pub mod runs;
@@ -61,10 +62,14 @@ pub fn app(
         .route("/v1/projects", get(projects))
         .route("/v1/projects/{id}", get(project))
         .route("/v1/projects/reload", post(projects::reload))
+        .route("/console/login", post(console::login))
+        .route("/console/logout", post(console::logout))
+        .route("/console/me", get(console::me))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics_text))
         .route("/openapi.json", get(openapi))
         .fallback(not_found)
+        .layer(middleware::from_fn(console::csrf_guard))
         .layer(middleware::from_fn(observe))
         .with_state(svc);
     tower::ServiceBuilder::new()
@@ -866,6 +871,9 @@ async fn metrics_text(State(svc): State<Arc<Service>>) -> Response {
         events::run_events,
         projects,
         projects::reload,
+        console::login,
+        console::logout,
+        console::me,
         healthz
     ),
     components(schemas(
