@@ -636,3 +636,364 @@ async fn runs_of_the_command_line_are_in_the_servers_history() {
         .unwrap();
     assert_eq!(n, 1);
 }
+
+const TAGGED_PROJECT: &str = r#"id = "tagged"
+[connections.src]
+kind = "csv"
+path = "in.csv"
+[connections.db]
+kind = "sqlite"
+path = "${DATA_DIR}/tagged.sqlite"
+init_sql = ["CREATE TABLE IF NOT EXISTS t(id INTEGER, name TEXT, tag TEXT)"]
+"#;
+
+/// A job that inserts every row with `tag` set to this text.
+fn tagged_job(tag: &str) -> String {
+    format!(
+        r#"[origin]
+connection = "src"
+[destination]
+connection = "db"
+[[stages]]
+table = "t"
+action = "insert"
+fields = [{{ column = "id", origin = "id" }}, {{ column = "name", origin = "name" }}, {{ column = "tag", template = "{tag}" }}]
+"#
+    )
+}
+
+fn tags(a: &Api) -> Vec<(String, i64)> {
+    let db = rusqlite::Connection::open(a.f.data.join("tagged.sqlite")).unwrap();
+    let mut st = db
+        .prepare("SELECT tag, count(*) FROM t GROUP BY tag ORDER BY tag")
+        .unwrap();
+    st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_picks_up_new_projects_reports_broken_ones_and_runs_keep_their_version() {
+    let a = api_with(&[], true).await;
+    let r = a.get("/v1/Projects", None).await.json();
+    assert!(
+        r.as_array()
+            .unwrap()
+            .iter()
+            .all(|p| p["projectID"] != "tagged")
+    );
+
+    let mut csv = String::from("id,name\n");
+    for i in 0..200_000 {
+        csv.push_str(&format!("{i},name {i}\n"));
+    }
+    a.f.project("tagged", TAGGED_PROJECT, &[("load", &tagged_job("v1"))]);
+    a.f.write("projects/tagged/in.csv", csv);
+    // A broken project: a stage with an unknown action, on line 7 of its job.
+    a.f.project(
+        "m1",
+        "id = \"m1\"\n[connections.src]\nkind = \"csv\"\npath = \"in.csv\"\n",
+        &[(
+            "orders",
+            "[origin]\nconnection = \"src\"\n[destination]\nconnection = \"src\"\n[[stages]]\ntable = \"t\"\naction = \"explode\"\n",
+        )],
+    );
+    let r = a
+        .call("POST", "/v1/Projects/reload", None, Value::Null)
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let list = r.json();
+    let tagged = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["projectID"] == "tagged")
+        .unwrap_or_else(|| panic!("the new project is listed: {list}"));
+    assert_eq!(tagged["loaded"], true);
+    let m1 = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["projectID"] == "m1")
+        .unwrap_or_else(|| panic!("the broken project is listed: {list}"));
+    assert_eq!(m1["loaded"], false);
+    let errors: Vec<&str> = m1["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e.as_str().unwrap())
+        .collect();
+    assert!(
+        errors.iter().any(|e| e.contains("orders.toml:7:")),
+        "file:line: reason: {errors:?}"
+    );
+
+    // A run of the broken project says why it is unknown.
+    let r = a
+        .call(
+            "POST",
+            "/v1/ExecuteJobAsync",
+            None,
+            json!({"runID": uuid::Uuid::new_v4().to_string(), "projectID": "m1", "jobID": "orders"}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND, "{}", r.body);
+    let why = r.json()["error"].as_str().unwrap().to_owned();
+    assert!(
+        why.contains("did not load") && why.contains("orders.toml:7:"),
+        "{why}"
+    );
+
+    // A run going when the job changes keeps the version it started with.
+    let first = uuid::Uuid::new_v4().to_string();
+    let body = json!({"runID": first, "projectID": "tagged", "jobID": "load"});
+    let r = a.call("POST", "/v1/ExecuteJobAsync", None, body).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let v = a.get(&format!("/v1/Results/{first}"), None).await.json();
+        if v[0]["status"] == "Running" && v[0]["totalRows"].as_u64() > Some(0) {
+            break;
+        }
+        assert!(
+            v[0]["status"] != "Complete",
+            "the run ended before the reload"
+        );
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the run did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    a.f.write("projects/tagged/jobs/load.toml", tagged_job("v2"));
+    let r = a
+        .call("POST", "/v1/Projects/reload", None, Value::Null)
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let v = a.get(&format!("/v1/Results/{first}"), None).await.json();
+    assert_eq!(
+        v[0]["status"], "Running",
+        "the reload happened while the run went"
+    );
+    let run = a.wait_end(&first, None).await;
+    assert_eq!(run["status"], "Complete", "{run}");
+    assert_eq!(tags(&a), vec![("v1".to_owned(), 200_000)]);
+
+    // The next run gets the new version.
+    let second = uuid::Uuid::new_v4().to_string();
+    let body =
+        json!({"runID": second, "projectID": "tagged", "jobID": "load", "endAfterRow": "10"});
+    let r = a.call("POST", "/v1/ExecuteJobAsync", None, body).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    a.wait_end(&second, None).await;
+    assert_eq!(
+        tags(&a),
+        vec![("v1".to_owned(), 200_000), ("v2".to_owned(), 10)]
+    );
+}
+
+impl Api {
+    /// A request with these headers (and a JSON or form body).
+    async fn send(&self, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> Answer {
+        let mut req = Request::builder().method(method).uri(path);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let resp = api::app(self.svc.clone())
+            .oneshot(req.body(Body::from(body.to_owned())).unwrap())
+            .await
+            .unwrap();
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        Answer {
+            status,
+            headers,
+            body: String::from_utf8_lossy(&bytes).into_owned(),
+        }
+    }
+}
+
+/// Sets a user's password (the API-key users of `api_with` have none).
+async fn set_password(a: &Api, name: &str, password: &str) {
+    let mut u = a.svc.store.user(name).await.unwrap().unwrap();
+    u.password_hash = api::auth::hash_password(password).unwrap();
+    a.svc.store.put_user(u).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_login_sets_a_strict_cookie_and_state_changes_need_the_csrf_header() {
+    let a = api_with(
+        &[
+            ("ann", &[("default", Role::Owner)]),
+            ("rita", &[("default", Role::ReadOnly)]),
+        ],
+        false,
+    )
+    .await;
+    set_password(&a, "ann", "ann-secret-1").await;
+    set_password(&a, "rita", "rita-secret-1").await;
+    let json_ct = ("content-type", "application/json");
+
+    let r = a
+        .send(
+            "POST",
+            "/console/login",
+            &[json_ct],
+            r#"{"user":"ann","password":"nope"}"#,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.body);
+    assert!(r.headers.get("set-cookie").is_none());
+
+    let r = a
+        .send(
+            "POST",
+            "/console/login",
+            &[("content-type", "application/x-www-form-urlencoded")],
+            "user=ann&password=ann-secret-1",
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(r.json()["user"], "ann");
+    assert_eq!(r.json()["roles"]["default"], "Owner");
+    let set = r.headers["set-cookie"].to_str().unwrap().to_owned();
+    for part in [
+        "tidepool_session=tpt_",
+        "HttpOnly",
+        "SameSite=Strict",
+        "Path=/",
+    ] {
+        assert!(set.contains(part), "{set}");
+    }
+    let cookie = set.split(';').next().unwrap().to_owned();
+
+    let r = a
+        .send("GET", "/console/me", &[("cookie", &cookie)], "")
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(
+        r.json(),
+        json!({"user": "ann", "roles": {"default": "Owner"}, "open": false})
+    );
+    let r = a.send("GET", "/v1/Runs", &[("cookie", &cookie)], "").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let r = a.send("GET", "/console/me", &[], "").await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+
+    // Starting a run by cookie: refused without the CSRF header, accepted with it.
+    let body =
+        |id: &str| json!({"runID": id, "projectID": "demo", "jobID": "contacts"}).to_string();
+    let id = uuid::Uuid::new_v4().to_string();
+    let r = a
+        .send(
+            "POST",
+            "/v1/ExecuteJobAsync",
+            &[json_ct, ("cookie", &cookie)],
+            &body(&id),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.body);
+    assert!(r.body.contains("x-tidepool-csrf"), "{}", r.body);
+    assert_eq!(
+        a.get("/v1/Runs", Some("ann")).await.json()["runs"],
+        json!([])
+    );
+    let csrf = ("x-tidepool-csrf", "1");
+    let r = a
+        .send(
+            "POST",
+            "/v1/ExecuteJobAsync",
+            &[json_ct, ("cookie", &cookie), csrf],
+            &body(&id),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let cancel = format!("/v1/Runs/{id}/cancel");
+    let r = a.send("POST", &cancel, &[("cookie", &cookie)], "").await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.body);
+    // An API key needs no CSRF header (no browser sends it by itself).
+    let key = key_of("ann");
+    let r = a
+        .send("POST", "/v1/Projects/reload", &[("x-api-key", &key)], "")
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+
+    // ReadOnly: may read, may neither start nor cancel.
+    let r = a
+        .send(
+            "POST",
+            "/console/login",
+            &[json_ct],
+            r#"{"user":"rita","password":"rita-secret-1"}"#,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let rita = r.headers["set-cookie"]
+        .to_str()
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_owned();
+    let ro = [json_ct, ("cookie", rita.as_str()), csrf];
+    let r = a.send("GET", "/v1/Runs", &ro, "").await;
+    assert_eq!(ids(r.json()["runs"].as_array().unwrap()), vec![id.clone()]);
+    let r = a
+        .send(
+            "POST",
+            "/v1/ExecuteJobAsync",
+            &ro,
+            &body(&uuid::Uuid::new_v4().to_string()),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.body);
+    let r = a.send("POST", &cancel, &ro, "").await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.body);
+    let r = a.send("POST", "/v1/Projects/reload", &ro, "").await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.body);
+    // The owner may cancel (it is still queued: no workers run).
+    let r = a
+        .send("POST", &cancel, &[("cookie", &cookie), csrf], "")
+        .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
+    assert_eq!(r.json()["status"], "Cancelled");
+
+    // Logging out clears the cookie and ends the session (within the
+    // credential cache's few seconds).
+    let r = a
+        .send("POST", "/console/logout", &[("cookie", &cookie), csrf], "")
+        .await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT, "{}", r.body);
+    assert!(
+        r.headers["set-cookie"]
+            .to_str()
+            .unwrap()
+            .contains("Max-Age=0")
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = a
+            .send("GET", "/console/me", &[("cookie", &cookie)], "")
+            .await;
+        if r.status == StatusCode::UNAUTHORIZED {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the session outlived logout"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_server_needs_no_login() {
+    let a = api_with(&[], false).await;
+    let r = a.get("/console/me", None).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(r.json(), json!({"user": null, "roles": {}, "open": true}));
+}

@@ -172,7 +172,9 @@ pub async fn authenticate(svc: &Service, headers: &HeaderMap) -> Result<Caller, 
             scheme
                 .eq_ignore_ascii_case("bearer")
                 .then(|| rest.trim().to_owned())
-        });
+        })
+        // The console's session cookie holds a bearer token.
+        .or_else(|| super::console::session_token(headers));
     let key = headers
         .get("x-api-key")
         .and_then(|v| v.to_str().ok())

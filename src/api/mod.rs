@@ -8,6 +8,7 @@
 pub mod auth;
 pub mod console;
 pub mod events;
+pub mod projects;
 pub mod runs;
 pub mod wire;
 
@@ -60,11 +61,16 @@ pub fn app(
         .route("/v1/runs/{id}/events", get(events::run_events))
         .route("/v1/projects", get(projects))
         .route("/v1/projects/{id}", get(project))
+        .route("/v1/projects/reload", post(projects::reload))
+        .route("/console/login", post(console::login))
+        .route("/console/logout", post(console::logout))
+        .route("/console/me", get(console::me))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics_text))
         .route("/openapi.json", get(openapi))
         .merge(console::routes())
         .fallback(not_found)
+        .layer(middleware::from_fn(console::csrf_guard))
         .layer(middleware::from_fn(observe))
         .with_state(svc);
     tower::ServiceBuilder::new()
@@ -176,6 +182,7 @@ fn raw_run_id(fields: &FieldMap) -> String {
 /// Resolves the instance and project of a request for `caller`, who must be
 /// allowed to execute there. Another instance's project answers like an unknown one.
 fn target<'a>(
+    svc: &Service,
     projects: &'a crate::project::LoadOutcome,
     caller: &Caller,
     req: &ExecJobRequest,
@@ -194,9 +201,13 @@ fn target<'a>(
         )
     };
     let role = caller.role_in(&instance).ok_or_else(unknown)?;
-    let project = projects
-        .project_in(&instance, &req.project_id)
-        .ok_or_else(unknown)?;
+    let project =
+        projects.project_in(&instance, &req.project_id).ok_or_else(
+            || match projects::load_failure(svc, &instance, &req.project_id) {
+                Some(why) => (StatusCode::NOT_FOUND, why),
+                None => unknown(),
+            },
+        )?;
     project.job(&req.job_id).ok_or_else(unknown)?;
     if role < Role::Full {
         return Err((
@@ -236,7 +247,7 @@ async fn accept(
         .map_err(|e| refuse(StatusCode::BAD_REQUEST, format, &run_id, e))?;
     let projects = svc.projects();
     let (instance, _) =
-        target(&projects, &caller, &req).map_err(|(s, e)| refuse(s, format, &run_id, e))?;
+        target(svc, &projects, &caller, &req).map_err(|(s, e)| refuse(s, format, &run_id, e))?;
     match svc.submit(&instance, &req).await {
         Ok(Submitted::Accepted | Submitted::Duplicate) => Ok((
             RunKey {
@@ -635,7 +646,7 @@ async fn webhook(
         }
     };
     let projects = svc.projects();
-    let instance = match target(&projects, &caller, &req) {
+    let instance = match target(&svc, &projects, &caller, &req) {
         Ok((i, _)) => i,
         Err((s, e)) => return refuse(s, format, "", e),
     };
@@ -760,6 +771,7 @@ fn project_json(p: &Project) -> serde_json::Value {
         "projectID": p.id.0,
         "name": p.name,
         "instance": p.instance,
+        "loaded": true,
         "jobs": p.jobs.values().map(|j| json!({
             "jobID": j.id.0,
             "name": j.name,
@@ -777,12 +789,13 @@ async fn projects(State(svc): State<Arc<Service>>, headers: HeaderMap) -> Respon
         Err(e) => return auth_refusal(e, Format::Json, "").into_response(),
     };
     let loaded = svc.projects();
-    let list: Vec<_> = loaded
+    let mut list: Vec<_> = loaded
         .projects
         .iter()
         .filter(|p| caller.can_see(&p.instance))
         .map(project_json)
         .collect();
+    list.extend(projects::failed_for(&svc, &caller));
     axum::Json(list).into_response()
 }
 
@@ -858,6 +871,10 @@ async fn metrics_text(State(svc): State<Arc<Service>>) -> Response {
         runs::run_errors,
         events::run_events,
         projects,
+        projects::reload,
+        console::login,
+        console::logout,
+        console::me,
         healthz
     ),
     components(schemas(

@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod history;
+pub mod reload;
 pub mod webhook;
 
 use std::collections::HashMap;
