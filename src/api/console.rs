@@ -3,6 +3,9 @@
 //! `authenticate` accepts it. A state-changing request authenticated by that
 //! cookie must carry `X-Tidepool-Csrf` (a header no cross-site form can send).
 
+/// The console's pages (the embedded single-page app at `/`).
+pub mod pages;
+
 use std::sync::Arc;
 
 use axum::body::Body;

@@ -68,7 +68,7 @@ pub fn app(
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics_text))
         .route("/openapi.json", get(openapi))
-        .merge(console::routes())
+        .merge(console::pages::routes())
         .fallback(not_found)
         .layer(middleware::from_fn(console::csrf_guard))
         .layer(middleware::from_fn(observe))
