@@ -34,7 +34,7 @@ problems = []  # page errors seen in the browser: each fails the test
 
 
 def step(name):
-    print(f"-- {name}", flush=True)
+    print(f"step: {name}", flush=True)
 
 
 def shoot(page, name):
@@ -49,6 +49,7 @@ def shoot(page, name):
 def new_page(browser):
     ctx = browser.new_context(viewport={"width": 1280, "height": 900})
     page = ctx.new_page()
+    page.set_default_timeout(60_000)
     page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
     page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error" and "401" not in m.text else None)
     return ctx, page
@@ -74,11 +75,13 @@ def run_id_of(page):
     return m.group(1)
 
 
-def start_job(page, project, job, **fields):
+def start_job(page, project, job, log_level=None, **fields):
     page.goto(f"{BASE}/#/projects/{project}/jobs/{job}")
     expect(page.get_by_role("heading", name=f"{project} / {job}")).to_be_visible()
     for label, value in fields.items():
         page.get_by_label(label).fill(value)
+    if log_level is not None:
+        page.get_by_label("Log level").select_option(log_level)
     page.get_by_role("button", name="Start run").click()
     expect(page.locator("main h1 .badge")).to_be_visible()
     return run_id_of(page)
@@ -155,15 +158,8 @@ def main():
         outline = page.evaluate("getComputedStyle(document.activeElement).outlineStyle")
         assert outline != "none", "the focused button shows no outline"
 
-        step("preview: the first rows as they would be written")
-        page.get_by_role("button", name="Preview").click()
-        preview = page.get_by_role("table", name="Preview")
-        expect(preview).to_contain_text("full_name")
-        expect(preview).to_contain_text("Insert")
-        shoot(page, "preview")
-
         step("start the demo job with its chain; it ends with 1,000 rows, 997 inserts, 3 errors")
-        demo_run = start_job(page, "demo", "contacts")
+        demo_run = start_job(page, "demo", "contacts", log_level="2")
         expect(page.locator("main h1 .badge")).to_have_text("Complete")
         card = page.locator('.card[data-job="contacts"]')
         expect(counter(card, "totalRows")).to_have_text("1,000")
@@ -177,13 +173,16 @@ def main():
         errors = page.get_by_role("table", name="Row errors")
         expect(errors.locator("tbody tr")).to_have_count(3)
         for row, bad in (("101", "n/a"), ("502", "12,50"), ("903", "abc")):
-            line = errors.locator("tbody tr", has_text=re.compile(rf"\b{row}\b"))
+            line = errors.locator("tbody tr").filter(has=page.get_by_role("cell", name=row, exact=True))
             expect(line).to_contain_text("is not a number")
             expect(line.locator(".values")).to_contain_text("Amount")
             expect(line.locator(".values")).to_contain_text(bad)
-        expect(page.get_by_role("table", name="Log")).to_contain_text("job contacts started")
-        page.get_by_label("Level").select_option("Error")
-        expect(page.get_by_role("table", name="Log")).not_to_contain_text("job contacts started")
+        log = page.get_by_role("table", name="Log")
+        expect(log).to_contain_text("job contacts started")
+        expect(log).to_contain_text("997 inserts")  # the stage summary, a Medium line
+        page.get_by_label("Level").select_option("1")  # Low only: start, end, row errors
+        expect(log).not_to_contain_text("stage 1 (upsert contacts): 997 inserts")
+        expect(log).to_contain_text("job contacts started")
         page.get_by_label("Level").select_option("")
         shoot(page, "run")
 
@@ -191,7 +190,9 @@ def main():
         page.goto(BASE + "/#/runs")
         row = page.locator(f'tr[data-run="{demo_run}"]')
         expect(row).to_contain_text("Complete")
-        expect(row).to_contain_text("1,000")
+        # The list sums the chain: 1,000 contacts + 7 countries.
+        expect(row.get_by_role("cell", name="1,007", exact=True)).to_be_visible()
+        expect(row.get_by_role("cell", name="3", exact=True)).to_be_visible()
         page.get_by_label("Status").select_option("Failed")
         expect(page).to_have_url(re.compile(r"status=Failed"))
         expect(page.locator(f'tr[data-run="{demo_run}"]')).to_have_count(0)
@@ -260,6 +261,17 @@ def main():
         expect(page.get_by_role("heading", name="Run not found")).to_be_visible()
         page.goto(f"{BASE}/#/projects")
         expect(page.get_by_role("link", name="demo", exact=True)).to_have_count(0)
+        ctx.close()
+
+        step("preview: the first rows as they would be written, nothing written")
+        ctx, page = new_page(browser)
+        log_in(page, "ann")
+        page.goto(f"{BASE}/#/projects/demo/jobs/contacts")
+        page.get_by_role("button", name="Preview").click()
+        preview = page.get_by_role("table", name="Preview")
+        expect(preview).to_contain_text("full_name")
+        expect(preview).to_contain_text("Insert")
+        shoot(page, "preview")
         ctx.close()
         browser.close()
 
