@@ -637,7 +637,7 @@ async function runPage(ctx, id) {
     }
     const body = h("tbody", {});
     const addRows = (list) => append(body, list.map((x) => h("tr", {},
-      h("td", { class: "mono" }, x.job || x.jobID || ""), h("td", { class: "num" }, num(x.row)), h("td", { class: "hide-sm" }, stageLabel(x)),
+      h("td", { class: "mono hide-sm" }, x.job || x.jobID || ""), h("td", { class: "num" }, num(x.row)), h("td", { class: "hide-sm" }, stageLabel(x)),
       h("td", {}, x.message || ""),
       h("td", {}, h("div", { class: "values" }, orderedValues(x).map(([k, v]) =>
         h("span", { class: blames(x.message, k, v) ? "bad" : null }, h("b", {}, k), " ", valueText(v))))))));
@@ -654,7 +654,7 @@ async function runPage(ctx, id) {
     }
     errorsBox.replaceChildren(h("h2", {}, `Row errors (${num(total)})`), note ? h("div", { class: "note" }, note) : "",
       h("div", { class: "scroll" }, h("table", { "aria-label": "Row errors" },
-        h("thead", {}, h("tr", {}, h("th", {}, "Job"), h("th", { class: "num" }, "Row"), h("th", { class: "hide-sm" }, "Stage"), h("th", {}, "Message"), h("th", {}, "Origin values"))),
+        h("thead", {}, h("tr", {}, h("th", { class: "hide-sm" }, "Job"), h("th", { class: "num" }, "Row"), h("th", { class: "hide-sm" }, "Stage"), h("th", {}, "Message"), h("th", {}, "Origin values"))),
         body)), more);
   }
 
