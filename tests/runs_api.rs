@@ -997,3 +997,81 @@ async fn an_open_server_needs_no_login() {
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);
     assert_eq!(r.json(), json!({"user": null, "roles": {}, "open": true}));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_preview_shows_the_first_rows_and_each_stages_action_and_writes_nothing() {
+    let a = api_with(&[], true).await;
+    let r = a
+        .call(
+            "POST",
+            "/v1/Preview",
+            None,
+            json!({"projectID": "demo", "jobID": "contacts", "rows": 5}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let v = r.json();
+    let rows = v["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 5, "{v}");
+    assert_eq!(v["counters"]["totalRows"], 5);
+    let first = &rows[0];
+    assert_eq!(first["row"], 1);
+    assert_eq!(first["origin"]["Id"], "1");
+    let stage = &first["stages"][0];
+    assert_eq!(stage["stage"], "upsert contacts");
+    assert_eq!(stage["action"], "Insert");
+    let name = format!(
+        "{} {}",
+        first["origin"]["FirstName"].as_str().unwrap(),
+        first["origin"]["LastName"].as_str().unwrap()
+    );
+    assert_eq!(stage["values"]["full_name"], name.as_str());
+    assert_eq!(stage["columns"][0], "id");
+
+    // A window over a bad row: the row's error and the stage's Error.
+    let r = a
+        .call(
+            "POST",
+            "/v1/Preview",
+            None,
+            json!({"projectID": "demo", "jobID": "contacts", "rows": 3, "beginAtRow": 100}),
+        )
+        .await;
+    let v = r.json();
+    let rows = v["rows"].as_array().unwrap();
+    let bad = rows
+        .iter()
+        .find(|r| r["row"] == 101)
+        .unwrap_or_else(|| panic!("{v}"));
+    assert!(bad["error"].as_str().unwrap().contains("amount"), "{bad}");
+    assert_eq!(bad["stages"][0]["action"], "Error");
+    assert_eq!(bad["origin"]["Amount"], "n/a");
+
+    // Nothing written, nothing recorded.
+    let db = a.f.data.join("demo.sqlite");
+    if db.exists() {
+        let c = rusqlite::Connection::open(&db).unwrap();
+        let n: i64 = c
+            .query_row("SELECT count(*) FROM contacts", [], |r| r.get(0))
+            .unwrap_or(0);
+        assert_eq!(n, 0, "a preview writes no row");
+    }
+    assert!(!a.f.data.join("contacts-errors.csv").exists());
+    assert_eq!(a.get("/v1/Runs", None).await.json()["runs"], json!([]));
+
+    for (body, status) in [
+        (
+            json!({"projectID": "demo", "jobID": "contacts", "rows": 101}),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            json!({"projectID": "demo", "jobID": "nosuch"}),
+            StatusCode::NOT_FOUND,
+        ),
+        (json!({"projectID": "demo"}), StatusCode::BAD_REQUEST),
+    ] {
+        let r = a.call("POST", "/v1/Preview", None, body.clone()).await;
+        assert_eq!(r.status, status, "{body}: {}", r.body);
+        assert!(r.json()["error"].is_string());
+    }
+}

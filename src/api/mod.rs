@@ -8,6 +8,7 @@
 pub mod auth;
 pub mod console;
 pub mod events;
+pub mod preview;
 pub mod projects;
 pub mod runs;
 pub mod wire;
@@ -62,6 +63,7 @@ pub fn app(
         .route("/v1/projects", get(projects))
         .route("/v1/projects/{id}", get(project))
         .route("/v1/projects/reload", post(projects::reload))
+        .route("/v1/preview", post(preview::preview))
         .route("/console/login", post(console::login))
         .route("/console/logout", post(console::logout))
         .route("/console/me", get(console::me))
@@ -872,6 +874,7 @@ async fn metrics_text(State(svc): State<Arc<Service>>) -> Response {
         events::run_events,
         projects,
         projects::reload,
+        preview::preview,
         console::login,
         console::logout,
         console::me,

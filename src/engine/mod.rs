@@ -291,8 +291,39 @@ impl CancelToken {
     }
 }
 
+/// One row of a preview run: what each stage would do with it, and the values.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PreviewRow {
+    /// The job.
+    #[serde(rename = "jobID")]
+    pub job_id: JobId,
+    /// The origin row (1-based).
+    pub row: u64,
+    /// The origin values by column, as text.
+    pub origin: Vec<(String, String)>,
+    /// Each stage that ran for the row, in order.
+    pub stages: Vec<PreviewStage>,
+    /// Why the row failed, if it did.
+    pub error: Option<String>,
+}
+
+/// What one stage would do with a preview row.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PreviewStage {
+    /// The stage's name.
+    pub stage: String,
+    /// Insert, Update, Delete, Skip, Ignore or Error.
+    pub action: String,
+    /// The values the stage would write, by destination column, as text.
+    pub values: Vec<(String, String)>,
+}
+
 /// Hears about a run while it goes (progress bars, live Results).
 pub trait RunObserver: Sync {
+    /// A row of a preview run went through the stages (preview runs only).
+    fn row_previewed(&self, _row: &PreviewRow) {}
     /// A job begins.
     fn job_started(&self, _job: &JobId) {}
     /// The job's counters so far (called a few times a second).

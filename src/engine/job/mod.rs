@@ -16,8 +16,8 @@ use super::host::RunHost;
 use super::mapping::{self, CompiledStage, RowContext, Target};
 use super::state;
 use super::{
-    CancelToken, Counters, JobReport, LogEntry, LogLevel, ROW_ERRORS_KEPT, RowError, RunObserver,
-    RunRequest, RunStatus,
+    CancelToken, Counters, JobReport, LogEntry, LogLevel, PreviewRow, PreviewStage,
+    ROW_ERRORS_KEPT, RowError, RunObserver, RunRequest, RunStatus,
 };
 use crate::connector::{
     ConnectionConfig, ConnectorError, Destination, DestinationRequest, Flow, Origin, OriginRequest,
@@ -224,6 +224,8 @@ struct Shared<'a> {
     row_wise: bool,
     limits: crate::project::ScriptLimits,
     host: Option<Arc<RunHost>>,
+    /// Hears each row of a preview run (with what each stage would write).
+    previewer: Option<&'a dyn RunObserver>,
 }
 
 impl Shared<'_> {
@@ -602,6 +604,58 @@ impl Shared<'_> {
         });
     }
 
+    /// Tells the previewer what the stages did with a row.
+    fn preview_row(&self, r: &RowState) {
+        let Some(o) = self.previewer else { return };
+        let text = |v: &Value| {
+            let mut s = String::new();
+            v.push_text(&mut s);
+            s
+        };
+        let stages = self
+            .stages
+            .iter()
+            .enumerate()
+            .filter_map(|(si, stage)| {
+                let action = r.actions.get(si).copied().flatten()?;
+                let values = r
+                    .written
+                    .get(si)
+                    .and_then(|w| w.as_ref())
+                    .map(|vals| {
+                        stage
+                            .columns
+                            .iter()
+                            .zip(vals)
+                            .map(|(c, v)| (c.clone(), text(v)))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                Some(PreviewStage {
+                    stage: stage.name.clone(),
+                    action: action.as_str().to_owned(),
+                    values,
+                })
+            })
+            .collect();
+        o.row_previewed(&PreviewRow {
+            job_id: self.job.id.clone(),
+            row: r.number,
+            origin: self
+                .columns
+                .iter()
+                .zip(r.values.iter())
+                .map(|(c, v)| {
+                    let mut s = String::new();
+                    v.push_text(&mut s);
+                    (c.clone(), s)
+                })
+                .collect(),
+            stages,
+            error: r.error.as_ref().map(|(_, m)| m.clone()),
+        });
+    }
+
     /// Counts, logs and records the outcome of processed rows.
     fn account(&self, js: Option<&ScriptRuntime>, rows: &[RowState]) {
         let mut c = Counters::default();
@@ -609,6 +663,7 @@ impl Shared<'_> {
         let mut first_error: Option<String> = None;
         for r in rows.iter().filter(|r| r.processed) {
             c.total_rows += 1;
+            self.preview_row(r);
             for m in r.logs.iter().chain(&r.writer_logs) {
                 self.log(
                     LogLevel::Low,
@@ -1001,7 +1056,9 @@ fn execute(
     if !ops.is_empty() {
         scripts.extend(op_sources.iter().cloned());
     }
-    let row_wise = ops.iter().any(|o| o.when.in_row()) || stages.iter().any(|s| s.reads_stages);
+    // A preview goes row-wise too: each stage's values are kept to show them.
+    let row_wise =
+        ops.iter().any(|o| o.when.in_row()) || stages.iter().any(|s| s.reads_stages) || req.preview;
     if row_wise {
         stages.iter_mut().for_each(|s| s.premap = false);
     }
@@ -1142,6 +1199,7 @@ fn execute(
         row_wise,
         limits: job.script_limits,
         host: host.clone(),
+        previewer: req.preview.then_some(observer),
     };
 
     let batch_size = job.batch_size;
