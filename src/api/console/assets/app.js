@@ -953,14 +953,23 @@ async function preview(form, projectId, job, instance, out) {
   }
   const rows = data.rows || [];
   const body = h("tbody", {});
+  const chips = (cols, values) => h("div", { class: "values" }, (cols && cols.length ? cols : Object.keys(values || {}))
+    .map((k) => h("span", {}, h("b", {}, k), " ", valueText((values || {})[k]))));
   for (const r of rows) {
     const stages = r.stages && r.stages.length ? r.stages : [{}];
-    stages.forEach((s, i) => body.append(h("tr", {},
-      h("td", { class: "num" }, i ? "" : num(r.row)), h("td", {}, s.stage ?? ""), h("td", {}, s.action ? h("span", { class: "pill" }, s.action) : ""),
-      h("td", {}, h("div", { class: "values" }, Object.entries(s.values || {}).map(([k, v]) => h("span", {}, h("b", {}, k), " ", v === null ? h("i", { class: "muted" }, "null") : String(v))))),
+    stages.forEach((st, i) => body.append(h("tr", {},
+      h("td", { class: "num" }, i ? "" : num(r.row)),
+      h("td", {}, st.stage ?? ""),
+      h("td", {}, st.action ? h("span", { class: "pill action-" + st.action }, st.action) : ""),
+      h("td", {}, st.values ? chips(st.columns, st.values) : "",
+        !i && r.origin ? h("details", { class: "origin" }, h("summary", {}, "origin row"), chips(r.columns, r.origin)) : ""),
       h("td", { class: r.error ? "errs" : "" }, i ? "" : r.error || ""))));
   }
+  const c = data.counters || {};
+  const summary = ["inserts", "updates", "deletes", "skips", "ignores", "errors"].filter((k) => c[k]).map((k) => `${num(c[k])} ${k}`).join(", ");
   out.replaceChildren(h("h2", {}, `Preview: first ${num(rows.length)} rows (nothing written)`),
+    summary ? h("p", { class: "sub" }, `Would do: ${summary}.`) : null,
+    data.error ? h("div", { class: "error", role: "alert" }, data.error) : null,
     h("div", { class: "scroll" }, h("table", { "aria-label": "Preview" },
       h("thead", {}, h("tr", {}, h("th", { class: "num" }, "Row"), h("th", {}, "Stage"), h("th", {}, "Action"), h("th", {}, "Values as written"), h("th", {}, "Error"))),
       body)));
