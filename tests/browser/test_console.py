@@ -270,8 +270,14 @@ def main():
         page.get_by_role("button", name="Preview").click()
         preview = page.get_by_role("table", name="Preview")
         expect(preview).to_contain_text("full_name")
-        expect(preview).to_contain_text("Insert")
+        # The demo run above wrote these contacts: the preview would update them.
+        expect(preview.get_by_text("Update", exact=True).first).to_be_visible()
+        expect(preview).to_contain_text("dev.smith1@example.com")
         shoot(page, "preview")
+        step("the preview recorded no run")
+        page.goto(f"{BASE}/#/runs?project=demo")
+        expect(page.locator(f'tr[data-run="{demo_run}"]')).to_be_visible()
+        expect(page.locator("tr[data-run]")).to_have_count(1)
         ctx.close()
         browser.close()
 
