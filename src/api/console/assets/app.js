@@ -25,6 +25,11 @@ function append(el, children) {
   }
   return el;
 }
+/** Replaces an element's children; null, false and undefined are left out. */
+function setKids(el, ...children) {
+  el.replaceChildren();
+  return append(el, children);
+}
 function svgEl(tag, attrs) {
   const el = document.createElementNS("http://www.w3.org/2000/svg", tag);
   for (const [k, v] of Object.entries(attrs || {})) el.setAttribute(k, String(v));
@@ -162,7 +167,7 @@ function canWrite(instance) {
 }
 function renderWho() {
   const who = document.getElementById("who");
-  who.replaceChildren();
+  setKids(who);
   if (me.user) {
     const roles = Object.entries(me.roles).map(([i, r]) => `${i}: ${r}`).join(", ");
     append(who, [h("span", { title: roles }, me.user, h("span", { class: "hide-sm" }, roles ? ` · ${roles}` : "")),
@@ -207,7 +212,7 @@ async function route() {
   const main = document.getElementById("main");
   const mount = (...nodes) => {
     if (nav !== navSeq) return false;
-    main.replaceChildren(...nodes.flat());
+    setKids(main, ...nodes.flat());
     return true;
   };
   const ctx = { nav, params, mount, alive: () => nav === navSeq };
@@ -284,7 +289,7 @@ function runsTable(runs, opts = {}) {
   return { table: h("div", { class: "scroll" }, h("table", { class: "runs", "aria-label": opts.label || "Runs" }, h("thead", {}, head), body)), body };
 }
 function fillRuns(body, runs, empty) {
-  body.replaceChildren(...(runs.length ? runs.map(runRow)
+  setKids(body, ...(runs.length ? runs.map(runRow)
     : [h("tr", {}, h("td", { colspan: 11, class: "muted" }, empty || "No runs match."))]));
 }
 
@@ -351,7 +356,7 @@ async function runsPage(ctx) {
     const live = runs.filter((r) => isLive(r.status)).length;
     status.textContent = `${num(runs.length)} run${runs.length === 1 ? "" : "s"} on this page` +
       (live ? ` · ${live} going, updating live` : "") + (query.cursor ? " · older runs" : "");
-    pager.replaceChildren();
+    setKids(pager);
     append(pager, [
       query.cursor ? h("a", { class: "button", href: "#/runs" + qs({ ...filters }) }, "← Newest") : null,
       data.nextCursor ? h("a", { class: "button", href: "#/runs" + qs({ ...filters, cursor: data.nextCursor }) }, "Older →") : null]);
@@ -433,14 +438,14 @@ async function runPage(ctx, id) {
         onclick: () => runAgain(d, project, firstJob, instance, actions) }, "Run again"));
     }
     const started = parseTime(d.startTime);
-    head.replaceChildren(
+    setKids(head, 
       h("div", {},
         h("h1", {}, badge(d.status), " ", project ? h("a", { href: `#/projects/${encodeURIComponent(project)}` }, project) : "", project ? " / " : "",
           project && firstJob ? h("a", { href: `#/projects/${encodeURIComponent(project)}/jobs/${encodeURIComponent(firstJob)}` }, firstJob) : firstJob),
         h("div", { class: "sub" }, h("span", { class: "mono" }, d.runID), " · started ", started ? timeEl(d.startTime) : "–",
           " · ", h("span", { "data-duration": "1" }, runDuration(d)), instance !== "default" ? ` · instance ${instance}` : "")),
       actions);
-    failure.replaceChildren(d.error ? h("div", { class: "error", role: "alert" }, d.error) : "");
+    setKids(failure, d.error ? h("div", { class: "error", role: "alert" }, d.error) : "");
     renderJobs(d);
     renderRequest(d);
     renderHooks(d);
@@ -498,7 +503,7 @@ async function runPage(ctx, id) {
     return {
       el,
       update(status, c, rps, expected) {
-        badgeSlot.replaceChildren(badge(status));
+        setKids(badgeSlot, badge(status));
         for (const [k] of names) vals[k].textContent = num(c[k] || 0);
         vals.errors.parentElement.classList.toggle("errs", (c.errors || 0) > 0);
         const link = el.querySelector("[data-errors-link]");
@@ -541,9 +546,9 @@ async function runPage(ctx, id) {
 
   function renderRequest(d) {
     const r = d.request || (summary ? { argument: summary.argument, partial: true, chainJobs: (d.results || []).length > 1 } : null);
-    if (!r) { request.replaceChildren(); return; }
+    if (!r) { setKids(request); return; }
     if (r.partial) {
-      request.replaceChildren(h("h2", {}, "Request"), h("div", { class: "card" }, h("dl", { class: "kv" },
+      setKids(request, h("h2", {}, "Request"), h("div", { class: "card" }, h("dl", { class: "kv" },
         h("dt", {}, "Argument"), h("dd", { class: "mono" }, r.argument ? r.argument : h("span", { class: "muted" }, "(empty)")),
         h("dt", {}, "Accepted"), h("dd", {}, timeEl(summary.accepted)),
         h("dt", {}, "Chain"), h("dd", {}, r.chainJobs ? "yes" : "first job only"),
@@ -551,7 +556,7 @@ async function runPage(ctx, id) {
       return;
     }
     const win = `${num(r.beginAtRow || 1)} – ${r.endAfterRow ? num(r.endAfterRow) : "end"}`;
-    request.replaceChildren(h("h2", {}, "Request"), h("div", { class: "card" }, h("dl", { class: "kv" },
+    setKids(request, h("h2", {}, "Request"), h("div", { class: "card" }, h("dl", { class: "kv" },
       h("dt", {}, "Argument"), h("dd", { class: "mono" }, r.argument ? r.argument : h("span", { class: "muted" }, "(empty)")),
       h("dt", {}, "Row window"), h("dd", {}, win),
       h("dt", {}, "Threads"), h("dd", {}, num(r.threadCount || 1)),
@@ -562,8 +567,8 @@ async function runPage(ctx, id) {
 
   function renderHooks(d) {
     const a = d.webhookAttempts || [];
-    if (!a.length) { hooksBox.replaceChildren(); return; }
-    hooksBox.replaceChildren(h("h2", {}, "Webhook attempts"), h("div", { class: "scroll" }, h("table", {},
+    if (!a.length) { setKids(hooksBox); return; }
+    setKids(hooksBox, h("h2", {}, "Webhook attempts"), h("div", { class: "scroll" }, h("table", {},
       h("thead", {}, h("tr", {}, h("th", { class: "num" }, "#"), h("th", {}, "Time"), h("th", { class: "num" }, "HTTP status"), h("th", {}, "Error"))),
       h("tbody", {}, a.map((x) => h("tr", {}, h("td", { class: "num" }, x.attempt), h("td", { class: "when" }, timeEl(x.time)),
         h("td", { class: "num" }, x.statusCode ?? "–"), h("td", {}, x.error || "")))))));
@@ -575,7 +580,7 @@ async function runPage(ctx, id) {
       await api(`${base}/cancel${iq}`, { method: "POST" });
       await refresh();
     } catch (e) {
-      failure.replaceChildren(h("div", { class: "error", role: "alert" }, `Cancel failed: ${e.message}`));
+      setKids(failure, h("div", { class: "error", role: "alert" }, `Cancel failed: ${e.message}`));
       for (const b of actions.querySelectorAll("button")) b.disabled = false;
     }
   }
@@ -594,7 +599,7 @@ async function runPage(ctx, id) {
       const out = await api("/v1/ExecuteJobAsync", { method: "POST", body });
       location.hash = `#/runs/${out.runID}` + qs({ project, instance: body.instance });
     } catch (e) {
-      failure.replaceChildren(h("div", { class: "error", role: "alert" }, `Could not start: ${e.message}`));
+      setKids(failure, h("div", { class: "error", role: "alert" }, `Could not start: ${e.message}`));
       for (const b of actions.querySelectorAll("button")) b.disabled = false;
     }
   }
@@ -622,7 +627,7 @@ async function runPage(ctx, id) {
     try {
       data = await api(`${base}/errors${qs({ instance: inst, limit: 200 })}`);
     } catch (e) {
-      if (e.status !== 404) { errorsBox.replaceChildren(h("h2", {}, "Row errors"), h("div", { class: "error" }, e.message)); return; }
+      if (e.status !== 404) { setKids(errorsBox, h("h2", {}, "Row errors"), h("div", { class: "error" }, e.message)); return; }
     }
     if (!ctx.alive()) return;
     let errors, total, note = null, next = null;
@@ -643,16 +648,16 @@ async function runPage(ctx, id) {
         h("span", { class: blames(x.message, k, v) ? "bad" : null }, h("b", {}, k), " ", valueText(v))))))));
     addRows(errors);
     const more = h("div", { class: "pager" });
-    const setMore = (cursor) => more.replaceChildren(cursor ? h("button", { type: "button", onclick: async () => {
+    const setMore = (cursor) => setKids(more, cursor ? h("button", { type: "button", onclick: async () => {
       const d2 = await api(`${base}/errors${qs({ instance: inst, limit: 200, cursor })}`);
       addRows(d2.errors || []); setMore(d2.nextCursor);
     } }, "More row errors") : "");
     setMore(next);
     if (!total) {
-      errorsBox.replaceChildren(h("h2", {}, "Row errors"), h("p", { class: "muted" }, isLive(detail.status) ? "None so far." : "None."));
+      setKids(errorsBox, h("h2", {}, "Row errors"), h("p", { class: "muted" }, isLive(detail.status) ? "None so far." : "None."));
       return;
     }
-    errorsBox.replaceChildren(h("h2", {}, `Row errors (${num(total)})`), note ? h("div", { class: "note" }, note) : "",
+    setKids(errorsBox, h("h2", {}, `Row errors (${num(total)})`), note ? h("div", { class: "note" }, note) : "",
       h("div", { class: "scroll" }, h("table", { "aria-label": "Row errors" },
         h("thead", {}, h("tr", {}, h("th", { class: "hide-sm" }, "Job"), h("th", { class: "num" }, "Row"), h("th", { class: "hide-sm" }, "Stage"), h("th", {}, "Message"), h("th", {}, "Origin values"))),
         body)), more);
@@ -676,7 +681,7 @@ async function runPage(ctx, id) {
         [["", "All lines"], ["2", "Low and Medium (no per-row lines)"], ["1", "Low: start, end, row errors"]]
           .map(([v, t]) => h("option", { value: v, selected: v === logState.level }, t)));
       logState.more = h("div", { class: "pager" });
-      logBox.replaceChildren(h("div", { class: "tabs" }, h("h2", { class: "inline" }, "Log"), h("label", { class: "inline" }, "Level", sel)),
+      setKids(logBox, h("div", { class: "tabs" }, h("h2", { class: "inline" }, "Log"), h("label", { class: "inline" }, "Level", sel)),
         h("div", { class: "scroll" }, h("table", { class: "log", "aria-label": "Log" },
           h("thead", {}, h("tr", {}, h("th", {}, "Time"), h("th", {}, "Level"), h("th", { class: "hide-sm" }, "Job"), h("th", {}, "Message"))), logState.body)),
         logState.more);
@@ -705,7 +710,7 @@ async function runPage(ctx, id) {
       const why = isLive(detail.status) ? "The log is stored when the run ends." : "No log lines at this level.";
       append(logState.body, h("tr", { "data-empty": "1" }, h("td", { colspan: 4, class: "muted" }, why)));
     }
-    logState.more.replaceChildren(logState.done ? "" : h("button", { type: "button", onclick: () => loadLog(false) }, "More log lines"),
+    setKids(logState.more, logState.done ? "" : h("button", { type: "button", onclick: () => loadLog(false) }, "More log lines"),
       h("span", { class: "sub" }, `${num(logState.count)} lines shown`));
   }
 
@@ -909,7 +914,7 @@ function startForm(projectId, job, instance) {
     h("label", {}, "End after row", input({ name: "endAfterRow", type: "number", min: 1, placeholder: "all" })),
     h("label", {}, "Threads", input({ name: "threadCount", type: "number", min: 1, max: 64, value: 1 })),
     h("label", {}, "Log level", h("select", { name: "loggingLevel" },
-      [["0", "0 none"], ["1", "1 errors"], ["2", "2 summaries"], ["3", "3 every row"]]
+      [["0", "0: nothing"], ["1", "1: start, end, errors"], ["2", "2: + summaries"], ["3", "3: + every row"]]
         .map(([v, t]) => h("option", { value: v, selected: v === "1" }, t)))),
     h("label", { class: "check" }, h("input", { type: "checkbox", name: "chainJobs", checked: !!job.next }), "Run the chain (next jobs)"),
     h("div", { class: "buttons" },
@@ -932,7 +937,7 @@ function startForm(projectId, job, instance) {
       const r = await api("/v1/ExecuteJobAsync", { method: "POST", body });
       location.hash = `#/runs/${r.runID}` + qs({ project: projectId, instance: body.instance });
     } catch (e) {
-      out.replaceChildren(h("div", { class: "error", role: "alert" }, `Could not start: ${e.message}`));
+      setKids(out, h("div", { class: "error", role: "alert" }, `Could not start: ${e.message}`));
       btn.disabled = false;
     }
   });
@@ -940,14 +945,14 @@ function startForm(projectId, job, instance) {
 }
 
 async function preview(form, projectId, job, instance, out) {
-  out.replaceChildren(h("p", { class: "muted" }, "Previewing…"));
+  setKids(out, h("p", { class: "muted" }, "Previewing…"));
   let data;
   try {
     data = await api("/v1/Preview", { method: "POST", body: {
       projectID: projectId, jobID: job.jobID, argument: form.elements.argument.value, rows: 20,
       instance: instance === "default" ? undefined : instance } });
   } catch (e) {
-    out.replaceChildren(h("div", { class: "error", role: "alert" }, e.status === 404 && /endpoint/.test(e.message)
+    setKids(out, h("div", { class: "error", role: "alert" }, e.status === 404 && /endpoint/.test(e.message)
       ? "This server has no preview API (POST /v1/Preview)." : `Preview failed: ${e.message}`));
     return;
   }
@@ -967,7 +972,7 @@ async function preview(form, projectId, job, instance, out) {
   }
   const c = data.counters || {};
   const summary = ["inserts", "updates", "deletes", "skips", "ignores", "errors"].filter((k) => c[k]).map((k) => `${num(c[k])} ${k}`).join(", ");
-  out.replaceChildren(h("h2", {}, `Preview: first ${num(rows.length)} rows (nothing written)`),
+  setKids(out, h("h2", {}, `Preview: first ${num(rows.length)} rows (nothing written)`),
     summary ? h("p", { class: "sub" }, `Would do: ${summary}.`) : null,
     data.error ? h("div", { class: "error", role: "alert" }, data.error) : null,
     h("div", { class: "scroll" }, h("table", { "aria-label": "Preview" },
@@ -1010,11 +1015,11 @@ async function loginPage(ctx) {
     h("button", { type: "submit", class: "primary" }, "Log in"));
   form.addEventListener("submit", async (ev) => {
     ev.preventDefault();
-    msg.replaceChildren();
+    setKids(msg);
     try {
       await api("/console/login", { method: "POST", body: { user: user.value, password: pass.value }, noLoginRedirect: true });
     } catch (e) {
-      msg.replaceChildren(h("div", { class: "error", role: "alert" }, e.status === 401 || e.status === 400 ? "The user name or password is incorrect." : e.message));
+      setKids(msg, h("div", { class: "error", role: "alert" }, e.status === 401 || e.status === 400 ? "The user name or password is incorrect." : e.message));
       return;
     }
     await loadMe();
