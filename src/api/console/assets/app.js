@@ -289,8 +289,17 @@ function runsTable(runs, opts = {}) {
   return { table: h("div", { class: "scroll" }, h("table", { class: "runs", "aria-label": opts.label || "Runs" }, h("thead", {}, head), body)), body };
 }
 function fillRuns(body, runs, empty) {
+  // Live updates re-render the rows: keep the keyboard focus where it was.
+  const active = document.activeElement;
+  const row = active && active.closest ? active.closest("tr[data-run]") : null;
+  const at = row && body.contains(row) ? [...row.querySelectorAll("a, button")].indexOf(active) : -1;
   setKids(body, ...(runs.length ? runs.map(runRow)
     : [h("tr", {}, h("td", { colspan: 11, class: "muted" }, empty || "No runs match."))]));
+  if (at >= 0) {
+    const again = [...body.querySelectorAll("tr[data-run]")].find((r) => r.dataset.run === row.dataset.run);
+    const el = again && again.querySelectorAll("a, button")[at];
+    if (el) el.focus({ preventScroll: true });
+  }
 }
 
 async function projectsList() {
@@ -339,7 +348,7 @@ async function runsPage(ctx) {
     project: filters.project, job: filters.job, status: filters.status, q: filters.q,
     since: toRfc3339(filters.since), until: toRfc3339(filters.until), limit: 50, cursor: p.get("cursor") || undefined,
   };
-  let timer = null;
+  let timer = null, shown = null;
   onCleanup(() => clearTimeout(timer));
   async function load() {
     let data;
@@ -352,7 +361,9 @@ async function runsPage(ctx) {
     }
     if (!ctx.alive()) return;
     const runs = data.runs || [];
-    fillRuns(body, runs);
+    const seen = JSON.stringify(runs);
+    if (seen !== shown) fillRuns(body, runs);
+    shown = seen;
     const live = runs.filter((r) => isLive(r.status)).length;
     status.textContent = `${num(runs.length)} run${runs.length === 1 ? "" : "s"} on this page` +
       (live ? ` · ${live} going, updating live` : "") + (query.cursor ? " · older runs" : "");
@@ -795,7 +806,8 @@ async function projectsPage(ctx) {
     cards.length ? h("div", { class: "grid2" }, cards) : h("p", { class: "muted" }, "No projects that you may see."));
 }
 function reloadButton() {
-  if (!canWrite("default") && !me.open) return null;
+  const writer = me.open || !me.known || Object.values(me.roles).some((r) => r === "Owner" || r === "Full");
+  if (!writer) return null;
   const out = h("span", { class: "sub", "aria-live": "polite" });
   return h("div", { class: "actions" }, out, h("button", { type: "button", onclick: async (ev) => {
     ev.target.disabled = true;
@@ -985,8 +997,11 @@ async function preview(form, projectId, job, instance, out) {
 async function healthPage(ctx) {
   let hz, err = null;
   try { hz = await api("/healthz"); } catch (e) { err = e; hz = null; }
-  let nodes = null;
-  try { nodes = await api("/v1/Nodes"); } catch (_) { nodes = null; }
+  // Nodes: once the cluster API exists (asked once per visit, not every refresh).
+  if (ctx.nodesApi !== false) {
+    try { ctx.nodes = await api("/v1/Nodes"); ctx.nodesApi = true; } catch (_) { ctx.nodes = null; ctx.nodesApi = false; }
+  }
+  const nodes = ctx.nodes;
   const ok = hz && hz.status === "ok";
   ctx.mount(h("div", { class: "pagehead" }, h("h1", {}, "Health")),
     h("div", { class: "grid2 health" }, h("div", { class: "card" },
@@ -998,7 +1013,7 @@ async function healthPage(ctx) {
     Array.isArray(nodes) && nodes.length ? [h("h2", {}, "Nodes"), h("div", { class: "scroll" }, h("table", {},
       h("thead", {}, h("tr", {}, Object.keys(nodes[0]).map((k) => h("th", {}, k)))),
       h("tbody", {}, nodes.map((n) => h("tr", {}, Object.values(n).map((v) => h("td", {}, typeof v === "object" ? JSON.stringify(v) : String(v))))))))] : null);
-  const t = setTimeout(() => { if (ctx.alive()) route(); }, 5000);
+  const t = setTimeout(() => { if (ctx.alive()) healthPage(ctx); }, 5000);
   onCleanup(() => clearTimeout(t));
 }
 
