@@ -217,6 +217,8 @@ async function route() {
   };
   const ctx = { nav, params, mount, alive: () => nav === navSeq };
   try {
+    // The login page shows no page links: none of them would answer yet.
+    document.body.classList.toggle("on-login", parts[0] === "login");
     if (parts[0] === "login") { setNav(""); return loginPage(ctx); }
     if (me.anonymous && !me.open) { goLogin(); return; }
     if (!parts.length || parts[0] === "runs") {
