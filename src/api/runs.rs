@@ -262,6 +262,9 @@ pub async fn list_runs(
     };
     let mut found = match svc.store.list_runs(&filter).await {
         Ok(r) => r,
+        Err(e) if filter.text.is_some() && e.to_string().contains("text search") => {
+            return json_error(StatusCode::BAD_REQUEST, e.to_string());
+        }
         Err(e) => return json_error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     };
     let more = found.len() > filter.limit;

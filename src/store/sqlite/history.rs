@@ -68,6 +68,9 @@ pub(super) fn history_schema(conn: &Connection) -> rusqlite::Result<()> {
     conn.execute_batch(HISTORY_SCHEMA)
 }
 
+/// How long a text search of the run list may scan.
+const TEXT_SEARCH_BUDGET: std::time::Duration = std::time::Duration::from_secs(3);
+
 const LIST_COLUMNS: &str =
     "instance, run_id, project_id, job_id, status, accepted_at, started_at, finished_at,
   coalesce(substr(json_extract(request, '$.argument'), 1, 500), ''), results, error, accepted_ms";
@@ -161,6 +164,14 @@ fn list_in(c: &Connection, instance: &str, f: &RunFilter) -> rusqlite::Result<Ve
         }
     }
     if let Some(t) = &f.text {
+        // The raw request text first (cheap), where the argument's JSON
+        // escaping cannot hide a match; then the argument itself.
+        if !t.chars().any(|c| c == '"' || c == '\\' || c.is_control()) {
+            q.and(
+                "instr(lower(request), lower(?)) > 0",
+                [Sql::Text(t.clone())],
+            );
+        }
         q.and(
             "instr(lower(json_extract(request, '$.argument')), lower(?)) > 0",
             [Sql::Text(t.clone())],
@@ -183,10 +194,35 @@ impl RunHistory for SqliteStore {
                 Some(list) => list.clone(),
                 None => run_instances(c)?,
             };
-            let mut all = Vec::new();
-            for i in &instances {
-                all.extend(list_in(c, i, &f)?);
+            // Text is found by a scan: it gets a time budget.
+            if f.text.is_some() {
+                let deadline = std::time::Instant::now() + TEXT_SEARCH_BUDGET;
+                c.progress_handler(10_000, Some(move || std::time::Instant::now() > deadline))?;
             }
+            let mut all = Vec::new();
+            let mut found = Ok(());
+            for i in &instances {
+                match list_in(c, i, &f) {
+                    Ok(page) => all.extend(page),
+                    Err(e) => {
+                        found = Err(e);
+                        break;
+                    }
+                }
+            }
+            if f.text.is_some() {
+                c.progress_handler(0, None::<fn() -> bool>)?;
+            }
+            found.map_err(|e| match e.sqlite_error_code() {
+                Some(rusqlite::ErrorCode::OperationInterrupted) => rusqlite::Error::SqliteFailure(
+                    rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_INTERRUPT),
+                    Some(format!(
+                        "the text search took longer than {} s: narrow it with since, until, project or status",
+                        TEXT_SEARCH_BUDGET.as_secs()
+                    )),
+                ),
+                _ => e,
+            })?;
             if instances.len() > 1 {
                 all.sort_by(|a, b| {
                     let key = |r: &RunListed| {
