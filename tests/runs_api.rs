@@ -1075,3 +1075,27 @@ async fn a_preview_shows_the_first_rows_and_each_stages_action_and_writes_nothin
         assert!(r.json()["error"].is_string());
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runs_answer_carries_its_request_to_run_it_again() {
+    let a = api_with(&[], false).await;
+    let id = uuid::Uuid::new_v4().to_string();
+    let body = json!({"runID": id, "projectID": "demo", "jobID": "contacts", "argument": "again",
+                      "beginAtRow": "3", "endAfterRow": "9", "threadCount": 2, "loggingLevel": 2,
+                      "chainJobs": true});
+    let r = a.call("POST", "/v1/ExecuteJobAsync", None, body).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let r = a.get(&format!("/v1/Runs/{id}"), None).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let v = r.json();
+    assert_eq!(v["runID"], id.as_str());
+    assert_eq!(v["instance"], "default");
+    let req = &v["request"];
+    assert_eq!(req["argument"], "again");
+    assert_eq!(req["beginAtRow"], 3);
+    assert_eq!(req["endAfterRow"], 9);
+    assert_eq!(req["threadCount"], 2);
+    assert_eq!(req["loggingLevel"], 2);
+    assert_eq!(req["chainJobs"], true);
+    assert_eq!(req["jobID"], "contacts");
+}

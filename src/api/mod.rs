@@ -546,6 +546,10 @@ async fn run_detail(
             })
             .collect(),
     );
+    if format == Format::Json {
+        // The request as accepted, so a console can run it again.
+        return runs::with_request(&resp, &rec);
+    }
     Reply::one(StatusCode::OK, format, &resp).into_response()
 }
 

@@ -453,3 +453,31 @@ pub async fn run_errors(
     }))
     .into_response()
 }
+
+/// `GET /v1/Runs/{id}` in JSON: the answer as before (same fields, same
+/// order) and, after them, `instance` and `request`: the parameters the run
+/// was accepted with (`argument`, `beginAtRow`, `endAfterRow`, `threadCount`,
+/// `loggingLevel`, `chainJobs`, …), so a console can run it again.
+pub(super) fn with_request(
+    resp: &super::wire::ExecJobResponse,
+    rec: &crate::store::RunRecord,
+) -> Response {
+    let answer = serde_json::to_string(resp).unwrap_or_default();
+    let request: serde_json::Value = serde_json::from_str(&rec.request_json).unwrap_or_default();
+    let body = match answer.strip_suffix('}') {
+        Some(head) => format!(
+            "{head},\"instance\":{},\"request\":{request}}}",
+            json!(rec.key.instance)
+        ),
+        None => answer,
+    };
+    (
+        StatusCode::OK,
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/json; charset=utf-8",
+        )],
+        body,
+    )
+        .into_response()
+}
