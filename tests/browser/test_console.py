@@ -200,7 +200,7 @@ def main():
         expect(page.locator(f'tr[data-run="{demo_run}"]')).to_be_visible()
 
         step("cancel a long run from its page")
-        slow_run = start_job(page, "slow", "load")
+        slow_run = start_job(page, "slow", "load", Argument="2026-11-30")
         expect(page.locator("main h1 .badge")).to_have_text("Running")
         card = page.locator('.card[data-job="load"]')
         expect(counter(card, "totalRows")).not_to_have_text("0")
@@ -214,7 +214,17 @@ def main():
         page.get_by_role("button", name="Cancel run").click()
         expect(page.locator("main h1 .badge")).to_have_text("Cancelled")
         expect(page.get_by_role("button", name="Cancel run")).to_have_count(0)
+
+        step("run again: a new run with the same parameters")
+        page.get_by_role("button", name="Run again").click()
+        expect(page).not_to_have_url(re.compile(slow_run))
+        again_run = run_id_of(page)
+        expect(page.get_by_role("region", name="Request")).to_contain_text("2026-11-30")
+        expect(page.locator("main h1 .badge")).to_have_text(re.compile("Queued|Running"))
+        page.get_by_role("button", name="Cancel run").click()
+        expect(page.locator("main h1 .badge")).to_have_text("Cancelled")
         page.goto(BASE + "/#/runs")
+        expect(page.locator(f'tr[data-run="{again_run}"]')).to_contain_text("2026-11-30")
         expect(page.locator(f'tr[data-run="{slow_run}"]')).to_contain_text("Cancelled")
         shoot(page, "runs")
 

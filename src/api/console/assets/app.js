@@ -607,6 +607,7 @@ async function runPage(ctx, id) {
       chainJobs: !!(r.chainJobs ?? r.chain), instance: instance === "default" ? undefined : instance,
     };
     if (r.endAfterRow) body.endAfterRow = r.endAfterRow;
+    if (r.webHookURL) body.webHookURL = r.webHookURL;
     for (const b of actions.querySelectorAll("button")) b.disabled = true;
     try {
       const out = await api("/v1/ExecuteJobAsync", { method: "POST", body });
