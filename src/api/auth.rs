@@ -84,6 +84,17 @@ impl Caller {
         (!mine.is_empty()).then_some(MetricsScope::Instances(mine))
     }
 
+    /// The instances the caller holds a role in, sorted; `None` when it may
+    /// see every instance (open mode).
+    pub fn instances(&self) -> Option<Vec<String>> {
+        if self.open {
+            return None;
+        }
+        let mut list: Vec<String> = self.grants.keys().cloned().collect();
+        list.sort();
+        Some(list)
+    }
+
     fn of(user: UserRecord) -> Self {
         let (metrics, grants): (Vec<_>, Vec<_>) = user
             .grants
@@ -211,7 +222,9 @@ pub async fn authenticate(svc: &Service, headers: &HeaderMap) -> Result<Caller, 
             scheme
                 .eq_ignore_ascii_case("bearer")
                 .then(|| rest.trim().to_owned())
-        });
+        })
+        // The console's session cookie holds a bearer token.
+        .or_else(|| super::console::session_token(headers));
     let key = headers
         .get("x-api-key")
         .and_then(|v| v.to_str().ok())

@@ -6,6 +6,11 @@
 //! the problem.
 
 pub mod auth;
+pub mod console;
+pub mod events;
+pub mod preview;
+pub mod projects;
+pub mod runs;
 pub mod scrape;
 pub mod wire;
 
@@ -51,14 +56,25 @@ pub fn app(
         .route("/v1/results/{id}", get(results))
         .route("/v1/webhook", post(webhook))
         .route("/token", post(token))
+        .route("/v1/runs", get(runs::list_runs))
         .route("/v1/runs/{id}", get(run_detail))
         .route("/v1/runs/{id}/cancel", post(cancel))
+        .route("/v1/runs/{id}/log", get(runs::run_log))
+        .route("/v1/runs/{id}/errors", get(runs::run_errors))
+        .route("/v1/runs/{id}/events", get(events::run_events))
         .route("/v1/projects", get(projects))
         .route("/v1/projects/{id}", get(project))
+        .route("/v1/projects/reload", post(projects::reload))
+        .route("/v1/preview", post(preview::preview))
+        .route("/console/login", post(console::login))
+        .route("/console/logout", post(console::logout))
+        .route("/console/me", get(console::me))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics_text))
         .route("/openapi.json", get(openapi))
+        .merge(console::pages::routes())
         .fallback(not_found)
+        .layer(middleware::from_fn(console::csrf_guard))
         .layer(middleware::from_fn(observe))
         .with_state(svc);
     tower::ServiceBuilder::new()
@@ -170,6 +186,7 @@ fn raw_run_id(fields: &FieldMap) -> String {
 /// Resolves the instance and project of a request for `caller`, who must be
 /// allowed to execute there. Another instance's project answers like an unknown one.
 fn target<'a>(
+    svc: &Service,
     projects: &'a crate::project::LoadOutcome,
     caller: &Caller,
     req: &ExecJobRequest,
@@ -188,9 +205,13 @@ fn target<'a>(
         )
     };
     let role = caller.role_in(&instance).ok_or_else(unknown)?;
-    let project = projects
-        .project_in(&instance, &req.project_id)
-        .ok_or_else(unknown)?;
+    let project =
+        projects.project_in(&instance, &req.project_id).ok_or_else(
+            || match projects::load_failure(svc, &instance, &req.project_id) {
+                Some(why) => (StatusCode::NOT_FOUND, why),
+                None => unknown(),
+            },
+        )?;
     project.job(&req.job_id).ok_or_else(unknown)?;
     if role < Role::Full {
         return Err((
@@ -230,7 +251,7 @@ async fn accept(
         .map_err(|e| refuse(StatusCode::BAD_REQUEST, format, &run_id, e))?;
     let projects = svc.projects();
     let (instance, _) =
-        target(&projects, &caller, &req).map_err(|(s, e)| refuse(s, format, &run_id, e))?;
+        target(svc, &projects, &caller, &req).map_err(|(s, e)| refuse(s, format, &run_id, e))?;
     match svc.submit(&instance, &req).await {
         Ok(Submitted::Accepted | Submitted::Duplicate) => Ok((
             RunKey {
@@ -570,6 +591,10 @@ async fn run_detail(
             })
             .collect(),
     );
+    if format == Format::Json {
+        // The request as accepted, so a console can run it again.
+        return runs::with_request(&resp, &rec);
+    }
     Reply::one(StatusCode::OK, format, &resp).into_response()
 }
 
@@ -696,7 +721,7 @@ async fn webhook(
         }
     };
     let projects = svc.projects();
-    let instance = match target(&projects, &caller, &req) {
+    let instance = match target(&svc, &projects, &caller, &req) {
         Ok((i, _)) => i,
         Err((s, e)) => return refuse(s, format, "", e),
     };
@@ -858,6 +883,7 @@ fn project_json(p: &Project) -> serde_json::Value {
         "projectID": p.id.0,
         "name": p.name,
         "instance": p.instance,
+        "loaded": true,
         "jobs": p.jobs.values().map(|j| json!({
             "jobID": j.id.0,
             "name": j.name,
@@ -881,12 +907,13 @@ async fn projects(State(svc): State<Arc<Service>>, headers: HeaderMap) -> Respon
         Err(e) => return auth_refusal(e, Format::Json, "").into_response(),
     };
     let loaded = svc.projects();
-    let list: Vec<_> = loaded
+    let mut list: Vec<_> = loaded
         .projects
         .iter()
         .filter(|p| caller.can_see(&p.instance))
         .map(project_json)
         .collect();
+    list.extend(projects::failed_for(&svc, &caller));
     axum::Json(list).into_response()
 }
 
@@ -988,8 +1015,17 @@ async fn metrics_text(State(svc): State<Arc<Service>>, headers: HeaderMap) -> Re
         token,
         run_detail,
         cancel,
+        runs::list_runs,
+        runs::run_log,
+        runs::run_errors,
+        events::run_events,
         projects,
         project,
+        projects::reload,
+        preview::preview,
+        console::login,
+        console::logout,
+        console::me,
         healthz
     ),
     components(schemas(
@@ -1002,7 +1038,9 @@ async fn metrics_text(State(svc): State<Arc<Service>>, headers: HeaderMap) -> Re
         ResultsResponse,
         wire::LogLine,
         WebhookAttemptLine,
-        RunStatus
+        RunStatus,
+        runs::RunPage,
+        runs::RunSummary
     )),
     modifiers(&SecuritySchemes, &XmlAnswers)
 )]

@@ -2,6 +2,7 @@
 
 mod listen;
 mod progress;
+mod record;
 mod serve;
 
 use std::path::{Path, PathBuf};
@@ -104,6 +105,13 @@ struct RunArgs {
     /// The run's ID (a GUID); a new one by default.
     #[arg(long)]
     run_id: Option<uuid::Uuid>,
+    /// Record the run in this store (sqlite:PATH), where the server shows it;
+    /// default: <data-dir>/tidepool.sqlite if it exists.
+    #[arg(long, env = "TIDEPOOL_STORE")]
+    store: Option<String>,
+    /// Do not record the run in any store.
+    #[arg(long, conflicts_with = "store")]
+    no_record: bool,
 }
 
 #[derive(Args)]
@@ -188,9 +196,24 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     req.chain_jobs = args.chain;
     req.preview = args.preview;
 
+    // A preview writes nothing, its record included.
+    let store = record::store_path(
+        args.store.as_deref(),
+        &args.dirs.data_dir,
+        args.no_record || args.preview,
+    )?;
     let observer = progress::Progress::new(!args.json);
     let report = engine::run(project, &req, &CancelToken::new(), &observer)?;
     observer.clear();
+    if let Some(path) = &store {
+        // The run happened: a record that fails is said, not fatal.
+        if let Err(e) = record::record(path, project, &req, &report) {
+            eprintln!(
+                "warning: the run was not recorded in {}: {e:#}",
+                path.display()
+            );
+        }
+    }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

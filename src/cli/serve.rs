@@ -214,6 +214,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             .await
             .with_context(|| format!("cannot listen on {}", c.listen))?;
         svc.start();
+        reload_on_change(&svc);
         tracing::info!("listening on http://{}", c.listen);
         tracing::info!(
             "open-file limit {}; at most {} connections; header read {:?}, idle {:?}, body read {:?}; headers up to {} bytes",
@@ -235,6 +236,25 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         .await;
         Ok(ExitCode::SUCCESS)
     })
+}
+
+/// Projects reload on SIGHUP and when a file under the projects folder changes.
+fn reload_on_change(svc: &Arc<Service>) {
+    tokio::spawn(
+        svc.clone()
+            .watch_projects(std::time::Duration::from_secs(2)),
+    );
+    #[cfg(unix)]
+    if let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        let svc = svc.clone();
+        tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                tracing::info!("SIGHUP: reloading the projects");
+                let s = svc.clone();
+                let _ = tokio::task::spawn_blocking(move || s.reload_projects()).await;
+            }
+        });
+    }
 }
 
 async fn shutdown_signal() {

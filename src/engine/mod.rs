@@ -189,6 +189,22 @@ pub struct LogEntry {
     pub message: String,
 }
 
+/// A row that failed, kept with its origin values whatever the log level.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RowError {
+    /// The origin row (1-based).
+    pub row: u64,
+    /// The stage that failed (1-based; 0 = reading the row, or its batch).
+    pub stage: usize,
+    /// That stage's name.
+    pub stage_name: Option<String>,
+    /// What went wrong.
+    pub message: String,
+    /// The row's origin values by column, as text.
+    pub values: Vec<(String, String)>,
+}
+
 fn as_seconds<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_f64(d.as_secs_f64())
 }
@@ -216,7 +232,20 @@ pub struct JobReport {
     pub log: Vec<LogEntry>,
     /// What the job's scripts left in `returnValue` (objects as JSON text).
     pub return_value: Option<String>,
+    /// The first row errors (at any log level), at most `ROW_ERRORS_KEPT`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub row_errors: Vec<RowError>,
+    /// Row errors counted, kept or not.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub row_errors_total: u64,
 }
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// Row errors a job keeps with their origin values; past it they are only counted.
+pub const ROW_ERRORS_KEPT: usize = 1000;
 
 /// What a run did: one [`JobReport`] per job executed, in order.
 #[derive(Debug, Clone, Serialize)]
@@ -262,8 +291,39 @@ impl CancelToken {
     }
 }
 
+/// One row of a preview run: what each stage would do with it, and the values.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PreviewRow {
+    /// The job.
+    #[serde(rename = "jobID")]
+    pub job_id: JobId,
+    /// The origin row (1-based).
+    pub row: u64,
+    /// The origin values by column, as text.
+    pub origin: Vec<(String, String)>,
+    /// Each stage that ran for the row, in order.
+    pub stages: Vec<PreviewStage>,
+    /// Why the row failed, if it did.
+    pub error: Option<String>,
+}
+
+/// What one stage would do with a preview row.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PreviewStage {
+    /// The stage's name.
+    pub stage: String,
+    /// Insert, Update, Delete, Skip, Ignore or Error.
+    pub action: String,
+    /// The values the stage would write, by destination column, as text.
+    pub values: Vec<(String, String)>,
+}
+
 /// Hears about a run while it goes (progress bars, live Results).
 pub trait RunObserver: Sync {
+    /// A row of a preview run went through the stages (preview runs only).
+    fn row_previewed(&self, _row: &PreviewRow) {}
     /// A job begins.
     fn job_started(&self, _job: &JobId) {}
     /// The job's counters so far (called a few times a second).

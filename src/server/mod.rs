@@ -2,6 +2,8 @@
 //! completion webhooks, and `serve` itself.
 
 pub mod config;
+pub mod history;
+pub mod reload;
 pub mod webhook;
 
 use std::collections::HashMap;
@@ -145,6 +147,11 @@ impl Service {
     /// The loaded projects.
     pub fn projects(&self) -> Arc<LoadOutcome> {
         self.projects.read().expect("projects lock").clone()
+    }
+
+    /// Hears of every run that ends on this node (the key), as it ends.
+    pub fn subscribe_ended(&self) -> broadcast::Receiver<RunKey> {
+        self.ended.subscribe()
     }
 
     /// Runs waiting to execute.
@@ -526,6 +533,14 @@ impl Service {
                 for (name, v) in counter_pairs(&report.counters) {
                     metrics::counter!("tidepool_rows_total", "instance" => key.instance.clone(), "counter" => name)
                         .increment(v);
+                }
+                // Before the end is recorded: a run seen ended has its log and row errors.
+                if let Err(e) = self
+                    .store
+                    .save_details(&key, history::details_of(&report))
+                    .await
+                {
+                    tracing::error!(run = %key, "recording the run's log and row errors: {e}");
                 }
                 let response = ExecJobResponse::of_report(&report, level);
                 RunEnd {

@@ -5,6 +5,7 @@
 //! default is [`SqliteStore`]; a PostgreSQL store for several nodes implements
 //! the same trait without touching the API or the engine.
 
+pub mod history;
 mod sqlite;
 
 use std::fmt;
@@ -15,6 +16,7 @@ use chrono::{DateTime, FixedOffset};
 use serde::{Deserialize, Serialize};
 
 use crate::engine::RunStatus;
+pub use history::RunHistory;
 pub use sqlite::SqliteStore;
 
 /// A run is named by its instance and the caller's GUID: the same GUID in two
@@ -236,7 +238,7 @@ fn note_revocation() {
 
 /// Runs, results, the webhook outbox, users, keys and tokens.
 #[async_trait]
-pub trait Store: Send + Sync + 'static {
+pub trait Store: RunHistory + Send + Sync + 'static {
     /// Records a run as Queued, durably, before the caller is told it started.
     async fn submit(&self, run: NewRun) -> Result<Submitted, StoreError>;
     /// Takes the oldest Queued run and marks it Running.

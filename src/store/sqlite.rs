@@ -20,6 +20,8 @@ use super::{
 };
 use crate::engine::RunStatus;
 
+mod history;
+
 type Reply = Box<dyn FnOnce(Result<(), String>) + Send>;
 /// A write, and whether it needs a savepoint of its own (several statements
 /// that must land together; a lone statement is atomic already).
@@ -134,6 +136,7 @@ impl SqliteStore {
         conn.execute_batch("PRAGMA synchronous=FULL")
             .map_err(db_err)?;
         conn.execute_batch(SCHEMA).map_err(db_err)?;
+        history::history_schema(&conn).map_err(db_err)?;
         // Checkpoints run on their own thread so the writer never stalls on
         // copying the log into the database (and the fsync that follows).
         conn.execute_batch("PRAGMA wal_autocheckpoint=0")

@@ -16,7 +16,8 @@ use super::host::RunHost;
 use super::mapping::{self, CompiledStage, RowContext, Target};
 use super::state;
 use super::{
-    CancelToken, Counters, JobReport, LogEntry, LogLevel, RunObserver, RunRequest, RunStatus,
+    CancelToken, Counters, JobReport, LogEntry, LogLevel, PreviewRow, PreviewStage,
+    ROW_ERRORS_KEPT, RowError, RunObserver, RunRequest, RunStatus,
 };
 use crate::connector::{
     ConnectionConfig, ConnectorError, Destination, DestinationRequest, Flow, Origin, OriginRequest,
@@ -74,9 +75,19 @@ struct RunLog {
     job: crate::project::JobId,
     entries: Vec<LogEntry>,
     dropped: u64,
+    /// Row errors are kept at every level (up to [`ROW_ERRORS_KEPT`]), apart from the log.
+    row_errors: Vec<RowError>,
+    row_errors_total: u64,
 }
 
 impl RunLog {
+    fn row_error(&mut self, e: RowError) {
+        self.row_errors_total += 1;
+        if self.row_errors.len() < ROW_ERRORS_KEPT {
+            self.row_errors.push(e);
+        }
+    }
+
     fn push(&mut self, level: LogLevel, row: Option<u64>, message: String) {
         if level > self.level || self.level == LogLevel::None {
             return;
@@ -213,6 +224,8 @@ struct Shared<'a> {
     row_wise: bool,
     limits: crate::project::ScriptLimits,
     host: Option<Arc<RunHost>>,
+    /// Hears each row of a preview run (with what each stage would write).
+    previewer: Option<&'a dyn RunObserver>,
 }
 
 impl Shared<'_> {
@@ -570,6 +583,79 @@ impl Shared<'_> {
         self.account(js, rows);
     }
 
+    /// Keeps a row error with the row's origin values, whatever the log level.
+    fn keep_row_error(&self, r: &RowState, stage: usize, msg: &str) {
+        let values = self
+            .columns
+            .iter()
+            .zip(r.values.iter())
+            .map(|(c, v)| {
+                let mut s = String::new();
+                v.push_text(&mut s);
+                (c.clone(), s)
+            })
+            .collect();
+        self.log.lock().expect("log lock").row_error(RowError {
+            row: r.number,
+            stage,
+            stage_name: stage.checked_sub(1).map(|i| self.stages[i].name.clone()),
+            message: msg.to_owned(),
+            values,
+        });
+    }
+
+    /// Tells the previewer what the stages did with a row.
+    fn preview_row(&self, r: &RowState) {
+        let Some(o) = self.previewer else { return };
+        let text = |v: &Value| {
+            let mut s = String::new();
+            v.push_text(&mut s);
+            s
+        };
+        let stages = self
+            .stages
+            .iter()
+            .enumerate()
+            .filter_map(|(si, stage)| {
+                let action = r.actions.get(si).copied().flatten()?;
+                let values = r
+                    .written
+                    .get(si)
+                    .and_then(|w| w.as_ref())
+                    .map(|vals| {
+                        stage
+                            .columns
+                            .iter()
+                            .zip(vals)
+                            .map(|(c, v)| (c.clone(), text(v)))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                Some(PreviewStage {
+                    stage: stage.name.clone(),
+                    action: action.as_str().to_owned(),
+                    values,
+                })
+            })
+            .collect();
+        o.row_previewed(&PreviewRow {
+            job_id: self.job.id.clone(),
+            row: r.number,
+            origin: self
+                .columns
+                .iter()
+                .zip(r.values.iter())
+                .map(|(c, v)| {
+                    let mut s = String::new();
+                    v.push_text(&mut s);
+                    (c.clone(), s)
+                })
+                .collect(),
+            stages,
+            error: r.error.as_ref().map(|(_, m)| m.clone()),
+        });
+    }
+
     /// Counts, logs and records the outcome of processed rows.
     fn account(&self, js: Option<&ScriptRuntime>, rows: &[RowState]) {
         let mut c = Counters::default();
@@ -577,6 +663,7 @@ impl Shared<'_> {
         let mut first_error: Option<String> = None;
         for r in rows.iter().filter(|r| r.processed) {
             c.total_rows += 1;
+            self.preview_row(r);
             for m in r.logs.iter().chain(&r.writer_logs) {
                 self.log(
                     LogLevel::Low,
@@ -608,6 +695,7 @@ impl Shared<'_> {
                 };
                 let text = format!("row {}{place}: {msg}", r.number);
                 self.log(LogLevel::Low, Some(r.number), text.clone());
+                self.keep_row_error(r, *stage, msg);
                 if first_error.is_none() {
                     first_error = Some(text);
                 }
@@ -762,6 +850,8 @@ pub(crate) fn run_job(
         job: job.id.clone(),
         entries: Vec::new(),
         dropped: 0,
+        row_errors: Vec::new(),
+        row_errors_total: 0,
     };
     log.push(
         LogLevel::Low,
@@ -804,7 +894,11 @@ pub(crate) fn run_job(
             error.as_ref().map(|e| format!(": {e}")).unwrap_or_default()
         ),
     );
+    let row_errors = std::mem::take(&mut log.row_errors);
+    let row_errors_total = log.row_errors_total;
     JobReport {
+        row_errors,
+        row_errors_total,
         job_id: job.id.clone(),
         start_time,
         run_time,
@@ -962,7 +1056,9 @@ fn execute(
     if !ops.is_empty() {
         scripts.extend(op_sources.iter().cloned());
     }
-    let row_wise = ops.iter().any(|o| o.when.in_row()) || stages.iter().any(|s| s.reads_stages);
+    // A preview goes row-wise too: each stage's values are kept to show them.
+    let row_wise =
+        ops.iter().any(|o| o.when.in_row()) || stages.iter().any(|s| s.reads_stages) || req.preview;
     if row_wise {
         stages.iter_mut().for_each(|s| s.premap = false);
     }
@@ -1103,6 +1199,7 @@ fn execute(
         row_wise,
         limits: job.script_limits,
         host: host.clone(),
+        previewer: req.preview.then_some(observer),
     };
 
     let batch_size = job.batch_size;

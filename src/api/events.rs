@@ -1,0 +1,211 @@
+//! `GET /v1/Runs/{id}/events`: a run followed live as Server-Sent Events.
+//!
+//! The stream reads the store (the run's live results are saved a few times
+//! a second by whichever node runs it) about once a second, and at once when
+//! a run on this node ends: `status` when the status changes, `counters` with
+//! rows/s while it runs, then the run's stored `log` lines and `end` with the
+//! final summary, and closes.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast};
+
+use super::runs::{json_error, log_line_json, param, rate};
+use super::wire::ResultsResponse;
+use crate::engine::{Counters, RunStatus};
+use crate::server::Service;
+use crate::store::{RunKey, RunRecord};
+
+/// Event streams open at once, over all callers; past it, 503.
+pub const EVENT_STREAMS_MAX: usize = 256;
+/// How often a running run's counters are sent.
+const TICK: Duration = Duration::from_secs(1);
+/// Log lines the `end` of a stream carries at most (the rest: `GET /v1/Runs/{id}/log`).
+const END_LOG_MAX: usize = 1000;
+
+fn streams() -> Arc<Semaphore> {
+    static STREAMS: OnceLock<Arc<Semaphore>> = OnceLock::new();
+    STREAMS
+        .get_or_init(|| Arc::new(Semaphore::new(EVENT_STREAMS_MAX)))
+        .clone()
+}
+
+/// A stream's state between events.
+struct Follow {
+    svc: Arc<Service>,
+    key: RunKey,
+    ended: broadcast::Receiver<RunKey>,
+    pending: VecDeque<Event>,
+    status: Option<RunStatus>,
+    /// The current job, its rows and when they were seen: rows/s between ticks.
+    last: Option<(String, u64, Instant)>,
+    done: bool,
+    first: bool,
+    _permit: OwnedSemaphorePermit,
+}
+
+fn event(name: &str, data: serde_json::Value) -> Event {
+    Event::default().event(name).data(data.to_string())
+}
+
+/// The end of a run: its status, counters summed and per job, its error.
+fn end_summary(rec: &RunRecord, jobs: &[ResultsResponse]) -> serde_json::Value {
+    let mut counters = Counters::default();
+    for j in jobs {
+        counters.add(&j.counters);
+    }
+    let final_answer = super::final_response(rec);
+    json!({
+        "runID": rec.key.run_id.to_string(),
+        "instance": rec.key.instance,
+        "status": rec.status,
+        "counters": counters,
+        "runTime": final_answer.as_ref().map(|a| a.run_time.clone()),
+        "error": rec.error,
+        "jobs": jobs,
+    })
+}
+
+impl Follow {
+    /// Reads the run and queues what changed; true once it has ended.
+    async fn poll(&mut self) {
+        let rec = match self.svc.store.run(&self.key).await {
+            Ok(Some(r)) => r,
+            Ok(None) => {
+                self.pending
+                    .push_back(event("error", json!({"error": "the run is gone"})));
+                self.done = true;
+                return;
+            }
+            // A store hiccup: try again at the next tick.
+            Err(_) => return,
+        };
+        if self.status != Some(rec.status) {
+            self.status = Some(rec.status);
+            self.pending
+                .push_back(event("status", json!({"status": rec.status})));
+        }
+        let jobs: Vec<ResultsResponse> = rec
+            .results_json
+            .as_deref()
+            .and_then(|j| serde_json::from_str(j).ok())
+            .unwrap_or_default();
+        if rec.status == RunStatus::Running
+            && let Some(job) = jobs.last()
+        {
+            let now = Instant::now();
+            let rows = job.counters.total_rows;
+            let per_sec = match &self.last {
+                Some((j, r, t)) if *j == job.job_id => rate(
+                    rows.saturating_sub(*r),
+                    now.duration_since(*t).as_millis() as u64,
+                ),
+                _ => None,
+            };
+            self.last = Some((job.job_id.clone(), rows, now));
+            self.pending.push_back(event(
+                "counters",
+                json!({"jobID": job.job_id, "status": job.status, "counters": job.counters,
+                       "runTime": job.run_time, "rowsPerSec": per_sec}),
+            ));
+        }
+        if !matches!(rec.status, RunStatus::Queued | RunStatus::Running) {
+            self.finish(&rec, &jobs).await;
+        }
+    }
+
+    /// Queues the stored log and the `end` event.
+    async fn finish(&mut self, rec: &RunRecord, jobs: &[ResultsResponse]) {
+        let lines = self
+            .svc
+            .store
+            .log_lines(&self.key, 3, 0, END_LOG_MAX + 1)
+            .await
+            .unwrap_or_default();
+        for l in lines.iter().take(END_LOG_MAX) {
+            self.pending.push_back(event("log", log_line_json(l)));
+        }
+        let mut end = end_summary(rec, jobs);
+        end["logTruncated"] = json!(lines.len() > END_LOG_MAX);
+        self.pending.push_back(event("end", end));
+        self.done = true;
+    }
+
+    async fn next(mut self) -> Option<(Result<Event, Infallible>, Self)> {
+        loop {
+            if let Some(e) = self.pending.pop_front() {
+                return Some((Ok(e), self));
+            }
+            if self.done {
+                return None;
+            }
+            if self.first {
+                self.first = false;
+            } else {
+                let key = self.key.clone();
+                let wait = async {
+                    loop {
+                        match self.ended.recv().await {
+                            Ok(k) if k == key => return,
+                            Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                            Err(broadcast::error::RecvError::Closed) => {
+                                std::future::pending::<()>().await
+                            }
+                        }
+                    }
+                };
+                let _ = tokio::time::timeout(TICK, wait).await;
+            }
+            self.poll().await;
+        }
+    }
+}
+
+/// Follows a run live: `status`, `counters` (about once a second, with
+/// rows/s), then its `log` lines and `end`; the stream then closes.
+#[utoipa::path(get, path = "/v1/Runs/{id}/events", tag = "tidepool",
+    params(("id" = String, Path, description = "the runID")),
+    responses((status = 200, description = "text/event-stream: events status, counters, log, end", content_type = "text/event-stream"),
+        (status = 404, description = "unknown run"),
+        (status = 503, description = "too many event streams are open")))]
+pub async fn run_events(
+    State(svc): State<Arc<Service>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Query(q): Query<Vec<(String, String)>>,
+) -> Response {
+    let instance = param(&q, "instance").map(str::to_owned);
+    let rec = match super::caller_and_run(&svc, &headers, &id, instance).await {
+        Ok((_, rec)) => rec,
+        Err(refusal) => return refusal.into_response(),
+    };
+    let Ok(permit) = streams().try_acquire_owned() else {
+        return json_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("{EVENT_STREAMS_MAX} event streams are open already; try again shortly"),
+        );
+    };
+    let follow = Follow {
+        ended: svc.subscribe_ended(),
+        svc: svc.clone(),
+        key: rec.key,
+        pending: VecDeque::new(),
+        status: None,
+        last: None,
+        done: false,
+        first: true,
+        _permit: permit,
+    };
+    let stream = futures_util::stream::unfold(follow, Follow::next);
+    Sse::new(stream)
+        .keep_alive(KeepAlive::default())
+        .into_response()
+}
