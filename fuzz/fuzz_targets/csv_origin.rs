@@ -11,7 +11,12 @@ use tidepool::connector::file::FileMode;
 
 const DELIMITERS: [char; 4] = [',', ';', '\t', '|'];
 const QUOTES: [char; 2] = ['"', '\''];
-const ENCODINGS: [Option<&str>; 4] = [None, Some("windows-1252"), Some("utf-16le"), Some("shift_jis")];
+const ENCODINGS: [Option<&str>; 4] = [
+    None,
+    Some("windows-1252"),
+    Some("utf-16le"),
+    Some("shift_jis"),
+];
 
 fuzz_target!(|data: &[u8]| {
     let Some((&settings, file)) = data.split_first() else {

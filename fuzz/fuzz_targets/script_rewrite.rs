@@ -13,6 +13,9 @@ fuzz_target!(|script: &str| {
     };
     assert!(!sources.is_empty());
     for s in &sources {
-        assert!(s.starts_with("(function(row, vars, stages, event) {"), "{s:?}");
+        assert!(
+            s.starts_with("(function(row, vars, stages, event) {"),
+            "{s:?}"
+        );
     }
 });
