@@ -318,6 +318,13 @@ fn exception(ctx: &Ctx) -> String {
 /// Compiles a script once to tell whether it is valid JavaScript.
 pub fn check(script: &str) -> Result<(), String> {
     let rt = Runtime::new().map_err(|e| e.to_string())?;
+    // A script can close the function it is wrapped in (`1); while (true) {…`)
+    // and so run while it compiles: the default limits bound that too.
+    let limits = ScriptLimits::default();
+    rt.set_memory_limit(limits.memory);
+    rt.set_max_stack_size(1024 * 1024);
+    let deadline = Instant::now() + limits.time;
+    rt.set_interrupt_handler(Some(Box::new(move || Instant::now() > deadline)));
     let ctx = Context::full(&rt).map_err(|e| e.to_string())?;
     ctx.with(|ctx| {
         ctx.eval::<(), _>(PRELUDE).map_err(|e| e.to_string())?;
@@ -424,6 +431,7 @@ impl ScriptRuntime {
         rt.set_max_stack_size(1024 * 1024);
         let deadline: Rc<Cell<Option<Instant>>> = Rc::new(Cell::new(None));
         let d = deadline.clone();
+        let compiling = deadline.clone();
         rt.set_interrupt_handler(Some(Box::new(move || {
             d.get().is_some_and(|t| Instant::now() > t)
         })));
@@ -447,10 +455,14 @@ impl ScriptRuntime {
                 return Err(format!("the script prelude failed: {e}"));
             }
             let mut fs = Vec::with_capacity(scripts.len());
-            for s in scripts {
-                let f = compile(&ctx, s)?;
-                fs.push(Persistent::save(&ctx, f));
-            }
+            // Compiling can run code (see `check`): under the time limit too.
+            compiling.set(Some(Instant::now() + limits.time));
+            let compiled = scripts.iter().try_for_each(|s| {
+                fs.push(Persistent::save(&ctx, compile(&ctx, s)?));
+                Ok::<_, String>(())
+            });
+            compiling.set(None);
+            compiled?;
             let vars = Object::new(ctx.clone()).map_err(|e| e.to_string())?;
             for (k, v) in variables {
                 vars.set(
@@ -786,6 +798,19 @@ mod tests {
         assert!(e.contains("nope 1") && e.contains("line 2"), "{e}");
         let e = run("require('fs')", &[], vec![]).unwrap_err();
         assert!(e.contains("require"), "{e}");
+    }
+
+    #[test]
+    fn a_script_that_escapes_its_function_cannot_run_forever_while_compiling() {
+        // The body closes the wrapper's function, loops, and opens a function
+        // the wrapper's tail closes again.
+        let escape = "}); while (true) {} ; (function(){";
+        // Before the limits, each of these never returned.
+        assert!(check(escape).is_err());
+        assert!(run(escape, &[], vec![]).is_err());
+        let grow = "}); let a = []; while (true) a.push(new Array(1e5).fill(1)); (function(){";
+        assert!(check(grow).is_err());
+        assert!(run(grow, &[], vec![]).is_err());
     }
 
     #[test]

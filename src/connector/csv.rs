@@ -53,6 +53,57 @@ impl CsvConfig {
         })?;
         Ok((enc != encoding_rs::UTF_8).then_some(enc))
     }
+
+    /// The origin over `file`'s bytes, as [`Connector::open_origin`] opens it
+    /// (`path` only names the file in messages).
+    pub fn origin_from_reader(
+        &self,
+        file: Box<dyn Read + Send>,
+        path: PathBuf,
+    ) -> Result<Box<dyn Origin>, ConnectorError> {
+        let input: Box<dyn Read + Send> = match self.encoding()? {
+            None => file,
+            // Decoded to UTF-8 as it is read (a BOM, if any, still wins).
+            Some(enc) => Box::new(
+                encoding_rs_io::DecodeReaderBytesBuilder::new()
+                    .encoding(Some(enc))
+                    .build(file),
+            ),
+        };
+        let mut reader = ::csv::ReaderBuilder::new()
+            .delimiter(ascii(self.delimiter, "delimiter")?)
+            .quote(ascii(self.quote, "quote")?)
+            .has_headers(false)
+            .flexible(true)
+            .buffer_capacity(256 * 1024)
+            .from_reader(input);
+        let mut first = ::csv::StringRecord::new();
+        let has_first = read_record(&mut reader, &mut first, &path)?;
+        let (columns, pending) = if self.header {
+            let cols: Vec<String> = first
+                .iter()
+                .enumerate()
+                .map(|(i, c)| {
+                    let c = if i == 0 {
+                        c.trim_start_matches('\u{feff}')
+                    } else {
+                        c
+                    };
+                    c.trim().to_owned()
+                })
+                .collect();
+            (cols, None)
+        } else {
+            let cols = (1..=first.len()).map(|i| format!("Column{i}")).collect();
+            (cols, has_first.then_some(first))
+        };
+        Ok(Box::new(CsvOrigin {
+            path,
+            reader,
+            columns,
+            pending,
+        }))
+    }
 }
 
 fn comma() -> char {
@@ -100,48 +151,7 @@ impl Connector for CsvConfig {
             what: format!("csv file {}", path.display()),
             reason: e.to_string(),
         })?;
-        let input: Box<dyn Read + Send> = match self.encoding()? {
-            None => Box::new(file),
-            // Decoded to UTF-8 as it is read (a BOM, if any, still wins).
-            Some(enc) => Box::new(
-                encoding_rs_io::DecodeReaderBytesBuilder::new()
-                    .encoding(Some(enc))
-                    .build(file),
-            ),
-        };
-        let mut reader = ::csv::ReaderBuilder::new()
-            .delimiter(ascii(self.delimiter, "delimiter")?)
-            .quote(ascii(self.quote, "quote")?)
-            .has_headers(false)
-            .flexible(true)
-            .buffer_capacity(256 * 1024)
-            .from_reader(input);
-        let mut first = ::csv::StringRecord::new();
-        let has_first = read_record(&mut reader, &mut first, &path)?;
-        let (columns, pending) = if self.header {
-            let cols: Vec<String> = first
-                .iter()
-                .enumerate()
-                .map(|(i, c)| {
-                    let c = if i == 0 {
-                        c.trim_start_matches('\u{feff}')
-                    } else {
-                        c
-                    };
-                    c.trim().to_owned()
-                })
-                .collect();
-            (cols, None)
-        } else {
-            let cols = (1..=first.len()).map(|i| format!("Column{i}")).collect();
-            (cols, has_first.then_some(first))
-        };
-        Ok(Box::new(CsvOrigin {
-            path,
-            reader,
-            columns,
-            pending,
-        }))
+        self.origin_from_reader(Box::new(file), path)
     }
 
     fn open_lookup(

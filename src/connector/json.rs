@@ -1,7 +1,7 @@
 //! JSON files: an array of objects, or JSON Lines (one object per line).
 
 use std::fs::File;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -46,6 +46,23 @@ impl JsonConfig {
                 _ => JsonFormat::Array,
             })
     }
+
+    /// The origin over `file`'s bytes reading `fields`, as
+    /// [`Connector::open_origin`] opens it (`path` names the file in messages
+    /// and, by its extension, the default format).
+    pub fn origin_from_reader(
+        &self,
+        file: Box<dyn Read + Send>,
+        path: PathBuf,
+        fields: &[String],
+    ) -> Box<dyn Origin> {
+        Box::new(JsonOrigin {
+            format: self.format_for(&path),
+            path,
+            file: Some(file),
+            columns: fields.to_vec(),
+        })
+    }
 }
 
 impl Connector for JsonConfig {
@@ -73,12 +90,7 @@ impl Connector for JsonConfig {
             what: format!("json file {}", path.display()),
             reason: e.to_string(),
         })?;
-        Ok(Box::new(JsonOrigin {
-            format: self.format_for(&path),
-            path,
-            file: Some(file),
-            columns: req.fields.to_vec(),
-        }))
+        Ok(self.origin_from_reader(Box::new(file), path, req.fields))
     }
 
     fn open_lookup(
@@ -121,7 +133,7 @@ impl Connector for JsonConfig {
 struct JsonOrigin {
     format: JsonFormat,
     path: PathBuf,
-    file: Option<File>,
+    file: Option<Box<dyn Read + Send>>,
     columns: Vec<String>,
 }
 

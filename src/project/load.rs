@@ -310,10 +310,49 @@ pub fn load_project(dir: &Path, opts: &LoadOptions) -> Result<Project, Vec<Probl
     let path = dir.join("project.toml");
     let text = std::fs::read_to_string(&path)
         .map_err(|e| vec![Problem::new(&path, None, format!("cannot read: {e}"))])?;
-    let src = SourceFile {
-        path: &path,
-        text: &text,
+    let jobs_dir = dir.join("jobs");
+    let mut files: Vec<PathBuf> = match std::fs::read_dir(&jobs_dir) {
+        Ok(entries) => entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+            .collect(),
+        Err(_) => Vec::new(),
     };
+    files.sort();
+    let job_files = files
+        .into_iter()
+        .map(|f| {
+            let text = std::fs::read_to_string(&f).map_err(|e| e.to_string());
+            (f, text)
+        })
+        .collect();
+    load_project_files(dir, &text, job_files, opts)
+}
+
+/// Loads a project from its files' text, as [`load_project`] does from the
+/// folder `dir` (which is only named, never read): `project.toml`'s text and
+/// each job file's path and text, in load order.
+pub fn load_project_text(
+    dir: &Path,
+    project_toml: &str,
+    jobs: Vec<(PathBuf, String)>,
+    opts: &LoadOptions,
+) -> Result<Project, Vec<Problem>> {
+    let jobs = jobs.into_iter().map(|(f, t)| (f, Ok(t))).collect();
+    load_project_files(dir, project_toml, jobs, opts)
+}
+
+/// A job file's path and its text, or why it could not be read.
+type JobFile = (PathBuf, Result<String, String>);
+
+fn load_project_files(
+    dir: &Path,
+    text: &str,
+    job_files: Vec<JobFile>,
+    opts: &LoadOptions,
+) -> Result<Project, Vec<Problem>> {
+    let path = dir.join("project.toml");
+    let src = SourceFile { path: &path, text };
     let raw: RawProject = src.parse().map_err(|p| vec![p])?;
     let mut problems = Vec::new();
 
@@ -372,19 +411,17 @@ pub fn load_project(dir: &Path, opts: &LoadOptions) -> Result<Project, Vec<Probl
     }
 
     let mut jobs = BTreeMap::new();
-    let jobs_dir = dir.join("jobs");
-    let mut files: Vec<PathBuf> = match std::fs::read_dir(&jobs_dir) {
-        Ok(entries) => entries
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "toml"))
-            .collect(),
-        Err(_) => Vec::new(),
-    };
-    files.sort();
     let mut job_lines: BTreeMap<JobId, (PathBuf, Option<Spanned<String>>, String)> =
         BTreeMap::new();
-    for file in files {
-        match load_job(&file, &connections, &broken, &builtins, dir) {
+    for (file, text) in job_files {
+        let text = match text {
+            Ok(t) => t,
+            Err(e) => {
+                problems.push(Problem::new(&file, None, format!("cannot read: {e}")));
+                continue;
+            }
+        };
+        match load_job(&file, text, &connections, &broken, &builtins, dir) {
             Ok((job, next_span, text)) => {
                 if let Some(existing) = jobs.get(&job.id) {
                     let existing: &Job = existing;
@@ -474,13 +511,12 @@ type LoadedJob = (Job, Option<Spanned<String>>, String);
 
 fn load_job(
     file: &Path,
+    text: String,
     connections: &BTreeMap<String, ConnectionConfig>,
     broken: &BTreeSet<String>,
     builtins: &BTreeMap<&str, String>,
     project_dir: &Path,
 ) -> Result<LoadedJob, Vec<Problem>> {
-    let text = std::fs::read_to_string(file)
-        .map_err(|e| vec![Problem::new(file, None, format!("cannot read: {e}"))])?;
     let src = SourceFile {
         path: file,
         text: &text,

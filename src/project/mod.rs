@@ -15,7 +15,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::connector::ConnectionConfig;
 use crate::value::{FieldType, Value};
-pub use load::{DEFAULT_INSTANCE, LoadOptions, LoadOutcome, load_project, load_projects};
+pub use load::{
+    DEFAULT_INSTANCE, LoadOptions, LoadOutcome, load_project, load_project_text, load_projects,
+};
 use template::Template;
 
 /// The ID of a project: what the API's `projectID` names (max 36 characters).

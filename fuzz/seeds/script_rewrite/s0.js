@@ -1,0 +1,1 @@
+log('once'); vars.Seen = 'once'

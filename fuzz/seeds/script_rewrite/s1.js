@@ -1,0 +1,1 @@
+log('before_connections ' + vars.Seen)

@@ -1,0 +1,1 @@
+@@STG:1,#Action@@ + ' ' + stages.people.values.name

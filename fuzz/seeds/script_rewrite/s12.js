@@ -1,0 +1,1 @@
+return event.query + ' WHERE name = ' + varToken('Wanted')

@@ -1,0 +1,1 @@
+if (row.city === 'Rome') gotoNextRow();

@@ -1,0 +1,1 @@
+xrefRead('people', @@ORG:id@@) || 'none'

@@ -1,0 +1,1 @@
+lookup('db', 'cities', 'code', {name: row.city}) || 'unknown'

@@ -1,0 +1,1 @@
+log('before_query ' + event.query)

@@ -1,0 +1,1 @@
+lookup('codes', '', 'code', {city: row.city})

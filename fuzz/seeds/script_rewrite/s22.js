@@ -1,0 +1,1 @@
+if (row.id === '2') { while (true) {} } return row.name

@@ -1,0 +1,1 @@
+lookup('crm', 'accounts', 'id', {name: row.name})

@@ -1,0 +1,1 @@
+log('after ' + row.id)

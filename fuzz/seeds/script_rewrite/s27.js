@@ -1,0 +1,1 @@
+log('map ' + row.id); return row.name

@@ -1,0 +1,1 @@
+if (row.id % 7 === 0) gotoNextRow();

@@ -1,0 +1,1 @@
+'n' + row.id + '-{threads}'

@@ -1,0 +1,1 @@
+log('after_query ' + event.columns.join('+'))

@@ -1,0 +1,1 @@
+String(stages[1].action)

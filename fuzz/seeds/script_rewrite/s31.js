@@ -1,0 +1,1 @@
+row.FirstName + ' ' + @@ORG:LastName@@

@@ -1,0 +1,1 @@
+if (@@STG:1,#Action@@ === 'Insert') { return "@@VAR:RunID@@" } return null

@@ -1,0 +1,1 @@
+/re'@@ORG:x@@/.test(row.a)

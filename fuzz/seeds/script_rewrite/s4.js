@@ -1,0 +1,1 @@
+log('before_row ' + row.id); vars.Rows = (vars.Rows || 0) + 1

@@ -1,0 +1,1 @@
+log('before_stage ' + row.id + ' ' + event.stageNumber + ' ' + event.stage)

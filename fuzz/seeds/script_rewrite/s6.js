@@ -1,0 +1,1 @@
+log('after_stage ' + row.id + ' ' + stages[event.stageNumber].action)

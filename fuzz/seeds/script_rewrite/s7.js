@@ -1,0 +1,1 @@
+log('after_row ' + row.id + ' ' + stages[1].action + ' ' + stages.audit.action)

@@ -1,0 +1,1 @@
+log('end ' + event.counters.inserts + ' rows ' + vars.Rows); returnValue = 'done ' + event.counters.totalRows

@@ -1,0 +1,1 @@
+row.name + '#' + vars.Rows
