@@ -520,6 +520,12 @@ async fn the_event_stream_of_a_run_ends_with_its_final_counters_and_closes() {
     assert_eq!(end["counters"]["totalRows"], 1000);
     assert_eq!(end["counters"]["inserts"], 997);
     assert_eq!(end["counters"]["errors"], 3);
+    // The run list says the same once the run has ended (an ended run keeps
+    // its results inside its response).
+    let listed = a.get("/v1/Runs", None).await.json();
+    assert_eq!(listed["runs"][0]["runID"], id.as_str(), "{listed}");
+    assert_eq!(listed["runs"][0]["counters"]["inserts"], 997, "{listed}");
+    assert_eq!(listed["runs"][0]["counters"]["errors"], 3, "{listed}");
     let log: Vec<&Value> = events
         .iter()
         .filter(|(n, _)| n == "log")

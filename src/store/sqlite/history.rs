@@ -73,7 +73,9 @@ const TEXT_SEARCH_BUDGET: std::time::Duration = std::time::Duration::from_secs(3
 
 const LIST_COLUMNS: &str =
     "instance, run_id, project_id, job_id, status, accepted_at, started_at, finished_at,
-  coalesce(substr(json_extract(request, '$.argument'), 1, 500), ''), results, error, accepted_ms";
+  coalesce(substr(json_extract(request, '$.argument'), 1, 500), ''),
+  CASE WHEN results IS NULL AND json_valid(response) THEN json_extract(response, '$.results') ELSE results END,
+  error, accepted_ms";
 
 fn listed_row(r: &rusqlite::Row) -> rusqlite::Result<RunListed> {
     let instance: String = r.get(0)?;
