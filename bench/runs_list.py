@@ -90,7 +90,8 @@ def rows(n, t0):
         yield (instance, run_id, project, job, json.dumps(req),
                hashlib.sha256(run_id.encode()).hexdigest(), status, ts(accepted),
                None if status == "Queued" else ts(started), None if running else ts(ended),
-               results, response, "job j0: origin failed" if status == "Failed" else None)
+               results, response, "job j0: origin failed" if status == "Failed" else None,
+               int(accepted.timestamp() * 1000))
 
 
 def fill(db, n):
@@ -100,8 +101,8 @@ def fill(db, n):
     t = time.perf_counter()
     c.execute("BEGIN")
     c.executemany("""INSERT INTO runs (instance, run_id, project_id, job_id, request, fingerprint,
-        status, accepted_at, started_at, finished_at, results, response, error)
-        VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)""", rows(n, t0))
+        status, accepted_at, started_at, finished_at, results, response, error, accepted_ms)
+        VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)""", rows(n, t0))
     c.execute("COMMIT")
     c.close()
     return time.perf_counter() - t, t0

@@ -961,6 +961,9 @@ async fn console_login_sets_a_strict_cookie_and_state_changes_need_the_csrf_head
     assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.body);
     let r = a.send("POST", "/v1/Projects/reload", &ro, "").await;
     assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.body);
+    let preview = json!({"projectID": "demo", "jobID": "contacts", "rows": 2}).to_string();
+    let r = a.send("POST", "/v1/Preview", &ro, &preview).await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.body);
     // The owner may cancel (it is still queued: no workers run).
     let r = a
         .send("POST", &cancel, &[("cookie", &cookie), csrf], "")

@@ -410,8 +410,8 @@ impl Store for SqliteStore {
         self.write_one(move |c| {
             let inserted = c
                 .prepare_cached(
-                    "INSERT INTO runs (instance, run_id, project_id, job_id, request, fingerprint, webhook_url, status, accepted_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'Queued', ?8)
+                    "INSERT INTO runs (instance, run_id, project_id, job_id, request, fingerprint, webhook_url, status, accepted_at, accepted_ms)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'Queued', ?8, ?9)
                      ON CONFLICT (instance, run_id) DO NOTHING",
                 )?
                 .execute(params![
@@ -423,6 +423,7 @@ impl Store for SqliteStore {
                 run.fingerprint,
                 run.webhook_url,
                     now_text(&run.accepted_at),
+                    run.accepted_at.timestamp_millis(),
                 ])?;
             if inserted == 1 {
                 return Ok(Submitted::Accepted);

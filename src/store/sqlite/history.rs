@@ -11,8 +11,6 @@ use crate::store::history::{
 use crate::store::{NewRun, RunEnd, RunKey, StoreError, Submitted};
 
 /// The run list's indexes and the tables a run's details are paged from.
-/// `accepted_ms` is computed by SQLite from `accepted_at` (a virtual
-/// column), so the writes of runs are unchanged.
 const HISTORY_SCHEMA: &str = r#"
 CREATE INDEX IF NOT EXISTS runs_recent ON runs(instance, accepted_ms, run_id);
 CREATE INDEX IF NOT EXISTS runs_recent_status ON runs(instance, status, accepted_ms, run_id);
@@ -58,13 +56,16 @@ pub(super) fn history_schema(conn: &Connection) -> rusqlite::Result<()> {
         |r| r.get(0),
     )?;
     if !has_ms {
-        conn.execute_batch(
-            // julianday keeps whole milliseconds: round gives them back exactly
-            // (and any SQLite since 3.31 computes the same, other tools included).
-            "ALTER TABLE runs ADD COLUMN accepted_ms INTEGER GENERATED ALWAYS AS
-             (CAST(round((julianday(accepted_at) - 2440587.5) * 86400000.0) AS INTEGER)) VIRTUAL",
-        )?;
+        // A plain column written with each run (not one SQLite computes from
+        // the text: SQLite versions differ in how they round fractions, and
+        // an index must never disagree with its table).
+        conn.execute_batch("ALTER TABLE runs ADD COLUMN accepted_ms INTEGER")?;
     }
+    // Runs written before the column (or by an older tidepool) get it here, once.
+    conn.execute_batch(
+        "UPDATE runs SET accepted_ms = CAST(round((julianday(accepted_at) - 2440587.5) * 86400000.0) AS INTEGER)
+         WHERE accepted_ms IS NULL",
+    )?;
     conn.execute_batch(HISTORY_SCHEMA)
 }
 
@@ -252,8 +253,8 @@ impl RunHistory for SqliteStore {
         self.write_one(move |c| {
             let inserted = c.execute(
                 "INSERT INTO runs (instance, run_id, project_id, job_id, request, fingerprint, status,
-                   accepted_at, started_at, finished_at, results, response, error)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8, ?9, ?10, ?11, ?12)
+                   accepted_at, started_at, finished_at, results, response, error, accepted_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8, ?9, ?10, ?11, ?12, ?13)
                  ON CONFLICT (instance, run_id) DO NOTHING",
                 params![
                     run.key.instance,
@@ -268,6 +269,7 @@ impl RunHistory for SqliteStore {
                     end.results_json,
                     end.response_json,
                     end.error,
+                    started_at.timestamp_millis(),
                 ],
             )?;
             Ok(if inserted == 1 {
