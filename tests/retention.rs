@@ -230,7 +230,7 @@ async fn retention_deletes_ended_runs_once_their_webhook_is_done() {
         submit(
             &client,
             &base,
-            json!({"runID": id, "projectID": "tiny", "jobID": "load", "webHookURL": hook}),
+            json!({"runID": id, "projectID": "tiny", "jobID": "load", "webHookURL": hook, "loggingLevel": 3}),
         )
         .await;
     }
@@ -299,6 +299,11 @@ async fn retention_deletes_ended_runs_once_their_webhook_is_done() {
     assert_eq!(count("runs", &delivered), 0);
     assert_eq!(count("webhooks", &pending), 1);
     assert_eq!(count("webhook_attempts", &pending), 1);
+    // So are its stored log lines and row errors; the kept run keeps its log.
+    for table in ["run_log", "run_row_errors", "run_error_totals"] {
+        assert_eq!(count(table, &delivered), 0, "{table}");
+    }
+    assert!(count("run_log", &pending) > 0, "the kept run's log");
     server.kill().unwrap();
     server.wait().unwrap();
 }

@@ -621,10 +621,19 @@ impl Store for SqliteStore {
                             "DELETE FROM webhooks WHERE instance = ?1 AND run_id = ?2",
                         )?
                         .execute(params![instance, run_id])?;
-                        c.prepare_cached(
-                            "DELETE FROM webhook_attempts WHERE instance = ?1 AND run_id = ?2",
-                        )?
-                        .execute(params![instance, run_id])?;
+                        // The run's stored log and row errors (keyed by the run
+                        // first, so each is one range of its primary key).
+                        for table in [
+                            "webhook_attempts",
+                            "run_log",
+                            "run_row_errors",
+                            "run_error_totals",
+                        ] {
+                            c.prepare_cached(&format!(
+                                "DELETE FROM {table} WHERE instance = ?1 AND run_id = ?2"
+                            ))?
+                            .execute(params![instance, run_id])?;
+                        }
                     }
                 }
                 Ok(deleted)
