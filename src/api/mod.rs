@@ -917,12 +917,13 @@ async fn projects(State(svc): State<Arc<Service>>, headers: HeaderMap) -> Respon
     axum::Json(list).into_response()
 }
 
-/// One of the caller's projects and its jobs.
+/// One of the caller's projects and its jobs in detail: origin, destination,
+/// stages with their field mappings, `next` chain (no connection secrets).
 #[utoipa::path(get, path = "/v1/Projects/{id}", tag = "tidepool", operation_id = "Project",
     params(("id" = String, Path, description = "the projectID (any case)", example = "demo")),
     security(("bearer" = []), ("apiKey" = [])),
     responses(
-        (status = 200, description = "the project", body = wire::ProjectInfoDoc),
+        (status = 200, description = "the project", body = projects::ProjectDetail),
         (status = 401, description = "missing or bad credentials", body = ExecJobAsyncResponse),
         (status = 404, description = "unknown project, or another instance's", body = wire::ErrorDoc),
         (status = 503, description = "the store failed", body = ExecJobAsyncResponse),
@@ -942,7 +943,7 @@ async fn project(
         .iter()
         .find(|p| caller.can_see(&p.instance) && p.id.0.eq_ignore_ascii_case(&id))
     {
-        Some(p) => axum::Json(project_json(p)).into_response(),
+        Some(p) => axum::Json(projects::project_detail(p)).into_response(),
         None => (
             StatusCode::NOT_FOUND,
             axum::Json(json!({"error": format!("unknown project {id:?}")})),
@@ -1073,6 +1074,22 @@ impl utoipa::Modify for SecuritySchemes {
                 "an API key from `tidepool key create USER`",
             ))),
         );
+        // Every `/v1/` operation takes credentials (`POST /token` is not
+        // under `/v1/`): one whose annotation does not say so says it here.
+        let required = vec![
+            utoipa::openapi::security::SecurityRequirement::new("bearer", Vec::<String>::new()),
+            utoipa::openapi::security::SecurityRequirement::new("apiKey", Vec::<String>::new()),
+        ];
+        for (path, item) in doc.paths.paths.iter_mut() {
+            if !path.starts_with("/v1/") {
+                continue;
+            }
+            for op in [&mut item.get, &mut item.post].into_iter().flatten() {
+                if op.security.is_none() {
+                    op.security = Some(required.clone());
+                }
+            }
+        }
     }
 }
 

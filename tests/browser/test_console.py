@@ -143,6 +143,7 @@ def main():
         page.goto(f"{BASE}/#/projects/demo/jobs/contacts")
         expect(page.get_by_role("heading", name="demo / contacts")).to_be_visible()
         expect(page.locator(".chain")).to_contain_text("countries")
+        expect(page.get_by_role("table", name="Field mappings").get_by_role("row").filter(has=page.get_by_role("cell", name="email", exact=True))).to_contain_text("origin Email")
         expect(page.get_by_role("button", name="Preview")).to_be_visible()
         shoot(page, "job")
 

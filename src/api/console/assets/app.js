@@ -829,7 +829,8 @@ function fieldsTable(fields) {
   const from = (f) => f.origin ? h("span", {}, h("span", { class: "muted" }, "origin "), h("code", {}, f.origin))
     : f.template ? h("span", {}, h("span", { class: "muted" }, "template "), h("code", {}, f.template))
       : f.value !== undefined ? h("span", {}, h("span", { class: "muted" }, "value "), h("code", {}, JSON.stringify(f.value)))
-        : f.script ? h("span", {}, h("span", { class: "muted" }, "script "), h("code", {}, f.script)) : h("span", { class: "muted" }, "–");
+        : f.function ? h("span", {}, h("span", { class: "muted" }, "function "), h("code", {}, f.function))
+          : f.script ? h("span", {}, h("span", { class: "muted" }, "script "), h("code", {}, f.script)) : h("span", { class: "muted" }, "–");
   const transform = (t) => Array.isArray(t) ? t.join(" → ") : t || "";
   return h("div", { class: "scroll" }, h("table", { "aria-label": "Field mappings" },
     h("thead", {}, h("tr", {}, h("th", {}, "Column"), h("th", {}, "From"), h("th", {}, "Type"), h("th", { class: "hide-sm" }, "Transform"), h("th", {}, "Match"))),
@@ -916,7 +917,7 @@ async function jobPage(ctx, projectId, jobId) {
       h("div", { class: "card" }, h("h3", {}, "Origin"), describe(job.origin)),
       h("div", { class: "card" }, h("h3", {}, "Destination"), describe(job.destination))),
     h("h2", {}, "Chain"), chainView(pid, job, jobs),
-    h("h2", {}, "Stages and field mappings"), stagesView(job.stages),
+    h("h2", {}, "Stages and field mappings"), stagesView(job.stageDetails ?? job.stages),
     h("h2", {}, "Last runs"), runs);
 }
 
