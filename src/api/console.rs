@@ -74,9 +74,48 @@ fn me_json(caller: &Caller, open: bool) -> serde_json::Value {
 
 #[derive(serde::Deserialize)]
 struct Login {
-    #[serde(alias = "username")]
     user: Option<String>,
+    /// `user` by the name `POST /token` uses; `user` wins if both are given.
+    username: Option<String>,
     password: Option<String>,
+}
+
+/// The body of `POST /console/login` in the OpenAPI document.
+pub struct LoginRequestDoc;
+
+impl utoipa::PartialSchema for LoginRequestDoc {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        let schema = json!({
+            "type": "object",
+            "description": "`user` (or `username`) and `password`; unknown fields are ignored.",
+            "required": ["user", "password"],
+            "properties": {
+                "user": {"type": "string", "description": "the user", "example": "ops"},
+                "username": {"type": "string", "description": "the user, by the name POST /token uses (`user` wins)"},
+                "password": {"type": "string", "format": "password", "description": "the user's password"},
+            },
+        });
+        serde_json::from_value(schema).expect("the login request schema is valid OpenAPI")
+    }
+}
+
+impl utoipa::ToSchema for LoginRequestDoc {
+    fn name() -> std::borrow::Cow<'static, str> {
+        "loginRequest".into()
+    }
+}
+
+/// `GET /console/me` and `POST /console/login` answer who the caller is.
+#[derive(utoipa::ToSchema)]
+#[schema(as = consoleMe)]
+#[allow(dead_code)]
+pub struct MeDoc {
+    /// The user; null in open mode.
+    user: Option<String>,
+    /// The caller's role in each of its instances: Metrics, ReadOnly, Full or Owner.
+    roles: std::collections::HashMap<String, String>,
+    /// The server takes no credentials (no users configured).
+    open: bool,
 }
 
 fn session_cookie(token: &str, max_age: u64) -> HeaderValue {
@@ -86,13 +125,24 @@ fn session_cookie(token: &str, max_age: u64) -> HeaderValue {
     .unwrap_or_else(|_| HeaderValue::from_static("tidepool_session=; Max-Age=0"))
 }
 
-/// Logs in with a user name and password (JSON or form); sets the session cookie.
-#[utoipa::path(post, path = "/console/login", tag = "console",
-    request_body(content = String, description = "{user, password} as JSON or a form"),
-    responses((status = 200, description = "{user, roles, open}; Set-Cookie: tidepool_session (HttpOnly, SameSite=Strict)"),
-        (status = 400, description = "{error}: malformed body"),
-        (status = 401, description = "{error}: wrong user name or password")))]
-pub async fn login(State(svc): State<Arc<Service>>, headers: HeaderMap, body: Body) -> Response {
+/// Logs in with a user name and password (JSON or form); sets the session
+/// cookie. Failed attempts count against the same limits as `POST /token`.
+#[utoipa::path(post, path = "/console/login", tag = "console", operation_id = "ConsoleLogin",
+    request_body(content(
+        (LoginRequestDoc = "application/json"),
+        (LoginRequestDoc = "application/x-www-form-urlencoded"))),
+    responses((status = 200, description = "logged in (Set-Cookie: tidepool_session, HttpOnly, SameSite=Strict); in open mode, at once", body = MeDoc),
+        (status = 400, description = "the body does not parse, or user or password is missing", body = super::wire::ErrorDoc),
+        (status = 401, description = "wrong user name or password", body = super::wire::ErrorDoc),
+        (status = 413, description = "the body is too large", body = super::wire::ErrorDoc),
+        (status = 429, description = "too many failed attempts for the user or from the address, or too many password checks at once: see Retry-After", body = super::wire::ErrorDoc),
+        (status = 503, description = "the store failed", body = super::wire::ErrorDoc)))]
+pub async fn login(
+    State(svc): State<Arc<Service>>,
+    peer: Option<axum::Extension<axum::extract::ConnectInfo<std::net::SocketAddr>>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     if svc.open {
         return axum::Json(me_json(&Caller::open(), true)).into_response();
     }
@@ -112,25 +162,43 @@ pub async fn login(State(svc): State<Arc<Service>>, headers: HeaderMap, body: Bo
         Ok(Login {
             user: Some(u),
             password: Some(p),
+            ..
+        })
+        | Ok(Login {
+            user: None,
+            username: Some(u),
+            password: Some(p),
         }) => (u, p),
         Ok(_) => return json_error(StatusCode::BAD_REQUEST, "user and password are required"),
         Err(e) => return json_error(StatusCode::BAD_REQUEST, format!("malformed body: {e}")),
     };
-    let record = match svc.store.user(&user).await {
-        Ok(r) => r,
-        Err(e) => return json_error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
-    };
-    let hash = record.as_ref().map(|r| r.password_hash.clone());
-    let ok = tokio::task::spawn_blocking(move || {
-        hash.is_some_and(|h| auth::verify_password(&password, &h))
-    })
-    .await
-    .unwrap_or(false);
-    if !ok {
-        return json_error(
-            StatusCode::UNAUTHORIZED,
-            "the user name or password is incorrect",
-        );
+    let peer = peer.map(|axum::Extension(info)| info.0.ip());
+    match auth::check_login(&svc, &user, password, peer).await {
+        auth::LoginOutcome::Granted => {}
+        auth::LoginOutcome::Denied => {
+            return json_error(
+                StatusCode::UNAUTHORIZED,
+                "the user name or password is incorrect",
+            );
+        }
+        auth::LoginOutcome::Throttled(left) => {
+            let secs = (left.as_secs() + u64::from(left.subsec_nanos() > 0)).max(1);
+            return too_many(
+                format!(
+                    "too many failed attempts for this user or from this address: try again in {secs} s"
+                ),
+                secs,
+            );
+        }
+        auth::LoginOutcome::Busy => {
+            return too_many(
+                "too many password checks at once: try again shortly".into(),
+                1,
+            );
+        }
+        auth::LoginOutcome::Store(e) => {
+            return json_error(StatusCode::SERVICE_UNAVAILABLE, e.to_string());
+        }
     }
     let token = auth::new_secret("tpt_");
     let lifetime = svc.config.token_lifetime_secs;
@@ -160,9 +228,19 @@ pub async fn login(State(svc): State<Arc<Service>>, headers: HeaderMap, body: Bo
     (h, axum::Json(me_json(&caller, false))).into_response()
 }
 
+/// A 429 with Retry-After.
+fn too_many(msg: String, retry_after_secs: u64) -> Response {
+    let mut r = json_error(StatusCode::TOO_MANY_REQUESTS, msg);
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, retry_after_secs.into());
+    r
+}
+
 /// Ends the session: its token stops working and the cookie is cleared.
-#[utoipa::path(post, path = "/console/logout", tag = "console",
-    responses((status = 204, description = "logged out; the cookie is cleared")))]
+/// It needs no credentials: without a session there is nothing to end.
+#[utoipa::path(post, path = "/console/logout", tag = "console", operation_id = "ConsoleLogout",
+    responses((status = 204, description = "logged out; the cookie is cleared"),
+        (status = 403, description = "authenticated by the session cookie alone, without the X-Tidepool-Csrf header", body = super::wire::ErrorDoc)))]
 pub async fn logout(State(svc): State<Arc<Service>>, headers: HeaderMap) -> Response {
     if let Some(token) = session_token(&headers)
         && let Ok(caller) = auth::authenticate(&svc, &headers).await
@@ -179,9 +257,11 @@ pub async fn logout(State(svc): State<Arc<Service>>, headers: HeaderMap) -> Resp
 }
 
 /// Who the caller is.
-#[utoipa::path(get, path = "/console/me", tag = "console",
-    responses((status = 200, description = "{user, roles: {instance: role}, open}"),
-        (status = 401, description = "not logged in")))]
+#[utoipa::path(get, path = "/console/me", tag = "console", operation_id = "ConsoleMe",
+    security(("bearer" = []), ("apiKey" = [])),
+    responses((status = 200, description = "the caller, its roles, and whether the server is open", body = MeDoc),
+        (status = 401, description = "not logged in: missing or bad credentials", body = super::wire::ExecJobAsyncResponse),
+        (status = 503, description = "the store failed", body = super::wire::ExecJobAsyncResponse)))]
 pub async fn me(State(svc): State<Arc<Service>>, headers: HeaderMap) -> Response {
     match json_caller(&svc, &headers).await {
         Ok(c) => axum::Json(me_json(&c, svc.open)).into_response(),

@@ -169,13 +169,36 @@ impl Follow {
     }
 }
 
+/// The data of each event of `GET /v1/Runs/{id}/events`: a JSON object.
+pub struct EventDataDoc;
+
+impl utoipa::PartialSchema for EventDataDoc {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        let schema = json!({
+            "type": "object",
+            "description": "status: {status}; counters: {jobID, status, counters, runTime, rowsPerSec}; log: a log line {seq, time, level, jobID, row, message}; end: {runID, instance, status, counters, runTime, error, jobs, logTruncated}; error: {error}",
+        });
+        serde_json::from_value(schema).expect("the event data schema is valid OpenAPI")
+    }
+}
+
+impl utoipa::ToSchema for EventDataDoc {
+    fn name() -> std::borrow::Cow<'static, str> {
+        "runEventData".into()
+    }
+}
+
 /// Follows a run live: `status`, `counters` (about once a second, with
 /// rows/s), then its `log` lines and `end`; the stream then closes.
-#[utoipa::path(get, path = "/v1/Runs/{id}/events", tag = "tidepool",
-    params(("id" = String, Path, description = "the runID")),
-    responses((status = 200, description = "text/event-stream: events status, counters, log, end", content_type = "text/event-stream"),
-        (status = 404, description = "unknown run"),
-        (status = 503, description = "too many event streams are open")))]
+#[utoipa::path(get, path = "/v1/Runs/{id}/events", tag = "tidepool", operation_id = "RunEvents",
+    params(("id" = String, Path, description = "the runID"),
+        ("instance" = Option<String>, Query, description = "the instance the run belongs to; default the caller's primary instance")),
+    security(("bearer" = []), ("apiKey" = [])),
+    responses((status = 200, description = "Server-Sent Events: `status`, `counters`, `log`, `end` (or `error`), each with a JSON object as its data; the stream closes after `end`",
+            body = EventDataDoc, content_type = "text/event-stream"),
+        (status = 401, description = "missing or bad credentials", body = super::wire::ExecJobAsyncResponse),
+        (status = 404, description = "unknown run, or another instance's", body = super::wire::ExecJobAsyncResponse),
+        (status = 503, description = "too many event streams are open, or the store failed", body = super::wire::ErrorDoc)))]
 pub async fn run_events(
     State(svc): State<Arc<Service>>,
     headers: HeaderMap,

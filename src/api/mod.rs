@@ -1074,6 +1074,22 @@ impl utoipa::Modify for SecuritySchemes {
                 "an API key from `tidepool key create USER`",
             ))),
         );
+        // Every `/v1/` operation takes credentials (`POST /token` is not
+        // under `/v1/`): one whose annotation does not say so says it here.
+        let required = vec![
+            utoipa::openapi::security::SecurityRequirement::new("bearer", Vec::<String>::new()),
+            utoipa::openapi::security::SecurityRequirement::new("apiKey", Vec::<String>::new()),
+        ];
+        for (path, item) in doc.paths.paths.iter_mut() {
+            if !path.starts_with("/v1/") {
+                continue;
+            }
+            for op in [&mut item.get, &mut item.post].into_iter().flatten() {
+                if op.security.is_none() {
+                    op.security = Some(required.clone());
+                }
+            }
+        }
     }
 }
 

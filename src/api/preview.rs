@@ -13,6 +13,7 @@ use serde_json::{Map, Value, json};
 use tokio::sync::Semaphore;
 
 use super::runs::{json_caller, json_error};
+use super::wire::MAX_ROW;
 use crate::engine::{self, CancelToken, LogLevel, PreviewRow, RunObserver, RunRequest};
 use crate::server::Service;
 use crate::store::Role;
@@ -42,9 +43,88 @@ struct PreviewBody {
     job_id: String,
     #[serde(default)]
     argument: String,
-    rows: Option<u64>,
-    begin_at_row: Option<u64>,
+    /// A number, read by [`whole`] (JSON's `20.0` is 20 too).
+    rows: Option<serde_json::Number>,
+    begin_at_row: Option<serde_json::Number>,
     instance: Option<String>,
+}
+
+/// The body of `POST /v1/Preview` in the OpenAPI document.
+pub struct PreviewRequestDoc;
+
+impl utoipa::PartialSchema for PreviewRequestDoc {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        let schema = json!({
+            "type": "object",
+            "description": "Unknown fields are ignored.",
+            "required": ["projectID", "jobID"],
+            "properties": {
+                "projectID": {"type": "string", "description": "the project (name in any case)", "example": "demo"},
+                "jobID": {"type": "string", "description": "the job", "example": "contacts"},
+                "argument": {"type": "string", "description": "@@VAR:JobArgument@@ in the job; default empty"},
+                "rows": {"type": ["integer", "null"], "minimum": 1, "maximum": PREVIEW_ROWS_MAX,
+                    "description": format!("rows to show, 1 to {PREVIEW_ROWS_MAX}; default {PREVIEW_ROWS_DEFAULT}")},
+                "beginAtRow": {"type": ["integer", "null"], "minimum": 1, "maximum": MAX_ROW,
+                    "description": "the first origin row shown (1-based); default 1"},
+                "instance": {"type": ["string", "null"], "description": "the instance; default the caller's primary instance"},
+            },
+        });
+        serde_json::from_value(schema).expect("the preview request schema is valid OpenAPI")
+    }
+}
+
+impl utoipa::ToSchema for PreviewRequestDoc {
+    fn name() -> std::borrow::Cow<'static, str> {
+        "previewRequest".into()
+    }
+}
+
+/// What one stage would do with a preview row.
+#[derive(utoipa::ToSchema)]
+#[schema(as = previewStage)]
+#[allow(dead_code)]
+pub struct PreviewStageDoc {
+    /// The stage's name.
+    stage: String,
+    /// Insert, Update, Delete, Skip, Ignore or Error.
+    action: String,
+    /// The destination columns, in order.
+    columns: Vec<String>,
+    /// The values it would write, by destination column.
+    values: std::collections::HashMap<String, String>,
+}
+
+/// A preview row.
+#[derive(utoipa::ToSchema)]
+#[schema(as = previewRow)]
+#[allow(dead_code)]
+pub struct PreviewRowDoc {
+    /// The origin row (1-based).
+    row: u64,
+    /// The origin columns, in order.
+    columns: Vec<String>,
+    /// The origin values by column.
+    origin: std::collections::HashMap<String, String>,
+    /// Why the row failed, if it did.
+    error: Option<String>,
+    stages: Vec<PreviewStageDoc>,
+}
+
+/// The answer of `POST /v1/Preview`.
+#[derive(utoipa::ToSchema)]
+#[schema(as = previewResponse)]
+#[allow(dead_code)]
+pub struct PreviewAnswerDoc {
+    #[schema(rename = "projectID")]
+    project_id: String,
+    #[schema(rename = "jobID")]
+    job_id: String,
+    status: crate::engine::RunStatus,
+    /// Why the preview failed or was stopped.
+    error: Option<String>,
+    counters: crate::engine::Counters,
+    rows: Vec<PreviewRowDoc>,
+    log: Vec<super::wire::LogLine>,
 }
 
 /// Keeps the preview rows of the first job.
@@ -83,27 +163,44 @@ fn row_json(r: &PreviewRow) -> Value {
     })
 }
 
+/// A whole number from 1 to `max`, as JSON writes it (`20` or `20.0`).
+fn whole(n: Option<&serde_json::Number>, name: &str, max: u64) -> Result<Option<u64>, String> {
+    let Some(n) = n else { return Ok(None) };
+    let value = n.as_u64().or_else(|| {
+        // An integral float below 2^64 converts exactly.
+        n.as_f64()
+            .filter(|f| f.fract() == 0.0 && *f >= 1.0 && *f < 18_446_744_073_709_551_616.0)
+            .map(|f| f as u64)
+    });
+    match value {
+        Some(v) if (1..=max).contains(&v) => Ok(Some(v)),
+        _ => Err(format!(
+            "{name} must be a whole number from 1 to {max}, not {n}"
+        )),
+    }
+}
+
 /// Checks the body: the request, or the refusal.
 fn read_request(bytes: &[u8]) -> Result<(PreviewBody, u64, u64), String> {
     let body: PreviewBody =
         serde_json::from_slice(bytes).map_err(|e| format!("malformed preview request: {e}"))?;
-    let rows = body.rows.unwrap_or(PREVIEW_ROWS_DEFAULT);
-    if !(1..=PREVIEW_ROWS_MAX).contains(&rows) {
-        return Err(format!("rows must be 1 to {PREVIEW_ROWS_MAX}, not {rows}"));
-    }
-    let begin = body.begin_at_row.unwrap_or(1);
-    if begin == 0 {
-        return Err("beginAtRow must be a positive integer".into());
-    }
+    let rows = whole(body.rows.as_ref(), "rows", PREVIEW_ROWS_MAX)?.unwrap_or(PREVIEW_ROWS_DEFAULT);
+    let begin = whole(body.begin_at_row.as_ref(), "beginAtRow", MAX_ROW)?.unwrap_or(1);
     Ok((body, rows, begin))
 }
 
 /// Runs a job in preview mode on its first rows; writes nothing.
-#[utoipa::path(post, path = "/v1/Preview", tag = "tidepool",
-    request_body(content = String, description = "{projectID, jobID, argument?, rows? (1..100, default 20), beginAtRow?, instance?}", content_type = "application/json"),
-    responses((status = 200, description = "{projectID, jobID, status, error, counters, rows: [{row, columns, origin, error, stages: [{stage, action, columns, values}]}], log}"),
-        (status = 400, description = "{error}"), (status = 403, description = "{error}: read-only role"),
-        (status = 404, description = "{error}: unknown project or job"), (status = 503, description = "{error}: too many previews at once")))]
+#[utoipa::path(post, path = "/v1/Preview", tag = "tidepool", operation_id = "Preview",
+    request_body(content = PreviewRequestDoc, content_type = "application/json"),
+    security(("bearer" = []), ("apiKey" = [])),
+    responses((status = 200, description = "the rows as they would be written, and what each stage would do with them", body = PreviewAnswerDoc),
+        (status = 400, description = "the body is not a preview request, or a field breaks its rule", body = super::wire::ErrorDoc),
+        (status = 401, description = "missing or bad credentials", body = super::wire::ExecJobAsyncResponse),
+        (status = 403, description = "read-only role", body = super::wire::ErrorDoc),
+        (status = 404, description = "unknown project or job (in the caller's instance)", body = super::wire::ErrorDoc),
+        (status = 413, description = "the body is too large", body = super::wire::ErrorDoc),
+        (status = 500, description = "the preview crashed (a bug)", body = super::wire::ErrorDoc),
+        (status = 503, description = "too many previews at once, or the store failed", body = super::wire::ErrorDoc)))]
 pub async fn preview(State(svc): State<Arc<Service>>, headers: HeaderMap, body: Body) -> Response {
     let caller = match json_caller(&svc, &headers).await {
         Ok(c) => c,
@@ -151,7 +248,8 @@ pub async fn preview(State(svc): State<Arc<Service>>, headers: HeaderMap, body: 
     req.preview = true;
     req.argument = body.argument.clone();
     req.begin_at_row = begin;
-    req.end_after_row = Some(begin + rows - 1);
+    // Near the largest row there may be fewer than `rows` rows to show.
+    req.end_after_row = Some(begin.saturating_add(rows - 1).min(MAX_ROW));
     req.logging_level = LogLevel::Medium;
     let cancel = CancelToken::new();
     let stop = cancel.clone();

@@ -231,22 +231,25 @@ pub struct RunPage {
 }
 
 /// The caller's runs, newest first, filtered and paged.
-#[utoipa::path(get, path = "/v1/Runs", tag = "tidepool",
+#[utoipa::path(get, path = "/v1/Runs", tag = "tidepool", operation_id = "Runs",
     params(
         ("project" = Option<String>, Query, description = "only this project"),
         ("job" = Option<String>, Query, description = "only runs whose first job is this"),
-        ("status" = Option<String>, Query, description = "Queued, Running, Complete, Failed or Cancelled"),
-        ("since" = Option<String>, Query, description = "accepted at or after (RFC 3339)"),
-        ("until" = Option<String>, Query, description = "accepted at or before (RFC 3339)"),
-        ("q" = Option<String>, Query, description = "text the argument contains (case-insensitive)"),
+        ("status" = Option<String>, Query, pattern = r"^[ \t\n\f\r]*$|^[ \t\n\f\r]*([Qq][Uu][Ee][Uu][Ee][Dd]|[Rr][Uu][Nn][Nn][Ii][Nn][Gg]|[Cc][Oo][Mm][Pp][Ll][Ee][Tt][Ee]|[Ff][Aa][Ii][Ll][Ee][Dd]|[Cc][Aa][Nn][Cc][Ee][Ll][Ll][Ee][Dd])[ \t\n\f\r]*$",
+            description = "Queued, Running, Complete, Failed or Cancelled (any case); blank means any"),
+        ("since" = Option<String>, Query, pattern = r"^[ \t\n\f\r]*$|^[ \t\n\f\r]*[1-9][0-9]{3}-(0[1-9]|1[0-2])-(0[1-9]|1[0-9]|2[0-8])[Tt]([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]{1,9})?([Zz]|[+-]([01][0-9]|2[0-3]):[0-5][0-9])[ \t\n\f\r]*$", description = "accepted at or after (RFC 3339, as 2026-12-01T09:00:00Z); blank means any"),
+        ("until" = Option<String>, Query, pattern = r"^[ \t\n\f\r]*$|^[ \t\n\f\r]*[1-9][0-9]{3}-(0[1-9]|1[0-2])-(0[1-9]|1[0-9]|2[0-8])[Tt]([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]{1,9})?([Zz]|[+-]([01][0-9]|2[0-3]):[0-5][0-9])[ \t\n\f\r]*$", description = "accepted at or before (RFC 3339, as 2026-12-01T09:00:00Z); blank means any"),
+        ("q" = Option<String>, Query, max_length = 200, description = "text the argument contains (case-insensitive), at most 200 characters"),
         ("instance" = Option<String>, Query, description = "only this instance"),
-        ("limit" = Option<usize>, Query, description = "1 to 500; 50 if absent"),
-        ("cursor" = Option<String>, Query, description = "nextCursor of the page before"),
+        ("limit" = Option<String>, Query, pattern = r"^[ \t\n\f\r]*$|^[ \t\n\f\r]*0*([1-9]|[1-9][0-9]|[1-4][0-9]{2}|500)[ \t\n\f\r]*$", description = "1 to 500 in digits; 50 if absent or blank"),
+        ("cursor" = Option<String>, Query, pattern = r"^[A-Za-z0-9_-]*$", description = "nextCursor of the page before, as it came (base64url)"),
     ),
+    security(("bearer" = []), ("apiKey" = [])),
     responses(
-        (status = 200, body = RunPage),
-        (status = 400, description = "{error}: a parameter breaks its rule"),
-        (status = 401, description = "missing or bad credentials")))]
+        (status = 200, description = "a page of runs, newest first", body = RunPage),
+        (status = 400, description = "a parameter breaks its rule", body = super::wire::ErrorDoc),
+        (status = 401, description = "missing or bad credentials", body = super::wire::ExecJobAsyncResponse),
+        (status = 503, description = "the store failed", body = super::wire::ErrorDoc)))]
 pub async fn list_runs(
     State(svc): State<Arc<Service>>,
     headers: HeaderMap,
@@ -277,6 +280,76 @@ pub async fn list_runs(
         next_cursor,
     })
     .into_response()
+}
+
+/// A log line of `GET /v1/Runs/{id}/log` (and of the event stream).
+#[derive(utoipa::ToSchema)]
+#[schema(as = runLogLine)]
+#[allow(dead_code)]
+pub struct LogLineDoc {
+    /// Its place in the run's log: a cursor.
+    seq: u64,
+    /// When it was written.
+    time: String,
+    /// Low, Medium or High.
+    level: String,
+    #[schema(rename = "jobID")]
+    job_id: String,
+    /// The origin row it is about.
+    row: Option<u64>,
+    message: String,
+}
+
+/// A page of `GET /v1/Runs/{id}/log`.
+#[derive(utoipa::ToSchema)]
+#[schema(as = runLogPage)]
+#[allow(dead_code)]
+pub struct LogPageDoc {
+    lines: Vec<LogLineDoc>,
+    /// Send as `cursor` for the next page; null on the last page.
+    #[schema(rename = "nextCursor")]
+    next_cursor: Option<String>,
+}
+
+/// A row error of `GET /v1/Runs/{id}/errors`.
+#[derive(utoipa::ToSchema)]
+#[schema(as = rowError)]
+#[allow(dead_code)]
+pub struct RowErrorDoc {
+    seq: u64,
+    #[schema(rename = "jobID")]
+    job_id: String,
+    /// The origin row.
+    row: u64,
+    /// The stage (1-based; 0: reading the row or its batch).
+    stage: u64,
+    #[schema(rename = "stageName")]
+    stage_name: Option<String>,
+    message: String,
+    /// The origin columns, in order.
+    columns: Vec<String>,
+    /// The origin values by column.
+    values: std::collections::HashMap<String, String>,
+}
+
+/// A page of `GET /v1/Runs/{id}/errors`.
+#[derive(utoipa::ToSchema)]
+#[schema(as = rowErrorPage)]
+#[allow(dead_code)]
+pub struct ErrorPageDoc {
+    errors: Vec<RowErrorDoc>,
+    /// Row errors of the run in all.
+    total: u64,
+    /// Row errors kept (the first of each job).
+    kept: u64,
+    /// Some were not kept.
+    truncated: bool,
+    /// Row errors kept per job at most.
+    #[schema(rename = "keptPerJob")]
+    kept_per_job: u64,
+    /// Send as `cursor` for the next page; null on the last page.
+    #[schema(rename = "nextCursor")]
+    next_cursor: Option<String>,
 }
 
 /// Log lines a page holds when the caller names no limit, and at most.
@@ -345,13 +418,18 @@ async fn visible_run(
 }
 
 /// A run's log, line by line, paged, at a level or more important.
-#[utoipa::path(get, path = "/v1/Runs/{id}/log", tag = "tidepool",
+#[utoipa::path(get, path = "/v1/Runs/{id}/log", tag = "tidepool", operation_id = "RunLog",
     params(("id" = String, Path, description = "the runID"),
-        ("level" = Option<String>, Query, description = "1..3 or Low, Medium, High: lines at this level or more important (default 3: all)"),
-        ("cursor" = Option<String>, Query, description = "nextCursor of the page before"),
-        ("limit" = Option<usize>, Query, description = "1 to 1000; 200 if absent")),
-    responses((status = 200, description = "{lines: [{seq, time, level, jobID, row, message}], nextCursor}"),
-        (status = 400, description = "{error}"), (status = 404, description = "unknown run")))]
+        ("level" = Option<String>, Query, pattern = r"^[ \t\n\f\r]*$|^[ \t\n\f\r]*([123]|[Ll][Oo][Ww]|[Mm][Ee][Dd][Ii][Uu][Mm]|[Hh][Ii][Gg][Hh])[ \t\n\f\r]*$", description = "1, 2, 3 or Low, Medium, High (any case): lines at this level or more important; blank or absent: 3 (all)"),
+        ("cursor" = Option<String>, Query, pattern = r"^[ \t\n\f\r]*$|^[ \t\n\f\r]*0*[0-9]{1,19}[ \t\n\f\r]*$", description = "nextCursor of the page before (a line number); blank or absent: from the start"),
+        ("limit" = Option<String>, Query, pattern = r"^[ \t\n\f\r]*$|^[ \t\n\f\r]*0*([1-9]|[1-9][0-9]{1,2}|1000)[ \t\n\f\r]*$", description = "1 to 1000 in digits; 200 if absent or blank"),
+        ("instance" = Option<String>, Query, description = "the instance the run belongs to; default the caller's primary instance")),
+    security(("bearer" = []), ("apiKey" = [])),
+    responses((status = 200, description = "a page of log lines", body = LogPageDoc),
+        (status = 400, description = "a parameter breaks its rule", body = super::wire::ErrorDoc),
+        (status = 401, description = "missing or bad credentials", body = super::wire::ExecJobAsyncResponse),
+        (status = 404, description = "unknown run, or another instance's", body = super::wire::ExecJobAsyncResponse),
+        (status = 503, description = "the store failed", body = super::wire::ErrorDoc)))]
 pub async fn run_log(
     State(svc): State<Arc<Service>>,
     headers: HeaderMap,
@@ -391,12 +469,17 @@ pub async fn run_log(
 }
 
 /// A run's row errors with their origin values, paged; kept at every log level.
-#[utoipa::path(get, path = "/v1/Runs/{id}/errors", tag = "tidepool",
+#[utoipa::path(get, path = "/v1/Runs/{id}/errors", tag = "tidepool", operation_id = "RunErrors",
     params(("id" = String, Path, description = "the runID"),
-        ("cursor" = Option<String>, Query, description = "nextCursor of the page before"),
-        ("limit" = Option<usize>, Query, description = "1 to 1000; 100 if absent")),
-    responses((status = 200, description = "{errors: [{seq, jobID, row, stage, stageName, message, columns, values}], total, kept, truncated, nextCursor}"),
-        (status = 400, description = "{error}"), (status = 404, description = "unknown run")))]
+        ("cursor" = Option<String>, Query, pattern = r"^[ \t\n\f\r]*$|^[ \t\n\f\r]*0*[0-9]{1,19}[ \t\n\f\r]*$", description = "nextCursor of the page before (a line number); blank or absent: from the start"),
+        ("limit" = Option<String>, Query, pattern = r"^[ \t\n\f\r]*$|^[ \t\n\f\r]*0*([1-9]|[1-9][0-9]{1,2}|1000)[ \t\n\f\r]*$", description = "1 to 1000 in digits; 100 if absent or blank"),
+        ("instance" = Option<String>, Query, description = "the instance the run belongs to; default the caller's primary instance")),
+    security(("bearer" = []), ("apiKey" = [])),
+    responses((status = 200, description = "a page of row errors", body = ErrorPageDoc),
+        (status = 400, description = "a parameter breaks its rule", body = super::wire::ErrorDoc),
+        (status = 401, description = "missing or bad credentials", body = super::wire::ExecJobAsyncResponse),
+        (status = 404, description = "unknown run, or another instance's", body = super::wire::ExecJobAsyncResponse),
+        (status = 503, description = "the store failed", body = super::wire::ErrorDoc)))]
 pub async fn run_errors(
     State(svc): State<Arc<Service>>,
     headers: HeaderMap,
