@@ -190,7 +190,9 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let path = c.store_path()?;
     let store = SqliteStore::open(&path)
         .with_context(|| format!("cannot open the store {}", path.display()))?;
-    runtime()?.block_on(async move {
+    let rt = runtime()?;
+    let store_path = path.clone();
+    let served = rt.block_on(async move {
         api::metrics_handle();
         let svc = Service::new(c.clone(), Arc::new(store)).await?;
         if svc.open {
@@ -235,7 +237,14 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         })
         .await;
         Ok(ExitCode::SUCCESS)
-    })
+    });
+    // Every task has ended once the runtime is down, so nothing writes after
+    // this: leave the store in one file with an empty log.
+    rt.shutdown_timeout(std::time::Duration::from_secs(5));
+    if let Err(e) = SqliteStore::empty_log(&store_path, std::time::Duration::from_secs(3)) {
+        tracing::warn!("the store's log was not emptied at exit: {e}");
+    }
+    served
 }
 
 /// Projects reload on SIGHUP and when a file under the projects folder changes.

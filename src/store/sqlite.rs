@@ -122,6 +122,26 @@ fn open_conn(path: &Path, write: bool) -> rusqlite::Result<Connection> {
 }
 
 impl SqliteStore {
+    /// Folds the write-ahead log into the store file and empties it, trying
+    /// again while another connection holds a checkpoint (SQLite answers
+    /// busy at once then) until `patience` is spent. For the end of a
+    /// process, once nothing else writes.
+    pub fn empty_log(path: &Path, patience: Duration) -> Result<(), StoreError> {
+        let conn = open_conn(path, true).map_err(db_err)?;
+        let deadline = std::time::Instant::now() + patience;
+        loop {
+            match checkpoint(&conn, "TRUNCATE").map_err(db_err)? {
+                (_, false) => return Ok(()),
+                (frames, true) if std::time::Instant::now() >= deadline => {
+                    return Err(StoreError::Database(format!(
+                        "checkpoint: the log is busy ({frames} frames left)"
+                    )));
+                }
+                _ => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    }
+
     /// Opens (or creates) the store file and starts its writer thread.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         if let Some(dir) = path.parent()
@@ -644,17 +664,9 @@ impl Store for SqliteStore {
 
     async fn checkpoint(&self) -> Result<(), StoreError> {
         let path = self.path.clone();
-        tokio::task::spawn_blocking(move || {
-            let conn = open_conn(&path, true).map_err(db_err)?;
-            match checkpoint(&conn, "TRUNCATE").map_err(db_err)? {
-                (_, false) => Ok(()),
-                (frames, true) => Err(StoreError::Database(format!(
-                    "checkpoint: the log is busy ({frames} frames left)"
-                ))),
-            }
-        })
-        .await
-        .map_err(db_err)?
+        tokio::task::spawn_blocking(move || Self::empty_log(&path, Duration::from_secs(2)))
+            .await
+            .map_err(db_err)?
     }
 
     async fn due_webhooks(
