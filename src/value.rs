@@ -301,6 +301,18 @@ pub enum FieldType {
     Boolean,
 }
 
+/// ISO 8601 with offset and 7 fractional digits, as the vendor writes times:
+/// the one text form of a time in answers and in the stored log.
+pub fn datetime_text(t: &chrono::DateTime<chrono::FixedOffset>) -> String {
+    use chrono::Timelike;
+    format!(
+        "{}.{:07}{}",
+        t.format("%Y-%m-%dT%H:%M:%S"),
+        t.nanosecond() % 1_000_000_000 / 100,
+        t.format("%:z")
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

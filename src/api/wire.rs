@@ -923,16 +923,7 @@ pub fn timespan(d: Duration) -> String {
     }
 }
 
-/// ISO 8601 with offset and 7 fractional digits, as the vendor writes it.
-pub fn datetime(t: &DateTime<FixedOffset>) -> String {
-    use chrono::Timelike;
-    format!(
-        "{}.{:07}{}",
-        t.format("%Y-%m-%dT%H:%M:%S"),
-        t.nanosecond() % 1_000_000_000 / 100,
-        t.format("%:z")
-    )
-}
+pub use crate::value::datetime_text as datetime;
 
 /// `execJobAsyncResponse`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]

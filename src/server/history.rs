@@ -1,7 +1,6 @@
 //! What a finished run leaves for the console to page through: its log, line
 //! by line, and its row errors with their origin values (kept at every level).
 
-use crate::api::wire::datetime;
 use crate::engine::{LogLevel, RunReport};
 use crate::store::history::{RowErrorTotals, RunDetails, StoredLogLine, StoredRowError};
 
@@ -15,7 +14,7 @@ pub fn details_of(report: &RunReport) -> RunDetails {
                 .filter(|e| e.level != LogLevel::None)
                 .map(|e| StoredLogLine {
                     seq: 0,
-                    time: datetime(&e.time),
+                    time: crate::value::datetime_text(&e.time),
                     level: e.level as u8,
                     job: e.job_id.0.clone(),
                     row: e.row,
