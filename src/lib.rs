@@ -12,6 +12,7 @@ pub mod project;
 pub mod script;
 pub mod server;
 pub mod store;
+pub mod template;
 pub mod value;
 
 pub use engine::{

@@ -21,8 +21,7 @@ use std::time::Instant;
 
 use rquickjs::{Context, Ctx, Exception, Function, Object, Persistent, Runtime};
 
-use crate::project::ScriptLimits;
-use crate::project::template::{Part, Template, Token};
+use crate::template::{Part, Template, Token};
 use crate::value::{Row, Value, ValueRef};
 
 /// What scripts may reach outside themselves: the persisted cross-reference
@@ -661,6 +660,25 @@ fn from_js<'js>(ctx: &Ctx<'js>, v: rquickjs::Value<'js>) -> Result<Value, String
         Ok(Some(s)) => s.to_string().map(Value::Text).map_err(|e| e.to_string()),
         Ok(None) => Ok(Value::Null),
         Err(e) => Err(format!("the script's value cannot be written: {e}")),
+    }
+}
+
+/// Limits on a job's scripts: a call that runs longer, or a runtime that grows
+/// larger, fails (the row, or the job for job-wide operations).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ScriptLimits {
+    /// The longest one call may run (`script_time_limit_ms`, default 1000).
+    pub time: std::time::Duration,
+    /// The most memory one runtime may use (`script_memory_limit_mb`, default 64).
+    pub memory: usize,
+}
+
+impl Default for ScriptLimits {
+    fn default() -> Self {
+        ScriptLimits {
+            time: std::time::Duration::from_millis(1000),
+            memory: 64 * 1024 * 1024,
+        }
     }
 }
 

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use libfuzzer_sys::fuzz_target;
 use tidepool::connector::bind_tokens;
-use tidepool::project::template::{Part, Template, Token};
+use tidepool::template::{Part, Template, Token};
 use tidepool::value::Value;
 
 fuzz_target!(|text: &str| {

@@ -12,11 +12,11 @@ use serde_json::json;
 use super::auth::Caller;
 use super::runs::{json_caller, json_error};
 use crate::connector::ConnectionConfig;
-use crate::project::template::{Part, Template};
 use crate::project::{Field, FieldSource, Job, OriginSpec, Project, Stage};
 use crate::server::Service;
 use crate::server::reload::FailedProject;
 use crate::store::Role;
+use crate::template::{Part, Template};
 
 /// A project that did not load, as `GET /v1/Projects` lists it.
 fn failed_json(f: &FailedProject) -> serde_json::Value {

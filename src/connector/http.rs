@@ -23,8 +23,8 @@ use super::{
     ALL_ACTIONS, Capabilities, Connector, ConnectorError, Destination, DestinationRequest, Flow,
     Lookup, Origin, OriginInput, OriginRequest, RowAction, RowRead, StagePlan, WriteResult,
 };
-use crate::project::StageAction;
-use crate::project::template::{Part, Template, Token};
+use crate::connector::StageAction;
+use crate::template::{Part, Template, Token};
 use crate::value::{Row, Value};
 
 /// `kind = "http"`: a JSON resource of an HTTP API.

@@ -12,7 +12,7 @@ use super::{
     Capabilities, Connector, ConnectorError, Destination, DestinationRequest, Flow, Origin,
     OriginInput, OriginRequest, RowAction, RowRead, WriteResult, resolve_path,
 };
-use crate::project::StageAction;
+use crate::connector::StageAction;
 use crate::value::{Row, Value};
 
 /// `kind = "json"`: a JSON array of objects, or JSON Lines.

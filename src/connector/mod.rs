@@ -14,12 +14,12 @@ pub mod postgres;
 pub mod sqlite;
 
 use std::collections::BTreeMap;
+use std::fmt;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
-use crate::project::StageAction;
-use crate::project::template::{Part, Template, Token};
+use crate::template::{Part, Template, Token};
 use crate::value::{Row, Value};
 
 /// A connection as written in `project.toml` under `[connections.<name>]`,
@@ -759,6 +759,45 @@ fn quoted_before(parts: &[Part], token: usize) -> bool {
 
 fn quoted_after(parts: &[Part], token: usize) -> bool {
     matches!(parts.get(token + 1), Some(Part::Literal(t)) if t.starts_with('\''))
+}
+
+/// What a stage does with each row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum StageAction {
+    /// Insert every row.
+    #[serde(rename = "insert")]
+    Insert,
+    /// Update the rows that match; no match is an ignore.
+    #[serde(rename = "update")]
+    Update,
+    /// Delete the rows that match; no match is an ignore.
+    #[serde(rename = "delete")]
+    Delete,
+    /// Update if a row matches, insert if not.
+    #[serde(rename = "update/insert", alias = "upsert")]
+    UpdateInsert,
+    /// Leave a matching row alone (a skip), insert if none matches.
+    #[serde(rename = "skip/insert")]
+    SkipInsert,
+}
+
+impl StageAction {
+    /// Whether the stage needs `match` fields to find destination rows.
+    pub fn needs_match(self) -> bool {
+        !matches!(self, StageAction::Insert)
+    }
+}
+
+impl fmt::Display for StageAction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            StageAction::Insert => "insert",
+            StageAction::Update => "update",
+            StageAction::Delete => "delete",
+            StageAction::UpdateInsert => "update/insert",
+            StageAction::SkipInsert => "skip/insert",
+        })
+    }
 }
 
 #[cfg(test)]

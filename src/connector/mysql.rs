@@ -24,7 +24,7 @@ use super::{
     SavepointWriter, StagePlan, WriteResult, bind_tokens, find_columns, reconnect_failed,
     redact_url, unindexed_note,
 };
-use crate::project::StageAction;
+use crate::connector::StageAction;
 use crate::value::{Row, Value};
 
 /// `kind = "mysql"` (or `"mariadb"`): a MySQL or MariaDB database.

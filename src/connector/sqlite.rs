@@ -13,7 +13,7 @@ use super::{
     DestinationRequest, Flow, Origin, OriginInput, OriginRequest, RowAction, RowRead, StagePlan,
     WriteResult, bind_tokens, find_columns, resolve_path, unindexed_note,
 };
-use crate::project::StageAction;
+use crate::connector::StageAction;
 use crate::value::{Row, Value};
 
 /// `kind = "sqlite"`: a SQLite database file.

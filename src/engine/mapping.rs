@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 use chrono::{Local, SecondsFormat, Utc};
 
 use crate::connector::{ColumnPlan, RowAction, StagePlan};
-use crate::project::template::{Part, Token};
 use crate::project::{BuiltinFunction, FieldSource, Job, Stage, Transform};
+use crate::template::{Part, Token};
 use crate::value::{FieldType, Row, Value};
 
 /// Which connection a stage writes to.
@@ -401,7 +401,7 @@ fn script_reads(src: &str) -> Option<Vec<String>> {
             return None; // `row` itself is passed around or iterated
         }
     }
-    if let Ok(t) = crate::project::template::Template::parse(src) {
+    if let Ok(t) = crate::template::Template::parse(src) {
         for tok in t.tokens() {
             if let Token::Origin(n) = tok {
                 out.push(n.clone());

@@ -6,12 +6,12 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::template::{Template, Token};
 use super::{
     BuiltinFunction, Field, FieldSource, Job, JobId, Moment, Operation, OriginSpec, Problem,
     Project, ProjectId, ScriptLimits, Stage, StageAction, Transform,
 };
 use crate::connector::{ConnectionConfig, OriginInput};
+use crate::template::{Template, Token};
 use crate::value::{FieldType, Value};
 
 /// Settings that loading needs from outside the project files.

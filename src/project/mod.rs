@@ -5,7 +5,6 @@
 //! every problem is a [`Problem`] with file, line and reason.
 
 mod load;
-pub mod template;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -14,11 +13,13 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::connector::ConnectionConfig;
+pub use crate::connector::StageAction;
+pub use crate::script::ScriptLimits;
+use crate::template::Template;
 use crate::value::{FieldType, Value};
 pub use load::{
     DEFAULT_INSTANCE, LoadOptions, LoadOutcome, load_project, load_project_text, load_projects,
 };
-use template::Template;
 
 /// The ID of a project: what the API's `projectID` names (max 36 characters).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -105,25 +106,6 @@ pub struct Job {
     pub script_limits: ScriptLimits,
 }
 
-/// Limits on a job's scripts: a call that runs longer, or a runtime that grows
-/// larger, fails (the row, or the job for job-wide operations).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ScriptLimits {
-    /// The longest one call may run (`script_time_limit_ms`, default 1000).
-    pub time: std::time::Duration,
-    /// The most memory one runtime may use (`script_memory_limit_mb`, default 64).
-    pub memory: usize,
-}
-
-impl Default for ScriptLimits {
-    fn default() -> Self {
-        ScriptLimits {
-            time: std::time::Duration::from_millis(1000),
-            memory: 64 * 1024 * 1024,
-        }
-    }
-}
-
 /// A script the engine runs at a fixed moment of a job (Starfish's Exec operations).
 #[derive(Debug, Clone)]
 pub struct Operation {
@@ -198,45 +180,6 @@ pub struct OriginSpec {
     pub query: Option<String>,
     /// A file path overriding the connection's (file kinds).
     pub path: Option<PathBuf>,
-}
-
-/// What a stage does with each row.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub enum StageAction {
-    /// Insert every row.
-    #[serde(rename = "insert")]
-    Insert,
-    /// Update the rows that match; no match is an ignore.
-    #[serde(rename = "update")]
-    Update,
-    /// Delete the rows that match; no match is an ignore.
-    #[serde(rename = "delete")]
-    Delete,
-    /// Update if a row matches, insert if not.
-    #[serde(rename = "update/insert", alias = "upsert")]
-    UpdateInsert,
-    /// Leave a matching row alone (a skip), insert if none matches.
-    #[serde(rename = "skip/insert")]
-    SkipInsert,
-}
-
-impl StageAction {
-    /// Whether the stage needs `match` fields to find destination rows.
-    pub fn needs_match(self) -> bool {
-        !matches!(self, StageAction::Insert)
-    }
-}
-
-impl fmt::Display for StageAction {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            StageAction::Insert => "insert",
-            StageAction::Update => "update",
-            StageAction::Delete => "delete",
-            StageAction::UpdateInsert => "update/insert",
-            StageAction::SkipInsert => "skip/insert",
-        })
-    }
 }
 
 /// One stage of a job.

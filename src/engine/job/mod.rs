@@ -222,7 +222,7 @@ struct Shared<'a> {
     /// writer: row operations and scripts that read `stages` see each row's
     /// own results, in order.
     row_wise: bool,
-    limits: crate::project::ScriptLimits,
+    limits: crate::script::ScriptLimits,
     host: Option<Arc<RunHost>>,
     /// Hears each row of a preview run (with what each stage would write).
     previewer: Option<&'a dyn RunObserver>,
