@@ -1,3 +1,4 @@
+#![warn(missing_docs)]
 //! tidepool: a data-integration job server.
 //!
 //! A project folder defines connections and jobs ([`project`]); a run reads
