@@ -459,7 +459,9 @@ pub fn check_connections(project: &Project) -> ConnectionCheck {
             Ok(notes) => check
                 .notes
                 .extend(notes.into_iter().map(|n| Problem::new(&j.file, None, n))),
-            Err(m) => check.problems.push(Problem::new(&j.file, None, m)),
+            Err(m) => check
+                .problems
+                .push(Problem::new(&j.file, None, m.to_string())),
         }
     }
     check

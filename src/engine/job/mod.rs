@@ -1,32 +1,87 @@
 //! Executing one job: reader thread, writer threads, batches, counters, log.
 
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::Local;
-use crossbeam_channel::RecvTimeoutError;
 use smallvec::{SmallVec, smallvec};
 
+mod finish;
 mod operations;
+mod prepare;
+mod pump;
+mod writers;
 
 use super::host::RunHost;
 use super::mapping::{self, CompiledStage, RowContext, Target};
-use super::state;
 use super::{
     CancelToken, Counters, JobReport, LogEntry, LogLevel, PreviewRow, PreviewStage,
     ROW_ERRORS_KEPT, RowError, RunObserver, RunRequest, RunStatus,
 };
 use crate::connector::{
-    ConnectionConfig, ConnectorError, Destination, DestinationRequest, Flow, Origin, OriginRequest,
+    ConnectionConfig, ConnectorError, Destination, DestinationRequest, Origin, OriginRequest,
     RowAction, RowRead,
 };
 use crate::project::{Job, Moment, Project};
 use crate::script::{SKIP_ROW, ScriptHost, ScriptRuntime};
 use crate::value::{Row, Value};
-use operations::{OpRef, job_ops};
+use finish::Ending;
+use operations::{OpRef, OperationError};
+use prepare::{Plan, Prelude};
+use writers::ErrorFile;
+
+/// Why a job fails before its rows run, or its connections do not check.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum JobError {
+    /// The once-only operations' runtime does not compile.
+    #[error("an operation does not compile: {0}")]
+    OperationsCompile(String),
+    /// An operation outside rows failed.
+    #[error(transparent)]
+    Operation(#[from] OperationError),
+    /// The job names a connection the project does not have.
+    #[error("unknown connection {0:?}")]
+    UnknownConnection(String),
+    /// The origin does not open.
+    #[error("origin {name:?}: {source}")]
+    Origin {
+        name: String,
+        #[source]
+        source: ConnectorError,
+    },
+    /// The stages do not compile against the origin's fields.
+    #[error("{0}")]
+    Mapping(String),
+    /// The field scripts (and row operations) do not compile.
+    #[error("a script does not compile: {0}")]
+    ScriptCompile(String),
+    /// Stages write to a target with no connection.
+    #[error("no connection for the stages of {0}")]
+    NoConnection(String),
+    /// A writer's connection does not open; `name` says which (destination or write-back).
+    #[error("{name}: {source}")]
+    Writer {
+        name: String,
+        #[source]
+        source: ConnectorError,
+    },
+    /// The error file cannot be created.
+    #[error("cannot create error file {}: {source}", path.display())]
+    ErrorFile {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A destination does not open or finish when the job's connections are checked.
+    #[error("destination {name:?}: {source}")]
+    Destination {
+        name: String,
+        #[source]
+        source: ConnectorError,
+    },
+}
 
 /// Log entries kept per job; past this the log says how many were dropped.
 const MAX_LOG_ENTRIES: usize = 100_000;
@@ -205,7 +260,7 @@ struct Shared<'a> {
     stop: AtomicBool,
     halted: Mutex<Option<String>>,
     cancel: &'a CancelToken,
-    error_file: Option<Mutex<::csv::Writer<File>>>,
+    error_file: Option<ErrorFile>,
     run_id: String,
     /// The origin's field names (a script's `row` object).
     columns: Vec<String>,
@@ -806,12 +861,12 @@ fn open_origin<'p>(
     variables: &BTreeMap<String, Value>,
     preview: bool,
     changed: Option<&str>,
-) -> Result<(&'p ConnectionConfig, Box<dyn Origin>), String> {
+) -> Result<(&'p ConnectionConfig, Box<dyn Origin>), JobError> {
     let name = &job.origin.connection;
     let conn = project
         .connections
         .get(name)
-        .ok_or_else(|| format!("unknown connection {name:?}"))?;
+        .ok_or_else(|| JobError::UnknownConnection(name.clone()))?;
     let by_query = conn.capabilities().origin == crate::connector::OriginInput::Query;
     let query = match changed {
         Some(q) if by_query => Some(q),
@@ -831,7 +886,10 @@ fn open_origin<'p>(
             fields: &mapping::origin_fields(job),
             preview,
         })
-        .map_err(|e| format!("origin {name:?}: {e}"))?;
+        .map_err(|source| JobError::Origin {
+            name: name.clone(),
+            source,
+        })?;
     Ok((conn, origin))
 }
 
@@ -867,8 +925,13 @@ pub(crate) fn run_job(
             }
         ),
     );
-    let outcome = execute(project, job, req, cancel, observer, log, &start_time);
-    let (counters, error, mut log, cancelled, return_value) = outcome;
+    let JobOutcome {
+        counters,
+        error,
+        mut log,
+        cancelled,
+        return_value,
+    } = execute(project, job, req, cancel, observer, log, &start_time);
     let status = if cancelled {
         RunStatus::Cancelled
     } else if error.is_some() {
@@ -910,10 +973,35 @@ pub(crate) fn run_job(
     }
 }
 
-/// Counters, the job's error, its log, whether it was cancelled, and the
-/// scripts' `returnValue`.
-type Outcome = (Counters, Option<String>, RunLog, bool, Option<Value>);
+/// What a job's run came to.
+struct JobOutcome {
+    counters: Counters,
+    /// Why the job failed (the first reason), if it did.
+    error: Option<String>,
+    log: RunLog,
+    cancelled: bool,
+    /// The scripts' last `returnValue`.
+    return_value: Option<Value>,
+}
 
+impl JobOutcome {
+    /// A job that failed before its rows ran: one error, nothing written.
+    fn failed(why: JobError, log: RunLog) -> Self {
+        JobOutcome {
+            counters: Counters {
+                errors: 1,
+                ..Counters::default()
+            },
+            error: Some(why.to_string()),
+            log,
+            cancelled: false,
+            return_value: None,
+        }
+    }
+}
+
+/// Runs the job's phases: variables and operations, opening the writers,
+/// the reader/writer pump, finishing.
 fn execute(
     project: &Project,
     job: &Job,
@@ -922,265 +1010,38 @@ fn execute(
     observer: &dyn RunObserver,
     mut log: RunLog,
     start_time: &chrono::DateTime<chrono::FixedOffset>,
-) -> Outcome {
-    let job_failed = |msg: String, log: RunLog| -> Outcome {
-        let c = Counters {
-            errors: 1,
-            ..Counters::default()
-        };
-        (c, Some(msg), log, false, None)
+) -> JobOutcome {
+    let mut pre = match Prelude::open(project, job, req, &mut log) {
+        Ok(p) => p,
+        Err(e) => return JobOutcome::failed(e, log),
     };
-
-    let mut variables = job_variables(project, job, &req.argument, &req.run_id.to_string());
-    // Variables kept from earlier runs (LastRunDate, those scripts set).
-    let mut state = match state::JobState::open(&project.data_dir) {
-        Ok(s) => Some(s),
+    let plan = match pre.plan(project, job, req, &mut log) {
+        Ok(p) => p,
+        Err(e) => return JobOutcome::failed(e, log),
+    };
+    let writers = match writers::open_writers(project, job, req, plan.origin_conn, &mut log) {
+        Ok(w) => w,
+        Err(e) => return JobOutcome::failed(e, log),
+    };
+    let error_file = match writers::open_error_file(job, req, &plan.columns) {
+        Ok(f) => f,
         Err(e) => {
-            log.push(
-                LogLevel::Medium,
-                None,
-                format!("job variables are not kept: {e}"),
-            );
-            None
+            writers::finish_all(writers);
+            return JobOutcome::failed(e, log);
         }
     };
-    if let Some(st) = &state {
-        match st.load(&project.id.0, &job.id.0) {
-            Ok(kept) => {
-                for (k, v) in kept {
-                    if !matches!(k.as_str(), "JobArgument" | "RunID" | "JobID" | "ProjectID") {
-                        variables.insert(k, Value::Text(v));
-                    }
-                }
-            }
-            Err(e) => log.push(
-                LogLevel::Medium,
-                None,
-                format!("job variables cannot be read: {e}"),
-            ),
-        }
-    }
-    let initial_vars = variables.clone();
-    let has_field_scripts = job.stages.iter().any(|s| {
-        s.fields
-            .iter()
-            .any(|f| matches!(f.source, crate::project::FieldSource::Script(_)))
-    });
-    let host = (has_field_scripts || !job.operations.is_empty())
-        .then(|| Arc::new(RunHost::new(project, req.preview)));
-    // Operations that run once (not in rows) run here, in a runtime of their own.
-    let op_sources: Vec<String> = job.operations.iter().map(|o| o.script.clone()).collect();
-    let job_js = if job
-        .operations
-        .iter()
-        .any(|o| !o.when.in_row() && o.when != Moment::OnRowError)
-    {
-        let h = host.clone().map(|h| h as Arc<dyn ScriptHost>);
-        match ScriptRuntime::new(&op_sources, &variables, job.script_limits, h) {
-            Ok(rt) => Some(rt),
-            Err(e) => return job_failed(format!("an operation does not compile: {e}"), log),
-        }
-    } else {
-        None
-    };
-    let mut changed_origin: Option<String> = None;
-    for when in [Moment::Once, Moment::BeforeConnections, Moment::BeforeQuery] {
-        let Some(js) = &job_js else { break };
-        let mut event = serde_json::json!({"when": when.as_str()});
-        if when == Moment::BeforeQuery {
-            let conn_path = project
-                .connections
-                .get(&job.origin.connection)
-                .and_then(|c| c.connector().file_path());
-            let q = job.origin.query.clone().or_else(|| {
-                job.origin
-                    .path
-                    .as_deref()
-                    .or(conn_path)
-                    .map(|p| p.display().to_string())
-            });
-            event["query"] = q.into();
-        }
-        match job_ops(js, job, when, &event, &mut log) {
-            Ok(Some(Value::Text(q))) if when == Moment::BeforeQuery => changed_origin = Some(q),
-            Ok(_) => {}
-            Err(e) => return job_failed(e, log),
-        }
-        variables.extend(js.changed_vars(&variables));
-    }
-    if let Some(q) = &changed_origin {
-        log.push(
-            LogLevel::Medium,
-            None,
-            format!("a before_query operation set the origin query: {q}"),
-        );
-    }
-    let (origin_conn, mut origin) = match open_origin(
-        project,
-        job,
-        &variables,
-        req.preview,
-        changed_origin.as_deref(),
-    ) {
-        Ok(o) => o,
-        Err(e) => return job_failed(e, log),
-    };
-    let columns = origin.columns().to_vec();
-    if let Some(js) = &job_js {
-        let event = serde_json::json!({"when": "after_query", "columns": columns});
-        if let Err(e) = job_ops(js, job, Moment::AfterQuery, &event, &mut log) {
-            return job_failed(e, log);
-        }
-        variables.extend(js.changed_vars(&variables));
-    }
-    let (mut stages, mut scripts) = match mapping::compile(job, &columns, &variables) {
-        Ok(s) => s,
-        Err(e) => return job_failed(e, log),
-    };
-    // Row operations and on_row_error run in the threads' runtimes, after the field scripts.
-    let ops: Vec<OpRef> = job
-        .operations
-        .iter()
-        .enumerate()
-        .filter(|(_, o)| o.when.in_row() || o.when == Moment::OnRowError)
-        .map(|(i, o)| OpRef {
-            when: o.when,
-            stage: o.stage,
-            script: scripts.len() + i,
-            line: o.line,
-            read: mapping::script_columns(&o.script, &columns),
-            wants_stages: crate::script::reads_stages(&o.script),
-            wants_event: o.script.contains("event"),
-        })
-        .collect();
-    if !ops.is_empty() {
-        scripts.extend(op_sources.iter().cloned());
-    }
-    // A preview goes row-wise too: each stage's values are kept to show them.
-    let row_wise =
-        ops.iter().any(|o| o.when.in_row()) || stages.iter().any(|s| s.reads_stages) || req.preview;
-    if row_wise {
-        stages.iter_mut().for_each(|s| s.premap = false);
-    }
-    if !scripts.is_empty()
-        && let Err(e) = ScriptRuntime::new(&scripts, &variables, job.script_limits, None)
-    {
-        return job_failed(format!("a script does not compile: {e}"), log);
-    }
-
-    // Open one writer per thread.
-    let dest_plans = mapping::plans(&job.stages, Target::Destination);
-    let back_plans = mapping::plans(&job.stages, Target::Origin);
-    let dest_conn = job
-        .destination
-        .as_ref()
-        .and_then(|d| project.connections.get(d));
-    let mut threads = if req.preview {
-        1
-    } else {
-        req.thread_count.max(1)
-    };
-    for (conn, plans) in [(dest_conn, &dest_plans), (Some(origin_conn), &back_plans)] {
-        if let Some(c) = conn
-            && !plans.is_empty()
-            && let Some(max) = c.capabilities().max_writers
-            && threads > max
-        {
-            log.push(
-                LogLevel::Medium,
-                None,
-                format!(
-                    "a {} destination takes {max} writer(s): threadCount {threads} runs as {max}",
-                    c.kind()
-                ),
-            );
-            threads = max;
-        }
-    }
-    let mut writers = Vec::with_capacity(threads);
-    for _ in 0..threads {
-        let open = |conn: Option<&crate::connector::ConnectionConfig>,
-                    plans: &[crate::connector::StagePlan],
-                    name: &str|
-         -> Result<Option<Box<dyn Destination>>, String> {
-            if plans.is_empty() {
-                return Ok(None);
-            }
-            let c = conn.ok_or_else(|| format!("no connection for the stages of {name}"))?;
-            c.connector()
-                .open_destination(&DestinationRequest {
-                    base_dir: &project.dir,
-                    stages: plans,
-                    preview: req.preview,
-                })
-                .map(Some)
-                .map_err(|e| format!("{name}: {e}"))
-        };
-        let dest_name = format!(
-            "destination {:?}",
-            job.destination.clone().unwrap_or_default()
-        );
-        let back_name = format!("origin {:?} (write-back)", job.origin.connection);
-        let w = open(dest_conn, &dest_plans, &dest_name).and_then(|dest| {
-            Ok(Writer {
-                dest,
-                back: open(Some(origin_conn), &back_plans, &back_name)?,
-            })
-        });
-        match w {
-            Ok(w) => {
-                if writers.is_empty() {
-                    let (dest, back) = (w.dest.as_deref(), w.back.as_deref());
-                    for (d, name) in [(dest, &dest_name), (back, &back_name)] {
-                        for note in d.map(|d| d.notes()).unwrap_or_default() {
-                            log.push(LogLevel::Low, None, format!("{name}: {note}"));
-                        }
-                    }
-                }
-                writers.push(w)
-            }
-            Err(e) => {
-                for w in writers {
-                    let _ = w.finish();
-                }
-                return job_failed(e, log);
-            }
-        }
-    }
-
-    let error_file = match (&job.error_file, req.preview) {
-        (Some(path), false) => {
-            let opened = path
-                .parent()
-                .map(std::fs::create_dir_all)
-                .unwrap_or(Ok(()))
-                .and_then(|()| File::create(path));
-            match opened {
-                Ok(f) => {
-                    let mut w = ::csv::Writer::from_writer(f);
-                    let mut header = vec!["row".to_owned(), "stage".into(), "error".into()];
-                    header.extend(columns.iter().cloned());
-                    let _ = w.write_record(&header);
-                    Some(Mutex::new(w))
-                }
-                Err(e) => {
-                    for w in writers {
-                        let _ = w.finish();
-                    }
-                    return job_failed(
-                        format!("cannot create error file {}: {e}", path.display()),
-                        log,
-                    );
-                }
-            }
-        }
-        _ => None,
-    };
-
-    let nstages = stages.len();
+    let Plan {
+        origin,
+        columns,
+        stages,
+        scripts,
+        ops,
+        row_wise,
+        ..
+    } = plan;
     let shared = Shared {
         job,
-        stage_counts: Mutex::new(vec![Counters::default(); nstages]),
+        stage_counts: Mutex::new(vec![Counters::default(); stages.len()]),
         stages,
         counters: LiveCounters::default(),
         level: req.logging_level,
@@ -1190,264 +1051,35 @@ fn execute(
         cancel,
         error_file,
         run_id: req.run_id.to_string(),
-        columns: columns.clone(),
+        columns,
         scripts,
-        variables: variables.clone(),
+        variables: pre.variables.clone(),
         return_value: Mutex::new(None),
         changed_vars: Mutex::new(BTreeMap::new()),
         ops,
         row_wise,
         limits: job.script_limits,
-        host: host.clone(),
+        host: pre.host.clone(),
         previewer: req.preview.then_some(observer),
     };
-
-    let batch_size = job.batch_size;
-    let (tx, rx) = crossbeam_channel::bounded::<Vec<RowState>>(threads * 2);
-    let (done_tx, done_rx) = crossbeam_channel::bounded::<()>(0);
-    // Processed batches go back to the reader to be freed there: the rows were
-    // allocated on its thread, and freeing them there keeps the writers free for
-    // writing (cross-thread frees cost the writer a fifth of its time).
-    let (trash_tx, trash_rx) = crossbeam_channel::unbounded::<Vec<RowState>>();
-    let begin = req.begin_at_row;
-    let end = req.end_after_row;
-
-    let (read_result, finish_errors) = std::thread::scope(|s| {
-        let shared = &shared;
-        let reader = s.spawn(move || {
-            // Script fields of stages mapped ahead run here, in the reader's own runtime.
-            let js = shared.runtime().ok().flatten();
-            let mut n: u64 = 0;
-            let mut batch = Vec::with_capacity(batch_size);
-            let mut stopped = false;
-            let res = origin.read(&mut |r| {
-                if shared.stopping() {
-                    stopped = true;
-                    return Flow::Stop;
-                }
-                n += 1;
-                if n < begin {
-                    return Flow::Continue;
-                }
-                batch.push(shared.new_row(n, r, js.as_ref()));
-                if batch.len() >= batch_size {
-                    trash_rx.try_iter().for_each(drop);
-                    if tx
-                        .send(std::mem::replace(
-                            &mut batch,
-                            Vec::with_capacity(batch_size),
-                        ))
-                        .is_err()
-                    {
-                        return Flow::Stop;
-                    }
-                }
-                if end.is_some_and(|e| n >= e) {
-                    Flow::Stop
-                } else {
-                    Flow::Continue
-                }
-            });
-            if !batch.is_empty() && !stopped {
-                let _ = tx.send(batch);
-            }
-            shared.keep_return_value(js.as_ref());
-            res
-        });
-        let handles: Vec<_> = writers
-            .into_iter()
-            .map(|mut w| {
-                let rx = rx.clone();
-                let done = done_tx.clone();
-                let trash = trash_tx.clone();
-                s.spawn(move || {
-                    // A QuickJS runtime stays on its thread: one per writer.
-                    let js = match shared.runtime() {
-                        Ok(rt) => rt,
-                        Err(e) => {
-                            let mut h = shared.halted.lock().expect("halt lock");
-                            h.get_or_insert(format!("a script does not compile: {e}"));
-                            shared.stop.store(true, Ordering::SeqCst);
-                            None
-                        }
-                    };
-                    for batch in rx.iter() {
-                        if shared.stopping() {
-                            continue; // drain, so the reader never blocks
-                        }
-                        let mut rows = batch;
-                        shared.process_batch(&mut w, js.as_ref(), &mut rows);
-                        let _ = trash.send(rows);
-                    }
-                    shared.keep_return_value(js.as_ref());
-                    drop(done);
-                    w.finish()
-                })
-            })
-            .collect();
-        drop(rx);
-        drop(done_tx);
-        drop(trash_tx);
-        while let Err(RecvTimeoutError::Timeout) = done_rx.recv_timeout(PROGRESS_EVERY) {
-            observer.progress(&job.id, &shared.counters.snapshot());
-        }
-        let read_result = reader
-            .join()
-            .unwrap_or_else(|_| Err(ConnectorError::Io("the reader thread panicked".into())));
-        let finish_errors: Vec<String> = handles
-            .into_iter()
-            .filter_map(|h| match h.join() {
-                Ok(Ok(())) => None,
-                Ok(Err(e)) => Some(e.to_string()),
-                Err(_) => Some("a writer thread panicked".into()),
-            })
-            .collect();
-        (read_result, finish_errors)
-    });
-
-    let Shared {
-        return_value,
-        changed_vars,
-        counters,
-        stage_counts,
-        log,
-        halted,
-        error_file,
-        stages,
-        ..
-    } = shared;
-    let mut log = log.into_inner().expect("log lock");
-    let mut counters = counters.snapshot();
-    if let Some(f) = error_file
-        && let Err(e) = f.into_inner().expect("error file lock").flush()
-    {
-        log.push(
-            LogLevel::Low,
-            None,
-            format!("cannot write the error file: {e}"),
-        );
-    }
-    for (i, (stage, c)) in stages
-        .iter()
-        .zip(stage_counts.into_inner().expect("stage counts lock"))
-        .enumerate()
-    {
-        log.push(
-            LogLevel::Medium,
-            None,
-            format!(
-                "stage {} ({}): {} inserts, {} updates, {} deletes, {} errors, {} skips, {} ignores",
-                i + 1,
-                stage.name,
-                c.inserts,
-                c.updates,
-                c.deletes,
-                c.errors,
-                c.skips,
-                c.ignores
-            ),
-        );
-    }
-    let cancelled = cancel.is_cancelled();
-    let mut error = halted.into_inner().expect("halt lock");
-    if let Err(e) = read_result {
-        counters.errors += 1;
-        // A stream cannot be resumed where it broke: say what landed, so the
-        // user knows what a rerun must cover.
-        let e = match e {
-            ConnectorError::Lost(_) => format!(
-                "{e}; the {} rows read before it were processed and counted, the rest were not read",
-                counters.total_rows
-            ),
-            e => e.to_string(),
-        };
-        log.push(LogLevel::Low, None, format!("origin: {e}"));
-        error.get_or_insert(format!("origin {:?}: {e}", job.origin.connection));
-    }
-    for e in finish_errors {
-        counters.errors += 1;
-        log.push(LogLevel::Low, None, e.clone());
-        error.get_or_insert(e);
-    }
-    if cancelled {
-        error.get_or_insert("cancelled".into());
-    }
-    let mut return_value = return_value.into_inner().expect("return value lock");
-    // Variables changed since the job started: by the operations before the
-    // rows, then by the threads' scripts.
-    let mut changed: BTreeMap<String, Value> = variables
-        .iter()
-        .filter(|(k, v)| initial_vars.get(*k) != Some(*v))
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    changed.extend(changed_vars.into_inner().expect("changed vars lock"));
-    if let Some(js) = &job_js
-        && !cancelled
-        && job.operations.iter().any(|o| o.when == Moment::End)
-    {
-        js.set_vars(&changed);
-        if let Some(rv) = &return_value {
-            js.set_return_value(rv);
-        }
-        let event = serde_json::json!({
-            "when": "end",
-            "counters": serde_json::to_value(counters).unwrap_or_default(),
-            "error": error.clone(),
-        });
-        if let Err(e) = job_ops(js, job, Moment::End, &event, &mut log) {
-            log.push(LogLevel::Low, None, e.clone());
-            error.get_or_insert(e);
-        }
-        changed = js.changed_vars(&initial_vars);
-        return_value = js.return_value().or(return_value);
-    }
-    if let Some(h) = &host {
-        if let Err(e) = h.flush() {
-            log.push(
-                LogLevel::Low,
-                None,
-                format!("the xref lists cannot be kept: {e}"),
-            );
-            error.get_or_insert(format!("the xref lists cannot be kept: {e}"));
-        }
-        let (calls, cached) = h.lookup_stats();
-        if calls > 0 {
-            log.push(
-                LogLevel::Medium,
-                None,
-                format!("lookups: {calls}, {cached} answered from the run's cache"),
-            );
-        }
-    }
-    if error.is_none()
-        && !cancelled
-        && !req.preview
-        && let Some(st) = state.as_mut()
-    {
-        let mut keep: BTreeMap<String, String> =
-            changed.into_iter().map(|(k, v)| (k, v.to_text())).collect();
-        keep.insert(
-            "LastRunDate".into(),
-            start_time.to_rfc3339_opts(chrono::SecondsFormat::Secs, false),
-        );
-        if let Err(e) = st.save(&project.id.0, &job.id.0, &keep) {
-            log.push(
-                LogLevel::Low,
-                None,
-                format!("job variables cannot be kept: {e}"),
-            );
-        }
-    }
-    (counters, error, log, cancelled, return_value)
+    let pumped = pump::pump(&shared, origin, writers, req, observer);
+    let ending = Ending {
+        project,
+        job,
+        req,
+        cancel,
+        start_time,
+    };
+    ending.finish(shared, pumped, pre)
 }
 
 /// Opens a job's connections as a preview run would, without reading rows:
 /// finds a missing file or table, an origin field or column that does not
 /// exist. Returns the destinations' notes (a missing index, …).
-pub(crate) fn check_job(project: &Project, job: &Job) -> Result<Vec<String>, String> {
+pub(crate) fn check_job(project: &Project, job: &Job) -> Result<Vec<String>, JobError> {
     let variables = job_variables(project, job, "", "");
     let (origin_conn, origin) = open_origin(project, job, &variables, true, None)?;
-    mapping::compile(job, origin.columns(), &variables)?;
+    mapping::compile(job, origin.columns(), &variables).map_err(JobError::Mapping)?;
     drop(origin);
     let dest_conn = job
         .destination
@@ -1478,14 +1110,17 @@ pub(crate) fn check_job(project: &Project, job: &Job) -> Result<Vec<String>, Str
                 stages: &plans,
                 preview: true,
             })
-            .map_err(|e| format!("destination {name:?}: {e}"))?;
+            .map_err(|source| JobError::Destination {
+                name: name.clone(),
+                source,
+            })?;
         notes.extend(
             d.notes()
                 .into_iter()
                 .map(|n| format!("destination {name:?}: {n}")),
         );
         d.finish()
-            .map_err(|e| format!("destination {name:?}: {e}"))?;
+            .map_err(|source| JobError::Destination { name, source })?;
     }
     Ok(notes)
 }

@@ -7,6 +7,16 @@ use crate::project::{Job, Moment};
 use crate::script::{CallInput, SKIP_ROW, ScriptRuntime, StageView};
 use crate::value::{Row, Value};
 
+/// An operation that failed: when it runs, its line in the job file, why.
+#[derive(Debug, thiserror::Error)]
+#[error("operation {} (line {line}): {reason}", when.as_str())]
+pub(crate) struct OperationError {
+    when: Moment,
+    line: usize,
+    /// The script's error.
+    reason: String,
+}
+
 /// An operation of the job, compiled in the threads' runtimes.
 #[derive(Debug, Clone)]
 pub(super) struct OpRef {
@@ -146,7 +156,7 @@ pub(super) fn job_ops(
     when: Moment,
     event: &serde_json::Value,
     log: &mut RunLog,
-) -> Result<Option<Value>, String> {
+) -> Result<Option<Value>, OperationError> {
     let empty = Row::from_values(Vec::new());
     let mut last = None;
     for (i, op) in job.operations.iter().enumerate() {
@@ -174,11 +184,11 @@ pub(super) fn job_ops(
                 } else {
                     e
                 };
-                return Err(format!(
-                    "operation {} (line {}): {e}",
-                    when.as_str(),
-                    op.line
-                ));
+                return Err(OperationError {
+                    when,
+                    line: op.line,
+                    reason: e,
+                });
             }
         }
     }
