@@ -259,8 +259,25 @@ impl SourceFile<'_> {
     }
 }
 
+/// Why a `${NAME}` reference cannot be replaced.
+#[derive(Debug, thiserror::Error)]
+enum InterpolateError {
+    /// A `${` without its `}`.
+    #[error("unterminated ${{…}} in {text:?}")]
+    Unterminated { text: String },
+    /// The environment does not set the variable.
+    #[error(
+        "environment variable {name} is not set (used as ${{{name}}}); set it or remove the reference"
+    )]
+    Unset {
+        name: String,
+        #[source]
+        source: std::env::VarError,
+    },
+}
+
 /// Replaces `${NAME}` from the environment; `DATA_DIR` and `PROJECT_DIR` are built in.
-fn interpolate(text: &str, builtins: &BTreeMap<&str, String>) -> Result<String, String> {
+fn interpolate(text: &str, builtins: &BTreeMap<&str, String>) -> Result<String, InterpolateError> {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
     while let Some(start) = rest.find("${") {
@@ -268,16 +285,19 @@ fn interpolate(text: &str, builtins: &BTreeMap<&str, String>) -> Result<String, 
         let after = &rest[start + 2..];
         let end = after
             .find('}')
-            .ok_or_else(|| format!("unterminated ${{…}} in {text:?}"))?;
+            .ok_or_else(|| InterpolateError::Unterminated {
+                text: text.to_owned(),
+            })?;
         let name = &after[..end];
         match builtins.get(name) {
             Some(v) => out.push_str(v),
             None => match std::env::var(name) {
                 Ok(v) => out.push_str(&v),
-                Err(_) => {
-                    return Err(format!(
-                        "environment variable {name} is not set (used as ${{{name}}}); set it or remove the reference"
-                    ));
+                Err(source) => {
+                    return Err(InterpolateError::Unset {
+                        name: name.to_owned(),
+                        source,
+                    });
                 }
             },
         }
@@ -287,7 +307,10 @@ fn interpolate(text: &str, builtins: &BTreeMap<&str, String>) -> Result<String, 
     Ok(out)
 }
 
-fn interpolate_value(v: &mut toml::Value, builtins: &BTreeMap<&str, String>) -> Result<(), String> {
+fn interpolate_value(
+    v: &mut toml::Value,
+    builtins: &BTreeMap<&str, String>,
+) -> Result<(), InterpolateError> {
     match v {
         toml::Value::String(s) => *s = interpolate(s, builtins)?,
         toml::Value::Array(items) => {
@@ -322,7 +345,7 @@ pub fn load_project(dir: &Path, opts: &LoadOptions) -> Result<Project, Vec<Probl
     let job_files = files
         .into_iter()
         .map(|f| {
-            let text = std::fs::read_to_string(&f).map_err(|e| e.to_string());
+            let text = std::fs::read_to_string(&f);
             (f, text)
         })
         .collect();
@@ -343,7 +366,7 @@ pub fn load_project_text(
 }
 
 /// A job file's path and its text, or why it could not be read.
-type JobFile = (PathBuf, Result<String, String>);
+type JobFile = (PathBuf, std::io::Result<String>);
 
 fn load_project_files(
     dir: &Path,
@@ -377,21 +400,69 @@ fn load_project_files(
     if let Some(i) = &raw.instance {
         check_id(&src, i, "instance", &mut problems);
     }
+    let variables = project_variables(&src, &raw.variables, &builtins, &mut problems);
+    let (connections, broken) =
+        project_connections(&src, raw.connections, &builtins, &mut problems);
+    let jobs = load_jobs(
+        dir,
+        job_files,
+        &connections,
+        &broken,
+        &builtins,
+        &mut problems,
+    );
+
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    Ok(Project {
+        id: ProjectId(id),
+        instance: raw
+            .instance
+            .map(|i| i.into_inner())
+            .unwrap_or_else(|| DEFAULT_INSTANCE.to_owned()),
+        name: raw.name.unwrap_or(folder_name),
+        dir: dir.to_owned(),
+        data_dir: opts.data_dir.clone(),
+        variables,
+        connections,
+        jobs,
+    })
+}
+
+/// The project's `[variables]`, interpolated.
+fn project_variables(
+    src: &SourceFile,
+    raw: &BTreeMap<String, Spanned<String>>,
+    builtins: &BTreeMap<&str, String>,
+    problems: &mut Vec<Problem>,
+) -> BTreeMap<String, String> {
     let mut variables = BTreeMap::new();
-    for (name, value) in &raw.variables {
-        match interpolate(value.get_ref(), &builtins) {
+    for (name, value) in raw {
+        match interpolate(value.get_ref(), builtins) {
             Ok(v) => {
                 variables.insert(name.clone(), v);
             }
             Err(e) => problems.push(src.problem(value, format!("variable {name}: {e}"))),
         }
     }
+    variables
+}
 
+/// The project's `[connections]`, interpolated and parsed; and the names of
+/// those that did not parse (their problems are reported here, not where a
+/// job names them).
+fn project_connections(
+    src: &SourceFile,
+    raw: BTreeMap<String, Spanned<toml::Value>>,
+    builtins: &BTreeMap<&str, String>,
+    problems: &mut Vec<Problem>,
+) -> (BTreeMap<String, ConnectionConfig>, BTreeSet<String>) {
     let mut connections = BTreeMap::new();
     let mut broken = BTreeSet::new();
-    for (name, spanned) in raw.connections {
+    for (name, spanned) in raw {
         let mut value = spanned.get_ref().clone();
-        if let Err(e) = interpolate_value(&mut value, &builtins) {
+        if let Err(e) = interpolate_value(&mut value, builtins) {
             problems.push(src.problem(&spanned, format!("connection {name:?}: {e}")));
             broken.insert(name);
             continue;
@@ -409,7 +480,18 @@ fn load_project_files(
             }
         }
     }
+    (connections, broken)
+}
 
+/// The project's jobs, each ID once, with their chains checked.
+fn load_jobs(
+    dir: &Path,
+    job_files: Vec<JobFile>,
+    connections: &BTreeMap<String, ConnectionConfig>,
+    broken: &BTreeSet<String>,
+    builtins: &BTreeMap<&str, String>,
+    problems: &mut Vec<Problem>,
+) -> BTreeMap<JobId, Job> {
     let mut jobs = BTreeMap::new();
     let mut job_lines: BTreeMap<JobId, (PathBuf, Option<Spanned<String>>, String)> =
         BTreeMap::new();
@@ -421,7 +503,7 @@ fn load_project_files(
                 continue;
             }
         };
-        match load_job(&file, text, &connections, &broken, &builtins, dir) {
+        match load_job(&file, text, connections, broken, builtins, dir) {
             Ok((job, next_span, text)) => {
                 if let Some(existing) = jobs.get(&job.id) {
                     let existing: &Job = existing;
@@ -442,9 +524,17 @@ fn load_project_files(
             Err(mut p) => problems.append(&mut p),
         }
     }
+    check_chains(&jobs, &job_lines, problems);
+    jobs
+}
 
-    // Chains: `next` must name a job of this project, and must not loop.
-    for (id, (file, next_span, text)) in &job_lines {
+/// Chains: `next` must name a job of this project, and must not loop.
+fn check_chains(
+    jobs: &BTreeMap<JobId, Job>,
+    job_lines: &BTreeMap<JobId, (PathBuf, Option<Spanned<String>>, String)>,
+    problems: &mut Vec<Problem>,
+) {
+    for (id, (file, next_span, text)) in job_lines {
         let Some(next) = next_span else { continue };
         let src = SourceFile { path: file, text };
         if !jobs.contains_key(&JobId(next.get_ref().clone())) {
@@ -476,23 +566,6 @@ fn load_project_files(
             at = jobs.get(&cur).and_then(|j| j.next.clone());
         }
     }
-
-    if !problems.is_empty() {
-        return Err(problems);
-    }
-    Ok(Project {
-        id: ProjectId(id),
-        instance: raw
-            .instance
-            .map(|i| i.into_inner())
-            .unwrap_or_else(|| DEFAULT_INSTANCE.to_owned()),
-        name: raw.name.unwrap_or(folder_name),
-        dir: dir.to_owned(),
-        data_dir: opts.data_dir.clone(),
-        variables,
-        connections,
-        jobs,
-    })
 }
 
 fn check_id(src: &SourceFile, id: &Spanned<String>, what: &str, problems: &mut Vec<Problem>) {
@@ -509,6 +582,23 @@ fn check_id(src: &SourceFile, id: &Spanned<String>, what: &str, problems: &mut V
 
 type LoadedJob = (Job, Option<Spanned<String>>, String);
 
+/// What a job file is checked against, and the problems found in it so far.
+struct JobCheck<'a> {
+    src: SourceFile<'a>,
+    connections: &'a BTreeMap<String, ConnectionConfig>,
+    broken: &'a BTreeSet<String>,
+    problems: Vec<Problem>,
+}
+
+/// The connections a job's stages write to: its destination's, and the
+/// origin's (for `use_origin` stages).
+struct Targets<'a> {
+    origin_name: String,
+    origin_conn: Option<&'a ConnectionConfig>,
+    dest_name: Option<String>,
+    dest_conn: Option<&'a ConnectionConfig>,
+}
+
 fn load_job(
     file: &Path,
     text: String,
@@ -522,7 +612,12 @@ fn load_job(
         text: &text,
     };
     let raw: RawJob = src.parse().map_err(|p| vec![p])?;
-    let mut problems = Vec::new();
+    let mut cx = JobCheck {
+        src,
+        connections,
+        broken,
+        problems: Vec::new(),
+    };
 
     let stem = file
         .file_stem()
@@ -530,334 +625,57 @@ fn load_job(
         .unwrap_or_default();
     let id = match &raw.id {
         Some(id) => {
-            check_id(&src, id, "job", &mut problems);
+            check_id(&cx.src, id, "job", &mut cx.problems);
             id.get_ref().clone()
         }
         None => stem,
     };
-
-    // Origin.
-    let origin_name = raw.origin.get_ref().connection.get_ref().clone();
-    let origin_conn = connections.get(&origin_name);
-    match origin_conn {
-        None if broken.contains(&origin_name) => {} // reported with the connection
-        None => problems.push(src.problem(
-            &raw.origin.get_ref().connection,
-            unknown_connection(&origin_name, connections),
-        )),
-        Some(c) => {
-            let o = raw.origin.get_ref();
-            match c.capabilities().origin {
-                OriginInput::Query if o.query.is_none() => problems.push(src.problem(
-                    &raw.origin,
-                    format!(
-                        "origin: connection {origin_name:?} ({}) needs origin.query: the rows' SQL (for http: the request path)",
-                        c.kind()
-                    ),
-                )),
-                OriginInput::File if o.query.is_some() => problems.push(src.problem(
-                    &raw.origin,
-                    format!(
-                        "origin: connection {origin_name:?} is a {} file: it takes no query",
-                        c.kind()
-                    ),
-                )),
-                _ => {}
-            }
-            if let Some(q) = &o.query
-                && let Err(e) = Template::parse(q)
-            {
-                problems.push(src.problem(&raw.origin, format!("origin.query: {e}")));
-            }
-        }
-    }
-
-    // Destination.
-    let dest_name = raw
-        .destination
-        .as_ref()
-        .map(|d| d.connection.get_ref().clone());
-    let dest_conn = match &raw.destination {
-        Some(d) => match connections.get(d.connection.get_ref()) {
-            Some(c) => Some(c),
-            None if broken.contains(d.connection.get_ref()) => None,
-            None => {
-                problems.push(src.problem(
-                    &d.connection,
-                    unknown_connection(d.connection.get_ref(), connections),
-                ));
-                None
-            }
-        },
-        None => None,
+    let targets = Targets {
+        origin_name: raw.origin.get_ref().connection.get_ref().clone(),
+        origin_conn: cx.origin(&raw.origin),
+        dest_name: raw
+            .destination
+            .as_ref()
+            .map(|d| d.connection.get_ref().clone()),
+        dest_conn: cx.destination(raw.destination.as_ref()),
     };
-
     if raw.stages.is_empty() {
-        problems.push(Problem::new(
+        cx.problems.push(Problem::new(
             file,
             None,
             "the job has no stages: add at least one [[stages]] with fields",
         ));
     }
-    let mut stages = Vec::new();
-    for (i, st) in raw.stages.into_iter().enumerate() {
-        let n = i + 1;
-        let line = src.line(st.span().start);
-        let span_start = st.span().start;
-        let raw_stage = st.into_inner();
-        let at = |msg: String| Problem::new(file, Some(line), msg);
-
-        let (target_name, target) = if raw_stage.use_origin {
-            (Some(origin_name.clone()), origin_conn)
-        } else {
-            (dest_name.clone(), dest_conn)
-        };
-        match (target_name, target) {
-            (None, _) => problems.push(at(format!(
-                "stage {n}: the job has no [destination]; add one or set use_origin = true"
-            ))),
-            (Some(name), Some(c)) => {
-                let caps = c.capabilities();
-                if !caps.actions.contains(&raw_stage.action) {
-                    problems.push(at(format!(
-                        "stage {n}: a {} connection ({name:?}) cannot {}; it supports: {}",
-                        c.kind(),
-                        raw_stage.action,
-                        caps.actions
-                            .iter()
-                            .map(|a| a.to_string())
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    )));
-                }
-                if caps.needs_table && raw_stage.table.as_deref().is_none_or(str::is_empty) {
-                    problems.push(at(format!(
-                        "stage {n}: a {} destination needs `table`",
-                        c.kind()
-                    )));
-                }
-            }
-            (Some(_), None) => {} // unknown connection, reported above
-        }
-        if raw_stage.fields.is_empty() {
-            problems.push(at(format!("stage {n}: no fields")));
-        }
-        let mut fields = Vec::new();
-        let mut columns = BTreeSet::new();
-        for f in raw_stage.fields {
-            let fline = src.line(f.span().start);
-            let rf = f.into_inner();
-            let fat = |msg: String| Problem::new(file, Some(fline), msg);
-            if !columns.insert(rf.column.clone()) {
-                problems.push(fat(format!(
-                    "stage {n}: column {:?} is mapped twice",
-                    rf.column
-                )));
-            }
-            let mut sources = Vec::new();
-            let given = [
-                rf.origin.is_some(),
-                rf.value.is_some(),
-                rf.template.is_some(),
-                rf.function.is_some(),
-                rf.script.is_some(),
-            ]
-            .iter()
-            .filter(|g| **g)
-            .count();
-            if let Some(o) = rf.origin {
-                sources.push(FieldSource::Origin(o));
-            }
-            if let Some(v) = rf.value {
-                match constant(v) {
-                    Ok(v) => sources.push(FieldSource::Constant(v)),
-                    Err(e) => problems.push(fat(format!("stage {n}, column {:?}: {e}", rf.column))),
-                }
-            }
-            if let Some(t) = rf.template {
-                match Template::parse(&t) {
-                    Ok(t) => {
-                        problems.extend(
-                            unrun_stages(&t, n)
-                                .map(|e| fat(format!("stage {n}, column {:?}: {e}", rf.column))),
-                        );
-                        sources.push(FieldSource::Template(t));
-                    }
-                    Err(e) => problems.push(fat(format!("stage {n}, column {:?}: {e}", rf.column))),
-                }
-            }
-            if let Some(func) = rf.function {
-                sources.push(FieldSource::Function(func));
-            }
-            if let Some(src) = rf.script {
-                if let Ok(t) = Template::parse(&src) {
-                    problems.extend(
-                        unrun_stages(&t, n)
-                            .map(|e| fat(format!("stage {n}, column {:?}: {e}", rf.column))),
-                    );
-                }
-                for name in unknown_lookups(&src, connections, broken) {
-                    problems.push(fat(format!(
-                        "stage {n}, column {:?}: {}",
-                        rf.column,
-                        unknown_connection(&name, connections)
-                    )));
-                }
-                match crate::script::check(&src) {
-                    Ok(()) => sources.push(FieldSource::Script(src)),
-                    Err(e) => problems.push(fat(format!(
-                        "stage {n}, column {:?}: the script does not compile: {e} (lines count from the script's first line)",
-                        rf.column
-                    ))),
-                }
-            }
-            if given != 1 {
-                problems.push(fat(format!(
-                    "stage {n}, column {:?}: give exactly one of origin, value, template, function or script",
-                    rf.column
-                )));
-                continue;
-            }
-            let Some(source) = sources.pop() else {
-                continue; // its problem is reported above
-            };
-            if rf.insert_only && rf.update_only {
-                problems.push(fat(format!(
-                    "stage {n}, column {:?}: insert_only and update_only exclude each other",
-                    rf.column
-                )));
-            }
-            fields.push(Field {
-                column: rf.column,
-                source,
-                is_match: rf.is_match,
-                insert_only: rf.insert_only,
-                update_only: rf.update_only,
-                transforms: rf.transform.into_vec(),
-                ty: rf.ty,
-                line: fline,
-            });
-        }
-        if raw_stage.action.needs_match() && !fields.iter().any(|f| f.is_match) {
-            problems.push(Problem::new(
-                file,
-                Some(src.line(span_start)),
-                format!(
-                    "stage {n}: a {} stage needs at least one field with match = true",
-                    raw_stage.action
-                ),
-            ));
-        }
-        let name = raw_stage.name.unwrap_or_else(|| match &raw_stage.table {
-            Some(t) => format!("{} {t}", raw_stage.action),
-            None => raw_stage.action.to_string(),
-        });
-        stages.push(Stage {
-            name,
-            table: raw_stage.table,
-            action: raw_stage.action,
-            omit_blank: raw_stage.omit_blank,
-            update_on_difference: raw_stage.update_on_difference,
-            use_origin: raw_stage.use_origin,
-            fields,
-        });
-    }
-
-    let mut operations = Vec::new();
-    for op in raw.operations {
-        let line = src.line(op.span().start);
-        let op = op.into_inner();
-        let at = |msg: String| Problem::new(file, Some(line), msg);
-        let when = op.when.as_str();
-        let stage = match (&op.stage, op.when) {
-            (None, _) => None,
-            (Some(v), Moment::BeforeStage | Moment::AfterStage) => {
-                let found = match v {
-                    toml::Value::Integer(n) => usize::try_from(*n)
-                        .ok()
-                        .filter(|n| (1..=stages.len()).contains(n))
-                        .map(|n| n - 1),
-                    toml::Value::String(name) => stages.iter().position(|s| &s.name == name),
-                    _ => None,
-                };
-                if found.is_none() {
-                    problems.push(at(format!(
-                        "operation {when}: stage {v} is not a stage of this job; give a stage's name or its number (1 to {}); the stages are: {}",
-                        stages.len(),
-                        stages
-                            .iter()
-                            .map(|s| format!("{:?}", s.name))
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    )));
-                }
-                found
-            }
-            (Some(_), _) => {
-                problems.push(at(format!(
-                    "operation {when}: only before_stage and after_stage operations take a stage"
-                )));
-                None
-            }
-        };
-        for name in unknown_lookups(&op.script, connections, broken) {
-            problems.push(at(format!(
-                "operation {when}: {}",
-                unknown_connection(&name, connections)
-            )));
-        }
-        if let Err(e) = crate::script::check(&op.script) {
-            problems.push(at(format!(
-                "operation {when}: the script does not compile: {e} (lines count from the script's first line)"
-            )));
-        }
-        operations.push(Operation {
-            when: op.when,
-            stage,
-            script: op.script,
-            line,
-        });
-    }
-    let mut script_limits = ScriptLimits::default();
-    if let Some(ms) = &raw.script_time_limit_ms {
-        match *ms.get_ref() {
-            1..=600_000 => script_limits.time = std::time::Duration::from_millis(*ms.get_ref()),
-            _ => problems.push(src.problem(ms, "script_time_limit_ms must be 1 to 600000")),
-        }
-    }
-    if let Some(mb) = &raw.script_memory_limit_mb {
-        match *mb.get_ref() {
-            1..=16_384 => script_limits.memory = *mb.get_ref() * 1024 * 1024,
-            _ => problems.push(src.problem(mb, "script_memory_limit_mb must be 1 to 16384")),
-        }
-    }
-
+    let stages: Vec<Stage> = raw
+        .stages
+        .into_iter()
+        .enumerate()
+        .map(|(i, st)| cx.stage(i + 1, st, &targets))
+        .collect();
+    let operations = raw
+        .operations
+        .into_iter()
+        .map(|op| cx.operation(op, &stages))
+        .collect();
+    let script_limits = cx.script_limits(&raw.script_time_limit_ms, &raw.script_memory_limit_mb);
     let error_file = match &raw.error_file {
         Some(f) => match interpolate(f.get_ref(), builtins) {
             Ok(p) => Some(project_dir.join(p)),
             Err(e) => {
-                problems.push(src.problem(f, format!("error_file: {e}")));
+                cx.problems
+                    .push(cx.src.problem(f, format!("error_file: {e}")));
                 None
             }
         },
         None => None,
     };
-    let batch_size = match &raw.batch_size {
-        Some(b) if *b.get_ref() == 0 || *b.get_ref() > MAX_BATCH => {
-            problems.push(src.problem(b, format!("batch_size must be 1 to {MAX_BATCH}")));
-            1
-        }
-        Some(b) => *b.get_ref(),
-        None => dest_conn
-            .map(|c| c.capabilities().batch_size)
-            .unwrap_or(1000),
-    };
+    let batch_size = cx.batch_size(&raw.batch_size, targets.dest_conn);
     if let Some(next) = &raw.next {
-        check_id(&src, next, "next job", &mut problems);
+        check_id(&cx.src, next, "next job", &mut cx.problems);
     }
 
-    if !problems.is_empty() {
-        return Err(problems);
+    if !cx.problems.is_empty() {
+        return Err(cx.problems);
     }
     let origin = raw.origin.into_inner();
     let job = Job {
@@ -865,11 +683,11 @@ fn load_job(
         name: raw.name.unwrap_or(id),
         file: file.to_owned(),
         origin: OriginSpec {
-            connection: origin_name,
+            connection: targets.origin_name,
             query: origin.query,
             path: origin.path.map(PathBuf::from),
         },
-        destination: dest_name,
+        destination: targets.dest_name,
         stages,
         next: raw.next.as_ref().map(|n| JobId(n.get_ref().clone())),
         halt_on_error: raw.halt_on_error,
@@ -881,6 +699,401 @@ fn load_job(
         script_limits,
     };
     Ok((job, raw.next, text))
+}
+
+impl<'a> JobCheck<'a> {
+    /// A problem at a line of the job file.
+    fn at(&mut self, line: usize, message: String) {
+        self.problems
+            .push(Problem::new(self.src.path, Some(line), message));
+    }
+
+    /// Origin: the connection must exist and take what the origin gives (a
+    /// query or not); the query must parse.
+    fn origin(&mut self, raw: &Spanned<RawOrigin>) -> Option<&'a ConnectionConfig> {
+        let o = raw.get_ref();
+        let name = o.connection.get_ref();
+        let conn = self.connections.get(name);
+        match conn {
+            None if self.broken.contains(name) => {} // reported with the connection
+            None => self.problems.push(
+                self.src
+                    .problem(&o.connection, unknown_connection(name, self.connections)),
+            ),
+            Some(c) => {
+                match c.capabilities().origin {
+                    OriginInput::Query if o.query.is_none() => self.problems.push(self.src.problem(
+                        raw,
+                        format!(
+                            "origin: connection {name:?} ({}) needs origin.query: the rows' SQL (for http: the request path)",
+                            c.kind()
+                        ),
+                    )),
+                    OriginInput::File if o.query.is_some() => self.problems.push(self.src.problem(
+                        raw,
+                        format!(
+                            "origin: connection {name:?} is a {} file: it takes no query",
+                            c.kind()
+                        ),
+                    )),
+                    _ => {}
+                }
+                if let Some(q) = &o.query
+                    && let Err(e) = Template::parse(q)
+                {
+                    self.problems
+                        .push(self.src.problem(raw, format!("origin.query: {e}")));
+                }
+            }
+        }
+        conn
+    }
+
+    /// Destination: the connection, if the job names one and it exists.
+    fn destination(&mut self, raw: Option<&RawDestination>) -> Option<&'a ConnectionConfig> {
+        let d = raw?;
+        match self.connections.get(d.connection.get_ref()) {
+            Some(c) => Some(c),
+            None if self.broken.contains(d.connection.get_ref()) => None,
+            None => {
+                self.problems.push(self.src.problem(
+                    &d.connection,
+                    unknown_connection(d.connection.get_ref(), self.connections),
+                ));
+                None
+            }
+        }
+    }
+
+    /// Stage `n`: its target must take its action (and a table, if it needs
+    /// one), its fields must map, and a matching action needs a match field.
+    fn stage(&mut self, n: usize, st: Spanned<RawStage>, targets: &Targets) -> Stage {
+        let line = self.src.line(st.span().start);
+        let raw_stage = st.into_inner();
+        self.check_target(n, line, &raw_stage, targets);
+        if raw_stage.fields.is_empty() {
+            self.at(line, format!("stage {n}: no fields"));
+        }
+        let mut fields = Vec::new();
+        let mut columns = BTreeSet::new();
+        for f in raw_stage.fields {
+            if let Some(field) = self.field(n, &mut columns, f) {
+                fields.push(field);
+            }
+        }
+        if raw_stage.action.needs_match() && !fields.iter().any(|f| f.is_match) {
+            self.at(
+                line,
+                format!(
+                    "stage {n}: a {} stage needs at least one field with match = true",
+                    raw_stage.action
+                ),
+            );
+        }
+        let name = raw_stage.name.unwrap_or_else(|| match &raw_stage.table {
+            Some(t) => format!("{} {t}", raw_stage.action),
+            None => raw_stage.action.to_string(),
+        });
+        Stage {
+            name,
+            table: raw_stage.table,
+            action: raw_stage.action,
+            omit_blank: raw_stage.omit_blank,
+            update_on_difference: raw_stage.update_on_difference,
+            use_origin: raw_stage.use_origin,
+            fields,
+        }
+    }
+
+    /// Whether stage `n`'s target connection takes its action and table.
+    fn check_target(&mut self, n: usize, line: usize, raw_stage: &RawStage, targets: &Targets) {
+        let (target_name, target) = if raw_stage.use_origin {
+            (Some(&targets.origin_name), targets.origin_conn)
+        } else {
+            (targets.dest_name.as_ref(), targets.dest_conn)
+        };
+        match (target_name, target) {
+            (None, _) => self.at(
+                line,
+                format!(
+                    "stage {n}: the job has no [destination]; add one or set use_origin = true"
+                ),
+            ),
+            (Some(name), Some(c)) => {
+                let caps = c.capabilities();
+                if !caps.actions.contains(&raw_stage.action) {
+                    self.at(
+                        line,
+                        format!(
+                            "stage {n}: a {} connection ({name:?}) cannot {}; it supports: {}",
+                            c.kind(),
+                            raw_stage.action,
+                            caps.actions
+                                .iter()
+                                .map(|a| a.to_string())
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ),
+                    );
+                }
+                if caps.needs_table && raw_stage.table.as_deref().is_none_or(str::is_empty) {
+                    self.at(
+                        line,
+                        format!("stage {n}: a {} destination needs `table`", c.kind()),
+                    );
+                }
+            }
+            (Some(_), None) => {} // unknown connection, reported above
+        }
+    }
+
+    /// A field of stage `n`: one source, a column not mapped twice (`columns`
+    /// holds those seen), not both insert_only and update_only.
+    fn field(
+        &mut self,
+        n: usize,
+        columns: &mut BTreeSet<String>,
+        f: Spanned<RawField>,
+    ) -> Option<Field> {
+        let line = self.src.line(f.span().start);
+        let mut rf = f.into_inner();
+        if !columns.insert(rf.column.clone()) {
+            self.at(
+                line,
+                format!("stage {n}: column {:?} is mapped twice", rf.column),
+            );
+        }
+        let given = [
+            rf.origin.is_some(),
+            rf.value.is_some(),
+            rf.template.is_some(),
+            rf.function.is_some(),
+            rf.script.is_some(),
+        ]
+        .iter()
+        .filter(|g| **g)
+        .count();
+        let mut sources = self.field_sources(n, line, &mut rf);
+        if given != 1 {
+            self.at(
+                line,
+                format!(
+                    "stage {n}, column {:?}: give exactly one of origin, value, template, function or script",
+                    rf.column
+                ),
+            );
+            return None;
+        }
+        // None: its problem is reported above.
+        let source = sources.pop()?;
+        if rf.insert_only && rf.update_only {
+            self.at(
+                line,
+                format!(
+                    "stage {n}, column {:?}: insert_only and update_only exclude each other",
+                    rf.column
+                ),
+            );
+        }
+        Some(Field {
+            column: rf.column,
+            source,
+            is_match: rf.is_match,
+            insert_only: rf.insert_only,
+            update_only: rf.update_only,
+            transforms: rf.transform.into_vec(),
+            ty: rf.ty,
+            line,
+        })
+    }
+
+    /// The sources a field gives (taken out of `rf`) that are valid.
+    fn field_sources(&mut self, n: usize, line: usize, rf: &mut RawField) -> Vec<FieldSource> {
+        let column = rf.column.clone();
+        let mut sources = Vec::new();
+        if let Some(o) = rf.origin.take() {
+            sources.push(FieldSource::Origin(o));
+        }
+        if let Some(v) = rf.value.take() {
+            match constant(v) {
+                Ok(v) => sources.push(FieldSource::Constant(v)),
+                Err(e) => self.at(line, format!("stage {n}, column {column:?}: {e}")),
+            }
+        }
+        if let Some(t) = rf.template.take() {
+            match Template::parse(&t) {
+                Ok(t) => {
+                    for e in unrun_stages(&t, n) {
+                        self.at(line, format!("stage {n}, column {column:?}: {e}"));
+                    }
+                    sources.push(FieldSource::Template(t));
+                }
+                Err(e) => self.at(line, format!("stage {n}, column {column:?}: {e}")),
+            }
+        }
+        if let Some(func) = rf.function.take() {
+            sources.push(FieldSource::Function(func));
+        }
+        if let Some(script) = rf.script.take() {
+            sources.extend(self.script_source(n, line, &column, script));
+        }
+        sources
+    }
+
+    /// A script field: the stages it reads must have run, its lookups must
+    /// name connections, and it must compile.
+    fn script_source(
+        &mut self,
+        n: usize,
+        line: usize,
+        column: &str,
+        script: String,
+    ) -> Option<FieldSource> {
+        if let Ok(t) = Template::parse(&script) {
+            for e in unrun_stages(&t, n) {
+                self.at(line, format!("stage {n}, column {column:?}: {e}"));
+            }
+        }
+        for name in unknown_lookups(&script, self.connections, self.broken) {
+            let unknown = unknown_connection(&name, self.connections);
+            self.at(line, format!("stage {n}, column {column:?}: {unknown}"));
+        }
+        match crate::script::check(&script) {
+            Ok(()) => Some(FieldSource::Script(script)),
+            Err(e) => {
+                self.at(
+                    line,
+                    format!(
+                        "stage {n}, column {column:?}: the script does not compile: {e} (lines count from the script's first line)"
+                    ),
+                );
+                None
+            }
+        }
+    }
+
+    /// An operation: its stage (if it names one) must be one of `stages`,
+    /// its lookups must name connections, and it must compile.
+    fn operation(&mut self, op: Spanned<RawOperation>, stages: &[Stage]) -> Operation {
+        let line = self.src.line(op.span().start);
+        let op = op.into_inner();
+        let when = op.when.as_str();
+        let stage = self.operation_stage(line, &op, stages);
+        for name in unknown_lookups(&op.script, self.connections, self.broken) {
+            let unknown = unknown_connection(&name, self.connections);
+            self.at(line, format!("operation {when}: {unknown}"));
+        }
+        if let Err(e) = crate::script::check(&op.script) {
+            self.at(
+                line,
+                format!(
+                    "operation {when}: the script does not compile: {e} (lines count from the script's first line)"
+                ),
+            );
+        }
+        Operation {
+            when: op.when,
+            stage,
+            script: op.script,
+            line,
+        }
+    }
+
+    /// The stage (0-based) an operation names by name or number, if it names one.
+    fn operation_stage(
+        &mut self,
+        line: usize,
+        op: &RawOperation,
+        stages: &[Stage],
+    ) -> Option<usize> {
+        let when = op.when.as_str();
+        match (&op.stage, op.when) {
+            (None, _) => None,
+            (Some(v), Moment::BeforeStage | Moment::AfterStage) => {
+                let found = match v {
+                    toml::Value::Integer(n) => usize::try_from(*n)
+                        .ok()
+                        .filter(|n| (1..=stages.len()).contains(n))
+                        .map(|n| n - 1),
+                    toml::Value::String(name) => stages.iter().position(|s| &s.name == name),
+                    _ => None,
+                };
+                if found.is_none() {
+                    self.at(
+                        line,
+                        format!(
+                            "operation {when}: stage {v} is not a stage of this job; give a stage's name or its number (1 to {}); the stages are: {}",
+                            stages.len(),
+                            stages
+                                .iter()
+                                .map(|s| format!("{:?}", s.name))
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ),
+                    );
+                }
+                found
+            }
+            (Some(_), _) => {
+                self.at(
+                    line,
+                    format!(
+                        "operation {when}: only before_stage and after_stage operations take a stage"
+                    ),
+                );
+                None
+            }
+        }
+    }
+
+    /// The scripts' time and memory limits, within their bounds.
+    fn script_limits(
+        &mut self,
+        time_ms: &Option<Spanned<u64>>,
+        memory_mb: &Option<Spanned<usize>>,
+    ) -> ScriptLimits {
+        let mut script_limits = ScriptLimits::default();
+        if let Some(ms) = time_ms {
+            match *ms.get_ref() {
+                1..=600_000 => script_limits.time = std::time::Duration::from_millis(*ms.get_ref()),
+                _ => self.problems.push(
+                    self.src
+                        .problem(ms, "script_time_limit_ms must be 1 to 600000"),
+                ),
+            }
+        }
+        if let Some(mb) = memory_mb {
+            match *mb.get_ref() {
+                1..=16_384 => script_limits.memory = *mb.get_ref() * 1024 * 1024,
+                _ => self.problems.push(
+                    self.src
+                        .problem(mb, "script_memory_limit_mb must be 1 to 16384"),
+                ),
+            }
+        }
+        script_limits
+    }
+
+    /// The batch size given (within bounds), else the destination's default.
+    fn batch_size(
+        &mut self,
+        given: &Option<Spanned<usize>>,
+        dest_conn: Option<&ConnectionConfig>,
+    ) -> usize {
+        match given {
+            Some(b) if *b.get_ref() == 0 || *b.get_ref() > MAX_BATCH => {
+                self.problems.push(
+                    self.src
+                        .problem(b, format!("batch_size must be 1 to {MAX_BATCH}")),
+                );
+                1
+            }
+            Some(b) => *b.get_ref(),
+            None => dest_conn
+                .map(|c| c.capabilities().batch_size)
+                .unwrap_or(1000),
+        }
+    }
 }
 
 /// The connections a script's `lookup('name', …)` calls name (as a string
@@ -945,7 +1158,15 @@ fn unknown_connection(name: &str, connections: &BTreeMap<String, ConnectionConfi
     }
 }
 
-fn constant(v: toml::Value) -> Result<Value, String> {
+/// A field's `value` that is not a constant a field can hold.
+#[derive(Debug, thiserror::Error)]
+#[error("value must be a string, number, boolean or date, not {type_name}")]
+struct ConstantError {
+    /// The TOML type it is.
+    type_name: &'static str,
+}
+
+fn constant(v: toml::Value) -> Result<Value, ConstantError> {
     Ok(match v {
         toml::Value::String(s) => Value::Text(s),
         toml::Value::Integer(i) => Value::Int(i),
@@ -953,10 +1174,9 @@ fn constant(v: toml::Value) -> Result<Value, String> {
         toml::Value::Boolean(b) => Value::Bool(b),
         toml::Value::Datetime(d) => Value::Text(d.to_string()),
         other => {
-            return Err(format!(
-                "value must be a string, number, boolean or date, not {}",
-                other.type_str()
-            ));
+            return Err(ConstantError {
+                type_name: other.type_str(),
+            });
         }
     })
 }
@@ -975,7 +1195,9 @@ mod tests {
             interpolate("pw=${TIDEPOOL_TEST_SECRET}", &b).unwrap(),
             "pw=s3cr\"et"
         );
-        let e = interpolate("${TIDEPOOL_SURELY_MISSING}", &b).unwrap_err();
+        let e = interpolate("${TIDEPOOL_SURELY_MISSING}", &b)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("TIDEPOOL_SURELY_MISSING is not set"), "{e}");
         assert!(interpolate("${OPEN", &b).is_err());
     }
