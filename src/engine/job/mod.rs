@@ -28,7 +28,7 @@ use crate::project::{Job, Moment, Project};
 use crate::script::{SKIP_ROW, ScriptHost, ScriptRuntime};
 use crate::value::{Row, Value};
 use finish::Ending;
-use operations::{OpRef, OperationError};
+use operations::{OpRef, OperationError, RowOpError};
 use prepare::{Plan, Prelude};
 use writers::ErrorFile;
 
@@ -333,12 +333,14 @@ impl Shared<'_> {
     }
 
     /// A new script runtime for a thread (field scripts, then the operations).
-    fn runtime(&self) -> Result<Option<ScriptRuntime>, String> {
+    fn runtime(&self) -> Result<Option<ScriptRuntime>, JobError> {
         if self.scripts.is_empty() {
             return Ok(None);
         }
         let host = self.host.clone().map(|h| h as Arc<dyn ScriptHost>);
-        ScriptRuntime::new(&self.scripts, &self.variables, self.limits, host).map(Some)
+        ScriptRuntime::new(&self.scripts, &self.variables, self.limits, host)
+            .map(Some)
+            .map_err(JobError::ScriptCompile)
     }
 
     /// Keeps what a thread's scripts left in `returnValue`, if anything.
@@ -410,22 +412,7 @@ impl Shared<'_> {
         }
         let hooks = self.row_wise && !self.ops.is_empty();
         if hooks && self.has_ops(Moment::BeforeRow) {
-            for row in rows.iter_mut() {
-                if row.error.is_some() || row.skipped {
-                    continue;
-                }
-                let mut logs = Vec::new();
-                let done = self.row_ops(js, Moment::BeforeRow, None, row, None, &mut logs);
-                row.writer_logs.append(&mut logs);
-                match done {
-                    Ok(_) => {}
-                    Err(e) if e == SKIP_ROW => {
-                        row.actions[0] = Some(RowAction::Skip);
-                        row.skipped = true;
-                    }
-                    Err(e) => row.error = Some((0, e)),
-                }
-            }
+            self.row_hooks(js, Moment::BeforeRow, rows);
         }
         let mut idx: Vec<usize> = Vec::with_capacity(rows.len());
         let mut vals: Vec<Vec<Value>> = Vec::new();
@@ -436,41 +423,7 @@ impl Shared<'_> {
                 if row.error.is_some() || row.skipped {
                     continue;
                 }
-                let mut logs = Vec::new();
-                let before = if hooks {
-                    self.row_ops(js, Moment::BeforeStage, Some(si), row, None, &mut logs)
-                        .map(|_| ())
-                } else {
-                    Ok(())
-                };
-                let logs = std::cell::RefCell::new(logs);
-                let mapped = match (before, row.pre.get(si)) {
-                    (Err(e), _) => Err(e),
-                    (Ok(()), Some(Some(Ok(_)))) => Ok(()),
-                    (Ok(()), Some(Some(Err(e)))) => Err(e.clone()),
-                    _ => {
-                        let mut out = Vec::new();
-                        let views = if self.row_wise {
-                            self.views(row)
-                        } else {
-                            Vec::new()
-                        };
-                        let ctx = RowContext {
-                            number: row.number,
-                            values: &row.values,
-                            actions: &row.actions,
-                            run_id: &self.run_id,
-                            columns: &self.columns,
-                            scripts: js,
-                            stages: self.row_wise.then_some(views.as_slice()),
-                            log: &|_, m| logs.borrow_mut().push(m),
-                        };
-                        let r = stage.evaluate(&ctx, &mut out);
-                        r.map(|()| vals.push(out))
-                    }
-                };
-                row.writer_logs.append(&mut logs.into_inner());
-                match mapped {
+                match self.map_row(js, si, row, hooks, &mut vals) {
                     Ok(()) => idx.push(ri),
                     Err(e) if e == SKIP_ROW => {
                         row.actions[si] = Some(RowAction::Skip);
@@ -498,49 +451,124 @@ impl Shared<'_> {
             };
             for (k, res) in results.into_iter().enumerate() {
                 let row = &mut rows[idx[k]];
-                match res {
-                    Ok(a) => {
-                        row.actions[si] = Some(a);
-                        // Row-wise, every stage is mapped here: `vals` lines up with `idx`.
-                        if self.row_wise
-                            && let Some(w) = row.written.get_mut(si)
-                        {
-                            *w = vals.get(k).cloned();
-                        }
-                    }
-                    Err(e) => {
-                        row.actions[si] = Some(RowAction::Error);
-                        row.error = Some((si + 1, e));
-                    }
-                }
+                self.record_write(si, row, res, vals.get(k));
                 if hooks && row.error.is_none() {
-                    let mut logs = Vec::new();
-                    let done = self.row_ops(js, Moment::AfterStage, Some(si), row, None, &mut logs);
-                    row.writer_logs.append(&mut logs);
-                    match done {
-                        Ok(_) => {}
-                        Err(e) if e == SKIP_ROW => row.skipped = true,
-                        Err(e) => row.error = Some((si + 1, e)),
-                    }
+                    self.row_hook(js, Moment::AfterStage, Some(si), row);
                 }
             }
         }
         if hooks && self.has_ops(Moment::AfterRow) {
-            for row in rows.iter_mut() {
-                if row.error.is_some() || row.skipped {
-                    continue;
-                }
-                let mut logs = Vec::new();
-                let done = self.row_ops(js, Moment::AfterRow, None, row, None, &mut logs);
-                row.writer_logs.append(&mut logs);
-                match done {
-                    Ok(_) => {}
-                    Err(e) if e == SKIP_ROW => row.skipped = true,
-                    Err(e) => row.error = Some((0, e)),
-                }
-            }
+            self.row_hooks(js, Moment::AfterRow, rows);
         }
         Ok(())
+    }
+
+    /// Stage `si`'s values for a row (its before_stage operations first, when
+    /// `hooks`): mapped ahead on the reader, or mapped now and pushed to `vals`.
+    fn map_row(
+        &self,
+        js: Option<&ScriptRuntime>,
+        si: usize,
+        row: &mut RowState,
+        hooks: bool,
+        vals: &mut Vec<Vec<Value>>,
+    ) -> Result<(), String> {
+        let mut logs = Vec::new();
+        let before = if hooks {
+            self.row_ops(js, Moment::BeforeStage, Some(si), row, None, &mut logs)
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        } else {
+            Ok(())
+        };
+        let logs = std::cell::RefCell::new(logs);
+        let mapped = match (before, row.pre.get(si)) {
+            (Err(e), _) => Err(e),
+            (Ok(()), Some(Some(Ok(_)))) => Ok(()),
+            (Ok(()), Some(Some(Err(e)))) => Err(e.clone()),
+            _ => {
+                let mut out = Vec::new();
+                let views = if self.row_wise {
+                    self.views(row)
+                } else {
+                    Vec::new()
+                };
+                let ctx = RowContext {
+                    number: row.number,
+                    values: &row.values,
+                    actions: &row.actions,
+                    run_id: &self.run_id,
+                    columns: &self.columns,
+                    scripts: js,
+                    stages: self.row_wise.then_some(views.as_slice()),
+                    log: &|_, m| logs.borrow_mut().push(m),
+                };
+                let r = self.stages[si].evaluate(&ctx, &mut out);
+                r.map(|()| vals.push(out))
+            }
+        };
+        row.writer_logs.append(&mut logs.into_inner());
+        mapped
+    }
+
+    /// Records what stage `si` did with a row; `vals` is the values it wrote
+    /// (row-wise, every stage is mapped on the writer, so they line up).
+    fn record_write(
+        &self,
+        si: usize,
+        row: &mut RowState,
+        res: Result<RowAction, String>,
+        vals: Option<&Vec<Value>>,
+    ) {
+        match res {
+            Ok(a) => {
+                row.actions[si] = Some(a);
+                if self.row_wise
+                    && let Some(w) = row.written.get_mut(si)
+                {
+                    *w = vals.cloned();
+                }
+            }
+            Err(e) => {
+                row.actions[si] = Some(RowAction::Error);
+                row.error = Some((si + 1, e));
+            }
+        }
+    }
+
+    /// Runs the before_row or after_row operations on the rows still going.
+    fn row_hooks(&self, js: Option<&ScriptRuntime>, when: Moment, rows: &mut [RowState]) {
+        for row in rows.iter_mut() {
+            if row.error.is_some() || row.skipped {
+                continue;
+            }
+            self.row_hook(js, when, None, row);
+        }
+    }
+
+    /// Runs a row's operations at `when` (for stage `stage`): they may skip
+    /// the row or fail it.
+    fn row_hook(
+        &self,
+        js: Option<&ScriptRuntime>,
+        when: Moment,
+        stage: Option<usize>,
+        row: &mut RowState,
+    ) {
+        let mut logs = Vec::new();
+        let done = self.row_ops(js, when, stage, row, None, &mut logs);
+        row.writer_logs.append(&mut logs);
+        match done {
+            Ok(_) => {}
+            Err(RowOpError::Skip) => {
+                // Skipped before any stage ran: the first stage counts the skip.
+                if when == Moment::BeforeRow {
+                    row.actions[0] = Some(RowAction::Skip);
+                }
+                row.skipped = true;
+            }
+            Err(e) => row.error = Some((stage.map_or(0, |si| si + 1), e.to_string())),
+        }
     }
 
     fn transaction(
@@ -717,79 +745,9 @@ impl Shared<'_> {
         let mut per_stage = vec![Counters::default(); self.stages.len()];
         let mut first_error: Option<String> = None;
         for r in rows.iter().filter(|r| r.processed) {
-            c.total_rows += 1;
-            self.preview_row(r);
-            for m in r.logs.iter().chain(&r.writer_logs) {
-                self.log(
-                    LogLevel::Low,
-                    Some(r.number),
-                    format!("row {}: {m}", r.number),
-                );
-            }
-            // An error an operation suppresses is neither counted nor logged.
-            let suppressed = self.suppressed(js, r);
-            for (si, a) in r.actions.iter().enumerate() {
-                let Some(a) = *a else { continue };
-                if a == RowAction::Error && suppressed {
-                    continue;
-                }
-                bump(&mut per_stage[si], a);
-                if a != RowAction::Error {
-                    bump(&mut c, a);
-                }
-            }
-            if suppressed {
-                continue;
-            }
-            if let Some((stage, msg)) = &r.error {
-                // A row counts one error, whichever stage failed.
-                c.errors += 1;
-                let place = match stage {
-                    0 => String::new(),
-                    s => format!(", stage {s} ({})", self.stages[s - 1].name),
-                };
-                let text = format!("row {}{place}: {msg}", r.number);
-                self.log(LogLevel::Low, Some(r.number), text.clone());
-                self.keep_row_error(r, *stage, msg);
-                if first_error.is_none() {
-                    first_error = Some(text);
-                }
-                if let Some(f) = &self.error_file {
-                    let mut f = f.lock().expect("error file lock");
-                    let mut rec: Vec<String> = vec![
-                        r.number.to_string(),
-                        match stage {
-                            0 => String::new(),
-                            s => self.stages[s - 1].name.clone(),
-                        },
-                        msg.clone(),
-                    ];
-                    rec.extend(r.values.iter().map(|v| {
-                        let mut s = String::new();
-                        v.push_text(&mut s);
-                        s
-                    }));
-                    if let Err(e) = f.write_record(&rec) {
-                        drop(f);
-                        self.log(
-                            LogLevel::Low,
-                            None,
-                            format!("cannot write the error file: {e}"),
-                        );
-                    }
-                }
-            } else if self.level >= LogLevel::High {
-                let actions: Vec<String> = r
-                    .actions
-                    .iter()
-                    .enumerate()
-                    .filter_map(|(si, a)| a.map(|a| format!("stage {} {}", si + 1, a.as_str())))
-                    .collect();
-                self.log(
-                    LogLevel::High,
-                    Some(r.number),
-                    format!("row {}: {}", r.number, actions.join(", ")),
-                );
+            let error = self.account_row(js, r, &mut c, &mut per_stage);
+            if first_error.is_none() {
+                first_error = error;
             }
         }
         self.counters.add(&c);
@@ -807,6 +765,95 @@ impl Shared<'_> {
                 *h = Some(format!("halted on error at {e}"));
             }
             self.stop.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// Counts and logs one processed row into `c` and `per_stage`; the
+    /// row's error as logged, if it has one an operation did not suppress.
+    fn account_row(
+        &self,
+        js: Option<&ScriptRuntime>,
+        r: &RowState,
+        c: &mut Counters,
+        per_stage: &mut [Counters],
+    ) -> Option<String> {
+        c.total_rows += 1;
+        self.preview_row(r);
+        for m in r.logs.iter().chain(&r.writer_logs) {
+            self.log(
+                LogLevel::Low,
+                Some(r.number),
+                format!("row {}: {m}", r.number),
+            );
+        }
+        // An error an operation suppresses is neither counted nor logged.
+        let suppressed = self.suppressed(js, r);
+        for (si, a) in r.actions.iter().enumerate() {
+            let Some(a) = *a else { continue };
+            if a == RowAction::Error && suppressed {
+                continue;
+            }
+            bump(&mut per_stage[si], a);
+            if a != RowAction::Error {
+                bump(c, a);
+            }
+        }
+        if suppressed {
+            return None;
+        }
+        if let Some((stage, msg)) = &r.error {
+            // A row counts one error, whichever stage failed.
+            c.errors += 1;
+            let place = match stage {
+                0 => String::new(),
+                s => format!(", stage {s} ({})", self.stages[s - 1].name),
+            };
+            let text = format!("row {}{place}: {msg}", r.number);
+            self.log(LogLevel::Low, Some(r.number), text.clone());
+            self.keep_row_error(r, *stage, msg);
+            self.write_error_file(r, *stage, msg);
+            return Some(text);
+        }
+        if self.level >= LogLevel::High {
+            let actions: Vec<String> = r
+                .actions
+                .iter()
+                .enumerate()
+                .filter_map(|(si, a)| a.map(|a| format!("stage {} {}", si + 1, a.as_str())))
+                .collect();
+            self.log(
+                LogLevel::High,
+                Some(r.number),
+                format!("row {}: {}", r.number, actions.join(", ")),
+            );
+        }
+        None
+    }
+
+    /// Adds a row's error to the error file, if the job keeps one.
+    fn write_error_file(&self, r: &RowState, stage: usize, msg: &str) {
+        let Some(f) = &self.error_file else { return };
+        let mut f = f.lock().expect("error file lock");
+        let mut rec: Vec<String> = vec![
+            r.number.to_string(),
+            match stage {
+                0 => String::new(),
+                s => self.stages[s - 1].name.clone(),
+            },
+            msg.to_owned(),
+        ];
+        rec.extend(r.values.iter().map(|v| {
+            let mut s = String::new();
+            v.push_text(&mut s);
+            s
+        }));
+        if let Err(e) = f.write_record(&rec) {
+            drop(f);
+            self.log(
+                LogLevel::Low,
+                None,
+                format!("cannot write the error file: {e}"),
+            );
         }
     }
 }

@@ -17,6 +17,17 @@ pub(crate) struct OperationError {
     reason: String,
 }
 
+/// Why a row's operations stopped.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum RowOpError {
+    /// One called gotoNextRow(): the row's later stages do not run.
+    #[error("{}", SKIP_ROW)]
+    Skip,
+    /// One failed.
+    #[error(transparent)]
+    Failed(#[from] OperationError),
+}
+
 /// An operation of the job, compiled in the threads' runtimes.
 #[derive(Debug, Clone)]
 pub(super) struct OpRef {
@@ -51,7 +62,7 @@ impl Shared<'_> {
     }
 
     /// Runs the operations at `when` (for stage `stage`) on one row. Returns
-    /// whether one returned `true`; `Err(SKIP_ROW)` when one called gotoNextRow().
+    /// whether one returned `true`.
     pub(super) fn row_ops(
         &self,
         js: Option<&ScriptRuntime>,
@@ -60,7 +71,7 @@ impl Shared<'_> {
         row: &RowState,
         error: Option<&str>,
         logs: &mut Vec<String>,
-    ) -> Result<bool, String> {
+    ) -> Result<bool, RowOpError> {
         let Some(js) = js else { return Ok(false) };
         let mut said_true = false;
         let mut event = None;
@@ -99,13 +110,13 @@ impl Shared<'_> {
             logs.extend(js.take_logs());
             match out {
                 Ok(v) => said_true |= v == Value::Bool(true),
-                Err(e) if e == SKIP_ROW => return Err(e),
-                Err(e) => {
-                    return Err(format!(
-                        "operation {} (line {}): {e}",
-                        when.as_str(),
-                        op.line
-                    ));
+                Err(e) if e == SKIP_ROW => return Err(RowOpError::Skip),
+                Err(reason) => {
+                    return Err(RowOpError::Failed(OperationError {
+                        when,
+                        line: op.line,
+                        reason,
+                    }));
                 }
             }
         }

@@ -129,7 +129,7 @@ fn write_batches(
         Ok(rt) => rt,
         Err(e) => {
             let mut h = shared.halted.lock().expect("halt lock");
-            h.get_or_insert(format!("a script does not compile: {e}"));
+            h.get_or_insert(e.to_string());
             shared.stop.store(true, Ordering::SeqCst);
             None
         }
