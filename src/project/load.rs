@@ -658,17 +658,7 @@ fn load_job(
         .map(|op| cx.operation(op, &stages))
         .collect();
     let script_limits = cx.script_limits(&raw.script_time_limit_ms, &raw.script_memory_limit_mb);
-    let error_file = match &raw.error_file {
-        Some(f) => match interpolate(f.get_ref(), builtins) {
-            Ok(p) => Some(project_dir.join(p)),
-            Err(e) => {
-                cx.problems
-                    .push(cx.src.problem(f, format!("error_file: {e}")));
-                None
-            }
-        },
-        None => None,
-    };
+    let error_file = cx.error_file(raw.error_file.as_ref(), builtins, project_dir);
     let batch_size = cx.batch_size(&raw.batch_size, targets.dest_conn);
     if let Some(next) = &raw.next {
         check_id(&cx.src, next, "next job", &mut cx.problems);
@@ -1072,6 +1062,24 @@ impl<'a> JobCheck<'a> {
             }
         }
         script_limits
+    }
+
+    /// The error file's path (interpolated, below the project's folder), if the job names one.
+    fn error_file(
+        &mut self,
+        given: Option<&Spanned<String>>,
+        builtins: &BTreeMap<&str, String>,
+        project_dir: &Path,
+    ) -> Option<PathBuf> {
+        let f = given?;
+        match interpolate(f.get_ref(), builtins) {
+            Ok(p) => Some(project_dir.join(p)),
+            Err(e) => {
+                self.problems
+                    .push(self.src.problem(f, format!("error_file: {e}")));
+                None
+            }
+        }
     }
 
     /// The batch size given (within bounds), else the destination's default.
