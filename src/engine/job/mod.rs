@@ -255,7 +255,12 @@ impl Shared<'_> {
                     stages: None,
                     log: &|_, m| logs.borrow_mut().push(m),
                 };
-                pre.push(Some(stage.evaluate(&ctx, &mut out).map(|()| out)));
+                pre.push(Some(
+                    stage
+                        .evaluate(&ctx, &mut out)
+                        .map(|()| out)
+                        .map_err(|e| e.to_string()),
+                ));
             }
         }
         RowState {
@@ -283,7 +288,9 @@ impl Shared<'_> {
             return Ok(None);
         }
         let host = self.host.clone().map(|h| h as Arc<dyn ScriptHost>);
-        ScriptRuntime::new(&self.scripts, &self.variables, self.limits, host).map(Some)
+        ScriptRuntime::new(&self.scripts, &self.variables, self.limits, host)
+            .map(Some)
+            .map_err(|e| e.to_string())
     }
 
     /// Keeps what a thread's scripts left in `returnValue`, if anything.
@@ -410,7 +417,7 @@ impl Shared<'_> {
                             stages: self.row_wise.then_some(views.as_slice()),
                             log: &|_, m| logs.borrow_mut().push(m),
                         };
-                        let r = stage.evaluate(&ctx, &mut out);
+                        let r = stage.evaluate(&ctx, &mut out).map_err(|e| e.to_string());
                         r.map(|()| vals.push(out))
                     }
                 };
@@ -1035,7 +1042,7 @@ fn execute(
     }
     let (mut stages, mut scripts) = match mapping::compile(job, &columns, &variables) {
         Ok(s) => s,
-        Err(e) => return job_failed(e, log),
+        Err(e) => return job_failed(e.to_string(), log),
     };
     // Row operations and on_row_error run in the threads' runtimes, after the field scripts.
     let ops: Vec<OpRef> = job
@@ -1447,7 +1454,7 @@ fn execute(
 pub(crate) fn check_job(project: &Project, job: &Job) -> Result<Vec<String>, String> {
     let variables = job_variables(project, job, "", "");
     let (origin_conn, origin) = open_origin(project, job, &variables, true, None)?;
-    mapping::compile(job, origin.columns(), &variables)?;
+    mapping::compile(job, origin.columns(), &variables).map_err(|e| e.to_string())?;
     drop(origin);
     let dest_conn = job
         .destination

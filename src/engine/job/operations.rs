@@ -4,7 +4,7 @@
 use super::{LogLevel, RowState, RunLog, Shared};
 use crate::connector::RowAction;
 use crate::project::{Job, Moment};
-use crate::script::{CallInput, SKIP_ROW, ScriptRuntime, StageView};
+use crate::script::{CallInput, ScriptRuntime, StageView};
 use crate::value::{Row, Value};
 
 /// An operation of the job, compiled in the threads' runtimes.
@@ -89,7 +89,7 @@ impl Shared<'_> {
             logs.extend(js.take_logs());
             match out {
                 Ok(v) => said_true |= v == Value::Bool(true),
-                Err(e) if e == SKIP_ROW => return Err(e),
+                Err(e) if e.is_skip_row() => return Err(e.to_string()),
                 Err(e) => {
                     return Err(format!(
                         "operation {} (line {}): {e}",
@@ -169,10 +169,10 @@ pub(super) fn job_ops(
         match out {
             Ok(v) => last = Some(v),
             Err(e) => {
-                let e = if e == SKIP_ROW {
+                let e = if e.is_skip_row() {
                     "gotoNextRow() was called outside a row".to_owned()
                 } else {
-                    e
+                    e.to_string()
                 };
                 return Err(format!(
                     "operation {} (line {}): {e}",
