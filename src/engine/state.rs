@@ -12,10 +12,10 @@ use rusqlite::{Connection, params};
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum StateError {
     /// The data directory cannot be created.
-    #[error("{0}")]
+    #[error(transparent)]
     Dir(#[from] std::io::Error),
     /// SQLite refused (busy past the timeout, a full disk, a damaged file).
-    #[error("{0}")]
+    #[error(transparent)]
     Sqlite(#[from] rusqlite::Error),
 }
 
