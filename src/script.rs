@@ -714,12 +714,11 @@ impl Default for ScriptLimits {
 mod tests {
     use super::*;
 
-    fn run(script: &str, cols: &[&str], vals: Vec<Value>) -> Result<Value, String> {
+    fn run(script: &str, cols: &[&str], vals: Vec<Value>) -> Result<Value, ScriptError> {
         let vars: BTreeMap<String, Value> = [("JobArgument".to_owned(), Value::from("arg"))]
             .into_iter()
             .collect();
-        let rt = ScriptRuntime::new(&[script.to_owned()], &vars, ScriptLimits::default(), None)
-            .map_err(|e| e.to_string())?;
+        let rt = ScriptRuntime::new(&[script.to_owned()], &vars, ScriptLimits::default(), None)?;
         let cols: Vec<String> = cols.iter().map(|c| c.to_string()).collect();
         let read: Vec<usize> = (0..cols.len()).collect();
         let row = Row::from_values(vals);
@@ -733,118 +732,128 @@ mod tests {
                 event: None,
             },
         )
-        .map_err(|e| e.to_string())
+    }
+
+    /// What `script` returns; a failure fails the test with its message.
+    fn value(script: &str, cols: &[&str], vals: Vec<Value>) -> Value {
+        run(script, cols, vals).unwrap_or_else(|e| panic!("{script}: {e}"))
     }
 
     #[test]
     fn expressions_bodies_and_tokens() {
         assert_eq!(
-            run(
+            value(
                 "row.First + ' ' + @@ORG:Last@@",
                 &["First", "Last"],
                 vec!["Ann".into(), "Lee".into()]
             ),
-            Ok(Value::from("Ann Lee"))
+            Value::from("Ann Lee")
         );
         assert_eq!(
-            run(
+            value(
                 "const n = row.n * 2;\nreturn n + 1;",
                 &["n"],
                 vec![Value::Int(20)]
             ),
-            Ok(Value::Int(41))
+            Value::Int(41)
         );
         assert_eq!(
-            run("@@VAR:JobArgument@@.toUpperCase()", &[], vec![]),
-            Ok(Value::from("ARG"))
+            value("@@VAR:JobArgument@@.toUpperCase()", &[], vec![]),
+            Value::from("ARG")
         );
         // A value full of quotes stays data.
         assert_eq!(
-            run("@@ORG:x@@", &["x"], vec![Value::from("\"); evil(); (\"")]),
-            Ok(Value::from("\"); evil(); (\""))
+            value("@@ORG:x@@", &["x"], vec![Value::from("\"); evil(); (\"")]),
+            Value::from("\"); evil(); (\"")
         );
         // Inside strings and template literals a token is spliced in as text,
         // still as data; in comments it is left alone.
         let evil = || vec![Value::from("it's \"x\" `${1}`"), Value::Null];
         assert_eq!(
-            run("'a @@ORG:x@@ b'", &["x", "n"], evil()),
-            Ok(Value::from("a it's \"x\" `${1}` b"))
+            value("'a @@ORG:x@@ b'", &["x", "n"], evil()),
+            Value::from("a it's \"x\" `${1}` b")
         );
         assert_eq!(
-            run(
+            value(
                 "\"<@@ORG:x@@|@@ORG:n@@>\" // @@ORG:x@@",
                 &["x", "n"],
                 evil()
             ),
-            Ok(Value::from("<it's \"x\" `${1}`|>"))
+            Value::from("<it's \"x\" `${1}`|>")
         );
         assert_eq!(
-            run(
+            value(
                 "`${'q'} @@ORG:x@@ ${`in @@ORG:n@@!`}` /* @@ORG:x@@ */",
                 &["x", "n"],
                 evil()
             ),
-            Ok(Value::from("q it's \"x\" `${1}` in !"))
+            Value::from("q it's \"x\" `${1}` in !")
         );
         assert_eq!(
-            run(
+            value(
                 "'\\'' + \"@@VAR:JobArgument@@\" + varToken('A')",
                 &[],
                 vec![]
             ),
-            Ok(Value::from("'arg@@VAR:A@@"))
+            Value::from("'arg@@VAR:A@@")
         );
-        assert_eq!(run("null", &[], vec![]), Ok(Value::Null));
-        assert_eq!(run("({a: 1})", &[], vec![]), Ok(Value::from("{\"a\":1}")));
-        assert_eq!(run("1.5", &[], vec![]), Ok(Value::Float(1.5)));
+        assert_eq!(value("null", &[], vec![]), Value::Null);
+        assert_eq!(value("({a: 1})", &[], vec![]), Value::from("{\"a\":1}"));
+        assert_eq!(value("1.5", &[], vec![]), Value::Float(1.5));
         assert_eq!(
-            run(
+            value(
                 "UCase(Left(row.a, 2)) + Mid('abcdef', 2, 3) + Right('xyz', 2) + Len(null) + IIf(IsBlank(' '), 'b', 'n')",
                 &["a"],
                 vec!["hello".into()]
             ),
-            Ok(Value::from("HEbcdyz0b"))
+            Value::from("HEbcdyz0b")
         );
         assert_eq!(
-            run(
+            value(
                 "formatDate('2024-02-29T13:05:09Z', 'dd/MM/yyyy HH:mm')",
                 &[],
                 vec![]
             ),
-            Ok(Value::from("29/02/2024 13:05"))
+            Value::from("29/02/2024 13:05")
         );
         assert_eq!(
-            run("CInt('41.6') + CDbl('0.5')", &[], vec![]),
-            Ok(Value::Float(42.5))
+            value("CInt('41.6') + CDbl('0.5')", &[], vec![]),
+            Value::Float(42.5)
         );
         assert_eq!(
-            run(
+            value(
                 "LCase(' AbC ') + '|' + Trim('  x  ') + '|' + CStr(null) + CStr(7) + '|' + (Now().length >= 20)",
                 &[],
                 vec![]
             ),
-            Ok(Value::from(" abc |x|7|true"))
+            Value::from(" abc |x|7|true")
         );
-        assert_eq!(
-            run("skipIfBlank(row.a)", &["a"], vec!["  ".into()]),
-            Err(SKIP_ROW.to_owned())
-        );
+        let e = run("skipIfBlank(row.a)", &["a"], vec!["  ".into()]).unwrap_err();
+        assert!(e.is_skip_row(), "{e}");
+        assert_eq!(e.to_string(), SKIP_ROW);
     }
 
     #[test]
     fn runaway_scripts_are_stopped() {
         let e = run("while (true) {}", &[], vec![]).unwrap_err();
-        assert!(e.contains("longer than"), "{e}");
+        assert!(matches!(e, ScriptError::TimedOut(_)), "{e:?}");
+        assert_eq!(
+            e.to_string(),
+            "the script ran longer than 1000 ms and was stopped"
+        );
         let e = run(
             "let a = []; while (true) { a.push(new Array(100000).fill(1)); }",
             &[],
             vec![],
         )
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("the script failed"), "{e}");
         let e = run("const x = 1;\nthrow new Error('nope ' + x);", &[], vec![]).unwrap_err();
+        assert!(matches!(e, ScriptError::Threw(_)), "{e:?}");
+        let e = e.to_string();
         assert!(e.contains("nope 1") && e.contains("line 2"), "{e}");
-        let e = run("require('fs')", &[], vec![]).unwrap_err();
+        let e = run("require('fs')", &[], vec![]).unwrap_err().to_string();
         assert!(e.contains("require"), "{e}");
     }
 
@@ -866,5 +875,12 @@ mod tests {
         let e = check("row.a +\n+ )").unwrap_err().to_string();
         assert!(e.contains("line 2"), "{e}");
         assert!(check("row.a + 1").is_ok());
+        // A bad token is the template's error, word for word.
+        let e = check("@@ORG@@ + 1").unwrap_err();
+        assert!(matches!(e, ScriptError::Template(_)), "{e:?}");
+        assert!(
+            e.to_string().starts_with("token @@ORG@@ has no kind"),
+            "{e}"
+        );
     }
 }
