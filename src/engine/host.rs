@@ -20,7 +20,7 @@ const XREF_CACHE_MAX: usize = 100_000;
 
 /// Why a script's `xrefRead`, `xrefWrite` or `lookup` failed.
 #[derive(Debug, thiserror::Error)]
-pub(crate) enum HostError {
+pub(crate) enum RunHostError {
     /// A thread panicked while it held the lists or the lookups.
     #[error("the {0} lock is poisoned")]
     Poisoned(&'static str),
@@ -95,12 +95,15 @@ impl RunHost {
     }
 
     /// Keeps this run's cross-reference writes (nothing in preview).
-    pub(crate) fn flush(&self) -> Result<(), HostError> {
-        let mut x = self.xref.lock().map_err(|_| HostError::Poisoned("xref"))?;
+    pub(crate) fn flush(&self) -> Result<(), RunHostError> {
+        let mut x = self
+            .xref
+            .lock()
+            .map_err(|_| RunHostError::Poisoned("xref"))?;
         Self::flush_locked(&self.project, self.preview, &mut x)
     }
 
-    fn flush_locked(project: &str, preview: bool, x: &mut Xref) -> Result<(), HostError> {
+    fn flush_locked(project: &str, preview: bool, x: &mut Xref) -> Result<(), RunHostError> {
         if preview || x.pending.is_empty() {
             return Ok(());
         }
@@ -133,11 +136,11 @@ impl RunHost {
             .unwrap_or_default()
     }
 
-    fn open_lookup(&self, connection: &str) -> Result<Box<dyn Lookup>, HostError> {
+    fn open_lookup(&self, connection: &str) -> Result<Box<dyn Lookup>, RunHostError> {
         let conn = self
             .connections
             .get(connection)
-            .ok_or_else(|| HostError::NoConnection {
+            .ok_or_else(|| RunHostError::NoConnection {
                 name: connection.to_owned(),
                 known: self
                     .connections
@@ -148,7 +151,7 @@ impl RunHost {
             })?;
         conn.connector()
             .open_lookup(&self.base_dir)
-            .map_err(|source| HostError::Open {
+            .map_err(|source| RunHostError::Open {
                 name: connection.to_owned(),
                 source,
             })
@@ -157,7 +160,10 @@ impl RunHost {
 
 impl ScriptHost for RunHost {
     fn xref_read(&self, list: &str, key: &str) -> Result<Option<String>, script::HostError> {
-        let mut x = self.xref.lock().map_err(|_| HostError::Poisoned("xref"))?;
+        let mut x = self
+            .xref
+            .lock()
+            .map_err(|_| RunHostError::Poisoned("xref"))?;
         let k = (list.to_owned(), key.to_owned());
         if let Some(v) = x.pending.get(&k) {
             return Ok(Some(v.clone()));
@@ -168,7 +174,7 @@ impl ScriptHost for RunHost {
         let v = match &x.state {
             Some(s) => s
                 .xref_get(&self.project, list, key)
-                .map_err(HostError::from)?,
+                .map_err(RunHostError::from)?,
             None => None,
         };
         if x.read.len() >= XREF_CACHE_MAX {
@@ -179,7 +185,10 @@ impl ScriptHost for RunHost {
     }
 
     fn xref_write(&self, list: &str, key: &str, value: &str) -> Result<(), script::HostError> {
-        let mut x = self.xref.lock().map_err(|_| HostError::Poisoned("xref"))?;
+        let mut x = self
+            .xref
+            .lock()
+            .map_err(|_| RunHostError::Poisoned("xref"))?;
         x.pending
             .insert((list.to_owned(), key.to_owned()), value.to_owned());
         if x.pending.len() >= XREF_FLUSH_EVERY {
@@ -208,7 +217,7 @@ impl ScriptHost for RunHost {
         let mut l = self
             .lookups
             .lock()
-            .map_err(|_| HostError::Poisoned("lookup"))?;
+            .map_err(|_| RunHostError::Poisoned("lookup"))?;
         l.calls += 1;
         if let Some(v) = l.cache.get(&key) {
             let v = v.clone();
@@ -229,7 +238,7 @@ impl ScriptHost for RunHost {
                     l.open.remove(connection);
                     tracing::debug!("lookup connection {connection:?} lost ({e}); reopening");
                 }
-                Err(e) => return Err(HostError::Lookup(e).into()),
+                Err(e) => return Err(RunHostError::Lookup(e).into()),
                 Ok(v) => break v.unwrap_or(Value::Null),
             }
         };
