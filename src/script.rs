@@ -21,17 +21,62 @@ use std::time::Instant;
 
 use rquickjs::{Context, Ctx, Exception, Function, Object, Persistent, Runtime};
 
-use crate::template::{Part, Template, Token};
+use crate::template::{Part, Template, TemplateError, Token};
 use crate::value::{Row, Value, ValueRef};
+
+/// Why a host helper failed: the host's own error, kept whole behind the
+/// trait; its text becomes the exception the script sees (`xrefRead: …`).
+pub type HostError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Why a script cannot be compiled or run. The text is what a row error or a
+/// failed job says.
+#[derive(Debug, thiserror::Error)]
+pub enum ScriptError {
+    /// A token written in the script does not parse.
+    #[error(transparent)]
+    Template(#[from] TemplateError),
+    /// QuickJS itself failed (creating a runtime, passing a value in or out).
+    #[error(transparent)]
+    Engine(#[from] rquickjs::Error),
+    /// The script is not valid JavaScript: the message and line QuickJS gave.
+    #[error("{0}")]
+    Compile(String),
+    /// The helpers every script sees did not load.
+    #[error("the script prelude failed: {0}")]
+    Prelude(#[source] rquickjs::Error),
+    /// The script called `gotoNextRow()`: the rest of the row is skipped.
+    /// Its text is [`SKIP_ROW`], which callers that keep text compare with.
+    #[error("{}", SKIP_ROW)]
+    SkipRow,
+    /// The call ran longer than the time limit.
+    #[error("the script ran longer than {} ms and was stopped", .0.as_millis())]
+    TimedOut(std::time::Duration),
+    /// The script threw: its message and line.
+    #[error("the script failed: {0}")]
+    Threw(String),
+    /// QuickJS failed while the script ran (out of memory, too deep).
+    #[error("the script failed: {0}")]
+    Failed(#[source] rquickjs::Error),
+    /// The script's value cannot be turned into a row value.
+    #[error("the script's value cannot be written: {0}")]
+    Unwritable(#[source] rquickjs::Error),
+}
+
+impl ScriptError {
+    /// Whether the script called `gotoNextRow()` (not a failure: the row is skipped).
+    pub fn is_skip_row(&self) -> bool {
+        matches!(self, ScriptError::SkipRow)
+    }
+}
 
 /// What scripts may reach outside themselves: the persisted cross-reference
 /// lists (`xrefRead`/`xrefWrite`) and lookups against a project's connections
 /// (`lookup`). One host serves every runtime of a job's run.
 pub trait ScriptHost: Send + Sync {
     /// The value `key` maps to in cross-reference list `list`, if any.
-    fn xref_read(&self, list: &str, key: &str) -> Result<Option<String>, String>;
+    fn xref_read(&self, list: &str, key: &str) -> Result<Option<String>, HostError>;
     /// Maps `key` to `value` in `list` (kept when the job ends, unless previewing).
-    fn xref_write(&self, list: &str, key: &str, value: &str) -> Result<(), String>;
+    fn xref_write(&self, list: &str, key: &str, value: &str) -> Result<(), HostError>;
     /// `field` of the first row of `table` in `connection` whose columns equal
     /// `criteria`; NULL when none does.
     fn lookup(
@@ -40,7 +85,7 @@ pub trait ScriptHost: Send + Sync {
         table: &str,
         field: &str,
         criteria: &[(String, Value)],
-    ) -> Result<Value, String>;
+    ) -> Result<Value, HostError>;
 }
 
 /// One earlier stage's result for a row, as scripts see it in `stages`.
@@ -111,7 +156,7 @@ function formatDate(v, pattern) {
 /// The sources a script may mean, as functions `(row, vars, stages, event) => value`:
 /// an expression, or a function body (tried in this order; with `return` only
 /// the body).
-pub fn function_sources(script: &str) -> Result<Vec<String>, String> {
+pub fn function_sources(script: &str) -> Result<Vec<String>, TemplateError> {
     let template = Template::parse(script)?;
     let mut body = String::with_capacity(script.len() + 16);
     let mut lexer = Lexer::default();
@@ -268,21 +313,21 @@ pub fn reads_stages(script: &str) -> bool {
 }
 
 /// Compiles a field's script in `ctx`: the first of its readings that compiles.
-fn compile<'js>(ctx: &Ctx<'js>, script: &str) -> Result<Function<'js>, String> {
+fn compile<'js>(ctx: &Ctx<'js>, script: &str) -> Result<Function<'js>, ScriptError> {
     let mut first_error = None;
     for src in function_sources(script)? {
         match ctx.eval::<Function, _>(src.as_str()) {
             Ok(f) => return Ok(f),
             Err(rquickjs::Error::Exception) => {
                 let e = exception(ctx);
-                first_error.get_or_insert(e);
+                first_error.get_or_insert(ScriptError::Compile(e));
             }
             Err(e) => {
-                first_error.get_or_insert(e.to_string());
+                first_error.get_or_insert(ScriptError::Engine(e));
             }
         }
     }
-    Err(first_error.unwrap_or_else(|| "the script does not compile".into()))
+    Err(first_error.unwrap_or_else(|| ScriptError::Compile("the script does not compile".into())))
 }
 
 /// The message and line of the exception pending in `ctx`.
@@ -315,8 +360,8 @@ fn exception(ctx: &Ctx) -> String {
 }
 
 /// Compiles a script once to tell whether it is valid JavaScript.
-pub fn check(script: &str) -> Result<(), String> {
-    let rt = Runtime::new().map_err(|e| e.to_string())?;
+pub fn check(script: &str) -> Result<(), ScriptError> {
+    let rt = Runtime::new()?;
     // A script can close the function it is wrapped in (`1); while (true) {…`)
     // and so run while it compiles: the default limits bound that too.
     let limits = ScriptLimits::default();
@@ -324,9 +369,9 @@ pub fn check(script: &str) -> Result<(), String> {
     rt.set_max_stack_size(1024 * 1024);
     let deadline = Instant::now() + limits.time;
     rt.set_interrupt_handler(Some(Box::new(move || Instant::now() > deadline)));
-    let ctx = Context::full(&rt).map_err(|e| e.to_string())?;
+    let ctx = Context::full(&rt)?;
     ctx.with(|ctx| {
-        ctx.eval::<(), _>(PRELUDE).map_err(|e| e.to_string())?;
+        ctx.eval::<(), _>(PRELUDE)?;
         compile(&ctx, script).map(|_| ())
     })
 }
@@ -424,8 +469,8 @@ impl ScriptRuntime {
         variables: &BTreeMap<String, Value>,
         limits: ScriptLimits,
         host: Option<Arc<dyn ScriptHost>>,
-    ) -> Result<Self, String> {
-        let rt = Runtime::new().map_err(|e| e.to_string())?;
+    ) -> Result<Self, ScriptError> {
+        let rt = Runtime::new()?;
         rt.set_memory_limit(limits.memory);
         rt.set_max_stack_size(1024 * 1024);
         let deadline: Rc<Cell<Option<Instant>>> = Rc::new(Cell::new(None));
@@ -434,41 +479,34 @@ impl ScriptRuntime {
         rt.set_interrupt_handler(Some(Box::new(move || {
             d.get().is_some_and(|t| Instant::now() > t)
         })));
-        let ctx = Context::full(&rt).map_err(|e| e.to_string())?;
+        let ctx = Context::full(&rt)?;
         let logged: Rc<RefCell<Vec<String>>> = Rc::default();
         let sink = logged.clone();
-        let (functions, vars) = ctx.with(|ctx| -> Result<_, String> {
+        let (functions, vars) = ctx.with(|ctx| -> Result<_, ScriptError> {
             // log(message): into the run's log, at Low, with the row's number.
             let log = Function::new(ctx.clone(), move |msg: rquickjs::Coerced<String>| {
                 let mut l = sink.borrow_mut();
                 if l.len() < 10_000 {
                     l.push(msg.0);
                 }
-            })
-            .map_err(|e| e.to_string())?;
-            ctx.globals().set("log", log).map_err(|e| e.to_string())?;
+            })?;
+            ctx.globals().set("log", log)?;
             if let Some(h) = host {
-                register_host(&ctx, h).map_err(|e| e.to_string())?;
+                register_host(&ctx, h)?;
             }
-            if let Err(e) = ctx.eval::<(), _>(PRELUDE) {
-                return Err(format!("the script prelude failed: {e}"));
-            }
+            ctx.eval::<(), _>(PRELUDE).map_err(ScriptError::Prelude)?;
             let mut fs = Vec::with_capacity(scripts.len());
             // Compiling can run code (see `check`): under the time limit too.
             compiling.set(Some(Instant::now() + limits.time));
             let compiled = scripts.iter().try_for_each(|s| {
                 fs.push(Persistent::save(&ctx, compile(&ctx, s)?));
-                Ok::<_, String>(())
+                Ok::<_, ScriptError>(())
             });
             compiling.set(None);
             compiled?;
-            let vars = Object::new(ctx.clone()).map_err(|e| e.to_string())?;
+            let vars = Object::new(ctx.clone())?;
             for (k, v) in variables {
-                vars.set(
-                    k.as_str(),
-                    to_js(&ctx, v.as_ref()).map_err(|e| e.to_string())?,
-                )
-                .map_err(|e| e.to_string())?;
+                vars.set(k.as_str(), to_js(&ctx, v.as_ref())?)?;
             }
             Ok((fs, Persistent::save(&ctx, vars)))
         })?;
@@ -545,30 +583,23 @@ impl ScriptRuntime {
     }
 
     /// Calls script `index` with `input`.
-    pub fn call(&self, index: usize, input: &CallInput) -> Result<Value, String> {
+    pub fn call(&self, index: usize, input: &CallInput) -> Result<Value, ScriptError> {
         self.ctx.with(|ctx| {
-            let f = self.functions[index]
-                .clone()
-                .restore(&ctx)
-                .map_err(|e| e.to_string())?;
-            let vars = self.vars.clone().restore(&ctx).map_err(|e| e.to_string())?;
-            let obj = Object::new(ctx.clone()).map_err(|e| e.to_string())?;
+            let f = self.functions[index].clone().restore(&ctx)?;
+            let vars = self.vars.clone().restore(&ctx)?;
+            let obj = Object::new(ctx.clone())?;
             for &i in input.read {
                 let Some(name) = input.columns.get(i) else {
                     continue;
                 };
-                obj.set(
-                    name.as_str(),
-                    to_js(&ctx, input.row.get(i)).map_err(|e| e.to_string())?,
-                )
-                .map_err(|e| e.to_string())?;
+                obj.set(name.as_str(), to_js(&ctx, input.row.get(i))?)?;
             }
             let stages = match input.stages {
-                Some(st) => stages_js(&ctx, st).map_err(|e| e.to_string())?,
+                Some(st) => stages_js(&ctx, st)?,
                 None => rquickjs::Value::new_undefined(ctx.clone()),
             };
             let event = match input.event {
-                Some(ev) => ctx.json_parse(ev.to_string()).map_err(|e| e.to_string())?,
+                Some(ev) => ctx.json_parse(ev.to_string())?,
                 None => rquickjs::Value::new_undefined(ctx.clone()),
             };
             self.deadline.set(Some(Instant::now() + self.limits.time));
@@ -579,17 +610,14 @@ impl ScriptRuntime {
                 Err(rquickjs::Error::Exception) => {
                     let e = exception(&ctx);
                     if e == SKIP_ROW {
-                        Err(SKIP_ROW.to_owned())
+                        Err(ScriptError::SkipRow)
                     } else if e.contains("interrupted") {
-                        Err(format!(
-                            "the script ran longer than {} ms and was stopped",
-                            self.limits.time.as_millis()
-                        ))
+                        Err(ScriptError::TimedOut(self.limits.time))
                     } else {
-                        Err(format!("the script failed: {e}"))
+                        Err(ScriptError::Threw(e))
                     }
                 }
-                Err(e) => Err(format!("the script failed: {e}")),
+                Err(e) => Err(ScriptError::Failed(e)),
             }
         })
     }
@@ -636,7 +664,7 @@ fn to_js<'js>(ctx: &Ctx<'js>, v: ValueRef) -> rquickjs::Result<rquickjs::Value<'
     }
 }
 
-fn from_js<'js>(ctx: &Ctx<'js>, v: rquickjs::Value<'js>) -> Result<Value, String> {
+fn from_js<'js>(ctx: &Ctx<'js>, v: rquickjs::Value<'js>) -> Result<Value, ScriptError> {
     if v.is_null() || v.is_undefined() {
         return Ok(Value::Null);
     }
@@ -654,12 +682,12 @@ fn from_js<'js>(ctx: &Ctx<'js>, v: rquickjs::Value<'js>) -> Result<Value, String
         });
     }
     if let Some(s) = v.as_string() {
-        return s.to_string().map(Value::Text).map_err(|e| e.to_string());
+        return Ok(Value::Text(s.to_string()?));
     }
     match ctx.json_stringify(v) {
-        Ok(Some(s)) => s.to_string().map(Value::Text).map_err(|e| e.to_string()),
+        Ok(Some(s)) => Ok(Value::Text(s.to_string()?)),
         Ok(None) => Ok(Value::Null),
-        Err(e) => Err(format!("the script's value cannot be written: {e}")),
+        Err(e) => Err(ScriptError::Unwritable(e)),
     }
 }
 
@@ -686,7 +714,7 @@ impl Default for ScriptLimits {
 mod tests {
     use super::*;
 
-    fn run(script: &str, cols: &[&str], vals: Vec<Value>) -> Result<Value, String> {
+    fn run(script: &str, cols: &[&str], vals: Vec<Value>) -> Result<Value, ScriptError> {
         let vars: BTreeMap<String, Value> = [("JobArgument".to_owned(), Value::from("arg"))]
             .into_iter()
             .collect();
@@ -706,115 +734,126 @@ mod tests {
         )
     }
 
+    /// What `script` returns; a failure fails the test with its message.
+    fn value(script: &str, cols: &[&str], vals: Vec<Value>) -> Value {
+        run(script, cols, vals).unwrap_or_else(|e| panic!("{script}: {e}"))
+    }
+
     #[test]
     fn expressions_bodies_and_tokens() {
         assert_eq!(
-            run(
+            value(
                 "row.First + ' ' + @@ORG:Last@@",
                 &["First", "Last"],
                 vec!["Ann".into(), "Lee".into()]
             ),
-            Ok(Value::from("Ann Lee"))
+            Value::from("Ann Lee")
         );
         assert_eq!(
-            run(
+            value(
                 "const n = row.n * 2;\nreturn n + 1;",
                 &["n"],
                 vec![Value::Int(20)]
             ),
-            Ok(Value::Int(41))
+            Value::Int(41)
         );
         assert_eq!(
-            run("@@VAR:JobArgument@@.toUpperCase()", &[], vec![]),
-            Ok(Value::from("ARG"))
+            value("@@VAR:JobArgument@@.toUpperCase()", &[], vec![]),
+            Value::from("ARG")
         );
         // A value full of quotes stays data.
         assert_eq!(
-            run("@@ORG:x@@", &["x"], vec![Value::from("\"); evil(); (\"")]),
-            Ok(Value::from("\"); evil(); (\""))
+            value("@@ORG:x@@", &["x"], vec![Value::from("\"); evil(); (\"")]),
+            Value::from("\"); evil(); (\"")
         );
         // Inside strings and template literals a token is spliced in as text,
         // still as data; in comments it is left alone.
         let evil = || vec![Value::from("it's \"x\" `${1}`"), Value::Null];
         assert_eq!(
-            run("'a @@ORG:x@@ b'", &["x", "n"], evil()),
-            Ok(Value::from("a it's \"x\" `${1}` b"))
+            value("'a @@ORG:x@@ b'", &["x", "n"], evil()),
+            Value::from("a it's \"x\" `${1}` b")
         );
         assert_eq!(
-            run(
+            value(
                 "\"<@@ORG:x@@|@@ORG:n@@>\" // @@ORG:x@@",
                 &["x", "n"],
                 evil()
             ),
-            Ok(Value::from("<it's \"x\" `${1}`|>"))
+            Value::from("<it's \"x\" `${1}`|>")
         );
         assert_eq!(
-            run(
+            value(
                 "`${'q'} @@ORG:x@@ ${`in @@ORG:n@@!`}` /* @@ORG:x@@ */",
                 &["x", "n"],
                 evil()
             ),
-            Ok(Value::from("q it's \"x\" `${1}` in !"))
+            Value::from("q it's \"x\" `${1}` in !")
         );
         assert_eq!(
-            run(
+            value(
                 "'\\'' + \"@@VAR:JobArgument@@\" + varToken('A')",
                 &[],
                 vec![]
             ),
-            Ok(Value::from("'arg@@VAR:A@@"))
+            Value::from("'arg@@VAR:A@@")
         );
-        assert_eq!(run("null", &[], vec![]), Ok(Value::Null));
-        assert_eq!(run("({a: 1})", &[], vec![]), Ok(Value::from("{\"a\":1}")));
-        assert_eq!(run("1.5", &[], vec![]), Ok(Value::Float(1.5)));
+        assert_eq!(value("null", &[], vec![]), Value::Null);
+        assert_eq!(value("({a: 1})", &[], vec![]), Value::from("{\"a\":1}"));
+        assert_eq!(value("1.5", &[], vec![]), Value::Float(1.5));
         assert_eq!(
-            run(
+            value(
                 "UCase(Left(row.a, 2)) + Mid('abcdef', 2, 3) + Right('xyz', 2) + Len(null) + IIf(IsBlank(' '), 'b', 'n')",
                 &["a"],
                 vec!["hello".into()]
             ),
-            Ok(Value::from("HEbcdyz0b"))
+            Value::from("HEbcdyz0b")
         );
         assert_eq!(
-            run(
+            value(
                 "formatDate('2024-02-29T13:05:09Z', 'dd/MM/yyyy HH:mm')",
                 &[],
                 vec![]
             ),
-            Ok(Value::from("29/02/2024 13:05"))
+            Value::from("29/02/2024 13:05")
         );
         assert_eq!(
-            run("CInt('41.6') + CDbl('0.5')", &[], vec![]),
-            Ok(Value::Float(42.5))
+            value("CInt('41.6') + CDbl('0.5')", &[], vec![]),
+            Value::Float(42.5)
         );
         assert_eq!(
-            run(
+            value(
                 "LCase(' AbC ') + '|' + Trim('  x  ') + '|' + CStr(null) + CStr(7) + '|' + (Now().length >= 20)",
                 &[],
                 vec![]
             ),
-            Ok(Value::from(" abc |x|7|true"))
+            Value::from(" abc |x|7|true")
         );
-        assert_eq!(
-            run("skipIfBlank(row.a)", &["a"], vec!["  ".into()]),
-            Err(SKIP_ROW.to_owned())
-        );
+        let e = run("skipIfBlank(row.a)", &["a"], vec!["  ".into()]).unwrap_err();
+        assert!(e.is_skip_row(), "{e}");
+        assert_eq!(e.to_string(), SKIP_ROW);
     }
 
     #[test]
     fn runaway_scripts_are_stopped() {
         let e = run("while (true) {}", &[], vec![]).unwrap_err();
-        assert!(e.contains("longer than"), "{e}");
+        assert!(matches!(e, ScriptError::TimedOut(_)), "{e:?}");
+        assert_eq!(
+            e.to_string(),
+            "the script ran longer than 1000 ms and was stopped"
+        );
         let e = run(
             "let a = []; while (true) { a.push(new Array(100000).fill(1)); }",
             &[],
             vec![],
         )
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("the script failed"), "{e}");
         let e = run("const x = 1;\nthrow new Error('nope ' + x);", &[], vec![]).unwrap_err();
+        assert!(matches!(e, ScriptError::Threw(_)), "{e:?}");
+        let e = e.to_string();
         assert!(e.contains("nope 1") && e.contains("line 2"), "{e}");
-        let e = run("require('fs')", &[], vec![]).unwrap_err();
+        let e = run("require('fs')", &[], vec![]).unwrap_err().to_string();
         assert!(e.contains("require"), "{e}");
     }
 
@@ -833,8 +872,15 @@ mod tests {
 
     #[test]
     fn compile_errors_name_the_line() {
-        let e = check("row.a +\n+ )").unwrap_err();
+        let e = check("row.a +\n+ )").unwrap_err().to_string();
         assert!(e.contains("line 2"), "{e}");
         assert!(check("row.a + 1").is_ok());
+        // A bad token is the template's error, word for word.
+        let e = check("@@ORG@@ + 1").unwrap_err();
+        assert!(matches!(e, ScriptError::Template(_)), "{e:?}");
+        assert!(
+            e.to_string().starts_with("token @@ORG@@ has no kind"),
+            "{e}"
+        );
     }
 }

@@ -32,6 +32,34 @@ pub enum Part {
     Token(Token),
 }
 
+/// Why a template does not parse; the text says which token and how to write it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TemplateError {
+    /// An `@@` with no closing `@@`; holds the text from the opening `@@` on.
+    #[error("unterminated token {0:?}: a token ends with @@")]
+    Unterminated(String),
+    /// `@@Name@@`: no `KIND:` before the name; holds the token's inside.
+    #[error("token @@{0}@@ has no kind: write @@ORG:Field@@, @@VAR:Name@@ or @@STG:n,#Action@@")]
+    NoKind(String),
+    /// `@@ORG:@@`: a kind and no name; holds the token's inside.
+    #[error("token @@{0}@@ names nothing")]
+    NoName(String),
+    /// `@@STG:1,#Other@@`: a stage gives only its action.
+    #[error("token @@{0}@@: only #Action can be read from a stage")]
+    StageProperty(String),
+    /// `@@STG:0@@`, `@@STG:x@@`: stages are numbered from 1.
+    #[error("token @@{0}@@: the stage number must be a positive integer")]
+    StageNumber(String),
+    /// A kind other than ORG, VAR or STG.
+    #[error("token @@{inner}@@ has unknown kind {kind:?}: use ORG, VAR or STG")]
+    UnknownKind {
+        /// The token's inside.
+        inner: String,
+        /// The kind as written, upper-cased.
+        kind: String,
+    },
+}
+
 /// A parsed template: literal text and tokens, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Template {
@@ -41,7 +69,7 @@ pub struct Template {
 
 impl Template {
     /// Parses `text`; an unknown token kind or an unterminated `@@` is an error.
-    pub fn parse(text: &str) -> Result<Template, String> {
+    pub fn parse(text: &str) -> Result<Template, TemplateError> {
         let mut parts = Vec::new();
         let mut rest = text;
         while let Some(start) = rest.find("@@") {
@@ -49,12 +77,9 @@ impl Template {
                 parts.push(Part::Literal(rest[..start].to_owned()));
             }
             let after = &rest[start + 2..];
-            let end = after.find("@@").ok_or_else(|| {
-                format!(
-                    "unterminated token {:?}: a token ends with @@",
-                    &rest[start..]
-                )
-            })?;
+            let end = after
+                .find("@@")
+                .ok_or_else(|| TemplateError::Unterminated(rest[start..].to_owned()))?;
             parts.push(Part::Token(parse_token(&after[..end])?));
             rest = &after[end + 2..];
         }
@@ -73,15 +98,13 @@ impl Template {
     }
 }
 
-fn parse_token(inner: &str) -> Result<Token, String> {
-    let (kind, name) = inner.split_once(':').ok_or_else(|| {
-        format!(
-            "token @@{inner}@@ has no kind: write @@ORG:Field@@, @@VAR:Name@@ or @@STG:n,#Action@@"
-        )
-    })?;
+fn parse_token(inner: &str) -> Result<Token, TemplateError> {
+    let (kind, name) = inner
+        .split_once(':')
+        .ok_or_else(|| TemplateError::NoKind(inner.to_owned()))?;
     let name = name.trim();
     if name.is_empty() {
-        return Err(format!("token @@{inner}@@ names nothing"));
+        return Err(TemplateError::NoName(inner.to_owned()));
     }
     match kind.trim().to_ascii_uppercase().as_str() {
         "ORG" => Ok(Token::Origin(name.to_owned())),
@@ -89,20 +112,17 @@ fn parse_token(inner: &str) -> Result<Token, String> {
         "STG" => {
             let (n, what) = name.split_once(',').unwrap_or((name, "#Action"));
             if !what.trim().eq_ignore_ascii_case("#Action") {
-                return Err(format!(
-                    "token @@{inner}@@: only #Action can be read from a stage"
-                ));
+                return Err(TemplateError::StageProperty(inner.to_owned()));
             }
             match n.trim().parse::<usize>() {
                 Ok(n) if n >= 1 => Ok(Token::StageAction(n)),
-                _ => Err(format!(
-                    "token @@{inner}@@: the stage number must be a positive integer"
-                )),
+                _ => Err(TemplateError::StageNumber(inner.to_owned())),
             }
         }
-        other => Err(format!(
-            "token @@{inner}@@ has unknown kind {other:?}: use ORG, VAR or STG"
-        )),
+        other => Err(TemplateError::UnknownKind {
+            inner: inner.to_owned(),
+            kind: other.to_owned(),
+        }),
     }
 }
 
@@ -131,17 +151,31 @@ mod tests {
 
     #[test]
     fn rejects_bad_tokens() {
-        assert!(
-            Template::parse("@@ORG:x")
-                .unwrap_err()
-                .contains("unterminated")
+        assert_eq!(
+            Template::parse("a @@ORG:x").unwrap_err().to_string(),
+            r#"unterminated token "@@ORG:x": a token ends with @@"#
         );
-        assert!(
-            Template::parse("@@FOO:x@@")
-                .unwrap_err()
-                .contains("unknown kind")
+        assert_eq!(
+            Template::parse("@@foo:x@@").unwrap_err().to_string(),
+            r#"token @@foo:x@@ has unknown kind "FOO": use ORG, VAR or STG"#
         );
-        assert!(Template::parse("@@STG:0,#Action@@").is_err());
-        assert!(Template::parse("@@ORG@@").is_err());
+        assert_eq!(
+            Template::parse("@@STG:0,#Action@@").unwrap_err(),
+            TemplateError::StageNumber("STG:0,#Action".into())
+        );
+        assert_eq!(
+            Template::parse("@@STG:1,#Values@@")
+                .unwrap_err()
+                .to_string(),
+            "token @@STG:1,#Values@@: only #Action can be read from a stage"
+        );
+        assert_eq!(
+            Template::parse("@@ORG@@").unwrap_err().to_string(),
+            "token @@ORG@@ has no kind: write @@ORG:Field@@, @@VAR:Name@@ or @@STG:n,#Action@@"
+        );
+        assert_eq!(
+            Template::parse("@@ORG: @@").unwrap_err().to_string(),
+            "token @@ORG: @@ names nothing"
+        );
     }
 }

@@ -86,7 +86,7 @@ impl Value {
     }
 
     /// Converts to `ty`, or says why the value does not fit.
-    pub fn convert(self, ty: FieldType) -> Result<Value, String> {
+    pub fn convert(self, ty: FieldType) -> Result<Value, ConvertError> {
         match (ty, self) {
             (FieldType::Text, Value::Text(s)) => Ok(Value::Text(s)),
             (_, v) => v.as_ref().convert(ty),
@@ -103,6 +103,23 @@ impl Value {
             Value::Text(s) => ValueRef::Text(s),
         }
     }
+}
+
+/// Why a value does not fit a field's `type`; holds the value as written.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ConvertError {
+    /// A float with a fraction (or too large) for an integer field.
+    #[error("{0} is not a whole number")]
+    NotWhole(f64),
+    /// Text that does not read as an integer.
+    #[error("{0:?} is not an integer")]
+    NotInteger(String),
+    /// Text that does not read as a finite number.
+    #[error("{0:?} is not a number")]
+    NotNumber(String),
+    /// Text that is none of the boolean words.
+    #[error("{0:?} is not a boolean")]
+    NotBoolean(String),
 }
 
 /// A borrowed [`Value`]: what a [`Row`] hands out without copying.
@@ -151,7 +168,7 @@ impl ValueRef<'_> {
     }
 
     /// Converts to `ty`, or says why the value does not fit.
-    pub fn convert(self, ty: FieldType) -> Result<Value, String> {
+    pub fn convert(self, ty: FieldType) -> Result<Value, ConvertError> {
         match (ty, self) {
             (_, ValueRef::Null) => Ok(Value::Null),
             (FieldType::Text, ValueRef::Text(s)) => Ok(Value::Text(s.to_owned())),
@@ -166,7 +183,7 @@ impl ValueRef<'_> {
                 if f.fract() == 0.0 && f.abs() < 9.0e15 {
                     Ok(Value::Int(f as i64))
                 } else {
-                    Err(format!("{f} is not a whole number"))
+                    Err(ConvertError::NotWhole(f))
                 }
             }
             (FieldType::Integer, ValueRef::Text(s)) => {
@@ -176,7 +193,7 @@ impl ValueRef<'_> {
                 }
                 t.parse::<i64>()
                     .map(Value::Int)
-                    .map_err(|_| format!("{s:?} is not an integer"))
+                    .map_err(|_| ConvertError::NotInteger(s.to_owned()))
             }
             (FieldType::Number, ValueRef::Float(f)) => Ok(Value::Float(f)),
             (FieldType::Number, ValueRef::Int(i)) => Ok(Value::Float(i as f64)),
@@ -188,7 +205,7 @@ impl ValueRef<'_> {
                 }
                 match t.parse::<f64>() {
                     Ok(f) if f.is_finite() => Ok(Value::Float(f)),
-                    _ => Err(format!("{s:?} is not a number")),
+                    _ => Err(ConvertError::NotNumber(s.to_owned())),
                 }
             }
             (FieldType::Boolean, ValueRef::Bool(b)) => Ok(Value::Bool(b)),
@@ -199,7 +216,7 @@ impl ValueRef<'_> {
                     "" => Ok(Value::Null),
                     "true" | "t" | "yes" | "y" | "1" => Ok(Value::Bool(true)),
                     "false" | "f" | "no" | "n" | "0" => Ok(Value::Bool(false)),
-                    _ => Err(format!("{s:?} is not a boolean")),
+                    _ => Err(ConvertError::NotBoolean(s.to_owned())),
                 }
             }
         }
@@ -329,13 +346,33 @@ mod tests {
         );
         assert_eq!(Value::from("").convert(FieldType::Number), Ok(Value::Null));
         let err = Value::from("abc").convert(FieldType::Number).unwrap_err();
-        assert!(err.contains("\"abc\" is not a number"), "{err}");
+        assert_eq!(err.to_string(), "\"abc\" is not a number");
+        assert_eq!(
+            Value::from(" x ")
+                .convert(FieldType::Integer)
+                .unwrap_err()
+                .to_string(),
+            "\" x \" is not an integer"
+        );
+        assert_eq!(
+            Value::from("maybe")
+                .convert(FieldType::Boolean)
+                .unwrap_err()
+                .to_string(),
+            "\"maybe\" is not a boolean"
+        );
         assert!(Value::from("NaN").convert(FieldType::Number).is_err());
         assert_eq!(
             Value::from("Yes").convert(FieldType::Boolean),
             Ok(Value::Bool(true))
         );
-        assert!(Value::Float(1.5).convert(FieldType::Integer).is_err());
+        assert_eq!(
+            Value::Float(1.5)
+                .convert(FieldType::Integer)
+                .unwrap_err()
+                .to_string(),
+            "1.5 is not a whole number"
+        );
     }
 
     #[test]

@@ -237,7 +237,7 @@ impl Connector for HttpConfig {
 
     fn open_origin(&self, req: &OriginRequest) -> Result<Box<dyn Origin>, ConnectorError> {
         let query = req.query.unwrap_or("");
-        let template = Template::parse(query).map_err(ConnectorError::Schema)?;
+        let template = Template::parse(query).map_err(|e| ConnectorError::Schema(e.to_string()))?;
         let mut path = String::new();
         for part in &template.parts {
             match part {

@@ -710,7 +710,7 @@ pub fn bind_tokens(
     variables: &BTreeMap<String, Value>,
     placeholder: impl Fn(usize) -> String,
 ) -> Result<(String, Vec<Value>), String> {
-    let template = Template::parse(query)?;
+    let template = Template::parse(query).map_err(|e| e.to_string())?;
     let mut sql = String::with_capacity(query.len());
     let mut params = Vec::new();
     let parts = &template.parts;

@@ -5,10 +5,10 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Mutex;
 
-use super::state::JobState;
+use super::state::{JobState, StateError};
 use crate::connector::{ConnectionConfig, ConnectorError, Lookup};
 use crate::project::Project;
-use crate::script::ScriptHost;
+use crate::script::{self, ScriptHost};
 use crate::value::Value;
 
 /// Cross-reference writes kept in memory before they go to the state file.
@@ -17,6 +17,36 @@ const XREF_FLUSH_EVERY: usize = 10_000;
 const LOOKUP_CACHE_MAX: usize = 1_000_000;
 /// Cross-reference entries a run keeps in memory after reading or keeping them.
 const XREF_CACHE_MAX: usize = 100_000;
+
+/// Why a script's `xrefRead`, `xrefWrite` or `lookup` failed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum RunHostError {
+    /// A thread panicked while it held the lists or the lookups.
+    #[error("the {0} lock is poisoned")]
+    Poisoned(&'static str),
+    /// The state file that keeps the cross-reference lists failed.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// `lookup` named a connection the project does not have.
+    #[error("the project has no connection {name:?}; it has: {known}")]
+    NoConnection {
+        /// The connection asked for.
+        name: String,
+        /// The project's connections, comma-separated.
+        known: String,
+    },
+    /// The lookup's connection cannot be opened.
+    #[error("connection {name:?}: {source}")]
+    Open {
+        /// The connection.
+        name: String,
+        /// Why it cannot be opened.
+        source: ConnectorError,
+    },
+    /// The lookup's query failed.
+    #[error(transparent)]
+    Lookup(ConnectorError),
+}
 
 /// A job run's [`ScriptHost`].
 pub(crate) struct RunHost {
@@ -65,12 +95,15 @@ impl RunHost {
     }
 
     /// Keeps this run's cross-reference writes (nothing in preview).
-    pub(crate) fn flush(&self) -> Result<(), String> {
-        let mut x = self.xref.lock().map_err(|_| "the xref lock is poisoned")?;
+    pub(crate) fn flush(&self) -> Result<(), RunHostError> {
+        let mut x = self
+            .xref
+            .lock()
+            .map_err(|_| RunHostError::Poisoned("xref"))?;
         Self::flush_locked(&self.project, self.preview, &mut x)
     }
 
-    fn flush_locked(project: &str, preview: bool, x: &mut Xref) -> Result<(), String> {
+    fn flush_locked(project: &str, preview: bool, x: &mut Xref) -> Result<(), RunHostError> {
         if preview || x.pending.is_empty() {
             return Ok(());
         }
@@ -103,26 +136,34 @@ impl RunHost {
             .unwrap_or_default()
     }
 
-    fn open_lookup(&self, connection: &str) -> Result<Box<dyn Lookup>, String> {
-        let conn = self.connections.get(connection).ok_or_else(|| {
-            format!(
-                "the project has no connection {connection:?}; it has: {}",
-                self.connections
+    fn open_lookup(&self, connection: &str) -> Result<Box<dyn Lookup>, RunHostError> {
+        let conn = self
+            .connections
+            .get(connection)
+            .ok_or_else(|| RunHostError::NoConnection {
+                name: connection.to_owned(),
+                known: self
+                    .connections
                     .keys()
                     .map(String::as_str)
                     .collect::<Vec<_>>()
-                    .join(", ")
-            )
-        })?;
+                    .join(", "),
+            })?;
         conn.connector()
             .open_lookup(&self.base_dir)
-            .map_err(|e| format!("connection {connection:?}: {e}"))
+            .map_err(|source| RunHostError::Open {
+                name: connection.to_owned(),
+                source,
+            })
     }
 }
 
 impl ScriptHost for RunHost {
-    fn xref_read(&self, list: &str, key: &str) -> Result<Option<String>, String> {
-        let mut x = self.xref.lock().map_err(|_| "the xref lock is poisoned")?;
+    fn xref_read(&self, list: &str, key: &str) -> Result<Option<String>, script::HostError> {
+        let mut x = self
+            .xref
+            .lock()
+            .map_err(|_| RunHostError::Poisoned("xref"))?;
         let k = (list.to_owned(), key.to_owned());
         if let Some(v) = x.pending.get(&k) {
             return Ok(Some(v.clone()));
@@ -131,7 +172,9 @@ impl ScriptHost for RunHost {
             return Ok(v.clone());
         }
         let v = match &x.state {
-            Some(s) => s.xref_get(&self.project, list, key)?,
+            Some(s) => s
+                .xref_get(&self.project, list, key)
+                .map_err(RunHostError::from)?,
             None => None,
         };
         if x.read.len() >= XREF_CACHE_MAX {
@@ -141,8 +184,11 @@ impl ScriptHost for RunHost {
         Ok(v)
     }
 
-    fn xref_write(&self, list: &str, key: &str, value: &str) -> Result<(), String> {
-        let mut x = self.xref.lock().map_err(|_| "the xref lock is poisoned")?;
+    fn xref_write(&self, list: &str, key: &str, value: &str) -> Result<(), script::HostError> {
+        let mut x = self
+            .xref
+            .lock()
+            .map_err(|_| RunHostError::Poisoned("xref"))?;
         x.pending
             .insert((list.to_owned(), key.to_owned()), value.to_owned());
         if x.pending.len() >= XREF_FLUSH_EVERY {
@@ -157,7 +203,7 @@ impl ScriptHost for RunHost {
         table: &str,
         field: &str,
         criteria: &[(String, Value)],
-    ) -> Result<Value, String> {
+    ) -> Result<Value, script::HostError> {
         let mut key = format!("{connection}\u{1f}{table}\u{1f}{field}");
         for (k, v) in criteria {
             key.push('\u{1f}');
@@ -171,7 +217,7 @@ impl ScriptHost for RunHost {
         let mut l = self
             .lookups
             .lock()
-            .map_err(|_| "the lookup lock is poisoned")?;
+            .map_err(|_| RunHostError::Poisoned("lookup"))?;
         l.calls += 1;
         if let Some(v) = l.cache.get(&key) {
             let v = v.clone();
@@ -192,7 +238,7 @@ impl ScriptHost for RunHost {
                     l.open.remove(connection);
                     tracing::debug!("lookup connection {connection:?} lost ({e}); reopening");
                 }
-                Err(e) => return Err(e.to_string()),
+                Err(e) => return Err(RunHostError::Lookup(e).into()),
                 Ok(v) => break v.unwrap_or(Value::Null),
             }
         };

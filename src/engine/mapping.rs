@@ -6,8 +6,54 @@ use chrono::{Local, SecondsFormat, Utc};
 
 use crate::connector::{ColumnPlan, RowAction, StagePlan};
 use crate::project::{BuiltinFunction, FieldSource, Job, Stage, Transform};
+use crate::script::ScriptError;
 use crate::template::{Part, Token};
-use crate::value::{FieldType, Row, Value};
+use crate::value::{ConvertError, FieldType, Row, Value};
+
+/// Why a job's fields cannot be compiled, or a row's values worked out.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum MappingError {
+    /// A field reads an origin field the origin does not have.
+    #[error(
+        "stage {stage}, column {column:?} (line {line} of {file}): the origin has no field {field:?}; it has: {known}"
+    )]
+    NoSuchField {
+        /// The stage, from 1.
+        stage: usize,
+        /// The destination column the field fills.
+        column: String,
+        /// The field's line in the job file.
+        line: usize,
+        /// The job file's name.
+        file: String,
+        /// The origin field asked for.
+        field: String,
+        /// The origin's fields, comma-separated.
+        known: String,
+    },
+    /// A script field evaluated where no script runtime was made.
+    #[error("column {0:?}: no script runtime here")]
+    NoScriptRuntime(String),
+    /// A script field failed for this row.
+    #[error("column {column:?}: {source}")]
+    Script {
+        /// The destination column.
+        column: String,
+        /// What the script did.
+        source: ScriptError,
+    },
+    /// A script called `gotoNextRow()`: the row is skipped, not failed.
+    #[error("{}", crate::script::SKIP_ROW)]
+    SkipRow,
+    /// The value does not fit the field's `type`.
+    #[error("column {column:?}: {source}")]
+    Convert {
+        /// The destination column.
+        column: String,
+        /// Why the value does not fit.
+        source: ConvertError,
+    },
+}
 
 /// Which connection a stage writes to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,19 +135,22 @@ pub(crate) fn compile(
     job: &Job,
     columns: &[String],
     variables: &BTreeMap<String, Value>,
-) -> Result<(Vec<CompiledStage>, Vec<String>), String> {
+) -> Result<(Vec<CompiledStage>, Vec<String>), MappingError> {
     let mut locals = [0usize; 2];
     let scripts = std::cell::RefCell::new(Vec::new());
-    let missing = |stage: usize, column: &str, line: usize, field: &str| {
-        format!(
-            "stage {stage}, column {column:?} (line {line} of {}): the origin has no field {field:?}; it has: {}",
-            job.file
+    let missing =
+        |stage: usize, column: &str, line: usize, field: &str| MappingError::NoSuchField {
+            stage,
+            column: column.to_owned(),
+            line,
+            file: job
+                .file
                 .file_name()
-                .map(|n| n.to_string_lossy())
+                .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default(),
-            columns.join(", ")
-        )
-    };
+            field: field.to_owned(),
+            known: columns.join(", "),
+        };
     job.stages
         .iter()
         .enumerate()
@@ -169,7 +218,7 @@ pub(crate) fn compile(
                         ty: f.ty,
                     })
                 })
-                .collect::<Result<Vec<_>, String>>()?;
+                .collect::<Result<Vec<_>, MappingError>>()?;
             // STG tokens need the earlier stages' outcomes: those stages are
             // mapped by the writers; all others ahead, on the reader thread.
             let reads_stages = stage.fields.iter().any(
@@ -189,7 +238,7 @@ pub(crate) fn compile(
                 fields,
             })
         })
-        .collect::<Result<Vec<_>, String>>()
+        .collect::<Result<Vec<_>, MappingError>>()
         .map(|stages| (stages, scripts.into_inner()))
 }
 
@@ -209,14 +258,18 @@ pub(crate) fn lookup_var(variables: &BTreeMap<String, Value>, name: &str) -> Val
 
 impl CompiledStage {
     /// The stage's values for one row, in column order; an error names the column.
-    pub(crate) fn evaluate(&self, row: &RowContext, out: &mut Vec<Value>) -> Result<(), String> {
+    pub(crate) fn evaluate(
+        &self,
+        row: &RowContext,
+        out: &mut Vec<Value>,
+    ) -> Result<(), MappingError> {
         out.clear();
         for f in &self.fields {
             let mut v = match &f.source {
                 Source::Script(i, read) => {
                     let rt = row
                         .scripts
-                        .ok_or_else(|| format!("column {:?}: no script runtime here", f.column))?;
+                        .ok_or_else(|| MappingError::NoScriptRuntime(f.column.clone()))?;
                     let v = rt.call(
                         *i,
                         &crate::script::CallInput {
@@ -230,11 +283,14 @@ impl CompiledStage {
                     for m in rt.take_logs() {
                         (row.log)(row.number, m);
                     }
-                    v.map_err(|e| {
-                        if e == crate::script::SKIP_ROW {
-                            e
+                    v.map_err(|source| {
+                        if source.is_skip_row() {
+                            MappingError::SkipRow
                         } else {
-                            format!("column {:?}: {e}", f.column)
+                            MappingError::Script {
+                                column: f.column.clone(),
+                                source,
+                            }
                         }
                     })?
                 }
@@ -244,10 +300,10 @@ impl CompiledStage {
                         && let Some(ty) = f.ty
                     {
                         // Convert straight from the borrowed field: no copy first.
-                        out.push(
-                            r.convert(ty)
-                                .map_err(|e| format!("column {:?}: {e}", f.column))?,
-                        );
+                        out.push(r.convert(ty).map_err(|source| MappingError::Convert {
+                            column: f.column.clone(),
+                            source,
+                        })?);
                         continue;
                     }
                     r.to_owned()
@@ -274,9 +330,10 @@ impl CompiledStage {
                 v = transform(v, *t);
             }
             if let Some(ty) = f.ty {
-                v = v
-                    .convert(ty)
-                    .map_err(|e| format!("column {:?}: {e}", f.column))?;
+                v = v.convert(ty).map_err(|source| MappingError::Convert {
+                    column: f.column.clone(),
+                    source,
+                })?;
             }
             out.push(v);
         }

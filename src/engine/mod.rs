@@ -349,30 +349,37 @@ pub enum RunError {
         /// The jobs it has.
         known: String,
     },
-    /// A request field is out of range.
-    #[error("{0}")]
-    InvalidRequest(String),
+    /// `beginAtRow` is 0.
+    #[error("beginAtRow must be a positive integer")]
+    BeginAtRow,
+    /// `endAfterRow` comes before `beginAtRow`.
+    #[error("endAfterRow ({end}) must not be less than beginAtRow ({begin})")]
+    EndBeforeBegin {
+        /// `endAfterRow`.
+        end: u64,
+        /// `beginAtRow`.
+        begin: u64,
+    },
+    /// `threadCount` is 0 or more than [`MAX_THREADS`].
+    #[error("threadCount must be 1 to {MAX_THREADS}")]
+    ThreadCount,
 }
 
 /// Checks the request's numbers, the way the API reports them.
 pub fn check_request(req: &RunRequest) -> Result<(), RunError> {
     if req.begin_at_row == 0 {
-        return Err(RunError::InvalidRequest(
-            "beginAtRow must be a positive integer".into(),
-        ));
+        return Err(RunError::BeginAtRow);
     }
     if let Some(end) = req.end_after_row
         && end < req.begin_at_row
     {
-        return Err(RunError::InvalidRequest(format!(
-            "endAfterRow ({end}) must not be less than beginAtRow ({})",
-            req.begin_at_row
-        )));
+        return Err(RunError::EndBeforeBegin {
+            end,
+            begin: req.begin_at_row,
+        });
     }
     if req.thread_count == 0 || req.thread_count > MAX_THREADS {
-        return Err(RunError::InvalidRequest(format!(
-            "threadCount must be 1 to {MAX_THREADS}"
-        )));
+        return Err(RunError::ThreadCount);
     }
     Ok(())
 }
@@ -465,4 +472,34 @@ pub fn check_connections(project: &Project) -> ConnectionCheck {
         }
     }
     check
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn out_of_range_requests_say_which_field() {
+        let said = |tweak: fn(&mut RunRequest)| {
+            let mut req = RunRequest::new("p", "j");
+            tweak(&mut req);
+            check_request(&req).map_err(|e| e.to_string())
+        };
+        assert_eq!(said(|_| {}), Ok(()));
+        assert_eq!(
+            said(|r| r.begin_at_row = 0),
+            Err("beginAtRow must be a positive integer".into())
+        );
+        assert_eq!(
+            said(|r| {
+                r.begin_at_row = 5;
+                r.end_after_row = Some(4);
+            }),
+            Err("endAfterRow (4) must not be less than beginAtRow (5)".into())
+        );
+        assert_eq!(
+            said(|r| r.thread_count = MAX_THREADS + 1),
+            Err("threadCount must be 1 to 64".into())
+        );
+    }
 }

@@ -8,6 +8,31 @@ use std::path::Path;
 
 use rusqlite::{Connection, params};
 
+/// Why the state file cannot be opened, read or written.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum StateError {
+    /// The data directory cannot be created.
+    #[error(transparent)]
+    Dir(#[from] std::io::Error),
+    /// SQLite refused (busy past the timeout, a full disk, a damaged file).
+    #[error(transparent)]
+    Sqlite(#[from] rusqlite::Error),
+}
+
+impl StateError {
+    /// SQLite's extended result code (`SQLITE_BUSY_SNAPSHOT`, `SQLITE_FULL`, …),
+    /// when SQLite itself refused.
+    // The engine reports state errors as text today; the code is for a caller
+    // that tells a busy file (worth retrying) from a damaged one.
+    #[allow(dead_code)]
+    pub(crate) fn sqlite_code(&self) -> Option<i32> {
+        match self {
+            StateError::Sqlite(rusqlite::Error::SqliteFailure(e, _)) => Some(e.extended_code),
+            _ => None,
+        }
+    }
+}
+
 /// The persisted variables of one project's jobs.
 pub(crate) struct JobState {
     conn: Connection,
@@ -15,11 +40,10 @@ pub(crate) struct JobState {
 
 impl JobState {
     /// Opens (or creates) the state file in `data_dir`.
-    pub(crate) fn open(data_dir: &Path) -> Result<Self, String> {
-        std::fs::create_dir_all(data_dir).map_err(|e| e.to_string())?;
-        let conn = Connection::open(data_dir.join("state.sqlite")).map_err(|e| e.to_string())?;
-        conn.busy_timeout(std::time::Duration::from_secs(30))
-            .map_err(|e| e.to_string())?;
+    pub(crate) fn open(data_dir: &Path) -> Result<Self, StateError> {
+        std::fs::create_dir_all(data_dir)?;
+        let conn = Connection::open(data_dir.join("state.sqlite"))?;
+        conn.busy_timeout(std::time::Duration::from_secs(30))?;
         conn.execute_batch(
             "PRAGMA journal_mode=WAL;
              CREATE TABLE IF NOT EXISTS job_variables (
@@ -28,8 +52,7 @@ impl JobState {
              CREATE TABLE IF NOT EXISTS xref (
                project TEXT NOT NULL, list TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL,
                PRIMARY KEY (project, list, key)) WITHOUT ROWID",
-        )
-        .map_err(|e| e.to_string())?;
+        )?;
         Ok(JobState { conn })
     }
 
@@ -38,20 +61,17 @@ impl JobState {
         &self,
         project: &str,
         job: &str,
-    ) -> Result<BTreeMap<String, String>, String> {
+    ) -> Result<BTreeMap<String, String>, StateError> {
         let mut st = self
             .conn
-            .prepare("SELECT name, value FROM job_variables WHERE project = ?1 AND job = ?2")
-            .map_err(|e| e.to_string())?;
-        let rows = st
-            .query_map(params![project, job], |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, Option<String>>(1)?.unwrap_or_default(),
-                ))
-            })
-            .map_err(|e| e.to_string())?;
-        rows.collect::<Result<_, _>>().map_err(|e| e.to_string())
+            .prepare("SELECT name, value FROM job_variables WHERE project = ?1 AND job = ?2")?;
+        let rows = st.query_map(params![project, job], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, Option<String>>(1)?.unwrap_or_default(),
+            ))
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     /// Saves `vars` for the job (others it has stay).
@@ -60,17 +80,16 @@ impl JobState {
         project: &str,
         job: &str,
         vars: &BTreeMap<String, String>,
-    ) -> Result<(), String> {
-        let tx = self.conn.transaction().map_err(|e| e.to_string())?;
+    ) -> Result<(), StateError> {
+        let tx = self.conn.transaction()?;
         for (k, v) in vars {
             tx.execute(
                 "INSERT INTO job_variables (project, job, name, value) VALUES (?1, ?2, ?3, ?4)
                  ON CONFLICT (project, job, name) DO UPDATE SET value = excluded.value",
                 params![project, job, k, v],
-            )
-            .map_err(|e| e.to_string())?;
+            )?;
         }
-        tx.commit().map_err(|e| e.to_string())
+        Ok(tx.commit()?)
     }
 
     /// The value `key` maps to in the project's cross-reference list `list`.
@@ -79,16 +98,13 @@ impl JobState {
         project: &str,
         list: &str,
         key: &str,
-    ) -> Result<Option<String>, String> {
-        let mut st = self
-            .conn
-            .prepare_cached("SELECT value FROM xref WHERE project = ?1 AND list = ?2 AND key = ?3")
-            .map_err(|e| e.to_string())?;
-        let mut rows = st
-            .query(params![project, list, key])
-            .map_err(|e| e.to_string())?;
-        match rows.next().map_err(|e| e.to_string())? {
-            Some(r) => r.get(0).map_err(|e| e.to_string()),
+    ) -> Result<Option<String>, StateError> {
+        let mut st = self.conn.prepare_cached(
+            "SELECT value FROM xref WHERE project = ?1 AND list = ?2 AND key = ?3",
+        )?;
+        let mut rows = st.query(params![project, list, key])?;
+        match rows.next()? {
+            Some(r) => Ok(r.get(0)?),
             None => Ok(None),
         }
     }
@@ -98,20 +114,43 @@ impl JobState {
         &mut self,
         project: &str,
         entries: &[(&str, &str, &str)],
-    ) -> Result<(), String> {
-        let tx = self.conn.transaction().map_err(|e| e.to_string())?;
+    ) -> Result<(), StateError> {
+        let tx = self.conn.transaction()?;
         {
-            let mut st = tx
-                .prepare_cached(
-                    "INSERT INTO xref (project, list, key, value) VALUES (?1, ?2, ?3, ?4)
+            let mut st = tx.prepare_cached(
+                "INSERT INTO xref (project, list, key, value) VALUES (?1, ?2, ?3, ?4)
                      ON CONFLICT (project, list, key) DO UPDATE SET value = excluded.value",
-                )
-                .map_err(|e| e.to_string())?;
+            )?;
             for (list, key, value) in entries {
-                st.execute(params![project, list, key, value])
-                    .map_err(|e| e.to_string())?;
+                st.execute(params![project, list, key, value])?;
             }
         }
-        tx.commit().map_err(|e| e.to_string())
+        Ok(tx.commit()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refused_statement_keeps_sqlites_code() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = JobState::open(dir.path()).unwrap();
+        // Another connection holds the write lock; this one gives up at once.
+        let other = Connection::open(dir.path().join("state.sqlite")).unwrap();
+        other.execute_batch("BEGIN IMMEDIATE").unwrap();
+        state.conn.busy_timeout(std::time::Duration::ZERO).unwrap();
+        let mut state = state;
+        let e = state
+            .xref_put("p", &[("list", "key", "value")])
+            .unwrap_err();
+        assert_eq!(e.sqlite_code(), Some(rusqlite::ffi::SQLITE_BUSY));
+        assert_eq!(e.to_string(), "database is locked");
+        let Err(e) = JobState::open(&dir.path().join("state.sqlite").join("x")) else {
+            panic!("a directory under a file cannot be made");
+        };
+        assert!(matches!(e, StateError::Dir(_)), "{e:?}");
+        assert_eq!(e.sqlite_code(), None);
     }
 }

@@ -5,6 +5,33 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+/// Why the settings cannot be used. The cause is the error's source, not part
+/// of its text, so `cannot read PATH: CAUSE` reads once when the chain is printed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file cannot be read.
+    #[error("cannot read {}", path.display())]
+    Read {
+        /// The config file.
+        path: PathBuf,
+        /// What reading said.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML, or has a key or value the settings do not take.
+    #[error("{}", path.display())]
+    Parse {
+        /// The config file.
+        path: PathBuf,
+        /// Where and why it does not parse.
+        source: toml::de::Error,
+    },
+    /// `store` names a kind of store this build cannot open.
+    #[error(
+        "store {0:?} is not supported by this build: use sqlite:PATH (a PostgreSQL store is planned behind the same trait)"
+    )]
+    UnsupportedStore(String),
+}
+
 /// Everything `tidepool serve` needs; every key has a default.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -170,22 +197,73 @@ impl Default for LoginConfig {
 
 impl ServerConfig {
     /// Reads a config file.
-    pub fn from_file(path: &Path) -> anyhow::Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
-        toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source,
+        })
     }
 
     /// The store's SQLite file.
-    pub fn store_path(&self) -> anyhow::Result<PathBuf> {
+    pub fn store_path(&self) -> Result<PathBuf, ConfigError> {
         match &self.store {
             None => Ok(self.data_dir.join("tidepool.sqlite")),
             Some(url) => match url.strip_prefix("sqlite:") {
                 Some(p) => Ok(PathBuf::from(p.trim_start_matches("//"))),
-                None => anyhow::bail!(
-                    "store {url:?} is not supported by this build: use sqlite:PATH (a PostgreSQL store is planned behind the same trait)"
-                ),
+                None => Err(ConfigError::UnsupportedStore(url.clone())),
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The error and its causes as the CLI prints them (`error: {e:#}`).
+    fn chain(e: &dyn std::error::Error) -> String {
+        let mut out = e.to_string();
+        let mut cause = e.source();
+        while let Some(c) = cause {
+            out.push_str(&format!(": {c}"));
+            cause = c.source();
+        }
+        out
+    }
+
+    #[test]
+    fn errors_name_the_file_and_keep_the_cause() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing.toml");
+        let e = ServerConfig::from_file(&missing).unwrap_err();
+        let ConfigError::Read { source, .. } = &e else {
+            panic!("{e:?}");
+        };
+        assert_eq!(source.kind(), std::io::ErrorKind::NotFound);
+        assert_eq!(
+            chain(&e),
+            format!("cannot read {}: {source}", missing.display())
+        );
+
+        let bad = dir.path().join("bad.toml");
+        std::fs::write(&bad, "listen = 5\n").unwrap();
+        let e = ServerConfig::from_file(&bad).unwrap_err();
+        let ConfigError::Parse { source, .. } = &e else {
+            panic!("{e:?}");
+        };
+        assert_eq!(chain(&e), format!("{}: {source}", bad.display()));
+
+        let c = ServerConfig {
+            store: Some("postgres://db".into()),
+            ..ServerConfig::default()
+        };
+        assert_eq!(
+            c.store_path().unwrap_err().to_string(),
+            "store \"postgres://db\" is not supported by this build: use sqlite:PATH (a PostgreSQL store is planned behind the same trait)"
+        );
     }
 }

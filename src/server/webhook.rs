@@ -72,7 +72,7 @@ async fn deliver(svc: &Service, client: &reqwest::Client, cfg: &WebhookConfig, d
         let _ = svc.store.record_attempt(key, a, WebhookNext::GiveUp).await;
     };
     let (status_code, error) = match check_target(&d.url, cfg) {
-        Err(refused) => return give_up(refused).await,
+        Err(refused) => return give_up(refused.to_string()).await,
         Ok(()) => {
             let msg_id = format!("msg_{}", d.key.run_id.simple());
             let ts = now.timestamp();
@@ -168,22 +168,39 @@ pub fn sign(secret: &str, msg_id: &str, ts: i64, body: &str) -> String {
 #[error("refused by the webhook address policy: {0}")]
 pub struct Refused(String);
 
+/// What the URL parser says of a URL it cannot read.
+pub type UrlError = <reqwest::Url as std::str::FromStr>::Err;
+
+/// Why a webhook is not sent to its URL at all.
+#[derive(Debug, thiserror::Error)]
+pub enum TargetError {
+    /// The URL does not parse.
+    #[error("bad webhook URL: {0}")]
+    BadUrl(#[source] UrlError),
+    /// The URL has no host (`data:`, `file:///`).
+    #[error("the webhook URL has no host")]
+    NoHost,
+    /// The address policy refuses the host.
+    #[error(transparent)]
+    Refused(#[from] Refused),
+}
+
 /// Checks a webhook URL before anything is sent: its host when it is an IP
 /// address (see [`policy`]), or a metadata service's host name. Other host
 /// names are checked by [`PolicyResolver`] as they are resolved for the
 /// connection.
-pub fn check_target(url: &str, cfg: &WebhookConfig) -> Result<(), String> {
-    let u = reqwest::Url::parse(url).map_err(|e| format!("bad webhook URL: {e}"))?;
+pub fn check_target(url: &str, cfg: &WebhookConfig) -> Result<(), TargetError> {
+    let u = reqwest::Url::parse(url).map_err(TargetError::BadUrl)?;
     // The URL parser has already turned 2852039166 or 0xa9.0xfe.0xa9.0xfe
     // into 169.254.169.254.
-    let host = u.host_str().ok_or("the webhook URL has no host")?;
+    let host = u.host_str().ok_or(TargetError::NoHost)?;
     let bare = host.trim_start_matches('[').trim_end_matches(']');
     let refusal = match bare.parse::<IpAddr>() {
         Ok(ip) => policy::judge(ip, cfg).map(|r| r.to_string()),
         Err(_) => policy::judge_host(host),
     };
     match refusal {
-        Some(why) => Err(Refused(why).to_string()),
+        Some(why) => Err(Refused(why).into()),
         None => Ok(()),
     }
 }
@@ -286,7 +303,7 @@ mod tests {
             ),
             ("http://0.0.0.0:8080/", "an unspecified address"),
         ] {
-            let e = check_target(url, &open).expect_err(url);
+            let e = check_target(url, &open).expect_err(url).to_string();
             assert!(
                 e.starts_with("refused by the webhook address policy: "),
                 "{e}"
@@ -298,18 +315,27 @@ mod tests {
             "http://[::1]/",
             "https://example.com/hook",
         ] {
-            assert_eq!(check_target(url, &open), Ok(()), "{url}");
+            if let Err(e) = check_target(url, &open) {
+                panic!("{url}: {e}");
+            }
         }
         let shared = WebhookConfig {
             block_private: true,
             ..WebhookConfig::default()
         };
-        let e = check_target("http://[::ffff:127.0.0.1]/", &shared).unwrap_err();
+        let e = check_target("http://[::ffff:127.0.0.1]/", &shared)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("carries 127.0.0.1, a loopback address"), "{e}");
-        assert!(
-            check_target("not a url", &open)
+        assert_eq!(
+            check_target("not a url", &open).unwrap_err().to_string(),
+            "bad webhook URL: relative URL without a base"
+        );
+        assert_eq!(
+            check_target("data:text/plain,x", &open)
                 .unwrap_err()
-                .contains("bad webhook URL")
+                .to_string(),
+            "the webhook URL has no host"
         );
     }
 

@@ -136,7 +136,9 @@ impl Shared<'_> {
                     stages: self.row_wise.then_some(views.as_slice()),
                     log: &|_, m| logs.borrow_mut().push(m),
                 };
-                let r = self.stages[si].evaluate(&ctx, &mut out);
+                let r = self.stages[si]
+                    .evaluate(&ctx, &mut out)
+                    .map_err(|e| e.to_string());
                 r.map(|()| vals.push(out))
             }
         };

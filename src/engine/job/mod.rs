@@ -38,7 +38,7 @@ use writers::ErrorFile;
 pub(crate) enum JobError {
     /// The once-only operations' runtime does not compile.
     #[error("an operation does not compile: {0}")]
-    OperationsCompile(String),
+    OperationsCompile(#[source] crate::script::ScriptError),
     /// An operation outside rows failed.
     #[error(transparent)]
     Operation(#[from] OperationError),
@@ -53,11 +53,11 @@ pub(crate) enum JobError {
         source: ConnectorError,
     },
     /// The stages do not compile against the origin's fields.
-    #[error("{0}")]
-    Mapping(String),
+    #[error(transparent)]
+    Mapping(crate::engine::mapping::MappingError),
     /// The field scripts (and row operations) do not compile.
     #[error("a script does not compile: {0}")]
-    ScriptCompile(String),
+    ScriptCompile(#[source] crate::script::ScriptError),
     /// Stages write to a target with no connection.
     #[error("no connection for the stages of {0}")]
     NoConnection(String),
@@ -311,7 +311,12 @@ impl Shared<'_> {
                     stages: None,
                     log: &|_, m| logs.borrow_mut().push(m),
                 };
-                pre.push(Some(stage.evaluate(&ctx, &mut out).map(|()| out)));
+                pre.push(Some(
+                    stage
+                        .evaluate(&ctx, &mut out)
+                        .map(|()| out)
+                        .map_err(|e| e.to_string()),
+                ));
             }
         }
         RowState {

@@ -4,7 +4,7 @@
 use super::{LogLevel, RowState, RunLog, Shared};
 use crate::connector::RowAction;
 use crate::project::{Job, Moment};
-use crate::script::{CallInput, SKIP_ROW, ScriptRuntime, StageView};
+use crate::script::{CallInput, ScriptRuntime, StageView};
 use crate::value::{Row, Value};
 
 /// An operation that failed: when it runs, its line in the job file, why.
@@ -21,7 +21,7 @@ pub(crate) struct OperationError {
 #[derive(Debug, thiserror::Error)]
 pub(super) enum RowOpError {
     /// One called gotoNextRow(): the row's later stages do not run.
-    #[error("{}", SKIP_ROW)]
+    #[error("{}", crate::script::SKIP_ROW)]
     Skip,
     /// One failed.
     #[error(transparent)]
@@ -110,12 +110,12 @@ impl Shared<'_> {
             logs.extend(js.take_logs());
             match out {
                 Ok(v) => said_true |= v == Value::Bool(true),
-                Err(e) if e == SKIP_ROW => return Err(RowOpError::Skip),
+                Err(e) if e.is_skip_row() => return Err(RowOpError::Skip),
                 Err(reason) => {
                     return Err(RowOpError::Failed(OperationError {
                         when,
                         line: op.line,
-                        reason,
+                        reason: reason.to_string(),
                     }));
                 }
             }
@@ -190,10 +190,10 @@ pub(super) fn job_ops(
         match out {
             Ok(v) => last = Some(v),
             Err(e) => {
-                let e = if e == SKIP_ROW {
+                let e = if e.is_skip_row() {
                     "gotoNextRow() was called outside a row".to_owned()
                 } else {
-                    e
+                    e.to_string()
                 };
                 return Err(OperationError {
                     when,
