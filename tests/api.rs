@@ -33,28 +33,13 @@ impl Answer {
     }
 }
 
-fn copy_demo(f: &Fixture) {
-    let src = common::repo_projects().join("demo");
-    for rel in [
-        "project.toml",
-        "jobs/contacts.toml",
-        "jobs/countries.toml",
-        "data/contacts.csv",
-    ] {
-        f.write(
-            &format!("projects/demo/{rel}"),
-            std::fs::read(src.join(rel)).unwrap(),
-        );
-    }
-}
-
 async fn api_with(
     tweak: impl FnOnce(&mut ServerConfig),
     users: Vec<UserRecord>,
     start: bool,
 ) -> Api {
     let f = Fixture::new();
-    copy_demo(&f);
+    f.copy_demo();
     let mut config = ServerConfig {
         data_dir: f.data.clone(),
         projects: f.projects.clone(),

@@ -11,18 +11,7 @@ use tidepool::project::JobId;
 /// A fixture with the repository's demo project copied in.
 fn demo() -> Fixture {
     let f = Fixture::new();
-    let src = common::repo_projects().join("demo");
-    for rel in [
-        "project.toml",
-        "jobs/contacts.toml",
-        "jobs/countries.toml",
-        "data/contacts.csv",
-    ] {
-        f.write(
-            &format!("projects/demo/{rel}"),
-            std::fs::read(src.join(rel)).unwrap(),
-        );
-    }
+    f.copy_demo();
     f
 }
 
