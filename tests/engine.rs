@@ -1120,3 +1120,11 @@ fn a_stage_whose_match_field_has_no_index_says_so() {
         assert_eq!(said, noted, "{ddl}: {:?}", r.jobs[0].log);
     }
 }
+
+/// SQLite in the stage-action table every SQL destination runs
+/// (tests/common/sql_destination.rs); the fault scenarios there need a
+/// server, which an embedded file does not have.
+#[test]
+fn sqlite_every_stage_action_counts_exactly() {
+    common::sql_destination::every_stage_action_counts_exactly(common::databases::SqliteFile::new);
+}

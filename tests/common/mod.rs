@@ -7,7 +7,9 @@ use tidepool::engine::{self, CancelToken, RunObserver};
 use tidepool::project::{LoadOptions, LoadOutcome, load_projects};
 use tidepool::{RunReport, RunRequest};
 
+pub mod databases;
 pub mod server;
+pub mod sql_destination;
 pub mod wait;
 pub use server::{ServeBuilder, Server, free_port, tidepool_cli, tidepool_cli_ok};
 pub use wait::{eventually, until, until_blocking, webhook_receiver};
