@@ -15,31 +15,14 @@ fn project(db: &Db) -> String {
     )
 }
 
+/// A job from the CSV `src` into `people`, id matched.
 fn people_job(action: &str, extra: &str) -> String {
-    format!(
-        r#"
-[origin]
-connection = "src"
-[destination]
-connection = "my"
-[[stages]]
-table = "people"
-action = "{action}"
-{extra}
-fields = [
-  {{ column = "id", origin = "id", match = true }},
-  {{ column = "name", origin = "name" }},
-  {{ column = "city", origin = "city" }},
-]
-"#
-    )
+    scenario::people_job_into("my", "people", action, "", extra)
 }
 
+/// Table `people` with Ann, Bob and Cy.
 fn people(db: &mut Db, key: &str) {
-    db.exec(&format!(
-        "CREATE TABLE people(id integer {key}, name varchar(50), city varchar(50));
-         INSERT INTO people VALUES (1,'Ann','Oslo'), (2,'Bob','Rome'), (3,'Cy','Lima')"
-    ));
+    scenario::people(db, key);
 }
 
 #[test]

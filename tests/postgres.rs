@@ -16,32 +16,14 @@ fn project(s: &Schema) -> String {
     )
 }
 
+/// A job from the CSV `src` into `people`, id matched.
 fn people_job(s: &Schema, action: &str, extra: &str) -> String {
-    format!(
-        r#"
-[origin]
-connection = "src"
-[destination]
-connection = "pg"
-[[stages]]
-table = "{}.people"
-action = "{action}"
-{extra}
-fields = [
-  {{ column = "id", origin = "id", match = true }},
-  {{ column = "name", origin = "name" }},
-  {{ column = "city", origin = "city" }},
-]
-"#,
-        s.name
-    )
+    scenario::people_job_into("pg", &s.table("people"), action, "", extra)
 }
 
+/// Table `people` with Ann, Bob and Cy.
 fn people(s: &mut Schema) {
-    s.exec(
-        "CREATE TABLE S.people(id integer PRIMARY KEY, name text, city text);
-         INSERT INTO S.people VALUES (1,'Ann','Oslo'), (2,'Bob','Rome'), (3,'Cy','Lima');",
-    );
+    scenario::people(s, "PRIMARY KEY");
 }
 
 #[test]

@@ -150,15 +150,27 @@ fn project(connection: &str) -> String {
     )
 }
 
-/// A job from `src` into `table` (id matched, name, city) with `action`;
-/// `before` goes above `[origin]` (batch size, retries), `extra` into the stage.
+/// A job from `src` into `dst`'s `table` (id matched, name, city) with
+/// `action`; `before` goes above `[origin]` (batch size, retries), `extra`
+/// into the stage.
 pub fn people_job(table: &str, action: &str, before: &str, extra: &str) -> String {
+    people_job_into("dst", table, action, before, extra)
+}
+
+/// [`people_job`] into the connection named `destination`.
+pub fn people_job_into(
+    destination: &str,
+    table: &str,
+    action: &str,
+    before: &str,
+    extra: &str,
+) -> String {
     format!(
         r#"{before}
 [origin]
 connection = "src"
 [destination]
-connection = "dst"
+connection = "{destination}"
 [[stages]]
 table = "{table}"
 action = "{action}"
