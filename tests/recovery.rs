@@ -14,14 +14,7 @@ fn serve(f: &Fixture) -> common::ServeBuilder {
 }
 
 async fn results(client: &reqwest::Client, base: &str, id: &str) -> Value {
-    client
-        .get(format!("{base}/v1/Results/{id}"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+    common::get_json(client, &format!("{base}/v1/Results/{id}")).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -73,14 +66,7 @@ async fn kill_9_loses_nothing() {
     let _server = serve(&f).port(port).start_async().await;
     let after = results(&client, &base, &slow).await;
     assert_eq!(after[0]["status"], "Failed", "{after}");
-    let detail: Value = client
-        .get(format!("{base}/v1/Runs/{slow}"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let detail = common::get_json(&client, &format!("{base}/v1/Runs/{slow}")).await;
     assert!(
         detail["error"].as_str().unwrap().contains("interrupted"),
         "{detail}"
@@ -255,14 +241,7 @@ async fn kill_9_at_each_point_of_a_run_end_leaves_one_truth() {
         })
         .await;
         let listed = results(&client, &base, &run).await;
-        let detail: Value = client
-            .get(format!("{base}/v1/Runs/{run}"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let detail = common::get_json(&client, &format!("{base}/v1/Runs/{run}")).await;
         let jobs = statuses(&listed);
         assert_eq!(detail["status"], expected, "{case}: {detail}");
         assert_eq!(hook_body["status"], expected, "{case}: {hook_body}");

@@ -72,14 +72,7 @@ async fn burst(client: &reqwest::Client, base: &str, n: usize) {
 }
 
 async fn health(client: &reqwest::Client, base: &str) -> Value {
-    client
-        .get(format!("{base}/healthz"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+    common::get_json(client, &format!("{base}/healthz")).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -11,7 +11,7 @@ pub mod databases;
 pub mod server;
 pub mod sql_destination;
 pub mod wait;
-pub use server::{ServeBuilder, Server, free_port, tidepool_cli, tidepool_cli_ok};
+pub use server::{ServeBuilder, Server, free_port, get_json, tidepool_cli, tidepool_cli_ok};
 pub use wait::{eventually, until, until_blocking, webhook_receiver};
 
 /// A temporary place with `projects/` and `data/`.

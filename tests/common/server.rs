@@ -44,6 +44,12 @@ pub fn tidepool_cli_ok(data: &Path, args: &[&str], password: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// `GET url` and its JSON body.
+pub async fn get_json(client: &reqwest::Client, url: &str) -> serde_json::Value {
+    let answer = client.get(url).send().await.unwrap();
+    answer.json().await.unwrap()
+}
+
 /// What to start: `tidepool serve --listen 127.0.0.1:PORT --data-dir DATA
 /// --projects PROJECTS [--config FILE] ARGS`.
 pub struct ServeBuilder {
