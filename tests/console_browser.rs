@@ -8,10 +8,9 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
-use common::Fixture;
+use common::{Fixture, Server};
 
 const PASSWORD: &str = "console test password";
 
@@ -38,107 +37,26 @@ fn browser_prerequisites() -> PathBuf {
     chromium
 }
 
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn tidepool(data: &Path, args: &[&str]) {
-    let out = Command::new(env!("CARGO_BIN_EXE_tidepool"))
-        .args(args)
-        .arg("--data-dir")
-        .arg(data)
-        .env("TIDEPOOL_PASSWORD", PASSWORD)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "tidepool {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::tidepool_cli_ok(data, args, PASSWORD);
 }
 
 /// The demo project as in the repository, and (if `slow`) `slow`: enough rows
 /// in tiny batches that a run is still going when the test cancels it.
 fn projects(f: &Fixture, slow: bool) {
-    let src = common::repo_projects().join("demo");
-    for rel in [
-        "project.toml",
-        "jobs/contacts.toml",
-        "jobs/countries.toml",
-        "data/contacts.csv",
-    ] {
-        f.write(
-            &format!("projects/demo/{rel}"),
-            std::fs::read(src.join(rel)).unwrap(),
-        );
+    f.copy_demo();
+    if slow {
+        f.slow_project(2_000_000);
     }
-    if !slow {
-        return;
-    }
-    let mut csv = String::from("id,name\n");
-    for i in 1..=2_000_000 {
-        csv.push_str(&format!("{i},n{i}\n"));
-    }
-    f.project(
-        "slow",
-        "[connections.src]\nkind = \"csv\"\npath = \"in.csv\"\n[connections.db]\nkind = \"sqlite\"\npath = \"${DATA_DIR}/slow.sqlite\"\ninit_sql = [\"CREATE TABLE IF NOT EXISTS t(id INTEGER PRIMARY KEY, name TEXT)\"]\n",
-        &[(
-            "load",
-            "batch_size = 10\n[origin]\nconnection = \"src\"\n[destination]\nconnection = \"db\"\n[[stages]]\ntable = \"t\"\naction = \"update/insert\"\nfields = [{ column = \"id\", origin = \"id\", match = true }, { column = \"name\", origin = \"name\" }]\n",
-        )],
-    );
-    f.write("projects/slow/in.csv", csv);
 }
 
-fn wait_up(base: &str, server: &mut Server) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let addr = base.trim_start_matches("http://");
-    while Instant::now() < deadline {
-        if let Some(status) = server.0.try_wait().unwrap() {
-            panic!("tidepool serve exited: {status}");
-        }
-        if std::net::TcpStream::connect(addr).is_ok() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("tidepool serve did not listen on {base}");
-}
-
+/// `tidepool serve` on the fixture, answering.
 fn serve(f: &Fixture) -> (Server, String) {
-    let port = free_port();
-    let base = format!("http://127.0.0.1:{port}");
-    let mut server = Server(
-        Command::new(env!("CARGO_BIN_EXE_tidepool"))
-            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-            .arg("--data-dir")
-            .arg(&f.data)
-            .arg("--projects")
-            .arg(&f.projects)
-            .env("TIDEPOOL_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start tidepool serve"),
-    );
-    wait_up(&base, &mut server);
+    let server = f.serve().start();
+    let base = server.base.clone();
     (server, base)
 }
 
-/// Runs the browser script in `mode` ("open" or "users") against `base`.
 fn browse(chromium: &Path, base: &str, shots: &Path, mode: &str) {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser/test_console.py");
     let out = Command::new("python3")

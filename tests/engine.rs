@@ -11,18 +11,7 @@ use tidepool::project::JobId;
 /// A fixture with the repository's demo project copied in.
 fn demo() -> Fixture {
     let f = Fixture::new();
-    let src = common::repo_projects().join("demo");
-    for rel in [
-        "project.toml",
-        "jobs/contacts.toml",
-        "jobs/countries.toml",
-        "data/contacts.csv",
-    ] {
-        f.write(
-            &format!("projects/demo/{rel}"),
-            std::fs::read(src.join(rel)).unwrap(),
-        );
-    }
+    f.copy_demo();
     f
 }
 
@@ -1130,4 +1119,12 @@ fn a_stage_whose_match_field_has_no_index_says_so() {
         });
         assert_eq!(said, noted, "{ddl}: {:?}", r.jobs[0].log);
     }
+}
+
+/// SQLite in the stage-action table every SQL destination runs
+/// (tests/common/sql_destination.rs); the fault scenarios there need a
+/// server, which an embedded file does not have.
+#[test]
+fn sqlite_every_stage_action_counts_exactly() {
+    common::sql_destination::every_stage_action_counts_exactly(common::databases::SqliteFile::new);
 }

@@ -5,127 +5,28 @@
 
 mod common;
 
-use std::fs::File;
+use common::Server;
 use std::io::{ErrorKind, Read, Write};
 use std::net::TcpStream;
-use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
-use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// `tidepool serve` on a scratch data folder with `config` (TOML keys) and,
+/// if given, soft and hard open-file limits of `open_files`; it logs at info
+/// level, which some tests read.
+fn start(config: &str, open_files: Option<u64>) -> Server {
+    let builder = common::server::serve_scratch().config(config).log("info");
+    match open_files {
+        Some(n) => builder.open_files(n),
+        None => builder,
+    }
+    .start()
 }
 
-/// A `tidepool serve` child on a loopback port, killed when dropped.
-struct Server {
-    child: Child,
-    port: u16,
-    log: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Server {
-    /// Starts with `config` (TOML keys) and, if given, soft and hard
-    /// open-file limits of `open_files`.
-    fn start(config: &str, open_files: Option<u64>) -> Server {
-        let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
-        let cfg = dir.path().join("tidepool.toml");
-        std::fs::write(
-            &cfg,
-            format!(
-                "listen = \"127.0.0.1:{port}\"\ndata_dir = {:?}\nprojects = {:?}\n{config}\n",
-                dir.path().join("data"),
-                common::repo_projects()
-            ),
-        )
-        .unwrap();
-        let log = dir.path().join("serve.log");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tidepool"));
-        cmd.arg("serve")
-            .arg("--config")
-            .arg(&cfg)
-            .env("TIDEPOOL_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdout(Stdio::null())
-            .stderr(File::create(&log).unwrap());
-        if let Some(n) = open_files {
-            let lim = libc::rlimit {
-                rlim_cur: n,
-                rlim_max: n,
-            };
-            // SAFETY: setrlimit is async-signal-safe; `lim` is copied in.
-            unsafe {
-                cmd.pre_exec(move || {
-                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
-        }
-        let child = cmd.spawn().expect("start tidepool serve");
-        let s = Server {
-            child,
-            port,
-            log,
-            _dir: dir,
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while get(s.port, "/healthz").map(|r| r.0) != Some(200) {
-            assert!(
-                Instant::now() < deadline,
-                "server did not come up:\n{}",
-                s.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        s
-    }
-
-    fn connect(&self) -> TcpStream {
-        let s = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        s
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn sigterm(&self) {
-        let ok = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(ok.success());
-    }
-
-    /// The exit status, waiting at most `limit`.
-    fn exit_within(&mut self, limit: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                return Some(s);
-            }
-            if Instant::now() > deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// A connection to `server` with a read timeout.
+fn connect(server: &Server) -> TcpStream {
+    let s = TcpStream::connect(("127.0.0.1", server.port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    s
 }
 
 /// Reads one response: its status and body (Content-Length framed).
@@ -203,16 +104,16 @@ const SLOW_BODY: &[u8] = b"POST /token HTTP/1.1\r\nHost: t\r\nContent-Type: appl
 fn slow_connections_under_a_low_file_limit_leave_room_for_a_normal_request() {
     raise_own_file_limit(1400);
     // Long client time limits: only the connection cap can make room.
-    let server = Server::start(
+    let server = start(
         "header_read_timeout_secs = 120\nidle_timeout_secs = 120\nbody_read_timeout_secs = 120",
         Some(256),
     );
     assert!(
         server
-            .log()
+            .stderr()
             .contains("open-file limit 256; at most 192 connections"),
         "{}",
-        server.log()
+        server.stderr()
     );
     let mut held = Vec::new();
     for i in 0..1100 {
@@ -229,9 +130,9 @@ fn slow_connections_under_a_low_file_limit_leave_room_for_a_normal_request() {
     let t0 = Instant::now();
     let answer = get(server.port, "/healthz");
     let took = t0.elapsed();
-    assert_eq!(answer.map(|a| a.0), Some(200), "{}", server.log());
+    assert_eq!(answer.map(|a| a.0), Some(200), "{}", server.stderr());
     assert!(took < Duration::from_secs(10), "{took:?}");
-    let log = server.log();
+    let log = server.stderr();
     assert_eq!(
         log.matches("connection limit 192 reached").count(),
         1,
@@ -243,14 +144,14 @@ fn slow_connections_under_a_low_file_limit_leave_room_for_a_normal_request() {
 
 #[test]
 fn a_half_sent_or_trickled_header_is_closed_after_the_header_timeout() {
-    let server = Server::start("header_read_timeout_secs = 1\nidle_timeout_secs = 60", None);
+    let server = start("header_read_timeout_secs = 1\nidle_timeout_secs = 60", None);
     let t0 = Instant::now();
-    let mut half = server.connect();
+    let mut half = connect(&server);
     half.write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\n")
         .unwrap();
-    let silent = server.connect();
+    let silent = connect(&server);
     // A byte every 100 ms keeps sending, but never finishes the head.
-    let mut trickle = server.connect();
+    let mut trickle = connect(&server);
     let t_trickle = Instant::now();
     let mut sent = 0;
     let trickled = loop {
@@ -283,22 +184,26 @@ fn a_half_sent_or_trickled_header_is_closed_after_the_header_timeout() {
 fn an_idle_keep_alive_connection_is_closed_after_the_idle_timeout() {
     // The header timeout is longer than the idle one, so only the idle
     // timeout can close the connection early.
-    let server = Server::start("header_read_timeout_secs = 60\nidle_timeout_secs = 2", None);
-    let mut s = server.connect();
+    let server = start("header_read_timeout_secs = 60\nidle_timeout_secs = 2", None);
+    let mut s = connect(&server);
+    let mut idle_since = Instant::now();
     for _ in 0..2 {
+        // Taken before the request: the server's idle time starts after its
+        // answer, so a slow read here cannot make the connection look closed
+        // early.
+        idle_since = Instant::now();
         s.write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
             .unwrap();
         assert_eq!(read_response(&mut s).unwrap().0, 200, "kept alive");
     }
-    let idle_since = Instant::now();
     let closed = closed_after(&mut s, idle_since, Duration::from_secs(30));
     assert!(closed >= Duration::from_millis(1900), "{closed:?}");
 }
 
 #[test]
 fn a_trickled_body_is_answered_408() {
-    let server = Server::start("body_read_timeout_secs = 1", None);
-    let mut s = server.connect();
+    let server = start("body_read_timeout_secs = 1", None);
+    let mut s = connect(&server);
     s.write_all(
         b"POST /token HTTP/1.1\r\nHost: t\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: 100\r\n\r\ngrant_type=",
     )
@@ -312,8 +217,8 @@ fn a_trickled_body_is_answered_408() {
 
 #[test]
 fn a_300_kb_header_is_refused_and_normal_requests_still_work() {
-    let server = Server::start("", None);
-    let mut s = server.connect();
+    let server = start("", None);
+    let mut s = connect(&server);
     let big = format!(
         "GET /healthz HTTP/1.1\r\nHost: t\r\nX-Big: {}\r\n\r\n",
         "a".repeat(300 * 1024)
@@ -329,7 +234,7 @@ fn a_300_kb_header_is_refused_and_normal_requests_still_work() {
         ),
     }
     // A 32 KiB header is within the default 64 KiB.
-    let mut s = server.connect();
+    let mut s = connect(&server);
     write!(
         s,
         "GET /healthz HTTP/1.1\r\nHost: t\r\nX-Mid: {}\r\n\r\n",
@@ -342,17 +247,17 @@ fn a_300_kb_header_is_refused_and_normal_requests_still_work() {
 
 #[test]
 fn sigterm_lets_requests_in_flight_finish_and_closes_idle_connections() {
-    let mut server = Server::start("", None);
-    let mut idle = server.connect();
+    let mut server = start("", None);
+    let mut idle = connect(&server);
     idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
         .unwrap();
     assert_eq!(read_response(&mut idle).unwrap().0, 200);
-    let mut half = server.connect();
+    let mut half = connect(&server);
     half.write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\n")
         .unwrap();
     // A request whose body is still on its way when SIGTERM comes: the
     // server's 100 Continue shows its handler is reading the body.
-    let mut in_flight = server.connect();
+    let mut in_flight = connect(&server);
     in_flight
         .write_all(b"POST /token HTTP/1.1\r\nHost: t\r\nExpect: 100-continue\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: 29\r\n\r\n")
         .unwrap();
@@ -376,6 +281,6 @@ fn sigterm_lets_requests_in_flight_finish_and_closes_idle_connections() {
     assert!(
         status.is_some_and(|s| s.success()),
         "{status:?}\n{}",
-        server.log()
+        server.stderr()
     );
 }

@@ -6,7 +6,6 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -14,7 +13,7 @@ use std::time::{Duration, Instant};
 use axum::body::Body;
 use axum::extract::ConnectInfo;
 use axum::http::{Request, StatusCode};
-use common::Fixture;
+use common::{Fixture, Server};
 use serde_json::Value;
 use tidepool::api;
 use tidepool::server::{ServerConfig, Service};
@@ -303,71 +302,22 @@ async fn a_password_change_or_removal_revokes_tokens_at_once_in_this_process() {
 
 // ---- through the real binary ----
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn tidepool(f: &Fixture, args: &[&str], password: &str) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_tidepool"))
-        .args(args)
-        .arg("--data-dir")
-        .arg(&f.data)
-        .env("TIDEPOOL_PASSWORD", password)
-        .output()
-        .unwrap()
+    common::tidepool_cli(&f.data, args, password)
 }
 
 fn add_user(f: &Fixture, name: &str, password: &str) {
-    let out = tidepool(
-        f,
+    common::tidepool_cli_ok(
+        &f.data,
         &["user", "add", name, "--instance", "default:Owner"],
         password,
     );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
-/// The server, killed when dropped.
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
+/// `tidepool serve` with `config` as its config file, answering.
 async fn serve(f: &Fixture, config: &str) -> (Server, String) {
-    let port = free_port();
-    let config_file = f.write("tidepool.toml", config);
-    let child = Command::new(env!("CARGO_BIN_EXE_tidepool"))
-        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-        .arg("--config")
-        .arg(&config_file)
-        .arg("--data-dir")
-        .arg(&f.data)
-        .arg("--projects")
-        .arg(&f.projects)
-        .env("TIDEPOOL_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start tidepool serve");
-    let server = Server(child);
-    let base = format!("http://127.0.0.1:{port}");
-    let client = reqwest::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while client.get(format!("{base}/healthz")).send().await.is_err() {
-        assert!(Instant::now() < deadline, "server did not come up");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let server = f.serve().config(config).start_async().await;
+    let base = server.base.clone();
     (server, base)
 }
 
@@ -445,7 +395,7 @@ async fn two_hundred_concurrent_wrong_passwords_keep_memory_bounded_and_healthz_
         "[login]\nchecks = 2\nwait_ms = 3000\nmax_failures = 1000000\n",
     )
     .await;
-    let pid = server.0.id();
+    let pid = server.pid();
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(0)
         .build()

@@ -3,62 +3,10 @@
 
 mod common;
 
+use common::databases::{PgSchema as Schema, pg_url as url};
+use common::sql_destination::{self as scenario, SqlDestination};
 use common::{Fixture, request};
 use tidepool::engine::{LogLevel, RunStatus};
-
-fn url() -> String {
-    std::env::var("TIDEPOOL_TEST_PG_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
-}
-
-/// A schema of its own, dropped at the end.
-struct Schema {
-    name: String,
-    admin: postgres::Client,
-}
-
-impl Schema {
-    fn new() -> Self {
-        let mut admin = postgres::Client::connect(&url(), postgres::NoTls)
-            .expect("PostgreSQL must be running on 127.0.0.1:5432 (see .ci/run)");
-        let name = format!("tp_{}", uuid::Uuid::new_v4().simple());
-        admin
-            .batch_execute(&format!("CREATE SCHEMA {name}"))
-            .unwrap();
-        Schema { name, admin }
-    }
-
-    fn exec(&mut self, sql: &str) {
-        let sql = sql.replace("S.", &format!("{}.", self.name));
-        self.admin.batch_execute(&sql).unwrap();
-    }
-
-    fn rows(&mut self, sql: &str) -> Vec<String> {
-        let sql = sql.replace("S.", &format!("{}.", self.name));
-        self.admin
-            .simple_query(&sql)
-            .unwrap()
-            .into_iter()
-            .filter_map(|m| match m {
-                postgres::SimpleQueryMessage::Row(r) => Some(
-                    (0..r.len())
-                        .map(|i| r.get(i).unwrap_or("∅").to_owned())
-                        .collect::<Vec<_>>()
-                        .join("|"),
-                ),
-                _ => None,
-            })
-            .collect()
-    }
-}
-
-impl Drop for Schema {
-    fn drop(&mut self) {
-        let _ = self
-            .admin
-            .batch_execute(&format!("DROP SCHEMA {} CASCADE", self.name));
-    }
-}
 
 fn project(s: &Schema) -> String {
     format!(
@@ -68,105 +16,14 @@ fn project(s: &Schema) -> String {
     )
 }
 
+/// A job from the CSV `src` into `people`, id matched.
 fn people_job(s: &Schema, action: &str, extra: &str) -> String {
-    format!(
-        r#"
-[origin]
-connection = "src"
-[destination]
-connection = "pg"
-[[stages]]
-table = "{}.people"
-action = "{action}"
-{extra}
-fields = [
-  {{ column = "id", origin = "id", match = true }},
-  {{ column = "name", origin = "name" }},
-  {{ column = "city", origin = "city" }},
-]
-"#,
-        s.name
-    )
+    scenario::people_job_into("pg", &s.table("people"), action, "", extra)
 }
 
+/// Table `people` with Ann, Bob and Cy.
 fn people(s: &mut Schema) {
-    s.exec(
-        "CREATE TABLE S.people(id integer PRIMARY KEY, name text, city text);
-         INSERT INTO S.people VALUES (1,'Ann','Oslo'), (2,'Bob','Rome'), (3,'Cy','Lima');",
-    );
-}
-
-#[test]
-fn every_stage_action_counts_exactly() {
-    let cases: [(&str, &str, [u64; 5], &[&str]); 5] = [
-        (
-            "update",
-            "",
-            [0, 2, 0, 0, 2],
-            &["1|Ann|Oslo", "2|Bobby|Rome", "3|Cy|Lima"],
-        ),
-        ("delete", "", [0, 0, 2, 0, 2], &["1|Ann|Oslo"]),
-        (
-            "update/insert",
-            "",
-            [2, 2, 0, 0, 0],
-            &[
-                "1|Ann|Oslo",
-                "2|Bobby|Rome",
-                "3|Cy|Lima",
-                "4|Dan|Kyiv",
-                "5|Eve|Pisa",
-            ],
-        ),
-        (
-            "skip/insert",
-            "",
-            [2, 0, 0, 2, 0],
-            &[
-                "1|Ann|Oslo",
-                "2|Bob|Rome",
-                "3|Cy|Lima",
-                "4|Dan|Kyiv",
-                "5|Eve|Pisa",
-            ],
-        ),
-        (
-            "update/insert",
-            "update_on_difference = true",
-            [2, 1, 0, 1, 0],
-            &[
-                "1|Ann|Oslo",
-                "2|Bobby|Rome",
-                "3|Cy|Lima",
-                "4|Dan|Kyiv",
-                "5|Eve|Pisa",
-            ],
-        ),
-    ];
-    for (action, extra, expected, table) in cases {
-        let mut s = Schema::new();
-        people(&mut s);
-        let f = Fixture::new();
-        f.project("p", &project(&s), &[("j", &people_job(&s, action, extra))]);
-        f.write(
-            "projects/p/in.csv",
-            "id,name,city\n2,Bobby,Rome\n3,Cy,Lima\n4,Dan,Kyiv\n5,Eve,Pisa\n",
-        );
-        let r = f.run(&request("p", "j"));
-        assert_eq!(r.status, RunStatus::Complete, "{action}: {:?}", r.error);
-        let c = r.counters;
-        assert_eq!(
-            [c.inserts, c.updates, c.deletes, c.skips, c.ignores],
-            expected,
-            "{action} {extra}"
-        );
-        assert_eq!((c.total_rows, c.errors), (4, 0));
-        assert_eq!(
-            s.rows("SELECT * FROM S.people ORDER BY id"),
-            table,
-            "{action} {extra}"
-        );
-    }
+    scenario::people(s, "PRIMARY KEY");
 }
 
 #[test]
@@ -301,76 +158,6 @@ fn duplicate_keys_in_one_batch_are_replayed_in_order() {
     assert_eq!(
         s.rows("SELECT * FROM S.people WHERE id = 9"),
         ["9|second|y"]
-    );
-}
-
-#[test]
-fn a_refused_connection_fails_the_job_clearly() {
-    let s = Schema::new();
-    let f = Fixture::new();
-    let proj = project(&s).replace("127.0.0.1:5432", "127.0.0.1:1");
-    f.project("p", &proj, &[("j", &people_job(&s, "insert", ""))]);
-    f.write("projects/p/in.csv", "id,name,city\n1,a,b\n");
-    let r = f.run(&request("p", "j"));
-    assert_eq!(r.status, RunStatus::Failed);
-    let e = r.error.unwrap();
-    assert!(
-        e.contains("cannot open postgres database postgres://postgres@127.0.0.1:1/test"),
-        "{e}"
-    );
-}
-
-#[test]
-fn a_connection_killed_mid_run_is_retried_and_nothing_is_lost() {
-    let mut s = Schema::new();
-    people(&mut s);
-    let f = Fixture::new();
-    let job = people_job(&s, "update/insert", "").replace(
-        "[origin]",
-        "batch_size = 200\nretry_wait_ms = 100\n[origin]",
-    );
-    // Its own application_name, so only this test's connection is cut.
-    let app = format!("tp_kill_{}", &s.name[3..15]);
-    let proj = project(&s).replace("/test\"", &format!("/test?application_name={app}\""));
-    f.project("p", &proj, &[("j", &job)]);
-    let csv = common::people_csv(200_000);
-    f.write("projects/p/in.csv", &csv);
-    let schema = s.name.clone();
-    // Once rows are landing, cut tidepool's connection.
-    let killer = common::when_count_passes(
-        || postgres::Client::connect(&url(), postgres::NoTls).unwrap(),
-        move |c| {
-            c.query_one(&format!("SELECT count(*) FROM {schema}.people"), &[])
-                .unwrap()
-                .get(0)
-        },
-        2000,
-        move |c| {
-            c.query_one(
-                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
-                 WHERE application_name = $1 AND pid <> pg_backend_pid()",
-                &[&app],
-            )
-            .unwrap()
-            .get::<_, i64>(0)
-        },
-    );
-    let mut req = request("p", "j");
-    req.logging_level = LogLevel::Medium;
-    let r = f.run(&req);
-    let killed = killer.join().unwrap().unwrap_or(0);
-    assert_eq!(r.status, RunStatus::Complete, "{:?}", r.error);
-    let c = r.counters;
-    assert_eq!(
-        (c.total_rows, c.inserts + c.updates, c.errors),
-        (200_000, 200_000, 0)
-    );
-    assert_eq!(s.rows("SELECT count(*) FROM S.people"), ["200000"]);
-    assert!(killed > 0, "the test did not manage to cut the connection");
-    let log: Vec<&str> = r.jobs[0].log.iter().map(|e| e.message.as_str()).collect();
-    assert!(
-        log.iter().any(|m| m.contains("connection was lost")),
-        "{log:#?}"
     );
 }
 
@@ -634,134 +421,30 @@ fields = [
     );
 }
 
+// The stage-action table and the fault scenarios every SQL destination runs
+// (tests/common/sql_destination.rs).
+
+#[test]
+fn every_stage_action_counts_exactly() {
+    scenario::every_stage_action_counts_exactly(Schema::new);
+}
+
+#[test]
+fn a_refused_connection_fails_the_job_clearly() {
+    scenario::a_refused_connection_fails_the_job_clearly(&Schema::new());
+}
+
+#[test]
+fn a_connection_killed_mid_run_is_retried_and_nothing_is_lost() {
+    scenario::a_connection_killed_mid_run_is_retried_and_nothing_is_lost(&mut Schema::new());
+}
+
 #[test]
 fn an_origin_cut_mid_stream_fails_the_job_and_counts_only_what_landed() {
-    let s = Schema::new();
-    let f = Fixture::new();
-    let app = format!("tp_origin_{}", &s.name[3..15]);
-    let proj = format!(
-        "[connections.pg]\nkind = \"postgres\"\nurl = \"{}?application_name={app}\"\n[connections.db]\nkind = \"sqlite\"\npath = \"${{DATA_DIR}}/out.sqlite\"\n",
-        url()
-    );
-    let job = "batch_size = 1000\n[origin]\nconnection = \"pg\"\nquery = \"SELECT i AS id, 'n' || i AS name FROM generate_series(1, 3000000) i\"\n[destination]\nconnection = \"db\"\n[[stages]]\ntable = \"people\"\naction = \"insert\"\nfields = [{ column = \"id\", origin = \"id\" }, { column = \"name\", origin = \"name\" }]\n";
-    f.project("p", &proj, &[("j", job)]);
-    let db = f.data.join("out.sqlite");
-    rusqlite::Connection::open(&db)
-        .unwrap()
-        .execute_batch("CREATE TABLE people(id integer PRIMARY KEY, name text)")
-        .unwrap();
-    // Once the first rows have landed (the origin is streaming and the
-    // writer has committed), cut the origin's connection.
-    let landed_db = db.clone();
-    let killer = common::when_count_passes(
-        move || {
-            let c = rusqlite::Connection::open(&landed_db).unwrap();
-            c.busy_timeout(std::time::Duration::from_millis(50))
-                .unwrap();
-            (
-                c,
-                postgres::Client::connect(&url(), postgres::NoTls).unwrap(),
-            )
-        },
-        |(lite, _)| {
-            // Busy while the writer commits: count as nothing yet.
-            lite.query_row("SELECT count(*) FROM people", [], |r| r.get(0))
-                .unwrap_or(0)
-        },
-        0,
-        move |(_, pg)| {
-            pg.query_one(
-                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = $1",
-                &[&app],
-            )
-            .unwrap()
-            .get::<_, i64>(0)
-        },
-    );
-    let r = f.run(&request("p", "j"));
-    assert_eq!(
-        killer.join().unwrap(),
-        Some(1),
-        "the test did not cut the origin"
-    );
-    assert_eq!(r.status, RunStatus::Failed);
-    let e = r.error.clone().unwrap_or_default();
-    assert!(
-        e.contains("origin \"pg\"") && e.contains("connection was lost"),
-        "{e}"
-    );
-    let landed: i64 = rusqlite::Connection::open(&db)
-        .unwrap()
-        .query_row("SELECT count(*) FROM people", [], |r| r.get(0))
-        .unwrap();
-    let c = r.counters;
-    assert!(landed > 0 && landed < 3_000_000, "{landed}");
-    assert_eq!(c.inserts as i64, landed, "counted = landed");
-    assert!(
-        e.contains(&format!("the {landed} rows read before it were processed")),
-        "{e}"
-    );
-    assert_eq!(c.errors, 1, "the job error");
+    scenario::an_origin_cut_mid_stream_fails_the_job_and_counts_only_what_landed(&mut Schema::new());
 }
 
 #[test]
 fn a_database_gone_for_good_fails_the_job_after_its_retries() {
-    const BATCH: i64 = 500;
-    let mut s = Schema::new();
-    people(&mut s);
-    let proxy = common::Proxy::start("127.0.0.1:5432");
-    let f = Fixture::new();
-    let job = people_job(&s, "update/insert", "").replace(
-        "[origin]",
-        &format!("batch_size = {BATCH}\nretry_attempts = 2\nretry_wait_ms = 50\n[origin]"),
-    );
-    let proj = project(&s).replace("127.0.0.1:5432", &format!("127.0.0.1:{}", proxy.port));
-    f.project("p", &proj, &[("j", &job)]);
-    let csv = common::people_csv(200_000);
-    f.write("projects/p/in.csv", &csv);
-    let schema = s.name.clone();
-    let down = common::when_count_passes(
-        || postgres::Client::connect(&url(), postgres::NoTls).unwrap(),
-        move |c| {
-            c.query_one(&format!("SELECT count(*) FROM {schema}.people"), &[])
-                .unwrap()
-                .get(0)
-        },
-        5000,
-        move |_| proxy.take_down(),
-    );
-    let mut req = request("p", "j");
-    req.logging_level = LogLevel::Medium;
-    let r = f.run(&req);
-    assert!(
-        down.join().unwrap().is_some(),
-        "the test did not take the database down"
-    );
-    assert_eq!(
-        r.status,
-        RunStatus::Failed,
-        "{:?} {:?}",
-        r.counters,
-        r.error
-    );
-    let e = r.error.clone().unwrap_or_default();
-    assert!(
-        e.contains("connection was lost") || e.contains("cannot open"),
-        "{e}"
-    );
-    let landed: i64 = s.rows("SELECT count(*) FROM S.people")[0].parse().unwrap();
-    let c = r.counters;
-    // A batch whose COMMIT was on its way when the link went down may have
-    // landed without the answer reaching us: at most that one batch.
-    let uncounted = landed - (c.inserts + c.updates) as i64;
-    assert!(
-        uncounted == 0 || uncounted == BATCH,
-        "{landed} landed, {c:?}"
-    );
-    assert!(
-        c.total_rows < 200_000 && c.errors == 1,
-        "{c:?} {:?}",
-        r.jobs[0].log
-    );
-    assert!(e.contains("gave up after 2 retries"), "{e}");
+    scenario::a_database_gone_for_good_fails_the_job_after_its_retries(&mut Schema::new());
 }

@@ -6,58 +6,19 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 
-use common::Fixture;
+use common::{Fixture, Server, until};
 use serde_json::{Value, json};
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// `tidepool serve` with `config` as its TOML config file.
-fn serve(f: &Fixture, port: u16, config: &str) -> Child {
-    let path = f.write("serve.toml", config);
-    Command::new(env!("CARGO_BIN_EXE_tidepool"))
-        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-        .arg("--config")
-        .arg(path)
-        .arg("--data-dir")
-        .arg(&f.data)
-        .arg("--projects")
-        .arg(&f.projects)
-        .env("TIDEPOOL_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start tidepool serve")
-}
-
-async fn wait_up(client: &reqwest::Client, base: &str) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while client.get(format!("{base}/healthz")).send().await.is_err() {
-        assert!(Instant::now() < deadline, "server did not come up");
-        tokio::time::sleep(Duration::from_millis(50)).await;
+/// `tidepool serve` with `config` as its TOML config file, on `port` if given.
+async fn serve(f: &Fixture, port: Option<u16>, config: &str) -> Server {
+    let builder = f.serve().config(config);
+    match port {
+        Some(port) => builder.port(port),
+        None => builder,
     }
-}
-
-/// Polls `check` until it holds (a deadline, not a fixed sleep).
-async fn until<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + Duration::from_secs(90);
-    while !check().await {
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    .start_async()
+    .await
 }
 
 /// A job of three rows into SQLite.
@@ -111,14 +72,7 @@ async fn burst(client: &reqwest::Client, base: &str, n: usize) {
 }
 
 async fn health(client: &reqwest::Client, base: &str) -> Value {
-    client
-        .get(format!("{base}/healthz"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+    common::get_json(client, &format!("{base}/healthz")).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -126,10 +80,8 @@ async fn the_wal_is_truncated_when_idle_on_sigterm_and_at_restart() {
     let f = Fixture::new();
     tiny_project(&f);
     let client = reqwest::Client::new();
-    let port = free_port();
-    let base = format!("http://127.0.0.1:{port}");
-    let mut server = serve(&f, port, "workers = 2\n");
-    wait_up(&client, &base).await;
+    let server = serve(&f, None, "workers = 2\n").await;
+    let (port, base) = (server.port, server.base.clone());
 
     // A burst, then the queue empties: the log is emptied.
     burst(&client, &base, 240).await;
@@ -141,32 +93,23 @@ async fn the_wal_is_truncated_when_idle_on_sigterm_and_at_restart() {
 
     // SIGTERM with runs still queued: the log is empty after the stop.
     burst(&client, &base, 80).await;
-    let term = Command::new("kill")
-        .args(["-TERM", &server.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(term.success());
-    let status = tokio::task::spawn_blocking(move || server.wait().unwrap())
-        .await
-        .unwrap();
-    assert!(status.success(), "{status:?}");
+    server.sigterm();
+    let (status, server) = server.wait_exit_async().await;
+    assert!(status.success(), "{status:?}\n{}", server.stderr());
     assert_eq!(wal_size(&f.data), 0, "WAL left after SIGTERM");
 
     // kill -9 in a burst leaves a log (tried again in the rare case that the
     // server had emptied it already); the restart empties it.
     for attempt in 1.. {
-        let mut server = serve(&f, port, "workers = 2\n");
-        wait_up(&client, &base).await;
+        let mut server = serve(&f, Some(port), "workers = 2\n").await;
         burst(&client, &base, 80).await;
-        server.kill().unwrap();
-        server.wait().unwrap();
+        server.kill();
         if wal_size(&f.data) > 0 {
             break;
         }
         assert!(attempt < 5, "kill -9 never left a log to test with");
     }
-    let mut server = serve(&f, port, "workers = 2\n");
-    wait_up(&client, &base).await;
+    let _server = serve(&f, Some(port), "workers = 2\n").await;
     until(
         "the restarted server's queue empties and the WAL is truncated",
         || async {
@@ -175,8 +118,6 @@ async fn the_wal_is_truncated_when_idle_on_sigterm_and_at_restart() {
         },
     )
     .await;
-    server.kill().unwrap();
-    server.wait().unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -185,38 +126,25 @@ async fn retention_deletes_ended_runs_once_their_webhook_is_done() {
     tiny_project(&f);
     let pending = uuid::Uuid::new_v4().to_string();
     // A receiver that takes every webhook but `pending`'s (500: retried in an hour).
-    let got: Arc<Mutex<Vec<String>>> = Arc::default();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let hook = format!("http://{}/hook", listener.local_addr().unwrap());
-    let (sink, refused) = (got.clone(), pending.clone());
-    let app = axum::Router::new().route(
-        "/hook",
-        axum::routing::post(move |body: String| {
-            let (sink, refused) = (sink.clone(), refused.clone());
-            async move {
-                let v: Value = serde_json::from_str(&body).unwrap();
-                let id = v["runID"].as_str().unwrap().to_owned();
-                sink.lock().unwrap().push(id.clone());
-                if id == refused {
-                    axum::http::StatusCode::INTERNAL_SERVER_ERROR
-                } else {
-                    axum::http::StatusCode::OK
-                }
-            }
-        }),
-    );
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    let refused = pending.clone();
+    let (hook, got) = common::webhook_receiver(move |v| {
+        if v["runID"] == refused.as_str() {
+            axum::http::StatusCode::INTERNAL_SERVER_ERROR
+        } else {
+            axum::http::StatusCode::OK
+        }
+    })
+    .await;
+    let tried = |id: &str| got.lock().unwrap().iter().any(|v| v["runID"] == id);
 
     let client = reqwest::Client::new();
-    let port = free_port();
-    let base = format!("http://127.0.0.1:{port}");
     // Runs are kept one second after they end.
     let config = format!(
         "workers = 2\nretention_days = {}\n[webhooks]\nfirst_retry_secs = 3600.0\n",
         1.0 / 86_400.0
     );
-    let mut server = serve(&f, port, &config);
-    wait_up(&client, &base).await;
+    let server = serve(&f, None, &config).await;
+    let base = server.base.clone();
 
     let plain = uuid::Uuid::new_v4().to_string();
     let delivered = uuid::Uuid::new_v4().to_string();
@@ -246,8 +174,7 @@ async fn retention_deletes_ended_runs_once_their_webhook_is_done() {
         }
     };
     until("both webhooks were tried", || async {
-        let got = got.lock().unwrap();
-        got.contains(&delivered) && got.contains(&pending)
+        tried(&delivered) && tried(&pending)
     })
     .await;
     until("the plain and the delivered runs are deleted", || async {
@@ -304,6 +231,4 @@ async fn retention_deletes_ended_runs_once_their_webhook_is_done() {
         assert_eq!(count(table, &delivered), 0, "{table}");
     }
     assert!(count("run_log", &pending) > 0, "the kept run's log");
-    server.kill().unwrap();
-    server.wait().unwrap();
 }

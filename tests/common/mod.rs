@@ -1,11 +1,18 @@
 //! Test fixtures: a project folder and a data folder in a temporary directory.
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 use std::path::{Path, PathBuf};
 
 use tidepool::engine::{self, CancelToken, RunObserver};
 use tidepool::project::{LoadOptions, LoadOutcome, load_projects};
 use tidepool::{RunReport, RunRequest};
+
+pub mod databases;
+pub mod server;
+pub mod sql_destination;
+pub mod wait;
+pub use server::{ServeBuilder, Server, free_port, get_json, tidepool_cli, tidepool_cli_ok};
+pub use wait::{eventually, until, until_blocking, webhook_receiver};
 
 /// A temporary place with `projects/` and `data/`.
 pub struct Fixture {
@@ -79,6 +86,40 @@ impl Fixture {
         engine::run(project, req, cancel, observer).expect("run starts")
     }
 
+    /// A `tidepool serve` on this fixture's data and projects folders.
+    pub fn serve(&self) -> ServeBuilder {
+        server::serve(&self.data, &self.projects)
+    }
+
+    /// Copies the repository's demo project (`demo`: contacts, countries).
+    pub fn copy_demo(&self) {
+        let src = repo_projects().join("demo");
+        for rel in DEMO_FILES {
+            self.write(
+                &format!("projects/demo/{rel}"),
+                std::fs::read(src.join(rel)).unwrap(),
+            );
+        }
+    }
+
+    /// Project `slow`, job `load`: `rows` CSV rows upserted into SQLite in
+    /// batches of 10, so that a run is still going when a test acts on it.
+    pub fn slow_project(&self, rows: u32) {
+        let mut csv = String::from("id,name\n");
+        for i in 1..=rows {
+            csv.push_str(&format!("{i},n{i}\n"));
+        }
+        self.project(
+            "slow",
+            "[connections.src]\nkind = \"csv\"\npath = \"in.csv\"\n[connections.db]\nkind = \"sqlite\"\npath = \"${DATA_DIR}/slow.sqlite\"\ninit_sql = [\"CREATE TABLE IF NOT EXISTS t(id INTEGER PRIMARY KEY, name TEXT)\"]\n",
+            &[(
+                "load",
+                "batch_size = 10\n[origin]\nconnection = \"src\"\n[destination]\nconnection = \"db\"\n[[stages]]\ntable = \"t\"\naction = \"update/insert\"\nfields = [{ column = \"id\", origin = \"id\", match = true }, { column = \"name\", origin = \"name\" }]\n",
+            )],
+        );
+        self.write("projects/slow/in.csv", csv);
+    }
+
     /// Opens a SQLite database below the data folder.
     pub fn db(&self, name: &str) -> rusqlite::Connection {
         rusqlite::Connection::open(self.data.join(name)).expect("open sqlite")
@@ -110,6 +151,14 @@ pub fn rows(conn: &rusqlite::Connection, sql: &str) -> Vec<String> {
 pub fn request(project: &str, job: &str) -> RunRequest {
     RunRequest::new(project, job)
 }
+
+/// The files of the demo project that tests copy.
+pub const DEMO_FILES: [&str; 4] = [
+    "project.toml",
+    "jobs/contacts.toml",
+    "jobs/countries.toml",
+    "data/contacts.csv",
+];
 
 /// The repository's own demo project folder.
 pub fn repo_projects() -> &'static Path {
