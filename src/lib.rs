@@ -10,6 +10,7 @@ pub mod api;
 pub mod connector;
 pub mod engine;
 pub mod project;
+pub mod run;
 pub mod script;
 pub mod server;
 pub mod store;

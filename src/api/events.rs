@@ -20,7 +20,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast};
 
 use super::runs::{json_error, log_line_json, param, rate};
 use super::wire::ResultsResponse;
-use crate::engine::{Counters, RunStatus};
+use crate::run::{Counters, RunStatus};
 use crate::server::Service;
 use crate::store::{RunKey, RunRecord};
 

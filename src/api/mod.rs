@@ -27,8 +27,8 @@ use axum::routing::{get, post};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde_json::json;
 
-use crate::engine::RunStatus;
 use crate::project::Project;
+use crate::run::RunStatus;
 use crate::server::{Service, SubmitError};
 use crate::store::{Role, RunKey, RunRecord, Submitted};
 use auth::{AuthError, Caller};

@@ -119,10 +119,10 @@ pub struct PreviewAnswerDoc {
     project_id: String,
     #[schema(rename = "jobID")]
     job_id: String,
-    status: crate::engine::RunStatus,
+    status: crate::run::RunStatus,
     /// Why the preview failed or was stopped.
     error: Option<String>,
-    counters: crate::engine::Counters,
+    counters: crate::run::Counters,
     rows: Vec<PreviewRowDoc>,
     log: Vec<super::wire::LogLine>,
 }
@@ -288,7 +288,7 @@ pub async fn preview(State(svc): State<Arc<Service>>, headers: HeaderMap, body: 
         "error": error,
         "counters": report.counters,
         "rows": shown.iter().map(row_json).collect::<Vec<_>>(),
-        "log": report.jobs.iter().flat_map(|j| j.log.iter()).map(super::wire::LogLine::from).collect::<Vec<_>>(),
+        "log": report.jobs.iter().flat_map(|j| j.log.iter()).map(crate::server::history::log_line).collect::<Vec<_>>(),
     }))
     .into_response()
 }

@@ -12,7 +12,7 @@ use serde_json::json;
 
 use super::auth::{self, Caller};
 use super::wire::{Format, ResultsResponse};
-use crate::engine::{Counters, RunStatus};
+use crate::run::{Counters, RunStatus};
 use crate::server::Service;
 use crate::store::history::{RunCursor, RunFilter, RunListed};
 

@@ -15,7 +15,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, FixedOffset};
 use serde::{Deserialize, Serialize};
 
-use crate::engine::RunStatus;
+use crate::run::RunStatus;
 pub use history::RunHistory;
 pub use sqlite::SqliteStore;
 

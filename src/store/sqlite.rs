@@ -18,7 +18,7 @@ use super::{
     ApiKeyRecord, NewRun, Purged, Role, RunEnd, RunKey, RunRecord, Store, StoreError, Submitted,
     UserRecord, WebhookAttempt, WebhookDue, WebhookNext,
 };
-use crate::engine::RunStatus;
+use crate::run::RunStatus;
 
 mod history;
 
