@@ -12,8 +12,8 @@ use argon2::password_hash::{PasswordHasher, PasswordVerifier};
 use axum::http::{HeaderMap, header};
 use sha2::Digest;
 
+use super::AppState;
 use crate::project::DEFAULT_INSTANCE;
-use crate::server::Service;
 use crate::server::config::LoginConfig;
 use crate::store::{Role, StoreError, UserRecord, revocation_epoch};
 
@@ -210,7 +210,7 @@ impl CredentialCache {
 }
 
 /// Checks the request's credentials.
-pub async fn authenticate(svc: &Service, headers: &HeaderMap) -> Result<Caller, AuthError> {
+pub async fn authenticate(svc: &AppState, headers: &HeaderMap) -> Result<Caller, AuthError> {
     if svc.open {
         return Ok(Caller::open());
     }
@@ -291,7 +291,7 @@ pub enum LoginOutcome {
 
 /// Bounds `POST /token`: at most [`LoginConfig::checks`] argon2 checks at
 /// once (each holds 19 MiB), and backoff for user names and addresses that
-/// failed too often. Held by the [`Service`]; the state is in memory.
+/// failed too often. Held by the [`AppState`]; the state is in memory.
 pub struct LoginGuard {
     config: LoginConfig,
     checks: Arc<tokio::sync::Semaphore>,
@@ -375,7 +375,7 @@ fn address_key(ip: IpAddr) -> String {
 
 /// Checks a password grant under `svc`'s login limits; records the outcome.
 pub async fn check_login(
-    svc: &Service,
+    svc: &AppState,
     user: &str,
     password: String,
     peer: Option<IpAddr>,

@@ -18,6 +18,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::json;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast};
 
+use super::AppState;
 use super::runs::{json_error, log_line_json, param, rate};
 use super::wire::ResultsResponse;
 use crate::run::{Counters, RunStatus};
@@ -200,7 +201,7 @@ impl utoipa::ToSchema for EventDataDoc {
         (status = 404, description = "unknown run, or another instance's", body = super::wire::ExecJobAsyncResponse),
         (status = 503, description = "too many event streams are open, or the store failed", body = super::wire::ErrorDoc)))]
 pub async fn run_events(
-    State(svc): State<Arc<Service>>,
+    State(svc): State<AppState>,
     headers: HeaderMap,
     Path(id): Path<String>,
     Query(q): Query<Vec<(String, String)>>,
@@ -218,7 +219,7 @@ pub async fn run_events(
     };
     let follow = Follow {
         ended: svc.subscribe_ended(),
-        svc: svc.clone(),
+        svc: svc.service.clone(),
         key: rec.key,
         pending: VecDeque::new(),
         status: None,

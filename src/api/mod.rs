@@ -38,9 +38,42 @@ use wire::{
     ResultsResponse, WebhookAttemptLine, WireValue,
 };
 
+/// What the handlers share: the server, and the API's own state for
+/// authenticating callers (the run queue has no use for it). It derefs to the
+/// [`Service`], which is what most handlers need of it.
+#[derive(Clone)]
+pub struct AppState {
+    /// The server.
+    pub service: Arc<Service>,
+    /// Credentials that checked out recently.
+    pub credentials: Arc<auth::CredentialCache>,
+    /// `POST /token`'s limits: password checks at once, backoff.
+    pub logins: Arc<auth::LoginGuard>,
+}
+
+impl AppState {
+    /// The API's state over `service`, with an empty credential cache and
+    /// login guard. Build it once per server: the login limits live in it.
+    pub fn new(service: Arc<Service>) -> Self {
+        let logins = Arc::new(auth::LoginGuard::new(&service.config.login));
+        AppState {
+            service,
+            credentials: Default::default(),
+            logins,
+        }
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Service;
+    fn deref(&self) -> &Service {
+        &self.service
+    }
+}
+
 /// The router, with paths matched case-insensitively.
 pub fn app(
-    svc: Arc<Service>,
+    state: AppState,
 ) -> impl tower::Service<
     Request,
     Response = Response,
@@ -76,7 +109,7 @@ pub fn app(
         .fallback(not_found)
         .layer(middleware::from_fn(console::csrf_guard))
         .layer(middleware::from_fn(observe))
-        .with_state(svc);
+        .with_state(state);
     tower::ServiceBuilder::new()
         .map_request(|mut req: Request| {
             let lower = req.uri().path().to_ascii_lowercase();
@@ -226,7 +259,7 @@ fn target<'a>(
 
 /// Validates and records a run; the answer of ExecuteJobAsync (and the first step of ExecuteJob).
 async fn accept(
-    svc: &Service,
+    svc: &AppState,
     headers: &HeaderMap,
     body: Body,
     webhook: bool,
@@ -306,11 +339,7 @@ async fn accept(
         (status = 415, description = "unsupported media type", body = ExecJobAsyncResponse),
         (status = 503, description = "the queue is full, the server is stopping, or the store failed; see Retry-After", body = ExecJobAsyncResponse),
     ))]
-async fn execute_job_async(
-    State(svc): State<Arc<Service>>,
-    headers: HeaderMap,
-    body: Body,
-) -> Reply {
+async fn execute_job_async(State(svc): State<AppState>, headers: HeaderMap, body: Body) -> Reply {
     let format = wire::answer_format(&headers);
     match accept(&svc, &headers, body, true).await {
         Ok((key, _)) => Reply::one(
@@ -354,7 +383,7 @@ async fn execute_job_async(
         (status = 500, description = "the run ended without a result (a bug)", body = ExecJobAsyncResponse),
         (status = 503, description = "the queue is full, this node runs no jobs (--workers 0), or the store failed", body = ExecJobAsyncResponse),
     ))]
-async fn execute_job(State(svc): State<Arc<Service>>, headers: HeaderMap, body: Body) -> Reply {
+async fn execute_job(State(svc): State<AppState>, headers: HeaderMap, body: Body) -> Reply {
     let format = wire::answer_format(&headers);
     if svc.config.workers == 0 {
         // Nothing here would ever run it: say so instead of waiting forever.
@@ -506,7 +535,7 @@ async fn lookup(
         (status = 503, description = "the store failed", body = ExecJobAsyncResponse),
     ))]
 async fn results(
-    State(svc): State<Arc<Service>>,
+    State(svc): State<AppState>,
     headers: HeaderMap,
     Path(id): Path<String>,
     Query(q): Query<InstanceQuery>,
@@ -526,7 +555,7 @@ async fn results(
 /// The caller, and the run `id` it may see; else the refusal to answer
 /// (401, or 404 for a run that is unknown or another instance's).
 async fn caller_and_run(
-    svc: &Service,
+    svc: &AppState,
     headers: &HeaderMap,
     id: &str,
     instance: Option<String>,
@@ -557,7 +586,7 @@ async fn caller_and_run(
         (status = 503, description = "the store failed", body = ExecJobAsyncResponse),
     ))]
 async fn run_detail(
-    State(svc): State<Arc<Service>>,
+    State(svc): State<AppState>,
     headers: HeaderMap,
     Path(id): Path<String>,
     Query(q): Query<InstanceQuery>,
@@ -610,7 +639,7 @@ async fn run_detail(
         (status = 503, description = "the store failed", body = ExecJobAsyncResponse),
     ))]
 async fn cancel(
-    State(svc): State<Arc<Service>>,
+    State(svc): State<AppState>,
     headers: HeaderMap,
     Path(id): Path<String>,
     Query(q): Query<InstanceQuery>,
@@ -665,7 +694,7 @@ async fn cancel(
         (status = 503, description = "the queue is full, the server is stopping, or the store failed; see Retry-After", body = ExecJobAsyncResponse),
     ))]
 async fn webhook(
-    State(svc): State<Arc<Service>>,
+    State(svc): State<AppState>,
     headers: HeaderMap,
     Query(q): Query<Vec<(String, String)>>,
     body: Body,
@@ -778,7 +807,7 @@ const TOKEN_BODY_LIMIT: usize = 8 * 1024;
         (status = 503, description = "the store failed", body = wire::OAuthErrorDoc),
     ))]
 async fn token(
-    State(svc): State<Arc<Service>>,
+    State(svc): State<AppState>,
     peer: Option<axum::Extension<axum::extract::ConnectInfo<std::net::SocketAddr>>>,
     body: Body,
 ) -> Response {
@@ -901,7 +930,7 @@ fn project_json(p: &Project) -> serde_json::Value {
         (status = 401, description = "missing or bad credentials", body = ExecJobAsyncResponse),
         (status = 503, description = "the store failed", body = ExecJobAsyncResponse),
     ))]
-async fn projects(State(svc): State<Arc<Service>>, headers: HeaderMap) -> Response {
+async fn projects(State(svc): State<AppState>, headers: HeaderMap) -> Response {
     let caller = match auth::authenticate(&svc, &headers).await {
         Ok(c) => c,
         Err(e) => return auth_refusal(e, Format::Json, "").into_response(),
@@ -929,7 +958,7 @@ async fn projects(State(svc): State<Arc<Service>>, headers: HeaderMap) -> Respon
         (status = 503, description = "the store failed", body = ExecJobAsyncResponse),
     ))]
 async fn project(
-    State(svc): State<Arc<Service>>,
+    State(svc): State<AppState>,
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Response {
@@ -958,7 +987,7 @@ async fn project(
         (status = 200, description = "up", body = wire::HealthDoc),
         (status = 503, description = "the store cannot be read", body = wire::HealthDoc),
     ))]
-async fn healthz(State(svc): State<Arc<Service>>) -> Response {
+async fn healthz(State(svc): State<AppState>) -> Response {
     match svc.store.queued_count().await {
         Ok(q) => axum::Json(json!({
             "status": "ok",
@@ -978,7 +1007,7 @@ async fn healthz(State(svc): State<Arc<Service>>) -> Response {
 /// Prometheus text. With users, it takes a credential: Metrics on `*` (or
 /// open mode) reads every series; Metrics or Owner in instances reads the
 /// series labelled with those instances only.
-async fn metrics_text(State(svc): State<Arc<Service>>, headers: HeaderMap) -> Response {
+async fn metrics_text(State(svc): State<AppState>, headers: HeaderMap) -> Response {
     let caller = match auth::authenticate(&svc, &headers).await {
         Ok(c) => c,
         Err(e) => return auth_refusal(e, Format::Json, "").into_response(),

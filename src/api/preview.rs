@@ -12,10 +12,10 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value, json};
 use tokio::sync::Semaphore;
 
+use super::AppState;
 use super::runs::{json_caller, json_error};
 use super::wire::MAX_ROW;
 use crate::engine::{self, CancelToken, LogLevel, PreviewRow, RunObserver, RunRequest};
-use crate::server::Service;
 use crate::store::Role;
 
 /// Rows a preview shows when the caller names no number, and at most.
@@ -201,7 +201,7 @@ fn read_request(bytes: &[u8]) -> Result<(PreviewBody, u64, u64), String> {
         (status = 413, description = "the body is too large", body = super::wire::ErrorDoc),
         (status = 500, description = "the preview crashed (a bug)", body = super::wire::ErrorDoc),
         (status = 503, description = "too many previews at once, or the store failed", body = super::wire::ErrorDoc)))]
-pub async fn preview(State(svc): State<Arc<Service>>, headers: HeaderMap, body: Body) -> Response {
+pub async fn preview(State(svc): State<AppState>, headers: HeaderMap, body: Body) -> Response {
     let caller = match json_caller(&svc, &headers).await {
         Ok(c) => c,
         Err(r) => return r,

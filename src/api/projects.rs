@@ -1,14 +1,13 @@
 //! Projects for the console: those that failed to load (with their
 //! problems) beside the loaded ones, and `POST /v1/Projects/reload`.
 
-use std::sync::Arc;
-
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use serde_json::json;
 
+use super::AppState;
 use super::auth::Caller;
 use super::runs::{json_caller, json_error};
 use crate::connector::ConnectionConfig;
@@ -63,7 +62,7 @@ fn listing(svc: &Service, caller: &Caller) -> Vec<serde_json::Value> {
     responses((status = 200, description = "the caller's projects as GET /v1/Projects lists them, after the reload"),
         (status = 401, description = "missing or bad credentials"),
         (status = 403, description = "{error}: needs Owner or Full in an instance")))]
-pub async fn reload(State(svc): State<Arc<Service>>, headers: HeaderMap) -> Response {
+pub async fn reload(State(svc): State<AppState>, headers: HeaderMap) -> Response {
     let caller = match json_caller(&svc, &headers).await {
         Ok(c) => c,
         Err(r) => return r,

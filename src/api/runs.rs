@@ -1,8 +1,6 @@
 //! Run history for the console and scripts: `GET /v1/Runs` (filtered, newest
 //! first, cursor-paged from an index), a run's log by line and its row errors.
 
-use std::sync::Arc;
-
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -10,10 +8,10 @@ use chrono::{DateTime, FixedOffset, SecondsFormat};
 use serde::Serialize;
 use serde_json::json;
 
+use super::AppState;
 use super::auth::{self, Caller};
 use super::wire::{Format, ResultsResponse};
 use crate::run::{Counters, RunStatus};
-use crate::server::Service;
 use crate::store::history::{RunCursor, RunFilter, RunListed};
 
 /// Runs a page holds when the caller names no limit.
@@ -27,7 +25,7 @@ pub(super) fn json_error(status: StatusCode, msg: impl Into<String>) -> Response
 }
 
 /// The caller, or the refusal (401 or 503) as JSON.
-pub(super) async fn json_caller(svc: &Service, headers: &HeaderMap) -> Result<Caller, Response> {
+pub(super) async fn json_caller(svc: &AppState, headers: &HeaderMap) -> Result<Caller, Response> {
     auth::authenticate(svc, headers)
         .await
         .map_err(|e| super::auth_refusal(e, Format::Json, "").into_response())
@@ -251,7 +249,7 @@ pub struct RunPage {
         (status = 401, description = "missing or bad credentials", body = super::wire::ExecJobAsyncResponse),
         (status = 503, description = "the store failed", body = super::wire::ErrorDoc)))]
 pub async fn list_runs(
-    State(svc): State<Arc<Service>>,
+    State(svc): State<AppState>,
     headers: HeaderMap,
     Query(q): Query<Vec<(String, String)>>,
 ) -> Response {
@@ -407,7 +405,7 @@ pub(super) fn log_line_json(l: &crate::store::history::StoredLogLine) -> serde_j
 
 /// The caller and run `id`, if the caller may see it; else the refusal (401, 404).
 async fn visible_run(
-    svc: &Service,
+    svc: &AppState,
     headers: &HeaderMap,
     id: &str,
     q: &[(String, String)],
@@ -431,7 +429,7 @@ async fn visible_run(
         (status = 404, description = "unknown run, or another instance's", body = super::wire::ExecJobAsyncResponse),
         (status = 503, description = "the store failed", body = super::wire::ErrorDoc)))]
 pub async fn run_log(
-    State(svc): State<Arc<Service>>,
+    State(svc): State<AppState>,
     headers: HeaderMap,
     axum::extract::Path(id): axum::extract::Path<String>,
     Query(q): Query<Vec<(String, String)>>,
@@ -481,7 +479,7 @@ pub async fn run_log(
         (status = 404, description = "unknown run, or another instance's", body = super::wire::ExecJobAsyncResponse),
         (status = 503, description = "the store failed", body = super::wire::ErrorDoc)))]
 pub async fn run_errors(
-    State(svc): State<Arc<Service>>,
+    State(svc): State<AppState>,
     headers: HeaderMap,
     axum::extract::Path(id): axum::extract::Path<String>,
     Query(q): Query<Vec<(String, String)>>,

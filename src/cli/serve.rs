@@ -227,7 +227,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             limits.body_read,
             limits.max_header_bytes
         );
-        let app = api::app(svc.clone());
+        let app = api::app(api::AppState::new(svc.clone()));
         let stopping = svc.clone();
         let drain = std::time::Duration::from_secs(c.shutdown_grace_secs);
         super::listen::serve(listener, app, limits, drain, async move {

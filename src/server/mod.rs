@@ -45,10 +45,6 @@ pub struct Service {
     pub config: ServerConfig,
     /// No users: every caller is the owner of every instance.
     pub open: bool,
-    /// Credentials that checked out recently.
-    pub credentials: crate::api::auth::CredentialCache,
-    /// `POST /token`'s limits: password checks at once, backoff.
-    pub logins: crate::api::auth::LoginGuard,
     projects: RwLock<Arc<LoadOutcome>>,
     queued: AtomicU64,
     work: Notify,
@@ -75,13 +71,10 @@ impl Service {
             tracing::warn!("project not loaded: {p}");
         }
         let (ended, _) = broadcast::channel(1024);
-        let logins = crate::api::auth::LoginGuard::new(&config.login);
         let svc = Arc::new(Service {
             store,
             config,
             open,
-            credentials: Default::default(),
-            logins,
             projects: RwLock::new(projects),
             queued: AtomicU64::new(0),
             work: Notify::new(),
