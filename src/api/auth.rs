@@ -140,13 +140,18 @@ pub fn new_secret(prefix: &str) -> String {
     )
 }
 
+/// Why a password could not be hashed (argon2 refused its parameters or input).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct HashError(#[source] argon2::password_hash::Error);
+
 /// An argon2 hash of a password.
-pub fn hash_password(password: &str) -> Result<String, String> {
+pub fn hash_password(password: &str) -> Result<String, HashError> {
     let salt = *uuid::Uuid::new_v4().as_bytes();
     argon2::Argon2::default()
         .hash_password_with_salt(password.as_bytes(), &salt)
         .map(|h| h.to_string())
-        .map_err(|e| e.to_string())
+        .map_err(HashError)
 }
 
 /// Whether `password` matches an argon2 hash.

@@ -281,7 +281,7 @@ async fn accept(
         .await
         .map_err(|e| auth_refusal(e, format, &run_id))?;
     let req = ExecJobRequest::from_fields(&fields, webhook)
-        .map_err(|e| refuse(StatusCode::BAD_REQUEST, format, &run_id, e))?;
+        .map_err(|e| refuse(StatusCode::BAD_REQUEST, format, &run_id, e.to_string()))?;
     let projects = svc.projects();
     let (instance, _) =
         target(svc, &projects, &caller, &req).map_err(|(s, e)| refuse(s, format, &run_id, e))?;
@@ -744,7 +744,8 @@ async fn webhook(
                 StatusCode::BAD_REQUEST,
                 format,
                 "",
-                e.replace("projectID", "projectid")
+                e.to_string()
+                    .replace("projectID", "projectid")
                     .replace("jobID", "jobid"),
             );
         }

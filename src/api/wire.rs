@@ -90,7 +90,8 @@ pub enum WireValue {
 pub type FieldMap = BTreeMap<String, WireValue>;
 
 /// Why a body could not be read; `unsupported` means 415.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
 pub struct BodyError {
     /// 415 rather than 400.
     pub unsupported: bool,
@@ -442,10 +443,16 @@ fn logging_level(v: Option<&WireValue>, errors: &mut Vec<String>) -> u8 {
     }
 }
 
+/// The fields of a request that break their rules, each said in a sentence
+/// that names the field (all of them, not only the first).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{}", .0.join("; "))]
+pub struct FieldErrors(pub Vec<String>);
+
 impl ExecJobRequest {
     /// Checks every field's rule; all failures are reported together, by field name.
     /// `webhook` says whether `webHookURL` is part of this request type.
-    pub fn from_fields(f: &FieldMap, webhook: bool) -> Result<Self, String> {
+    pub fn from_fields(f: &FieldMap, webhook: bool) -> Result<Self, FieldErrors> {
         let mut errors = Vec::new();
         let mut known = vec![
             "runID",
@@ -577,7 +584,7 @@ impl ExecJobRequest {
             _ => None,
         };
         if !errors.is_empty() {
-            return Err(errors.join("; "));
+            return Err(FieldErrors(errors));
         }
         Ok(ExecJobRequest {
             run_id,
@@ -1319,7 +1326,9 @@ mod tests {
             ("loggingLevel", WireValue::Number("-1".into())),
             ("webHookURL", WireValue::Text("ftp://x".into())),
         ]);
-        let err = ExecJobRequest::from_fields(&f, true).unwrap_err();
+        let err = ExecJobRequest::from_fields(&f, true)
+            .unwrap_err()
+            .to_string();
         for part in [
             "runID must be a GUID",
             "projectID is required",
