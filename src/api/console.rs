@@ -15,7 +15,7 @@ use serde_json::json;
 
 use super::AppState;
 use super::auth::{self, Caller};
-use super::runs::{json_caller, json_error};
+use super::runs::json_error;
 
 /// The session cookie's name.
 pub const SESSION_COOKIE: &str = "tidepool_session";
@@ -211,7 +211,7 @@ pub async fn login(
     let mut h = HeaderMap::new();
     h.insert(header::SET_COOKIE, session_cookie(&token, lifetime));
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    let caller = match json_caller(&svc, &{
+    let caller = match auth::authenticate(&svc, &{
         let mut with = HeaderMap::new();
         if let Ok(v) = HeaderValue::from_str(&format!("Bearer {token}")) {
             with.insert(header::AUTHORIZATION, v);
@@ -221,7 +221,7 @@ pub async fn login(
     .await
     {
         Ok(c) => c,
-        Err(r) => return r,
+        Err(e) => return super::ApiError::from(e).into_response(),
     };
     (h, axum::Json(me_json(&caller, false))).into_response()
 }
@@ -260,9 +260,6 @@ pub async fn logout(State(svc): State<AppState>, headers: HeaderMap) -> Response
     responses((status = 200, description = "the caller, its roles, and whether the server is open", body = MeDoc),
         (status = 401, description = "not logged in: missing or bad credentials", body = super::wire::ExecJobAsyncResponse),
         (status = 503, description = "the store failed", body = super::wire::ExecJobAsyncResponse)))]
-pub async fn me(State(svc): State<AppState>, headers: HeaderMap) -> Response {
-    match json_caller(&svc, &headers).await {
-        Ok(c) => axum::Json(me_json(&c, svc.open)).into_response(),
-        Err(r) => r,
-    }
+pub async fn me(State(svc): State<AppState>, caller: Caller) -> axum::Json<serde_json::Value> {
+    axum::Json(me_json(&caller, svc.open))
 }

@@ -11,8 +11,8 @@ use std::convert::Infallible;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::extract::{Query, State};
+use axum::http::StatusCode;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
@@ -202,13 +202,12 @@ impl utoipa::ToSchema for EventDataDoc {
         (status = 503, description = "too many event streams are open, or the store failed", body = super::wire::ErrorDoc)))]
 pub async fn run_events(
     State(svc): State<AppState>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
     Query(q): Query<Vec<(String, String)>>,
+    who: super::RunCaller,
 ) -> Response {
     let instance = param(&q, "instance").map(str::to_owned);
-    let rec = match super::caller_and_run(&svc, &headers, &id, instance).await {
-        Ok((_, rec)) => rec,
+    let rec = match who.run(&svc, instance).await {
+        Ok(rec) => rec,
         Err(refusal) => return refusal.into_response(),
     };
     let Ok(permit) = streams().try_acquire_owned() else {
