@@ -157,7 +157,7 @@ pub fn timespan(d: Duration) -> String {
     }
 }
 
-/// One job of a run (`resultsResponse`): live while it runs, final after.
+/// `resultsResponse`: one job of a run.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 #[schema(as = resultsResponse)]
 #[serde(rename_all = "camelCase")]
@@ -200,7 +200,7 @@ impl JobResult {
     }
 }
 
-/// One log line of a run's answer.
+/// One log line in `execJobResponse`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 #[schema(as = logEntry)]
 pub struct LogLine {
@@ -232,8 +232,8 @@ pub struct WebhookAttemptLine {
     pub error: Option<String>,
 }
 
-/// A run's answer (`execJobResponse`): what ExecuteJob answers, the webhook
-/// carries and the store keeps when the run ends.
+/// `execJobResponse`: the answer of ExecuteJob and the body of the webhook.
+// The doc comment above is the schema's description in /openapi.json: keep it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 #[schema(as = execJobResponse)]
 #[serde(rename_all = "camelCase")]

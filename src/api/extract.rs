@@ -231,3 +231,59 @@ impl RunCaller {
             .flatten()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn rendered(e: ApiError) -> (StatusCode, axum::http::HeaderMap, String) {
+        let r = e.into_response();
+        let (parts, body) = r.into_parts();
+        let bytes = axum::body::to_bytes(body, usize::MAX).await.unwrap();
+        (
+            parts.status,
+            parts.headers,
+            String::from_utf8(bytes.to_vec()).unwrap(),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_refusal_names_its_run_in_the_answer_format_with_its_headers() {
+        let (status, headers, body) =
+            rendered(ApiError::unauthenticated(AuthError::Missing).for_run("r1")).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        assert_eq!(headers[header::WWW_AUTHENTICATE], "Bearer");
+        assert!(headers.get(header::RETRY_AFTER).is_none());
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["runID"], "r1");
+        assert_eq!(v["started"], false);
+        assert_eq!(v["error"], AuthError::Missing.to_string());
+
+        let (status, headers, body) = rendered(
+            ApiError::refusal(StatusCode::SERVICE_UNAVAILABLE, "full")
+                .in_format(Format::Xml)
+                .retry_after(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(headers[header::RETRY_AFTER], "1");
+        assert!(headers.get(header::WWW_AUTHENTICATE).is_none());
+        assert!(
+            body.starts_with("<execJobAsyncResponse ")
+                && body.contains("<error>full</error><runID></runID><started>false</started>"),
+            "{body}"
+        );
+    }
+
+    #[tokio::test]
+    async fn tidepools_own_errors_are_json_objects_whatever_the_format() {
+        let (status, _, body) = rendered(
+            ApiError::error(StatusCode::BAD_REQUEST, "limit must be 1 to 500")
+                .in_format(Format::Xml)
+                .for_run("ignored"),
+        )
+        .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(body, r#"{"error":"limit must be 1 to 500"}"#);
+    }
+}
