@@ -4,7 +4,9 @@
 //! A project folder defines connections and jobs ([`project`]); a run reads
 //! rows from an origin, maps them and writes them through ordered stages into
 //! a destination ([`engine`]); each kind of connection is one file in
-//! [`connector`]. The binary's `run` and `validate` commands live in `cli`.
+//! [`connector`]. What a run is made of as it is submitted, recorded and
+//! answered (request, per-job results, answer, status) is plain data in
+//! [`run`]. The binary's `run` and `validate` commands live in `cli`.
 
 pub mod api;
 pub mod connector;

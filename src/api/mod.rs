@@ -3,7 +3,9 @@
 //! Paths match case-insensitively (as ASP.NET routes do); bodies are read by
 //! our own extractor that switches on `Content-Type`; answers are JSON or XML
 //! by `Accept`. Every refusal carries `started: false` and an `error` naming
-//! the problem.
+//! the problem. Handlers take the caller and the answer format as extractors
+//! and refuse with one error type, [`ApiError`] (see [`extract`]); the
+//! credential cache and login limits live in the router's [`AppState`].
 
 pub mod auth;
 pub mod console;
