@@ -18,7 +18,7 @@ use tower::ServiceExt;
 
 struct Api {
     f: Fixture,
-    svc: Arc<Service>,
+    svc: api::AppState,
 }
 
 struct Answer {
@@ -56,7 +56,10 @@ async fn api_with(
     if start {
         svc.start();
     }
-    Api { f, svc }
+    Api {
+        f,
+        svc: api::AppState::new(svc),
+    }
 }
 
 async fn api() -> Api {

@@ -24,7 +24,7 @@ const FORM: &str = "application/x-www-form-urlencoded";
 
 struct Api {
     _f: Fixture,
-    svc: Arc<Service>,
+    svc: api::AppState,
 }
 
 struct Answer {
@@ -54,7 +54,10 @@ async fn api_with(tweak: impl FnOnce(&mut ServerConfig)) -> Api {
     let store = Arc::new(SqliteStore::open(&f.data.join("tidepool.sqlite")).unwrap());
     store.put_user(user("ann", "ann-secret-1")).await.unwrap();
     let svc = Service::new(config, store).await.unwrap();
-    Api { _f: f, svc }
+    Api {
+        _f: f,
+        svc: api::AppState::new(svc),
+    }
 }
 
 impl Api {

@@ -21,7 +21,7 @@ use tower::ServiceExt;
 
 struct Api {
     _f: Fixture,
-    svc: Arc<Service>,
+    svc: api::AppState,
 }
 
 struct Answer {
@@ -106,7 +106,10 @@ async fn serve_in(f: Fixture, instances: &[&str], users: Vec<UserRecord>) -> Api
     }
     let svc = Service::new(config, store).await.unwrap();
     svc.start();
-    Api { _f: f, svc }
+    Api {
+        _f: f,
+        svc: api::AppState::new(svc),
+    }
 }
 
 impl Api {

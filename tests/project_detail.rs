@@ -77,7 +77,10 @@ fields = [
 
 async fn get(svc: &Arc<Service>, path: &str) -> (StatusCode, String) {
     let req = Request::get(path).body(Body::empty()).unwrap();
-    let resp = api::app(svc.clone()).oneshot(req).await.unwrap();
+    let resp = api::app(api::AppState::new(svc.clone()))
+        .oneshot(req)
+        .await
+        .unwrap();
     let status = resp.status();
     let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
         .await

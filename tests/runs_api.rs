@@ -18,7 +18,7 @@ use tower::ServiceExt;
 
 struct Api {
     f: Fixture,
-    svc: Arc<Service>,
+    svc: api::AppState,
 }
 
 struct Answer {
@@ -91,7 +91,10 @@ async fn api_with(users: &[(&str, &[(&str, Role)])], start: bool) -> Api {
     if start {
         svc.start();
     }
-    Api { f, svc }
+    Api {
+        f,
+        svc: api::AppState::new(svc),
+    }
 }
 
 impl Api {

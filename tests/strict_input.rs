@@ -22,7 +22,7 @@ const FORM: &str = "application/x-www-form-urlencoded";
 /// stays queued where the test can read it.
 struct Api {
     _f: Fixture,
-    svc: Arc<Service>,
+    svc: api::AppState,
 }
 
 impl Api {
@@ -42,7 +42,10 @@ impl Api {
         };
         let store = Arc::new(SqliteStore::open(&f.data.join("tidepool.sqlite")).unwrap());
         let svc = Service::new(config, store).await.unwrap();
-        Api { _f: f, svc }
+        Api {
+            _f: f,
+            svc: api::AppState::new(svc),
+        }
     }
 
     /// POSTs `body` to ExecuteJobAsync; the status and the JSON answer.

@@ -12,8 +12,8 @@ use argon2::password_hash::{PasswordHasher, PasswordVerifier};
 use axum::http::{HeaderMap, header};
 use sha2::Digest;
 
+use super::AppState;
 use crate::project::DEFAULT_INSTANCE;
-use crate::server::Service;
 use crate::server::config::LoginConfig;
 use crate::store::{Role, StoreError, UserRecord, revocation_epoch};
 
@@ -140,13 +140,18 @@ pub fn new_secret(prefix: &str) -> String {
     )
 }
 
+/// Why a password could not be hashed (argon2 refused its parameters or input).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct HashError(#[source] argon2::password_hash::Error);
+
 /// An argon2 hash of a password.
-pub fn hash_password(password: &str) -> Result<String, String> {
+pub fn hash_password(password: &str) -> Result<String, HashError> {
     let salt = *uuid::Uuid::new_v4().as_bytes();
     argon2::Argon2::default()
         .hash_password_with_salt(password.as_bytes(), &salt)
         .map(|h| h.to_string())
-        .map_err(|e| e.to_string())
+        .map_err(HashError)
 }
 
 /// Whether `password` matches an argon2 hash.
@@ -210,7 +215,7 @@ impl CredentialCache {
 }
 
 /// Checks the request's credentials.
-pub async fn authenticate(svc: &Service, headers: &HeaderMap) -> Result<Caller, AuthError> {
+pub async fn authenticate(svc: &AppState, headers: &HeaderMap) -> Result<Caller, AuthError> {
     if svc.open {
         return Ok(Caller::open());
     }
@@ -291,7 +296,7 @@ pub enum LoginOutcome {
 
 /// Bounds `POST /token`: at most [`LoginConfig::checks`] argon2 checks at
 /// once (each holds 19 MiB), and backoff for user names and addresses that
-/// failed too often. Held by the [`Service`]; the state is in memory.
+/// failed too often. Held by the [`AppState`]; the state is in memory.
 pub struct LoginGuard {
     config: LoginConfig,
     checks: Arc<tokio::sync::Semaphore>,
@@ -375,7 +380,7 @@ fn address_key(ip: IpAddr) -> String {
 
 /// Checks a password grant under `svc`'s login limits; records the outcome.
 pub async fn check_login(
-    svc: &Service,
+    svc: &AppState,
     user: &str,
     password: String,
     peer: Option<IpAddr>,

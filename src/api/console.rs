@@ -6,8 +6,6 @@
 /// The console's pages (the embedded single-page app at `/`).
 pub mod pages;
 
-use std::sync::Arc;
-
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
@@ -15,9 +13,9 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
+use super::AppState;
 use super::auth::{self, Caller};
-use super::runs::{json_caller, json_error};
-use crate::server::Service;
+use super::runs::json_error;
 
 /// The session cookie's name.
 pub const SESSION_COOKIE: &str = "tidepool_session";
@@ -138,7 +136,7 @@ fn session_cookie(token: &str, max_age: u64) -> HeaderValue {
         (status = 429, description = "too many failed attempts for the user or from the address, or too many password checks at once: see Retry-After", body = super::wire::ErrorDoc),
         (status = 503, description = "the store failed", body = super::wire::ErrorDoc)))]
 pub async fn login(
-    State(svc): State<Arc<Service>>,
+    State(svc): State<AppState>,
     peer: Option<axum::Extension<axum::extract::ConnectInfo<std::net::SocketAddr>>>,
     headers: HeaderMap,
     body: Body,
@@ -213,7 +211,7 @@ pub async fn login(
     let mut h = HeaderMap::new();
     h.insert(header::SET_COOKIE, session_cookie(&token, lifetime));
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    let caller = match json_caller(&svc, &{
+    let caller = match auth::authenticate(&svc, &{
         let mut with = HeaderMap::new();
         if let Ok(v) = HeaderValue::from_str(&format!("Bearer {token}")) {
             with.insert(header::AUTHORIZATION, v);
@@ -223,7 +221,7 @@ pub async fn login(
     .await
     {
         Ok(c) => c,
-        Err(r) => return r,
+        Err(e) => return super::ApiError::from(e).into_response(),
     };
     (h, axum::Json(me_json(&caller, false))).into_response()
 }
@@ -241,7 +239,7 @@ fn too_many(msg: String, retry_after_secs: u64) -> Response {
 #[utoipa::path(post, path = "/console/logout", tag = "console", operation_id = "ConsoleLogout",
     responses((status = 204, description = "logged out; the cookie is cleared"),
         (status = 403, description = "authenticated by the session cookie alone, without the X-Tidepool-Csrf header", body = super::wire::ErrorDoc)))]
-pub async fn logout(State(svc): State<Arc<Service>>, headers: HeaderMap) -> Response {
+pub async fn logout(State(svc): State<AppState>, headers: HeaderMap) -> Response {
     if let Some(token) = session_token(&headers)
         && let Ok(caller) = auth::authenticate(&svc, &headers).await
         && let Some(user) = caller.user
@@ -262,9 +260,6 @@ pub async fn logout(State(svc): State<Arc<Service>>, headers: HeaderMap) -> Resp
     responses((status = 200, description = "the caller, its roles, and whether the server is open", body = MeDoc),
         (status = 401, description = "not logged in: missing or bad credentials", body = super::wire::ExecJobAsyncResponse),
         (status = 503, description = "the store failed", body = super::wire::ExecJobAsyncResponse)))]
-pub async fn me(State(svc): State<Arc<Service>>, headers: HeaderMap) -> Response {
-    match json_caller(&svc, &headers).await {
-        Ok(c) => axum::Json(me_json(&c, svc.open)).into_response(),
-        Err(r) => r,
-    }
+pub async fn me(State(svc): State<AppState>, caller: Caller) -> axum::Json<serde_json::Value> {
+    axum::Json(me_json(&caller, svc.open))
 }

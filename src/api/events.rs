@@ -11,16 +11,17 @@ use std::convert::Infallible;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::extract::{Query, State};
+use axum::http::StatusCode;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast};
 
+use super::AppState;
 use super::runs::{json_error, log_line_json, param, rate};
 use super::wire::ResultsResponse;
-use crate::engine::{Counters, RunStatus};
+use crate::run::{Counters, RunStatus};
 use crate::server::Service;
 use crate::store::{RunKey, RunRecord};
 
@@ -200,14 +201,13 @@ impl utoipa::ToSchema for EventDataDoc {
         (status = 404, description = "unknown run, or another instance's", body = super::wire::ExecJobAsyncResponse),
         (status = 503, description = "too many event streams are open, or the store failed", body = super::wire::ErrorDoc)))]
 pub async fn run_events(
-    State(svc): State<Arc<Service>>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
+    State(svc): State<AppState>,
     Query(q): Query<Vec<(String, String)>>,
+    who: super::RunCaller,
 ) -> Response {
     let instance = param(&q, "instance").map(str::to_owned);
-    let rec = match super::caller_and_run(&svc, &headers, &id, instance).await {
-        Ok((_, rec)) => rec,
+    let rec = match who.run(&svc, instance).await {
+        Ok(rec) => rec,
         Err(refusal) => return refusal.into_response(),
     };
     let Ok(permit) = streams().try_acquire_owned() else {
@@ -218,7 +218,7 @@ pub async fn run_events(
     };
     let follow = Follow {
         ended: svc.subscribe_ended(),
-        svc: svc.clone(),
+        svc: svc.service.clone(),
         key: rec.key,
         pending: VecDeque::new(),
         status: None,

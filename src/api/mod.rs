@@ -3,11 +3,14 @@
 //! Paths match case-insensitively (as ASP.NET routes do); bodies are read by
 //! our own extractor that switches on `Content-Type`; answers are JSON or XML
 //! by `Accept`. Every refusal carries `started: false` and an `error` naming
-//! the problem.
+//! the problem. Handlers take the caller and the answer format as extractors
+//! and refuse with one error type, [`ApiError`] (see [`extract`]); the
+//! credential cache and login limits live in the router's [`AppState`].
 
 pub mod auth;
 pub mod console;
 pub mod events;
+pub mod extract;
 pub mod preview;
 pub mod projects;
 pub mod runs;
@@ -27,20 +30,54 @@ use axum::routing::{get, post};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde_json::json;
 
-use crate::engine::RunStatus;
 use crate::project::Project;
+use crate::run::RunStatus;
 use crate::server::{Service, SubmitError};
 use crate::store::{Role, RunKey, RunRecord, Submitted};
-use auth::{AuthError, Caller};
+use auth::Caller;
+pub use extract::{AnswerFormat, ApiError, RunCaller};
 use wire::{
     ExecJobAsyncRequestDoc, ExecJobAsyncRequestTextDoc, ExecJobAsyncResponse, ExecJobRequest,
     ExecJobRequestDoc, ExecJobRequestTextDoc, ExecJobResponse, FieldMap, Format, Many, Reply,
     ResultsResponse, WebhookAttemptLine, WireValue,
 };
 
+/// What the handlers share: the server, and the API's own state for
+/// authenticating callers (the run queue has no use for it). It derefs to the
+/// [`Service`], which is what most handlers need of it.
+#[derive(Clone)]
+pub struct AppState {
+    /// The server.
+    pub service: Arc<Service>,
+    /// Credentials that checked out recently.
+    pub credentials: Arc<auth::CredentialCache>,
+    /// `POST /token`'s limits: password checks at once, backoff.
+    pub logins: Arc<auth::LoginGuard>,
+}
+
+impl AppState {
+    /// The API's state over `service`, with an empty credential cache and
+    /// login guard. Build it once per server: the login limits live in it.
+    pub fn new(service: Arc<Service>) -> Self {
+        let logins = Arc::new(auth::LoginGuard::new(&service.config.login));
+        AppState {
+            service,
+            credentials: Default::default(),
+            logins,
+        }
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Service;
+    fn deref(&self) -> &Service {
+        &self.service
+    }
+}
+
 /// The router, with paths matched case-insensitively.
 pub fn app(
-    svc: Arc<Service>,
+    state: AppState,
 ) -> impl tower::Service<
     Request,
     Response = Response,
@@ -76,7 +113,7 @@ pub fn app(
         .fallback(not_found)
         .layer(middleware::from_fn(console::csrf_guard))
         .layer(middleware::from_fn(observe))
-        .with_state(svc);
+        .with_state(state);
     tower::ServiceBuilder::new()
         .map_request(|mut req: Request| {
             let lower = req.uri().path().to_ascii_lowercase();
@@ -135,44 +172,19 @@ fn route_label(path: &str) -> &'static str {
     }
 }
 
-async fn read_body(svc: &Service, body: Body) -> Result<axum::body::Bytes, String> {
+/// The body, up to the server's limit; past it, a 413 refusal.
+async fn read_body(svc: &Service, body: Body) -> Result<axum::body::Bytes, ApiError> {
     axum::body::to_bytes(body, svc.config.body_limit)
         .await
         .map_err(|_| {
-            format!(
-                "the request body is larger than {} bytes",
-                svc.config.body_limit
+            ApiError::refusal(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!(
+                    "the request body is larger than {} bytes",
+                    svc.config.body_limit
+                ),
             )
         })
-}
-
-fn refuse(status: StatusCode, format: Format, run_id: &str, msg: impl Into<String>) -> Reply {
-    let r = Reply::one(
-        status,
-        format,
-        &ExecJobAsyncResponse {
-            run_id: run_id.to_owned(),
-            started: false,
-            error: Some(msg.into()),
-        },
-    );
-    if status == StatusCode::UNAUTHORIZED {
-        r.header(header::WWW_AUTHENTICATE, "Bearer")
-    } else {
-        r
-    }
-}
-
-fn auth_refusal(e: AuthError, format: Format, run_id: &str) -> Reply {
-    match e {
-        AuthError::Store(e) => refuse(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format,
-            run_id,
-            e.to_string(),
-        ),
-        e => refuse(StatusCode::UNAUTHORIZED, format, run_id, e.to_string()),
-    }
 }
 
 /// The run ID as sent, for answers about a request that did not validate.
@@ -224,34 +236,40 @@ fn target<'a>(
     Ok((instance, project))
 }
 
-/// Validates and records a run; the answer of ExecuteJobAsync (and the first step of ExecuteJob).
+/// Validates and records a run; the answer of ExecuteJobAsync (and the first
+/// step of ExecuteJob). The body is read before the caller is authenticated:
+/// a refusal names the run ID the body sent.
 async fn accept(
-    svc: &Service,
+    svc: &AppState,
     headers: &HeaderMap,
     body: Body,
     webhook: bool,
-) -> Result<(RunKey, ExecJobRequest), Reply> {
+) -> Result<(RunKey, ExecJobRequest), ApiError> {
     let format = wire::answer_format(headers);
     let bytes = read_body(svc, body)
         .await
-        .map_err(|e| refuse(StatusCode::PAYLOAD_TOO_LARGE, format, "", e))?;
+        .map_err(|e| e.in_format(format))?;
     let fields = wire::parse_body(headers, &bytes).map_err(|e| {
         let status = if e.unsupported {
             StatusCode::UNSUPPORTED_MEDIA_TYPE
         } else {
             StatusCode::BAD_REQUEST
         };
-        refuse(status, format, "", e.message)
+        ApiError::refusal(status, e.message).in_format(format)
     })?;
     let run_id = raw_run_id(&fields);
+    let refused = |status, message: String| {
+        ApiError::refusal(status, message)
+            .in_format(format)
+            .for_run(&run_id)
+    };
     let caller = auth::authenticate(svc, headers)
         .await
-        .map_err(|e| auth_refusal(e, format, &run_id))?;
+        .map_err(|e| ApiError::from(e).in_format(format).for_run(&run_id))?;
     let req = ExecJobRequest::from_fields(&fields, webhook)
-        .map_err(|e| refuse(StatusCode::BAD_REQUEST, format, &run_id, e))?;
+        .map_err(|e| refused(StatusCode::BAD_REQUEST, e.to_string()))?;
     let projects = svc.projects();
-    let (instance, _) =
-        target(svc, &projects, &caller, &req).map_err(|(s, e)| refuse(s, format, &run_id, e))?;
+    let (instance, _) = target(svc, &projects, &caller, &req).map_err(|(s, e)| refused(s, e))?;
     match svc.submit(&instance, &req).await {
         Ok(Submitted::Accepted | Submitted::Duplicate) => Ok((
             RunKey {
@@ -260,26 +278,18 @@ async fn accept(
             },
             req,
         )),
-        Ok(Submitted::Conflict) | Err(SubmitError::Conflict(_)) => Err(refuse(
+        Ok(Submitted::Conflict) | Err(SubmitError::Conflict(_)) => Err(refused(
             StatusCode::CONFLICT,
-            format,
-            &run_id,
             format!("runID {run_id} was already used with other parameters"),
         )),
-        Err(e @ (SubmitError::QueueFull(_) | SubmitError::ShuttingDown)) => Err(refuse(
+        Err(e @ (SubmitError::QueueFull(_) | SubmitError::ShuttingDown)) => {
+            Err(refused(StatusCode::SERVICE_UNAVAILABLE, e.to_string()).retry_after())
+        }
+        Err(SubmitError::Store(e)) => Err(refused(
             StatusCode::SERVICE_UNAVAILABLE,
-            format,
-            &run_id,
-            e.to_string(),
-        )
-        .header(header::RETRY_AFTER, "1")),
-        Err(SubmitError::Store(e)) => Err(refuse(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format,
-            &run_id,
             format!("the run could not be recorded: {e}"),
         )
-        .header(header::RETRY_AFTER, "1")),
+        .retry_after()),
     }
 }
 
@@ -307,23 +317,21 @@ async fn accept(
         (status = 503, description = "the queue is full, the server is stopping, or the store failed; see Retry-After", body = ExecJobAsyncResponse),
     ))]
 async fn execute_job_async(
-    State(svc): State<Arc<Service>>,
+    State(svc): State<AppState>,
+    AnswerFormat(format): AnswerFormat,
     headers: HeaderMap,
     body: Body,
-) -> Reply {
-    let format = wire::answer_format(&headers);
-    match accept(&svc, &headers, body, true).await {
-        Ok((key, _)) => Reply::one(
-            StatusCode::OK,
-            format,
-            &ExecJobAsyncResponse {
-                run_id: key.run_id.to_string(),
-                started: true,
-                error: None,
-            },
-        ),
-        Err(r) => r,
-    }
+) -> Result<Reply, ApiError> {
+    let (key, _) = accept(&svc, &headers, body, true).await?;
+    Ok(Reply::one(
+        StatusCode::OK,
+        format,
+        &ExecJobAsyncResponse {
+            run_id: key.run_id.to_string(),
+            started: true,
+            error: None,
+        },
+    ))
 }
 
 /// Runs a job and answers when the run (and its chain) ends.
@@ -354,21 +362,21 @@ async fn execute_job_async(
         (status = 500, description = "the run ended without a result (a bug)", body = ExecJobAsyncResponse),
         (status = 503, description = "the queue is full, this node runs no jobs (--workers 0), or the store failed", body = ExecJobAsyncResponse),
     ))]
-async fn execute_job(State(svc): State<Arc<Service>>, headers: HeaderMap, body: Body) -> Reply {
-    let format = wire::answer_format(&headers);
+async fn execute_job(
+    State(svc): State<AppState>,
+    AnswerFormat(format): AnswerFormat,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Reply, ApiError> {
     if svc.config.workers == 0 {
         // Nothing here would ever run it: say so instead of waiting forever.
-        return refuse(
+        return Err(ApiError::refusal(
             StatusCode::SERVICE_UNAVAILABLE,
-            format,
-            "",
             "this server runs no jobs (--workers 0): call ExecuteJobAsync and read /v1/Results/{runID}",
-        );
+        )
+        .in_format(format));
     }
-    let key = match accept(&svc, &headers, body, false).await {
-        Ok((key, _)) => key,
-        Err(r) => return r,
-    };
+    let (key, _) = accept(&svc, &headers, body, false).await?;
     let ended = match svc.config.execute_job_wait_secs {
         0 => svc.wait_for_end(&key).await,
         secs => {
@@ -379,35 +387,27 @@ async fn execute_job(State(svc): State<Arc<Service>>, headers: HeaderMap, body: 
             }
         }
     };
+    let refused = |status, message: String| {
+        ApiError::refusal(status, message)
+            .in_format(format)
+            .for_run(key.run_id.to_string())
+    };
     match ended {
-        Ok(Some(rec)) => match final_response(&rec) {
-            Some(resp) => Reply::one(StatusCode::OK, format, &resp),
-            None => refuse(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format,
-                &key.run_id.to_string(),
-                "the run ended without a result",
-            ),
-        },
-        Ok(None) => refuse(
-            StatusCode::NOT_FOUND,
-            format,
-            &key.run_id.to_string(),
-            "the run is gone",
-        ),
-        Err(e) => refuse(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format,
-            &key.run_id.to_string(),
-            e.to_string(),
-        ),
+        Ok(Some(rec)) => final_reply(&rec, format),
+        Ok(None) => Err(refused(StatusCode::NOT_FOUND, "the run is gone".into())),
+        Err(e) => Err(refused(StatusCode::SERVICE_UNAVAILABLE, e.to_string())),
     }
 }
 
 /// ExecuteJob's answer when its wait is up: 202 with the run as it stands
 /// (status Queued or Running, counters so far); the rest is in Results.
-async fn still_going(svc: &Service, key: &RunKey, format: wire::Format) -> Reply {
+async fn still_going(svc: &Service, key: &RunKey, format: wire::Format) -> Result<Reply, ApiError> {
     let id = key.run_id.to_string();
+    let refused = |status, message: String| {
+        ApiError::refusal(status, message)
+            .in_format(format)
+            .for_run(&id)
+    };
     match svc.store.run(key).await {
         Ok(Some(rec)) if matches!(rec.status, RunStatus::Queued | RunStatus::Running) => {
             let mut resp = ExecJobResponse::ended_without_report(
@@ -418,20 +418,25 @@ async fn still_going(svc: &Service, key: &RunKey, format: wire::Format) -> Reply
                 "",
             );
             resp.error = None;
-            Reply::one(StatusCode::ACCEPTED, format, &resp)
+            Ok(Reply::one(StatusCode::ACCEPTED, format, &resp))
         }
         // It ended just now: the final answer after all.
-        Ok(Some(rec)) => match final_response(&rec) {
-            Some(resp) => Reply::one(StatusCode::OK, format, &resp),
-            None => refuse(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format,
-                &id,
-                "the run ended without a result",
-            ),
-        },
-        Ok(None) => refuse(StatusCode::NOT_FOUND, format, &id, "the run is gone"),
-        Err(e) => refuse(StatusCode::SERVICE_UNAVAILABLE, format, &id, e.to_string()),
+        Ok(Some(rec)) => final_reply(&rec, format),
+        Ok(None) => Err(refused(StatusCode::NOT_FOUND, "the run is gone".into())),
+        Err(e) => Err(refused(StatusCode::SERVICE_UNAVAILABLE, e.to_string())),
+    }
+}
+
+/// The final answer of an ended run; a 500 if it has none (a bug).
+fn final_reply(rec: &RunRecord, format: Format) -> Result<Reply, ApiError> {
+    match final_response(rec) {
+        Some(resp) => Ok(Reply::one(StatusCode::OK, format, &resp)),
+        None => Err(ApiError::refusal(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the run ended without a result",
+        )
+        .in_format(format)
+        .for_run(rec.key.run_id.to_string())),
     }
 }
 
@@ -476,25 +481,6 @@ struct InstanceQuery {
     instance: Option<String>,
 }
 
-/// Finds a run the caller may see; another instance's run is "unknown".
-async fn lookup(
-    svc: &Service,
-    caller: &Caller,
-    id: &str,
-    instance: Option<String>,
-) -> Option<RunRecord> {
-    let run_id = uuid::Uuid::try_parse(id.trim()).ok()?;
-    let instance = instance.unwrap_or_else(|| caller.primary.clone());
-    if !caller.can_see(&instance) {
-        return None;
-    }
-    svc.store
-        .run(&RunKey { instance, run_id })
-        .await
-        .ok()
-        .flatten()
-}
-
 /// The per-job results of a run (live while it runs).
 #[utoipa::path(get, path = "/v1/Results/{id}", tag = "v1", operation_id = "Results",
     params(("id" = String, Path, description = "the runID"), InstanceQuery),
@@ -506,43 +492,15 @@ async fn lookup(
         (status = 503, description = "the store failed", body = ExecJobAsyncResponse),
     ))]
 async fn results(
-    State(svc): State<Arc<Service>>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
+    State(svc): State<AppState>,
     Query(q): Query<InstanceQuery>,
-) -> Response {
-    let format = wire::answer_format(&headers);
-    let caller = match auth::authenticate(&svc, &headers).await {
-        Ok(c) => c,
-        Err(e) => return auth_refusal(e, format, &id).into_response(),
-    };
-    match lookup(&svc, &caller, &id, q.instance).await {
-        Some(rec) => Reply::many(StatusCode::OK, format, &Many(results_of(&rec))).into_response(),
-        None => Reply::many::<ResultsResponse>(StatusCode::NOT_FOUND, format, &Many(Vec::new()))
-            .into_response(),
-    }
-}
-
-/// The caller, and the run `id` it may see; else the refusal to answer
-/// (401, or 404 for a run that is unknown or another instance's).
-async fn caller_and_run(
-    svc: &Service,
-    headers: &HeaderMap,
-    id: &str,
-    instance: Option<String>,
-) -> Result<(Caller, RunRecord), Reply> {
-    let format = wire::answer_format(headers);
-    let caller = auth::authenticate(svc, headers)
-        .await
-        .map_err(|e| auth_refusal(e, format, id))?;
-    match lookup(svc, &caller, id, instance).await {
-        Some(rec) => Ok((caller, rec)),
-        None => Err(refuse(
-            StatusCode::NOT_FOUND,
-            format,
-            id,
-            format!("unknown run {id}"),
-        )),
+    who: RunCaller,
+) -> Reply {
+    match who.find(&svc, q.instance).await {
+        Some(rec) => Reply::many(StatusCode::OK, who.format, &Many(results_of(&rec))),
+        None => {
+            Reply::many::<ResultsResponse>(StatusCode::NOT_FOUND, who.format, &Many(Vec::new()))
+        }
     }
 }
 
@@ -557,16 +515,11 @@ async fn caller_and_run(
         (status = 503, description = "the store failed", body = ExecJobAsyncResponse),
     ))]
 async fn run_detail(
-    State(svc): State<Arc<Service>>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
+    State(svc): State<AppState>,
     Query(q): Query<InstanceQuery>,
-) -> Response {
-    let format = wire::answer_format(&headers);
-    let (_, rec) = match caller_and_run(&svc, &headers, &id, q.instance).await {
-        Ok(found) => found,
-        Err(refusal) => return refusal.into_response(),
-    };
+    who: RunCaller,
+) -> Result<Response, ApiError> {
+    let rec = who.run(&svc, q.instance).await?;
     let mut resp = final_response(&rec).unwrap_or_else(|| {
         let results = results_of(&rec);
         let mut r = ExecJobResponse::ended_without_report(
@@ -591,11 +544,11 @@ async fn run_detail(
             })
             .collect(),
     );
-    if format == Format::Json {
+    if who.format == Format::Json {
         // The request as accepted, so a console can run it again.
-        return runs::with_request(&resp, &rec);
+        return Ok(runs::with_request(&resp, &rec));
     }
-    Reply::one(StatusCode::OK, format, &resp).into_response()
+    Ok(Reply::one(StatusCode::OK, who.format, &resp).into_response())
 }
 
 /// Cancels a run: a queued one at once, a running one between batches.
@@ -610,35 +563,22 @@ async fn run_detail(
         (status = 503, description = "the store failed", body = ExecJobAsyncResponse),
     ))]
 async fn cancel(
-    State(svc): State<Arc<Service>>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
+    State(svc): State<AppState>,
     Query(q): Query<InstanceQuery>,
-) -> Response {
-    let format = wire::answer_format(&headers);
-    let (caller, rec) = match caller_and_run(&svc, &headers, &id, q.instance).await {
-        Ok(found) => found,
-        Err(refusal) => return refusal.into_response(),
-    };
-    if caller.role_in(&rec.key.instance) < Some(Role::Full) {
-        return refuse(
-            StatusCode::FORBIDDEN,
-            format,
-            &id,
-            "cancelling needs Owner or Full",
-        )
-        .into_response();
+    who: RunCaller,
+) -> Result<Response, ApiError> {
+    let rec = who.run(&svc, q.instance).await?;
+    if who.caller.role_in(&rec.key.instance) < Some(Role::Full) {
+        return Err(who.refuse(StatusCode::FORBIDDEN, "cancelling needs Owner or Full"));
     }
     match svc.cancel(&rec.key).await {
-        Ok(Some(status)) => (
+        Ok(Some(status)) => Ok((
             StatusCode::ACCEPTED,
             axum::Json(json!({"runID": rec.key.run_id.to_string(), "status": status})),
         )
-            .into_response(),
-        Ok(None) => refuse(StatusCode::NOT_FOUND, format, &id, "unknown run").into_response(),
-        Err(e) => {
-            refuse(StatusCode::SERVICE_UNAVAILABLE, format, &id, e.to_string()).into_response()
-        }
+            .into_response()),
+        Ok(None) => Err(who.refuse(StatusCode::NOT_FOUND, "unknown run")),
+        Err(e) => Err(who.refuse(StatusCode::SERVICE_UNAVAILABLE, e.to_string())),
     }
 }
 
@@ -665,36 +605,30 @@ async fn cancel(
         (status = 503, description = "the queue is full, the server is stopping, or the store failed; see Retry-After", body = ExecJobAsyncResponse),
     ))]
 async fn webhook(
-    State(svc): State<Arc<Service>>,
+    State(svc): State<AppState>,
+    AnswerFormat(format): AnswerFormat,
     headers: HeaderMap,
     Query(q): Query<Vec<(String, String)>>,
     body: Body,
-) -> Reply {
-    let format = wire::answer_format(&headers);
+) -> Result<Reply, ApiError> {
+    let refused = |status, message: String| ApiError::refusal(status, message).in_format(format);
     let param = |n: &str| {
         q.iter()
             .find(|(k, _)| k.eq_ignore_ascii_case(n))
             .map(|(_, v)| v.clone())
     };
-    let bytes = match read_body(&svc, body).await {
-        Ok(b) => b,
-        Err(e) => return refuse(StatusCode::PAYLOAD_TOO_LARGE, format, "", e),
-    };
-    let caller = match auth::authenticate(&svc, &headers).await {
-        Ok(c) => c,
-        Err(e) => return auth_refusal(e, format, ""),
-    };
-    let argument = match String::from_utf8(bytes.to_vec()) {
-        Ok(s) => s,
-        Err(e) => {
-            return refuse(
-                StatusCode::BAD_REQUEST,
-                format,
-                "",
-                format!("the body is not UTF-8 text: {e}"),
-            );
-        }
-    };
+    let bytes = read_body(&svc, body)
+        .await
+        .map_err(|e| e.in_format(format))?;
+    let caller = auth::authenticate(&svc, &headers)
+        .await
+        .map_err(|e| ApiError::from(e).in_format(format))?;
+    let argument = String::from_utf8(bytes.to_vec()).map_err(|e| {
+        refused(
+            StatusCode::BAD_REQUEST,
+            format!("the body is not UTF-8 text: {e}"),
+        )
+    })?;
     let run_id = uuid::Uuid::new_v4();
     let mut fields = FieldMap::new();
     fields.insert("runid".into(), WireValue::Text(run_id.to_string()));
@@ -708,36 +642,28 @@ async fn webhook(
         }
     }
     fields.insert("argument".into(), WireValue::Text(argument));
-    let req = match ExecJobRequest::from_fields(&fields, false) {
-        Ok(r) => r,
-        Err(e) => {
-            return refuse(
-                StatusCode::BAD_REQUEST,
-                format,
-                "",
-                e.replace("projectID", "projectid")
-                    .replace("jobID", "jobid"),
-            );
-        }
-    };
+    let req = ExecJobRequest::from_fields(&fields, false).map_err(|e| {
+        // The query names its parameters in lower case.
+        let message = e
+            .to_string()
+            .replace("projectID", "projectid")
+            .replace("jobID", "jobid");
+        refused(StatusCode::BAD_REQUEST, message)
+    })?;
     let projects = svc.projects();
-    let instance = match target(&svc, &projects, &caller, &req) {
-        Ok((i, _)) => i,
-        Err((s, e)) => return refuse(s, format, "", e),
-    };
-    match svc.submit(&instance, &req).await {
-        Ok(_) => Reply::one(
-            StatusCode::OK,
-            format,
-            &ExecJobAsyncResponse {
-                run_id: run_id.to_string(),
-                started: true,
-                error: None,
-            },
-        ),
-        Err(e) => refuse(StatusCode::SERVICE_UNAVAILABLE, format, "", e.to_string())
-            .header(header::RETRY_AFTER, "1"),
-    }
+    let (instance, _) = target(&svc, &projects, &caller, &req).map_err(|(s, e)| refused(s, e))?;
+    svc.submit(&instance, &req)
+        .await
+        .map_err(|e| refused(StatusCode::SERVICE_UNAVAILABLE, e.to_string()).retry_after())?;
+    Ok(Reply::one(
+        StatusCode::OK,
+        format,
+        &ExecJobAsyncResponse {
+            run_id: run_id.to_string(),
+            started: true,
+            error: None,
+        },
+    ))
 }
 
 #[derive(serde::Deserialize)]
@@ -778,7 +704,7 @@ const TOKEN_BODY_LIMIT: usize = 8 * 1024;
         (status = 503, description = "the store failed", body = wire::OAuthErrorDoc),
     ))]
 async fn token(
-    State(svc): State<Arc<Service>>,
+    State(svc): State<AppState>,
     peer: Option<axum::Extension<axum::extract::ConnectInfo<std::net::SocketAddr>>>,
     body: Body,
 ) -> Response {
@@ -901,11 +827,7 @@ fn project_json(p: &Project) -> serde_json::Value {
         (status = 401, description = "missing or bad credentials", body = ExecJobAsyncResponse),
         (status = 503, description = "the store failed", body = ExecJobAsyncResponse),
     ))]
-async fn projects(State(svc): State<Arc<Service>>, headers: HeaderMap) -> Response {
-    let caller = match auth::authenticate(&svc, &headers).await {
-        Ok(c) => c,
-        Err(e) => return auth_refusal(e, Format::Json, "").into_response(),
-    };
+async fn projects(State(svc): State<AppState>, caller: Caller) -> Response {
     let loaded = svc.projects();
     let mut list: Vec<_> = loaded
         .projects
@@ -928,15 +850,7 @@ async fn projects(State(svc): State<Arc<Service>>, headers: HeaderMap) -> Respon
         (status = 404, description = "unknown project, or another instance's", body = wire::ErrorDoc),
         (status = 503, description = "the store failed", body = ExecJobAsyncResponse),
     ))]
-async fn project(
-    State(svc): State<Arc<Service>>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-) -> Response {
-    let caller = match auth::authenticate(&svc, &headers).await {
-        Ok(c) => c,
-        Err(e) => return auth_refusal(e, Format::Json, "").into_response(),
-    };
+async fn project(State(svc): State<AppState>, Path(id): Path<String>, caller: Caller) -> Response {
     let loaded = svc.projects();
     match loaded
         .projects
@@ -958,7 +872,7 @@ async fn project(
         (status = 200, description = "up", body = wire::HealthDoc),
         (status = 503, description = "the store cannot be read", body = wire::HealthDoc),
     ))]
-async fn healthz(State(svc): State<Arc<Service>>) -> Response {
+async fn healthz(State(svc): State<AppState>) -> Response {
     match svc.store.queued_count().await {
         Ok(q) => axum::Json(json!({
             "status": "ok",
@@ -978,19 +892,12 @@ async fn healthz(State(svc): State<Arc<Service>>) -> Response {
 /// Prometheus text. With users, it takes a credential: Metrics on `*` (or
 /// open mode) reads every series; Metrics or Owner in instances reads the
 /// series labelled with those instances only.
-async fn metrics_text(State(svc): State<Arc<Service>>, headers: HeaderMap) -> Response {
-    let caller = match auth::authenticate(&svc, &headers).await {
-        Ok(c) => c,
-        Err(e) => return auth_refusal(e, Format::Json, "").into_response(),
-    };
+async fn metrics_text(State(svc): State<AppState>, caller: Caller) -> Result<Response, ApiError> {
     let Some(scope) = caller.metrics_scope() else {
-        return refuse(
+        return Err(ApiError::refusal(
             StatusCode::FORBIDDEN,
-            Format::Json,
-            "",
             "reading /metrics needs the Metrics role (or Owner) in an instance",
-        )
-        .into_response();
+        ));
     };
     metrics::gauge!("tidepool_queue_depth").set(svc.queue_depth() as f64);
     let text = metrics_handle().render();
@@ -998,7 +905,7 @@ async fn metrics_text(State(svc): State<Arc<Service>>, headers: HeaderMap) -> Re
         auth::MetricsScope::All => text,
         auth::MetricsScope::Instances(allowed) => scrape::only_instances(&text, &allowed),
     };
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response())
 }
 
 /// The OpenAPI description of this API, generated from the wire types.
@@ -1126,11 +1033,6 @@ async fn openapi() -> Response {
     axum::Json(<ApiDoc as utoipa::OpenApi>::openapi()).into_response()
 }
 
-async fn not_found(headers: HeaderMap) -> Reply {
-    refuse(
-        StatusCode::NOT_FOUND,
-        wire::answer_format(&headers),
-        "",
-        "no such endpoint",
-    )
+async fn not_found(AnswerFormat(format): AnswerFormat) -> ApiError {
+    ApiError::refusal(StatusCode::NOT_FOUND, "no such endpoint").in_format(format)
 }

@@ -7,15 +7,16 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value, json};
 use tokio::sync::Semaphore;
 
-use super::runs::{json_caller, json_error};
+use super::AppState;
+use super::auth::Caller;
+use super::runs::json_error;
 use super::wire::MAX_ROW;
 use crate::engine::{self, CancelToken, LogLevel, PreviewRow, RunObserver, RunRequest};
-use crate::server::Service;
 use crate::store::Role;
 
 /// Rows a preview shows when the caller names no number, and at most.
@@ -119,10 +120,10 @@ pub struct PreviewAnswerDoc {
     project_id: String,
     #[schema(rename = "jobID")]
     job_id: String,
-    status: crate::engine::RunStatus,
+    status: crate::run::RunStatus,
     /// Why the preview failed or was stopped.
     error: Option<String>,
-    counters: crate::engine::Counters,
+    counters: crate::run::Counters,
     rows: Vec<PreviewRowDoc>,
     log: Vec<super::wire::LogLine>,
 }
@@ -201,11 +202,7 @@ fn read_request(bytes: &[u8]) -> Result<(PreviewBody, u64, u64), String> {
         (status = 413, description = "the body is too large", body = super::wire::ErrorDoc),
         (status = 500, description = "the preview crashed (a bug)", body = super::wire::ErrorDoc),
         (status = 503, description = "too many previews at once, or the store failed", body = super::wire::ErrorDoc)))]
-pub async fn preview(State(svc): State<Arc<Service>>, headers: HeaderMap, body: Body) -> Response {
-    let caller = match json_caller(&svc, &headers).await {
-        Ok(c) => c,
-        Err(r) => return r,
-    };
+pub async fn preview(State(svc): State<AppState>, caller: Caller, body: Body) -> Response {
     let Ok(bytes) = super::read_body(&svc, body).await else {
         return json_error(StatusCode::PAYLOAD_TOO_LARGE, "the body is too large");
     };
@@ -288,7 +285,7 @@ pub async fn preview(State(svc): State<Arc<Service>>, headers: HeaderMap, body: 
         "error": error,
         "counters": report.counters,
         "rows": shown.iter().map(row_json).collect::<Vec<_>>(),
-        "log": report.jobs.iter().flat_map(|j| j.log.iter()).map(super::wire::LogLine::from).collect::<Vec<_>>(),
+        "log": report.jobs.iter().flat_map(|j| j.log.iter()).map(crate::server::history::log_line).collect::<Vec<_>>(),
     }))
     .into_response()
 }

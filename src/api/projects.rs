@@ -1,16 +1,15 @@
 //! Projects for the console: those that failed to load (with their
 //! problems) beside the loaded ones, and `POST /v1/Projects/reload`.
 
-use std::sync::Arc;
-
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use serde_json::json;
 
+use super::AppState;
 use super::auth::Caller;
-use super::runs::{json_caller, json_error};
+use super::runs::json_error;
 use crate::connector::ConnectionConfig;
 use crate::project::{Field, FieldSource, Job, OriginSpec, Project, Stage};
 use crate::server::Service;
@@ -63,11 +62,7 @@ fn listing(svc: &Service, caller: &Caller) -> Vec<serde_json::Value> {
     responses((status = 200, description = "the caller's projects as GET /v1/Projects lists them, after the reload"),
         (status = 401, description = "missing or bad credentials"),
         (status = 403, description = "{error}: needs Owner or Full in an instance")))]
-pub async fn reload(State(svc): State<Arc<Service>>, headers: HeaderMap) -> Response {
-    let caller = match json_caller(&svc, &headers).await {
-        Ok(c) => c,
-        Err(r) => return r,
-    };
+pub async fn reload(State(svc): State<AppState>, caller: Caller) -> Response {
     let allowed = match caller.instances() {
         None => true,
         Some(list) => list.iter().any(|i| caller.role_in(i) >= Some(Role::Full)),

@@ -1,19 +1,17 @@
 //! Run history for the console and scripts: `GET /v1/Runs` (filtered, newest
 //! first, cursor-paged from an index), a run's log by line and its row errors.
 
-use std::sync::Arc;
-
 use axum::extract::{Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, FixedOffset, SecondsFormat};
 use serde::Serialize;
 use serde_json::json;
 
-use super::auth::{self, Caller};
-use super::wire::{Format, ResultsResponse};
-use crate::engine::{Counters, RunStatus};
-use crate::server::Service;
+use super::auth::Caller;
+use super::wire::ResultsResponse;
+use super::{ApiError, AppState, RunCaller};
+use crate::run::{Counters, RunStatus};
 use crate::store::history::{RunCursor, RunFilter, RunListed};
 
 /// Runs a page holds when the caller names no limit.
@@ -23,14 +21,7 @@ pub const RUNS_PAGE_MAX: usize = 500;
 
 /// A JSON refusal: `{"error": …}`.
 pub(super) fn json_error(status: StatusCode, msg: impl Into<String>) -> Response {
-    (status, axum::Json(json!({"error": msg.into()}))).into_response()
-}
-
-/// The caller, or the refusal (401 or 503) as JSON.
-pub(super) async fn json_caller(svc: &Service, headers: &HeaderMap) -> Result<Caller, Response> {
-    auth::authenticate(svc, headers)
-        .await
-        .map_err(|e| super::auth_refusal(e, Format::Json, "").into_response())
+    ApiError::error(status, msg).into_response()
 }
 
 /// A query parameter by name, case-insensitively; empty counts as absent.
@@ -251,14 +242,10 @@ pub struct RunPage {
         (status = 401, description = "missing or bad credentials", body = super::wire::ExecJobAsyncResponse),
         (status = 503, description = "the store failed", body = super::wire::ErrorDoc)))]
 pub async fn list_runs(
-    State(svc): State<Arc<Service>>,
-    headers: HeaderMap,
+    State(svc): State<AppState>,
     Query(q): Query<Vec<(String, String)>>,
+    caller: Caller,
 ) -> Response {
-    let caller = match json_caller(&svc, &headers).await {
-        Ok(c) => c,
-        Err(r) => return r,
-    };
     let filter = match run_filter(&caller, &q) {
         Ok(f) => f,
         Err(e) => return json_error(StatusCode::BAD_REQUEST, e),
@@ -405,14 +392,13 @@ pub(super) fn log_line_json(l: &crate::store::history::StoredLogLine) -> serde_j
     })
 }
 
-/// The caller and run `id`, if the caller may see it; else the refusal (401, 404).
+/// The run the path names, if the caller may see it; else the refusal (404).
 async fn visible_run(
-    svc: &Service,
-    headers: &HeaderMap,
-    id: &str,
+    svc: &AppState,
+    who: &RunCaller,
     q: &[(String, String)],
-) -> Result<(Caller, crate::store::RunRecord), Response> {
-    super::caller_and_run(svc, headers, id, param(q, "instance").map(str::to_owned))
+) -> Result<crate::store::RunRecord, Response> {
+    who.run(svc, param(q, "instance").map(str::to_owned))
         .await
         .map_err(IntoResponse::into_response)
 }
@@ -431,12 +417,11 @@ async fn visible_run(
         (status = 404, description = "unknown run, or another instance's", body = super::wire::ExecJobAsyncResponse),
         (status = 503, description = "the store failed", body = super::wire::ErrorDoc)))]
 pub async fn run_log(
-    State(svc): State<Arc<Service>>,
-    headers: HeaderMap,
-    axum::extract::Path(id): axum::extract::Path<String>,
+    State(svc): State<AppState>,
     Query(q): Query<Vec<(String, String)>>,
+    who: RunCaller,
 ) -> Response {
-    let (_, rec) = match visible_run(&svc, &headers, &id, &q).await {
+    let rec = match visible_run(&svc, &who, &q).await {
         Ok(found) => found,
         Err(r) => return r,
     };
@@ -481,12 +466,11 @@ pub async fn run_log(
         (status = 404, description = "unknown run, or another instance's", body = super::wire::ExecJobAsyncResponse),
         (status = 503, description = "the store failed", body = super::wire::ErrorDoc)))]
 pub async fn run_errors(
-    State(svc): State<Arc<Service>>,
-    headers: HeaderMap,
-    axum::extract::Path(id): axum::extract::Path<String>,
+    State(svc): State<AppState>,
     Query(q): Query<Vec<(String, String)>>,
+    who: RunCaller,
 ) -> Response {
-    let (_, rec) = match visible_run(&svc, &headers, &id, &q).await {
+    let rec = match visible_run(&svc, &who, &q).await {
         Ok(found) => found,
         Err(r) => return r,
     };

@@ -2,16 +2,19 @@
 //! case, numbers in strings), the answers in JSON and in the WCF DataContract
 //! XML shape, and content negotiation.
 
-use std::collections::BTreeMap;
-use std::fmt::Write as _;
-use std::time::Duration;
-
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use chrono::{DateTime, FixedOffset};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
 
-use crate::engine::{Counters, JobReport, LogEntry, LogLevel, MAX_THREADS, RunReport, RunStatus};
+use crate::engine::MAX_THREADS;
+use crate::run::RunStatus;
+/// The run's own types are the wire's: their serde form is what travels.
+pub use crate::run::{
+    JobResult as ResultsResponse, LogLine, RunResult as ExecJobResponse,
+    Submission as ExecJobRequest, WEBHOOK_LOG_MAX, WebhookAttemptLine, timespan,
+};
 
 /// The DataContract namespace of the vendor's types.
 pub const XML_NS: &str = "http://schemas.datacontract.org/2004/07/StarfishAPI.Controllers";
@@ -87,7 +90,8 @@ pub enum WireValue {
 pub type FieldMap = BTreeMap<String, WireValue>;
 
 /// Why a body could not be read; `unsupported` means 415.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
 pub struct BodyError {
     /// 415 rather than 400.
     pub unsupported: bool,
@@ -332,38 +336,6 @@ fn is_nil(e: &quick_xml::events::BytesStart) -> bool {
     })
 }
 
-/// The fields of `execJobAsyncRequest` / `execJobRequest`, checked.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ExecJobRequest {
-    /// The caller's GUID for the run, lower-cased.
-    #[serde(rename = "runID")]
-    pub run_id: uuid::Uuid,
-    /// The project.
-    #[serde(rename = "projectID")]
-    pub project_id: String,
-    /// The job.
-    #[serde(rename = "jobID")]
-    pub job_id: String,
-    /// Run the chain.
-    pub chain_jobs: bool,
-    /// 0 to 3.
-    pub logging_level: u8,
-    /// The job argument.
-    pub argument: String,
-    /// 1-based; a positive integer in a string (a number is accepted too).
-    pub begin_at_row: u64,
-    /// Inclusive; a positive integer in a string.
-    pub end_after_row: Option<u64>,
-    /// Writers; a positive integer in a string.
-    pub thread_count: usize,
-    /// Where the result is POSTed.
-    #[serde(rename = "webHookURL")]
-    pub web_hook_url: Option<String>,
-    /// The instance asked for, if any.
-    pub instance: Option<String>,
-}
-
 fn text_of(v: &WireValue) -> Option<String> {
     match v {
         WireValue::Null => None,
@@ -471,10 +443,16 @@ fn logging_level(v: Option<&WireValue>, errors: &mut Vec<String>) -> u8 {
     }
 }
 
+/// The fields of a request that break their rules, each said in a sentence
+/// that names the field (all of them, not only the first).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{}", .0.join("; "))]
+pub struct FieldErrors(pub Vec<String>);
+
 impl ExecJobRequest {
     /// Checks every field's rule; all failures are reported together, by field name.
     /// `webhook` says whether `webHookURL` is part of this request type.
-    pub fn from_fields(f: &FieldMap, webhook: bool) -> Result<Self, String> {
+    pub fn from_fields(f: &FieldMap, webhook: bool) -> Result<Self, FieldErrors> {
         let mut errors = Vec::new();
         let mut known = vec![
             "runID",
@@ -606,7 +584,7 @@ impl ExecJobRequest {
             _ => None,
         };
         if !errors.is_empty() {
-            return Err(errors.join("; "));
+            return Err(FieldErrors(errors));
         }
         Ok(ExecJobRequest {
             run_id,
@@ -621,16 +599,6 @@ impl ExecJobRequest {
             web_hook_url,
             instance,
         })
-    }
-
-    /// What two requests are compared by (same runID, same run?): the SHA-256
-    /// of the canonical JSON of the parameters.
-    pub fn fingerprint(&self) -> String {
-        use sha2::Digest;
-        let mut c = self.clone();
-        c.instance = None;
-        let json = serde_json::to_vec(&c).unwrap_or_default();
-        hex::encode(sha2::Sha256::digest(&json))
     }
 }
 
@@ -905,24 +873,7 @@ pub struct HealthDoc {
     error: Option<String>,
 }
 
-/// .NET `TimeSpan` text: `hh:mm:ss.fffffff`, with `d.` in front past a day.
-pub fn timespan(d: Duration) -> String {
-    let ticks = d.as_nanos() / 100;
-    let frac = ticks % 10_000_000;
-    let secs = d.as_secs();
-    let (days, h, m, s) = (
-        secs / 86_400,
-        (secs / 3600) % 24,
-        (secs / 60) % 60,
-        secs % 60,
-    );
-    if days > 0 {
-        format!("{days}.{h:02}:{m:02}:{s:02}.{frac:07}")
-    } else {
-        format!("{h:02}:{m:02}:{s:02}.{frac:07}")
-    }
-}
-
+/// ISO 8601 with offset and 7 fractional digits, as .NET writes a `DateTime`.
 pub use crate::value::datetime_text as datetime;
 
 /// `execJobAsyncResponse`.
@@ -936,218 +887,6 @@ pub struct ExecJobAsyncResponse {
     pub started: bool,
     /// Why not.
     pub error: Option<String>,
-}
-
-/// `resultsResponse`: one job of a run.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
-#[schema(as = resultsResponse)]
-#[serde(rename_all = "camelCase")]
-pub struct ResultsResponse {
-    /// The run.
-    #[serde(rename = "runID")]
-    pub run_id: String,
-    /// ISO 8601 with offset, 7 fractional digits.
-    pub start_time: String,
-    /// .NET TimeSpan text.
-    pub run_time: String,
-    /// Queued, Running, Complete, Failed or Cancelled.
-    pub status: RunStatus,
-    /// The seven counters (`totalRows`, `inserts`, … on the wire).
-    #[serde(flatten)]
-    pub counters: Counters,
-    /// The job (tidepool's addition, useful with chains).
-    #[serde(rename = "jobID")]
-    pub job_id: String,
-}
-
-impl ResultsResponse {
-    /// One job's result.
-    pub fn of_job(run_id: &str, j: &JobReport) -> Self {
-        Self::new(
-            run_id,
-            &j.job_id.0,
-            &j.start_time,
-            j.run_time,
-            j.status,
-            &j.counters,
-        )
-    }
-
-    /// A result from its parts.
-    pub fn new(
-        run_id: &str,
-        job_id: &str,
-        start: &DateTime<FixedOffset>,
-        run_time: Duration,
-        status: RunStatus,
-        c: &Counters,
-    ) -> Self {
-        ResultsResponse {
-            run_id: run_id.to_owned(),
-            start_time: datetime(start),
-            run_time: timespan(run_time),
-            status,
-            counters: *c,
-            job_id: job_id.to_owned(),
-        }
-    }
-}
-
-/// One log line in `execJobResponse`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
-#[schema(as = logEntry)]
-pub struct LogLine {
-    /// ISO 8601.
-    pub time: String,
-    /// Low, Medium or High.
-    pub level: String,
-    /// The job.
-    #[serde(rename = "jobID")]
-    pub job_id: String,
-    /// The origin row, if about one.
-    pub row: Option<u64>,
-    /// What happened.
-    pub message: String,
-}
-
-impl From<&LogEntry> for LogLine {
-    fn from(e: &LogEntry) -> Self {
-        LogLine {
-            time: datetime(&e.time),
-            level: format!("{:?}", e.level),
-            job_id: e.job_id.0.clone(),
-            row: e.row,
-            message: e.message.clone(),
-        }
-    }
-}
-
-/// One delivery attempt of a completion webhook (tidepool's addition).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
-#[schema(as = webhookAttempt)]
-#[serde(rename_all = "camelCase")]
-pub struct WebhookAttemptLine {
-    /// 1-based.
-    pub attempt: u32,
-    /// When.
-    pub time: String,
-    /// The receiver's HTTP status, if it answered.
-    pub status_code: Option<u16>,
-    /// What went wrong, if anything.
-    pub error: Option<String>,
-}
-
-/// `execJobResponse`: the answer of ExecuteJob and the body of the webhook.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
-#[schema(as = execJobResponse)]
-#[serde(rename_all = "camelCase")]
-pub struct ExecJobResponse {
-    /// The run.
-    #[serde(rename = "runID")]
-    pub run_id: String,
-    /// Complete only if every job completed.
-    pub status: RunStatus,
-    /// When the run started.
-    pub start_time: String,
-    /// How long it took.
-    pub run_time: String,
-    /// The counters summed over the jobs.
-    #[serde(flatten)]
-    pub counters: Counters,
-    /// Why the run failed.
-    pub error: Option<String>,
-    /// What the job's scripts left in `returnValue` (objects as JSON text).
-    pub return_value: Option<String>,
-    /// One per job executed.
-    pub results: Vec<ResultsResponse>,
-    /// The log at the requested level.
-    pub log: Vec<LogLine>,
-    /// Delivery attempts of the completion webhook (only in `GET /v1/Runs/{id}`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub webhook_attempts: Option<Vec<WebhookAttemptLine>>,
-}
-
-/// Log lines a completion webhook carries at most; receivers often limit
-/// body sizes, and the whole log stays in `GET /v1/Runs/{id}`.
-pub const WEBHOOK_LOG_MAX: usize = 1000;
-
-impl ExecJobResponse {
-    /// The webhook body: this answer with at most [`WEBHOOK_LOG_MAX`] log
-    /// lines, the last of which then says where the rest is.
-    pub fn for_webhook(&self) -> ExecJobResponse {
-        let mut w = self.clone();
-        if w.log.len() > WEBHOOK_LOG_MAX {
-            let more = w.log.len() - (WEBHOOK_LOG_MAX - 1);
-            w.log.truncate(WEBHOOK_LOG_MAX - 1);
-            let last = w.log.last().cloned();
-            w.log.push(LogLine {
-                time: last.as_ref().map(|l| l.time.clone()).unwrap_or_default(),
-                level: "Low".into(),
-                job_id: last.map(|l| l.job_id).unwrap_or_default(),
-                row: None,
-                message: format!(
-                    "{more} more log lines: GET /v1/Runs/{} has the whole log",
-                    w.run_id
-                ),
-            });
-        }
-        w
-    }
-
-    /// The answer for a finished run; the log keeps what `level` asks for.
-    pub fn of_report(r: &RunReport, level: LogLevel) -> Self {
-        let run_id = r.run_id.to_string();
-        let c = &r.counters;
-        ExecJobResponse {
-            run_id: run_id.clone(),
-            status: r.status,
-            start_time: datetime(&r.start_time),
-            run_time: timespan(r.run_time),
-            counters: *c,
-            error: r.error.clone(),
-            return_value: r.return_value.clone(),
-            results: r
-                .jobs
-                .iter()
-                .map(|j| ResultsResponse::of_job(&run_id, j))
-                .collect(),
-            log: r
-                .jobs
-                .iter()
-                .flat_map(|j| j.log.iter())
-                .filter(|e| level != LogLevel::None && e.level <= level)
-                .map(LogLine::from)
-                .collect(),
-            webhook_attempts: None,
-        }
-    }
-
-    /// The answer for a run that ended without running (interrupted, cancelled while queued).
-    pub fn ended_without_report(
-        run_id: &str,
-        status: RunStatus,
-        start: &DateTime<FixedOffset>,
-        results: Vec<ResultsResponse>,
-        error: &str,
-    ) -> Self {
-        let mut total = Counters::default();
-        for r in &results {
-            total.add(&r.counters);
-        }
-        let c = &total;
-        ExecJobResponse {
-            run_id: run_id.to_owned(),
-            status,
-            start_time: datetime(start),
-            run_time: timespan(Duration::ZERO),
-            counters: *c,
-            error: Some(error.to_owned()),
-            return_value: None,
-            results,
-            log: Vec::new(),
-            webhook_attempts: None,
-        }
-    }
 }
 
 /// Writes a type in the DataContract XML shape: children in ordinal order.
@@ -1365,7 +1104,10 @@ impl IntoResponse for Reply {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::run::RunStatus;
+    use chrono::DateTime;
     use serde_json::json;
+    use std::time::Duration;
 
     #[test]
     fn webhook_bodies_carry_a_capped_log_that_says_where_the_rest_is() {
@@ -1584,7 +1326,9 @@ mod tests {
             ("loggingLevel", WireValue::Number("-1".into())),
             ("webHookURL", WireValue::Text("ftp://x".into())),
         ]);
-        let err = ExecJobRequest::from_fields(&f, true).unwrap_err();
+        let err = ExecJobRequest::from_fields(&f, true)
+            .unwrap_err()
+            .to_string();
         for part in [
             "runID must be a GUID",
             "projectID is required",

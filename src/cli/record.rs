@@ -5,10 +5,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Context;
-use tidepool::api::wire::{ExecJobRequest, ExecJobResponse};
 use tidepool::engine::{RunReport, RunRequest};
 use tidepool::project::Project;
-use tidepool::server::history::details_of;
+use tidepool::run::Submission;
+use tidepool::server::history::{details_of, run_result};
 use tidepool::store::{NewRun, RunEnd, RunHistory, RunKey, SqliteStore, Submitted};
 
 /// Where a run is recorded: `--store`, else the data dir's store if one exists.
@@ -42,7 +42,7 @@ pub fn record(
     req: &RunRequest,
     report: &RunReport,
 ) -> anyhow::Result<()> {
-    let wire = ExecJobRequest {
+    let wire = Submission {
         run_id: req.run_id.0,
         project_id: project.id.0.clone(),
         job_id: req.job.0.clone(),
@@ -55,7 +55,7 @@ pub fn record(
         web_hook_url: None,
         instance: None,
     };
-    let response = ExecJobResponse::of_report(report, req.logging_level);
+    let response = run_result(report, req.logging_level);
     let key = RunKey {
         instance: project.instance.clone(),
         run_id: req.run_id.0,

@@ -227,7 +227,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             limits.body_read,
             limits.max_header_bytes
         );
-        let app = api::app(svc.clone());
+        let app = api::app(api::AppState::new(svc.clone()));
         let stopping = svc.clone();
         let drain = std::time::Duration::from_secs(c.shutdown_grace_secs);
         super::listen::serve(listener, app, limits, drain, async move {
@@ -293,7 +293,7 @@ pub fn user_add(args: UserAddArgs) -> anyhow::Result<ExitCode> {
         let (inst, role) = g
             .rsplit_once(':')
             .with_context(|| format!("--instance {g:?}: write INSTANCE:ROLE, e.g. acme:Owner"))?;
-        let role: Role = role.parse().map_err(anyhow::Error::msg)?;
+        let role: Role = role.parse()?;
         if inst == api::auth::ALL_INSTANCES && role != Role::Metrics {
             bail!("--instance {g:?}: {inst} (every instance) goes with the Metrics role only");
         }
@@ -336,7 +336,7 @@ fn read_password_hash(name: &str) -> anyhow::Result<String> {
     if password.len() < 8 {
         bail!("the password must be at least 8 characters");
     }
-    api::auth::hash_password(&password).map_err(anyhow::Error::msg)
+    Ok(api::auth::hash_password(&password)?)
 }
 
 pub fn user_passwd(args: UserPasswdArgs) -> anyhow::Result<ExitCode> {

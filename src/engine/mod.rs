@@ -11,7 +11,6 @@ mod job;
 mod mapping;
 mod state;
 
-use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -20,30 +19,7 @@ use chrono::{DateTime, FixedOffset, Local};
 use serde::{Serialize, Serializer};
 
 use crate::project::{JobId, Problem, Project, ProjectId};
-
-/// The ID of a run: a GUID, supplied by the caller (API) or made new (CLI).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
-#[serde(transparent)]
-pub struct RunId(pub uuid::Uuid);
-
-impl RunId {
-    /// A new random run ID.
-    pub fn new() -> Self {
-        RunId(uuid::Uuid::new_v4())
-    }
-}
-
-impl Default for RunId {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl fmt::Display for RunId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.hyphenated().fmt(f)
-    }
-}
+pub use crate::run::{Counters, RunId, RunStatus};
 
 /// How much a run logs: 0 = None, 1 = Low, 2 = Medium, 3 = High.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default, Serialize)]
@@ -116,62 +92,6 @@ impl RunRequest {
 
 /// The most writer threads one job may use.
 pub const MAX_THREADS: usize = 64;
-
-/// The state of a run or of one job in it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
-pub enum RunStatus {
-    /// Accepted, not started.
-    Queued,
-    /// Going.
-    Running,
-    /// Ran to the end (row errors may have occurred).
-    Complete,
-    /// Could not run, or stopped by an error.
-    Failed,
-    /// Stopped on request.
-    Cancelled,
-}
-
-impl fmt::Display for RunStatus {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(self, f)
-    }
-}
-
-/// The seven counters of a job (or, summed, of a run).
-#[derive(
-    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema,
-)]
-#[serde(rename_all = "camelCase")]
-pub struct Counters {
-    /// Origin rows processed (inside the row window).
-    pub total_rows: u64,
-    /// Rows inserted, over all stages.
-    pub inserts: u64,
-    /// Rows updated, over all stages.
-    pub updates: u64,
-    /// Rows deleted, over all stages.
-    pub deletes: u64,
-    /// Row errors and job errors.
-    pub errors: u64,
-    /// Rows skipped (skip/insert matched, unchanged with update_on_difference).
-    pub skips: u64,
-    /// Updates or deletes that matched nothing.
-    pub ignores: u64,
-}
-
-impl Counters {
-    /// Adds `other` to `self`.
-    pub fn add(&mut self, other: &Counters) {
-        self.total_rows += other.total_rows;
-        self.inserts += other.inserts;
-        self.updates += other.updates;
-        self.deletes += other.deletes;
-        self.errors += other.errors;
-        self.skips += other.skips;
-        self.ignores += other.ignores;
-    }
-}
 
 /// One line of a run's log.
 #[derive(Debug, Clone, Serialize)]

@@ -1,7 +1,10 @@
-//! What a finished run leaves for the console to page through: its log, line
-//! by line, and its row errors with their origin values (kept at every level).
+//! What a finished run leaves behind, made from the engine's report: its
+//! answer and per-job results as the store keeps them, and, for the console to
+//! page through, its log line by line and its row errors with their origin
+//! values (kept at every level).
 
-use crate::engine::{LogLevel, RunReport};
+use crate::engine::{JobReport, LogEntry, LogLevel, RunReport};
+use crate::run::{JobResult, LogLine, RunResult, timespan};
 use crate::store::history::{RowErrorTotals, RunDetails, StoredLogLine, StoredRowError};
 
 /// The log lines (at the run's requested level) and row errors of a report.
@@ -39,4 +42,50 @@ pub fn details_of(report: &RunReport) -> RunDetails {
         kept: details.row_errors.len() as u64,
     };
     details
+}
+
+/// One job's result, as the run's results record keeps it.
+pub fn job_result(run_id: &str, j: &JobReport) -> JobResult {
+    JobResult::new(
+        run_id,
+        &j.job_id.0,
+        &j.start_time,
+        j.run_time,
+        j.status,
+        &j.counters,
+    )
+}
+
+/// A log entry as a run's answer shows it.
+pub fn log_line(e: &LogEntry) -> LogLine {
+    LogLine {
+        time: crate::value::datetime_text(&e.time),
+        level: format!("{:?}", e.level),
+        job_id: e.job_id.0.clone(),
+        row: e.row,
+        message: e.message.clone(),
+    }
+}
+
+/// The answer for a finished run; the log keeps what `level` asks for.
+pub fn run_result(r: &RunReport, level: LogLevel) -> RunResult {
+    let run_id = r.run_id.to_string();
+    RunResult {
+        run_id: run_id.clone(),
+        status: r.status,
+        start_time: crate::value::datetime_text(&r.start_time),
+        run_time: timespan(r.run_time),
+        counters: r.counters,
+        error: r.error.clone(),
+        return_value: r.return_value.clone(),
+        results: r.jobs.iter().map(|j| job_result(&run_id, j)).collect(),
+        log: r
+            .jobs
+            .iter()
+            .flat_map(|j| j.log.iter())
+            .filter(|e| level != LogLevel::None && e.level <= level)
+            .map(log_line)
+            .collect(),
+        webhook_attempts: None,
+    }
 }

@@ -14,11 +14,9 @@ use std::time::Duration;
 use chrono::Local;
 use tokio::sync::{Notify, broadcast};
 
-use crate::api::wire::{ExecJobRequest, ExecJobResponse, ResultsResponse};
-use crate::engine::{
-    self, CancelToken, Counters, JobReport, LogLevel, RunObserver, RunRequest, RunStatus,
-};
+use crate::engine::{self, CancelToken, JobReport, LogLevel, RunObserver, RunRequest};
 use crate::project::{JobId, LoadOptions, LoadOutcome, load_projects};
+use crate::run::{Counters, JobResult, RunId, RunResult, RunStatus, Submission};
 use crate::store::{NewRun, RunEnd, RunKey, RunRecord, Store, StoreError, Submitted};
 pub use config::{ServerConfig, WebhookConfig};
 
@@ -47,10 +45,6 @@ pub struct Service {
     pub config: ServerConfig,
     /// No users: every caller is the owner of every instance.
     pub open: bool,
-    /// Credentials that checked out recently.
-    pub credentials: crate::api::auth::CredentialCache,
-    /// `POST /token`'s limits: password checks at once, backoff.
-    pub logins: crate::api::auth::LoginGuard,
     projects: RwLock<Arc<LoadOutcome>>,
     queued: AtomicU64,
     work: Notify,
@@ -77,13 +71,10 @@ impl Service {
             tracing::warn!("project not loaded: {p}");
         }
         let (ended, _) = broadcast::channel(1024);
-        let logins = crate::api::auth::LoginGuard::new(&config.login);
         let svc = Arc::new(Service {
             store,
             config,
             open,
-            credentials: Default::default(),
-            logins,
             projects: RwLock::new(projects),
             queued: AtomicU64::new(0),
             work: Notify::new(),
@@ -176,7 +167,7 @@ impl Service {
     /// older version) ends with their outcome. It is never lost and never run twice.
     async fn recover(&self) -> Result<(), StoreError> {
         for rec in self.store.runs_in(RunStatus::Running).await? {
-            let mut results: Vec<ResultsResponse> = rec
+            let mut results: Vec<JobResult> = rec
                 .results_json
                 .as_deref()
                 .and_then(|j| serde_json::from_str(j).ok())
@@ -198,7 +189,7 @@ impl Service {
                 .and_then(|r| self.chain_next(&rec, &r.job_id));
             if let Some(next) = next {
                 // The chain stopped between two jobs: the next one never ran.
-                results.push(ResultsResponse::new(
+                results.push(JobResult::new(
                     &run_id,
                     &next,
                     &now,
@@ -209,7 +200,7 @@ impl Service {
                 interrupted = true;
             }
             if results.is_empty() {
-                results.push(ResultsResponse::new(
+                results.push(JobResult::new(
                     &run_id,
                     &rec.job_id,
                     &rec.accepted_at,
@@ -245,7 +236,7 @@ impl Service {
 
     /// The job a chained run goes on to after `job_id` completes, if any.
     fn chain_next(&self, rec: &RunRecord, job_id: &str) -> Option<String> {
-        let req: ExecJobRequest = serde_json::from_str(&rec.request_json).ok()?;
+        let req: Submission = serde_json::from_str(&rec.request_json).ok()?;
         if !req.chain_jobs {
             return None;
         }
@@ -260,7 +251,7 @@ impl Service {
         rec: &RunRecord,
         from: RunStatus,
         status: RunStatus,
-        results: Vec<ResultsResponse>,
+        results: Vec<JobResult>,
         error: &str,
     ) -> Result<bool, StoreError> {
         self.record_end(rec, from, status, results, Some(error.to_owned()))
@@ -273,11 +264,11 @@ impl Service {
         rec: &RunRecord,
         from: RunStatus,
         status: RunStatus,
-        results: Vec<ResultsResponse>,
+        results: Vec<JobResult>,
         error: Option<String>,
     ) -> Result<bool, StoreError> {
         let run_id = rec.key.run_id.to_string();
-        let mut response = ExecJobResponse::ended_without_report(
+        let mut response = RunResult::ended_without_report(
             &run_id,
             status,
             &rec.accepted_at,
@@ -310,11 +301,7 @@ impl Service {
     }
 
     /// Records a run durably as Queued (the answer `started: true` may follow).
-    pub async fn submit(
-        &self,
-        instance: &str,
-        req: &ExecJobRequest,
-    ) -> Result<Submitted, SubmitError> {
+    pub async fn submit(&self, instance: &str, req: &Submission) -> Result<Submitted, SubmitError> {
         if self.is_stopping() {
             return Err(SubmitError::ShuttingDown);
         }
@@ -457,7 +444,7 @@ impl Service {
 
     async fn execute(self: &Arc<Self>, rec: RunRecord) {
         let key = rec.key.clone();
-        let req: ExecJobRequest = match serde_json::from_str(&rec.request_json) {
+        let req: Submission = match serde_json::from_str(&rec.request_json) {
             Ok(r) => r,
             Err(e) => {
                 let _ = self
@@ -486,7 +473,7 @@ impl Service {
             return;
         };
         let run_req = RunRequest {
-            run_id: engine::RunId(req.run_id),
+            run_id: RunId(req.run_id),
             project: project.id.clone(),
             job: JobId(req.job_id.clone()),
             argument: req.argument.clone(),
@@ -542,7 +529,7 @@ impl Service {
                 {
                     tracing::error!(run = %key, "recording the run's log and row errors: {e}");
                 }
-                let response = ExecJobResponse::of_report(&report, level);
+                let response = history::run_result(&report, level);
                 RunEnd {
                     status: report.status,
                     results_json: serde_json::to_string(&response.results).unwrap_or_default(),
@@ -652,7 +639,7 @@ struct LiveResults {
     store: Arc<dyn Store>,
     key: RunKey,
     run_id: String,
-    done: Mutex<Vec<ResultsResponse>>,
+    done: Mutex<Vec<JobResult>>,
     current: Mutex<
         Option<(
             JobId,
@@ -663,7 +650,7 @@ struct LiveResults {
 }
 
 impl LiveResults {
-    fn save(&self, running: Option<ResultsResponse>) {
+    fn save(&self, running: Option<JobResult>) {
         let mut all = self.done.lock().expect("live lock").clone();
         all.extend(running);
         let json = serde_json::to_string(&all).unwrap_or_default();
@@ -682,7 +669,7 @@ impl RunObserver for LiveResults {
         let start = Local::now().fixed_offset();
         *self.current.lock().expect("live lock") =
             Some((job.clone(), start, std::time::Instant::now()));
-        self.save(Some(ResultsResponse::new(
+        self.save(Some(JobResult::new(
             &self.run_id,
             &job.0,
             &start,
@@ -696,7 +683,7 @@ impl RunObserver for LiveResults {
     fn progress(&self, job: &JobId, c: &Counters) {
         let cur = self.current.lock().expect("live lock").clone();
         if let Some((_, start, t0)) = cur {
-            self.save(Some(ResultsResponse::new(
+            self.save(Some(JobResult::new(
                 &self.run_id,
                 &job.0,
                 &start,
@@ -713,14 +700,14 @@ impl RunObserver for LiveResults {
         self.done
             .lock()
             .expect("live lock")
-            .push(ResultsResponse::of_job(&self.run_id, report));
+            .push(history::job_result(&self.run_id, report));
         *self.current.lock().expect("live lock") = None;
         let next = match report.status {
             RunStatus::Complete => self.next_of.get(&report.job_id),
             _ => None,
         };
         if let Some(next) = next {
-            self.save(Some(ResultsResponse::new(
+            self.save(Some(JobResult::new(
                 &self.run_id,
                 &next.0,
                 &Local::now().fixed_offset(),

@@ -7,7 +7,7 @@ use chrono::{DateTime, FixedOffset};
 use serde::{Deserialize, Serialize};
 
 use super::{NewRun, RunEnd, RunKey, StoreError, Submitted};
-use crate::engine::RunStatus;
+use crate::run::RunStatus;
 
 /// Where a page of the run list starts: just after this run, in the order
 /// (accepted time, instance, run ID), newest first.

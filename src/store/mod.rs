@@ -15,7 +15,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, FixedOffset};
 use serde::{Deserialize, Serialize};
 
-use crate::engine::RunStatus;
+use crate::run::RunStatus;
 pub use history::RunHistory;
 pub use sqlite::SqliteStore;
 
@@ -171,16 +171,14 @@ pub enum Role {
 }
 
 impl std::str::FromStr for Role {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = UnknownRole;
+    fn from_str(s: &str) -> Result<Self, UnknownRole> {
         match s.to_ascii_lowercase().as_str() {
             "owner" => Ok(Role::Owner),
             "full" => Ok(Role::Full),
             "readonly" | "read-only" | "read_only" | "read" => Ok(Role::ReadOnly),
             "metrics" => Ok(Role::Metrics),
-            _ => Err(format!(
-                "unknown role {s:?}: use Owner, Full, ReadOnly or Metrics"
-            )),
+            _ => Err(UnknownRole(s.to_owned())),
         }
     }
 }
@@ -209,16 +207,63 @@ pub struct UserRecord {
     pub grants: Vec<(String, Role)>,
 }
 
-/// A store failure.
+/// A store failure, keeping the database's own error where there is one.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// The database failed.
+    /// A statement failed.
     #[error("store: {0}")]
-    Database(String),
+    Database(#[from] rusqlite::Error),
+    /// The commit of the transaction that held the write failed; every write
+    /// of that transaction shares the one error.
+    #[error("store: {0}")]
+    Commit(#[source] std::sync::Arc<rusqlite::Error>),
+    /// The store's folder or one of its threads could not be made.
+    #[error("store: {0}")]
+    Io(#[from] std::io::Error),
+    /// The write-ahead log stayed busy past the patience given.
+    #[error("store: checkpoint: the log is busy ({frames} frames left)")]
+    LogBusy {
+        /// Frames still in the log.
+        frames: i64,
+    },
+    /// A blocking store task panicked or was cancelled.
+    #[error("store: {0}")]
+    Task(#[from] tokio::task::JoinError),
     /// The store is shutting down.
     #[error("store: closed")]
     Closed,
 }
+
+impl StoreError {
+    /// The database's error, if the failure came from it.
+    pub fn database_error(&self) -> Option<&rusqlite::Error> {
+        match self {
+            StoreError::Database(e) => Some(e),
+            StoreError::Commit(e) => Some(e),
+            _ => None,
+        }
+    }
+
+    /// The database's extended result code (`SQLITE_BUSY` is 5,
+    /// `SQLITE_CONSTRAINT_UNIQUE` 2067, …), if the failure came from it.
+    pub fn code(&self) -> Option<i32> {
+        match self.database_error()? {
+            rusqlite::Error::SqliteFailure(e, _) => Some(e.extended_code),
+            _ => None,
+        }
+    }
+
+    /// The database's primary error class (busy, constraint, corrupt, …),
+    /// if the failure came from it.
+    pub fn class(&self) -> Option<rusqlite::ErrorCode> {
+        self.database_error()?.sqlite_error_code()
+    }
+}
+
+/// A role name that is none of Owner, Full, ReadOnly or Metrics.
+#[derive(Debug, thiserror::Error)]
+#[error("unknown role {0:?}: use Owner, Full, ReadOnly or Metrics")]
+pub struct UnknownRole(pub String);
 
 /// Revocations (a user replaced or removed, a password changed, an API key
 /// removed) committed through any store of this process: a credential cache

@@ -18,11 +18,12 @@ use super::{
     ApiKeyRecord, NewRun, Purged, Role, RunEnd, RunKey, RunRecord, Store, StoreError, Submitted,
     UserRecord, WebhookAttempt, WebhookDue, WebhookNext,
 };
-use crate::engine::RunStatus;
+use crate::run::RunStatus;
 
 mod history;
 
-type Reply = Box<dyn FnOnce(Result<(), String>) + Send>;
+/// Hears whether the transaction that held the write committed.
+type Reply = Box<dyn FnOnce(Result<(), Arc<rusqlite::Error>>) + Send>;
 /// A write, and whether it needs a savepoint of its own (several statements
 /// that must land together; a lone statement is atomic already).
 type Op = (bool, Box<dyn FnOnce(&Connection) -> (bool, Reply) + Send>);
@@ -106,10 +107,6 @@ pub struct SqliteStore {
     purge_cursor: Mutex<i64>,
 }
 
-fn db_err(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Database(e.to_string())
-}
-
 fn open_conn(path: &Path, write: bool) -> rusqlite::Result<Connection> {
     let flags = if write {
         OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE
@@ -127,15 +124,13 @@ impl SqliteStore {
     /// busy at once then) until `patience` is spent. For the end of a
     /// process, once nothing else writes.
     pub fn empty_log(path: &Path, patience: Duration) -> Result<(), StoreError> {
-        let conn = open_conn(path, true).map_err(db_err)?;
+        let conn = open_conn(path, true)?;
         let deadline = std::time::Instant::now() + patience;
         loop {
-            match checkpoint(&conn, "TRUNCATE").map_err(db_err)? {
+            match checkpoint(&conn, "TRUNCATE")? {
                 (_, false) => return Ok(()),
                 (frames, true) if std::time::Instant::now() >= deadline => {
-                    return Err(StoreError::Database(format!(
-                        "checkpoint: the log is busy ({frames} frames left)"
-                    )));
+                    return Err(StoreError::LogBusy { frames });
                 }
                 _ => std::thread::sleep(Duration::from_millis(20)),
             }
@@ -147,26 +142,22 @@ impl SqliteStore {
         if let Some(dir) = path.parent()
             && !dir.as_os_str().is_empty()
         {
-            std::fs::create_dir_all(dir).map_err(db_err)?;
+            std::fs::create_dir_all(dir)?;
         }
-        let conn = open_conn(path, true).map_err(db_err)?;
-        conn.query_row("PRAGMA journal_mode=WAL", [], |_| Ok(()))
-            .map_err(db_err)?;
+        let conn = open_conn(path, true)?;
+        conn.query_row("PRAGMA journal_mode=WAL", [], |_| Ok(()))?;
         // FULL: a commit is on disk (fsync'd) before any caller is answered.
-        conn.execute_batch("PRAGMA synchronous=FULL")
-            .map_err(db_err)?;
-        conn.execute_batch(SCHEMA).map_err(db_err)?;
-        history::history_schema(&conn).map_err(db_err)?;
+        conn.execute_batch("PRAGMA synchronous=FULL")?;
+        conn.execute_batch(SCHEMA)?;
+        history::history_schema(&conn)?;
         // Checkpoints run on their own thread so the writer never stalls on
         // copying the log into the database (and the fsync that follows).
-        conn.execute_batch("PRAGMA wal_autocheckpoint=0")
-            .map_err(db_err)?;
+        conn.execute_batch("PRAGMA wal_autocheckpoint=0")?;
         // A log that grew under load is cut back to this size when it restarts.
-        conn.execute_batch(&format!("PRAGMA journal_size_limit={WAL_RESTART_BYTES}"))
-            .map_err(db_err)?;
+        conn.execute_batch(&format!("PRAGMA journal_size_limit={WAL_RESTART_BYTES}"))?;
         // Whatever a previous process left in the log goes into the database now.
-        checkpoint(&conn, "TRUNCATE").map_err(db_err)?;
-        let checkpointer = open_conn(path, true).map_err(db_err)?;
+        checkpoint(&conn, "TRUNCATE")?;
+        let checkpointer = open_conn(path, true)?;
         let (tx, rx) = crossbeam_channel::unbounded::<Op>();
         let alive = Arc::new(());
         let log = Arc::new(LogState::default());
@@ -174,12 +165,10 @@ impl SqliteStore {
         let watched = log.clone();
         std::thread::Builder::new()
             .name("tidepool-checkpoint".into())
-            .spawn(move || checkpoint_loop(checkpointer, weak, watched))
-            .map_err(db_err)?;
+            .spawn(move || checkpoint_loop(checkpointer, weak, watched))?;
         std::thread::Builder::new()
             .name("tidepool-store".into())
-            .spawn(move || writer_loop(conn, rx, log))
-            .map_err(db_err)?;
+            .spawn(move || writer_loop(conn, rx, log))?;
         Ok(SqliteStore {
             _alive: alive,
             writer: tx,
@@ -219,8 +208,8 @@ impl SqliteStore {
                 let reply: Reply = Box::new(move |commit| {
                     let out = match (r, commit) {
                         (Ok(v), Ok(())) => Ok(v),
-                        (Err(e), _) => Err(db_err(e)),
-                        (Ok(_), Err(e)) => Err(StoreError::Database(e)),
+                        (Err(e), _) => Err(StoreError::Database(e)),
+                        (Ok(_), Err(e)) => Err(StoreError::Commit(e)),
                     };
                     let _ = tx.send(out);
                 });
@@ -241,17 +230,16 @@ impl SqliteStore {
             let conn = readers.lock().expect("reader pool").pop();
             let conn = match conn {
                 Some(c) => c,
-                None => open_conn(&path, false).map_err(db_err)?,
+                None => open_conn(&path, false)?,
             };
-            let r = f(&conn).map_err(db_err);
+            let r = f(&conn).map_err(StoreError::from);
             let mut pool = readers.lock().expect("reader pool");
             if pool.len() < 16 {
                 pool.push(conn);
             }
             r
         })
-        .await
-        .map_err(db_err)?
+        .await?
     }
 }
 
@@ -365,7 +353,7 @@ fn writer_loop(conn: Connection, rx: crossbeam_channel::Receiver<Op>, log: Arc<L
             }
             replies.push(reply);
         }
-        let commit = conn.execute_batch("COMMIT").map_err(|e| e.to_string());
+        let commit = conn.execute_batch("COMMIT").map_err(Arc::new);
         log.commits.fetch_add(1, Ordering::Relaxed);
         if commit.is_err() {
             let _ = conn.execute_batch("ROLLBACK");
@@ -664,9 +652,7 @@ impl Store for SqliteStore {
 
     async fn checkpoint(&self) -> Result<(), StoreError> {
         let path = self.path.clone();
-        tokio::task::spawn_blocking(move || Self::empty_log(&path, Duration::from_secs(2)))
-            .await
-            .map_err(db_err)?
+        tokio::task::spawn_blocking(move || Self::empty_log(&path, Duration::from_secs(2))).await?
     }
 
     async fn due_webhooks(
@@ -961,6 +947,29 @@ mod tests {
 
     fn later() -> DateTime<FixedOffset> {
         chrono::Local::now().fixed_offset() + chrono::Duration::hours(1)
+    }
+
+    #[tokio::test]
+    async fn a_failed_write_keeps_the_databases_error_and_its_code() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("s.sqlite")).unwrap();
+        let k = key();
+        // No project_id: the NOT NULL constraint refuses the row.
+        let e = store
+            .write(move |c| {
+                c.execute(
+                    "INSERT INTO runs (instance, run_id) VALUES (?1, ?2)",
+                    rusqlite::params![k.instance, k.run_id.to_string()],
+                )
+            })
+            .await
+            .unwrap_err();
+        assert!(matches!(e, StoreError::Database(_)), "{e:?}");
+        assert_eq!(e.class(), Some(rusqlite::ErrorCode::ConstraintViolation));
+        assert_eq!(e.code(), Some(rusqlite::ffi::SQLITE_CONSTRAINT_NOTNULL));
+        assert!(e.to_string().starts_with("store: "), "{e}");
+        assert!(std::error::Error::source(&e).is_some());
+        assert_eq!(StoreError::Closed.code(), None);
     }
 
     #[tokio::test]

@@ -4,15 +4,13 @@
 //! every page and filter stays linkable. The page reads the same JSON API as
 //! scripts do; it never has data of its own.
 
-use std::sync::Arc;
-
 use axum::Router;
 use axum::extract::Path;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 
-use crate::server::Service;
+use crate::api::AppState;
 
 /// One embedded file: its name under `/console/assets/`, type and bytes.
 struct Asset {
@@ -47,7 +45,7 @@ const CSP: &str = "default-src 'self'; img-src 'self' data:; style-src 'self'; \
                    base-uri 'none'; form-action 'self'";
 
 /// The console's routes: the page at `/` and its assets.
-pub fn routes() -> Router<Arc<Service>> {
+pub fn routes() -> Router<AppState> {
     Router::new()
         .route("/", get(index))
         .route("/console/assets/{name}", get(asset))
