@@ -127,8 +127,8 @@ fn ascii(c: char, what: &str) -> Result<u8, ConnectorError> {
 }
 
 impl Connector for CsvConfig {
-    fn kind(&self) -> &'static str {
-        "csv"
+    fn target(&self) -> super::Target<'_> {
+        super::Target::File(&self.path)
     }
 
     fn file_path(&self) -> Option<&Path> {

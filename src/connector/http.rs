@@ -221,8 +221,8 @@ impl HttpConfig {
 }
 
 impl Connector for HttpConfig {
-    fn kind(&self) -> &'static str {
-        "http"
+    fn target(&self) -> super::Target<'_> {
+        super::Target::Address(&self.base_url)
     }
 
     fn capabilities(&self) -> Capabilities {

@@ -66,8 +66,8 @@ impl JsonConfig {
 }
 
 impl Connector for JsonConfig {
-    fn kind(&self) -> &'static str {
-        "json"
+    fn target(&self) -> super::Target<'_> {
+        super::Target::File(&self.path)
     }
 
     fn file_path(&self) -> Option<&Path> {

@@ -1,17 +1,11 @@
 //! Connectors: one file per kind, each an origin and a destination.
 //!
 //! A kind is a serde config struct (one variant of [`ConnectionConfig`]) that
-//! implements [`Connector`]; adding a kind means adding one file and one line
-//! in the enum below. Connectors never count or log run results: they report
+//! implements [`Connector`]; adding a kind means adding its module (a file or
+//! a folder) and one line in the `connection_kinds!` registry below. Connectors never count or log run results: they report
 //! what happened to each row and the engine counts.
 
-pub mod csv;
 pub mod file;
-pub mod http;
-pub mod json;
-pub mod mysql;
-pub mod postgres;
-pub mod sqlite;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -22,49 +16,96 @@ use serde::{Deserialize, Serialize};
 use crate::template::{Part, Template, Token};
 use crate::value::{Row, Value};
 
-/// A connection as written in `project.toml` under `[connections.<name>]`,
-/// chosen by its `kind`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(tag = "kind", rename_all = "lowercase")]
-pub enum ConnectionConfig {
+/// Declares the kinds: each line's module, the [`ConnectionConfig`] variant
+/// holding its config type, and the names `kind = "…"` accepts (the first is
+/// the kind's own).
+macro_rules! connection_kinds {
+    ($(
+        $(#[doc = $doc:literal])*
+        $module:ident::$config:ident as $variant:ident = $name:literal $(| $alias:literal)*;
+    )*) => {
+        $(pub mod $module;)*
+
+        /// A connection as written in `project.toml` under `[connections.<name>]`,
+        /// chosen by its `kind`.
+        #[derive(Debug, Clone, Deserialize)]
+        #[serde(tag = "kind")]
+        pub enum ConnectionConfig {
+            $(
+                $(#[doc = $doc])*
+                #[serde(rename = $name $(, alias = $alias)*)]
+                $variant($module::$config),
+            )*
+        }
+
+        impl ConnectionConfig {
+            /// The kind's implementation.
+            pub fn connector(&self) -> &dyn Connector {
+                match self {
+                    $(ConnectionConfig::$variant(c) => c,)*
+                }
+            }
+
+            /// The kind's name, as written in `kind = "…"`.
+            pub fn kind(&self) -> &'static str {
+                match self {
+                    $(ConnectionConfig::$variant(_) => $name,)*
+                }
+            }
+        }
+
+        /// Every kind, in the order they are declared.
+        pub const KINDS: &[Kind] = &[
+            $(Kind {
+                name: $name,
+                aliases: &[$($alias),*],
+                config_type: std::any::type_name::<$module::$config>,
+            },)*
+        ];
+    };
+}
+
+// The registry: a kind is its module and one line here.
+connection_kinds! {
     /// A CSV file.
-    Csv(csv::CsvConfig),
+    csv::CsvConfig as Csv = "csv";
     /// A JSON array or JSON Lines file.
-    Json(json::JsonConfig),
+    json::JsonConfig as Json = "json";
     /// A SQLite database file.
-    Sqlite(sqlite::SqliteConfig),
+    sqlite::SqliteConfig as Sqlite = "sqlite";
     /// A PostgreSQL database.
-    #[serde(alias = "postgresql")]
-    Postgres(postgres::PostgresConfig),
+    postgres::PostgresConfig as Postgres = "postgres" | "postgresql";
     /// A MySQL or MariaDB database.
-    #[serde(alias = "mariadb")]
-    Mysql(mysql::MysqlConfig),
+    mysql::MysqlConfig as Mysql = "mysql" | "mariadb";
     /// A JSON resource of an HTTP API.
-    Http(http::HttpConfig),
+    http::HttpConfig as Http = "http";
+}
+
+/// A registered connection kind.
+#[derive(Debug, Clone, Copy)]
+pub struct Kind {
+    /// The name `kind = "…"` gives.
+    pub name: &'static str,
+    /// Other names the kind answers to.
+    pub aliases: &'static [&'static str],
+    /// The Rust path of the kind's config type (`tidepool::connector::csv::CsvConfig`).
+    pub config_type: fn() -> &'static str,
 }
 
 impl ConnectionConfig {
-    /// The kind's implementation.
-    pub fn connector(&self) -> &dyn Connector {
-        match self {
-            ConnectionConfig::Csv(c) => c,
-            ConnectionConfig::Json(c) => c,
-            ConnectionConfig::Sqlite(c) => c,
-            ConnectionConfig::Postgres(c) => c,
-            ConnectionConfig::Mysql(c) => c,
-            ConnectionConfig::Http(c) => c,
-        }
-    }
-
-    /// The kind's name, as written in `kind = "…"`.
-    pub fn kind(&self) -> &'static str {
-        self.connector().kind()
-    }
-
     /// What the kind can do.
     pub fn capabilities(&self) -> Capabilities {
         self.connector().capabilities()
     }
+}
+
+/// Where a connection points.
+#[derive(Debug, Clone, Copy)]
+pub enum Target<'a> {
+    /// A file (a file kind's `path`, SQLite's database file).
+    File(&'a Path),
+    /// A network address, as configured (it may hold a password).
+    Address(&'a str),
 }
 
 /// How an origin of a kind is told what to read.
@@ -276,8 +317,6 @@ pub trait Destination: Send {
 
 /// A connector kind.
 pub trait Connector {
-    /// The kind's name.
-    fn kind(&self) -> &'static str;
     /// What the kind can do.
     fn capabilities(&self) -> Capabilities;
     /// The file a file connection reads and writes (`path`).
@@ -291,14 +330,10 @@ pub trait Connector {
         &self,
         req: &DestinationRequest,
     ) -> Result<Box<dyn Destination>, ConnectorError>;
+    /// Where the connection points (shown in a run's connection list).
+    fn target(&self) -> Target<'_>;
     /// Opens a connection that answers scripts' `lookup()` (Smart Lookup).
-    fn open_lookup(&self, base_dir: &Path) -> Result<Box<dyn Lookup>, ConnectorError> {
-        let _ = base_dir;
-        Err(ConnectorError::Schema(format!(
-            "a {} connection cannot answer lookups; look up in a database or file connection",
-            self.kind()
-        )))
-    }
+    fn open_lookup(&self, base_dir: &Path) -> Result<Box<dyn Lookup>, ConnectorError>;
 }
 
 /// Answers lookups: one column of the first row whose columns equal the criteria.
@@ -803,6 +838,24 @@ impl fmt::Display for StageAction {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kinds_are_read_by_name_and_alias() {
+        let kind = |t: &str| toml::from_str::<ConnectionConfig>(t).map(|c| c.kind());
+        assert_eq!(
+            kind("kind = \"mariadb\"\nurl = \"mysql://h/d\"").unwrap(),
+            "mysql"
+        );
+        assert_eq!(
+            kind("kind = \"postgresql\"\nurl = \"x\"").unwrap(),
+            "postgres"
+        );
+        let e = kind("kind = \"oracle\"").unwrap_err().to_string();
+        assert!(
+            e.contains("unknown variant `oracle`, expected one of `csv`, `json`, `sqlite`, `postgres`, `postgresql`, `mariadb`, `mysql`, `http`"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn duplicate_keys_are_found_by_the_match_columns() {

@@ -170,8 +170,8 @@ fn from_mysql(v: mysql::Value) -> Value {
 }
 
 impl Connector for MysqlConfig {
-    fn kind(&self) -> &'static str {
-        "mysql"
+    fn target(&self) -> super::Target<'_> {
+        super::Target::Address(&self.url)
     }
 
     fn capabilities(&self) -> Capabilities {

@@ -111,8 +111,8 @@ fn to_connector_error(e: postgres::Error) -> ConnectorError {
 }
 
 impl Connector for PostgresConfig {
-    fn kind(&self) -> &'static str {
-        "postgres"
+    fn target(&self) -> super::Target<'_> {
+        super::Target::Address(&self.url)
     }
 
     fn capabilities(&self) -> Capabilities {

@@ -116,8 +116,8 @@ impl SqliteConfig {
 }
 
 impl Connector for SqliteConfig {
-    fn kind(&self) -> &'static str {
-        "sqlite"
+    fn target(&self) -> super::Target<'_> {
+        super::Target::File(&self.path)
     }
 
     fn capabilities(&self) -> Capabilities {
