@@ -1,0 +1,95 @@
+//! The connection's config, how it opens, and how its errors read.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use postgres::{Client, NoTls};
+use serde::Deserialize;
+
+use crate::connector::{ConnectorError, redact_url};
+
+/// `kind = "postgres"`: a PostgreSQL database.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresConfig {
+    /// A connection URL, `postgres://user:password@host:port/dbname` (put the
+    /// password in `${ENV}`).
+    pub url: String,
+    /// SQL run each time the connection opens (must be safe to run again).
+    #[serde(default)]
+    pub init_sql: Vec<String>,
+    /// How long to wait for a connection.
+    #[serde(default = "default_connect_secs")]
+    pub connect_timeout_secs: u64,
+}
+
+fn default_connect_secs() -> u64 {
+    10
+}
+
+impl PostgresConfig {
+    pub(super) fn connect(&self) -> Result<Client, ConnectorError> {
+        let mut cfg: postgres::Config = self.url.parse().map_err(|e| ConnectorError::Open {
+            what: "postgres connection".into(),
+            reason: format!("bad url: {e}"),
+        })?;
+        cfg.connect_timeout(Duration::from_secs(self.connect_timeout_secs));
+        if cfg.get_application_name().is_none() {
+            cfg.application_name("tidepool");
+        }
+        let mut client = cfg.connect(NoTls).map_err(|e| ConnectorError::Open {
+            what: format!("postgres database {}", redact_url(&self.url)),
+            reason: pg_message(&e),
+        })?;
+        for sql in &self.init_sql {
+            client.batch_execute(sql).map_err(|e| {
+                ConnectorError::Schema(format!("init_sql failed: {}", pg_message(&e)))
+            })?;
+        }
+        Ok(client)
+    }
+}
+
+/// A PostgreSQL error as a person should read it: message, detail, where.
+pub(super) fn pg_message(e: &postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => {
+            let mut m = db.message().to_owned();
+            if let Some(d) = db.detail() {
+                let _ = write!(m, " ({d})");
+            }
+            if let Some(w) = db.where_() {
+                let _ = write!(m, " [{w}]");
+            }
+            m
+        }
+        None => e.to_string(),
+    }
+}
+
+/// Whether the error means the connection is gone (retry on a new one).
+pub(super) fn is_lost(e: &postgres::Error) -> bool {
+    if e.is_closed() {
+        return true;
+    }
+    match e.code() {
+        Some(c) => {
+            let c = c.code();
+            c.starts_with("08") || c.starts_with("57P")
+        }
+        None => std::error::Error::source(e).is_some_and(|s| s.is::<std::io::Error>()),
+    }
+}
+
+pub(super) fn to_connector_error(e: postgres::Error) -> ConnectorError {
+    classify(&e)
+}
+
+/// The error as a lost connection (retry on a new one) or a failure.
+pub(super) fn classify(e: &postgres::Error) -> ConnectorError {
+    if is_lost(e) {
+        ConnectorError::Lost(pg_message(e))
+    } else {
+        ConnectorError::Io(pg_message(e))
+    }
+}
