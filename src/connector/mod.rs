@@ -6,6 +6,7 @@
 //! what happened to each row and the engine counts.
 
 pub mod file;
+pub(crate) mod sql_destination;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -527,119 +528,6 @@ pub(crate) fn duplicate_keys(rows: &[&[Value]], match_cols: &[usize]) -> bool {
         .collect();
     keys.sort_unstable();
     keys.windows(2).any(|w| w[0] == w[1])
-}
-
-/// Why a set-based write of a batch did not go through.
-pub(crate) enum BatchError<E> {
-    /// The server refused a statement.
-    Db(E),
-    /// The table changed between two statements of the batch (another writer).
-    Changed,
-}
-
-impl<E> From<E> for BatchError<E> {
-    fn from(e: E) -> Self {
-        BatchError::Db(e)
-    }
-}
-
-/// A database destination whose stages write set-based, each write inside a
-/// savepoint, so a refused batch leaves the transaction usable: one row gets
-/// its own error, a whole batch is handed back for the engine's replay.
-pub(crate) trait SavepointWriter {
-    /// The driver's error.
-    type DbError;
-    /// Runs SQL that returns no rows.
-    fn execute(&mut self, sql: &str) -> Result<(), ConnectorError>;
-    /// The stage's set-based write of the batch.
-    fn write_batch(
-        &mut self,
-        stage: usize,
-        rows: &[&[Value]],
-    ) -> Result<Vec<crate::connector::RowAction>, BatchError<Self::DbError>>;
-    /// The stage's match columns, when it finds rows by them.
-    fn match_cols(&self, stage: usize) -> Option<&[usize]>;
-    /// The driver's error as a lost connection or a message.
-    fn classify(e: &Self::DbError) -> ConnectorError;
-    /// A preview: a batch is a savepoint inside one transaction never committed.
-    fn preview(&self) -> bool;
-
-    /// Starts a batch: a transaction (a savepoint in a preview).
-    fn begin_batch(&mut self) -> Result<(), ConnectorError> {
-        let sql = if self.preview() {
-            "SAVEPOINT tidepool_batch"
-        } else {
-            "START TRANSACTION"
-        };
-        self.execute(sql)
-    }
-
-    /// Makes the batch durable (in a preview, keeps it until the end).
-    fn commit_batch(&mut self) -> Result<(), ConnectorError> {
-        let sql = if self.preview() {
-            "RELEASE SAVEPOINT tidepool_batch"
-        } else {
-            "COMMIT"
-        };
-        self.execute(sql)
-    }
-
-    /// Undoes the batch; a lost connection has nothing left to undo.
-    fn rollback_batch(&mut self) -> Result<(), ConnectorError> {
-        let done = if self.preview() {
-            self.execute("ROLLBACK TO SAVEPOINT tidepool_batch")
-                .and_then(|()| self.execute("RELEASE SAVEPOINT tidepool_batch"))
-        } else {
-            self.execute("ROLLBACK")
-        };
-        match done {
-            Err(ConnectorError::Lost(_)) => Ok(()),
-            r => r,
-        }
-    }
-
-    /// [`Destination::write`] for such a destination.
-    fn write_in_savepoint(
-        &mut self,
-        stage: usize,
-        rows: &[&[Value]],
-    ) -> Result<Vec<WriteResult>, ConnectorError> {
-        if rows.len() > 1
-            && self
-                .match_cols(stage)
-                .is_some_and(|m| duplicate_keys(rows, m))
-        {
-            return Err(ConnectorError::Io(
-                "two rows of the batch have the same match values".into(),
-            ));
-        }
-        self.execute("SAVEPOINT tidepool_write")?;
-        match self.write_batch(stage, rows) {
-            Ok(actions) => {
-                self.execute("RELEASE SAVEPOINT tidepool_write")?;
-                Ok(actions.into_iter().map(Ok).collect())
-            }
-            Err(e) => {
-                let msg = match e {
-                    BatchError::Db(e) => match Self::classify(&e) {
-                        lost @ ConnectorError::Lost(_) => return Err(lost),
-                        other => other.to_string(),
-                    },
-                    BatchError::Changed => {
-                        "the table changed while the batch was written (another writer)".into()
-                    }
-                };
-                self.execute("ROLLBACK TO SAVEPOINT tidepool_write")?;
-                self.execute("RELEASE SAVEPOINT tidepool_write")?;
-                if rows.len() == 1 {
-                    // One row: its own error, and the transaction goes on.
-                    Ok(vec![Err(msg)])
-                } else {
-                    Err(ConnectorError::Io(msg))
-                }
-            }
-        }
-    }
 }
 
 /// The note for a stage that finds matches (not an insert) when no index

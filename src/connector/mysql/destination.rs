@@ -9,10 +9,9 @@ use mysql::{Conn, Params};
 use super::MysqlConfig;
 use super::config::to_connector_error;
 use super::types::{quote_ident, quote_table, to_param};
+use crate::connector::sql_destination::{BatchError, SqlSession};
 use crate::connector::{
-    BatchError, ColumnSets, ConnectorError, Destination, DestinationRequest, RowAction,
-    SavepointWriter, StageAction, StagePlan, WriteResult, find_columns, reconnect_failed,
-    unindexed_note,
+    ColumnSets, ConnectorError, RowAction, StageAction, StagePlan, find_columns, unindexed_note,
 };
 use crate::value::Value;
 
@@ -254,28 +253,10 @@ impl StageSql {
     }
 }
 
-/// A destination connection with its session's staging tables.
-pub(super) fn open(
-    config: &MysqlConfig,
-    req: &DestinationRequest,
-) -> Result<Box<dyn Destination>, ConnectorError> {
-    let mut d = MysqlDestination {
-        config: config.clone(),
-        conn: config.connect()?,
-        plans: req.stages.to_vec(),
-        stages: Vec::new(),
-        preview: req.preview,
-    };
-    d.prepare_session()?;
-    Ok(Box::new(d))
-}
-
-struct MysqlDestination {
-    config: MysqlConfig,
+/// A session's connection and its stages' SQL.
+pub(super) struct MysqlSession {
     conn: Conn,
-    plans: Vec<StagePlan>,
     stages: Vec<StageSql>,
-    preview: bool,
 }
 
 /// Multi-row `INSERT INTO table (cols) VALUES …` of `rows`, in chunks.
@@ -325,15 +306,15 @@ fn insert_rows_then(
     Ok(affected)
 }
 
-impl MysqlDestination {
-    fn prepare_session(&mut self) -> Result<(), ConnectorError> {
-        if self.preview {
+impl MysqlSession {
+    fn prepare_session(&mut self, plans: &[StagePlan], preview: bool) -> Result<(), ConnectorError> {
+        if preview {
             self.conn
                 .query_drop("START TRANSACTION")
                 .map_err(to_connector_error)?;
         }
         let mut stages = Vec::new();
-        for (i, plan) in self.plans.iter().enumerate() {
+        for (i, plan) in plans.iter().enumerate() {
             let st = StageSql::new(&mut self.conn, plan, i)?;
             if plan.action != StageAction::Insert {
                 self.conn
@@ -585,11 +566,34 @@ impl MysqlDestination {
     }
 }
 
-impl SavepointWriter for MysqlDestination {
+impl SqlSession for MysqlSession {
+    type Config = MysqlConfig;
+    type Connection = Conn;
     type DbError = mysql::Error;
 
-    fn execute(&mut self, sql: &str) -> Result<(), ConnectorError> {
-        self.conn.query_drop(sql).map_err(to_connector_error)
+    fn connect(config: &MysqlConfig) -> Result<Conn, ConnectorError> {
+        config.connect()
+    }
+
+    fn open(conn: Conn, stages: &[StagePlan], preview: bool) -> Result<Self, ConnectorError> {
+        let mut session = MysqlSession {
+            conn,
+            stages: Vec::new(),
+        };
+        session.prepare_session(stages, preview)?;
+        Ok(session)
+    }
+
+    fn connection_lost(&mut self) -> bool {
+        self.conn.ping().is_err()
+    }
+
+    fn execute(&mut self, sql: &str) -> Result<(), mysql::Error> {
+        self.conn.query_drop(sql)
+    }
+
+    fn classify(e: &mysql::Error) -> ConnectorError {
+        super::config::classify(e)
     }
 
     fn write_batch(
@@ -600,50 +604,9 @@ impl SavepointWriter for MysqlDestination {
         self.write_stage(stage, rows)
     }
 
-    fn preview(&self) -> bool {
-        self.preview
-    }
-
     fn match_cols(&self, stage: usize) -> Option<&[usize]> {
         let s = &self.stages[stage];
         (s.plan.action != StageAction::Insert).then_some(s.match_cols.as_slice())
-    }
-
-    fn classify(e: &mysql::Error) -> ConnectorError {
-        super::config::classify(e)
-    }
-}
-
-impl Destination for MysqlDestination {
-    fn begin(&mut self) -> Result<(), ConnectorError> {
-        if self.conn.ping().is_err() {
-            if self.preview {
-                return Err(ConnectorError::Io(
-                    "the connection was lost during a preview; its work is gone".into(),
-                ));
-            }
-            // A server that does not take the new connection is still "lost":
-            // the engine's retry policy applies, then the job fails.
-            self.conn = self.config.connect().map_err(reconnect_failed)?;
-            self.prepare_session()?;
-        }
-        self.begin_batch()
-    }
-
-    fn write(
-        &mut self,
-        stage: usize,
-        rows: &[&[Value]],
-    ) -> Result<Vec<WriteResult>, ConnectorError> {
-        self.write_in_savepoint(stage, rows)
-    }
-
-    fn commit(&mut self) -> Result<(), ConnectorError> {
-        self.commit_batch()
-    }
-
-    fn rollback(&mut self) -> Result<(), ConnectorError> {
-        self.rollback_batch()
     }
 
     fn notes(&self) -> Vec<String> {
@@ -653,11 +616,8 @@ impl Destination for MysqlDestination {
             .collect()
     }
 
-    fn finish(self: Box<Self>) -> Result<(), ConnectorError> {
-        let mut this = *self;
-        if this.preview {
-            let _ = this.conn.query_drop("ROLLBACK");
-        }
+    fn close(self) -> Result<(), ConnectorError> {
+        // Dropping the connection closes it.
         Ok(())
     }
 }

@@ -17,6 +17,7 @@ mod types;
 
 pub use config::MysqlConfig;
 
+use super::sql_destination::SqlDestination;
 use super::{
     ALL_ACTIONS, Capabilities, Connector, ConnectorError, Destination, DestinationRequest,
     Lookup, Origin, OriginInput, OriginRequest,
@@ -49,6 +50,6 @@ impl Connector for MysqlConfig {
         &self,
         req: &DestinationRequest,
     ) -> Result<Box<dyn Destination>, ConnectorError> {
-        destination::open(self, req)
+        SqlDestination::<destination::MysqlSession>::open(self, req)
     }
 }

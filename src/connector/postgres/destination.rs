@@ -7,9 +7,9 @@ use postgres::Client;
 use super::config::to_connector_error;
 use super::types::{copy_value, quote_ident};
 use super::PostgresConfig;
+use crate::connector::sql_destination::{BatchError, SqlSession};
 use crate::connector::{
-    BatchError, ColumnSets, ConnectorError, Destination, DestinationRequest, RowAction, SavepointWriter,
-    StageAction, StagePlan, WriteResult, find_columns, reconnect_failed, unindexed_note,
+    ColumnSets, ConnectorError, RowAction, StageAction, StagePlan, find_columns, unindexed_note,
 };
 use crate::value::Value;
 
@@ -288,40 +288,22 @@ impl StageSql {
 
 
 
-/// A destination connection with its session's staging tables.
-pub(super) fn open(
-    config: &PostgresConfig,
-    req: &DestinationRequest,
-) -> Result<Box<dyn Destination>, ConnectorError> {
-    let mut dest = PostgresDestination {
-        config: config.clone(),
-        client: config.connect()?,
-        stages: Vec::new(),
-        plans: req.stages.to_vec(),
-        preview: req.preview,
-    };
-    dest.prepare_session()?;
-    Ok(Box::new(dest))
-}
-
-struct PostgresDestination {
-    config: PostgresConfig,
+/// A session's connection and its stages' SQL.
+pub(super) struct PostgresSession {
     client: Client,
-    plans: Vec<StagePlan>,
     stages: Vec<StageSql>,
-    preview: bool,
 }
 
-impl PostgresDestination {
+impl PostgresSession {
     /// Checks the tables and makes the session's staging tables; again after a reconnect.
-    fn prepare_session(&mut self) -> Result<(), ConnectorError> {
-        if self.preview {
+    fn prepare_session(&mut self, plans: &[StagePlan], preview: bool) -> Result<(), ConnectorError> {
+        if preview {
             self.client
                 .batch_execute("BEGIN")
                 .map_err(to_connector_error)?;
         }
         let mut stages = Vec::new();
-        for (i, plan) in self.plans.iter().enumerate() {
+        for (i, plan) in plans.iter().enumerate() {
             let st = StageSql::new(&mut self.client, plan, i)?;
             if plan.action != StageAction::Insert {
                 let cols: Vec<String> = (0..st.columns.len())
@@ -568,11 +550,34 @@ impl PostgresDestination {
     }
 }
 
-impl SavepointWriter for PostgresDestination {
+impl SqlSession for PostgresSession {
+    type Config = PostgresConfig;
+    type Connection = Client;
     type DbError = postgres::Error;
 
-    fn execute(&mut self, sql: &str) -> Result<(), ConnectorError> {
-        self.client.batch_execute(sql).map_err(to_connector_error)
+    fn connect(config: &PostgresConfig) -> Result<Client, ConnectorError> {
+        config.connect()
+    }
+
+    fn open(client: Client, stages: &[StagePlan], preview: bool) -> Result<Self, ConnectorError> {
+        let mut session = PostgresSession {
+            client,
+            stages: Vec::new(),
+        };
+        session.prepare_session(stages, preview)?;
+        Ok(session)
+    }
+
+    fn connection_lost(&mut self) -> bool {
+        self.client.is_closed()
+    }
+
+    fn execute(&mut self, sql: &str) -> Result<(), postgres::Error> {
+        self.client.batch_execute(sql)
+    }
+
+    fn classify(e: &postgres::Error) -> ConnectorError {
+        super::config::classify(e)
     }
 
     fn write_batch(
@@ -583,50 +588,9 @@ impl SavepointWriter for PostgresDestination {
         self.write_stage(stage, rows)
     }
 
-    fn preview(&self) -> bool {
-        self.preview
-    }
-
     fn match_cols(&self, stage: usize) -> Option<&[usize]> {
         let s = &self.stages[stage];
         (s.plan.action != StageAction::Insert).then_some(s.match_cols.as_slice())
-    }
-
-    fn classify(e: &postgres::Error) -> ConnectorError {
-        super::config::classify(e)
-    }
-}
-
-impl Destination for PostgresDestination {
-    fn begin(&mut self) -> Result<(), ConnectorError> {
-        if self.client.is_closed() {
-            if self.preview {
-                return Err(ConnectorError::Io(
-                    "the connection was lost during a preview; its work is gone".into(),
-                ));
-            }
-            // A server that does not take the new connection is still "lost":
-            // the engine's retry policy applies, then the job fails.
-            self.client = self.config.connect().map_err(reconnect_failed)?;
-            self.prepare_session()?;
-        }
-        self.begin_batch()
-    }
-
-    fn write(
-        &mut self,
-        stage: usize,
-        rows: &[&[Value]],
-    ) -> Result<Vec<WriteResult>, ConnectorError> {
-        self.write_in_savepoint(stage, rows)
-    }
-
-    fn commit(&mut self) -> Result<(), ConnectorError> {
-        self.commit_batch()
-    }
-
-    fn rollback(&mut self) -> Result<(), ConnectorError> {
-        self.rollback_batch()
     }
 
     fn notes(&self) -> Vec<String> {
@@ -636,16 +600,12 @@ impl Destination for PostgresDestination {
             .collect()
     }
 
-    fn finish(self: Box<Self>) -> Result<(), ConnectorError> {
-        let mut this = *self;
-        if this.client.is_closed() {
+    fn close(self) -> Result<(), ConnectorError> {
+        if self.client.is_closed() {
             // Every batch was committed or reported; a dead connection has
             // nothing left to lose (its loss was already reported).
             return Ok(());
         }
-        if this.preview {
-            let _ = this.client.batch_execute("ROLLBACK");
-        }
-        this.client.close().map_err(to_connector_error)
+        self.client.close().map_err(to_connector_error)
     }
 }

@@ -22,6 +22,7 @@ mod types;
 
 pub use config::PostgresConfig;
 
+use super::sql_destination::SqlDestination;
 use super::{
     ALL_ACTIONS, Capabilities, Connector, ConnectorError, Destination, DestinationRequest,
     Lookup, Origin, OriginInput, OriginRequest,
@@ -54,6 +55,6 @@ impl Connector for PostgresConfig {
         &self,
         req: &DestinationRequest,
     ) -> Result<Box<dyn Destination>, ConnectorError> {
-        destination::open(self, req)
+        SqlDestination::<destination::PostgresSession>::open(self, req)
     }
 }
