@@ -100,7 +100,7 @@ impl FileFinish {
         match self {
             FileFinish::Nothing => Ok(()),
             FileFinish::Rename { tmp, target } => std::fs::rename(&tmp, &target).map_err(|e| {
-                ConnectorError::Io(format!(
+                ConnectorError::failed(format!(
                     "cannot move {} to {}: {e}",
                     tmp.display(),
                     target.display()

@@ -217,7 +217,7 @@ impl Origin for JsonOrigin {
             JsonFormat::Lines => {
                 for (i, line) in reader.lines().enumerate() {
                     let line = line.map_err(|e| {
-                        ConnectorError::Io(format!("reading {}: {e}", self.path.display()))
+                        ConnectorError::failed(format!("reading {}: {e}", self.path.display()))
                     })?;
                     if line.trim().is_empty() {
                         continue;
@@ -244,7 +244,7 @@ impl Origin for JsonOrigin {
                 match res {
                     Ok(()) => Ok(()),
                     Err(_) if stopped => Ok(()),
-                    Err(e) => Err(ConnectorError::Io(format!(
+                    Err(e) => Err(ConnectorError::failed(format!(
                         "{} is not a valid JSON array of objects: {e}",
                         self.path.display()
                     ))),

@@ -146,23 +146,189 @@ pub enum ConnectorError {
         reason: String,
     },
     /// The job asks for something the connection does not have.
-    #[error("{0}")]
-    Schema(String),
+    #[error(transparent)]
+    Schema(Failure),
     /// Reading or writing failed in a way that ends the batch or the job.
-    #[error("{0}")]
-    Io(String),
+    #[error(transparent)]
+    Io(Failure),
     /// The connection was lost; the batch may be retried on a new one.
     #[error("the connection was lost: {0}")]
-    Lost(String),
+    Lost(#[source] Failure),
     /// The destination stopped taking rows (an API that no longer answers,
     /// after its own retries): the batch is not replayed and the job stops.
     #[error("the destination stopped answering: {0}")]
     Unavailable(String),
 }
 
+/// What failed, as a person should read it, and the error behind it.
+#[derive(Debug)]
+pub struct Failure {
+    message: String,
+    cause: Option<Cause>,
+}
+
+impl Failure {
+    /// A failure with `message`, caused by `cause`.
+    pub fn caused(message: impl Into<String>, cause: impl Into<Cause>) -> Self {
+        Failure {
+            message: message.into(),
+            cause: Some(cause.into()),
+        }
+    }
+
+    /// A failure that is its cause, in the cause's own words.
+    pub fn of(cause: impl Into<Cause>) -> Self {
+        let cause = cause.into();
+        Failure {
+            message: cause.to_string(),
+            cause: Some(cause),
+        }
+    }
+
+    /// The message.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    /// The error behind the failure, when there is one.
+    pub fn cause(&self) -> Option<&Cause> {
+        self.cause.as_ref()
+    }
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Failure {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.cause.as_ref().map(|c| c as _)
+    }
+}
+
+impl From<String> for Failure {
+    fn from(message: String) -> Self {
+        Failure {
+            message,
+            cause: None,
+        }
+    }
+}
+
+impl From<&str> for Failure {
+    fn from(message: &str) -> Self {
+        Failure::from(message.to_owned())
+    }
+}
+
+/// The system or driver error behind a [`Failure`].
+#[derive(Debug, thiserror::Error)]
+pub enum Cause {
+    /// A file or socket.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    /// The PostgreSQL driver or server.
+    #[error(transparent)]
+    Postgres(#[from] ::postgres::Error),
+    /// The MySQL driver or server.
+    #[error(transparent)]
+    Mysql(#[from] ::mysql::Error),
+    /// SQLite.
+    #[error(transparent)]
+    Sqlite(#[from] rusqlite::Error),
+    /// The HTTP client.
+    #[error(transparent)]
+    Http(#[from] reqwest::Error),
+    /// A CSV reader or writer.
+    #[error(transparent)]
+    Csv(#[from] ::csv::Error),
+    /// JSON text.
+    #[error(transparent)]
+    Json(#[from] serde_json::Error),
+}
+
+impl Cause {
+    /// The SQLSTATE of a database error: PostgreSQL's code, MySQL's state.
+    pub fn sql_state(&self) -> Option<&str> {
+        match self {
+            Cause::Postgres(e) => e.code().map(|c| c.code()),
+            Cause::Mysql(::mysql::Error::MySqlError(e)) => Some(&e.state),
+            _ => None,
+        }
+    }
+
+    /// A database's own error number: MySQL's error code, SQLite's extended
+    /// result code.
+    pub fn error_code(&self) -> Option<i32> {
+        match self {
+            Cause::Mysql(::mysql::Error::MySqlError(e)) => Some(i32::from(e.code)),
+            Cause::Sqlite(e) => e.sqlite_error().map(|f| f.extended_code),
+            _ => None,
+        }
+    }
+}
+
 impl ConnectorError {
-    pub(crate) fn io(e: impl std::fmt::Display) -> Self {
-        ConnectorError::Io(e.to_string())
+    /// A failure that ends the batch or the job, caused by `e` and worded as it.
+    pub(crate) fn io(e: impl Into<Cause>) -> Self {
+        ConnectorError::Io(Failure::of(e))
+    }
+
+    /// A failure that ends the batch or the job, with no error behind it.
+    pub(crate) fn failed(message: impl Into<String>) -> Self {
+        ConnectorError::Io(Failure::from(message.into()))
+    }
+
+    /// A failure that ends the batch or the job, worded with context, as
+    /// `cause` tells.
+    pub(crate) fn failed_caused(message: impl Into<String>, cause: impl Into<Cause>) -> Self {
+        ConnectorError::Io(Failure::caused(message, cause))
+    }
+
+    /// Something the job asks for that the connection does not have, as
+    /// `cause` (a driver's error) tells.
+    pub(crate) fn schema_caused(message: impl Into<String>, cause: impl Into<Cause>) -> Self {
+        ConnectorError::Schema(Failure::caused(message, cause))
+    }
+
+    /// Something the job asks for that the connection does not have.
+    pub(crate) fn schema(message: impl Into<String>) -> Self {
+        ConnectorError::Schema(Failure::from(message.into()))
+    }
+
+    /// The failure's message and cause, for the kinds that have one.
+    pub fn failure(&self) -> Option<&Failure> {
+        match self {
+            ConnectorError::Schema(f) | ConnectorError::Io(f) | ConnectorError::Lost(f) => Some(f),
+            _ => None,
+        }
+    }
+
+    /// The driver or system error behind this one, taken out.
+    fn into_cause(self) -> Option<Cause> {
+        match self {
+            ConnectorError::Schema(f) | ConnectorError::Io(f) | ConnectorError::Lost(f) => f.cause,
+            _ => None,
+        }
+    }
+
+    /// The driver or system error behind this one.
+    pub fn cause(&self) -> Option<&Cause> {
+        self.failure().and_then(Failure::cause)
+    }
+
+    /// The SQLSTATE of the database error behind this one (PostgreSQL,
+    /// MySQL/MariaDB).
+    pub fn sql_state(&self) -> Option<&str> {
+        self.cause().and_then(Cause::sql_state)
+    }
+
+    /// The database's own error number behind this one (MySQL/MariaDB's
+    /// error code, SQLite's extended result code).
+    pub fn error_code(&self) -> Option<i32> {
+        self.cause().and_then(Cause::error_code)
     }
 }
 
@@ -170,7 +336,13 @@ impl ConnectorError {
 pub(crate) fn reconnect_failed(e: ConnectorError) -> ConnectorError {
     match e {
         lost @ ConnectorError::Lost(_) => lost,
-        other => ConnectorError::Lost(format!("reconnecting failed: {other}")),
+        other => {
+            let message = format!("reconnecting failed: {other}");
+            ConnectorError::Lost(match other.into_cause() {
+                Some(cause) => Failure::caused(message, cause),
+                None => Failure::from(message),
+            })
+        }
     }
 }
 
@@ -446,7 +618,9 @@ impl<C: Connector + Send> Lookup for FileLookup<C> {
                 }
             })?;
             if let Some(e) = bad {
-                return Err(ConnectorError::Io(format!("lookup file {table:?}: {e}")));
+                return Err(ConnectorError::failed(format!(
+                    "lookup file {table:?}: {e}"
+                )));
             }
             self.files
                 .insert(table.to_owned(), (origin.columns().to_vec(), rows));
@@ -458,7 +632,7 @@ impl<C: Connector + Send> Lookup for FileLookup<C> {
                 .position(|c| c == name)
                 .or_else(|| columns.iter().position(|c| c.eq_ignore_ascii_case(name)))
                 .ok_or_else(|| {
-                    ConnectorError::Schema(format!(
+                    ConnectorError::schema(format!(
                         "lookup file {table:?} has no field {name:?}; it has: {}",
                         columns.join(", ")
                     ))
@@ -582,7 +756,7 @@ pub(crate) fn find_columns<'a>(
     table: &str,
 ) -> Result<Vec<&'a (String, String)>, ConnectorError> {
     if existing.is_empty() {
-        return Err(ConnectorError::Schema(format!(
+        return Err(ConnectorError::schema(format!(
             "table {table:?} does not exist (stage {:?}); create it, or add init_sql to the connection",
             plan.name
         )));
@@ -599,7 +773,7 @@ pub(crate) fn find_columns<'a>(
                         .find(|(n, _)| n.eq_ignore_ascii_case(&c.name))
                 })
                 .ok_or_else(|| {
-                    ConnectorError::Schema(format!(
+                    ConnectorError::schema(format!(
                         "table {table:?} has no column {:?} (stage {:?}); it has: {}",
                         c.name,
                         plan.name,
@@ -632,8 +806,8 @@ pub fn bind_tokens(
     query: &str,
     variables: &BTreeMap<String, Value>,
     placeholder: impl Fn(usize) -> String,
-) -> Result<(String, Vec<Value>), String> {
-    let template = Template::parse(query)?;
+) -> Result<(String, Vec<Value>), BindError> {
+    let template = Template::parse(query).map_err(BindError::Template)?;
     let mut sql = String::with_capacity(query.len());
     let mut params = Vec::new();
     let parts = &template.parts;
@@ -666,14 +840,29 @@ pub fn bind_tokens(
                 params.push(v);
                 sql.push_str(&placeholder(params.len()));
             }
-            Part::Token(t) => {
-                return Err(format!(
-                    "{t} cannot be used in an origin query: only @@VAR:…@@ tokens are known before rows are read"
-                ));
-            }
+            Part::Token(t) => return Err(BindError::NotKnownYet(t.to_string())),
         }
     }
     Ok((sql, params))
+}
+
+/// Why a query's tokens cannot be bound.
+#[derive(Debug, thiserror::Error)]
+pub enum BindError {
+    /// The query's tokens do not parse.
+    #[error("{0}")]
+    Template(String),
+    /// A token whose value comes from rows (only `@@VAR:…@@` is known before).
+    #[error(
+        "{0} cannot be used in an origin query: only @@VAR:…@@ tokens are known before rows are read"
+    )]
+    NotKnownYet(String),
+}
+
+impl From<BindError> for ConnectorError {
+    fn from(e: BindError) -> Self {
+        ConnectorError::schema(e.to_string())
+    }
 }
 
 fn quoted_before(parts: &[Part], token: usize) -> bool {
@@ -743,6 +932,23 @@ mod tests {
             e.contains("unknown variant `oracle`, expected one of `csv`, `json`, `sqlite`, `postgres`, `postgresql`, `mariadb`, `mysql`, `http`"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_sqlite_error_keeps_its_extended_code() {
+        let conn = rusqlite::Connection::open_in_memory().unwrap();
+        conn.execute_batch("CREATE TABLE t (a INTEGER PRIMARY KEY); INSERT INTO t VALUES (1)")
+            .unwrap();
+        let e = ConnectorError::io(conn.execute_batch("INSERT INTO t VALUES (1)").unwrap_err());
+        // SQLITE_CONSTRAINT_PRIMARYKEY
+        assert_eq!(e.error_code(), Some(1555));
+        assert_eq!(e.sql_state(), None);
+        let lost = reconnect_failed(e);
+        assert!(
+            lost.to_string()
+                .starts_with("the connection was lost: reconnecting failed: ")
+        );
+        assert_eq!(lost.error_code(), Some(1555));
     }
 
     #[test]

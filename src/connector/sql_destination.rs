@@ -63,7 +63,7 @@ pub(crate) trait SqlSession: Sized + Send {
     /// Runs SQL that returns no rows.
     fn execute(&mut self, sql: &str) -> Result<(), Self::DbError>;
     /// The driver's error as a lost connection or a failure.
-    fn classify(e: &Self::DbError) -> ConnectorError;
+    fn classify(e: Self::DbError) -> ConnectorError;
     /// The stage's set-based write of the batch.
     fn write_batch(
         &mut self,
@@ -129,7 +129,7 @@ impl<S: SqlSession + 'static> SqlDestination<S> {
 
 /// A driver result as the connector's.
 fn checked<S: SqlSession>(r: Result<(), S::DbError>) -> Result<(), ConnectorError> {
-    r.map_err(|e| S::classify(&e))
+    r.map_err(S::classify)
 }
 
 impl<S: SqlSession> SqlDestination<S> {
@@ -176,25 +176,25 @@ impl<S: SqlSession> Destination for SqlDestination<S> {
             ));
         }
         checked::<S>(self.session.savepoint(WRITE))?;
-        let msg = match self.session.write_batch(stage, rows) {
+        let failed = match self.session.write_batch(stage, rows) {
             Ok(actions) => {
                 checked::<S>(self.session.release_savepoint(WRITE))?;
                 return Ok(actions.into_iter().map(Ok).collect());
             }
-            Err(BatchError::Db(e)) => match S::classify(&e) {
+            Err(BatchError::Db(e)) => match S::classify(e) {
                 lost @ ConnectorError::Lost(_) => return Err(lost),
-                other => other.to_string(),
+                other => other,
             },
-            Err(BatchError::Changed) => {
-                "the table changed while the batch was written (another writer)".into()
-            }
+            Err(BatchError::Changed) => ConnectorError::failed(
+                "the table changed while the batch was written (another writer)",
+            ),
         };
         self.undo_write()?;
         if rows.len() == 1 {
             // One row: its own error, and the transaction goes on.
-            Ok(vec![Err(msg)])
+            Ok(vec![Err(failed.to_string())])
         } else {
-            Err(ConnectorError::Io(msg))
+            Err(failed)
         }
     }
 

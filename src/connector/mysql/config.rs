@@ -6,7 +6,7 @@ use mysql::prelude::Queryable;
 use mysql::{Conn, Opts, OptsBuilder};
 use serde::Deserialize;
 
-use crate::connector::{ConnectorError, redact_url};
+use crate::connector::{ConnectorError, Failure, redact_url};
 
 /// `kind = "mysql"` (or `"mariadb"`): a MySQL or MariaDB database.
 #[derive(Debug, Clone, Deserialize)]
@@ -42,7 +42,7 @@ impl MysqlConfig {
         conn.query_drop(SESSION).map_err(|e| open(e.to_string()))?;
         for sql in &self.init_sql {
             conn.query_drop(sql)
-                .map_err(|e| ConnectorError::Schema(format!("init_sql failed: {e}")))?;
+                .map_err(|e| ConnectorError::schema_caused(format!("init_sql failed: {e}"), e))?;
         }
         Ok(conn)
     }
@@ -61,14 +61,37 @@ pub(super) fn is_lost(e: &mysql::Error) -> bool {
 }
 
 pub(super) fn to_connector_error(e: mysql::Error) -> ConnectorError {
-    classify(&e)
+    classify(e)
 }
 
 /// The error as a lost connection (retry on a new one) or a failure.
-pub(super) fn classify(e: &mysql::Error) -> ConnectorError {
-    if is_lost(e) {
-        ConnectorError::Lost(e.to_string())
+pub(super) fn classify(e: mysql::Error) -> ConnectorError {
+    if is_lost(&e) {
+        ConnectorError::Lost(Failure::of(e))
     } else {
-        ConnectorError::Io(e.to_string())
+        ConnectorError::Io(Failure::of(e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_server_error_keeps_its_number_and_sqlstate() {
+        let config = MysqlConfig {
+            url: "mysql://root@127.0.0.1:3306/test".into(),
+            init_sql: vec![],
+            connect_timeout_secs: 10,
+        };
+        let mut conn = config.connect().expect("the test server (see RULES.md)");
+        let e = conn
+            .query_drop("SELECT * FROM tidepool_no_such_table")
+            .unwrap_err();
+        let shown = e.to_string();
+        let e = classify(e);
+        assert_eq!(e.error_code(), Some(1146));
+        assert_eq!(e.sql_state(), Some("42S02"));
+        assert_eq!(e.to_string(), shown);
     }
 }

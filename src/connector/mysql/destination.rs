@@ -53,7 +53,7 @@ impl StageSql {
         let table = plan
             .table
             .clone()
-            .ok_or_else(|| ConnectorError::Schema(format!("stage {:?} has no table", plan.name)))?;
+            .ok_or_else(|| ConnectorError::schema(format!("stage {:?} has no table", plan.name)))?;
         let (schema_sql, name) = match table.split_once('.') {
             Some((db, t)) => ("?", (Some(db.to_owned()), t.to_owned())),
             None => ("DATABASE()", (None, table.clone())),
@@ -592,7 +592,7 @@ impl SqlSession for MysqlSession {
         self.conn.query_drop(sql)
     }
 
-    fn classify(e: &mysql::Error) -> ConnectorError {
+    fn classify(e: mysql::Error) -> ConnectorError {
         super::config::classify(e)
     }
 

@@ -7,7 +7,7 @@ use super::MysqlConfig;
 use super::config::{is_lost, to_connector_error};
 use super::types::{from_mysql, quote_ident, to_param};
 use crate::connector::{
-    ConnectorError, Flow, Lookup, Origin, OriginRequest, RowRead, bind_tokens, lookup_sql,
+    ConnectorError, Failure, Flow, Lookup, Origin, OriginRequest, RowRead, bind_tokens, lookup_sql,
 };
 use crate::value::{Row, Value};
 
@@ -18,15 +18,15 @@ req: &OriginRequest,
 ) -> Result<Box<dyn Origin>, ConnectorError> {
     let query = req
         .query
-        .ok_or_else(|| ConnectorError::Schema("a mysql origin needs origin.query".into()))?;
+        .ok_or_else(|| ConnectorError::schema("a mysql origin needs origin.query"))?;
     let mut conn = config.connect()?;
     let (sql, params) = bind_tokens(query.trim().trim_end_matches(';'), req.variables, |_| {
         "?".into()
     })
-    .map_err(ConnectorError::Schema)?;
+    ?;
     let stmt = conn
         .prep(&sql)
-        .map_err(|e| ConnectorError::Schema(format!("origin query: {e}")))?;
+        .map_err(|e| ConnectorError::schema_caused(format!("origin query: {e}"), e))?;
     let columns = stmt
         .columns()
         .iter()
@@ -69,8 +69,8 @@ impl Lookup for MysqlLookup {
             self.conn
                 .exec_first(&sql, params)
                 .map_err(|e| match is_lost(&e) {
-                    true => ConnectorError::Lost(e.to_string()),
-                    false => ConnectorError::Schema(format!("lookup in {table:?}: {e}")),
+                    true => ConnectorError::Lost(Failure::of(e)),
+                    false => ConnectorError::schema_caused(format!("lookup in {table:?}: {e}"), e),
                 })?;
         Ok(row.map(|mut r| from_mysql(r.take(0).unwrap_or(mysql::Value::NULL))))
     }

@@ -6,7 +6,7 @@ use std::time::Duration;
 use postgres::{Client, NoTls};
 use serde::Deserialize;
 
-use crate::connector::{ConnectorError, redact_url};
+use crate::connector::{Cause, ConnectorError, Failure, redact_url};
 
 /// `kind = "postgres"`: a PostgreSQL database.
 #[derive(Debug, Clone, Deserialize)]
@@ -43,7 +43,7 @@ impl PostgresConfig {
         })?;
         for sql in &self.init_sql {
             client.batch_execute(sql).map_err(|e| {
-                ConnectorError::Schema(format!("init_sql failed: {}", pg_message(&e)))
+                ConnectorError::schema(format!("init_sql failed: {}", pg_message(&e)))
             })?;
         }
         Ok(client)
@@ -82,14 +82,38 @@ pub(super) fn is_lost(e: &postgres::Error) -> bool {
 }
 
 pub(super) fn to_connector_error(e: postgres::Error) -> ConnectorError {
-    classify(&e)
+    classify(e)
 }
 
 /// The error as a lost connection (retry on a new one) or a failure.
-pub(super) fn classify(e: &postgres::Error) -> ConnectorError {
-    if is_lost(e) {
-        ConnectorError::Lost(pg_message(e))
+pub(super) fn classify(e: postgres::Error) -> ConnectorError {
+    let failure = Failure::caused(pg_message(&e), e);
+    if failure.cause().is_some_and(|c| matches!(c, Cause::Postgres(e) if is_lost(e))) {
+        ConnectorError::Lost(failure)
     } else {
-        ConnectorError::Io(pg_message(e))
+        ConnectorError::Io(failure)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_server_error_keeps_its_sqlstate_and_its_message() {
+        let config = PostgresConfig {
+            url: "postgres://postgres@127.0.0.1:5432/test".into(),
+            init_sql: vec![],
+            connect_timeout_secs: 10,
+        };
+        let mut client = config.connect().expect("the test server (see RULES.md)");
+        let e = client
+            .batch_execute("SELECT * FROM tidepool_no_such_table")
+            .unwrap_err();
+        let shown = pg_message(&e);
+        let e = classify(e);
+        assert_eq!(e.sql_state(), Some("42P01"));
+        assert_eq!(e.to_string(), shown);
+        assert!(std::error::Error::source(&e).is_some());
     }
 }

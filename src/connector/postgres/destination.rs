@@ -61,13 +61,13 @@ impl StageSql {
         let table = plan
             .table
             .clone()
-            .ok_or_else(|| ConnectorError::Schema(format!("stage {:?} has no table", plan.name)))?;
+            .ok_or_else(|| ConnectorError::schema(format!("stage {:?} has no table", plan.name)))?;
         let found = client
             .query_opt("SELECT to_regclass($1::text)::text", &[&table])
             .map_err(to_connector_error)?;
         let qualified: Option<String> = found.and_then(|r| r.get(0));
         let Some(qualified) = qualified else {
-            return Err(ConnectorError::Schema(format!(
+            return Err(ConnectorError::schema(format!(
                 "table {table:?} does not exist (stage {:?}); create it, or add init_sql to the connection",
                 plan.name
             )));
@@ -576,7 +576,7 @@ impl SqlSession for PostgresSession {
         self.client.batch_execute(sql)
     }
 
-    fn classify(e: &postgres::Error) -> ConnectorError {
+    fn classify(e: postgres::Error) -> ConnectorError {
         super::config::classify(e)
     }
 

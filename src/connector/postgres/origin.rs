@@ -20,14 +20,14 @@ req: &OriginRequest,
 ) -> Result<Box<dyn Origin>, ConnectorError> {
     let query = req
         .query
-        .ok_or_else(|| ConnectorError::Schema("a postgres origin needs origin.query".into()))?;
+        .ok_or_else(|| ConnectorError::schema("a postgres origin needs origin.query"))?;
     let mut client = config.connect()?;
     let query = query.trim().trim_end_matches(';');
     let (sql, params) = bind_tokens(query, req.variables, |n| format!("${n}"))
-        .map_err(ConnectorError::Schema)?;
+        ?;
     let first = client
         .prepare(&sql)
-        .map_err(|e| ConnectorError::Schema(format!("origin query: {}", pg_message(&e))))?;
+        .map_err(|e| ConnectorError::schema_caused(format!("origin query: {}", pg_message(&e)), e))?;
     // Parameters travel as text, cast to what the server expects there.
     let param_types: Vec<Type> = first.params().to_vec();
     let sql = if param_types.iter().all(|t| *t == Type::TEXT) {
@@ -37,12 +37,12 @@ req: &OriginRequest,
             Some(t) if *t != Type::TEXT => format!("(${n}::text::{})", t.name()),
             _ => format!("${n}"),
         })
-        .map_err(ConnectorError::Schema)?
+        ?
         .0
     };
     let stmt = client
         .prepare(&sql)
-        .map_err(|e| ConnectorError::Schema(format!("origin query: {}", pg_message(&e))))?;
+        .map_err(|e| ConnectorError::schema_caused(format!("origin query: {}", pg_message(&e)), e))?;
     let columns: Vec<String> = stmt.columns().iter().map(|c| c.name().to_owned()).collect();
     // Types tidepool does not read natively are read as their text form
     // (numeric stays exact, timestamps keep their zone).
@@ -67,7 +67,7 @@ req: &OriginRequest,
         let wrapped = format!("SELECT {} FROM ({sql}) AS q", list.join(", "));
         client
             .prepare(&wrapped)
-            .map_err(|e| ConnectorError::Schema(format!("origin query: {}", pg_message(&e))))?
+            .map_err(|e| ConnectorError::schema_caused(format!("origin query: {}", pg_message(&e)), e))?
     } else {
         stmt
     };
@@ -112,7 +112,7 @@ impl Lookup for PostgresLookup {
             Some(s) => s.clone(),
             None => {
                 let bad = |e: postgres::Error| {
-                    ConnectorError::Schema(format!("lookup in {table:?}: {}", pg_message(&e)))
+                    ConnectorError::schema_caused(format!("lookup in {table:?}: {}", pg_message(&e)), e)
                 };
                 let first = self.client.prepare(&plain).map_err(bad)?;
                 // Criteria travel as text, cast to the column's type (as origin tokens do);
