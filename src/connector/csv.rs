@@ -150,6 +150,7 @@ impl Connector for CsvConfig {
         let file = File::open(&path).map_err(|e| ConnectorError::Open {
             what: format!("csv file {}", path.display()),
             reason: e.to_string(),
+            cause: Some(e.into()),
         })?;
         self.origin_from_reader(Box::new(file), path)
     }

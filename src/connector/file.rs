@@ -40,6 +40,7 @@ impl FileTarget {
         let open_err = |e: std::io::Error| ConnectorError::Open {
             what: format!("file {}", path.display()),
             reason: e.to_string(),
+            cause: Some(e.into()),
         };
         if preview {
             let is_empty = mode == FileMode::Overwrite

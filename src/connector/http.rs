@@ -143,6 +143,7 @@ impl HttpConfig {
             .map_err(|e| ConnectorError::Open {
                 what: format!("http client for {}", self.base_url),
                 reason: e.to_string(),
+                cause: Some(e.into()),
             })
     }
 

@@ -89,6 +89,7 @@ impl Connector for JsonConfig {
         let file = File::open(&path).map_err(|e| ConnectorError::Open {
             what: format!("json file {}", path.display()),
             reason: e.to_string(),
+            cause: Some(e.into()),
         })?;
         Ok(self.origin_from_reader(Box::new(file), path, req.fields))
     }

@@ -144,6 +144,9 @@ pub enum ConnectorError {
         what: String,
         /// Why it failed.
         reason: String,
+        /// The error behind it.
+        #[source]
+        cause: Option<Cause>,
     },
     /// The job asks for something the connection does not have.
     #[error(transparent)]
@@ -309,6 +312,7 @@ impl ConnectorError {
     /// The driver or system error behind this one, taken out.
     fn into_cause(self) -> Option<Cause> {
         match self {
+            ConnectorError::Open { cause, .. } => cause,
             ConnectorError::Schema(f) | ConnectorError::Io(f) | ConnectorError::Lost(f) => f.cause,
             _ => None,
         }
@@ -316,7 +320,10 @@ impl ConnectorError {
 
     /// The driver or system error behind this one.
     pub fn cause(&self) -> Option<&Cause> {
-        self.failure().and_then(Failure::cause)
+        match self {
+            ConnectorError::Open { cause, .. } => cause.as_ref(),
+            other => other.failure().and_then(Failure::cause),
+        }
     }
 
     /// The SQLSTATE of the database error behind this one (PostgreSQL,

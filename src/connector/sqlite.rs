@@ -57,12 +57,14 @@ impl SqliteConfig {
                 std::fs::create_dir_all(dir).map_err(|e| ConnectorError::Open {
                     what: format!("sqlite database {}", path.display()),
                     reason: e.to_string(),
+                    cause: Some(e.into()),
                 })?;
             }
         }
-        let open_err = |reason: String| ConnectorError::Open {
+        let open_err = |reason: String, cause: Option<rusqlite::Error>| ConnectorError::Open {
             what: format!("sqlite database {}", path.display()),
             reason,
+            cause: cause.map(Into::into),
         };
         let conn = if path.exists() || create {
             Connection::open_with_flags(&path, flags)
@@ -73,11 +75,12 @@ impl SqliteConfig {
         } else {
             return Err(open_err(
                 "the file does not exist (give init_sql to create it)".into(),
+                None,
             ));
         }
-        .map_err(|e| open_err(e.to_string()))?;
+        .map_err(|e| open_err(e.to_string(), Some(e)))?;
         conn.busy_timeout(Duration::from_millis(self.busy_timeout_ms))
-            .map_err(|e| open_err(e.to_string()))?;
+            .map_err(|e| open_err(e.to_string(), Some(e)))?;
         conn.set_prepared_statement_cache_capacity(64);
         if let Some(mode) = &self.journal_mode {
             let m = mode.to_ascii_lowercase();
@@ -89,7 +92,7 @@ impl SqliteConfig {
             }
             if !preview {
                 conn.query_row(&format!("PRAGMA journal_mode={m}"), [], |_| Ok(()))
-                    .map_err(|e| open_err(format!("setting journal_mode: {e}")))?;
+                    .map_err(|e| open_err(format!("setting journal_mode: {e}"), Some(e)))?;
             }
         }
         if let Some(mode) = &self.synchronous {
@@ -101,7 +104,7 @@ impl SqliteConfig {
                 )));
             }
             conn.execute_batch(&format!("PRAGMA synchronous={m}"))
-                .map_err(|e| open_err(format!("setting synchronous: {e}")))?;
+                .map_err(|e| open_err(format!("setting synchronous: {e}"), Some(e)))?;
         }
         Ok((conn, path))
     }

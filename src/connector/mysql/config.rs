@@ -31,15 +31,16 @@ const SESSION: &str = "SET NAMES utf8mb4, SESSION sql_mode = 'STRICT_ALL_TABLES,
 
 impl MysqlConfig {
     pub(super) fn connect(&self) -> Result<Conn, ConnectorError> {
-        let open = |reason: String| ConnectorError::Open {
+        let open = |reason: String, cause: Option<mysql::Error>| ConnectorError::Open {
             what: format!("mysql database {}", redact_url(&self.url)),
             reason,
+            cause: cause.map(Into::into),
         };
-        let opts = Opts::from_url(&self.url).map_err(|e| open(format!("bad url: {e}")))?;
+        let opts = Opts::from_url(&self.url).map_err(|e| open(format!("bad url: {e}"), None))?;
         let opts = OptsBuilder::from_opts(opts)
             .tcp_connect_timeout(Some(Duration::from_secs(self.connect_timeout_secs)));
-        let mut conn = Conn::new(opts).map_err(|e| open(e.to_string()))?;
-        conn.query_drop(SESSION).map_err(|e| open(e.to_string()))?;
+        let mut conn = Conn::new(opts).map_err(|e| open(e.to_string(), Some(e)))?;
+        conn.query_drop(SESSION).map_err(|e| open(e.to_string(), Some(e)))?;
         for sql in &self.init_sql {
             conn.query_drop(sql)
                 .map_err(|e| ConnectorError::schema_caused(format!("init_sql failed: {e}"), e))?;

@@ -29,9 +29,10 @@ fn default_connect_secs() -> u64 {
 
 impl PostgresConfig {
     pub(super) fn connect(&self) -> Result<Client, ConnectorError> {
-        let mut cfg: postgres::Config = self.url.parse().map_err(|e| ConnectorError::Open {
+        let mut cfg: postgres::Config = self.url.parse().map_err(|e: postgres::Error| ConnectorError::Open {
             what: "postgres connection".into(),
             reason: format!("bad url: {e}"),
+            cause: Some(e.into()),
         })?;
         cfg.connect_timeout(Duration::from_secs(self.connect_timeout_secs));
         if cfg.get_application_name().is_none() {
@@ -40,6 +41,7 @@ impl PostgresConfig {
         let mut client = cfg.connect(NoTls).map_err(|e| ConnectorError::Open {
             what: format!("postgres database {}", redact_url(&self.url)),
             reason: pg_message(&e),
+            cause: Some(e.into()),
         })?;
         for sql in &self.init_sql {
             client.batch_execute(sql).map_err(|e| {
@@ -115,5 +117,21 @@ mod tests {
         assert_eq!(e.sql_state(), Some("42P01"));
         assert_eq!(e.to_string(), shown);
         assert!(std::error::Error::source(&e).is_some());
+    }
+
+    #[test]
+    fn a_refused_login_keeps_its_sqlstate() {
+        let config = PostgresConfig {
+            url: "postgres://postgres@127.0.0.1:5432/tidepool_no_such_database".into(),
+            init_sql: vec![],
+            connect_timeout_secs: 10,
+        };
+        let e = config.connect().err().expect("no such database");
+        assert!(
+            e.to_string().starts_with("cannot open postgres database postgres://postgres@127.0.0.1:5432/tidepool_no_such_database: "),
+            "{e}"
+        );
+        // invalid_catalog_name
+        assert_eq!(e.sql_state(), Some("3D000"));
     }
 }
