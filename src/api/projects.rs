@@ -10,7 +10,7 @@ use serde_json::json;
 use super::AppState;
 use super::auth::Caller;
 use super::runs::json_error;
-use crate::connector::ConnectionConfig;
+use crate::connector::Target;
 use crate::project::{Field, FieldSource, Job, OriginSpec, Project, Stage};
 use crate::server::Service;
 use crate::server::reload::FailedProject;
@@ -287,13 +287,9 @@ fn origin_use(p: &Project, o: &OriginSpec) -> ConnectionUse {
 /// file connection's.
 fn connection_use(p: &Project, name: &str, path: Option<&std::path::Path>) -> ConnectionUse {
     let config = p.connections.get(name);
-    let (file, target) = match config {
-        Some(ConnectionConfig::Csv(c)) => (Some(c.path.as_path()), None),
-        Some(ConnectionConfig::Json(c)) => (Some(c.path.as_path()), None),
-        Some(ConnectionConfig::Sqlite(c)) => (Some(c.path.as_path()), None),
-        Some(ConnectionConfig::Postgres(c)) => (None, Some(redacted_address(&c.url))),
-        Some(ConnectionConfig::Mysql(c)) => (None, Some(redacted_address(&c.url))),
-        Some(ConnectionConfig::Http(c)) => (None, Some(redacted_address(&c.base_url))),
+    let (file, target) = match config.map(|c| c.connector().target()) {
+        Some(Target::File(f)) => (Some(f), None),
+        Some(Target::Address(a)) => (None, Some(redacted_address(a))),
         None => (None, None),
     };
     ConnectionUse {

@@ -47,7 +47,7 @@ impl CsvConfig {
             return Ok(None);
         };
         let enc = Encoding::for_label(label.trim().as_bytes()).ok_or_else(|| {
-            ConnectorError::Schema(format!(
+            ConnectorError::schema(format!(
                 "unknown csv encoding {label:?}: give a label such as utf-8, windows-1252, iso-8859-15, utf-16le or shift_jis"
             ))
         })?;
@@ -120,15 +120,15 @@ fn ascii(c: char, what: &str) -> Result<u8, ConnectorError> {
     if c.is_ascii() {
         Ok(c as u8)
     } else {
-        Err(ConnectorError::Schema(format!(
+        Err(ConnectorError::schema(format!(
             "csv {what} must be one ASCII character, not {c:?}"
         )))
     }
 }
 
 impl Connector for CsvConfig {
-    fn kind(&self) -> &'static str {
-        "csv"
+    fn target(&self) -> super::Target<'_> {
+        super::Target::File(&self.path)
     }
 
     fn file_path(&self) -> Option<&Path> {
@@ -150,6 +150,7 @@ impl Connector for CsvConfig {
         let file = File::open(&path).map_err(|e| ConnectorError::Open {
             what: format!("csv file {}", path.display()),
             reason: e.to_string(),
+            cause: Some(e.into()),
         })?;
         self.origin_from_reader(Box::new(file), path)
     }
@@ -176,7 +177,7 @@ impl Connector for CsvConfig {
         if let Some(enc) = encoding
             && !enc.is_ascii_compatible()
         {
-            return Err(ConnectorError::Schema(format!(
+            return Err(ConnectorError::schema(format!(
                 "a csv destination cannot be written in {}: choose an ASCII-compatible encoding",
                 enc.name()
             )));
@@ -201,8 +202,8 @@ impl Connector for CsvConfig {
                 .map(|h| Value::from(h.as_str()))
                 .collect();
             dest.write_row(&names)
-                .map_err(|e| ConnectorError::Schema(format!("the header: {e}")))?
-                .map_err(ConnectorError::Schema)?;
+                .map_err(|e| ConnectorError::schema(format!("the header: {e}")))?
+                .map_err(ConnectorError::schema)?;
         }
         Ok(Box::new(dest))
     }
@@ -216,7 +217,7 @@ fn read_record(
 ) -> Result<bool, ConnectorError> {
     match reader.read_record(rec) {
         Ok(more) => Ok(more),
-        Err(e) => Err(ConnectorError::Io(format!(
+        Err(e) => Err(ConnectorError::failed(format!(
             "reading {}: {e}",
             path.display()
         ))),
@@ -272,7 +273,7 @@ impl Origin for CsvOrigin {
                         err.field() + 1
                     )),
                     _ => {
-                        return Err(ConnectorError::Io(format!(
+                        return Err(ConnectorError::failed(format!(
                             "reading {}: {e}",
                             self.path.display()
                         )));
@@ -368,7 +369,7 @@ impl Destination for CsvDestination {
         let mut inner = this
             .writer
             .into_inner()
-            .map_err(|e| ConnectorError::io(e.error()))?;
+            .map_err(|e| ConnectorError::io(e.into_error()))?;
         inner.flush().map_err(ConnectorError::io)?;
         drop(inner);
         this.finish.run()

@@ -40,6 +40,7 @@ impl FileTarget {
         let open_err = |e: std::io::Error| ConnectorError::Open {
             what: format!("file {}", path.display()),
             reason: e.to_string(),
+            cause: Some(e.into()),
         };
         if preview {
             let is_empty = mode == FileMode::Overwrite
@@ -100,7 +101,7 @@ impl FileFinish {
         match self {
             FileFinish::Nothing => Ok(()),
             FileFinish::Rename { tmp, target } => std::fs::rename(&tmp, &target).map_err(|e| {
-                ConnectorError::Io(format!(
+                ConnectorError::failed(format!(
                     "cannot move {} to {}: {e}",
                     tmp.display(),
                     target.display()

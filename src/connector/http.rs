@@ -143,6 +143,7 @@ impl HttpConfig {
             .map_err(|e| ConnectorError::Open {
                 what: format!("http client for {}", self.base_url),
                 reason: e.to_string(),
+                cause: Some(e.into()),
             })
     }
 
@@ -170,7 +171,7 @@ impl HttpConfig {
     }
 
     /// Sends, retrying 429/5xx and failures to connect, honouring Retry-After.
-    fn send(&self, make: &dyn Fn() -> RequestBuilder) -> Result<Response, String> {
+    fn send(&self, make: &dyn Fn() -> RequestBuilder) -> Result<Response, reqwest::Error> {
         let mut attempt = 0;
         loop {
             let res = self.prepare(make()).send();
@@ -199,7 +200,7 @@ impl HttpConfig {
                     std::thread::sleep(wait);
                     attempt += 1;
                 }
-                _ => return res.map_err(|e| e.to_string()),
+                _ => return res,
             }
         }
     }
@@ -221,8 +222,8 @@ impl HttpConfig {
 }
 
 impl Connector for HttpConfig {
-    fn kind(&self) -> &'static str {
-        "http"
+    fn target(&self) -> super::Target<'_> {
+        super::Target::Address(&self.base_url)
     }
 
     fn capabilities(&self) -> Capabilities {
@@ -237,7 +238,7 @@ impl Connector for HttpConfig {
 
     fn open_origin(&self, req: &OriginRequest) -> Result<Box<dyn Origin>, ConnectorError> {
         let query = req.query.unwrap_or("");
-        let template = Template::parse(query).map_err(|e| ConnectorError::Schema(e.to_string()))?;
+        let template = Template::parse(query).map_err(|e| ConnectorError::schema(e.to_string()))?;
         let mut path = String::new();
         for part in &template.parts {
             match part {
@@ -252,7 +253,7 @@ impl Connector for HttpConfig {
                     path.push_str(&encode(&v));
                 }
                 Part::Token(t) => {
-                    return Err(ConnectorError::Schema(format!(
+                    return Err(ConnectorError::schema(format!(
                         "{t} cannot be used in an origin request: only @@VAR:…@@ tokens are known before rows are read"
                     )));
                 }
@@ -332,20 +333,20 @@ impl Lookup for HttpLookup {
         let resp = self
             .config
             .send(&|| self.client.get(&url))
-            .map_err(|e| ConnectorError::Io(format!("lookup GET {url}: {e}")))?;
+            .map_err(|e| ConnectorError::failed_caused(format!("lookup GET {url}: {e}"), e))?;
         let status = resp.status();
         if status == StatusCode::NOT_FOUND {
             return Ok(None);
         }
         if !status.is_success() {
             let body = resp.text().unwrap_or_default();
-            return Err(ConnectorError::Io(format!(
+            return Err(ConnectorError::failed(format!(
                 "lookup GET {url}: HTTP {status}: {}",
                 body.chars().take(200).collect::<String>()
             )));
         }
         let answer: serde_json::Value = resp.json().map_err(|e| {
-            ConnectorError::Io(format!("lookup GET {url}: the answer is not JSON: {e}"))
+            ConnectorError::failed(format!("lookup GET {url}: the answer is not JSON: {e}"))
         })?;
         let records = match pointer(&answer, &self.config.records) {
             Some(serde_json::Value::Array(a)) => a.iter().collect(),
@@ -390,17 +391,17 @@ impl HttpOrigin {
         let resp = self
             .config
             .send(&|| self.client.get(url))
-            .map_err(|e| ConnectorError::Io(format!("GET {url}: {e}")))?;
+            .map_err(|e| ConnectorError::failed_caused(format!("GET {url}: {e}"), e))?;
         let status = resp.status();
         if !status.is_success() {
             let body = resp.text().unwrap_or_default();
-            return Err(ConnectorError::Io(format!(
+            return Err(ConnectorError::failed(format!(
                 "GET {url}: HTTP {status}: {}",
                 body.chars().take(200).collect::<String>()
             )));
         }
         resp.json()
-            .map_err(|e| ConnectorError::Io(format!("GET {url}: the answer is not JSON: {e}")))
+            .map_err(|e| ConnectorError::failed_caused(format!("GET {url}: the answer is not JSON: {e}"), e))
     }
 
     fn row(&self, v: serde_json::Value) -> RowRead {
@@ -450,7 +451,7 @@ impl Origin for HttpOrigin {
                 Some(serde_json::Value::Array(a)) => a.clone(),
                 Some(serde_json::Value::Null) | None => Vec::new(),
                 Some(_) => {
-                    return Err(ConnectorError::Io(format!(
+                    return Err(ConnectorError::failed(format!(
                         "GET {url}: {:?} in the answer is not an array",
                         self.config.records
                     )));
@@ -675,7 +676,7 @@ impl HttpDestination {
         if rows.len() == 1 {
             Ok(vec![Err(failure)])
         } else {
-            Err(ConnectorError::Io(failure))
+            Err(ConnectorError::failed(failure))
         }
     }
 }

@@ -66,8 +66,8 @@ impl JsonConfig {
 }
 
 impl Connector for JsonConfig {
-    fn kind(&self) -> &'static str {
-        "json"
+    fn target(&self) -> super::Target<'_> {
+        super::Target::File(&self.path)
     }
 
     fn file_path(&self) -> Option<&Path> {
@@ -89,6 +89,7 @@ impl Connector for JsonConfig {
         let file = File::open(&path).map_err(|e| ConnectorError::Open {
             what: format!("json file {}", path.display()),
             reason: e.to_string(),
+            cause: Some(e.into()),
         })?;
         Ok(self.origin_from_reader(Box::new(file), path, req.fields))
     }
@@ -217,7 +218,7 @@ impl Origin for JsonOrigin {
             JsonFormat::Lines => {
                 for (i, line) in reader.lines().enumerate() {
                     let line = line.map_err(|e| {
-                        ConnectorError::Io(format!("reading {}: {e}", self.path.display()))
+                        ConnectorError::failed(format!("reading {}: {e}", self.path.display()))
                     })?;
                     if line.trim().is_empty() {
                         continue;
@@ -244,7 +245,7 @@ impl Origin for JsonOrigin {
                 match res {
                     Ok(()) => Ok(()),
                     Err(_) if stopped => Ok(()),
-                    Err(e) => Err(ConnectorError::Io(format!(
+                    Err(e) => Err(ConnectorError::failed(format!(
                         "{} is not a valid JSON array of objects: {e}",
                         self.path.display()
                     ))),

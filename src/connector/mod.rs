@@ -1,17 +1,17 @@
-//! Connectors: one file per kind, each an origin and a destination.
+//! Connectors: one module per kind, each an origin and a destination.
 //!
 //! A kind is a serde config struct (one variant of [`ConnectionConfig`]) that
-//! implements [`Connector`]; adding a kind means adding one file and one line
-//! in the enum below. Connectors never count or log run results: they report
-//! what happened to each row and the engine counts.
+//! implements [`Connector`]; adding a kind means adding its module (a file or
+//! a folder) and one line in the `connection_kinds!` registry below, in the
+//! way Vector registers its sources and sinks. Connectors never count or log
+//! run results: they report what happened to each row and the engine counts.
 
-pub mod csv;
+mod error;
 pub mod file;
-pub mod http;
-pub mod json;
-pub mod mysql;
-pub mod postgres;
-pub mod sqlite;
+pub(crate) mod sql_destination;
+
+pub(crate) use error::reconnect_failed;
+pub use error::{Cause, ConnectorError, Failure};
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -22,49 +22,96 @@ use serde::{Deserialize, Serialize};
 use crate::template::{Part, Template, Token};
 use crate::value::{Row, Value};
 
-/// A connection as written in `project.toml` under `[connections.<name>]`,
-/// chosen by its `kind`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(tag = "kind", rename_all = "lowercase")]
-pub enum ConnectionConfig {
+/// Declares the kinds: each line's module, the [`ConnectionConfig`] variant
+/// holding its config type, and the names `kind = "…"` accepts (the first is
+/// the kind's own).
+macro_rules! connection_kinds {
+    ($(
+        $(#[doc = $doc:literal])*
+        $module:ident::$config:ident as $variant:ident = $name:literal $(| $alias:literal)*;
+    )*) => {
+        $(pub mod $module;)*
+
+        /// A connection as written in `project.toml` under `[connections.<name>]`,
+        /// chosen by its `kind`.
+        #[derive(Debug, Clone, Deserialize)]
+        #[serde(tag = "kind")]
+        pub enum ConnectionConfig {
+            $(
+                $(#[doc = $doc])*
+                #[serde(rename = $name $(, alias = $alias)*)]
+                $variant($module::$config),
+            )*
+        }
+
+        impl ConnectionConfig {
+            /// The kind's implementation.
+            pub fn connector(&self) -> &dyn Connector {
+                match self {
+                    $(ConnectionConfig::$variant(c) => c,)*
+                }
+            }
+
+            /// The kind's name, as written in `kind = "…"`.
+            pub fn kind(&self) -> &'static str {
+                match self {
+                    $(ConnectionConfig::$variant(_) => $name,)*
+                }
+            }
+        }
+
+        /// Every kind, in the order they are declared.
+        pub const KINDS: &[Kind] = &[
+            $(Kind {
+                name: $name,
+                aliases: &[$($alias),*],
+                config_type: std::any::type_name::<$module::$config>,
+            },)*
+        ];
+    };
+}
+
+// The registry: a kind is its module and one line here.
+connection_kinds! {
     /// A CSV file.
-    Csv(csv::CsvConfig),
+    csv::CsvConfig as Csv = "csv";
     /// A JSON array or JSON Lines file.
-    Json(json::JsonConfig),
+    json::JsonConfig as Json = "json";
     /// A SQLite database file.
-    Sqlite(sqlite::SqliteConfig),
+    sqlite::SqliteConfig as Sqlite = "sqlite";
     /// A PostgreSQL database.
-    #[serde(alias = "postgresql")]
-    Postgres(postgres::PostgresConfig),
+    postgres::PostgresConfig as Postgres = "postgres" | "postgresql";
     /// A MySQL or MariaDB database.
-    #[serde(alias = "mariadb")]
-    Mysql(mysql::MysqlConfig),
+    mysql::MysqlConfig as Mysql = "mysql" | "mariadb";
     /// A JSON resource of an HTTP API.
-    Http(http::HttpConfig),
+    http::HttpConfig as Http = "http";
+}
+
+/// A registered connection kind.
+#[derive(Debug, Clone, Copy)]
+pub struct Kind {
+    /// The name `kind = "…"` gives.
+    pub name: &'static str,
+    /// Other names the kind answers to.
+    pub aliases: &'static [&'static str],
+    /// The Rust path of the kind's config type (`tidepool::connector::csv::CsvConfig`).
+    pub config_type: fn() -> &'static str,
 }
 
 impl ConnectionConfig {
-    /// The kind's implementation.
-    pub fn connector(&self) -> &dyn Connector {
-        match self {
-            ConnectionConfig::Csv(c) => c,
-            ConnectionConfig::Json(c) => c,
-            ConnectionConfig::Sqlite(c) => c,
-            ConnectionConfig::Postgres(c) => c,
-            ConnectionConfig::Mysql(c) => c,
-            ConnectionConfig::Http(c) => c,
-        }
-    }
-
-    /// The kind's name, as written in `kind = "…"`.
-    pub fn kind(&self) -> &'static str {
-        self.connector().kind()
-    }
-
     /// What the kind can do.
     pub fn capabilities(&self) -> Capabilities {
         self.connector().capabilities()
     }
+}
+
+/// Where a connection points.
+#[derive(Debug, Clone, Copy)]
+pub enum Target<'a> {
+    /// A file (a file kind's `path`, SQLite's database file).
+    File(&'a Path),
+    /// A network address, as configured (it may hold a password).
+    Address(&'a str),
 }
 
 /// How an origin of a kind is told what to read.
@@ -90,46 +137,6 @@ pub struct Capabilities {
     /// Rows per transaction when a job does not say (`batch_size`): what the
     /// kind loads fastest with (a PostgreSQL commit waits for the disk).
     pub batch_size: usize,
-}
-
-/// An error of a connection as a whole (not of one row).
-#[derive(Debug, thiserror::Error)]
-pub enum ConnectorError {
-    /// The connection could not be opened.
-    #[error("cannot open {what}: {reason}")]
-    Open {
-        /// What was being opened (a path, a database).
-        what: String,
-        /// Why it failed.
-        reason: String,
-    },
-    /// The job asks for something the connection does not have.
-    #[error("{0}")]
-    Schema(String),
-    /// Reading or writing failed in a way that ends the batch or the job.
-    #[error("{0}")]
-    Io(String),
-    /// The connection was lost; the batch may be retried on a new one.
-    #[error("the connection was lost: {0}")]
-    Lost(String),
-    /// The destination stopped taking rows (an API that no longer answers,
-    /// after its own retries): the batch is not replayed and the job stops.
-    #[error("the destination stopped answering: {0}")]
-    Unavailable(String),
-}
-
-impl ConnectorError {
-    pub(crate) fn io(e: impl std::fmt::Display) -> Self {
-        ConnectorError::Io(e.to_string())
-    }
-}
-
-/// A reconnect that failed: the connection is still lost.
-pub(crate) fn reconnect_failed(e: ConnectorError) -> ConnectorError {
-    match e {
-        lost @ ConnectorError::Lost(_) => lost,
-        other => ConnectorError::Lost(format!("reconnecting failed: {other}")),
-    }
 }
 
 /// What a destination did with one row in one stage.
@@ -276,8 +283,6 @@ pub trait Destination: Send {
 
 /// A connector kind.
 pub trait Connector {
-    /// The kind's name.
-    fn kind(&self) -> &'static str;
     /// What the kind can do.
     fn capabilities(&self) -> Capabilities;
     /// The file a file connection reads and writes (`path`).
@@ -291,14 +296,10 @@ pub trait Connector {
         &self,
         req: &DestinationRequest,
     ) -> Result<Box<dyn Destination>, ConnectorError>;
+    /// Where the connection points (shown in a run's connection list).
+    fn target(&self) -> Target<'_>;
     /// Opens a connection that answers scripts' `lookup()` (Smart Lookup).
-    fn open_lookup(&self, base_dir: &Path) -> Result<Box<dyn Lookup>, ConnectorError> {
-        let _ = base_dir;
-        Err(ConnectorError::Schema(format!(
-            "a {} connection cannot answer lookups; look up in a database or file connection",
-            self.kind()
-        )))
-    }
+    fn open_lookup(&self, base_dir: &Path) -> Result<Box<dyn Lookup>, ConnectorError>;
 }
 
 /// Answers lookups: one column of the first row whose columns equal the criteria.
@@ -410,7 +411,9 @@ impl<C: Connector + Send> Lookup for FileLookup<C> {
                 }
             })?;
             if let Some(e) = bad {
-                return Err(ConnectorError::Io(format!("lookup file {table:?}: {e}")));
+                return Err(ConnectorError::failed(format!(
+                    "lookup file {table:?}: {e}"
+                )));
             }
             self.files
                 .insert(table.to_owned(), (origin.columns().to_vec(), rows));
@@ -422,7 +425,7 @@ impl<C: Connector + Send> Lookup for FileLookup<C> {
                 .position(|c| c == name)
                 .or_else(|| columns.iter().position(|c| c.eq_ignore_ascii_case(name)))
                 .ok_or_else(|| {
-                    ConnectorError::Schema(format!(
+                    ConnectorError::schema(format!(
                         "lookup file {table:?} has no field {name:?}; it has: {}",
                         columns.join(", ")
                     ))
@@ -494,119 +497,6 @@ pub(crate) fn duplicate_keys(rows: &[&[Value]], match_cols: &[usize]) -> bool {
     keys.windows(2).any(|w| w[0] == w[1])
 }
 
-/// Why a set-based write of a batch did not go through.
-pub(crate) enum BatchError<E> {
-    /// The server refused a statement.
-    Db(E),
-    /// The table changed between two statements of the batch (another writer).
-    Changed,
-}
-
-impl<E> From<E> for BatchError<E> {
-    fn from(e: E) -> Self {
-        BatchError::Db(e)
-    }
-}
-
-/// A database destination whose stages write set-based, each write inside a
-/// savepoint, so a refused batch leaves the transaction usable: one row gets
-/// its own error, a whole batch is handed back for the engine's replay.
-pub(crate) trait SavepointWriter {
-    /// The driver's error.
-    type DbError;
-    /// Runs SQL that returns no rows.
-    fn execute(&mut self, sql: &str) -> Result<(), ConnectorError>;
-    /// The stage's set-based write of the batch.
-    fn write_batch(
-        &mut self,
-        stage: usize,
-        rows: &[&[Value]],
-    ) -> Result<Vec<crate::connector::RowAction>, BatchError<Self::DbError>>;
-    /// The stage's match columns, when it finds rows by them.
-    fn match_cols(&self, stage: usize) -> Option<&[usize]>;
-    /// The driver's error as a lost connection or a message.
-    fn classify(e: &Self::DbError) -> ConnectorError;
-    /// A preview: a batch is a savepoint inside one transaction never committed.
-    fn preview(&self) -> bool;
-
-    /// Starts a batch: a transaction (a savepoint in a preview).
-    fn begin_batch(&mut self) -> Result<(), ConnectorError> {
-        let sql = if self.preview() {
-            "SAVEPOINT tidepool_batch"
-        } else {
-            "START TRANSACTION"
-        };
-        self.execute(sql)
-    }
-
-    /// Makes the batch durable (in a preview, keeps it until the end).
-    fn commit_batch(&mut self) -> Result<(), ConnectorError> {
-        let sql = if self.preview() {
-            "RELEASE SAVEPOINT tidepool_batch"
-        } else {
-            "COMMIT"
-        };
-        self.execute(sql)
-    }
-
-    /// Undoes the batch; a lost connection has nothing left to undo.
-    fn rollback_batch(&mut self) -> Result<(), ConnectorError> {
-        let done = if self.preview() {
-            self.execute("ROLLBACK TO SAVEPOINT tidepool_batch")
-                .and_then(|()| self.execute("RELEASE SAVEPOINT tidepool_batch"))
-        } else {
-            self.execute("ROLLBACK")
-        };
-        match done {
-            Err(ConnectorError::Lost(_)) => Ok(()),
-            r => r,
-        }
-    }
-
-    /// [`Destination::write`] for such a destination.
-    fn write_in_savepoint(
-        &mut self,
-        stage: usize,
-        rows: &[&[Value]],
-    ) -> Result<Vec<WriteResult>, ConnectorError> {
-        if rows.len() > 1
-            && self
-                .match_cols(stage)
-                .is_some_and(|m| duplicate_keys(rows, m))
-        {
-            return Err(ConnectorError::Io(
-                "two rows of the batch have the same match values".into(),
-            ));
-        }
-        self.execute("SAVEPOINT tidepool_write")?;
-        match self.write_batch(stage, rows) {
-            Ok(actions) => {
-                self.execute("RELEASE SAVEPOINT tidepool_write")?;
-                Ok(actions.into_iter().map(Ok).collect())
-            }
-            Err(e) => {
-                let msg = match e {
-                    BatchError::Db(e) => match Self::classify(&e) {
-                        lost @ ConnectorError::Lost(_) => return Err(lost),
-                        other => other.to_string(),
-                    },
-                    BatchError::Changed => {
-                        "the table changed while the batch was written (another writer)".into()
-                    }
-                };
-                self.execute("ROLLBACK TO SAVEPOINT tidepool_write")?;
-                self.execute("RELEASE SAVEPOINT tidepool_write")?;
-                if rows.len() == 1 {
-                    // One row: its own error, and the transaction goes on.
-                    Ok(vec![Err(msg)])
-                } else {
-                    Err(ConnectorError::Io(msg))
-                }
-            }
-        }
-    }
-}
-
 /// The note for a stage that finds matches (not an insert) when no index
 /// on `table` starts with one of its match fields.
 pub(crate) fn unindexed_note(plan: &StagePlan, table: &str, indexed: bool) -> Option<String> {
@@ -659,7 +549,7 @@ pub(crate) fn find_columns<'a>(
     table: &str,
 ) -> Result<Vec<&'a (String, String)>, ConnectorError> {
     if existing.is_empty() {
-        return Err(ConnectorError::Schema(format!(
+        return Err(ConnectorError::schema(format!(
             "table {table:?} does not exist (stage {:?}); create it, or add init_sql to the connection",
             plan.name
         )));
@@ -676,7 +566,7 @@ pub(crate) fn find_columns<'a>(
                         .find(|(n, _)| n.eq_ignore_ascii_case(&c.name))
                 })
                 .ok_or_else(|| {
-                    ConnectorError::Schema(format!(
+                    ConnectorError::schema(format!(
                         "table {table:?} has no column {:?} (stage {:?}); it has: {}",
                         c.name,
                         plan.name,
@@ -709,8 +599,8 @@ pub fn bind_tokens(
     query: &str,
     variables: &BTreeMap<String, Value>,
     placeholder: impl Fn(usize) -> String,
-) -> Result<(String, Vec<Value>), String> {
-    let template = Template::parse(query).map_err(|e| e.to_string())?;
+) -> Result<(String, Vec<Value>), BindError> {
+    let template = Template::parse(query).map_err(BindError::Template)?;
     let mut sql = String::with_capacity(query.len());
     let mut params = Vec::new();
     let parts = &template.parts;
@@ -743,14 +633,29 @@ pub fn bind_tokens(
                 params.push(v);
                 sql.push_str(&placeholder(params.len()));
             }
-            Part::Token(t) => {
-                return Err(format!(
-                    "{t} cannot be used in an origin query: only @@VAR:…@@ tokens are known before rows are read"
-                ));
-            }
+            Part::Token(t) => return Err(BindError::NotKnownYet(t.to_string())),
         }
     }
     Ok((sql, params))
+}
+
+/// Why a query's tokens cannot be bound.
+#[derive(Debug, thiserror::Error)]
+pub enum BindError {
+    /// The query's tokens do not parse.
+    #[error(transparent)]
+    Template(#[from] crate::template::TemplateError),
+    /// A token whose value comes from rows (only `@@VAR:…@@` is known before).
+    #[error(
+        "{0} cannot be used in an origin query: only @@VAR:…@@ tokens are known before rows are read"
+    )]
+    NotKnownYet(String),
+}
+
+impl From<BindError> for ConnectorError {
+    fn from(e: BindError) -> Self {
+        ConnectorError::schema(e.to_string())
+    }
 }
 
 fn quoted_before(parts: &[Part], token: usize) -> bool {
@@ -803,6 +708,41 @@ impl fmt::Display for StageAction {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kinds_are_read_by_name_and_alias() {
+        let kind = |t: &str| toml::from_str::<ConnectionConfig>(t).map(|c| c.kind());
+        assert_eq!(
+            kind("kind = \"mariadb\"\nurl = \"mysql://h/d\"").unwrap(),
+            "mysql"
+        );
+        assert_eq!(
+            kind("kind = \"postgresql\"\nurl = \"x\"").unwrap(),
+            "postgres"
+        );
+        let e = kind("kind = \"oracle\"").unwrap_err().to_string();
+        assert!(
+            e.contains("unknown variant `oracle`, expected one of `csv`, `json`, `sqlite`, `postgres`, `postgresql`, `mariadb`, `mysql`, `http`"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_sqlite_error_keeps_its_extended_code() {
+        let conn = rusqlite::Connection::open_in_memory().unwrap();
+        conn.execute_batch("CREATE TABLE t (a INTEGER PRIMARY KEY); INSERT INTO t VALUES (1)")
+            .unwrap();
+        let e = ConnectorError::io(conn.execute_batch("INSERT INTO t VALUES (1)").unwrap_err());
+        // SQLITE_CONSTRAINT_PRIMARYKEY
+        assert_eq!(e.error_code(), Some(1555));
+        assert_eq!(e.sql_state(), None);
+        let lost = reconnect_failed(e);
+        assert!(
+            lost.to_string()
+                .starts_with("the connection was lost: reconnecting failed: ")
+        );
+        assert_eq!(lost.error_code(), Some(1555));
+    }
 
     #[test]
     fn duplicate_keys_are_found_by_the_match_columns() {

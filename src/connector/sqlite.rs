@@ -57,12 +57,14 @@ impl SqliteConfig {
                 std::fs::create_dir_all(dir).map_err(|e| ConnectorError::Open {
                     what: format!("sqlite database {}", path.display()),
                     reason: e.to_string(),
+                    cause: Some(e.into()),
                 })?;
             }
         }
-        let open_err = |reason: String| ConnectorError::Open {
+        let open_err = |reason: String, cause: Option<rusqlite::Error>| ConnectorError::Open {
             what: format!("sqlite database {}", path.display()),
             reason,
+            cause: cause.map(Into::into),
         };
         let conn = if path.exists() || create {
             Connection::open_with_flags(&path, flags)
@@ -73,35 +75,36 @@ impl SqliteConfig {
         } else {
             return Err(open_err(
                 "the file does not exist (give init_sql to create it)".into(),
+                None,
             ));
         }
-        .map_err(|e| open_err(e.to_string()))?;
+        .map_err(|e| open_err(e.to_string(), Some(e)))?;
         conn.busy_timeout(Duration::from_millis(self.busy_timeout_ms))
-            .map_err(|e| open_err(e.to_string()))?;
+            .map_err(|e| open_err(e.to_string(), Some(e)))?;
         conn.set_prepared_statement_cache_capacity(64);
         if let Some(mode) = &self.journal_mode {
             let m = mode.to_ascii_lowercase();
             if !JOURNAL_MODES.contains(&m.as_str()) {
-                return Err(ConnectorError::Schema(format!(
+                return Err(ConnectorError::schema(format!(
                     "journal_mode {mode:?} is not one of {}",
                     JOURNAL_MODES.join(", ")
                 )));
             }
             if !preview {
                 conn.query_row(&format!("PRAGMA journal_mode={m}"), [], |_| Ok(()))
-                    .map_err(|e| open_err(format!("setting journal_mode: {e}")))?;
+                    .map_err(|e| open_err(format!("setting journal_mode: {e}"), Some(e)))?;
             }
         }
         if let Some(mode) = &self.synchronous {
             let m = mode.to_ascii_lowercase();
             if !SYNC_MODES.contains(&m.as_str()) {
-                return Err(ConnectorError::Schema(format!(
+                return Err(ConnectorError::schema(format!(
                     "synchronous {mode:?} is not one of {}",
                     SYNC_MODES.join(", ")
                 )));
             }
             conn.execute_batch(&format!("PRAGMA synchronous={m}"))
-                .map_err(|e| open_err(format!("setting synchronous: {e}")))?;
+                .map_err(|e| open_err(format!("setting synchronous: {e}"), Some(e)))?;
         }
         Ok((conn, path))
     }
@@ -109,15 +112,15 @@ impl SqliteConfig {
     fn run_init(&self, conn: &Connection) -> Result<(), ConnectorError> {
         for sql in &self.init_sql {
             conn.execute_batch(sql)
-                .map_err(|e| ConnectorError::Schema(format!("init_sql failed: {e}")))?;
+                .map_err(|e| ConnectorError::schema_caused(format!("init_sql failed: {e}"), e))?;
         }
         Ok(())
     }
 }
 
 impl Connector for SqliteConfig {
-    fn kind(&self) -> &'static str {
-        "sqlite"
+    fn target(&self) -> super::Target<'_> {
+        super::Target::File(&self.path)
     }
 
     fn capabilities(&self) -> Capabilities {
@@ -133,7 +136,7 @@ impl Connector for SqliteConfig {
     fn open_origin(&self, req: &OriginRequest) -> Result<Box<dyn Origin>, ConnectorError> {
         let query = req
             .query
-            .ok_or_else(|| ConnectorError::Schema("a sqlite origin needs origin.query".into()))?;
+            .ok_or_else(|| ConnectorError::schema("a sqlite origin needs origin.query"))?;
         let (conn, path) = self.open(req.base_dir, req.preview)?;
         if req.preview {
             // init_sql runs inside a transaction that is never committed: the
@@ -142,10 +145,10 @@ impl Connector for SqliteConfig {
         }
         self.run_init(&conn)?;
         let (sql, params) = bind_tokens(query, req.variables, |n| format!("?{n}"))
-            .map_err(ConnectorError::Schema)?;
+            ?;
         let columns = {
             let stmt = conn.prepare(&sql).map_err(|e| {
-                ConnectorError::Schema(format!("origin query on {}: {e}", path.display()))
+                ConnectorError::schema_caused(format!("origin query on {}: {e}", path.display()), e)
             })?;
             stmt.column_names().into_iter().map(str::to_owned).collect()
         };
@@ -171,7 +174,7 @@ impl Connector for SqliteConfig {
             // One transaction for the whole run, rolled back in `finish`;
             // batches are savepoints inside it.
             conn.execute_batch("BEGIN IMMEDIATE")
-                .map_err(|e| ConnectorError::Io(e.to_string()))?;
+                .map_err(ConnectorError::io)?;
         }
         self.run_init(&conn)?;
         let stages = req
@@ -324,7 +327,7 @@ impl super::Lookup for SqliteLookup {
         let mut stmt = self
             .conn
             .prepare_cached(&sql)
-            .map_err(|e| ConnectorError::Schema(format!("lookup in {table:?}: {e}")))?;
+            .map_err(|e| ConnectorError::schema_caused(format!("lookup in {table:?}: {e}"), e))?;
         let params = criteria.iter().map(|(_, v)| v).filter(|v| !v.is_null());
         for (i, p) in params.enumerate() {
             stmt.raw_bind_parameter(i + 1, plain(p))
@@ -361,7 +364,7 @@ impl StageSql {
         let table = plan
             .table
             .clone()
-            .ok_or_else(|| ConnectorError::Schema(format!("stage {:?} has no table", plan.name)))?;
+            .ok_or_else(|| ConnectorError::schema(format!("stage {:?} has no table", plan.name)))?;
         let existing: Vec<(String, String)> = {
             let mut stmt = conn
                 .prepare("SELECT name, type FROM pragma_table_info(?1)")
@@ -371,7 +374,7 @@ impl StageSql {
                 .map_err(ConnectorError::io)?
         };
         if existing.is_empty() {
-            return Err(ConnectorError::Schema(format!(
+            return Err(ConnectorError::schema(format!(
                 "table {table:?} does not exist in {} (stage {:?}); create it, or add init_sql to the connection",
                 path.display(),
                 plan.name
@@ -521,7 +524,7 @@ impl From<rusqlite::Error> for Failure {
             )
         );
         if batch {
-            Failure::Batch(ConnectorError::Io(e.to_string()))
+            Failure::Batch(ConnectorError::io(e))
         } else {
             Failure::Row(e.to_string())
         }
@@ -716,7 +719,7 @@ impl Destination for SqliteDestination {
     ) -> Result<Vec<WriteResult>, ConnectorError> {
         let st = &self.stages[stage];
         let mut p = Prepared::new(&self.conn, st)
-            .map_err(|e| ConnectorError::Schema(format!("stage {:?}: {e}", st.plan.name)))?;
+            .map_err(|e| ConnectorError::schema_caused(format!("stage {:?}: {e}", st.plan.name), e))?;
         let mut out = Vec::with_capacity(rows.len());
         for row in rows {
             match self.write_row(&mut p, st, row) {
@@ -724,7 +727,7 @@ impl Destination for SqliteDestination {
                 Err(Failure::Row(msg)) => {
                     if !self.in_transaction() {
                         // SQLite rolled the whole transaction back: the batch is lost.
-                        return Err(ConnectorError::Io(msg));
+                        return Err(ConnectorError::failed(msg));
                     }
                     out.push(Err(msg));
                 }

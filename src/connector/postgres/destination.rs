@@ -1,366 +1,17 @@
-//! PostgreSQL: an origin that streams a query, a destination with all five
-//! stage actions, set-based per batch.
-//!
-//! Inserts go through `COPY … FROM STDIN`. The other actions copy the batch
-//! into a session-local staging table and run one statement per action over
-//! it (`UPDATE … FROM`, `DELETE … USING`, `INSERT … SELECT`), each returning
-//! the staging row numbers it touched, so every row's outcome is exact. Values
-//! travel as text and the server converts them to each column's type, so
-//! numerics stay exact and dates keep their zones; a value that does not fit
-//! its column fails the batch, which the engine then replays row by row.
-//! An update whose values equal the row's (as text) still counts as an update
-//! but is not rewritten when the table has nothing (trigger, rule, policy,
-//! child, publication) that would see the difference. Where a unique index
-//! is exactly the match columns, an upsert batch after one that matched
-//! nothing is first tried as a plain `COPY` (in a savepoint; a broken key
-//! means something matched, and the batch goes the full way).
+//! The destination: COPY for inserts, a staging table for the other actions.
 
-use std::fmt::Write as _;
 use std::io::Write as _;
-use std::time::Duration;
 
-use postgres::fallible_iterator::FallibleIterator;
-use postgres::types::Type;
-use postgres::{Client, NoTls};
-use serde::Deserialize;
+use postgres::Client;
 
-use super::{
-    ALL_ACTIONS, BatchError, Capabilities, ColumnSets, Connector, ConnectorError, Destination,
-    DestinationRequest, Flow, Origin, OriginInput, OriginRequest, RowAction, RowRead,
-    SavepointWriter, StagePlan, WriteResult, bind_tokens, find_columns, reconnect_failed,
-    redact_url, unindexed_note,
+use super::config::to_connector_error;
+use super::types::{copy_value, quote_ident};
+use super::PostgresConfig;
+use crate::connector::sql_destination::{BatchError, SqlSession};
+use crate::connector::{
+    ColumnSets, ConnectorError, RowAction, StageAction, StagePlan, find_columns, unindexed_note,
 };
-use crate::connector::StageAction;
-use crate::value::{Row, Value};
-
-/// `kind = "postgres"`: a PostgreSQL database.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PostgresConfig {
-    /// A connection URL, `postgres://user:password@host:port/dbname` (put the
-    /// password in `${ENV}`).
-    pub url: String,
-    /// SQL run each time the connection opens (must be safe to run again).
-    #[serde(default)]
-    pub init_sql: Vec<String>,
-    /// How long to wait for a connection.
-    #[serde(default = "default_connect_secs")]
-    pub connect_timeout_secs: u64,
-}
-
-fn default_connect_secs() -> u64 {
-    10
-}
-
-impl PostgresConfig {
-    fn connect(&self) -> Result<Client, ConnectorError> {
-        let mut cfg: postgres::Config = self.url.parse().map_err(|e| ConnectorError::Open {
-            what: "postgres connection".into(),
-            reason: format!("bad url: {e}"),
-        })?;
-        cfg.connect_timeout(Duration::from_secs(self.connect_timeout_secs));
-        if cfg.get_application_name().is_none() {
-            cfg.application_name("tidepool");
-        }
-        let mut client = cfg.connect(NoTls).map_err(|e| ConnectorError::Open {
-            what: format!("postgres database {}", redact_url(&self.url)),
-            reason: pg_message(&e),
-        })?;
-        for sql in &self.init_sql {
-            client.batch_execute(sql).map_err(|e| {
-                ConnectorError::Schema(format!("init_sql failed: {}", pg_message(&e)))
-            })?;
-        }
-        Ok(client)
-    }
-}
-
-/// A PostgreSQL error as a person should read it: message, detail, where.
-fn pg_message(e: &postgres::Error) -> String {
-    match e.as_db_error() {
-        Some(db) => {
-            let mut m = db.message().to_owned();
-            if let Some(d) = db.detail() {
-                let _ = write!(m, " ({d})");
-            }
-            if let Some(w) = db.where_() {
-                let _ = write!(m, " [{w}]");
-            }
-            m
-        }
-        None => e.to_string(),
-    }
-}
-
-/// Whether the error means the connection is gone (retry on a new one).
-fn is_lost(e: &postgres::Error) -> bool {
-    if e.is_closed() {
-        return true;
-    }
-    match e.code() {
-        Some(c) => {
-            let c = c.code();
-            c.starts_with("08") || c.starts_with("57P")
-        }
-        None => std::error::Error::source(e).is_some_and(|s| s.is::<std::io::Error>()),
-    }
-}
-
-fn to_connector_error(e: postgres::Error) -> ConnectorError {
-    PostgresDestination::classify(&e)
-}
-
-impl Connector for PostgresConfig {
-    fn kind(&self) -> &'static str {
-        "postgres"
-    }
-
-    fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            actions: ALL_ACTIONS,
-            origin: OriginInput::Query,
-            needs_table: true,
-            max_writers: None,
-            batch_size: 10_000,
-        }
-    }
-
-    fn open_origin(&self, req: &OriginRequest) -> Result<Box<dyn Origin>, ConnectorError> {
-        let query = req
-            .query
-            .ok_or_else(|| ConnectorError::Schema("a postgres origin needs origin.query".into()))?;
-        let mut client = self.connect()?;
-        let query = query.trim().trim_end_matches(';');
-        let (sql, params) = bind_tokens(query, req.variables, |n| format!("${n}"))
-            .map_err(ConnectorError::Schema)?;
-        let first = client
-            .prepare(&sql)
-            .map_err(|e| ConnectorError::Schema(format!("origin query: {}", pg_message(&e))))?;
-        // Parameters travel as text, cast to what the server expects there.
-        let param_types: Vec<Type> = first.params().to_vec();
-        let sql = if param_types.iter().all(|t| *t == Type::TEXT) {
-            sql
-        } else {
-            bind_tokens(query, req.variables, |n| match param_types.get(n - 1) {
-                Some(t) if *t != Type::TEXT => format!("(${n}::text::{})", t.name()),
-                _ => format!("${n}"),
-            })
-            .map_err(ConnectorError::Schema)?
-            .0
-        };
-        let stmt = client
-            .prepare(&sql)
-            .map_err(|e| ConnectorError::Schema(format!("origin query: {}", pg_message(&e))))?;
-        let columns: Vec<String> = stmt.columns().iter().map(|c| c.name().to_owned()).collect();
-        // Types tidepool does not read natively are read as their text form
-        // (numeric stays exact, timestamps keep their zone).
-        let mut unique = columns.clone();
-        unique.sort();
-        unique.dedup();
-        let wrap =
-            unique.len() == columns.len() && stmt.columns().iter().any(|c| !native(c.type_()));
-        let stmt = if wrap {
-            let list: Vec<String> = stmt
-                .columns()
-                .iter()
-                .map(|c| {
-                    let q = quote_ident(c.name());
-                    if native(c.type_()) {
-                        format!("q.{q}")
-                    } else {
-                        format!("q.{q}::text AS {q}")
-                    }
-                })
-                .collect();
-            let wrapped = format!("SELECT {} FROM ({sql}) AS q", list.join(", "));
-            client
-                .prepare(&wrapped)
-                .map_err(|e| ConnectorError::Schema(format!("origin query: {}", pg_message(&e))))?
-        } else {
-            stmt
-        };
-        let params: Vec<Option<String>> = params
-            .iter()
-            .map(|v| match v {
-                Value::Null => None,
-                v => Some(v.to_text()),
-            })
-            .collect();
-        Ok(Box::new(PostgresOrigin {
-            client,
-            stmt,
-            params,
-            columns,
-        }))
-    }
-
-    fn open_lookup(
-        &self,
-        _base_dir: &std::path::Path,
-    ) -> Result<Box<dyn super::Lookup>, ConnectorError> {
-        Ok(Box::new(PostgresLookup {
-            client: self.connect()?,
-            statements: Default::default(),
-        }))
-    }
-
-    fn open_destination(
-        &self,
-        req: &DestinationRequest,
-    ) -> Result<Box<dyn Destination>, ConnectorError> {
-        let mut dest = PostgresDestination {
-            config: self.clone(),
-            client: self.connect()?,
-            stages: Vec::new(),
-            plans: req.stages.to_vec(),
-            preview: req.preview,
-        };
-        dest.prepare_session()?;
-        Ok(Box::new(dest))
-    }
-}
-
-/// Lookups on their own connection, statements prepared once per shape.
-struct PostgresLookup {
-    client: Client,
-    statements: std::collections::HashMap<String, postgres::Statement>,
-}
-
-impl super::Lookup for PostgresLookup {
-    fn find(
-        &mut self,
-        table: &str,
-        field: &str,
-        criteria: &[(String, Value)],
-    ) -> Result<Option<Value>, ConnectorError> {
-        let plain = super::lookup_sql(table, field, criteria, quote_ident, |n| format!("${n}"));
-        let stmt = match self.statements.get(&plain) {
-            Some(s) => s.clone(),
-            None => {
-                let bad = |e: postgres::Error| {
-                    ConnectorError::Schema(format!("lookup in {table:?}: {}", pg_message(&e)))
-                };
-                let first = self.client.prepare(&plain).map_err(bad)?;
-                // Criteria travel as text, cast to the column's type (as origin tokens do);
-                // a value tidepool does not read natively comes back as text.
-                let types = first.params().to_vec();
-                let field_sql = if native(first.columns()[0].type_()) {
-                    quote_ident(field)
-                } else {
-                    format!("{}::text", quote_ident(field))
-                };
-                let sql = super::lookup_sql(table, field, criteria, quote_ident, |n| {
-                    match types.get(n - 1) {
-                        Some(t) if *t != Type::TEXT => format!("(${n}::text::{})", t.name()),
-                        _ => format!("${n}"),
-                    }
-                })
-                .replacen(&quote_ident(field), &field_sql, 1);
-                let stmt = self.client.prepare(&sql).map_err(bad)?;
-                self.statements.insert(plain, stmt.clone());
-                stmt
-            }
-        };
-        let params: Vec<String> = criteria
-            .iter()
-            .filter(|(_, v)| !v.is_null())
-            .map(|(_, v)| v.to_text())
-            .collect();
-        let mut rows = self
-            .client
-            .query_raw(&stmt, params.iter())
-            .map_err(to_connector_error)?;
-        match rows.next().map_err(to_connector_error)? {
-            Some(r) => Ok(Some(cell(&r, 0).map_err(to_connector_error)?)),
-            None => Ok(None),
-        }
-    }
-}
-
-fn native(t: &Type) -> bool {
-    matches!(
-        *t,
-        Type::INT2
-            | Type::INT4
-            | Type::INT8
-            | Type::FLOAT4
-            | Type::FLOAT8
-            | Type::BOOL
-            | Type::TEXT
-            | Type::VARCHAR
-            | Type::BPCHAR
-            | Type::NAME
-    )
-}
-
-fn quote_ident(s: &str) -> String {
-    format!("\"{}\"", s.replace('"', "\"\""))
-}
-
-struct PostgresOrigin {
-    client: Client,
-    stmt: postgres::Statement,
-    params: Vec<Option<String>>,
-    columns: Vec<String>,
-}
-
-fn cell(row: &postgres::Row, i: usize) -> Result<Value, postgres::Error> {
-    let t = row.columns()[i].type_().clone();
-    Ok(match t {
-        Type::INT2 => row
-            .try_get::<_, Option<i16>>(i)?
-            .map(|v| Value::Int(v as i64)),
-        Type::INT4 => row
-            .try_get::<_, Option<i32>>(i)?
-            .map(|v| Value::Int(v as i64)),
-        Type::INT8 => row.try_get::<_, Option<i64>>(i)?.map(Value::Int),
-        Type::FLOAT4 => row
-            .try_get::<_, Option<f32>>(i)?
-            .map(|v| Value::Float(v as f64)),
-        Type::FLOAT8 => row.try_get::<_, Option<f64>>(i)?.map(Value::Float),
-        Type::BOOL => row.try_get::<_, Option<bool>>(i)?.map(Value::Bool),
-        _ => row.try_get::<_, Option<String>>(i)?.map(Value::Text),
-    }
-    .unwrap_or(Value::Null))
-}
-
-impl Origin for PostgresOrigin {
-    fn columns(&self) -> &[String] {
-        &self.columns
-    }
-
-    fn read(&mut self, sink: &mut dyn FnMut(RowRead) -> Flow) -> Result<(), ConnectorError> {
-        let mut rows = self
-            .client
-            .query_raw(&self.stmt, self.params.iter())
-            .map_err(to_connector_error)?;
-        let n = self.columns.len();
-        while let Some(row) = rows.next().map_err(to_connector_error)? {
-            let mut values = Vec::with_capacity(n);
-            let mut bad = None;
-            for i in 0..n {
-                match cell(&row, i) {
-                    Ok(v) => values.push(v),
-                    Err(e) => {
-                        bad = Some(format!(
-                            "column {:?} cannot be read ({e}); cast it to text in the query",
-                            self.columns[i]
-                        ));
-                        break;
-                    }
-                }
-            }
-            let read = match bad {
-                Some(e) => Err(e),
-                None => Ok(Row::from_values(values)),
-            };
-            if sink(read) == Flow::Stop {
-                break;
-            }
-        }
-        Ok(())
-    }
-}
+use crate::value::Value;
 
 /// A destination column: its real name and its type as SQL (`numeric(10,2)`).
 #[derive(Debug, Clone)]
@@ -410,13 +61,13 @@ impl StageSql {
         let table = plan
             .table
             .clone()
-            .ok_or_else(|| ConnectorError::Schema(format!("stage {:?} has no table", plan.name)))?;
+            .ok_or_else(|| ConnectorError::schema(format!("stage {:?} has no table", plan.name)))?;
         let found = client
             .query_opt("SELECT to_regclass($1::text)::text", &[&table])
             .map_err(to_connector_error)?;
         let qualified: Option<String> = found.and_then(|r| r.get(0));
         let Some(qualified) = qualified else {
-            return Err(ConnectorError::Schema(format!(
+            return Err(ConnectorError::schema(format!(
                 "table {table:?} does not exist (stage {:?}); create it, or add init_sql to the connection",
                 plan.name
             )));
@@ -635,54 +286,24 @@ impl StageSql {
     }
 }
 
-/// Appends `v` in COPY's text format; blank text is NULL where `blank_is_null`.
-fn copy_value(out: &mut Vec<u8>, v: &Value, blank_is_null: bool) {
-    if blank_is_null && matches!(v, Value::Text(s) if s.trim().is_empty()) {
-        out.extend_from_slice(b"\\N");
-        return;
-    }
-    copy_text(out, v);
-}
 
-/// Appends `v` in COPY's text format.
-fn copy_text(out: &mut Vec<u8>, v: &Value) {
-    match v {
-        Value::Null => out.extend_from_slice(b"\\N"),
-        Value::Text(s) => {
-            for b in s.bytes() {
-                match b {
-                    b'\\' => out.extend_from_slice(b"\\\\"),
-                    b'\n' => out.extend_from_slice(b"\\n"),
-                    b'\r' => out.extend_from_slice(b"\\r"),
-                    b'\t' => out.extend_from_slice(b"\\t"),
-                    _ => out.push(b),
-                }
-            }
-        }
-        other => {
-            let _ = write!(out, "{other}");
-        }
-    }
-}
 
-struct PostgresDestination {
-    config: PostgresConfig,
+/// A session's connection and its stages' SQL.
+pub(super) struct PostgresSession {
     client: Client,
-    plans: Vec<StagePlan>,
     stages: Vec<StageSql>,
-    preview: bool,
 }
 
-impl PostgresDestination {
+impl PostgresSession {
     /// Checks the tables and makes the session's staging tables; again after a reconnect.
-    fn prepare_session(&mut self) -> Result<(), ConnectorError> {
-        if self.preview {
+    fn prepare_session(&mut self, plans: &[StagePlan], preview: bool) -> Result<(), ConnectorError> {
+        if preview {
             self.client
                 .batch_execute("BEGIN")
                 .map_err(to_connector_error)?;
         }
         let mut stages = Vec::new();
-        for (i, plan) in self.plans.iter().enumerate() {
+        for (i, plan) in plans.iter().enumerate() {
             let st = StageSql::new(&mut self.client, plan, i)?;
             if plan.action != StageAction::Insert {
                 let cols: Vec<String> = (0..st.columns.len())
@@ -929,11 +550,34 @@ impl PostgresDestination {
     }
 }
 
-impl SavepointWriter for PostgresDestination {
+impl SqlSession for PostgresSession {
+    type Config = PostgresConfig;
+    type Connection = Client;
     type DbError = postgres::Error;
 
-    fn execute(&mut self, sql: &str) -> Result<(), ConnectorError> {
-        self.client.batch_execute(sql).map_err(to_connector_error)
+    fn connect(config: &PostgresConfig) -> Result<Client, ConnectorError> {
+        config.connect()
+    }
+
+    fn open(client: Client, stages: &[StagePlan], preview: bool) -> Result<Self, ConnectorError> {
+        let mut session = PostgresSession {
+            client,
+            stages: Vec::new(),
+        };
+        session.prepare_session(stages, preview)?;
+        Ok(session)
+    }
+
+    fn connection_lost(&mut self) -> bool {
+        self.client.is_closed()
+    }
+
+    fn execute(&mut self, sql: &str) -> Result<(), postgres::Error> {
+        self.client.batch_execute(sql)
+    }
+
+    fn classify(e: postgres::Error) -> ConnectorError {
+        super::config::classify(e)
     }
 
     fn write_batch(
@@ -944,54 +588,9 @@ impl SavepointWriter for PostgresDestination {
         self.write_stage(stage, rows)
     }
 
-    fn preview(&self) -> bool {
-        self.preview
-    }
-
     fn match_cols(&self, stage: usize) -> Option<&[usize]> {
         let s = &self.stages[stage];
         (s.plan.action != StageAction::Insert).then_some(s.match_cols.as_slice())
-    }
-
-    fn classify(e: &postgres::Error) -> ConnectorError {
-        if is_lost(e) {
-            ConnectorError::Lost(pg_message(e))
-        } else {
-            ConnectorError::Io(pg_message(e))
-        }
-    }
-}
-
-impl Destination for PostgresDestination {
-    fn begin(&mut self) -> Result<(), ConnectorError> {
-        if self.client.is_closed() {
-            if self.preview {
-                return Err(ConnectorError::Io(
-                    "the connection was lost during a preview; its work is gone".into(),
-                ));
-            }
-            // A server that does not take the new connection is still "lost":
-            // the engine's retry policy applies, then the job fails.
-            self.client = self.config.connect().map_err(reconnect_failed)?;
-            self.prepare_session()?;
-        }
-        self.begin_batch()
-    }
-
-    fn write(
-        &mut self,
-        stage: usize,
-        rows: &[&[Value]],
-    ) -> Result<Vec<WriteResult>, ConnectorError> {
-        self.write_in_savepoint(stage, rows)
-    }
-
-    fn commit(&mut self) -> Result<(), ConnectorError> {
-        self.commit_batch()
-    }
-
-    fn rollback(&mut self) -> Result<(), ConnectorError> {
-        self.rollback_batch()
     }
 
     fn notes(&self) -> Vec<String> {
@@ -1001,40 +600,12 @@ impl Destination for PostgresDestination {
             .collect()
     }
 
-    fn finish(self: Box<Self>) -> Result<(), ConnectorError> {
-        let mut this = *self;
-        if this.client.is_closed() {
+    fn close(self) -> Result<(), ConnectorError> {
+        if self.client.is_closed() {
             // Every batch was committed or reported; a dead connection has
             // nothing left to lose (its loss was already reported).
             return Ok(());
         }
-        if this.preview {
-            let _ = this.client.batch_execute("ROLLBACK");
-        }
-        this.client.close().map_err(to_connector_error)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn copy_text_escapes_and_nulls() {
-        let mut b = Vec::new();
-        copy_text(&mut b, &Value::from("a\tb\\c\nd"));
-        b.push(b'|');
-        copy_text(&mut b, &Value::Null);
-        b.push(b'|');
-        copy_text(&mut b, &Value::Float(0.1));
-        assert_eq!(String::from_utf8(b).unwrap(), "a\\tb\\\\c\\nd|\\N|0.1");
-    }
-
-    #[test]
-    fn urls_are_redacted() {
-        assert_eq!(
-            redact_url("postgres://u:secret@h:5432/db"),
-            "postgres://u:***@h:5432/db"
-        );
+        self.client.close().map_err(to_connector_error)
     }
 }

@@ -1,271 +1,22 @@
-//! MySQL and MariaDB: an origin that streams a query, a destination with all
-//! five stage actions, set-based per batch.
-//!
-//! Inserts are multi-row `INSERT … VALUES (…), (…)`. The other actions load the
-//! batch into a session-local staging table with the target's column types (so
-//! the server converts and checks every value once), then find the matching
-//! rows with one join and write with one `UPDATE … JOIN`, `DELETE … JOIN` or
-//! `INSERT … SELECT`, so every row's outcome is exact. Match fields compare
-//! with `<=>` (NULL matches NULL, as in SQLite). The session runs in strict
-//! mode: a value that does not fit its column is an error, never a silent
-//! truncation.
+//! The destination: multi-row inserts, a staging table for the other actions.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::time::Duration;
 
 use mysql::prelude::Queryable;
-use mysql::{Conn, Opts, OptsBuilder, Params};
-use serde::Deserialize;
+use mysql::{Conn, Params};
 
-use super::{
-    ALL_ACTIONS, BatchError, Capabilities, ColumnSets, Connector, ConnectorError, Destination,
-    DestinationRequest, Flow, Origin, OriginInput, OriginRequest, RowAction, RowRead,
-    SavepointWriter, StagePlan, WriteResult, bind_tokens, find_columns, reconnect_failed,
-    redact_url, unindexed_note,
+use super::MysqlConfig;
+use super::config::to_connector_error;
+use super::types::{quote_ident, quote_table, to_param};
+use crate::connector::sql_destination::{BatchError, SqlSession};
+use crate::connector::{
+    ColumnSets, ConnectorError, RowAction, StageAction, StagePlan, find_columns, unindexed_note,
 };
-use crate::connector::StageAction;
-use crate::value::{Row, Value};
-
-/// `kind = "mysql"` (or `"mariadb"`): a MySQL or MariaDB database.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MysqlConfig {
-    /// `mysql://user:password@host:port/database` (put the password in `${ENV}`).
-    pub url: String,
-    /// SQL run each time the connection opens (must be safe to run again).
-    #[serde(default)]
-    pub init_sql: Vec<String>,
-    /// How long to wait for a connection.
-    #[serde(default = "default_connect_secs")]
-    pub connect_timeout_secs: u64,
-}
-
-fn default_connect_secs() -> u64 {
-    10
-}
-
-const SESSION: &str = "SET NAMES utf8mb4, SESSION sql_mode = 'STRICT_ALL_TABLES,NO_ZERO_IN_DATE,NO_ZERO_DATE,ERROR_FOR_DIVISION_BY_ZERO,NO_ENGINE_SUBSTITUTION'";
+use crate::value::Value;
 
 /// Rows of one multi-row statement (MySQL allows 65,535 placeholders).
 const MAX_PARAMS: usize = 60_000;
-
-impl MysqlConfig {
-    fn connect(&self) -> Result<Conn, ConnectorError> {
-        let open = |reason: String| ConnectorError::Open {
-            what: format!("mysql database {}", redact_url(&self.url)),
-            reason,
-        };
-        let opts = Opts::from_url(&self.url).map_err(|e| open(format!("bad url: {e}")))?;
-        let opts = OptsBuilder::from_opts(opts)
-            .tcp_connect_timeout(Some(Duration::from_secs(self.connect_timeout_secs)));
-        let mut conn = Conn::new(opts).map_err(|e| open(e.to_string()))?;
-        conn.query_drop(SESSION).map_err(|e| open(e.to_string()))?;
-        for sql in &self.init_sql {
-            conn.query_drop(sql)
-                .map_err(|e| ConnectorError::Schema(format!("init_sql failed: {e}")))?;
-        }
-        Ok(conn)
-    }
-}
-
-fn is_lost(e: &mysql::Error) -> bool {
-    match e {
-        mysql::Error::IoError(_) | mysql::Error::CodecError(_) => true,
-        mysql::Error::DriverError(d) => matches!(
-            d,
-            mysql::DriverError::ConnectTimeout | mysql::DriverError::CouldNotConnect(_)
-        ),
-        mysql::Error::MySqlError(m) => matches!(m.code, 1927 | 2006 | 2013 | 1053),
-        _ => false,
-    }
-}
-
-fn to_connector_error(e: mysql::Error) -> ConnectorError {
-    MysqlDestination::classify(&e)
-}
-
-fn quote_ident(s: &str) -> String {
-    format!("`{}`", s.replace('`', "``"))
-}
-
-/// A qualified, quoted table name from `table` or `db.table`.
-fn quote_table(t: &str) -> String {
-    match t.split_once('.') {
-        Some((db, name)) => format!("{}.{}", quote_ident(db), quote_ident(name)),
-        None => quote_ident(t),
-    }
-}
-
-/// Lookups on their own connection (the driver caches prepared statements).
-struct MysqlLookup {
-    conn: Conn,
-}
-
-impl super::Lookup for MysqlLookup {
-    fn find(
-        &mut self,
-        table: &str,
-        field: &str,
-        criteria: &[(String, Value)],
-    ) -> Result<Option<Value>, ConnectorError> {
-        let sql = super::lookup_sql(table, field, criteria, quote_ident, |_| "?".into());
-        let params: Vec<mysql::Value> = criteria
-            .iter()
-            .filter(|(_, v)| !v.is_null())
-            .map(|(_, v)| to_param(v))
-            .collect();
-        let row: Option<mysql::Row> =
-            self.conn
-                .exec_first(&sql, params)
-                .map_err(|e| match is_lost(&e) {
-                    true => ConnectorError::Lost(e.to_string()),
-                    false => ConnectorError::Schema(format!("lookup in {table:?}: {e}")),
-                })?;
-        Ok(row.map(|mut r| from_mysql(r.take(0).unwrap_or(mysql::Value::NULL))))
-    }
-}
-
-fn to_param(v: &Value) -> mysql::Value {
-    match v {
-        Value::Null => mysql::Value::NULL,
-        Value::Bool(b) => mysql::Value::Int(*b as i64),
-        Value::Int(i) => mysql::Value::Int(*i),
-        Value::Float(f) => mysql::Value::Double(*f),
-        Value::Text(s) => mysql::Value::Bytes(s.as_bytes().to_vec()),
-    }
-}
-
-fn from_mysql(v: mysql::Value) -> Value {
-    match v {
-        mysql::Value::NULL => Value::Null,
-        mysql::Value::Bytes(b) => Value::Text(String::from_utf8_lossy(&b).into_owned()),
-        mysql::Value::Int(i) => Value::Int(i),
-        mysql::Value::UInt(u) => match i64::try_from(u) {
-            Ok(i) => Value::Int(i),
-            Err(_) => Value::Text(u.to_string()),
-        },
-        mysql::Value::Float(f) => Value::Float(f as f64),
-        mysql::Value::Double(f) => Value::Float(f),
-        mysql::Value::Date(y, mo, d, h, mi, s, us) => {
-            let mut t = format!("{y:04}-{mo:02}-{d:02}");
-            if (h, mi, s, us) != (0, 0, 0, 0) {
-                let _ = write!(t, " {h:02}:{mi:02}:{s:02}");
-                if us > 0 {
-                    let _ = write!(t, ".{us:06}");
-                }
-            }
-            Value::Text(t)
-        }
-        mysql::Value::Time(neg, d, h, mi, s, us) => {
-            let hours = d * 24 + h as u32;
-            let sign = if neg { "-" } else { "" };
-            let mut t = format!("{sign}{hours:02}:{mi:02}:{s:02}");
-            if us > 0 {
-                let _ = write!(t, ".{us:06}");
-            }
-            Value::Text(t)
-        }
-    }
-}
-
-impl Connector for MysqlConfig {
-    fn kind(&self) -> &'static str {
-        "mysql"
-    }
-
-    fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            actions: ALL_ACTIONS,
-            origin: OriginInput::Query,
-            needs_table: true,
-            max_writers: None,
-            batch_size: 5_000,
-        }
-    }
-
-    fn open_origin(&self, req: &OriginRequest) -> Result<Box<dyn Origin>, ConnectorError> {
-        let query = req
-            .query
-            .ok_or_else(|| ConnectorError::Schema("a mysql origin needs origin.query".into()))?;
-        let mut conn = self.connect()?;
-        let (sql, params) = bind_tokens(query.trim().trim_end_matches(';'), req.variables, |_| {
-            "?".into()
-        })
-        .map_err(ConnectorError::Schema)?;
-        let stmt = conn
-            .prep(&sql)
-            .map_err(|e| ConnectorError::Schema(format!("origin query: {e}")))?;
-        let columns = stmt
-            .columns()
-            .iter()
-            .map(|c| c.name_str().into_owned())
-            .collect();
-        Ok(Box::new(MysqlOrigin {
-            conn,
-            stmt,
-            params: params.iter().map(to_param).collect(),
-            columns,
-        }))
-    }
-
-    fn open_lookup(
-        &self,
-        _base_dir: &std::path::Path,
-    ) -> Result<Box<dyn super::Lookup>, ConnectorError> {
-        Ok(Box::new(MysqlLookup {
-            conn: self.connect()?,
-        }))
-    }
-
-    fn open_destination(
-        &self,
-        req: &DestinationRequest,
-    ) -> Result<Box<dyn Destination>, ConnectorError> {
-        let mut d = MysqlDestination {
-            config: self.clone(),
-            conn: self.connect()?,
-            plans: req.stages.to_vec(),
-            stages: Vec::new(),
-            preview: req.preview,
-        };
-        d.prepare_session()?;
-        Ok(Box::new(d))
-    }
-}
-
-struct MysqlOrigin {
-    conn: Conn,
-    stmt: mysql::Statement,
-    params: Vec<mysql::Value>,
-    columns: Vec<String>,
-}
-
-impl Origin for MysqlOrigin {
-    fn columns(&self) -> &[String] {
-        &self.columns
-    }
-
-    fn read(&mut self, sink: &mut dyn FnMut(RowRead) -> Flow) -> Result<(), ConnectorError> {
-        let params = if self.params.is_empty() {
-            Params::Empty
-        } else {
-            Params::Positional(self.params.clone())
-        };
-        let result = self
-            .conn
-            .exec_iter(&self.stmt, params)
-            .map_err(to_connector_error)?;
-        for row in result {
-            let row = row.map_err(to_connector_error)?;
-            let values = row.unwrap().into_iter().map(from_mysql).collect();
-            if sink(Ok(Row::from_values(values))) == Flow::Stop {
-                break;
-            }
-        }
-        Ok(())
-    }
-}
 
 #[derive(Debug, Clone)]
 struct Column {
@@ -302,7 +53,7 @@ impl StageSql {
         let table = plan
             .table
             .clone()
-            .ok_or_else(|| ConnectorError::Schema(format!("stage {:?} has no table", plan.name)))?;
+            .ok_or_else(|| ConnectorError::schema(format!("stage {:?} has no table", plan.name)))?;
         let (schema_sql, name) = match table.split_once('.') {
             Some((db, t)) => ("?", (Some(db.to_owned()), t.to_owned())),
             None => ("DATABASE()", (None, table.clone())),
@@ -502,12 +253,10 @@ impl StageSql {
     }
 }
 
-struct MysqlDestination {
-    config: MysqlConfig,
+/// A session's connection and its stages' SQL.
+pub(super) struct MysqlSession {
     conn: Conn,
-    plans: Vec<StagePlan>,
     stages: Vec<StageSql>,
-    preview: bool,
 }
 
 /// Multi-row `INSERT INTO table (cols) VALUES …` of `rows`, in chunks.
@@ -557,15 +306,15 @@ fn insert_rows_then(
     Ok(affected)
 }
 
-impl MysqlDestination {
-    fn prepare_session(&mut self) -> Result<(), ConnectorError> {
-        if self.preview {
+impl MysqlSession {
+    fn prepare_session(&mut self, plans: &[StagePlan], preview: bool) -> Result<(), ConnectorError> {
+        if preview {
             self.conn
                 .query_drop("START TRANSACTION")
                 .map_err(to_connector_error)?;
         }
         let mut stages = Vec::new();
-        for (i, plan) in self.plans.iter().enumerate() {
+        for (i, plan) in plans.iter().enumerate() {
             let st = StageSql::new(&mut self.conn, plan, i)?;
             if plan.action != StageAction::Insert {
                 self.conn
@@ -817,11 +566,34 @@ impl MysqlDestination {
     }
 }
 
-impl SavepointWriter for MysqlDestination {
+impl SqlSession for MysqlSession {
+    type Config = MysqlConfig;
+    type Connection = Conn;
     type DbError = mysql::Error;
 
-    fn execute(&mut self, sql: &str) -> Result<(), ConnectorError> {
-        self.conn.query_drop(sql).map_err(to_connector_error)
+    fn connect(config: &MysqlConfig) -> Result<Conn, ConnectorError> {
+        config.connect()
+    }
+
+    fn open(conn: Conn, stages: &[StagePlan], preview: bool) -> Result<Self, ConnectorError> {
+        let mut session = MysqlSession {
+            conn,
+            stages: Vec::new(),
+        };
+        session.prepare_session(stages, preview)?;
+        Ok(session)
+    }
+
+    fn connection_lost(&mut self) -> bool {
+        self.conn.ping().is_err()
+    }
+
+    fn execute(&mut self, sql: &str) -> Result<(), mysql::Error> {
+        self.conn.query_drop(sql)
+    }
+
+    fn classify(e: mysql::Error) -> ConnectorError {
+        super::config::classify(e)
     }
 
     fn write_batch(
@@ -832,54 +604,9 @@ impl SavepointWriter for MysqlDestination {
         self.write_stage(stage, rows)
     }
 
-    fn preview(&self) -> bool {
-        self.preview
-    }
-
     fn match_cols(&self, stage: usize) -> Option<&[usize]> {
         let s = &self.stages[stage];
         (s.plan.action != StageAction::Insert).then_some(s.match_cols.as_slice())
-    }
-
-    fn classify(e: &mysql::Error) -> ConnectorError {
-        if is_lost(e) {
-            ConnectorError::Lost(e.to_string())
-        } else {
-            ConnectorError::Io(e.to_string())
-        }
-    }
-}
-
-impl Destination for MysqlDestination {
-    fn begin(&mut self) -> Result<(), ConnectorError> {
-        if self.conn.ping().is_err() {
-            if self.preview {
-                return Err(ConnectorError::Io(
-                    "the connection was lost during a preview; its work is gone".into(),
-                ));
-            }
-            // A server that does not take the new connection is still "lost":
-            // the engine's retry policy applies, then the job fails.
-            self.conn = self.config.connect().map_err(reconnect_failed)?;
-            self.prepare_session()?;
-        }
-        self.begin_batch()
-    }
-
-    fn write(
-        &mut self,
-        stage: usize,
-        rows: &[&[Value]],
-    ) -> Result<Vec<WriteResult>, ConnectorError> {
-        self.write_in_savepoint(stage, rows)
-    }
-
-    fn commit(&mut self) -> Result<(), ConnectorError> {
-        self.commit_batch()
-    }
-
-    fn rollback(&mut self) -> Result<(), ConnectorError> {
-        self.rollback_batch()
     }
 
     fn notes(&self) -> Vec<String> {
@@ -889,38 +616,8 @@ impl Destination for MysqlDestination {
             .collect()
     }
 
-    fn finish(self: Box<Self>) -> Result<(), ConnectorError> {
-        let mut this = *self;
-        if this.preview {
-            let _ = this.conn.query_drop("ROLLBACK");
-        }
+    fn close(self) -> Result<(), ConnectorError> {
+        // Dropping the connection closes it.
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn values_convert_both_ways() {
-        assert_eq!(
-            from_mysql(mysql::Value::Date(2024, 2, 29, 0, 0, 0, 0)),
-            Value::from("2024-02-29")
-        );
-        assert_eq!(
-            from_mysql(mysql::Value::Date(2024, 2, 29, 13, 5, 9, 120)),
-            Value::from("2024-02-29 13:05:09.000120")
-        );
-        assert_eq!(
-            from_mysql(mysql::Value::Bytes(b"12.50".to_vec())),
-            Value::from("12.50")
-        );
-        assert_eq!(
-            from_mysql(mysql::Value::UInt(u64::MAX)),
-            Value::from(u64::MAX.to_string())
-        );
-        assert_eq!(redact_url("mysql://root:pw@h/db"), "mysql://root:***@h/db");
-        assert_eq!(quote_table("db.t`x"), "`db`.`t``x`");
     }
 }
