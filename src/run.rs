@@ -1,6 +1,8 @@
 //! What a run is made of, as it is submitted, recorded and answered: the
 //! request ([`Submission`]), each job's result ([`JobResult`]), the run's
-//! answer ([`RunResult`]) and the status and counters they carry.
+//! answer ([`RunResult`]) and the status and counters they carry; and what
+//! the engine takes and gives back: a [`RunRequest`] in, a [`RunReport`]
+//! (one [`JobReport`] per job) out.
 //!
 //! These are plain data with their serde shape fixed: the store keeps them as
 //! JSON (rows written by older versions must still read) and the API sends
@@ -12,7 +14,7 @@ use std::fmt;
 use std::time::Duration;
 
 use chrono::{DateTime, FixedOffset};
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Serialize, Serializer};
 
 use crate::value::datetime_text;
 
@@ -315,4 +317,197 @@ impl RunResult {
             webhook_attempts: None,
         }
     }
+}
+
+/// The ID of a project: what the API's `projectID` names (max 36 characters).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ProjectId(pub String);
+
+/// The ID of a job within its project: what the API's `jobID` names.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct JobId(pub String);
+
+impl fmt::Display for ProjectId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Display for JobId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// How much a run logs: 0 = None, 1 = Low, 2 = Medium, 3 = High.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default, Serialize)]
+pub enum LogLevel {
+    /// Nothing.
+    #[default]
+    None = 0,
+    /// Start, end and errors.
+    Low = 1,
+    /// Plus per-stage summaries and warnings.
+    Medium = 2,
+    /// Plus every row's actions.
+    High = 3,
+}
+
+impl LogLevel {
+    /// The level for a number; above 3 means High.
+    pub fn from_number(n: u64) -> Self {
+        match n {
+            0 => LogLevel::None,
+            1 => LogLevel::Low,
+            2 => LogLevel::Medium,
+            _ => LogLevel::High,
+        }
+    }
+}
+
+/// What to run and how.
+#[derive(Debug, Clone)]
+pub struct RunRequest {
+    /// The run's ID.
+    pub run_id: RunId,
+    /// The project.
+    pub project: ProjectId,
+    /// The job (the first of the chain).
+    pub job: JobId,
+    /// `@@VAR:JobArgument@@`.
+    pub argument: String,
+    /// The first origin row processed (1-based); rows before it are read and dropped.
+    pub begin_at_row: u64,
+    /// The last origin row processed, inclusive; `None` for all rows.
+    pub end_after_row: Option<u64>,
+    /// Writers, each with its own destination connection.
+    pub thread_count: usize,
+    /// What the report's log keeps.
+    pub logging_level: LogLevel,
+    /// Run the job's `next` job after it, and so on.
+    pub chain_jobs: bool,
+    /// Run everything but write nothing (database work rolled back, files untouched).
+    pub preview: bool,
+}
+
+impl RunRequest {
+    /// A request with the API's defaults: all rows, one thread, no log, no chain.
+    pub fn new(project: &str, job: &str) -> Self {
+        RunRequest {
+            run_id: RunId::new(),
+            project: ProjectId(project.to_owned()),
+            job: JobId(job.to_owned()),
+            argument: String::new(),
+            begin_at_row: 1,
+            end_after_row: None,
+            thread_count: 1,
+            logging_level: LogLevel::None,
+            chain_jobs: false,
+            preview: false,
+        }
+    }
+}
+
+/// The most writer threads one job may use.
+pub const MAX_THREADS: usize = 64;
+
+/// One line of a run's log.
+#[derive(Debug, Clone, Serialize)]
+pub struct LogEntry {
+    /// When.
+    pub time: DateTime<FixedOffset>,
+    /// How important (Low entries show at levels 1 to 3).
+    pub level: LogLevel,
+    /// The job it is about.
+    #[serde(rename = "jobID")]
+    pub job_id: JobId,
+    /// The origin row, where it is about one.
+    pub row: Option<u64>,
+    /// What happened.
+    pub message: String,
+}
+
+/// A row that failed, kept with its origin values whatever the log level.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RowError {
+    /// The origin row (1-based).
+    pub row: u64,
+    /// The stage that failed (1-based; 0 = reading the row, or its batch).
+    pub stage: usize,
+    /// That stage's name.
+    pub stage_name: Option<String>,
+    /// What went wrong.
+    pub message: String,
+    /// The row's origin values by column, as text.
+    pub values: Vec<(String, String)>,
+}
+
+fn as_seconds<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64(d.as_secs_f64())
+}
+
+/// What one job of a run did.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct JobReport {
+    /// The job.
+    #[serde(rename = "jobID")]
+    pub job_id: JobId,
+    /// When it started.
+    pub start_time: DateTime<FixedOffset>,
+    /// How long it took.
+    #[serde(rename = "runTimeSeconds", serialize_with = "as_seconds")]
+    pub run_time: Duration,
+    /// Complete, Failed or Cancelled.
+    pub status: RunStatus,
+    /// The counters.
+    #[serde(flatten)]
+    pub counters: Counters,
+    /// Why it failed, if it did.
+    pub error: Option<String>,
+    /// The log at the requested level.
+    pub log: Vec<LogEntry>,
+    /// What the job's scripts left in `returnValue` (objects as JSON text).
+    pub return_value: Option<String>,
+    /// The first row errors (at any log level), at most `ROW_ERRORS_KEPT`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub row_errors: Vec<RowError>,
+    /// Row errors counted, kept or not.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub row_errors_total: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// Row errors a job keeps with their origin values; past it they are only counted.
+pub const ROW_ERRORS_KEPT: usize = 1000;
+
+/// What a run did: one [`JobReport`] per job executed, in order.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RunReport {
+    /// The run.
+    #[serde(rename = "runID")]
+    pub run_id: RunId,
+    /// Complete only if every job completed.
+    pub status: RunStatus,
+    /// When the run started.
+    pub start_time: DateTime<FixedOffset>,
+    /// How long the whole run took.
+    #[serde(rename = "runTimeSeconds", serialize_with = "as_seconds")]
+    pub run_time: Duration,
+    /// The counters summed over the jobs.
+    #[serde(flatten)]
+    pub counters: Counters,
+    /// Why the run failed, if it did (the first failing job's error).
+    pub error: Option<String>,
+    /// The last `returnValue` a job's scripts set.
+    pub return_value: Option<String>,
+    /// One report per job executed.
+    pub jobs: Vec<JobReport>,
 }

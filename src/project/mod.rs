@@ -21,27 +21,7 @@ pub use load::{
     DEFAULT_INSTANCE, LoadOptions, LoadOutcome, load_project, load_project_text, load_projects,
 };
 
-/// The ID of a project: what the API's `projectID` names (max 36 characters).
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct ProjectId(pub String);
-
-/// The ID of a job within its project: what the API's `jobID` names.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct JobId(pub String);
-
-impl fmt::Display for ProjectId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl fmt::Display for JobId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
+pub use crate::run::{JobId, ProjectId};
 
 /// A loaded, statically valid project.
 #[derive(Debug, Clone)]
