@@ -149,6 +149,17 @@ impl Watcher for PgWatcher {
         let sql = format!("SELECT count(*) FROM {}.{name}", self.schema);
         self.client.query_one(&sql, &[]).unwrap().get(0)
     }
+    fn blocked(&mut self) -> i64 {
+        // Outside a transaction, so each poll reads fresh activity.
+        self.client
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE application_name = $1 AND wait_event_type = 'Lock'",
+                &[&self.app],
+            )
+            .unwrap()
+            .get(0)
+    }
     fn cut(&mut self) -> usize {
         let killed: i64 = self
             .client
@@ -291,6 +302,19 @@ struct MariaWatcher {
 impl Watcher for MariaWatcher {
     fn count(&mut self, name: &str) -> i64 {
         let sql = format!("SELECT count(*) FROM {}.{name}", self.db);
+        let n: Option<Option<i64>> = self.conn.query_first(sql).unwrap();
+        n.flatten().unwrap_or(0)
+    }
+    fn blocked(&mut self) -> i64 {
+        // A statement of tidepool's running for a second or more: with the
+        // test's row lock held it is waiting on it. (INNODB_TRX was tried
+        // first; MariaDB 10.11 did not always list the waiting transaction.)
+        let sql = format!(
+            "SELECT count(*) FROM information_schema.PROCESSLIST
+             WHERE db = '{}' AND id NOT IN (CONNECTION_ID(), {})
+               AND command IN ('Query', 'Execute') AND time >= 1",
+            self.db, self.admin_id
+        );
         let n: Option<Option<i64>> = self.conn.query_first(sql).unwrap();
         n.flatten().unwrap_or(0)
     }

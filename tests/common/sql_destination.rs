@@ -66,6 +66,8 @@ pub trait ServerDestination: SqlDestination {
 pub trait Watcher: Send {
     /// Rows in table `name` of the test's place.
     fn count(&mut self, name: &str) -> i64;
+    /// How many of tidepool's sessions wait on a row lock.
+    fn blocked(&mut self) -> i64;
     /// Cuts tidepool's sessions (found as [`ServerDestination::killable_connection`]
     /// names them); returns how many.
     fn cut(&mut self) -> usize;
@@ -246,22 +248,36 @@ pub fn a_refused_connection_fails_the_job_clearly(db: &impl ServerDestination) {
     assert!(e.contains(db.refused_message()), "{}: {e}", db.label());
 }
 
-/// Cutting tidepool's connection once rows are landing: the batch is
+/// Cutting tidepool's connection in the middle of a batch: the batch is
 /// retried on a new connection and every row lands exactly once.
+///
+/// The test's own transaction holds row 5000 locked, so tidepool's batch
+/// waits on it and is cut right there. A cut between two batches would be
+/// healed by the next batch's connection check without ever reaching the
+/// retry this scenario is about (and on a busy machine it often landed there).
 pub fn a_connection_killed_mid_run_is_retried_and_nothing_is_lost(db: &mut impl ServerDestination) {
     people(db, "PRIMARY KEY");
+    db.exec("INSERT INTO people VALUES (5000, 'held', 'x')");
+    db.exec("BEGIN");
+    db.exec("SELECT id FROM people WHERE id = 5000 FOR UPDATE");
     let f = Fixture::new();
     let before = format!("batch_size = {}\nretry_wait_ms = 100", db.kill_batch());
     let job = people_job(&db.table("people"), "update/insert", &before, "");
     f.project("p", &project(&db.killable_connection()), &[("j", &job)]);
     f.write("projects/p/in.csv", people_csv(200_000));
     let watcher = db.watcher();
-    let killer = when_count_passes(move || watcher, |w| w.count("people"), 2000, |w| w.cut());
+    let killer = when_count_passes(move || watcher, |w| w.blocked(), 0, |w| w.cut());
     let mut req = request("p", "j");
     req.logging_level = LogLevel::Medium;
-    let r = f.run(&req);
-    let killed = killer.join().unwrap().unwrap_or(0);
+    let (r, killed) = std::thread::scope(|s| {
+        let run = s.spawn(|| f.run(&req));
+        let killed = killer.join().unwrap().unwrap_or(0);
+        // Let the retried batch through (or, if nothing was cut, the run).
+        db.exec("COMMIT");
+        (run.join().unwrap(), killed)
+    });
     let label = db.label();
+    assert!(killed > 0, "{label}: the test did not cut the connection");
     assert_eq!(r.status, RunStatus::Complete, "{label}: {:?}", r.error);
     let c = r.counters;
     assert_eq!(
@@ -274,7 +290,6 @@ pub fn a_connection_killed_mid_run_is_retried_and_nothing_is_lost(db: &mut impl 
         ["200000"],
         "{label}"
     );
-    assert!(killed > 0, "{label}: the test did not cut the connection");
     let log: Vec<&str> = r.jobs[0].log.iter().map(|e| e.message.as_str()).collect();
     assert!(
         log.iter().any(|m| m.contains("connection was lost")),
