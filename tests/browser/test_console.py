@@ -41,7 +41,9 @@ def shoot(page, name):
     """The page at 1280 px and at 390 px (phone), full length."""
     for width in (1280, 390):
         page.set_viewport_size({"width": width, "height": 900})
-        page.wait_for_timeout(150)  # let the layout settle after the resize (not a condition wait)
+        # The resize has reached the page and two frames have been laid out since.
+        page.wait_for_function(f"() => window.innerWidth === {width}")
+        page.evaluate("() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))")
         page.screenshot(path=os.path.join(SHOTS, f"{name}-{width}.png"), full_page=True)
     page.set_viewport_size({"width": 1280, "height": 900})
 
