@@ -149,7 +149,14 @@ impl ValueRef<'_> {
         }
     }
 
-    /// Appends the text form to `out` (NULL appends nothing).
+    /// The text form (NULL is "").
+    pub fn to_text(self) -> String {
+        let mut s = String::new();
+        self.push_text(&mut s);
+        s
+    }
+
+    /// Appends the text form to `out` (NULL adds nothing).
     pub fn push_text(self, out: &mut String) {
         use std::fmt::Write;
         match self {

@@ -10,7 +10,7 @@ use crate::connector::{ConnectorError, RowAction};
 use crate::engine::{Counters, PreviewRow, PreviewStage, RowError};
 use crate::project::Moment;
 use crate::script::{SKIP_ROW, ScriptRuntime};
-use crate::value::Value;
+use crate::value::{Value, ValueRef};
 
 impl Shared<'_> {
     /// Evaluates and writes every stage for `rows` (no transaction handling).
@@ -308,16 +308,7 @@ impl Shared<'_> {
 
     /// Keeps a row error with the row's origin values, whatever the log level.
     fn keep_row_error(&self, r: &RowState, stage: usize, msg: &str) {
-        let values = self
-            .columns
-            .iter()
-            .zip(r.values.iter())
-            .map(|(c, v)| {
-                let mut s = String::new();
-                v.push_text(&mut s);
-                (c.clone(), s)
-            })
-            .collect();
+        let values = named_texts(&self.columns, r.values.iter().map(ValueRef::to_text));
         self.log.lock().expect("log lock").row_error(RowError {
             row: r.number,
             stage,
@@ -330,11 +321,6 @@ impl Shared<'_> {
     /// Tells the previewer what the stages did with a row.
     fn preview_row(&self, r: &RowState) {
         let Some(o) = self.previewer else { return };
-        let text = |v: &Value| {
-            let mut s = String::new();
-            v.push_text(&mut s);
-            s
-        };
         let stages = self
             .stages
             .iter()
@@ -345,14 +331,7 @@ impl Shared<'_> {
                     .written
                     .get(si)
                     .and_then(|w| w.as_ref())
-                    .map(|vals| {
-                        stage
-                            .columns
-                            .iter()
-                            .zip(vals)
-                            .map(|(c, v)| (c.clone(), text(v)))
-                            .collect()
-                    })
+                    .map(|vals| named_texts(&stage.columns, vals.iter().map(Value::to_text)))
                     .unwrap_or_default();
                 Some(PreviewStage {
                     stage: stage.name.clone(),
@@ -364,16 +343,7 @@ impl Shared<'_> {
         o.row_previewed(&PreviewRow {
             job_id: self.job.id.clone(),
             row: r.number,
-            origin: self
-                .columns
-                .iter()
-                .zip(r.values.iter())
-                .map(|(c, v)| {
-                    let mut s = String::new();
-                    v.push_text(&mut s);
-                    (c.clone(), s)
-                })
-                .collect(),
+            origin: named_texts(&self.columns, r.values.iter().map(ValueRef::to_text)),
             stages,
             error: r.error.as_ref().map(|(_, m)| m.clone()),
         });
@@ -482,11 +452,7 @@ impl Shared<'_> {
             },
             msg.to_owned(),
         ];
-        rec.extend(r.values.iter().map(|v| {
-            let mut s = String::new();
-            v.push_text(&mut s);
-            s
-        }));
+        rec.extend(r.values.iter().map(ValueRef::to_text));
         if let Err(e) = f.write_record(&rec) {
             drop(f);
             self.log(
@@ -508,6 +474,11 @@ fn gave_up(e: &ConnectorError, attempt: u32) -> Option<String> {
         ConnectorError::Lost(_) | ConnectorError::Unavailable(_) => Some(e.to_string()),
         _ => None,
     }
+}
+
+/// Each column's name with its value's text (NULL as "").
+fn named_texts(columns: &[String], texts: impl Iterator<Item = String>) -> Vec<(String, String)> {
+    columns.iter().cloned().zip(texts).collect()
 }
 
 fn bump(c: &mut Counters, a: RowAction) {
