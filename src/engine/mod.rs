@@ -11,6 +11,8 @@ mod job;
 mod mapping;
 mod state;
 
+pub use state::{KeptState, StateError};
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 

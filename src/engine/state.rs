@@ -8,15 +8,44 @@ use std::path::Path;
 
 use rusqlite::{Connection, params};
 
-/// Why the state file cannot be opened, read or written.
+/// Where jobs keep what they carry from one run to the next: variables
+/// (`LastRunDate` and those scripts set) per job, and cross-reference lists
+/// per project. The embedded default is `<data dir>/state.sqlite`
+/// ([`JobState`]); a store shared by several nodes keeps them in its database,
+/// with each write fenced by the lease of the run that makes it.
+///
+/// Called from the run's blocking threads: implementations may block.
+pub trait KeptState: Send + Sync {
+    /// The job's variables, by name.
+    fn load(&self, project: &str, job: &str) -> Result<BTreeMap<String, String>, StateError>;
+    /// Saves `vars` for the job (others it has stay).
+    fn save(
+        &self,
+        project: &str,
+        job: &str,
+        vars: &BTreeMap<String, String>,
+    ) -> Result<(), StateError>;
+    /// The value `key` maps to in the project's cross-reference list `list`.
+    fn xref_get(&self, project: &str, list: &str, key: &str) -> Result<Option<String>, StateError>;
+    /// Keeps `entries` (list, key, value) in the project's cross-reference lists.
+    fn xref_put(&self, project: &str, entries: &[(&str, &str, &str)]) -> Result<(), StateError>;
+}
+
+/// Why kept state cannot be opened, read or written.
 #[derive(Debug, thiserror::Error)]
-pub(crate) enum StateError {
+pub enum StateError {
     /// The data directory cannot be created.
     #[error(transparent)]
     Dir(#[from] std::io::Error),
     /// SQLite refused (busy past the timeout, a full disk, a damaged file).
     #[error(transparent)]
     Sqlite(#[from] rusqlite::Error),
+    /// The shared store refused or could not be reached.
+    #[error("state store: {0}")]
+    Store(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The run lost its lease (another node took it over): nothing was written.
+    #[error("the run's lease was taken over by another node; its state was not saved")]
+    Fenced,
 }
 
 impl StateError {

@@ -17,7 +17,7 @@ use tokio::sync::{Notify, broadcast};
 use crate::engine::{self, CancelToken, JobReport, LogLevel, RunObserver, RunRequest};
 use crate::project::{JobId, LoadOptions, LoadOutcome, load_projects};
 use crate::run::{Counters, JobResult, RunId, RunResult, RunStatus, Submission};
-use crate::store::{NewRun, RunEnd, RunKey, RunRecord, Store, StoreError, Submitted};
+use crate::store::{EndIf, NewRun, RunEnd, RunKey, RunRecord, Store, StoreError, Submitted};
 pub use config::{ServerConfig, WebhookConfig};
 
 /// Why a run could not be accepted.
@@ -213,8 +213,14 @@ impl Service {
             if interrupted {
                 let msg =
                     "interrupted: the server stopped while the run was going; it was not resumed";
-                self.end_without_running(&rec, RunStatus::Running, RunStatus::Failed, results, msg)
-                    .await?;
+                self.end_without_running(
+                    &rec,
+                    EndIf::Leased(rec.lease_epoch),
+                    RunStatus::Failed,
+                    results,
+                    msg,
+                )
+                .await?;
                 tracing::warn!(run = %rec.key, "run marked Failed: {msg}");
             } else {
                 let status = if results.iter().all(|r| r.status == RunStatus::Complete) {
@@ -226,7 +232,7 @@ impl Service {
                 };
                 let error = (status != RunStatus::Complete)
                     .then(|| "the run's last job had ended when the server stopped".to_owned());
-                self.record_end(&rec, RunStatus::Running, status, results, error)
+                self.record_end(&rec, EndIf::Leased(rec.lease_epoch), status, results, error)
                     .await?;
                 tracing::warn!(run = %rec.key, %status, "run ended by recovery: every job had ended");
             }
@@ -249,12 +255,12 @@ impl Service {
     async fn end_without_running(
         &self,
         rec: &RunRecord,
-        from: RunStatus,
+        when: EndIf,
         status: RunStatus,
         results: Vec<JobResult>,
         error: &str,
     ) -> Result<bool, StoreError> {
-        self.record_end(rec, from, status, results, Some(error.to_owned()))
+        self.record_end(rec, when, status, results, Some(error.to_owned()))
             .await
     }
 
@@ -262,7 +268,7 @@ impl Service {
     async fn record_end(
         &self,
         rec: &RunRecord,
-        from: RunStatus,
+        when: EndIf,
         status: RunStatus,
         results: Vec<JobResult>,
         error: Option<String>,
@@ -280,7 +286,7 @@ impl Service {
             .store
             .finish(
                 &rec.key,
-                from,
+                when,
                 RunEnd {
                     status,
                     results_json: serde_json::to_string(&response.results).unwrap_or_default(),
@@ -374,7 +380,7 @@ impl Service {
                 if self
                     .end_without_running(
                         &rec,
-                        RunStatus::Queued,
+                        EndIf::Queued,
                         RunStatus::Cancelled,
                         Vec::new(),
                         "cancelled before it started",
@@ -421,7 +427,11 @@ impl Service {
             if self.is_stopping() {
                 return;
             }
-            match self.store.claim_next().await {
+            match self
+                .store
+                .claim_next("", Duration::from_secs(15), &Default::default())
+                .await
+            {
                 Ok(Some(rec)) => {
                     self.queued.fetch_sub(1, Ordering::SeqCst);
                     metrics::gauge!("tidepool_queue_depth").set(self.queue_depth() as f64);
@@ -450,7 +460,7 @@ impl Service {
                 let _ = self
                     .end_without_running(
                         &rec,
-                        RunStatus::Running,
+                        EndIf::Leased(rec.lease_epoch),
                         RunStatus::Failed,
                         Vec::new(),
                         &format!("the stored request cannot be read: {e}"),
@@ -464,7 +474,7 @@ impl Service {
             let _ = self
                 .end_without_running(
                     &rec,
-                    RunStatus::Running,
+                    EndIf::Leased(rec.lease_epoch),
                     RunStatus::Failed,
                     Vec::new(),
                     &format!("project {:?} is no longer loaded", rec.project_id),
@@ -543,7 +553,7 @@ impl Service {
                 let _ = self
                     .end_without_running(
                         &rec,
-                        RunStatus::Running,
+                        EndIf::Leased(rec.lease_epoch),
                         RunStatus::Failed,
                         Vec::new(),
                         &e.to_string(),
@@ -555,7 +565,7 @@ impl Service {
                 let _ = self
                     .end_without_running(
                         &rec,
-                        RunStatus::Running,
+                        EndIf::Leased(rec.lease_epoch),
                         RunStatus::Failed,
                         Vec::new(),
                         &format!("the run crashed: {e}"),
@@ -566,7 +576,11 @@ impl Service {
         };
         let status = end.status;
         abort_point("before_finish");
-        match self.store.finish(&key, RunStatus::Running, end).await {
+        match self
+            .store
+            .finish(&key, EndIf::Leased(rec.lease_epoch), end)
+            .await
+        {
             Ok(_) => {
                 abort_point("after_finish");
                 metrics::counter!("tidepool_runs_total", "instance" => key.instance.clone(), "status" => status.to_string())
@@ -657,7 +671,7 @@ impl LiveResults {
         // Called on the run's blocking thread: waiting here is fine.
         if let Err(e) = self
             .handle
-            .block_on(self.store.save_progress(&self.key, &json))
+            .block_on(self.store.save_progress(&self.key, 0, &json))
         {
             tracing::warn!(run = %self.key, "saving live results: {e}");
         }

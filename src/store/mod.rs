@@ -90,6 +90,97 @@ pub struct RunRecord {
     pub error: Option<String>,
     /// Tells a repeat of the same request from another one under its runID.
     pub fingerprint: String,
+    /// The lease epoch: bumped by every claim, takeover and requeue. A node's
+    /// writes of a run's state hold only while the epoch it claimed is current
+    /// (its fencing token). Always 0 in a single-node store.
+    pub lease_epoch: i64,
+    /// The node that holds (or last held) the run; None in a single-node store.
+    pub node_id: Option<String>,
+    /// How many times the run was queued again after its node was lost.
+    pub requeues: u32,
+}
+
+/// Which state a run must be in for [`Store::finish`] to end it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndIf {
+    /// Queued (a cancel before it started).
+    Queued,
+    /// Running under this lease epoch (a node ending its own run, or one it took over).
+    Leased(i64),
+}
+
+/// What renewing a lease found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseState {
+    /// Still ours, extended.
+    Held,
+    /// Still ours, extended, and someone asked (through any node) to cancel it.
+    CancelRequested,
+    /// Gone: another node took the run over (or it ended). Write nothing more.
+    Lost,
+}
+
+/// Per-job limits on runs at once across every node, by (instance, project, job).
+/// A Queued run of a job at its limit is left for later.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConcurrencyLimits(pub std::collections::HashMap<(String, String, String), u32>);
+
+impl ConcurrencyLimits {
+    /// The limit of a run's first job, if it has one.
+    pub fn of(&self, instance: &str, project: &str, job: &str) -> Option<u32> {
+        self.0
+            .get(&(instance.to_owned(), project.to_owned(), job.to_owned()))
+            .copied()
+    }
+}
+
+/// What a node hears from the others through the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreNews {
+    /// Runs were queued: claim.
+    Queued,
+    /// A run ended (a sync `ExecuteJob` may be waiting for it).
+    Ended(RunKey),
+    /// Someone asked to cancel a run (its node stops it).
+    Cancel(RunKey),
+    /// The notification connection was lost and is back: anything may have
+    /// been missed, so look again.
+    Reconnected,
+}
+
+/// A node as it registers itself in the store.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeInfo {
+    /// `--node-id`, default `host:port`.
+    pub node_id: String,
+    /// Where it listens.
+    pub address: String,
+    /// The binary's version.
+    pub version: String,
+    /// When it started.
+    pub started_at: DateTime<FixedOffset>,
+    /// Runs executing on it now.
+    pub running: u32,
+    /// Runs it executes at once.
+    pub workers: u32,
+    /// It has stopped claiming (SIGTERM) and is handing its runs back.
+    pub draining: bool,
+}
+
+/// A node as the store knows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeRecord {
+    /// What the node said of itself at its last heartbeat.
+    #[serde(flatten)]
+    pub info: NodeInfo,
+    /// Its last heartbeat, by the store's clock.
+    pub heartbeat_at: DateTime<FixedOffset>,
+    /// Seconds since that heartbeat, by the store's clock.
+    pub silent_secs: f64,
+    /// It said it stopped (a clean shutdown).
+    pub stopped: bool,
 }
 
 /// How a run ended, to record in one transaction with its webhook.
@@ -226,6 +317,16 @@ pub enum StoreError {
         /// Frames still in the log.
         frames: i64,
     },
+    /// A PostgreSQL statement failed (its SQLSTATE is [`StoreError::sql_state`]).
+    #[error("store: {0}")]
+    Postgres(#[from] tokio_postgres::Error),
+    /// The PostgreSQL store cannot be reached (no connection within the pool's
+    /// patience): answer 503 and retry.
+    #[error("store: unreachable: {0}")]
+    Unreachable(String),
+    /// The store's schema is newer than this binary, or cannot be upgraded.
+    #[error("store: {0}")]
+    Schema(String),
     /// A blocking store task panicked or was cancelled.
     #[error("store: {0}")]
     Task(#[from] tokio::task::JoinError),
@@ -250,6 +351,30 @@ impl StoreError {
         match self.database_error()? {
             rusqlite::Error::SqliteFailure(e, _) => Some(e.extended_code),
             _ => None,
+        }
+    }
+
+    /// PostgreSQL's SQLSTATE (`40001`, `57P01`, …), if the failure came from it.
+    pub fn sql_state(&self) -> Option<&str> {
+        match self {
+            StoreError::Postgres(e) => e.code().map(|c| c.code()),
+            _ => None,
+        }
+    }
+
+    /// Whether the store could not be reached at all (as opposed to refusing a
+    /// statement): the API answers 503 with Retry-After, the caller retries.
+    pub fn is_unreachable(&self) -> bool {
+        match self {
+            StoreError::Unreachable(_) => true,
+            StoreError::Postgres(e) => {
+                e.is_closed()
+                    || e.code().is_none_or(|c| {
+                        // Class 08 (connection), 57P01-03 (shutdown, cannot connect now).
+                        c.code().starts_with("08") || c.code().starts_with("57P")
+                    })
+            }
+            _ => false,
         }
     }
 
@@ -286,13 +411,84 @@ fn note_revocation() {
 pub trait Store: RunHistory + Send + Sync + 'static {
     /// Records a run as Queued, durably, before the caller is told it started.
     async fn submit(&self, run: NewRun) -> Result<Submitted, StoreError>;
-    /// Takes the oldest Queued run and marks it Running.
-    async fn claim_next(&self) -> Result<Option<RunRecord>, StoreError>;
-    /// Saves live per-job results of a Running run.
-    async fn save_progress(&self, key: &RunKey, results_json: &str) -> Result<(), StoreError>;
-    /// Ends a run that is in status `from`, and queues its webhook, in one
-    /// transaction. False if the run was not in `from`.
-    async fn finish(&self, key: &RunKey, from: RunStatus, end: RunEnd) -> Result<bool, StoreError>;
+    /// Takes the oldest Queued run whose job is under its limit and marks it
+    /// Running on `node` with a new lease epoch (`lease` long, by the store's
+    /// clock). The returned record carries that epoch.
+    async fn claim_next(
+        &self,
+        node: &str,
+        lease: std::time::Duration,
+        limits: &ConcurrencyLimits,
+    ) -> Result<Option<RunRecord>, StoreError>;
+    /// Saves live per-job results of a Running run held under `epoch`;
+    /// false if the lease is gone (nothing written).
+    async fn save_progress(
+        &self,
+        key: &RunKey,
+        epoch: i64,
+        results_json: &str,
+    ) -> Result<bool, StoreError>;
+    /// Ends a run that is as `when` says, and queues its webhook, in one
+    /// transaction. False if it was not (ended already, or fenced out).
+    async fn finish(&self, key: &RunKey, when: EndIf, end: RunEnd) -> Result<bool, StoreError>;
+    /// Extends the lease of a Running run held under `epoch` by `lease`.
+    async fn renew(
+        &self,
+        _key: &RunKey,
+        _epoch: i64,
+        _lease: std::time::Duration,
+    ) -> Result<LeaseState, StoreError> {
+        Ok(LeaseState::Held)
+    }
+    /// Asks the node running a run to cancel it (seen at its next renewal, or
+    /// at once through a notification). False where the store has no other
+    /// nodes to tell (the caller cancels locally).
+    async fn request_cancel(&self, _key: &RunKey) -> Result<bool, StoreError> {
+        Ok(false)
+    }
+    /// Runs whose lease ran out (their node died, froze or lost the store):
+    /// each is taken by `node` under a new epoch (fencing the old owner out)
+    /// and returned with `node_id` still naming the node that lost it.
+    async fn take_over_expired(
+        &self,
+        _node: &str,
+        _lease: std::time::Duration,
+        _limit: usize,
+    ) -> Result<Vec<RunRecord>, StoreError> {
+        Ok(Vec::new())
+    }
+    /// Runs this node left Running in an earlier life (a crash, a restart):
+    /// no one else is running them. Taken under a new epoch. The single-node
+    /// store returns every Running run.
+    async fn orphans(&self, _node: &str) -> Result<Vec<RunRecord>, StoreError> {
+        self.runs_in(RunStatus::Running).await
+    }
+    /// Puts a Running run held under `epoch` back in the queue (a drained
+    /// node hands it back, or its node was lost and the job may run again);
+    /// `lost` counts it in [`RunRecord::requeues`]. False if fenced out.
+    async fn requeue(&self, _key: &RunKey, _epoch: i64, _lost: bool) -> Result<bool, StoreError> {
+        Ok(false)
+    }
+    /// Records that a node is alive (and what it is doing).
+    async fn heartbeat(&self, node: &NodeInfo) -> Result<(), StoreError>;
+    /// Records that a node stopped cleanly.
+    async fn node_stopped(&self, node_id: &str) -> Result<(), StoreError>;
+    /// Every node the store knows, by id.
+    async fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError>;
+    /// What other nodes did that this one should hear of at once (a store
+    /// shared by several nodes sends them with LISTEN/NOTIFY; they may be
+    /// lost, so every waiter also polls). None: a single-node store.
+    fn news(&self) -> Option<tokio::sync::broadcast::Receiver<StoreNews>> {
+        None
+    }
+    /// Where a run's jobs keep variables, `LastRunDate` and xref lists, with
+    /// writes fenced by the run's lease; None: the data dir's `state.sqlite`.
+    fn kept_state(
+        &self,
+        _fence: Option<(RunKey, i64)>,
+    ) -> Option<std::sync::Arc<dyn crate::engine::KeptState>> {
+        None
+    }
     /// A run.
     async fn run(&self, key: &RunKey) -> Result<Option<RunRecord>, StoreError>;
     /// Runs in a status (recovery uses Running).

@@ -15,8 +15,9 @@ use chrono::{DateTime, FixedOffset};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 
 use super::{
-    ApiKeyRecord, NewRun, Purged, Role, RunEnd, RunKey, RunRecord, Store, StoreError, Submitted,
-    UserRecord, WebhookAttempt, WebhookDue, WebhookNext,
+    ApiKeyRecord, ConcurrencyLimits, EndIf, NewRun, NodeInfo, NodeRecord, Purged, Role, RunEnd,
+    RunKey, RunRecord, Store, StoreError, Submitted, UserRecord, WebhookAttempt, WebhookDue,
+    WebhookNext,
 };
 use crate::run::RunStatus;
 
@@ -105,6 +106,9 @@ pub struct SqliteStore {
     path: PathBuf,
     /// Where the retention sweep goes on from (a rowid; 0: from the start).
     purge_cursor: Mutex<i64>,
+    /// The nodes on this store: this process alone, so they live in memory
+    /// (what it said, when, and whether it stopped).
+    nodes: Mutex<std::collections::BTreeMap<String, (NodeInfo, DateTime<FixedOffset>, bool)>>,
 }
 
 fn open_conn(path: &Path, write: bool) -> rusqlite::Result<Connection> {
@@ -175,6 +179,7 @@ impl SqliteStore {
             readers: Arc::new(Mutex::new(Vec::new())),
             path: path.to_owned(),
             purge_cursor: Mutex::new(0),
+            nodes: Mutex::new(std::collections::BTreeMap::new()),
         })
     }
 
@@ -409,6 +414,9 @@ fn run_row(r: &rusqlite::Row) -> rusqlite::Result<RunRecord> {
         response_json: r.get(9)?,
         error: r.get(10)?,
         fingerprint: r.get(11)?,
+        lease_epoch: 0,
+        node_id: None,
+        requeues: 0,
     })
 }
 
@@ -448,46 +456,74 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn claim_next(&self) -> Result<Option<RunRecord>, StoreError> {
-        self.write(|c| {
-            let rec = c
-                .query_row(
-                    &format!(
-                        "SELECT {RUN_COLUMNS} FROM runs WHERE status = 'Queued' ORDER BY rowid LIMIT 1"
-                    ),
-                    [],
-                    run_row,
-                )
-                .optional()?;
-            let Some(mut rec) = rec else { return Ok(None) };
-            c.execute(
-                "UPDATE runs SET status = 'Running', started_at = ?3 WHERE instance = ?1 AND run_id = ?2",
-                params![
-                    rec.key.instance,
-                    rec.key.run_id.to_string(),
-                    now_text(&chrono::Local::now().fixed_offset())
-                ],
+    async fn claim_next(
+        &self,
+        _node: &str,
+        _lease: Duration,
+        limits: &ConcurrencyLimits,
+    ) -> Result<Option<RunRecord>, StoreError> {
+        let limits = limits.clone();
+        self.write(move |c| {
+            // The oldest run first; a run of a job at its limit waits (a
+            // few hundred of them at most are looked past in one claim).
+            let mut st = c.prepare_cached(&format!(
+                "SELECT {RUN_COLUMNS} FROM runs WHERE status = 'Queued' ORDER BY rowid LIMIT ?1"
+            ))?;
+            let scan = if limits.0.is_empty() { 1 } else { 256 };
+            let queued: Vec<RunRecord> = st.query_map([scan], run_row)?.collect::<Result<_, _>>()?;
+            let mut running = c.prepare_cached(
+                "SELECT count(*) FROM runs WHERE status = 'Running' AND instance = ?1 AND project_id = ?2 AND job_id = ?3",
             )?;
-            rec.status = RunStatus::Running;
-            Ok(Some(rec))
+            for mut rec in queued {
+                if let Some(limit) = limits.of(&rec.key.instance, &rec.project_id, &rec.job_id) {
+                    let n: i64 = running.query_row(
+                        params![rec.key.instance, rec.project_id, rec.job_id],
+                        |r| r.get(0),
+                    )?;
+                    if n >= i64::from(limit) {
+                        continue;
+                    }
+                }
+                c.execute(
+                    "UPDATE runs SET status = 'Running', started_at = ?3 WHERE instance = ?1 AND run_id = ?2",
+                    params![
+                        rec.key.instance,
+                        rec.key.run_id.to_string(),
+                        now_text(&chrono::Local::now().fixed_offset())
+                    ],
+                )?;
+                rec.status = RunStatus::Running;
+                return Ok(Some(rec));
+            }
+            Ok(None)
         })
         .await
     }
 
-    async fn save_progress(&self, key: &RunKey, results_json: &str) -> Result<(), StoreError> {
+    async fn save_progress(
+        &self,
+        key: &RunKey,
+        _epoch: i64,
+        results_json: &str,
+    ) -> Result<bool, StoreError> {
         let (k, r) = (key.clone(), results_json.to_owned());
         self.write_one(move |c| {
-            c.execute(
+            let n = c.execute(
                 "UPDATE runs SET results = ?3 WHERE instance = ?1 AND run_id = ?2 AND status = 'Running'",
                 params![k.instance, k.run_id.to_string(), r],
             )?;
-            Ok(())
+            Ok(n == 1)
         })
         .await
     }
 
-    async fn finish(&self, key: &RunKey, from: RunStatus, end: RunEnd) -> Result<bool, StoreError> {
+    async fn finish(&self, key: &RunKey, when: EndIf, end: RunEnd) -> Result<bool, StoreError> {
         let k = key.clone();
+        // One process holds every run: a lease is the Running status.
+        let from = match when {
+            EndIf::Queued => RunStatus::Queued,
+            EndIf::Leased(_) => RunStatus::Running,
+        };
         // Results that the response carries verbatim are not stored twice
         // (reads take them from the response).
         let embedded = end
@@ -876,6 +912,38 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn heartbeat(&self, node: &NodeInfo) -> Result<(), StoreError> {
+        let now = chrono::Local::now().fixed_offset();
+        self.nodes
+            .lock()
+            .expect("nodes lock")
+            .insert(node.node_id.clone(), (node.clone(), now, false));
+        Ok(())
+    }
+
+    async fn node_stopped(&self, node_id: &str) -> Result<(), StoreError> {
+        if let Some(n) = self.nodes.lock().expect("nodes lock").get_mut(node_id) {
+            n.2 = true;
+        }
+        Ok(())
+    }
+
+    async fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
+        let now = chrono::Local::now().fixed_offset();
+        Ok(self
+            .nodes
+            .lock()
+            .expect("nodes lock")
+            .values()
+            .map(|(info, at, stopped)| NodeRecord {
+                info: info.clone(),
+                heartbeat_at: *at,
+                silent_secs: (now - *at).num_milliseconds() as f64 / 1000.0,
+                stopped: *stopped,
+            })
+            .collect())
+    }
+
     async fn token_user(
         &self,
         token_hash: &str,
@@ -928,7 +996,11 @@ mod tests {
     /// A run submitted, claimed and ended Complete.
     async fn ended(store: &SqliteStore, webhook: Option<&str>) -> RunKey {
         let k = queued(store, webhook).await;
-        let claimed = store.claim_next().await.unwrap().unwrap();
+        let claimed = store
+            .claim_next("n", Duration::from_secs(15), &ConcurrencyLimits::default())
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(claimed.key, k);
         let results = format!(
             r#"[{{"jobID":"j","runID":"{}","status":"Complete"}}]"#,
@@ -941,7 +1013,7 @@ mod tests {
             webhook_json: "{}".into(),
             error: None,
         };
-        assert!(store.finish(&k, RunStatus::Running, end).await.unwrap());
+        assert!(store.finish(&k, EndIf::Leased(0), end).await.unwrap());
         k
     }
 
