@@ -74,7 +74,10 @@ pub async fn nodes(State(svc): State<AppState>, caller: Caller) -> Response {
     let holds_a_role =
         caller.instances().is_none_or(|l| !l.is_empty()) || caller.metrics_scope().is_some();
     if !holds_a_role {
-        return json_error(StatusCode::FORBIDDEN, "listing nodes needs a role in an instance");
+        return json_error(
+            StatusCode::FORBIDDEN,
+            "listing nodes needs a role in an instance",
+        );
     }
     let records = match svc.store.nodes().await {
         Ok(r) => r,

@@ -211,7 +211,9 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         Some(loc) => {
             let shown = loc.redacted();
             record::Recorder::open(loc)
-                .inspect_err(|e| eprintln!("warning: the run will not be recorded in {shown}: {e:#}"))
+                .inspect_err(|e| {
+                    eprintln!("warning: the run will not be recorded in {shown}: {e:#}")
+                })
                 .ok()
         }
         None => None,

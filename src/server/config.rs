@@ -26,9 +26,7 @@ pub enum ConfigError {
         source: toml::de::Error,
     },
     /// `store` names a kind of store this build cannot open.
-    #[error(
-        "store {0:?} is not supported: use sqlite:PATH or postgres://USER@HOST:PORT/DATABASE"
-    )]
+    #[error("store {0:?} is not supported: use sqlite:PATH or postgres://USER@HOST:PORT/DATABASE")]
     UnsupportedStore(String),
     /// `lease_secs` is too short to renew in time.
     #[error("lease_secs = {0}: use at least 3 seconds (a lease is renewed every third of it)")]
@@ -273,7 +271,9 @@ impl StoreLocation {
     /// Reads `sqlite:PATH`, `postgres://…` or `postgresql://…`.
     pub fn parse(url: &str) -> Result<Self, ConfigError> {
         if let Some(p) = url.strip_prefix("sqlite:") {
-            return Ok(StoreLocation::Sqlite(PathBuf::from(p.trim_start_matches("//"))));
+            return Ok(StoreLocation::Sqlite(PathBuf::from(
+                p.trim_start_matches("//"),
+            )));
         }
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             return Ok(StoreLocation::Postgres(url.to_owned()));
@@ -347,7 +347,10 @@ mod tests {
     #[test]
     fn store_locations_read_and_hide_passwords() {
         let pg = StoreLocation::parse("postgres://app:s3cret@db:5432/tp").unwrap();
-        assert_eq!(pg, StoreLocation::Postgres("postgres://app:s3cret@db:5432/tp".into()));
+        assert_eq!(
+            pg,
+            StoreLocation::Postgres("postgres://app:s3cret@db:5432/tp".into())
+        );
         assert_eq!(pg.redacted(), "postgres://app@db:5432/tp");
         assert_eq!(
             StoreLocation::parse("sqlite:///tmp/x.sqlite").unwrap(),

@@ -103,7 +103,7 @@ impl Service {
         let mut limits = ConcurrencyLimits::default();
         for p in &projects.projects {
             for job in p.jobs.values() {
-                if let Some(n) = TEMP_LIMIT(job) {
+                if let Some(n) = job.max_concurrent_runs {
                     limits
                         .0
                         .insert((p.instance.clone(), p.id.0.clone(), job.id.0.clone()), n);
@@ -172,7 +172,8 @@ impl Service {
             let n = found.len();
             for rec in found {
                 let lost = rec.node_id.clone().unwrap_or_else(|| "?".into());
-                let may_rerun = rec.requeues == 0 && self.reruns_on_node_loss(&rec.key, &rec.project_id, &rec.job_id);
+                let may_rerun = rec.requeues == 0
+                    && self.reruns_on_node_loss(&rec.key, &rec.project_id, &rec.job_id);
                 if may_rerun && self.store.requeue(&rec.key, rec.lease_epoch, true).await? {
                     tracing::warn!(run = %rec.key, node = %lost, "node lost: run queued again (rerun_on_node_loss)");
                     self.work.notify_waiters();
@@ -193,7 +194,7 @@ impl Service {
         projects
             .project_in(&key.instance, project)
             .and_then(|p| p.jobs.get(&JobId(job.to_owned())))
-            .is_some_and(TEMP_RERUN)
+            .is_some_and(|j| j.rerun_on_node_loss)
     }
 
     /// Acts on what other nodes did: wakes the workers for queued runs,
@@ -243,7 +244,3 @@ impl Service {
         }
     }
 }
-#[allow(non_snake_case)]
-fn TEMP_LIMIT(_j: &crate::project::Job) -> Option<u32> { None }
-#[allow(non_snake_case)]
-fn TEMP_RERUN(_j: &crate::project::Job) -> bool { false }

@@ -18,7 +18,9 @@ use tokio::sync::{Notify, broadcast};
 use crate::engine::{self, JobReport, LogLevel, RunObserver, RunRequest};
 use crate::project::{JobId, LoadOptions, LoadOutcome, load_projects};
 use crate::run::{Counters, JobResult, RunId, RunResult, RunStatus, Submission};
-use crate::store::{EndIf, NewRun, NodeInfo, RunEnd, RunKey, RunRecord, Store, StoreError, Submitted};
+use crate::store::{
+    EndIf, NewRun, NodeInfo, RunEnd, RunKey, RunRecord, Store, StoreError, Submitted,
+};
 pub use config::{ServerConfig, StoreLocation, WebhookConfig};
 
 /// Why a run could not be accepted.
@@ -202,7 +204,11 @@ impl Service {
     /// with what its recorded job results say, in one transaction with its
     /// webhook: a job left Running (or a chain cut between two jobs) makes it
     /// Failed with `why`; a run whose every job had ended ends with their outcome.
-    pub(crate) async fn end_interrupted(&self, rec: &RunRecord, why: &str) -> Result<bool, StoreError> {
+    pub(crate) async fn end_interrupted(
+        &self,
+        rec: &RunRecord,
+        why: &str,
+    ) -> Result<bool, StoreError> {
         let mut results: Vec<JobResult> = rec
             .results_json
             .as_deref()
@@ -225,7 +231,14 @@ impl Service {
         if let Some(next) = next {
             // The chain stopped between two jobs: the next one never ran.
             let now = Local::now().fixed_offset();
-            results.push(JobResult::new(&run_id, &next, &now, Duration::ZERO, RunStatus::Failed, &zero));
+            results.push(JobResult::new(
+                &run_id,
+                &next,
+                &now,
+                Duration::ZERO,
+                RunStatus::Failed,
+                &zero,
+            ));
             interrupted = true;
         }
         if results.is_empty() {
@@ -442,8 +455,13 @@ impl Service {
         let deadline =
             tokio::time::Instant::now() + Duration::from_secs(self.config.shutdown_grace_secs);
         if !self.wait_for_no_runs(deadline).await && self.store.is_shared() {
-            let left: Vec<lease::Held> =
-                self.running.lock().expect("running lock").values().cloned().collect();
+            let left: Vec<lease::Held> = self
+                .running
+                .lock()
+                .expect("running lock")
+                .values()
+                .cloned()
+                .collect();
             tracing::warn!("shutdown: handing {} run(s) back to the queue", left.len());
             for held in left {
                 held.hand_back();
@@ -571,7 +589,7 @@ impl Service {
         let kept = self.store.kept_state(Some((key.clone(), rec.lease_epoch)));
         let cancel = lease.cancel.clone();
         let outcome = tokio::task::spawn_blocking(move || {
-            let _ = kept; let r = engine::run(&project, &run_req, &cancel, &observer);
+            let r = engine::run_with_state(&project, &run_req, &cancel, &observer, kept);
             (r, run_req.logging_level)
         })
         .await;
@@ -628,9 +646,16 @@ impl Service {
             return;
         }
         if lease.is_handed_back() {
-            match self.retry_store(|| self.store.requeue(key, lease.epoch, false)).await {
-                Ok(true) => tracing::info!(run = %key, "run handed back to the queue (node draining)"),
-                Ok(false) => tracing::warn!(run = %key, "run was taken over before it could be handed back"),
+            match self
+                .retry_store(|| self.store.requeue(key, lease.epoch, false))
+                .await
+            {
+                Ok(true) => {
+                    tracing::info!(run = %key, "run handed back to the queue (node draining)")
+                }
+                Ok(false) => {
+                    tracing::warn!(run = %key, "run was taken over before it could be handed back")
+                }
                 Err(e) => tracing::error!(run = %key, "handing the run back: {e}"),
             }
             return;
@@ -647,14 +672,19 @@ impl Service {
         };
         let status = end.status;
         abort_point("before_finish");
-        match self.retry_store(|| self.store.finish(key, held, end.clone())).await {
+        match self
+            .retry_store(|| self.store.finish(key, held, end.clone()))
+            .await
+        {
             Ok(true) => {
                 abort_point("after_finish");
                 metrics::counter!("tidepool_runs_total", "instance" => key.instance.clone(), "status" => status.to_string())
                     .increment(1);
                 tracing::info!(run = %key, %status, "run ended");
             }
-            Ok(false) => tracing::warn!(run = %key, "run's end not recorded: another node holds it now"),
+            Ok(false) => {
+                tracing::warn!(run = %key, "run's end not recorded: another node holds it now")
+            }
             Err(e) => tracing::error!(run = %key, "recording the end of the run: {e}"),
         }
         let _ = self.ended.send(key.clone());

@@ -108,8 +108,11 @@ pub struct SqliteStore {
     purge_cursor: Mutex<i64>,
     /// The nodes on this store: this process alone, so they live in memory
     /// (what it said, when, and whether it stopped).
-    nodes: Mutex<std::collections::BTreeMap<String, (NodeInfo, DateTime<FixedOffset>, bool)>>,
+    nodes: Mutex<std::collections::BTreeMap<String, NodeSeen>>,
 }
+
+/// What a node said at its last heartbeat, when, and whether it stopped.
+type NodeSeen = (NodeInfo, DateTime<FixedOffset>, bool);
 
 fn open_conn(path: &Path, write: bool) -> rusqlite::Result<Connection> {
     let flags = if write {
