@@ -8,6 +8,7 @@
 //! and cancelled runs through `LISTEN tidepool_news` (and poll as well).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use chrono::{DateTime, FixedOffset, Utc};
@@ -77,6 +78,8 @@ pub struct PostgresStore {
     pool: Pool,
     /// Submissions waiting for the group committer.
     submits: mpsc::Sender<submit::SubmitOp>,
+    /// Group transactions the committer has begun (for tests and metrics).
+    groups: Arc<AtomicU64>,
     /// What the listener hears.
     news: broadcast::Sender<StoreNews>,
     /// Dropped with the store: the listener stops.
@@ -124,7 +127,8 @@ impl PostgresStore {
         let (news, _) = broadcast::channel(1024);
         let (stop, stopped) = watch::channel(());
         news::listen(pg.clone(), opts.node_id.clone(), news.clone(), stopped).await?;
-        let submits = submit::start(pool.clone());
+        let groups = Arc::new(AtomicU64::new(0));
+        let submits = submit::start(pool.clone(), groups.clone());
         let kept = Arc::new(state::KeptRuntime::new(make_pool(
             pg,
             4,
@@ -133,6 +137,7 @@ impl PostgresStore {
         Ok(PostgresStore {
             pool,
             submits,
+            groups,
             news,
             _stop: stop,
             kept,
@@ -154,6 +159,12 @@ impl PostgresStore {
             .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])
             .await;
         out
+    }
+
+    /// How many transactions accepts have been committed in (fewer than the
+    /// accepts under concurrency: that is the group commit).
+    pub fn accept_groups(&self) -> u64 {
+        self.groups.load(Ordering::Relaxed)
     }
 
     /// A pooled connection, or [`StoreError::Unreachable`].

@@ -12,8 +12,14 @@ use crate::store::{
     ConcurrencyLimits, EndIf, LeaseState, Purged, RunEnd, RunKey, RunRecord, StoreError,
 };
 
-/// Queued runs looked at (and locked) by one claim when some jobs have limits.
-const CLAIM_SCAN: i64 = 64;
+/// Queued runs looked at by one claim when some jobs have limits.
+const CLAIM_SCAN: i64 = 256;
+
+/// What a claim sets: Running on node `$1`, a new epoch, a lease of `$2` s
+/// by the store's clock.
+const CLAIM_SET: &str = "UPDATE runs r SET status = 'Running', node_id = $1,
+       lease_epoch = r.lease_epoch + 1, lease_until = now() + make_interval(secs => $2),
+       started_at = now(), cancel_requested = false";
 
 impl PostgresStore {
     pub(super) async fn claim_next_pg(
@@ -22,23 +28,56 @@ impl PostgresStore {
         lease: Duration,
         limits: &ConcurrencyLimits,
     ) -> Result<Option<RunRecord>, StoreError> {
+        if !limits.0.is_empty() {
+            return self.claim_limited(node, lease, limits).await;
+        }
+        let conn = self.conn().await?;
+        let sql = format!(
+            "{CLAIM_SET} WHERE (r.instance, r.run_id) = (
+               SELECT instance, run_id FROM runs WHERE status = 'Queued'
+               ORDER BY accepted_ms, run_id LIMIT 1 FOR UPDATE SKIP LOCKED)
+             RETURNING {RUN_COLUMNS}"
+        );
+        let st = conn.prepare_cached(&sql).await?;
+        let row = conn.query_opt(&st, &[&node, &secs(lease)]).await?;
+        Ok(row.as_ref().map(run_row))
+    }
+
+    /// A claim that looks past runs of jobs at their limit. The queue is
+    /// read without locks; each candidate is then locked alone (skipped if
+    /// another node holds it), so concurrent claimers do not hide runs from
+    /// each other.
+    async fn claim_limited(
+        &self,
+        node: &str,
+        lease: Duration,
+        limits: &ConcurrencyLimits,
+    ) -> Result<Option<RunRecord>, StoreError> {
         let mut conn = self.conn().await?;
         let tx = conn.transaction().await?;
-        let scan = if limits.0.is_empty() { 1 } else { CLAIM_SCAN };
         let queued = tx
             .query(
                 "SELECT instance, run_id, project_id, job_id FROM runs
-                 WHERE status = 'Queued' ORDER BY accepted_ms, run_id
-                 FOR UPDATE SKIP LOCKED LIMIT $1",
-                &[&scan],
+                 WHERE status = 'Queued' ORDER BY accepted_ms, run_id LIMIT $1",
+                &[&CLAIM_SCAN],
             )
             .await?;
+        let claim = format!(
+            "{CLAIM_SET} WHERE (r.instance, r.run_id) = (
+               SELECT instance, run_id FROM runs WHERE instance = $3 AND run_id = $4
+                 AND status = 'Queued' FOR UPDATE SKIP LOCKED)
+             RETURNING {RUN_COLUMNS}"
+        );
+        let mut full = std::collections::HashSet::new();
         for q in queued {
             let (instance, run_id, project, job): (String, Uuid, String, String) =
                 (q.get(0), q.get(1), q.get(2), q.get(3));
+            let name = format!("{instance}/{project}/{job}");
+            if full.contains(&name) {
+                continue;
+            }
             if let Some(limit) = limits.of(&instance, &project, &job) {
                 // One claimer at a time counts a job's runs (until commit).
-                let name = format!("{instance}/{project}/{job}");
                 tx.execute("SELECT pg_advisory_xact_lock(hashtext($1))", &[&name])
                     .await?;
                 let n: i64 = tx
@@ -50,24 +89,17 @@ impl PostgresStore {
                     .await?
                     .get(0);
                 if n >= i64::from(limit) {
+                    full.insert(name);
                     continue;
                 }
             }
             let row = tx
-                .query_one(
-                    &format!(
-                        "UPDATE runs r SET status = 'Running', node_id = $3,
-                           lease_epoch = r.lease_epoch + 1,
-                           lease_until = now() + make_interval(secs => $4),
-                           started_at = now(), cancel_requested = false
-                         WHERE r.instance = $1 AND r.run_id = $2
-                         RETURNING {RUN_COLUMNS}"
-                    ),
-                    &[&instance, &run_id, &node, &secs(lease)],
-                )
+                .query_opt(&claim, &[&node, &secs(lease), &instance, &run_id])
                 .await?;
-            tx.commit().await?;
-            return Ok(Some(run_row(&row)));
+            if let Some(row) = row {
+                tx.commit().await?;
+                return Ok(Some(run_row(&row)));
+            }
         }
         tx.commit().await?;
         Ok(None)

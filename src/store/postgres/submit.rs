@@ -3,6 +3,8 @@
 //! caller is answered after the commit that made its run durable.
 
 use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use deadpool_postgres::Pool;
 use tokio::sync::{mpsc, oneshot};
@@ -18,12 +20,14 @@ pub(super) type SubmitOp = (NewRun, oneshot::Sender<Result<Submitted, StoreError
 const GROUP_MAX: usize = 1000;
 
 /// Starts the committer; it ends when the store (the last sender) is dropped.
-pub(super) fn start(pool: Pool) -> mpsc::Sender<SubmitOp> {
+/// `groups` counts the transactions that held submissions.
+pub(super) fn start(pool: Pool, groups: Arc<AtomicU64>) -> mpsc::Sender<SubmitOp> {
     let (tx, mut rx) = mpsc::channel::<SubmitOp>(4 * GROUP_MAX);
     tokio::spawn(async move {
         let mut batch = Vec::with_capacity(GROUP_MAX);
         while rx.recv_many(&mut batch, GROUP_MAX).await > 0 {
             let ops = std::mem::take(&mut batch);
+            groups.fetch_add(1, Ordering::Relaxed);
             let runs: Vec<&NewRun> = ops.iter().map(|(r, _)| r).collect();
             match commit_group(&pool, &runs).await {
                 Ok(answers) => {

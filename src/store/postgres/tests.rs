@@ -237,6 +237,8 @@ async fn submit_accepts_repeats_and_conflicts_and_groups_concurrent_submits() {
         assert_eq!(t.await.unwrap().unwrap(), Submitted::Accepted);
     }
     assert_eq!(store.queued_count().await.unwrap(), 202);
+    // 204 accepts, fewer transactions: concurrent ones were grouped.
+    assert!(store.accept_groups() < 204, "{}", store.accept_groups());
     let rec = store.run(&run.key).await.unwrap().unwrap();
     assert_eq!(rec.status, RunStatus::Queued);
     assert_eq!(rec.lease_epoch, 0);
@@ -304,7 +306,42 @@ async fn a_job_at_its_limit_waits_until_its_run_ends() {
             .unwrap()
     );
     assert_eq!(claim("b").await.unwrap().unwrap().key, second);
-    drop(store);
+
+    // Six claimers on two stores at once never run more than the limit.
+    limits
+        .0
+        .insert(("default".into(), "p".into(), "two".into()), 2);
+    for _ in 0..20 {
+        queued(&store, "two", None).await;
+    }
+    let other = Arc::new(db.store().await);
+    let store = Arc::new(store);
+    let limits = Arc::new(limits);
+    let tasks: Vec<_> = (0..6)
+        .map(|i| {
+            let s = if i % 2 == 0 {
+                store.clone()
+            } else {
+                other.clone()
+            };
+            let limits = limits.clone();
+            tokio::spawn(async move {
+                let mut n = 0;
+                while let Some(r) = s.claim_next("c", LEASE, &limits).await.unwrap() {
+                    assert_eq!(r.job_id, "two");
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect();
+    let mut claimed = 0;
+    for t in tasks {
+        claimed += t.await.unwrap();
+    }
+    assert_eq!(claimed, 2);
+    assert_eq!(store.queued_count().await.unwrap(), 18);
+    drop((store, other));
     db.drop_db().await;
 }
 
