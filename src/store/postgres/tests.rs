@@ -307,7 +307,7 @@ async fn a_job_at_its_limit_waits_until_its_run_ends() {
     );
     assert_eq!(claim("b").await.unwrap().unwrap().key, second);
 
-    // Six claimers on two stores at once never run more than the limit.
+    // Twenty claimers on two stores at once never run more than the limit.
     limits
         .0
         .insert(("default".into(), "p".into(), "two".into()), 2);
@@ -317,15 +317,17 @@ async fn a_job_at_its_limit_waits_until_its_run_ends() {
     let other = Arc::new(db.store().await);
     let store = Arc::new(store);
     let limits = Arc::new(limits);
-    let tasks: Vec<_> = (0..6)
+    let start = Arc::new(tokio::sync::Barrier::new(20));
+    let tasks: Vec<_> = (0..20)
         .map(|i| {
             let s = if i % 2 == 0 {
                 store.clone()
             } else {
                 other.clone()
             };
-            let limits = limits.clone();
+            let (limits, start) = (limits.clone(), start.clone());
             tokio::spawn(async move {
+                start.wait().await;
                 let mut n = 0;
                 while let Some(r) = s.claim_next("c", LEASE, &limits).await.unwrap() {
                     assert_eq!(r.job_id, "two");
@@ -342,6 +344,49 @@ async fn a_job_at_its_limit_waits_until_its_run_ends() {
     assert_eq!(claimed, 2);
     assert_eq!(store.queued_count().await.unwrap(), 18);
     drop((store, other));
+    db.drop_db().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_limited_claim_counts_under_the_jobs_advisory_lock() {
+    let db = TestDb::new().await;
+    let store = Arc::new(db.store().await);
+    let mut limits = ConcurrencyLimits::default();
+    limits
+        .0
+        .insert(("default".into(), "p".into(), "j".into()), 1);
+    let key = queued(&store, "j", None).await;
+    // Another claimer holds the job's lock: this claim waits for it.
+    let mut other = db.sql().await;
+    let tx = other.transaction().await.unwrap();
+    tx.execute("SELECT pg_advisory_xact_lock(hashtext('default/p/j'))", &[])
+        .await
+        .unwrap();
+    let s = store.clone();
+    let claim = tokio::spawn(async move { s.claim_next("a", LEASE, &limits).await });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let waiting: i64 = tx
+            .query_one(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if waiting == 1 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the claim never waited for the job's lock"
+        );
+        tokio::task::yield_now().await;
+    }
+    assert!(!claim.is_finished());
+    tx.commit().await.unwrap();
+    assert_eq!(claim.await.unwrap().unwrap().unwrap().key, key);
+    drop(store);
     db.drop_db().await;
 }
 
