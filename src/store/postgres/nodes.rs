@@ -9,13 +9,13 @@ impl PostgresStore {
         let running = i32::try_from(node.running).unwrap_or(i32::MAX);
         let workers = i32::try_from(node.workers).unwrap_or(i32::MAX);
         conn.execute(
-            "INSERT INTO nodes (node_id, address, version, started_at, heartbeat_at, running,
+            &conn.prepare_cached("INSERT INTO nodes (node_id, address, version, started_at, heartbeat_at, running,
                workers, draining, stopped)
              VALUES ($1, $2, $3, $4, now(), $5, $6, $7, false)
              ON CONFLICT (node_id) DO UPDATE SET address = excluded.address,
                version = excluded.version, started_at = excluded.started_at,
                heartbeat_at = now(), running = excluded.running, workers = excluded.workers,
-               draining = excluded.draining, stopped = false",
+               draining = excluded.draining, stopped = false").await?,
             &[
                 &node.node_id,
                 &node.address,
@@ -33,7 +33,9 @@ impl PostgresStore {
     pub(super) async fn node_stopped_pg(&self, node_id: &str) -> Result<(), StoreError> {
         let conn = self.conn().await?;
         conn.execute(
-            "UPDATE nodes SET stopped = true WHERE node_id = $1",
+            &conn
+                .prepare_cached("UPDATE nodes SET stopped = true WHERE node_id = $1")
+                .await?,
             &[&node_id],
         )
         .await?;
@@ -44,9 +46,13 @@ impl PostgresStore {
         let conn = self.conn().await?;
         let rows = conn
             .query(
-                "SELECT node_id, address, version, started_at, running, workers, draining,
+                &conn
+                    .prepare_cached(
+                        "SELECT node_id, address, version, started_at, running, workers, draining,
                    heartbeat_at, extract(epoch FROM now() - heartbeat_at)::float8, stopped
                  FROM nodes ORDER BY node_id",
+                    )
+                    .await?,
                 &[],
             )
             .await?;

@@ -57,8 +57,11 @@ impl PostgresStore {
         let tx = conn.transaction().await?;
         let queued = tx
             .query(
-                "SELECT instance, run_id, project_id, job_id FROM runs
+                &tx.prepare_cached(
+                    "SELECT instance, run_id, project_id, job_id FROM runs
                  WHERE status = 'Queued' ORDER BY accepted_ms, run_id LIMIT $1",
+                )
+                .await?,
                 &[&CLAIM_SCAN],
             )
             .await?;
@@ -68,6 +71,7 @@ impl PostgresStore {
                  AND status = 'Queued' FOR UPDATE SKIP LOCKED)
              RETURNING {RUN_COLUMNS}"
         );
+        let claim = tx.prepare_cached(&claim).await?;
         let mut full = std::collections::HashSet::new();
         for q in queued {
             let (instance, run_id, project, job): (String, Uuid, String, String) =
@@ -78,12 +82,19 @@ impl PostgresStore {
             }
             if let Some(limit) = limits.of(&instance, &project, &job) {
                 // One claimer at a time counts a job's runs (until commit).
-                tx.execute("SELECT pg_advisory_xact_lock(hashtext($1))", &[&name])
-                    .await?;
+                tx.execute(
+                    &tx.prepare_cached("SELECT pg_advisory_xact_lock(hashtext($1))")
+                        .await?,
+                    &[&name],
+                )
+                .await?;
                 let n: i64 = tx
                     .query_one(
-                        "SELECT count(*) FROM runs WHERE status = 'Running'
+                        &tx.prepare_cached(
+                            "SELECT count(*) FROM runs WHERE status = 'Running'
                            AND instance = $1 AND project_id = $2 AND job_id = $3",
+                        )
+                        .await?,
                         &[&instance, &project, &job],
                     )
                     .await?
@@ -114,8 +125,12 @@ impl PostgresStore {
         let conn = self.conn().await?;
         let n = conn
             .execute(
-                "UPDATE runs SET results = $3 WHERE instance = $1 AND run_id = $2
+                &conn
+                    .prepare_cached(
+                        "UPDATE runs SET results = $3 WHERE instance = $1 AND run_id = $2
                    AND lease_epoch = $4 AND status = 'Running'",
+                    )
+                    .await?,
                 &[&key.instance, &key.run_id, &results_json, &epoch],
             )
             .await?;
@@ -142,10 +157,13 @@ impl PostgresStore {
         let tx = conn.transaction().await?;
         let n = tx
             .execute(
-                "UPDATE runs SET status = $3, results = $4, response = $5, error = $6,
+                &tx.prepare_cached(
+                    "UPDATE runs SET status = $3, results = $4, response = $5, error = $6,
                    finished_at = now(), lease_until = NULL
                  WHERE instance = $1 AND run_id = $2 AND status = $7
                    AND ($8::int8 IS NULL OR lease_epoch = $8)",
+                )
+                .await?,
                 &[
                     &key.instance,
                     &key.run_id,
@@ -163,15 +181,18 @@ impl PostgresStore {
             return Ok(false);
         }
         tx.execute(
-            "INSERT INTO webhooks (instance, run_id, url, body, created_at, next_attempt_at)
+            &tx.prepare_cached(
+                "INSERT INTO webhooks (instance, run_id, url, body, created_at, next_attempt_at)
              SELECT instance, run_id, webhook_url, $3, now(), now() FROM runs
              WHERE instance = $1 AND run_id = $2 AND webhook_url IS NOT NULL
              ON CONFLICT (instance, run_id) DO NOTHING",
+            )
+            .await?,
             &[&key.instance, &key.run_id, &end.webhook_json],
         )
         .await?;
         tx.execute(
-            "SELECT pg_notify($1, $2)",
+            &tx.prepare_cached("SELECT pg_notify($1, $2)").await?,
             &[&NEWS_CHANNEL, &format!("ended:{key}")],
         )
         .await?;
@@ -188,9 +209,13 @@ impl PostgresStore {
         let conn = self.conn().await?;
         let row = conn
             .query_opt(
-                "UPDATE runs SET lease_until = now() + make_interval(secs => $4)
+                &conn
+                    .prepare_cached(
+                        "UPDATE runs SET lease_until = now() + make_interval(secs => $4)
                  WHERE instance = $1 AND run_id = $2 AND lease_epoch = $3 AND status = 'Running'
                  RETURNING cancel_requested",
+                    )
+                    .await?,
                 &[&key.instance, &key.run_id, &epoch, &secs(lease)],
             )
             .await?;
@@ -206,14 +231,17 @@ impl PostgresStore {
         let tx = conn.transaction().await?;
         let n = tx
             .execute(
-                "UPDATE runs SET cancel_requested = true
+                &tx.prepare_cached(
+                    "UPDATE runs SET cancel_requested = true
                  WHERE instance = $1 AND run_id = $2 AND status = 'Running'",
+                )
+                .await?,
                 &[&key.instance, &key.run_id],
             )
             .await?;
         if n == 1 {
             tx.execute(
-                "SELECT pg_notify($1, $2)",
+                &tx.prepare_cached("SELECT pg_notify($1, $2)").await?,
                 &[&NEWS_CHANNEL, &format!("cancel:{key}")],
             )
             .await?;
@@ -241,7 +269,10 @@ impl PostgresStore {
              RETURNING {RUN_COLUMNS}, c.old_node"
         );
         let rows = conn
-            .query(&sql, &[&node, &secs(lease), &(limit as i64)])
+            .query(
+                &conn.prepare_cached(&sql).await?,
+                &[&node, &secs(lease), &(limit as i64)],
+            )
             .await?;
         Ok(rows
             .iter()
@@ -279,17 +310,23 @@ impl PostgresStore {
         let tx = conn.transaction().await?;
         let n = tx
             .execute(
-                "UPDATE runs SET status = 'Queued', node_id = NULL, lease_until = NULL,
+                &tx.prepare_cached(
+                    "UPDATE runs SET status = 'Queued', node_id = NULL, lease_until = NULL,
                    lease_epoch = lease_epoch + 1, results = NULL, started_at = NULL,
                    cancel_requested = false,
                    requeues = requeues + CASE WHEN $4 THEN 1 ELSE 0 END
                  WHERE instance = $1 AND run_id = $2 AND lease_epoch = $3 AND status = 'Running'",
+                )
+                .await?,
                 &[&key.instance, &key.run_id, &epoch, &lost],
             )
             .await?;
         if n == 1 {
-            tx.execute("SELECT pg_notify($1, 'queued')", &[&NEWS_CHANNEL])
-                .await?;
+            tx.execute(
+                &tx.prepare_cached("SELECT pg_notify($1, 'queued')").await?,
+                &[&NEWS_CHANNEL],
+            )
+            .await?;
         }
         tx.commit().await?;
         Ok(n == 1)
@@ -325,7 +362,12 @@ impl PostgresStore {
     pub(super) async fn queued_count_pg(&self) -> Result<u64, StoreError> {
         let conn = self.conn().await?;
         let n: i64 = conn
-            .query_one("SELECT count(*) FROM runs WHERE status = 'Queued'", &[])
+            .query_one(
+                &conn
+                    .prepare_cached("SELECT count(*) FROM runs WHERE status = 'Queued'")
+                    .await?,
+                &[],
+            )
             .await?
             .get(0);
         Ok(n.max(0) as u64)
@@ -341,12 +383,15 @@ impl PostgresStore {
         // Ended before the cutoff, and no webhook still being delivered.
         let doomed = tx
             .query(
-                "SELECT r.instance, r.run_id FROM runs r
+                &tx.prepare_cached(
+                    "SELECT r.instance, r.run_id FROM runs r
                  WHERE r.status IN ('Complete', 'Failed', 'Cancelled') AND r.finished_at < $1
                    AND r.accepted_at < $1
                    AND NOT EXISTS (SELECT 1 FROM webhooks w WHERE w.instance = r.instance
                                    AND w.run_id = r.run_id AND w.state = 'pending')
                  ORDER BY r.finished_at LIMIT $2 FOR UPDATE SKIP LOCKED",
+                )
+                .await?,
                 &[&cutoff, &(limit as i64)],
             )
             .await?;

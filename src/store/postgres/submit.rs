@@ -87,14 +87,14 @@ async fn commit_group(pool: &Pool, runs: &[&NewRun]) -> Result<Vec<Submitted>, S
         .collect();
     let inserted = tx
         .query(
-            "INSERT INTO runs (instance, run_id, project_id, job_id, request, argument, fingerprint,
+            &tx.prepare_cached("INSERT INTO runs (instance, run_id, project_id, job_id, request, argument, fingerprint,
                webhook_url, status, accepted_at, accepted_ms)
              SELECT i, id, p, j, rq, a, f, w, 'Queued', at, ms
              FROM unnest($1::text[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::text[],
                          $7::text[], $8::text[], $9::timestamptz[], $10::int8[])
                   AS u(i, id, p, j, rq, a, f, w, at, ms)
              ON CONFLICT (instance, run_id) DO NOTHING
-             RETURNING instance, run_id",
+             RETURNING instance, run_id").await?,
             &[
                 &instances, &ids, &projects, &jobs, &requests, &arguments, &fingerprints,
                 &webhooks, &accepted, &accepted_ms,
@@ -108,8 +108,8 @@ async fn commit_group(pool: &Pool, runs: &[&NewRun]) -> Result<Vec<Submitted>, S
     // The stored fingerprint of every key, to tell a repeat from a conflict.
     let stored: HashMap<(String, Uuid), String> = tx
         .query(
-            "SELECT r.instance, r.run_id, r.fingerprint FROM runs r
-             JOIN unnest($1::text[], $2::uuid[]) AS u(i, id) ON r.instance = u.i AND r.run_id = u.id",
+            &tx.prepare_cached("SELECT r.instance, r.run_id, r.fingerprint FROM runs r
+             JOIN unnest($1::text[], $2::uuid[]) AS u(i, id) ON r.instance = u.i AND r.run_id = u.id").await?,
             &[&instances, &ids],
         )
         .await?
@@ -117,8 +117,11 @@ async fn commit_group(pool: &Pool, runs: &[&NewRun]) -> Result<Vec<Submitted>, S
         .map(|r| ((r.get(0), r.get(1)), r.get(2)))
         .collect();
     if !inserted.is_empty() {
-        tx.execute("SELECT pg_notify($1, 'queued')", &[&NEWS_CHANNEL])
-            .await?;
+        tx.execute(
+            &tx.prepare_cached("SELECT pg_notify($1, 'queued')").await?,
+            &[&NEWS_CHANNEL],
+        )
+        .await?;
     }
     tx.commit().await?;
     Ok(runs

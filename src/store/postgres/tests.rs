@@ -647,6 +647,82 @@ async fn the_listener_reconnects_after_its_connection_is_killed() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn killed_connections_read_as_unreachable_and_the_pool_recovers() {
+    let db = TestDb::new().await;
+    let store = db.store().await;
+    let key = queued(&store, "j", None).await;
+    // Every pooled connection busy at once, so the pool holds several.
+    let reads: Vec<_> = (0..8).map(|_| store.run(&key)).collect();
+    for r in futures_util::future::join_all(reads).await {
+        assert!(r.unwrap().is_some());
+    }
+    let killed: i64 = db
+        .sql()
+        .await
+        .query_one(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+             WHERE datname = current_database() AND pid <> pg_backend_pid()
+               AND application_name NOT LIKE 'tidepool-listen%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(killed >= 1, "{killed}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut failures = 0;
+    loop {
+        match store.run(&key).await {
+            Ok(found) => {
+                assert!(found.is_some());
+                break;
+            }
+            Err(e) => {
+                assert!(e.is_unreachable(), "{e:?}");
+                failures += 1;
+            }
+        }
+        assert!(Instant::now() < deadline, "the pool never recovered");
+    }
+    assert!(failures <= 16, "{failures}");
+    assert_eq!(claim(&store, "a").await.unwrap().key, key);
+    drop(store);
+    db.drop_db().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_queued_run_is_ended_before_it_starts_with_its_webhook() {
+    let db = TestDb::new().await;
+    let store = db.store().await;
+    let key = queued(&store, "j", Some("http://127.0.0.1:9/h")).await;
+    let cancelled = end(RunStatus::Cancelled);
+    assert!(
+        !store
+            .finish(&key, EndIf::Leased(0), cancelled.clone())
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .finish(&key, EndIf::Queued, cancelled.clone())
+            .await
+            .unwrap()
+    );
+    assert!(!store.finish(&key, EndIf::Queued, cancelled).await.unwrap());
+    let rec = store.run(&key).await.unwrap().unwrap();
+    assert_eq!(rec.status, RunStatus::Cancelled);
+    assert!(claim(&store, "a").await.is_none());
+    let due = store.due_webhooks(now(), 10).await.unwrap();
+    assert_eq!(due.len(), 1);
+    assert_eq!(
+        (due[0].key.clone(), due[0].url.as_str()),
+        (key, "http://127.0.0.1:9/h")
+    );
+    drop(store);
+    db.drop_db().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn two_nodes_asking_for_due_webhooks_at_once_get_disjoint_claims() {
     let db = TestDb::new().await;
     let (a, b) = (db.store().await, db.store().await);

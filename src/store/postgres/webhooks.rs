@@ -21,7 +21,9 @@ impl PostgresStore {
         let conn = self.conn().await?;
         let rows = conn
             .query(
-                "WITH due AS (
+                &conn
+                    .prepare_cached(
+                        "WITH due AS (
                    SELECT instance, run_id FROM webhooks
                    WHERE state = 'pending' AND next_attempt_at <= now()
                      AND (claimed_until IS NULL OR claimed_until < now())
@@ -30,6 +32,8 @@ impl PostgresStore {
                  FROM due WHERE w.instance = due.instance AND w.run_id = due.run_id
                  RETURNING w.instance, w.run_id, w.url, w.body, w.attempts, w.created_at,
                    w.next_attempt_at",
+                    )
+                    .await?,
                 &[&(limit as i64), &CLAIM_SECS],
             )
             .await?;
@@ -69,10 +73,13 @@ impl PostgresStore {
         let status = attempt.status_code.map(i32::from);
         let n = attempt.attempt as i32;
         tx.execute(
-            "INSERT INTO webhook_attempts (instance, run_id, attempt, at, status_code, error)
+            &tx.prepare_cached(
+                "INSERT INTO webhook_attempts (instance, run_id, attempt, at, status_code, error)
              VALUES ($1, $2, $3, $4, $5, $6)
              ON CONFLICT (instance, run_id, attempt) DO UPDATE
                SET at = excluded.at, status_code = excluded.status_code, error = excluded.error",
+            )
+            .await?,
             &[
                 &key.instance,
                 &key.run_id,
@@ -92,10 +99,13 @@ impl PostgresStore {
             }
         };
         tx.execute(
-            "UPDATE webhooks SET attempts = $3, state = $4, claimed_until = NULL,
+            &tx.prepare_cached(
+                "UPDATE webhooks SET attempts = $3, state = $4, claimed_until = NULL,
                next_attempt_at = CASE WHEN $5::float8 IS NULL THEN NULL
                                       ELSE now() + make_interval(secs => $5::float8) END
              WHERE instance = $1 AND run_id = $2",
+            )
+            .await?,
             &[&key.instance, &key.run_id, &n, &state, &delay],
         )
         .await?;
@@ -110,8 +120,12 @@ impl PostgresStore {
         let conn = self.conn().await?;
         let rows = conn
             .query(
-                "SELECT attempt, at, status_code, error FROM webhook_attempts
+                &conn
+                    .prepare_cached(
+                        "SELECT attempt, at, status_code, error FROM webhook_attempts
                  WHERE instance = $1 AND run_id = $2 ORDER BY attempt",
+                    )
+                    .await?,
                 &[&key.instance, &key.run_id],
             )
             .await?;
