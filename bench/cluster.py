@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The cluster benchmark: tidepool nodes sharing one PostgreSQL database.
 
-    python3 bench/cluster.py [--seconds 10] [--connections 64] [--runs 2000]
+    python3 bench/cluster.py [--seconds 10] [--connections 64] [--runs 1000]
                              [--pg postgres://postgres@127.0.0.1:5432] [--default-lease]
 
 Every scenario gets a fresh PostgreSQL database (tidepool_cluster_bench_*).
@@ -10,9 +10,11 @@ Every scenario gets a fresh PostgreSQL database (tidepool_cluster_bench_*).
    one node; three nodes, each loaded by its own wrk at once (the connections
    split between them); the bare ceiling (bench/pg_ceiling.rs: axum + group
    commit into PostgreSQL); tidepool on its embedded SQLite store, for reference.
-2. Completed runs/s of a tiny job (3 CSV rows upserted into a PostgreSQL
-   table) with 1, 2 and 3 nodes: `--runs` runs submitted across the nodes,
-   timed until none is Queued or Running.
+2. Completed runs/s of a tiny job (3 CSV rows upserted into a table) with
+   1, 2 and 3 nodes: `--runs` runs submitted across the nodes, timed until
+   none is Queued or Running. The destination is a SQLite file per node (the
+   store's own cost) or a PostgreSQL table (each run connects to PostgreSQL);
+   tidepool on its SQLite store for reference.
 3. Failover: a run held mid-write (its destination table locked by us) on a
    node that is then killed (-9) while two others run; the time until another
    node ends it (Failed), and with `rerun_on_node_loss = true` until another
@@ -221,13 +223,20 @@ def load(ports, b):
             "connections": conns * len(ports), "wrk": f"{len(ports)} x wrk -t{threads} -c{conns}"}
 
 
+def recorded(url, table):
+    """The rows in `table` and the transactions that wrote them (distinct
+    xmin: rows are only inserted here), so the runs per commit."""
+    rows, commits = psql(url, f"SELECT count(*), count(DISTINCT xmin::text) FROM {table}").split("|")
+    return {"recorded": int(rows), "commits": int(commits)}
+
+
 def accept_pg(b, nodes):
     url = b.fresh_db(f"accept{nodes}")
     projects = b.projects("accept-projects", 'kind = "sqlite"\npath = "${DATA_DIR}/tiny.sqlite"', "t")
     started = [b.node(f"accept-pg{nodes}", n, projects, 0, store=url) for n in range(1, nodes + 1)]
     try:
         r = load([port for _, port, _ in started], b)
-        r["recorded"] = int(psql(url, "SELECT count(*) FROM runs"))
+        r.update(recorded(url, "runs"))
     finally:
         b.stop_all()
     r["logs"] = [str(log) for _, _, log in started]
@@ -239,7 +248,7 @@ def accept_ceiling(b):
     _, port, _ = b.ceiling(url)
     try:
         r = load([port], b)
-        r["recorded"] = int(psql(url, "SELECT count(*) FROM ceiling_runs"))
+        r.update(recorded(url, "ceiling_runs"))
     finally:
         b.stop_all()
     return r
@@ -312,18 +321,24 @@ def count_status(port, status):
             return n
 
 
-def completed(b, nodes, workers, store="pg"):
-    """Submits --runs tiny runs across `nodes` nodes; runs/s until every one has ended."""
-    if store == "pg":
-        url = b.fresh_db(f"completed{nodes}")
+SQLITE_DEST = ('kind = "sqlite"\npath = "${DATA_DIR}/tiny.sqlite"\njournal_mode = "wal"\n'
+               'init_sql = ["CREATE TABLE IF NOT EXISTS t(id INTEGER PRIMARY KEY, name TEXT)"]')
+
+
+def completed(b, nodes, workers, store, dest):
+    """Submits --runs tiny runs across `nodes` nodes; runs/s until every one
+    has ended. `store` and `dest` are "pg" or "sqlite" (a SQLite destination
+    is a file in each node's data folder; a PostgreSQL one is a table in the
+    store's database, the same three rows for every run)."""
+    name = f"completed-{store}{nodes}-{dest}"
+    url = b.fresh_db(name.replace("-", "_")) if "pg" in (store, dest) else None
+    if dest == "pg":
         psql(url, "CREATE TABLE tiny_t(id integer PRIMARY KEY, name text)")
-        projects = b.projects(f"completed-projects{nodes}", f'kind = "postgres"\nurl = "{url}"', "tiny_t")
-        started = [b.node(f"completed-pg{nodes}", n, projects, workers, store=url) for n in range(1, nodes + 1)]
+        projects = b.projects(f"{name}-projects", f'kind = "postgres"\nurl = "{url}"', "tiny_t")
     else:
-        projects = b.projects("completed-projects-sqlite",
-                              'kind = "sqlite"\npath = "${DATA_DIR}/tiny.sqlite"\njournal_mode = "wal"\n'
-                              'init_sql = ["CREATE TABLE IF NOT EXISTS t(id INTEGER PRIMARY KEY, name TEXT)"]', "t")
-        started = [b.node("completed-sqlite", 1, projects, workers)]
+        projects = b.projects(f"{name}-projects", SQLITE_DEST, "t")
+    started = [b.node(name, n, projects, workers, store=url if store == "pg" else None)
+               for n in range(1, nodes + 1)]
     ports = [port for _, port, _ in started]
     try:
         t0 = time.perf_counter()
@@ -331,7 +346,7 @@ def completed(b, nodes, workers, store="pg"):
         submitted = time.perf_counter() - t0
         # Queued first, then Running: a run moves Queued -> Running -> ended, so
         # none can slip between the two looks.
-        poll(f"every run of completed-{store}{nodes} to end",
+        poll(f"every run of {name} to end",
              lambda: not runs(ports[0], "Queued") and not runs(ports[0], "Running"), 600, every=0.05)
         secs = time.perf_counter() - t0
         complete = count_status(ports[0], "Complete")
@@ -445,15 +460,23 @@ def moved(before, now):
 
 # ---------------------------------------------------------------- main
 
+# The completed-runs scenarios: (store, destination, nodes).
+COMPLETED = [("pg", "sqlite", 1), ("pg", "sqlite", 2), ("pg", "sqlite", 3),
+             ("pg", "pg", 1), ("pg", "pg", 3), ("sqlite", "sqlite", 1)]
+
 def fmt(v, spec):
-    return "-" if v is None else format(v, spec)
+    """`v` formatted, or a dash as wide as the spec says."""
+    if v is None:
+        width = re.search(r"\d+", spec)
+        return "-".rjust(int(width.group(0)) if width else 1)
+    return format(v, spec)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=int, default=10, help="wrk duration per accept scenario")
     ap.add_argument("--connections", type=int, default=64, help="wrk connections per scenario (split over nodes)")
-    ap.add_argument("--runs", type=int, default=2000, help="tiny runs per completed-runs scenario")
+    ap.add_argument("--runs", type=int, default=1000, help="tiny runs per completed-runs scenario")
     ap.add_argument("--workers", type=int, default=4, help="workers per node in the completed-runs scenarios")
     ap.add_argument("--lease-secs", type=int, default=3)
     ap.add_argument("--default-lease", action="store_true", help="also run failover with the default 15 s lease")
@@ -480,9 +503,10 @@ def main():
                 "ceiling_pg": accept_ceiling(b), "tidepool_sqlite_1": accept_sqlite(b)})
         if "completed" in parts:
             res["completed"] = {}
-            for n in (1, 2, 3):
-                res["completed"][f"pg_{n}"] = scenario(f"completed {n}", lambda: completed(b, n, args.workers))
-            res["completed"]["sqlite_1"] = scenario("completed sqlite", lambda: completed(b, 1, args.workers, "sqlite"))
+            for store, dest, n in COMPLETED:
+                res["completed"][f"{store}_store_{n}_{dest}_dest"] = scenario(
+                    f"completed {store} store, {n} node(s), {dest} destination",
+                    lambda: completed(b, n, args.workers, store, dest))
         if "failover" in parts:
             res["failover"] = {}
             leases = [args.lease_secs] + ([15] if args.default_lease else [])
@@ -520,7 +544,8 @@ def report(res):
     if acc:
         print(f"\naccept path, POST /v1/ExecuteJobAsync, {res['args']['seconds']} s per row, "
               f"{res['args']['connections']} connections in all")
-        print(f"{'':<34}{'runs/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'not 2xx':>9}{'recorded':>10}{'/ceiling':>10}")
+        print(f"{'':<34}{'runs/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'not 2xx':>9}{'recorded':>10}"
+              f"{'runs/commit':>12}{'/ceiling':>10}")
         ceil = acc.get("ceiling_pg", {}).get("rps")
         for key, label in (("ceiling_pg", "ceiling: axum + PG group commit"),
                            ("tidepool_pg_1", "tidepool PG, 1 node"),
@@ -531,20 +556,23 @@ def report(res):
                 print(f"{label:<34}failed: {r['error'][:300]}")
                 continue
             ratio = r["rps"] / ceil if ceil else None
+            per_commit = r["recorded"] / r["commits"] if r.get("commits") else None
             print(f"{label:<34}{r['rps']:>10,.0f}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}{r['not_2xx']:>9}"
-                  f"{r['recorded']:>10}{fmt(ratio, '>10.2f')}")
+                  f"{r['recorded']:>10}{fmt(per_commit, '>12.1f')}{fmt(ratio, '>10.2f')}")
     comp = res.get("completed")
     if comp:
         print("\ncompleted tiny runs (3 CSV rows upserted into a table), runs submitted across the nodes")
         print(f"{'':<34}{'runs':>7}{'complete':>9}{'failed':>7}{'seconds':>9}{'runs/s':>9}{'/1 node':>9}")
-        one = comp.get("pg_1", {}).get("runs_per_s")
-        for key, label in (("pg_1", "PG store, 1 node"), ("pg_2", "PG store, 2 nodes"),
-                           ("pg_3", "PG store, 3 nodes"), ("sqlite_1", "SQLite store+dest, 1 node")):
+        for store, dest, n in COMPLETED:
+            key = f"{store}_store_{n}_{dest}_dest"
+            label = f"{store.replace('pg', 'PG').replace('sqlite', 'SQLite')} store, {n} node{'s' if n > 1 else ''}, " \
+                    f"{dest.replace('pg', 'PG').replace('sqlite', 'SQLite')} dest"
+            one = comp.get(f"{store}_store_1_{dest}_dest", {}).get("runs_per_s")
             r = comp.get(key, {})
             if "error" in r:
                 print(f"{label:<34}failed: {r['error'][:300]}")
                 continue
-            ratio = r["runs_per_s"] / one if one and key.startswith("pg") else None
+            ratio = r["runs_per_s"] / one if one else None
             print(f"{label:<34}{r['runs']:>7}{r['complete']:>9}{r['failed']:>7}{r['seconds']:>9.2f}"
                   f"{r['runs_per_s']:>9,.0f}{fmt(ratio, '>9.2f')}")
     fo = res.get("failover")
