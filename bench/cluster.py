@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """The cluster benchmark: tidepool nodes sharing one PostgreSQL database.
 
-    python3 bench/cluster.py [--seconds 10] [--connections 64] [--runs 1000]
+    python3 bench/cluster.py [--seconds 6] [--rounds 2] [--connections 64] [--runs 1000]
                              [--pg postgres://postgres@127.0.0.1:5432] [--default-lease]
+                             [--only accept,completed,failover] [--no-build]
 
 Every scenario gets a fresh PostgreSQL database (tidepool_cluster_bench_*).
 1. Accept path (`--workers 0`: accept-only nodes; every run is committed
@@ -10,6 +11,8 @@ Every scenario gets a fresh PostgreSQL database (tidepool_cluster_bench_*).
    one node; three nodes, each loaded by its own wrk at once (the connections
    split between them); the bare ceiling (bench/pg_ceiling.rs: axum + group
    commit into PostgreSQL); tidepool on its embedded SQLite store, for reference.
+   `--rounds` times, interleaved, each ratio against its own round's ceiling
+   (the machine is shared and noisy), with the median ratios.
 2. Completed runs/s of a tiny job (3 CSV rows upserted into a table) with
    1, 2 and 3 nodes: `--runs` runs submitted across the nodes, timed until
    none is Queued or Running. The destination is a SQLite file per node (the
@@ -18,10 +21,10 @@ Every scenario gets a fresh PostgreSQL database (tidepool_cluster_bench_*).
 3. Failover: a run held mid-write (its destination table locked by us) on a
    node that is then killed (-9) while two others run; the time until another
    node ends it (Failed), and with `rerun_on_node_loss = true` until another
-   node runs it again.
+   node runs it again. `--lease-secs` (3) and, with `--default-lease`, 15.
 Prints a table and writes bench/out/cluster.json. Needs wrk and psql.
 """
-import argparse, http.client, json, os, re, shutil, socket, subprocess, sys, tempfile, threading, time
+import argparse, http.client, json, os, re, shutil, socket, statistics, subprocess, sys, tempfile, threading, time
 import urllib.error, urllib.request
 from pathlib import Path
 
@@ -135,7 +138,8 @@ class Bench:
         waits until it answers; returns (process, port, log path)."""
         port = free_port()
         data = self.root / scenario / f"data-n{n}"
-        data.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(data, ignore_errors=True)
+        data.mkdir(parents=True)
         cmd = [BIN, "serve", "--listen", f"127.0.0.1:{port}", "--workers", str(workers),
                "--queue-size", "100000000", "--data-dir", data, "--projects", projects]
         if store:
@@ -474,10 +478,11 @@ def fmt(v, spec):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seconds", type=int, default=10, help="wrk duration per accept scenario")
+    ap.add_argument("--seconds", type=int, default=6, help="wrk duration per accept scenario")
     ap.add_argument("--connections", type=int, default=64, help="wrk connections per scenario (split over nodes)")
     ap.add_argument("--runs", type=int, default=1000, help="tiny runs per completed-runs scenario")
     ap.add_argument("--workers", type=int, default=4, help="workers per node in the completed-runs scenarios")
+    ap.add_argument("--rounds", type=int, default=2, help="accept scenarios repeated, interleaved (median ratios)")
     ap.add_argument("--lease-secs", type=int, default=3)
     ap.add_argument("--default-lease", action="store_true", help="also run failover with the default 15 s lease")
     ap.add_argument("--pg", default="postgres://postgres@127.0.0.1:5432", help="the PostgreSQL server (no database)")
@@ -498,9 +503,11 @@ def main():
     t_start = time.perf_counter()
     try:
         if "accept" in parts:
-            res["accept"] = scenario("accept", lambda: {
-                "tidepool_pg_1": accept_pg(b, 1), "tidepool_pg_3": accept_pg(b, 3),
-                "ceiling_pg": accept_ceiling(b), "tidepool_sqlite_1": accept_sqlite(b)})
+            res["accept"] = {"rounds": []}
+            for k in range(args.rounds):
+                res["accept"]["rounds"].append({key: scenario(f"accept {key}, round {k + 1}", f) for key, f in (
+                    ("ceiling_pg", lambda: accept_ceiling(b)), ("tidepool_pg_1", lambda: accept_pg(b, 1)),
+                    ("tidepool_pg_3", lambda: accept_pg(b, 3)), ("tidepool_sqlite_1", lambda: accept_sqlite(b)))})
         if "completed" in parts:
             res["completed"] = {}
             for store, dest, n in COMPLETED:
@@ -517,10 +524,11 @@ def main():
     finally:
         b.stop_all()
     res["total_seconds"] = time.perf_counter() - t_start
-    (OUT / "cluster.json").write_text(json.dumps(res, indent=2, default=str))
     report(res)
-    if all(isinstance(v, dict) and "error" not in v for part in ("accept", "completed", "failover")
-           for v in res.get(part, {}).values()):
+    (OUT / "cluster.json").write_text(json.dumps(res, indent=2, default=str))
+    results = [v for part in ("completed", "failover") for v in res.get(part, {}).values()]
+    results += [v for rnd in res.get("accept", {}).get("rounds", []) for v in rnd.values()]
+    if all("error" not in v for v in results):
         b.drop_dbs()
         shutil.rmtree(b.root, ignore_errors=True)
     else:
@@ -537,28 +545,48 @@ def scenario(name, f):
         return {"error": str(e)}
 
 
-def report(res):
-    cores = res["machine"]["cores"]
-    print(f"\n== tidepool cluster benchmark ({cores} cores shared by wrk, the nodes and PostgreSQL) ==")
-    acc = res.get("accept")
-    if acc:
-        print(f"\naccept path, POST /v1/ExecuteJobAsync, {res['args']['seconds']} s per row, "
-              f"{res['args']['connections']} connections in all")
-        print(f"{'':<34}{'runs/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'not 2xx':>9}{'recorded':>10}"
-              f"{'runs/commit':>12}{'/ceiling':>10}")
+ACCEPT_ROWS = (("ceiling_pg", "ceiling: axum + PG group commit"),
+               ("tidepool_pg_1", "tidepool PG, 1 node"),
+               ("tidepool_pg_3", "tidepool PG, 3 nodes (sum, worst)"),
+               ("tidepool_sqlite_1", "tidepool SQLite, 1 node"))
+
+
+def report_accept(res):
+    """The accept table, a block per round; each ratio against its round's
+    ceiling, and with several rounds the median ratios."""
+    rounds = res["accept"]["rounds"]
+    print(f"\naccept path, POST /v1/ExecuteJobAsync, {res['args']['seconds']} s per row, "
+          f"{res['args']['connections']} connections in all (3 nodes: split between 3 wrk)")
+    print(f"{'':<34}{'runs/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'not 2xx':>9}{'recorded':>10}"
+          f"{'runs/commit':>12}{'/ceiling':>10}")
+    ratios = {key: [] for key, _ in ACCEPT_ROWS}
+    for k, acc in enumerate(rounds):
+        if len(rounds) > 1:
+            print(f"round {k + 1}")
         ceil = acc.get("ceiling_pg", {}).get("rps")
-        for key, label in (("ceiling_pg", "ceiling: axum + PG group commit"),
-                           ("tidepool_pg_1", "tidepool PG, 1 node"),
-                           ("tidepool_pg_3", "tidepool PG, 3 nodes (sum, worst)"),
-                           ("tidepool_sqlite_1", "tidepool SQLite, 1 node")):
+        for key, label in ACCEPT_ROWS:
             r = acc.get(key, {})
             if "error" in r:
                 print(f"{label:<34}failed: {r['error'][:300]}")
                 continue
             ratio = r["rps"] / ceil if ceil else None
+            if ratio is not None:
+                ratios[key].append(ratio)
             per_commit = r["recorded"] / r["commits"] if r.get("commits") else None
             print(f"{label:<34}{r['rps']:>10,.0f}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}{r['not_2xx']:>9}"
                   f"{r['recorded']:>10}{fmt(per_commit, '>12.1f')}{fmt(ratio, '>10.2f')}")
+    if len(rounds) > 1:
+        med = {key: statistics.median(v) for key, v in ratios.items() if v}
+        res["accept"]["median_ratio_to_ceiling"] = med
+        print("median / ceiling over the rounds: " + ", ".join(
+            f"{label} {med[key]:.2f}" for key, label in ACCEPT_ROWS[1:] if key in med))
+
+
+def report(res):
+    cores = res["machine"]["cores"]
+    print(f"\n== tidepool cluster benchmark ({cores} cores shared by wrk, the nodes and PostgreSQL) ==")
+    if res.get("accept"):
+        report_accept(res)
     comp = res.get("completed")
     if comp:
         print("\ncompleted tiny runs (3 CSV rows upserted into a table), runs submitted across the nodes")
@@ -577,15 +605,19 @@ def report(res):
                   f"{r['runs_per_s']:>9,.0f}{fmt(ratio, '>9.2f')}")
     fo = res.get("failover")
     if fo:
-        print("\nfailover: node holding a run killed -9; seen from a surviving node (polled every 50 ms)")
+        print("\nfailover: the node holding a run killed -9; seen from a surviving node, polled every 50 ms "
+              "(a Queued shorter than that is not seen)")
         print(f"{'':<34}{'kill->ended s':>14}{'kill->queued s':>15}{'kill->taken over s':>19}  final")
         for key, r in fo.items():
             if "error" in r:
                 print(f"{key:<34}failed: {r['error'][:300]}")
                 continue
             final = r.get("rerun_final") or r.get("final") or {}
+            where = f" on {final['node']}" if final.get("node") else ""
+            again = f" (requeues {final['requeues']})" if final.get("requeues") else ""
             print(f"{key:<34}{fmt(r['kill_to_ended_s'], '>14.2f')}{fmt(r['kill_to_requeued_s'], '>15.2f')}"
-                  f"{fmt(r['kill_to_taken_over_s'], '>19.2f')}  {final.get('status')}: {(final.get('error') or '')[:80]}")
+                  f"{fmt(r['kill_to_taken_over_s'], '>19.2f')}  {final.get('status')}{where}{again}"
+                  f"{': ' + final['error'][:70] if final.get('error') else ''}")
     print(f"\n({res['total_seconds']:.0f} s in all; results in bench/out/cluster.json)")
 
 
