@@ -25,7 +25,7 @@ Every scenario gets a fresh PostgreSQL database (tidepool_cluster_bench_*).
 Prints a table and writes bench/out/cluster.json. Needs wrk and psql.
 """
 import argparse, http.client, json, os, re, shutil, socket, statistics, subprocess, sys, tempfile, threading, time
-import urllib.error, urllib.request
+import urllib.error, urllib.request, uuid
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -282,7 +282,7 @@ def submit(ports, total, per_port_conns=4):
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
         mine = []
         for _ in range(count):
-            rid = str(uuid4())
+            rid = str(uuid.uuid4())
             body = json.dumps({"runID": rid, "projectID": "tiny", "jobID": "load"})
             conn.request("POST", "/v1/ExecuteJobAsync", body, {"Content-Type": "application/json"})
             resp = conn.getresponse()
@@ -304,11 +304,6 @@ def submit(ports, total, per_port_conns=4):
     if failures:
         raise RuntimeError(f"{len(failures)} submissions refused, e.g. {failures[0]}")
     return accepted
-
-
-def uuid4():
-    import uuid
-    return uuid.uuid4()
 
 
 def runs(port, status, limit=1):
@@ -399,7 +394,7 @@ def failover(b, lease, rerun):
     lock = TableLock(url, "slow_t")
     try:
         p1, port1, log1 = b.node(name, 1, projects, 2, store=url, lease=lease)
-        rid = str(uuid4())
+        rid = str(uuid.uuid4())
         conn = http.client.HTTPConnection("127.0.0.1", port1, timeout=10)
         conn.request("POST", "/v1/ExecuteJobAsync", json.dumps({"runID": rid, "projectID": "tiny", "jobID": "load"}),
                      {"Content-Type": "application/json"})
