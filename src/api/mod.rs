@@ -11,6 +11,7 @@ pub mod auth;
 pub mod console;
 pub mod events;
 pub mod extract;
+pub mod nodes;
 pub mod preview;
 pub mod projects;
 pub mod runs;
@@ -103,6 +104,7 @@ pub fn app(
         .route("/v1/projects/{id}", get(project))
         .route("/v1/projects/reload", post(projects::reload))
         .route("/v1/preview", post(preview::preview))
+        .route("/v1/nodes", get(nodes::nodes))
         .route("/console/login", post(console::login))
         .route("/console/logout", post(console::logout))
         .route("/console/me", get(console::me))
@@ -132,7 +134,22 @@ pub fn app(
             }
             req
         })
+        .map_response(retry_after_on_503)
         .service(router)
+}
+
+/// Every 503 (a full queue, a store that cannot be reached, a server
+/// stopping) tells the client when to try again, whichever handler wrote it.
+fn retry_after_on_503(mut res: Response) -> Response {
+    if res.status() == StatusCode::SERVICE_UNAVAILABLE
+        && !res.headers().contains_key(axum::http::header::RETRY_AFTER)
+    {
+        res.headers_mut().insert(
+            axum::http::header::RETRY_AFTER,
+            axum::http::HeaderValue::from_static("1"),
+        );
+    }
+    res
 }
 
 /// The Prometheus recorder, installed once per process.
@@ -931,6 +948,7 @@ async fn metrics_text(State(svc): State<AppState>, caller: Caller) -> Result<Res
         project,
         projects::reload,
         preview::preview,
+        nodes::nodes,
         console::login,
         console::logout,
         console::me,
@@ -948,7 +966,9 @@ async fn metrics_text(State(svc): State<AppState>, caller: Caller) -> Result<Res
         WebhookAttemptLine,
         RunStatus,
         runs::RunPage,
-        runs::RunSummary
+        runs::RunSummary,
+        nodes::NodeList,
+        nodes::NodeLine
     )),
     modifiers(&SecuritySchemes, &XmlAnswers)
 )]

@@ -532,9 +532,20 @@ pub(super) fn with_request(
     let answer = serde_json::to_string(resp).unwrap_or_default();
     let request: serde_json::Value = serde_json::from_str(&rec.request_json).unwrap_or_default();
     let body = match answer.strip_suffix('}') {
+        // The node is there only on a shared store (where it tells which
+        // node ran, or runs, the run); requeues only once there were some.
         Some(head) => format!(
-            "{head},\"instance\":{},\"request\":{request}}}",
-            json!(rec.key.instance)
+            "{head},\"instance\":{}{}{},\"request\":{request}}}",
+            json!(rec.key.instance),
+            rec.node_id
+                .as_ref()
+                .map(|n| format!(",\"node\":{}", json!(n)))
+                .unwrap_or_default(),
+            if rec.requeues > 0 {
+                format!(",\"requeues\":{}", rec.requeues)
+            } else {
+                String::new()
+            }
         ),
         None => answer,
     };

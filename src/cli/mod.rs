@@ -13,6 +13,7 @@ use clap::{Args, Parser, Subcommand};
 
 use tidepool::engine::{self, CancelToken, LogLevel, RunId, RunReport, RunRequest, RunStatus};
 use tidepool::project::{LoadOptions, LoadOutcome, load_projects};
+use tidepool::server::StoreLocation;
 
 /// tidepool: read rows from an origin, map them, write them into a destination.
 #[derive(Parser)]
@@ -105,7 +106,8 @@ struct RunArgs {
     /// The run's ID (a GUID); a new one by default.
     #[arg(long)]
     run_id: Option<uuid::Uuid>,
-    /// Record the run in this store (sqlite:PATH), where the server shows it;
+    /// Record the run in this store (sqlite:PATH or postgres://…), where the
+    /// server shows it (a PostgreSQL store also keeps the jobs' variables);
     /// default: <data-dir>/tidepool.sqlite if it exists.
     #[arg(long, env = "TIDEPOOL_STORE")]
     store: Option<String>,
@@ -197,20 +199,35 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     req.preview = args.preview;
 
     // A preview writes nothing, its record included.
-    let store = record::store_path(
+    let location = record::store_location(
         args.store.as_deref(),
         &args.dirs.data_dir,
         args.no_record || args.preview,
     )?;
+    // A shared store also holds the jobs' variables and xref lists: it must
+    // open. The embedded one only records the run: it may fail, said.
+    let recorder = match location {
+        Some(loc @ StoreLocation::Postgres(_)) => Some(record::Recorder::open(loc)?),
+        Some(loc) => {
+            let shown = loc.redacted();
+            record::Recorder::open(loc)
+                .inspect_err(|e| {
+                    eprintln!("warning: the run will not be recorded in {shown}: {e:#}")
+                })
+                .ok()
+        }
+        None => None,
+    };
+    let kept = recorder.as_ref().and_then(|r| r.kept_state());
     let observer = progress::Progress::new(!args.json);
-    let report = engine::run(project, &req, &CancelToken::new(), &observer)?;
+    let report = engine::run_with_state(project, &req, &CancelToken::new(), &observer, kept)?;
     observer.clear();
-    if let Some(path) = &store {
+    if let Some(recorder) = &recorder {
         // The run happened: a record that fails is said, not fatal.
-        if let Err(e) = record::record(path, project, &req, &report) {
+        if let Err(e) = record::record(recorder, project, &req, &report) {
             eprintln!(
                 "warning: the run was not recorded in {}: {e:#}",
-                path.display()
+                recorder.location.redacted()
             );
         }
     }

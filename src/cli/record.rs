@@ -1,43 +1,82 @@
 //! `tidepool run` records its runs in the server's store, so the console's
 //! history holds them too.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::Context;
-use tidepool::engine::{RunReport, RunRequest};
+use tidepool::engine::{KeptState, RunReport, RunRequest};
 use tidepool::project::Project;
 use tidepool::run::Submission;
+use tidepool::server::StoreLocation;
 use tidepool::server::history::{details_of, run_result};
-use tidepool::store::{NewRun, RunEnd, RunHistory, RunKey, SqliteStore, Submitted};
+use tidepool::store::{
+    NewRun, PgStoreOptions, PostgresStore, RunEnd, RunHistory, RunKey, SqliteStore, Store,
+    Submitted,
+};
 
 /// Where a run is recorded: `--store`, else the data dir's store if one exists.
-pub fn store_path(
+pub fn store_location(
     store: Option<&str>,
     data_dir: &Path,
     no_record: bool,
-) -> anyhow::Result<Option<PathBuf>> {
+) -> anyhow::Result<Option<StoreLocation>> {
     if no_record {
         return Ok(None);
     }
     match store {
-        Some(url) => {
-            let path = url
-                .strip_prefix("sqlite:")
-                .map(|p| p.trim_start_matches("//"))
-                .ok_or_else(|| anyhow::anyhow!("--store {url:?}: use sqlite:PATH"))?;
-            Ok(Some(PathBuf::from(path)))
-        }
+        Some(url) => Ok(Some(
+            StoreLocation::parse(url).with_context(|| format!("--store {url:?}"))?,
+        )),
         None => {
             let default = data_dir.join("tidepool.sqlite");
-            Ok(default.is_file().then_some(default))
+            Ok(default.is_file().then_some(StoreLocation::Sqlite(default)))
         }
+    }
+}
+
+/// An open store that `tidepool run` records its run in (and, for a shared
+/// store, keeps its jobs' variables and xref lists in).
+pub struct Recorder {
+    rt: tokio::runtime::Runtime,
+    store: Arc<dyn Store>,
+    /// Where it is, for messages.
+    pub location: StoreLocation,
+}
+
+impl Recorder {
+    /// Opens the store.
+    pub fn open(location: StoreLocation) -> anyhow::Result<Self> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .context("cannot start the async runtime")?;
+        let named = || format!("cannot open the store {}", location.redacted());
+        let store: Arc<dyn Store> = match &location {
+            StoreLocation::Sqlite(path) => Arc::new(SqliteStore::open(path).with_context(named)?),
+            StoreLocation::Postgres(url) => Arc::new(
+                rt.block_on(PostgresStore::connect(url, PgStoreOptions::default()))
+                    .with_context(named)?,
+            ),
+        };
+        Ok(Recorder {
+            rt,
+            store,
+            location,
+        })
+    }
+
+    /// Where the run's jobs keep their state: the shared store's tables, or
+    /// (None) the data dir's `state.sqlite`.
+    pub fn kept_state(&self) -> Option<Arc<dyn KeptState>> {
+        self.store.kept_state(None)
     }
 }
 
 /// Records an ended run (its answer, log and row errors) as the server would.
 pub fn record(
-    path: &Path,
+    recorder: &Recorder,
     project: &Project,
     req: &RunRequest,
     report: &RunReport,
@@ -76,15 +115,8 @@ pub fn record(
         webhook_json: String::new(),
         error: report.error.clone(),
     };
-    let store = Arc::new(
-        SqliteStore::open(path)
-            .with_context(|| format!("cannot open the store {}", path.display()))?,
-    );
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
-    rt.block_on(async {
+    let store = &recorder.store;
+    recorder.rt.block_on(async {
         match store.record_ended(run, report.start_time, end).await? {
             Submitted::Accepted => {}
             _ => anyhow::bail!("run {} is in the store already", req.run_id),

@@ -9,8 +9,8 @@ use anyhow::{Context, bail};
 use clap::Args;
 
 use tidepool::api;
-use tidepool::server::{ServerConfig, Service};
-use tidepool::store::{Role, SqliteStore, Store, UserRecord};
+use tidepool::server::{ServerConfig, Service, StoreLocation};
+use tidepool::store::{PgStoreOptions, PostgresStore, Role, SqliteStore, Store, UserRecord};
 
 /// Where the server's settings come from: a file, then flags.
 #[derive(Args)]
@@ -21,7 +21,8 @@ pub struct ConfigArgs {
     /// Where runs and the store keep their files.
     #[arg(long, env = "TIDEPOOL_DATA_DIR")]
     data_dir: Option<PathBuf>,
-    /// The store: sqlite:PATH (default <data-dir>/tidepool.sqlite).
+    /// The store: sqlite:PATH (one node; default <data-dir>/tidepool.sqlite)
+    /// or postgres://USER@HOST:PORT/DATABASE (any number of nodes).
     #[arg(long, env = "TIDEPOOL_STORE")]
     store: Option<String>,
 }
@@ -41,13 +42,30 @@ impl ConfigArgs {
         Ok(c)
     }
 
-    fn open_store(&self) -> anyhow::Result<(ServerConfig, Arc<SqliteStore>)> {
+    /// The settings, the store they name, and a runtime to use it on.
+    fn open_store(
+        &self,
+    ) -> anyhow::Result<(ServerConfig, Arc<dyn Store>, tokio::runtime::Runtime)> {
         let c = self.load()?;
-        let path = c.store_path()?;
-        let store = SqliteStore::open(&path)
-            .with_context(|| format!("cannot open the store {}", path.display()))?;
-        Ok((c, Arc::new(store)))
+        let rt = runtime()?;
+        let store = rt.block_on(connect_store(&c))?;
+        Ok((c, store, rt))
     }
+}
+
+/// Opens the store the settings name (a PostgreSQL store is migrated to this
+/// binary's schema on the way).
+async fn connect_store(c: &ServerConfig) -> anyhow::Result<Arc<dyn Store>> {
+    let location = c.store_location()?;
+    let named = || format!("cannot open the store {}", location.redacted());
+    Ok(match &location {
+        StoreLocation::Sqlite(path) => Arc::new(SqliteStore::open(path).with_context(named)?),
+        StoreLocation::Postgres(url) => Arc::new(
+            PostgresStore::connect(url, PgStoreOptions::default())
+                .await
+                .with_context(named)?,
+        ),
+    })
 }
 
 #[derive(Args)]
@@ -81,6 +99,13 @@ pub struct ServeArgs {
     /// Connections open at once (default: from the open-file limit).
     #[arg(long)]
     max_connections: Option<usize>,
+    /// This node's name in a shared store (default HOST:PORT).
+    #[arg(long, env = "TIDEPOOL_NODE_ID")]
+    node_id: Option<String>,
+    /// Seconds a node holds a run without renewing it before another node
+    /// takes it over (default 15).
+    #[arg(long)]
+    lease_secs: Option<u64>,
 }
 
 #[derive(Args)]
@@ -183,18 +208,24 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     if args.max_connections.is_some() {
         c.max_connections = args.max_connections;
     }
+    if args.node_id.is_some() {
+        c.node_id = args.node_id;
+    }
+    if let Some(l) = args.lease_secs {
+        c.lease_secs = l;
+    }
+    c.lease()?;
     let open_files = super::listen::raise_open_file_limit();
     let limits = super::listen::Limits::new(&c, open_files)?;
     std::fs::create_dir_all(&c.data_dir)
         .with_context(|| format!("cannot create the data directory {}", c.data_dir.display()))?;
-    let path = c.store_path()?;
-    let store = SqliteStore::open(&path)
-        .with_context(|| format!("cannot open the store {}", path.display()))?;
+    let location = c.store_location()?;
     let rt = runtime()?;
-    let store_path = path.clone();
+    let store_location = location.clone();
     let served = rt.block_on(async move {
         api::metrics_handle();
-        let svc = Service::new(c.clone(), Arc::new(store)).await?;
+        let store = connect_store(&c).await?;
+        let svc = Service::new(c.clone(), store).await?;
         if svc.open {
             if !c.listen.ip().is_loopback() && !c.insecure {
                 bail!(
@@ -206,11 +237,12 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         }
         let loaded = svc.projects();
         tracing::info!(
-            "serving {} project(s) from {} ({} not loaded); store {}",
+            "serving {} project(s) from {} ({} not loaded); store {}; node {}",
             loaded.projects.len(),
             c.projects.display(),
             loaded.problems.len(),
-            path.display()
+            location.redacted(),
+            svc.node_id()
         );
         let listener = tokio::net::TcpListener::bind(c.listen)
             .await
@@ -241,7 +273,9 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     // Every task has ended once the runtime is down, so nothing writes after
     // this: leave the store in one file with an empty log.
     rt.shutdown_timeout(std::time::Duration::from_secs(5));
-    if let Err(e) = SqliteStore::empty_log(&store_path, std::time::Duration::from_secs(3)) {
+    if let StoreLocation::Sqlite(path) = &store_location
+        && let Err(e) = SqliteStore::empty_log(path, std::time::Duration::from_secs(3))
+    {
         tracing::warn!("the store's log was not emptied at exit: {e}");
     }
     served
@@ -301,8 +335,7 @@ pub fn user_add(args: UserAddArgs) -> anyhow::Result<ExitCode> {
     }
     let primary = args.primary.clone().unwrap_or_else(|| grants[0].0.clone());
     let hash = read_password_hash(&args.name)?;
-    let (_, store) = args.cfg.open_store()?;
-    let rt = runtime()?;
+    let (_, store, rt) = args.cfg.open_store()?;
     let existed = rt.block_on(store.user(&args.name))?.is_some();
     rt.block_on(store.put_user(UserRecord {
         name: args.name.clone(),
@@ -340,8 +373,7 @@ fn read_password_hash(name: &str) -> anyhow::Result<String> {
 }
 
 pub fn user_passwd(args: UserPasswdArgs) -> anyhow::Result<ExitCode> {
-    let (_, store) = args.cfg.open_store()?;
-    let rt = runtime()?;
+    let (_, store, rt) = args.cfg.open_store()?;
     if rt.block_on(store.user(&args.name))?.is_none() {
         bail!("no user {:?}: add it with `tidepool user add`", args.name);
     }
@@ -357,8 +389,7 @@ pub fn user_passwd(args: UserPasswdArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub fn key_create(args: KeyCreateArgs) -> anyhow::Result<ExitCode> {
-    let (_, store) = args.cfg.open_store()?;
-    let rt = runtime()?;
+    let (_, store, rt) = args.cfg.open_store()?;
     if rt.block_on(store.user(&args.user))?.is_none() {
         bail!(
             "no user {:?}: add it first with `tidepool user add`",
@@ -373,8 +404,8 @@ pub fn key_create(args: KeyCreateArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub fn user_remove(args: UserRemoveArgs) -> anyhow::Result<ExitCode> {
-    let (_, store) = args.cfg.open_store()?;
-    if !runtime()?.block_on(store.remove_user(&args.name))? {
+    let (_, store, rt) = args.cfg.open_store()?;
+    if !rt.block_on(store.remove_user(&args.name))? {
         bail!("no user {:?}", args.name);
     }
     println!(
@@ -385,8 +416,8 @@ pub fn user_remove(args: UserRemoveArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub fn key_list(args: KeyListArgs) -> anyhow::Result<ExitCode> {
-    let (_, store) = args.cfg.open_store()?;
-    let keys = runtime()?.block_on(store.api_keys())?;
+    let (_, store, rt) = args.cfg.open_store()?;
+    let keys = rt.block_on(store.api_keys())?;
     println!("{:<KEY_ID_LEN$}  {:<20}  label", "id", "user");
     for k in keys {
         println!(
@@ -400,8 +431,7 @@ pub fn key_list(args: KeyListArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub fn key_revoke(args: KeyRevokeArgs) -> anyhow::Result<ExitCode> {
-    let (_, store) = args.cfg.open_store()?;
-    let rt = runtime()?;
+    let (_, store, rt) = args.cfg.open_store()?;
     let hash = if args.key.starts_with("tpk_") {
         api::auth::digest(&args.key)
     } else {

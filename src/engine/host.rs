@@ -3,15 +3,15 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
-use super::state::{JobState, StateError};
+use super::state::{KeptState, StateError};
 use crate::connector::{ConnectionConfig, ConnectorError, Lookup};
 use crate::project::Project;
 use crate::script::{self, ScriptHost};
 use crate::value::Value;
 
-/// Cross-reference writes kept in memory before they go to the state file.
+/// Cross-reference writes kept in memory before they go to the kept state.
 const XREF_FLUSH_EVERY: usize = 10_000;
 /// Lookup answers cached per run; past this the cache starts again.
 const LOOKUP_CACHE_MAX: usize = 1_000_000;
@@ -60,11 +60,11 @@ pub(crate) struct RunHost {
 
 #[derive(Default)]
 struct Xref {
-    /// The state file; `None` when it cannot be opened (then lists live for the run only).
-    state: Option<JobState>,
-    /// Written by this run, not yet in the state file.
+    /// The run's kept state; `None` when it cannot be opened (then lists live for the run only).
+    state: Option<Arc<dyn KeptState>>,
+    /// Written by this run, not yet kept.
     pending: HashMap<(String, String), String>,
-    /// Read from the state file by this run.
+    /// Read from the kept state by this run.
     read: HashMap<(String, String), Option<String>>,
 }
 
@@ -77,10 +77,14 @@ struct Lookups {
 }
 
 impl RunHost {
-    /// A host for one job run of `project`; in preview nothing is kept.
-    /// Without a state file, lists live for the run only.
-    pub(crate) fn new(project: &Project, preview: bool) -> Self {
-        let state = JobState::open(&project.data_dir).ok();
+    /// A host for one job run of `project`, keeping xref lists in `state`;
+    /// in preview nothing is kept. Without a state, lists live for the run only.
+    pub(crate) fn new(
+        project: &Project,
+        preview: bool,
+        state: Option<&Arc<dyn KeptState>>,
+    ) -> Self {
+        let state = state.cloned();
         RunHost {
             project: project.id.0.clone(),
             base_dir: project.dir.clone(),
@@ -107,7 +111,7 @@ impl RunHost {
         if preview || x.pending.is_empty() {
             return Ok(());
         }
-        let Some(state) = x.state.as_mut() else {
+        let Some(state) = x.state.as_ref() else {
             return Ok(());
         };
         let entries: Vec<(&str, &str, &str)> = x

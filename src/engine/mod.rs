@@ -8,6 +8,8 @@
 
 mod host;
 mod job;
+#[cfg(test)]
+mod kept_tests;
 mod mapping;
 mod state;
 
@@ -138,11 +140,27 @@ pub fn check_request(req: &RunRequest) -> Result<(), RunError> {
 }
 
 /// Runs `req` against `project`, blocking until the run (and its chain) ends.
+/// Jobs keep their variables and xref lists in `<data dir>/state.sqlite`.
 pub fn run(
     project: &Project,
     req: &RunRequest,
     cancel: &CancelToken,
     observer: &dyn RunObserver,
+) -> Result<RunReport, RunError> {
+    run_with_state(project, req, cancel, observer, None)
+}
+
+/// Runs `req` against `project` as [`run`] does, with the jobs of the run
+/// (and its chain) keeping their variables (`LastRunDate`, those scripts set)
+/// and the project's xref lists in `kept`; `None`: in the project's data dir's
+/// `state.sqlite` (when that cannot be opened, nothing is kept and the jobs'
+/// logs say so). A save refused with [`StateError::Fenced`] fails the job.
+pub fn run_with_state(
+    project: &Project,
+    req: &RunRequest,
+    cancel: &CancelToken,
+    observer: &dyn RunObserver,
+    kept: Option<Arc<dyn KeptState>>,
 ) -> Result<RunReport, RunError> {
     check_request(req)?;
     let first = project
@@ -159,11 +177,17 @@ pub fn run(
         })?;
     let start = Local::now().fixed_offset();
     let t0 = std::time::Instant::now();
+    let kept: state::RunState = match kept {
+        Some(k) => Ok(k),
+        None => state::JobState::open(&project.data_dir)
+            .map(|s| Arc::new(s) as Arc<dyn KeptState>)
+            .map_err(|e| e.to_string()),
+    };
     let mut jobs = Vec::new();
     let mut current = Some(first);
     while let Some(job) = current {
         observer.job_started(&job.id);
-        let report = job::run_job(project, job, req, cancel, observer);
+        let report = job::run_job(project, job, req, cancel, observer, &kept);
         observer.job_finished(&report);
         let go_on = report.status == RunStatus::Complete && req.chain_jobs;
         jobs.push(report);

@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use rusqlite::{Connection, params};
 
@@ -30,6 +31,10 @@ pub trait KeptState: Send + Sync {
     /// Keeps `entries` (list, key, value) in the project's cross-reference lists.
     fn xref_put(&self, project: &str, entries: &[(&str, &str, &str)]) -> Result<(), StateError>;
 }
+
+/// A run's kept state (shared by the jobs of its chain), or why the data
+/// dir's `state.sqlite` cannot be opened (then nothing is kept).
+pub(crate) type RunState = Result<std::sync::Arc<dyn KeptState>, String>;
 
 /// Why kept state cannot be opened, read or written.
 #[derive(Debug, thiserror::Error)]
@@ -62,9 +67,10 @@ impl StateError {
     }
 }
 
-/// The persisted variables of one project's jobs.
+/// The embedded [`KeptState`]: `<data dir>/state.sqlite`, one connection
+/// shared by the run's threads (and the jobs of a chain).
 pub(crate) struct JobState {
-    conn: Connection,
+    conn: Mutex<Connection>,
 }
 
 impl JobState {
@@ -82,18 +88,24 @@ impl JobState {
                project TEXT NOT NULL, list TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL,
                PRIMARY KEY (project, list, key)) WITHOUT ROWID",
         )?;
-        Ok(JobState { conn })
+        Ok(JobState {
+            conn: Mutex::new(conn),
+        })
     }
 
-    /// The job's variables, by name.
-    pub(crate) fn load(
-        &self,
-        project: &str,
-        job: &str,
-    ) -> Result<BTreeMap<String, String>, StateError> {
-        let mut st = self
-            .conn
-            .prepare("SELECT name, value FROM job_variables WHERE project = ?1 AND job = ?2")?;
+    /// The connection. A thread that panicked while it held it left no open
+    /// transaction (a dropped one rolls back), so a poisoned lock is taken as is.
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        self.conn.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl KeptState for JobState {
+    fn load(&self, project: &str, job: &str) -> Result<BTreeMap<String, String>, StateError> {
+        let conn = self.conn();
+        let mut st = conn.prepare_cached(
+            "SELECT name, value FROM job_variables WHERE project = ?1 AND job = ?2",
+        )?;
         let rows = st.query_map(params![project, job], |r| {
             Ok((
                 r.get::<_, String>(0)?,
@@ -103,32 +115,29 @@ impl JobState {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    /// Saves `vars` for the job (others it has stay).
-    pub(crate) fn save(
-        &mut self,
+    fn save(
+        &self,
         project: &str,
         job: &str,
         vars: &BTreeMap<String, String>,
     ) -> Result<(), StateError> {
-        let tx = self.conn.transaction()?;
-        for (k, v) in vars {
-            tx.execute(
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        {
+            let mut st = tx.prepare_cached(
                 "INSERT INTO job_variables (project, job, name, value) VALUES (?1, ?2, ?3, ?4)
                  ON CONFLICT (project, job, name) DO UPDATE SET value = excluded.value",
-                params![project, job, k, v],
             )?;
+            for (k, v) in vars {
+                st.execute(params![project, job, k, v])?;
+            }
         }
         Ok(tx.commit()?)
     }
 
-    /// The value `key` maps to in the project's cross-reference list `list`.
-    pub(crate) fn xref_get(
-        &self,
-        project: &str,
-        list: &str,
-        key: &str,
-    ) -> Result<Option<String>, StateError> {
-        let mut st = self.conn.prepare_cached(
+    fn xref_get(&self, project: &str, list: &str, key: &str) -> Result<Option<String>, StateError> {
+        let conn = self.conn();
+        let mut st = conn.prepare_cached(
             "SELECT value FROM xref WHERE project = ?1 AND list = ?2 AND key = ?3",
         )?;
         let mut rows = st.query(params![project, list, key])?;
@@ -138,13 +147,9 @@ impl JobState {
         }
     }
 
-    /// Keeps `entries` (list, key, value) in the project's cross-reference lists.
-    pub(crate) fn xref_put(
-        &mut self,
-        project: &str,
-        entries: &[(&str, &str, &str)],
-    ) -> Result<(), StateError> {
-        let tx = self.conn.transaction()?;
+    fn xref_put(&self, project: &str, entries: &[(&str, &str, &str)]) -> Result<(), StateError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
         {
             let mut st = tx.prepare_cached(
                 "INSERT INTO xref (project, list, key, value) VALUES (?1, ?2, ?3, ?4)
@@ -169,8 +174,10 @@ mod tests {
         // Another connection holds the write lock; this one gives up at once.
         let other = Connection::open(dir.path().join("state.sqlite")).unwrap();
         other.execute_batch("BEGIN IMMEDIATE").unwrap();
-        state.conn.busy_timeout(std::time::Duration::ZERO).unwrap();
-        let mut state = state;
+        state
+            .conn()
+            .busy_timeout(std::time::Duration::ZERO)
+            .unwrap();
         let e = state
             .xref_put("p", &[("list", "key", "value")])
             .unwrap_err();

@@ -139,6 +139,10 @@ struct RawJob {
     operations: Vec<Spanned<RawOperation>>,
     script_time_limit_ms: Option<Spanned<u64>>,
     script_memory_limit_mb: Option<Spanned<usize>>,
+    /// Any TOML value, so that 0, a negative or a non-integer gets the key's own message.
+    max_concurrent_runs: Option<Spanned<toml::Value>>,
+    #[serde(default)]
+    rerun_on_node_loss: bool,
 }
 
 #[derive(Deserialize)]
@@ -660,6 +664,7 @@ fn load_job(
     let script_limits = cx.script_limits(&raw.script_time_limit_ms, &raw.script_memory_limit_mb);
     let error_file = cx.error_file(raw.error_file.as_ref(), builtins, project_dir);
     let batch_size = cx.batch_size(&raw.batch_size, targets.dest_conn);
+    let max_concurrent_runs = cx.max_concurrent_runs(raw.max_concurrent_runs.as_ref());
     if let Some(next) = &raw.next {
         check_id(&cx.src, next, "next job", &mut cx.problems);
     }
@@ -687,6 +692,8 @@ fn load_job(
         retry_wait: std::time::Duration::from_millis(raw.retry_wait_ms),
         operations,
         script_limits,
+        max_concurrent_runs,
+        rerun_on_node_loss: raw.rerun_on_node_loss,
     };
     Ok((job, raw.next, text))
 }
@@ -1102,6 +1109,28 @@ impl<'a> JobCheck<'a> {
                 .unwrap_or(1000),
         }
     }
+
+    /// The most runs of the job at once across every node (`None`: no limit).
+    fn max_concurrent_runs(&mut self, given: Option<&Spanned<toml::Value>>) -> Option<u32> {
+        let v = given?;
+        match v.get_ref() {
+            toml::Value::Integer(n) if *n >= 1 => match u32::try_from(*n) {
+                Ok(n) => Some(n),
+                Err(_) => {
+                    let m = format!("max_concurrent_runs must be at most {}", u32::MAX);
+                    self.problems.push(self.src.problem(v, m));
+                    None
+                }
+            },
+            _ => {
+                self.problems.push(
+                    self.src
+                        .problem(v, "max_concurrent_runs must be a whole number ≥ 1"),
+                );
+                None
+            }
+        }
+    }
 }
 
 /// The connections a script's `lookup('name', …)` calls name (as a string
@@ -1192,6 +1221,72 @@ fn constant(v: toml::Value) -> Result<Value, ConstantError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Loads a project whose one job file starts with a comment line, then `keys`.
+    fn job_with(keys: &str) -> Result<Project, Vec<Problem>> {
+        let job = format!(
+            "# job j\n{keys}\n[origin]\nconnection = \"src\"\n[destination]\nconnection = \"db\"\n\
+             [[stages]]\ntable = \"t\"\naction = \"insert\"\nfields = [{{ column = \"id\", origin = \"id\" }}]\n"
+        );
+        load_project_text(
+            Path::new("/p"),
+            "[connections.src]\nkind = \"csv\"\npath = \"in.csv\"\n\
+             [connections.db]\nkind = \"sqlite\"\npath = \"${DATA_DIR}/db.sqlite\"\n",
+            vec![(PathBuf::from("/p/jobs/j.toml"), job)],
+            &LoadOptions {
+                data_dir: PathBuf::from("/d"),
+            },
+        )
+    }
+
+    #[test]
+    fn max_concurrent_runs_and_rerun_on_node_loss_load() {
+        let job = |keys: &str| {
+            let p = job_with(keys).unwrap_or_else(|e| panic!("{keys}: {e:#?}"));
+            let j = p.job("j").expect("job j").clone();
+            (j.max_concurrent_runs, j.rerun_on_node_loss)
+        };
+        assert_eq!(job(""), (None, false));
+        assert_eq!(job("max_concurrent_runs = 1"), (Some(1), false));
+        assert_eq!(
+            job("max_concurrent_runs = 3\nrerun_on_node_loss = true"),
+            (Some(3), true)
+        );
+        assert_eq!(job("rerun_on_node_loss = false"), (None, false));
+        assert_eq!(
+            job("max_concurrent_runs = 4294967295"),
+            (Some(u32::MAX), false)
+        );
+    }
+
+    #[test]
+    fn bad_max_concurrent_runs_and_rerun_on_node_loss_say_where() {
+        let said = |keys: &str| -> Vec<String> {
+            match job_with(keys) {
+                Ok(_) => panic!("{keys} loaded"),
+                Err(problems) => problems.iter().map(|p| p.to_string()).collect(),
+            }
+        };
+        let whole = "/p/jobs/j.toml:2: max_concurrent_runs must be a whole number ≥ 1";
+        for bad in ["0", "-2", "1.5", "\"2\"", "true", "[1]"] {
+            assert_eq!(
+                said(&format!("max_concurrent_runs = {bad}")),
+                [whole],
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            said("max_concurrent_runs = 4294967296"),
+            ["/p/jobs/j.toml:2: max_concurrent_runs must be at most 4294967295"]
+        );
+        // Both keys wrong: the boolean is TOML's type error, at its line.
+        let both = said("max_concurrent_runs = 0\nrerun_on_node_loss = \"yes\"");
+        assert_eq!(both.len(), 1, "{both:?}");
+        assert!(
+            both[0].starts_with("/p/jobs/j.toml:3: ") && both[0].contains("boolean"),
+            "{both:?}"
+        );
+    }
 
     #[test]
     fn interpolates_builtins_and_environment() {

@@ -84,6 +84,14 @@ pub struct Job {
     pub operations: Vec<Operation>,
     /// Limits on every script of the job.
     pub script_limits: ScriptLimits,
+    /// How many runs of this job may run at once across every node
+    /// (`max_concurrent_runs`, at least 1); `None`: no limit. A queued run of
+    /// a job at its limit waits.
+    pub max_concurrent_runs: Option<u32>,
+    /// When the node running a run of this job is lost, the run is queued
+    /// again (once) instead of ending Failed (`rerun_on_node_loss`; for jobs
+    /// that are safe to run twice, such as upserts).
+    pub rerun_on_node_loss: bool,
 }
 
 /// A script the engine runs at a fixed moment of a job (Starfish's Exec operations).

@@ -26,10 +26,11 @@ pub enum ConfigError {
         source: toml::de::Error,
     },
     /// `store` names a kind of store this build cannot open.
-    #[error(
-        "store {0:?} is not supported by this build: use sqlite:PATH (a PostgreSQL store is planned behind the same trait)"
-    )]
+    #[error("store {0:?} is not supported: use sqlite:PATH or postgres://USER@HOST:PORT/DATABASE")]
     UnsupportedStore(String),
+    /// `lease_secs` is too short to renew in time.
+    #[error("lease_secs = {0}: use at least 3 seconds (a lease is renewed every third of it)")]
+    LeaseTooShort(u64),
 }
 
 /// Everything `tidepool serve` needs; every key has a default.
@@ -42,8 +43,16 @@ pub struct ServerConfig {
     pub data_dir: PathBuf,
     /// The folder of projects.
     pub projects: PathBuf,
-    /// The store: `sqlite:PATH`; default `<data_dir>/tidepool.sqlite`.
+    /// The store: `sqlite:PATH` (one node), or `postgres://USER@HOST:PORT/DB`
+    /// (any number of nodes sharing it); default `<data_dir>/tidepool.sqlite`.
     pub store: Option<String>,
+    /// This node's name in a shared store; default `HOST:PORT` of `listen`
+    /// (with the machine's host name for an unspecified address).
+    pub node_id: Option<String>,
+    /// Seconds a node holds a run without renewing it; a run whose node stops
+    /// renewing (it died, froze or lost the store) is taken over by another
+    /// node after this long. Renewed every third of it.
+    pub lease_secs: u64,
     /// Runs that execute at once.
     pub workers: usize,
     /// Runs that may wait; past this ExecuteJobAsync answers 503.
@@ -98,6 +107,8 @@ impl Default for ServerConfig {
             data_dir: "tidepool-data".into(),
             projects: "projects".into(),
             store: None,
+            node_id: None,
+            lease_secs: 15,
             workers: 4,
             queue_size: 100_000,
             body_limit: 1024 * 1024,
@@ -208,13 +219,79 @@ impl ServerConfig {
         })
     }
 
-    /// The store's SQLite file.
-    pub fn store_path(&self) -> Result<PathBuf, ConfigError> {
+    /// Where the store is.
+    pub fn store_location(&self) -> Result<StoreLocation, ConfigError> {
         match &self.store {
-            None => Ok(self.data_dir.join("tidepool.sqlite")),
-            Some(url) => match url.strip_prefix("sqlite:") {
-                Some(p) => Ok(PathBuf::from(p.trim_start_matches("//"))),
-                None => Err(ConfigError::UnsupportedStore(url.clone())),
+            None => Ok(StoreLocation::Sqlite(self.data_dir.join("tidepool.sqlite"))),
+            Some(url) => StoreLocation::parse(url),
+        }
+    }
+
+    /// The lease, checked.
+    pub fn lease(&self) -> Result<std::time::Duration, ConfigError> {
+        if self.lease_secs < 3 {
+            return Err(ConfigError::LeaseTooShort(self.lease_secs));
+        }
+        Ok(std::time::Duration::from_secs(self.lease_secs))
+    }
+
+    /// This node's name: `node_id`, else `host:port` of the listen address.
+    pub fn node_name(&self) -> String {
+        if let Some(n) = self.node_id.as_deref().filter(|n| !n.trim().is_empty()) {
+            return n.trim().to_owned();
+        }
+        let ip = self.listen.ip();
+        let host = if ip.is_unspecified() {
+            host_name().unwrap_or_else(|| ip.to_string())
+        } else {
+            ip.to_string()
+        };
+        format!("{host}:{}", self.listen.port())
+    }
+}
+
+/// The machine's host name, if it has one.
+fn host_name() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+}
+
+/// Where the runs are kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreLocation {
+    /// The embedded store: one SQLite file, one node.
+    Sqlite(PathBuf),
+    /// A PostgreSQL database shared by any number of nodes (the URL as given).
+    Postgres(String),
+}
+
+impl StoreLocation {
+    /// Reads `sqlite:PATH`, `postgres://…` or `postgresql://…`.
+    pub fn parse(url: &str) -> Result<Self, ConfigError> {
+        if let Some(p) = url.strip_prefix("sqlite:") {
+            return Ok(StoreLocation::Sqlite(PathBuf::from(
+                p.trim_start_matches("//"),
+            )));
+        }
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            return Ok(StoreLocation::Postgres(url.to_owned()));
+        }
+        Err(ConfigError::UnsupportedStore(url.to_owned()))
+    }
+
+    /// The location without a password, for logs.
+    pub fn redacted(&self) -> String {
+        match self {
+            StoreLocation::Sqlite(p) => p.display().to_string(),
+            StoreLocation::Postgres(url) => match (url.find("://"), url.rfind('@')) {
+                (Some(s), Some(at)) if at > s => {
+                    let user = &url[s + 3..at];
+                    let user = user.split(':').next().unwrap_or_default();
+                    format!("{}{user}{}", &url[..s + 3], &url[at..])
+                }
+                _ => url.clone(),
             },
         }
     }
@@ -258,12 +335,36 @@ mod tests {
         assert_eq!(chain(&e), format!("{}: {source}", bad.display()));
 
         let c = ServerConfig {
-            store: Some("postgres://db".into()),
+            store: Some("mysql://db".into()),
             ..ServerConfig::default()
         };
         assert_eq!(
-            c.store_path().unwrap_err().to_string(),
-            "store \"postgres://db\" is not supported by this build: use sqlite:PATH (a PostgreSQL store is planned behind the same trait)"
+            c.store_location().unwrap_err().to_string(),
+            "store \"mysql://db\" is not supported: use sqlite:PATH or postgres://USER@HOST:PORT/DATABASE"
         );
+    }
+
+    #[test]
+    fn store_locations_read_and_hide_passwords() {
+        let pg = StoreLocation::parse("postgres://app:s3cret@db:5432/tp").unwrap();
+        assert_eq!(
+            pg,
+            StoreLocation::Postgres("postgres://app:s3cret@db:5432/tp".into())
+        );
+        assert_eq!(pg.redacted(), "postgres://app@db:5432/tp");
+        assert_eq!(
+            StoreLocation::parse("sqlite:///tmp/x.sqlite").unwrap(),
+            StoreLocation::Sqlite("/tmp/x.sqlite".into())
+        );
+        let c = ServerConfig {
+            lease_secs: 2,
+            ..ServerConfig::default()
+        };
+        assert!(c.lease().is_err());
+        let c = ServerConfig {
+            listen: "127.0.0.1:9001".parse().unwrap(),
+            ..ServerConfig::default()
+        };
+        assert_eq!(c.node_name(), "127.0.0.1:9001");
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod history;
+mod lease;
 pub mod reload;
 pub mod webhook;
 
@@ -14,11 +15,13 @@ use std::time::Duration;
 use chrono::Local;
 use tokio::sync::{Notify, broadcast};
 
-use crate::engine::{self, CancelToken, JobReport, LogLevel, RunObserver, RunRequest};
+use crate::engine::{self, JobReport, LogLevel, RunObserver, RunRequest};
 use crate::project::{JobId, LoadOptions, LoadOutcome, load_projects};
 use crate::run::{Counters, JobResult, RunId, RunResult, RunStatus, Submission};
-use crate::store::{EndIf, NewRun, RunEnd, RunKey, RunRecord, Store, StoreError, Submitted};
-pub use config::{ServerConfig, WebhookConfig};
+use crate::store::{
+    EndIf, NewRun, NodeInfo, RunEnd, RunKey, RunRecord, Store, StoreError, Submitted,
+};
+pub use config::{ServerConfig, StoreLocation, WebhookConfig};
 
 /// Why a run could not be accepted.
 #[derive(Debug, thiserror::Error)]
@@ -50,8 +53,12 @@ pub struct Service {
     work: Notify,
     /// Wakes the webhook sender.
     pub webhooks_due: Notify,
-    running: Mutex<HashMap<RunKey, CancelToken>>,
+    running: Mutex<HashMap<RunKey, lease::Held>>,
     ended: broadcast::Sender<RunKey>,
+    /// Who this node is, as it tells the store.
+    node: NodeInfo,
+    /// How long a run is held without renewal.
+    lease: Duration,
     stopping: AtomicBool,
     stop: Notify,
 }
@@ -61,6 +68,16 @@ impl Service {
     /// runs a crash left behind. Workers and the webhook sender start with [`Service::start`].
     pub async fn new(config: ServerConfig, store: Arc<dyn Store>) -> Result<Arc<Self>, StoreError> {
         let open = !store.has_users().await?;
+        let node = NodeInfo {
+            node_id: config.node_name(),
+            address: config.listen.to_string(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            started_at: Local::now().fixed_offset(),
+            running: 0,
+            workers: config.workers as u32,
+            draining: false,
+        };
+        let lease = Duration::from_secs(config.lease_secs.max(3));
         let projects = Arc::new(load_projects(
             &config.projects,
             &LoadOptions {
@@ -83,7 +100,10 @@ impl Service {
             ended,
             stopping: AtomicBool::new(false),
             stop: Notify::new(),
+            node,
+            lease,
         });
+        svc.store.heartbeat(&svc.node_now()).await?;
         svc.recover().await?;
         svc.queued
             .store(svc.store.queued_count().await?, Ordering::SeqCst);
@@ -97,6 +117,10 @@ impl Service {
             tokio::spawn(self.clone().worker());
         }
         tokio::spawn(webhook::deliver_loop(self.clone()));
+        tokio::spawn(self.clone().node_loop());
+        if let Some(news) = self.store.news() {
+            tokio::spawn(self.clone().news_loop(news));
+        }
         if let Some(keep) = retention(self.config.retention_days) {
             tokio::spawn(self.clone().retention_loop(keep));
         }
@@ -166,78 +190,88 @@ impl Service {
     /// ("interrupted"); a run whose every job had ended (a store written by an
     /// older version) ends with their outcome. It is never lost and never run twice.
     async fn recover(&self) -> Result<(), StoreError> {
-        for rec in self.store.runs_in(RunStatus::Running).await? {
-            let mut results: Vec<JobResult> = rec
-                .results_json
-                .as_deref()
-                .and_then(|j| serde_json::from_str(j).ok())
-                .unwrap_or_default();
-            let run_id = rec.key.run_id.to_string();
-            let now = Local::now().fixed_offset();
-            let zero = Counters::default();
-            let mut interrupted = false;
-            for r in results
-                .iter_mut()
-                .filter(|r| r.status == RunStatus::Running)
-            {
-                r.status = RunStatus::Failed;
-                interrupted = true;
-            }
-            let next = results
-                .last()
-                .filter(|r| r.status == RunStatus::Complete)
-                .and_then(|r| self.chain_next(&rec, &r.job_id));
-            if let Some(next) = next {
-                // The chain stopped between two jobs: the next one never ran.
-                results.push(JobResult::new(
-                    &run_id,
-                    &next,
-                    &now,
-                    Duration::ZERO,
-                    RunStatus::Failed,
-                    &zero,
-                ));
-                interrupted = true;
-            }
-            if results.is_empty() {
-                results.push(JobResult::new(
-                    &run_id,
-                    &rec.job_id,
-                    &rec.accepted_at,
-                    Duration::ZERO,
-                    RunStatus::Failed,
-                    &zero,
-                ));
-                interrupted = true;
-            }
-            if interrupted {
-                let msg =
-                    "interrupted: the server stopped while the run was going; it was not resumed";
-                self.end_without_running(
-                    &rec,
-                    EndIf::Leased(rec.lease_epoch),
-                    RunStatus::Failed,
-                    results,
-                    msg,
-                )
-                .await?;
-                tracing::warn!(run = %rec.key, "run marked Failed: {msg}");
-            } else {
-                let status = if results.iter().all(|r| r.status == RunStatus::Complete) {
-                    RunStatus::Complete
-                } else if results.iter().any(|r| r.status == RunStatus::Cancelled) {
-                    RunStatus::Cancelled
-                } else {
-                    RunStatus::Failed
-                };
-                let error = (status != RunStatus::Complete)
-                    .then(|| "the run's last job had ended when the server stopped".to_owned());
-                self.record_end(&rec, EndIf::Leased(rec.lease_epoch), status, results, error)
-                    .await?;
-                tracing::warn!(run = %rec.key, %status, "run ended by recovery: every job had ended");
-            }
+        for rec in self.store.orphans(&self.node.node_id).await? {
+            self.end_interrupted(
+                &rec,
+                "interrupted: the server stopped while the run was going; it was not resumed",
+            )
+            .await?;
         }
         Ok(())
+    }
+
+    /// Ends a run nobody is running any more (held under the epoch in `rec`)
+    /// with what its recorded job results say, in one transaction with its
+    /// webhook: a job left Running (or a chain cut between two jobs) makes it
+    /// Failed with `why`; a run whose every job had ended ends with their outcome.
+    pub(crate) async fn end_interrupted(
+        &self,
+        rec: &RunRecord,
+        why: &str,
+    ) -> Result<bool, StoreError> {
+        let mut results: Vec<JobResult> = rec
+            .results_json
+            .as_deref()
+            .and_then(|j| serde_json::from_str(j).ok())
+            .unwrap_or_default();
+        let run_id = rec.key.run_id.to_string();
+        let zero = Counters::default();
+        let mut interrupted = false;
+        for r in results
+            .iter_mut()
+            .filter(|r| r.status == RunStatus::Running)
+        {
+            r.status = RunStatus::Failed;
+            interrupted = true;
+        }
+        let next = results
+            .last()
+            .filter(|r| r.status == RunStatus::Complete)
+            .and_then(|r| self.chain_next(rec, &r.job_id));
+        if let Some(next) = next {
+            // The chain stopped between two jobs: the next one never ran.
+            let now = Local::now().fixed_offset();
+            results.push(JobResult::new(
+                &run_id,
+                &next,
+                &now,
+                Duration::ZERO,
+                RunStatus::Failed,
+                &zero,
+            ));
+            interrupted = true;
+        }
+        if results.is_empty() {
+            results.push(JobResult::new(
+                &run_id,
+                &rec.job_id,
+                &rec.accepted_at,
+                Duration::ZERO,
+                RunStatus::Failed,
+                &zero,
+            ));
+            interrupted = true;
+        }
+        let held = EndIf::Leased(rec.lease_epoch);
+        if interrupted {
+            let ended = self
+                .end_without_running(rec, held, RunStatus::Failed, results, why)
+                .await?;
+            tracing::warn!(run = %rec.key, "run marked Failed: {why}");
+            return Ok(ended);
+        }
+        let status = if results.iter().all(|r| r.status == RunStatus::Complete) {
+            RunStatus::Complete
+        } else if results.iter().any(|r| r.status == RunStatus::Cancelled) {
+            RunStatus::Cancelled
+        } else {
+            RunStatus::Failed
+        };
+        let error = (status != RunStatus::Complete)
+            .then(|| "the run's last job had ended when the server stopped".to_owned());
+        let ended = self.record_end(rec, held, status, results, error).await?;
+        tracing::warn!(run = %rec.key, %status, "run ended by recovery: every job had ended");
+        Ok(ended)
     }
 
     /// The job a chained run goes on to after `job_id` completes, if any.
@@ -387,14 +421,19 @@ impl Service {
                     )
                     .await?
                 {
-                    self.queued.fetch_sub(1, Ordering::SeqCst);
+                    self.queue_left(1);
                     return Ok(Some(RunStatus::Cancelled));
                 }
                 Ok(self.store.run(key).await?.map(|r| r.status))
             }
             RunStatus::Running => {
-                if let Some(t) = self.running.lock().expect("running lock").get(key) {
-                    t.cancel();
+                let here = self.running.lock().expect("running lock").get(key).cloned();
+                match here {
+                    Some(held) => held.cancel.cancel(),
+                    // Running on another node: it hears through the store.
+                    None => {
+                        self.store.request_cancel(key).await?;
+                    }
                 }
                 Ok(Some(RunStatus::Running))
             }
@@ -402,19 +441,39 @@ impl Service {
         }
     }
 
-    /// Stops taking runs; waits for running ones up to the grace period.
+    /// Stops taking runs (drains); waits for running ones up to the grace
+    /// period. On a shared store, runs still going then are stopped and
+    /// handed back to the queue for another node; on the embedded store they
+    /// are left to recovery at the next start.
     pub async fn shutdown(&self) {
         self.stopping.store(true, Ordering::SeqCst);
         self.stop.notify_waiters();
         self.work.notify_waiters();
+        if let Err(e) = self.store.heartbeat(&self.node_now()).await {
+            tracing::warn!("shutdown: telling the store this node drains: {e}");
+        }
         let deadline =
             tokio::time::Instant::now() + Duration::from_secs(self.config.shutdown_grace_secs);
-        while !self.running.lock().expect("running lock").is_empty() {
-            if tokio::time::Instant::now() >= deadline {
-                tracing::warn!("shutdown: runs still going are left to recovery at the next start");
-                break;
+        if !self.wait_for_no_runs(deadline).await && self.store.is_shared() {
+            let left: Vec<lease::Held> = self
+                .running
+                .lock()
+                .expect("running lock")
+                .values()
+                .cloned()
+                .collect();
+            tracing::warn!("shutdown: handing {} run(s) back to the queue", left.len());
+            for held in left {
+                held.hand_back();
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            // Each stops at its next batch and is queued again.
+            let hand_back = tokio::time::Instant::now() + Duration::from_secs(10);
+            self.wait_for_no_runs(hand_back).await;
+        } else if !self.running.lock().expect("running lock").is_empty() {
+            tracing::warn!("shutdown: runs still going are left to recovery at the next start");
+        }
+        if let Err(e) = self.store.node_stopped(&self.node.node_id).await {
+            tracing::warn!("shutdown: {e}");
         }
         // Leave an empty write-ahead log behind: the store is all in one file.
         if let Err(e) = self.store.checkpoint().await {
@@ -422,18 +481,30 @@ impl Service {
         }
     }
 
+    /// Waits until no run executes here, or the deadline; whether none does.
+    async fn wait_for_no_runs(&self, deadline: tokio::time::Instant) -> bool {
+        while !self.running.lock().expect("running lock").is_empty() {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        true
+    }
+
     async fn worker(self: Arc<Self>) {
         loop {
             if self.is_stopping() {
                 return;
             }
+            let limits = self.limits();
             match self
                 .store
-                .claim_next("", Duration::from_secs(15), &Default::default())
+                .claim_next(&self.node.node_id, self.lease, &limits)
                 .await
             {
                 Ok(Some(rec)) => {
-                    self.queued.fetch_sub(1, Ordering::SeqCst);
+                    self.queue_left(1);
                     metrics::gauge!("tidepool_queue_depth").set(self.queue_depth() as f64);
                     self.execute(rec).await;
                 }
@@ -446,7 +517,10 @@ impl Service {
                 }
                 Err(e) => {
                     tracing::error!("claiming a run: {e}");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        _ = self.stop.notified() => {}
+                    }
                 }
             }
         }
@@ -454,31 +528,22 @@ impl Service {
 
     async fn execute(self: &Arc<Self>, rec: RunRecord) {
         let key = rec.key.clone();
+        let held = EndIf::Leased(rec.lease_epoch);
         let req: Submission = match serde_json::from_str(&rec.request_json) {
             Ok(r) => r,
             Err(e) => {
+                let why = format!("the stored request cannot be read: {e}");
                 let _ = self
-                    .end_without_running(
-                        &rec,
-                        EndIf::Leased(rec.lease_epoch),
-                        RunStatus::Failed,
-                        Vec::new(),
-                        &format!("the stored request cannot be read: {e}"),
-                    )
+                    .end_without_running(&rec, held, RunStatus::Failed, Vec::new(), &why)
                     .await;
                 return;
             }
         };
         let projects = self.projects();
         let Some(project) = projects.project_in(&key.instance, &rec.project_id).cloned() else {
+            let why = format!("project {:?} is no longer loaded", rec.project_id);
             let _ = self
-                .end_without_running(
-                    &rec,
-                    EndIf::Leased(rec.lease_epoch),
-                    RunStatus::Failed,
-                    Vec::new(),
-                    &format!("project {:?} is no longer loaded", rec.project_id),
-                )
+                .end_without_running(&rec, held, RunStatus::Failed, Vec::new(), &why)
                 .await;
             return;
         };
@@ -494,12 +559,13 @@ impl Service {
             chain_jobs: req.chain_jobs,
             preview: false,
         };
-        let cancel = CancelToken::new();
+        let lease = lease::Held::new(rec.lease_epoch);
         self.running
             .lock()
             .expect("running lock")
-            .insert(key.clone(), cancel.clone());
-        tracing::info!(run = %key, "run started");
+            .insert(key.clone(), lease.clone());
+        tokio::spawn(self.clone().keep_lease(key.clone(), lease.clone()));
+        tracing::info!(run = %key, node = %self.node.node_id, "run started");
         let next_of = if req.chain_jobs {
             project
                 .jobs
@@ -515,61 +581,91 @@ impl Service {
             handle: tokio::runtime::Handle::current(),
             store: self.store.clone(),
             key: key.clone(),
+            lease: lease.clone(),
             run_id: req.run_id.to_string(),
             done: Mutex::new(Vec::new()),
             current: Mutex::new(None),
         };
+        let kept = self.store.kept_state(Some((key.clone(), rec.lease_epoch)));
+        let cancel = lease.cancel.clone();
         let outcome = tokio::task::spawn_blocking(move || {
-            let r = engine::run(&project, &run_req, &cancel, &observer);
+            let r = engine::run_with_state(&project, &run_req, &cancel, &observer, kept);
             (r, run_req.logging_level)
         })
         .await;
-        self.running.lock().expect("running lock").remove(&key);
+        lease.stop_renewing();
         let end = match outcome {
-            Ok((Ok(report), level)) => {
-                for (name, v) in counter_pairs(&report.counters) {
-                    metrics::counter!("tidepool_rows_total", "instance" => key.instance.clone(), "counter" => name)
-                        .increment(v);
+            Ok((Ok(report), level)) => self.ended_run(&key, &lease, report, level).await,
+            Ok((Err(e), _)) => Err(e.to_string()),
+            Err(e) => Err(format!("the run crashed: {e}")),
+        };
+        self.conclude(&rec, &lease, end).await;
+        self.running.lock().expect("running lock").remove(&key);
+    }
+
+    /// What the engine's report becomes in the store: the log and row errors
+    /// saved now (a run seen ended has them), the end to record next.
+    async fn ended_run(
+        &self,
+        key: &RunKey,
+        lease: &lease::Held,
+        report: engine::RunReport,
+        level: LogLevel,
+    ) -> Result<RunEnd, String> {
+        if lease.is_lost() || lease.is_handed_back() {
+            return Err("the run stopped before it ended".into());
+        }
+        for (name, v) in counter_pairs(&report.counters) {
+            metrics::counter!("tidepool_rows_total", "instance" => key.instance.clone(), "counter" => name)
+                .increment(v);
+        }
+        if let Err(e) = self
+            .store
+            .save_details(key, history::details_of(&report))
+            .await
+        {
+            tracing::error!(run = %key, "recording the run's log and row errors: {e}");
+        }
+        let response = history::run_result(&report, level);
+        Ok(RunEnd {
+            status: report.status,
+            results_json: serde_json::to_string(&response.results).unwrap_or_default(),
+            response_json: serde_json::to_string(&response).unwrap_or_default(),
+            webhook_json: serde_json::to_string(&response.for_webhook()).unwrap_or_default(),
+            error: report.error.clone(),
+        })
+    }
+
+    /// Records how a run this node held ended: nothing if another node took
+    /// it over; queued again if this node is draining and handed it back;
+    /// else its end, retried while the store is unreachable.
+    async fn conclude(&self, rec: &RunRecord, lease: &lease::Held, end: Result<RunEnd, String>) {
+        let key = &rec.key;
+        if lease.is_lost() {
+            tracing::warn!(run = %key, "run stopped: its lease was taken over by another node; nothing more is recorded here");
+            return;
+        }
+        if lease.is_handed_back() {
+            match self
+                .retry_store(|| self.store.requeue(key, lease.epoch, false))
+                .await
+            {
+                Ok(true) => {
+                    tracing::info!(run = %key, "run handed back to the queue (node draining)")
                 }
-                // Before the end is recorded: a run seen ended has its log and row errors.
-                if let Err(e) = self
-                    .store
-                    .save_details(&key, history::details_of(&report))
-                    .await
-                {
-                    tracing::error!(run = %key, "recording the run's log and row errors: {e}");
+                Ok(false) => {
+                    tracing::warn!(run = %key, "run was taken over before it could be handed back")
                 }
-                let response = history::run_result(&report, level);
-                RunEnd {
-                    status: report.status,
-                    results_json: serde_json::to_string(&response.results).unwrap_or_default(),
-                    response_json: serde_json::to_string(&response).unwrap_or_default(),
-                    webhook_json: serde_json::to_string(&response.for_webhook())
-                        .unwrap_or_default(),
-                    error: report.error.clone(),
-                }
+                Err(e) => tracing::error!(run = %key, "handing the run back: {e}"),
             }
-            Ok((Err(e), _)) => {
+            return;
+        }
+        let held = EndIf::Leased(lease.epoch);
+        let end = match end {
+            Ok(end) => end,
+            Err(why) => {
                 let _ = self
-                    .end_without_running(
-                        &rec,
-                        EndIf::Leased(rec.lease_epoch),
-                        RunStatus::Failed,
-                        Vec::new(),
-                        &e.to_string(),
-                    )
-                    .await;
-                return;
-            }
-            Err(e) => {
-                let _ = self
-                    .end_without_running(
-                        &rec,
-                        EndIf::Leased(rec.lease_epoch),
-                        RunStatus::Failed,
-                        Vec::new(),
-                        &format!("the run crashed: {e}"),
-                    )
+                    .end_without_running(rec, held, RunStatus::Failed, Vec::new(), &why)
                     .await;
                 return;
             }
@@ -577,19 +673,21 @@ impl Service {
         let status = end.status;
         abort_point("before_finish");
         match self
-            .store
-            .finish(&key, EndIf::Leased(rec.lease_epoch), end)
+            .retry_store(|| self.store.finish(key, held, end.clone()))
             .await
         {
-            Ok(_) => {
+            Ok(true) => {
                 abort_point("after_finish");
                 metrics::counter!("tidepool_runs_total", "instance" => key.instance.clone(), "status" => status.to_string())
                     .increment(1);
                 tracing::info!(run = %key, %status, "run ended");
             }
+            Ok(false) => {
+                tracing::warn!(run = %key, "run's end not recorded: another node holds it now")
+            }
             Err(e) => tracing::error!(run = %key, "recording the end of the run: {e}"),
         }
-        let _ = self.ended.send(key);
+        let _ = self.ended.send(key.clone());
         self.webhooks_due.notify_one();
     }
 }
@@ -652,6 +750,8 @@ struct LiveResults {
     handle: tokio::runtime::Handle,
     store: Arc<dyn Store>,
     key: RunKey,
+    /// The lease the run is held under: progress is written under its epoch.
+    lease: lease::Held,
     run_id: String,
     done: Mutex<Vec<JobResult>>,
     current: Mutex<
@@ -669,11 +769,14 @@ impl LiveResults {
         all.extend(running);
         let json = serde_json::to_string(&all).unwrap_or_default();
         // Called on the run's blocking thread: waiting here is fine.
-        if let Err(e) = self
+        match self
             .handle
-            .block_on(self.store.save_progress(&self.key, 0, &json))
+            .block_on(self.store.save_progress(&self.key, self.lease.epoch, &json))
         {
-            tracing::warn!(run = %self.key, "saving live results: {e}");
+            Ok(true) => {}
+            // Another node took the run over: stop at once, write nothing more.
+            Ok(false) => self.lease.lose(),
+            Err(e) => tracing::warn!(run = %self.key, "saving live results: {e}"),
         }
     }
 }

@@ -431,6 +431,10 @@ pub trait Store: RunHistory + Send + Sync + 'static {
     /// Ends a run that is as `when` says, and queues its webhook, in one
     /// transaction. False if it was not (ended already, or fenced out).
     async fn finish(&self, key: &RunKey, when: EndIf, end: RunEnd) -> Result<bool, StoreError>;
+    /// Whether other nodes share this store (runs may be handed to them).
+    fn is_shared(&self) -> bool {
+        false
+    }
     /// Extends the lease of a Running run held under `epoch` by `lease`.
     async fn renew(
         &self,

@@ -108,8 +108,11 @@ pub struct SqliteStore {
     purge_cursor: Mutex<i64>,
     /// The nodes on this store: this process alone, so they live in memory
     /// (what it said, when, and whether it stopped).
-    nodes: Mutex<std::collections::BTreeMap<String, (NodeInfo, DateTime<FixedOffset>, bool)>>,
+    nodes: Mutex<std::collections::BTreeMap<String, NodeSeen>>,
 }
+
+/// What a node said at its last heartbeat, when, and whether it stopped.
+type NodeSeen = (NodeInfo, DateTime<FixedOffset>, bool);
 
 fn open_conn(path: &Path, write: bool) -> rusqlite::Result<Connection> {
     let flags = if write {
@@ -991,6 +994,49 @@ mod tests {
         };
         assert_eq!(store.submit(run).await.unwrap(), Submitted::Accepted);
         k
+    }
+
+    async fn queued_of(store: &SqliteStore, job: &str) -> RunKey {
+        let k = key();
+        let run = NewRun {
+            key: k.clone(),
+            project_id: "p".into(),
+            job_id: job.into(),
+            request_json: "{}".into(),
+            fingerprint: k.run_id.to_string(),
+            webhook_url: None,
+            accepted_at: chrono::Local::now().fixed_offset(),
+        };
+        assert_eq!(store.submit(run).await.unwrap(), Submitted::Accepted);
+        k
+    }
+
+    #[tokio::test]
+    async fn a_job_at_its_limit_waits_and_others_pass_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("s.sqlite")).unwrap();
+        let mut limits = ConcurrencyLimits::default();
+        limits
+            .0
+            .insert(("default".into(), "p".into(), "one".into()), 1);
+        let lease = Duration::from_secs(15);
+        let first = queued_of(&store, "one").await;
+        let second = queued_of(&store, "one").await;
+        let other = queued_of(&store, "free").await;
+        let claim = || store.claim_next("n", lease, &limits);
+        assert_eq!(claim().await.unwrap().unwrap().key, first);
+        // The second run of "one" is older than "free"'s, but its job is full.
+        assert_eq!(claim().await.unwrap().unwrap().key, other);
+        assert!(claim().await.unwrap().is_none());
+        let end = RunEnd {
+            status: RunStatus::Complete,
+            results_json: "[]".into(),
+            response_json: "{}".into(),
+            webhook_json: "{}".into(),
+            error: None,
+        };
+        assert!(store.finish(&first, EndIf::Leased(0), end).await.unwrap());
+        assert_eq!(claim().await.unwrap().unwrap().key, second);
     }
 
     /// A run submitted, claimed and ended Complete.

@@ -240,6 +240,11 @@ def main():
         shoot(page, "project")
         page.goto(BASE + "/#/health")
         expect(page.get_by_text("Queued runs")).to_be_visible()
+        # The embedded store has one node: this one, alive.
+        node = page.locator("#nodes tbody tr")
+        expect(node).to_have_count(1)
+        expect(node).to_contain_text("active")
+        expect(node).to_contain_text("(this node)")
         shoot(page, "health")
 
         step("log out")

@@ -8,7 +8,7 @@ use super::prepare::Prelude;
 use super::pump::Pumped;
 use super::{JobOutcome, Shared};
 use crate::connector::ConnectorError;
-use crate::engine::{CancelToken, LogLevel, RunRequest};
+use crate::engine::{CancelToken, LogLevel, RunRequest, StateError};
 use crate::project::{Job, Moment, Project};
 use crate::value::Value;
 
@@ -160,14 +160,15 @@ impl Ending<'_> {
     }
 
     /// Keeps the changed variables and LastRunDate for the next run, when
-    /// the job completed (and was not a preview).
+    /// the job completed (and was not a preview). A save that fails is
+    /// logged; one fenced off (the run lost its lease) also fails the job.
     fn keep_variables(
         &self,
         pre: Prelude,
         outcome: &mut JobOutcome,
         changed: BTreeMap<String, Value>,
     ) {
-        let Some(mut st) = pre.state else { return };
+        let Some(st) = pre.state else { return };
         if outcome.error.is_some() || outcome.cancelled || self.req.preview {
             return;
         }
@@ -179,11 +180,13 @@ impl Ending<'_> {
                 .to_rfc3339_opts(chrono::SecondsFormat::Secs, false),
         );
         if let Err(e) = st.save(&self.project.id.0, &self.job.id.0, &keep) {
-            outcome.log.push(
-                LogLevel::Low,
-                None,
-                format!("job variables cannot be kept: {e}"),
-            );
+            let text = format!("job variables cannot be kept: {e}");
+            outcome.log.push(LogLevel::Low, None, text.clone());
+            // The run lost its lease: another node runs it now, and this
+            // node's run must not end as if its work were kept.
+            if matches!(e, StateError::Fenced) {
+                outcome.error.get_or_insert(text);
+            }
         }
     }
 }

@@ -17,6 +17,7 @@ mod writers;
 
 use super::host::RunHost;
 use super::mapping::{self, CompiledStage, RowContext, Target};
+use super::state::RunState;
 use super::{
     CancelToken, Counters, JobReport, LogEntry, LogLevel, ROW_ERRORS_KEPT, RowError, RunObserver,
     RunRequest, RunStatus,
@@ -453,6 +454,7 @@ pub(crate) fn run_job(
     req: &RunRequest,
     cancel: &CancelToken,
     observer: &dyn RunObserver,
+    kept: &RunState,
 ) -> JobReport {
     let start_time = Local::now().fixed_offset();
     let t0 = Instant::now();
@@ -484,7 +486,18 @@ pub(crate) fn run_job(
         mut log,
         cancelled,
         return_value,
-    } = execute(project, job, req, cancel, observer, log, &start_time);
+    } = execute(
+        &Ending {
+            project,
+            job,
+            req,
+            cancel,
+            start_time: &start_time,
+        },
+        observer,
+        log,
+        kept,
+    );
     let status = if cancelled {
         RunStatus::Cancelled
     } else if error.is_some() {
@@ -554,17 +567,21 @@ impl JobOutcome {
 }
 
 /// Runs the job's phases: variables and operations, opening the writers,
-/// the reader/writer pump, finishing.
+/// the reader/writer pump, finishing (`ending` says which job of which run).
 fn execute(
-    project: &Project,
-    job: &Job,
-    req: &RunRequest,
-    cancel: &CancelToken,
+    ending: &Ending<'_>,
     observer: &dyn RunObserver,
     mut log: RunLog,
-    start_time: &chrono::DateTime<chrono::FixedOffset>,
+    kept: &RunState,
 ) -> JobOutcome {
-    let mut pre = match Prelude::open(project, job, req, &mut log) {
+    let &Ending {
+        project,
+        job,
+        req,
+        cancel,
+        ..
+    } = ending;
+    let mut pre = match Prelude::open(project, job, req, kept, &mut log) {
         Ok(p) => p,
         Err(e) => return JobOutcome::failed(e, log),
     };
@@ -616,13 +633,6 @@ fn execute(
         previewer: req.preview.then_some(observer),
     };
     let pumped = pump::pump(&shared, origin, writers, req, observer);
-    let ending = Ending {
-        project,
-        job,
-        req,
-        cancel,
-        start_time,
-    };
     ending.finish(shared, pumped, pre)
 }
 

@@ -9,7 +9,7 @@ use super::{JobError, RunLog, job_variables, open_origin};
 use crate::connector::{ConnectionConfig, Origin};
 use crate::engine::host::RunHost;
 use crate::engine::mapping::{self, CompiledStage};
-use crate::engine::state;
+use crate::engine::state::{KeptState, RunState};
 use crate::engine::{LogLevel, RunRequest};
 use crate::project::{FieldSource, Job, Moment, Project};
 use crate::script::{ScriptHost, ScriptRuntime};
@@ -22,7 +22,7 @@ pub(super) struct Prelude {
     /// The variables as the job started (with those kept from earlier runs).
     pub(super) initial_vars: BTreeMap<String, Value>,
     /// Where variables are kept between runs (none if it cannot be opened).
-    pub(super) state: Option<state::JobState>,
+    pub(super) state: Option<Arc<dyn KeptState>>,
     pub(super) host: Option<Arc<RunHost>>,
     /// The runtime of the operations that run once (not in rows).
     pub(super) job_js: Option<ScriptRuntime>,
@@ -51,10 +51,11 @@ impl Prelude {
         project: &Project,
         job: &Job,
         req: &RunRequest,
+        kept: &RunState,
         log: &mut RunLog,
     ) -> Result<Self, JobError> {
         let mut variables = job_variables(project, job, &req.argument, &req.run_id.to_string());
-        let state = kept_variables(project, job, &mut variables, log);
+        let state = kept_variables(project, job, kept, &mut variables, log);
         let initial_vars = variables.clone();
         let has_field_scripts = job.stages.iter().any(|s| {
             s.fields
@@ -62,7 +63,7 @@ impl Prelude {
                 .any(|f| matches!(f.source, FieldSource::Script(_)))
         });
         let host = (has_field_scripts || !job.operations.is_empty())
-            .then(|| Arc::new(RunHost::new(project, req.preview)));
+            .then(|| Arc::new(RunHost::new(project, req.preview, kept.as_ref().ok())));
         // Operations that run once (not in rows) run here, in a runtime of their own.
         let op_sources: Vec<String> = job.operations.iter().map(|o| o.script.clone()).collect();
         let job_js = if job
@@ -182,15 +183,16 @@ impl Prelude {
 }
 
 /// Adds the variables kept from earlier runs (LastRunDate, those scripts
-/// set) to `variables`; where they are kept, if that opens.
+/// set) to `variables`; where they are kept, if that opened.
 fn kept_variables(
     project: &Project,
     job: &Job,
+    kept: &RunState,
     variables: &mut BTreeMap<String, Value>,
     log: &mut RunLog,
-) -> Option<state::JobState> {
-    let state = match state::JobState::open(&project.data_dir) {
-        Ok(s) => s,
+) -> Option<Arc<dyn KeptState>> {
+    let state = match kept {
+        Ok(s) => Arc::clone(s),
         Err(e) => {
             log.push(
                 LogLevel::Medium,

@@ -1014,11 +1014,28 @@ async function healthPage(ctx) {
         h("dt", {}, "Queued runs"), h("dd", {}, num(hz.queued)),
         h("dt", {}, "Running now"), h("dd", {}, num(hz.running)),
         h("dt", {}, "Stopping"), h("dd", {}, hz.stopping ? "yes: taking no new runs" : "no")))),
-    Array.isArray(nodes) && nodes.length ? [h("h2", {}, "Nodes"), h("div", { class: "scroll" }, h("table", {},
-      h("thead", {}, h("tr", {}, Object.keys(nodes[0]).map((k) => h("th", {}, k)))),
-      h("tbody", {}, nodes.map((n) => h("tr", {}, Object.values(n).map((v) => h("td", {}, typeof v === "object" ? JSON.stringify(v) : String(v))))))))] : null);
+    nodes && Array.isArray(nodes.nodes) && nodes.nodes.length ? nodesTable(nodes) : null);
   const t = setTimeout(() => { if (ctx.alive()) healthPage(ctx); }, 5000);
   onCleanup(() => clearTimeout(t));
+}
+
+// The nodes sharing the store: one on the embedded store, several on PostgreSQL.
+const NODE_BADGE = { active: "Complete", draining: "Cancelled", stopped: "Queued", lost: "Failed" };
+function nodesTable(list) {
+  const rows = list.nodes.map((n) => h("tr", { "data-node": n.nodeId },
+    h("td", { class: "badgecell" }, h("span", { class: "badge " + (NODE_BADGE[n.state] || "Queued") }, n.state)),
+    h("td", { class: "mono" }, n.nodeId, n.thisNode ? h("span", { class: "muted" }, " (this node)") : null),
+    h("td", { class: "mono" }, n.address),
+    h("td", { class: "num" }, `${num(n.running)} / ${num(n.workers)}`),
+    h("td", { class: "num", title: n.heartbeatAt }, n.silentSecs < 1 ? "just now" : `${Math.round(n.silentSecs)} s ago`),
+    h("td", { title: n.startedAt }, new Date(n.startedAt).toLocaleString()),
+    h("td", { class: "mono" }, n.version)));
+  return [h("h2", {}, "Nodes"),
+    h("p", { class: "muted" }, `A node silent for ${list.leaseSecs} s is lost; its runs are taken over by the others.`),
+    h("div", { class: "scroll" }, h("table", { id: "nodes" },
+      h("thead", {}, h("tr", {}, h("th", {}, "State"), h("th", {}, "Node"), h("th", {}, "Address"),
+        h("th", { class: "num" }, "Running / workers"), h("th", { class: "num" }, "Heartbeat"), h("th", {}, "Started"), h("th", {}, "Version"))),
+      h("tbody", {}, rows)))];
 }
 
 // ---------- login ----------
