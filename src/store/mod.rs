@@ -6,6 +6,7 @@
 //! the same trait without touching the API or the engine.
 
 pub mod history;
+mod postgres;
 mod sqlite;
 
 use std::fmt;
@@ -17,6 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::run::RunStatus;
 pub use history::RunHistory;
+pub use postgres::{PgStoreOptions, PostgresStore};
 pub use sqlite::SqliteStore;
 
 /// A run is named by its instance and the caller's GUID: the same GUID in two

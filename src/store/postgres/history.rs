@@ -1,0 +1,330 @@
+//! [`RunHistory`] on PostgreSQL: the run list (through the `runs_recent*`
+//! indexes), each run's log and row errors.
+
+use async_trait::async_trait;
+use chrono::{DateTime, FixedOffset, Utc};
+use tokio_postgres::types::ToSql;
+use uuid::Uuid;
+
+use super::{PostgresStore, local, parse_status, submit::argument_of};
+use crate::store::history::{
+    RowErrorTotals, RunCursor, RunDetails, RunFilter, RunHistory, RunListed, StoredLogLine,
+    StoredRowError,
+};
+use crate::store::{NewRun, RunEnd, RunKey, StoreError, Submitted};
+
+/// How long a text search of the run list may scan.
+const TEXT_SEARCH_BUDGET_MS: u64 = 3000;
+
+const LIST_COLUMNS: &str = "r.instance, r.run_id, r.project_id, r.job_id, r.status, r.accepted_at,
+  r.started_at, r.finished_at, left(r.argument, 500),
+  coalesce(r.results, CASE WHEN r.response IS NOT NULL THEN (r.response::json -> 'results')::text END),
+  r.error, r.accepted_ms";
+
+fn listed_row(r: &tokio_postgres::Row) -> RunListed {
+    let instance: String = r.get(0);
+    let run_id: Uuid = r.get(1);
+    let time = |i: usize| r.get::<_, Option<DateTime<Utc>>>(i).map(local);
+    RunListed {
+        key: RunKey {
+            instance: instance.clone(),
+            run_id,
+        },
+        project_id: r.get(2),
+        job_id: r.get(3),
+        status: parse_status(r.get(4)),
+        accepted_at: local(r.get(5)),
+        started_at: time(6),
+        finished_at: time(7),
+        argument: r.get(8),
+        results_json: r.get(9),
+        error: r.get(10),
+        cursor: RunCursor {
+            accepted_ms: r.get(11),
+            instance,
+            run_id: run_id.to_string(),
+        },
+    }
+}
+
+/// A query's text and its arguments, built a condition at a time.
+#[derive(Default)]
+struct Query {
+    sql: String,
+    args: Vec<Box<dyn ToSql + Sync + Send>>,
+}
+
+impl Query {
+    /// Adds `cond`, whose `$` is the next argument, `arg`.
+    fn and(&mut self, cond: &str, arg: impl ToSql + Sync + Send + 'static) {
+        self.args.push(Box::new(arg));
+        let n = self.args.len();
+        self.sql.push_str(" AND ");
+        self.sql.push_str(&cond.replace('$', &format!("${n}")));
+    }
+}
+
+/// The run list's query: newest first in (accepted_ms, instance, run_id).
+fn list_query(f: &RunFilter) -> Query {
+    let mut q = Query {
+        sql: format!("SELECT {LIST_COLUMNS} FROM runs r WHERE true"),
+        ..Query::default()
+    };
+    if let Some(list) = &f.instances {
+        q.and("r.instance = ANY($)", list.clone());
+    }
+    if let Some(p) = &f.project_id {
+        q.and("r.project_id = $", p.clone());
+    }
+    if let Some(j) = &f.job_id {
+        q.and("r.job_id = $", j.clone());
+    }
+    if let Some(s) = f.status {
+        q.and("r.status = $", s.to_string());
+    }
+    if let Some(t) = f.since {
+        q.and("r.accepted_ms >= $", t.timestamp_millis());
+    }
+    if let Some(t) = f.until {
+        q.and("r.accepted_ms <= $", t.timestamp_millis());
+    }
+    if let Some(cur) = &f.after {
+        q.and("r.accepted_ms <= $", cur.accepted_ms);
+        let n = q.args.len();
+        q.args.push(Box::new(cur.instance.clone()));
+        q.args.push(Box::new(cur.run_id.clone()));
+        q.sql.push_str(&format!(
+            " AND (r.accepted_ms, r.instance, r.run_id::text) < (${n}, ${}, ${})",
+            n + 1,
+            n + 2
+        ));
+    }
+    if let Some(t) = &f.text {
+        q.and("strpos(lower(r.argument), lower($)) > 0", t.clone());
+    }
+    q.args.push(Box::new(f.limit as i64 + 1));
+    q.sql.push_str(&format!(
+        " ORDER BY r.accepted_ms DESC, r.instance DESC, r.run_id DESC LIMIT ${}",
+        q.args.len()
+    ));
+    q
+}
+
+#[async_trait]
+impl RunHistory for PostgresStore {
+    async fn list_runs(&self, filter: &RunFilter) -> Result<Vec<RunListed>, StoreError> {
+        let q = list_query(filter);
+        let mut conn = self.conn().await?;
+        let tx = conn.build_transaction().read_only(true).start().await?;
+        if filter.text.is_some() {
+            // Text is found by a scan: it gets a time budget.
+            tx.batch_execute(&format!(
+                "SET LOCAL statement_timeout = {TEXT_SEARCH_BUDGET_MS}"
+            ))
+            .await?;
+        }
+        let args: Vec<&(dyn ToSql + Sync)> = q
+            .args
+            .iter()
+            .map(|a| a.as_ref() as &(dyn ToSql + Sync))
+            .collect();
+        let rows = tx.query(&q.sql, &args).await?;
+        tx.commit().await?;
+        Ok(rows.iter().map(listed_row).collect())
+    }
+
+    async fn record_ended(
+        &self,
+        run: NewRun,
+        started_at: DateTime<FixedOffset>,
+        end: RunEnd,
+    ) -> Result<Submitted, StoreError> {
+        let conn = self.conn().await?;
+        let inserted = conn
+            .execute(
+                "INSERT INTO runs (instance, run_id, project_id, job_id, request, argument,
+                   fingerprint, status, accepted_at, started_at, finished_at, results, response,
+                   error, accepted_ms)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9, now(), $10, $11, $12, $13)
+                 ON CONFLICT (instance, run_id) DO NOTHING",
+                &[
+                    &run.key.instance,
+                    &run.key.run_id,
+                    &run.project_id,
+                    &run.job_id,
+                    &run.request_json,
+                    &argument_of(&run.request_json),
+                    &run.fingerprint,
+                    &end.status.to_string(),
+                    &started_at,
+                    &end.results_json,
+                    &end.response_json,
+                    &end.error,
+                    &started_at.timestamp_millis(),
+                ],
+            )
+            .await?;
+        Ok(if inserted == 1 {
+            Submitted::Accepted
+        } else {
+            Submitted::Conflict
+        })
+    }
+
+    async fn save_details(&self, key: &RunKey, details: RunDetails) -> Result<(), StoreError> {
+        let mut conn = self.conn().await?;
+        let tx = conn.transaction().await?;
+        let (i, r) = (&key.instance, &key.run_id);
+        for table in ["run_log", "run_row_errors", "run_error_totals"] {
+            tx.execute(
+                &format!("DELETE FROM {table} WHERE instance = $1 AND run_id = $2"),
+                &[i, r],
+            )
+            .await?;
+        }
+        let log = &details.log;
+        let seqs: Vec<i64> = (1..=log.len() as i64).collect();
+        let times: Vec<&str> = log.iter().map(|l| l.time.as_str()).collect();
+        let levels: Vec<i16> = log.iter().map(|l| i16::from(l.level)).collect();
+        let jobs: Vec<&str> = log.iter().map(|l| l.job.as_str()).collect();
+        let rows: Vec<Option<i64>> = log.iter().map(|l| l.row.map(|n| n as i64)).collect();
+        let messages: Vec<&str> = log.iter().map(|l| l.message.as_str()).collect();
+        tx.execute(
+            "INSERT INTO run_log (instance, run_id, seq, time, level, job, row_no, message)
+             SELECT $1, $2, * FROM unnest($3::int8[], $4::text[], $5::int2[], $6::text[],
+                                          $7::int8[], $8::text[])",
+            &[i, r, &seqs, &times, &levels, &jobs, &rows, &messages],
+        )
+        .await?;
+        save_row_errors(&tx, key, &details.row_errors).await?;
+        tx.execute(
+            "INSERT INTO run_error_totals (instance, run_id, total, kept) VALUES ($1, $2, $3, $4)",
+            &[
+                i,
+                r,
+                &(details.totals.total as i64),
+                &(details.totals.kept as i64),
+            ],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn log_lines(
+        &self,
+        key: &RunKey,
+        max_level: u8,
+        after_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredLogLine>, StoreError> {
+        let conn = self.conn().await?;
+        let rows = conn
+            .query(
+                "SELECT seq, time, level, job, row_no, message FROM run_log
+                 WHERE instance = $1 AND run_id = $2 AND seq > $3 AND level <= $4
+                 ORDER BY seq LIMIT $5",
+                &[
+                    &key.instance,
+                    &key.run_id,
+                    &(after_seq.min(i64::MAX as u64) as i64),
+                    &i16::from(max_level),
+                    &(limit as i64),
+                ],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| StoredLogLine {
+                seq: r.get::<_, i64>(0) as u64,
+                time: r.get(1),
+                level: r.get::<_, i16>(2).clamp(0, 255) as u8,
+                job: r.get(3),
+                row: r.get::<_, Option<i64>>(4).map(|n| n as u64),
+                message: r.get(5),
+            })
+            .collect())
+    }
+
+    async fn row_errors(
+        &self,
+        key: &RunKey,
+        after_seq: u64,
+        limit: usize,
+    ) -> Result<(Vec<StoredRowError>, RowErrorTotals), StoreError> {
+        let conn = self.conn().await?;
+        let rows = conn
+            .query(
+                "SELECT seq, job, row_no, stage, stage_name, message, origin FROM run_row_errors
+                 WHERE instance = $1 AND run_id = $2 AND seq > $3 ORDER BY seq LIMIT $4",
+                &[
+                    &key.instance,
+                    &key.run_id,
+                    &(after_seq.min(i64::MAX as u64) as i64),
+                    &(limit as i64),
+                ],
+            )
+            .await?;
+        let errors = rows
+            .iter()
+            .map(|r| StoredRowError {
+                seq: r.get::<_, i64>(0) as u64,
+                job: r.get(1),
+                row: r.get::<_, i64>(2) as u64,
+                stage: r.get::<_, i64>(3) as usize,
+                stage_name: r.get(4),
+                message: r.get(5),
+                values: serde_json::from_str(r.get(6)).unwrap_or_default(),
+            })
+            .collect();
+        let totals = conn
+            .query_opt(
+                "SELECT total, kept FROM run_error_totals WHERE instance = $1 AND run_id = $2",
+                &[&key.instance, &key.run_id],
+            )
+            .await?
+            .map(|r| RowErrorTotals {
+                total: r.get::<_, i64>(0) as u64,
+                kept: r.get::<_, i64>(1) as u64,
+            })
+            .unwrap_or_default();
+        Ok((errors, totals))
+    }
+}
+
+/// Inserts a run's kept row errors, numbered from 1.
+async fn save_row_errors(
+    tx: &deadpool_postgres::Transaction<'_>,
+    key: &RunKey,
+    errors: &[StoredRowError],
+) -> Result<(), StoreError> {
+    let seqs: Vec<i64> = (1..=errors.len() as i64).collect();
+    let jobs: Vec<&str> = errors.iter().map(|e| e.job.as_str()).collect();
+    let rows: Vec<i64> = errors.iter().map(|e| e.row as i64).collect();
+    let stages: Vec<i64> = errors.iter().map(|e| e.stage as i64).collect();
+    let names: Vec<Option<&str>> = errors.iter().map(|e| e.stage_name.as_deref()).collect();
+    let messages: Vec<&str> = errors.iter().map(|e| e.message.as_str()).collect();
+    let origins: Vec<String> = errors
+        .iter()
+        .map(|e| serde_json::to_string(&e.values).unwrap_or_else(|_| "[]".into()))
+        .collect();
+    tx.execute(
+        "INSERT INTO run_row_errors (instance, run_id, seq, job, row_no, stage, stage_name,
+           message, origin)
+         SELECT $1, $2, * FROM unnest($3::int8[], $4::text[], $5::int8[], $6::int8[],
+                                      $7::text[], $8::text[], $9::text[])",
+        &[
+            &key.instance,
+            &key.run_id,
+            &seqs,
+            &jobs,
+            &rows,
+            &stages,
+            &names,
+            &messages,
+            &origins,
+        ],
+    )
+    .await?;
+    Ok(())
+}
