@@ -130,11 +130,11 @@ async fn three_nodes_share_sixty_runs_and_each_ends_once() {
     // More than one node executed runs: the run detail says where, if it
     // does; else each node's log of the runs it started.
     let detail = c.detail(&bases[0], &runs[0]).await;
-    let executors: HashSet<String> = if detail.get("nodeId").is_some() {
+    let executors: HashSet<String> = if detail.get("node").is_some() {
         let mut set = HashSet::new();
         for run in &runs {
             let d = c.detail(&bases[0], run).await;
-            set.insert(d["nodeId"].as_str().unwrap_or_default().to_owned());
+            set.insert(d["node"].as_str().unwrap_or_default().to_owned());
         }
         set
     } else {
@@ -539,6 +539,13 @@ struct Answers {
 }
 
 impl Answers {
+    /// Requests answered (or failed) so far.
+    fn total(&self) -> usize {
+        self.ok.load(Ordering::SeqCst)
+            + self.unavailable.load(Ordering::SeqCst)
+            + self.bad.lock().unwrap().len()
+    }
+
     fn note(&self, what: &str, r: Result<reqwest::Response, reqwest::Error>) -> bool {
         match r {
             Ok(r) if r.status().is_success() => {
@@ -609,8 +616,9 @@ async fn traffic(
 
 /// Cuts the store's sessions (every session on the database but the
 /// destination's and the test's) `rounds` times, each once the nodes have
-/// reconnected and a run made progress; how many sessions each cut ended.
-async fn cut_store_sessions(c: &Cluster, rounds: usize) -> Vec<i64> {
+/// reconnected, a run made progress and the client was answered since the
+/// last cut; how many sessions each cut ended.
+async fn cut_store_sessions(c: &Cluster, rounds: usize, answers: &Answers) -> Vec<i64> {
     let count_sql = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()
                      AND pid <> pg_backend_pid() AND application_name NOT IN ('tp_dst', 'tp_test')";
     let cut_sql = "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
@@ -624,12 +632,14 @@ async fn cut_store_sessions(c: &Cluster, rounds: usize) -> Vec<i64> {
     let mut cuts = Vec::new();
     for _ in 0..rounds {
         let before = landed().await;
+        let asked = answers.total();
         within(
             PATIENCE,
             "the nodes reconnect to the store and rows land",
             || async {
                 let sessions: i64 = c.sql.query_one(count_sql, &[]).await.unwrap().get(0);
-                (sessions > 0 && landed().await > before).then_some(())
+                let answered = answers.total() > asked;
+                (answered && sessions > 0 && landed().await > before).then_some(())
             },
         )
         .await;
@@ -657,14 +667,20 @@ async fn store_connections_cut_mid_run_lose_nothing_and_answer_503_at_worst() {
     let answers = Answers::default();
     let stop = AtomicBool::new(false);
     let cutting = async {
-        let cuts = cut_store_sessions(&c, 4).await;
+        let cuts = cut_store_sessions(&c, 8, &answers).await;
         stop.store(true, Ordering::SeqCst);
         cuts
     };
     let (cuts, quick) = tokio::join!(cutting, traffic(&c, &bases, &runs[0], &answers, &stop));
     assert!(
-        cuts.iter().filter(|n| **n > 0).count() >= 2,
+        cuts.iter().filter(|n| **n > 0).count() >= 4,
         "sessions cut per round: {cuts:?}"
+    );
+    eprintln!(
+        "store sessions cut per round: {cuts:?}; answers: {} ok, {} 503; {} runs accepted meanwhile",
+        answers.ok.load(Ordering::SeqCst),
+        answers.unavailable.load(Ordering::SeqCst),
+        quick.len()
     );
     let bad = answers.bad.lock().unwrap().clone();
     assert!(
@@ -685,4 +701,31 @@ async fn store_connections_cut_mid_run_lose_nothing_and_answer_503_at_worst() {
         runs.len() + quick.len(),
         "webhooks in all"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_run_id_sent_to_every_node_at_once_is_one_run() {
+    let c = Cluster::new("same").await;
+    let nodes = c
+        .start(["a", "b", "c"].iter().map(|id| c.node(id)).collect())
+        .await;
+    let bases = bases(&nodes);
+    for _ in 0..5 {
+        let run = guid();
+        tokio::join!(
+            c.submit(&bases[0], &run, "c", "short"),
+            c.submit(&bases[1], &run, "c", "short"),
+            c.submit(&bases[2], &run, "c", "short"),
+        );
+        all_complete_once(&c, &bases, std::slice::from_ref(&run)).await;
+        assert_eq!(c.rows_of("slow", &run).await, SHORT_ROWS, "{run}");
+        let page = c
+            .get(&format!("{}/v1/Runs?q={run}&limit=500", bases[0]))
+            .await;
+        let listed = page["runs"].as_array().map_or(0, Vec::len);
+        assert_eq!(listed, 1, "{page}");
+        let d = c.detail(&bases[0], &run).await;
+        assert_eq!(d["results"].as_array().map(Vec::len), Some(1), "{d}");
+        assert_eq!(d["results"][0]["inserts"], SHORT_ROWS, "{d}");
+    }
 }
