@@ -250,8 +250,9 @@ async fn a_frozen_node_that_wakes_writes_nothing_over_the_takeover() {
     c.submit(&a.base, &run, "c", "slow").await;
     c.wait_mid_run(&a.base, &run, 2 * BATCH).await;
     let b = c.start(vec![c.node("b")]).await.remove(0);
-    // Hold a's batch at its next row, then freeze a.
-    c.gate(false).await;
+    // Hold a's next batch inside its transaction (every batch before it
+    // committed), then freeze a.
+    c.close_gate(1).await;
     signal(&a, libc::SIGSTOP);
     let d = within(PATIENCE, "b ends the frozen node's run", || async {
         let d = c.detail(&b.base, &run).await;
@@ -283,7 +284,7 @@ async fn a_frozen_node_that_wakes_writes_nothing_over_the_takeover() {
         },
     )
     .await;
-    c.gate(true).await;
+    c.open_gate().await;
     within(
         PATIENCE,
         "the woken node beats again with nothing running",

@@ -4,10 +4,11 @@
 //! destination rows and to pace or hold the runs.
 //!
 //! The jobs write into tables of schema `dst` of the same database. Table
-//! `dst.slow` has a trigger that waits while `dst.ctl.open` is false and then
-//! sleeps `dst.ctl.delay` seconds per row, so a test can keep a run going
-//! (mid-run for as long as it likes), hold it inside a batch, or let it race
-//! to the end, without a fixed sleep anywhere in the test.
+//! `dst.slow` has a trigger that takes a share lock on the row of `dst.gate`
+//! (the test closes the gate by holding it for update) and then sleeps
+//! `dst.ctl.delay` seconds per row, so a test can keep a run going (mid-run
+//! for as long as it likes), hold it inside a batch (and see it waiting
+//! there), or let it race to the end, without a fixed sleep anywhere.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -109,17 +110,17 @@ impl Drop for TestDb {
 /// The destination tables, the pacing trigger and its controls.
 const DESTINATION_SQL: &str = r#"
 CREATE SCHEMA dst;
-CREATE TABLE dst.ctl(delay float8 NOT NULL, open bool NOT NULL);
-INSERT INTO dst.ctl VALUES (0.05, true);
+CREATE TABLE dst.ctl(delay float8 NOT NULL);
+INSERT INTO dst.ctl VALUES (0.05);
+CREATE TABLE dst.gate(id int PRIMARY KEY);
+INSERT INTO dst.gate VALUES (1);
 CREATE TABLE dst.quick(run text, id integer, name text, PRIMARY KEY (run, id));
 CREATE TABLE dst.slow(run text, id integer, name text,
                       at timestamptz NOT NULL DEFAULT clock_timestamp(),
                       PRIMARY KEY (run, id));
 CREATE FUNCTION dst.pace() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-  WHILE NOT (SELECT open FROM dst.ctl) LOOP
-    PERFORM pg_sleep(0.02);
-  END LOOP;
+  PERFORM 1 FROM dst.gate FOR SHARE;
   PERFORM pg_sleep((SELECT delay FROM dst.ctl));
   NEW.at := clock_timestamp();
   RETURN NEW;
@@ -160,6 +161,35 @@ fn csv(n: i64) -> String {
     s
 }
 
+/// A node to start: its id and what it is started with besides the store,
+/// its id and the lease.
+pub struct NodeSpec {
+    id: String,
+    args: Vec<String>,
+    config: Option<String>,
+    log: Option<String>,
+}
+
+impl NodeSpec {
+    /// More `tidepool serve` arguments.
+    pub fn args(mut self, args: &[&str]) -> Self {
+        self.args.extend(args.iter().map(|a| (*a).to_owned()));
+        self
+    }
+
+    /// A config file with this TOML.
+    pub fn config(mut self, toml: &str) -> Self {
+        self.config = Some(toml.to_owned());
+        self
+    }
+
+    /// `TIDEPOOL_LOG`.
+    pub fn log(mut self, level: &str) -> Self {
+        self.log = Some(level.to_owned());
+        self
+    }
+}
+
 /// A test's database, projects, webhook receiver and SQL connection.
 pub struct Cluster {
     /// Projects and the nodes' data folders.
@@ -170,6 +200,8 @@ pub struct Cluster {
     pub got: Received,
     /// The test's own connection to the database.
     pub sql: tokio_postgres::Client,
+    /// The connection that holds the gate closed.
+    gate: tokio_postgres::Client,
     /// HTTP.
     pub http: reqwest::Client,
     /// Dropped last (declared last): cuts every session and drops the database.
@@ -184,6 +216,7 @@ impl Cluster {
         let db = TestDb::new(test);
         let sql = db.connect().await;
         sql.batch_execute(DESTINATION_SQL).await.unwrap();
+        let gate = db.connect().await;
         let fixture = Fixture::new();
         let conns = format!(
             "[connections.few]\nkind = \"csv\"\npath = \"few.csv\"\n\
@@ -222,44 +255,87 @@ impl Cluster {
             hook,
             got,
             sql,
+            gate,
             http: reqwest::Client::new(),
             db,
         }
     }
 
     /// A node named `id` on the shared store, with its own data folder.
-    pub fn node(&self, id: &str) -> ServeBuilder {
-        let data: PathBuf = self.fixture.root.join(format!("data-{id}"));
+    pub fn node(&self, id: &str) -> NodeSpec {
+        NodeSpec {
+            id: id.to_owned(),
+            args: Vec::new(),
+            config: None,
+            log: None,
+        }
+    }
+
+    fn builder(&self, spec: &NodeSpec) -> ServeBuilder {
+        let data: PathBuf = self.fixture.root.join(format!("data-{}", spec.id));
         std::fs::create_dir_all(&data).unwrap();
         let lease = LEASE_SECS.to_string();
         let store = self.db.url();
-        crate::common::server::serve(&data, &self.fixture.projects).args(&[
+        let mut b = crate::common::server::serve(&data, &self.fixture.projects).args(&[
             "--store",
             &store,
             "--node-id",
-            id,
+            &spec.id,
             "--lease-secs",
             &lease,
-        ])
+        ]);
+        let args: Vec<&str> = spec.args.iter().map(String::as_str).collect();
+        b = b.args(&args);
+        if let Some(toml) = &spec.config {
+            b = b.config(toml);
+        }
+        if let Some(level) = &spec.log {
+            b = b.log(level);
+        }
+        b
     }
 
-    /// Starts every node at once and waits until each answers HTTP.
-    pub async fn start(&self, nodes: Vec<ServeBuilder>) -> Vec<Server> {
-        let spawned: Vec<Server> = nodes.into_iter().map(ServeBuilder::spawn).collect();
-        let waits: Vec<_> = spawned
-            .into_iter()
-            .map(|mut s| {
-                tokio::task::spawn_blocking(move || {
-                    s.wait_ready();
-                    s
-                })
-            })
-            .collect();
-        let mut ready = Vec::new();
-        for w in waits {
-            ready.push(w.await.unwrap());
+    /// Starts every node at once and waits until each answers HTTP as
+    /// itself. A node that lost its port to another test's process (the port
+    /// is picked free, then bound by the child a moment later) is started
+    /// again on another.
+    pub async fn start(&self, nodes: Vec<NodeSpec>) -> Vec<Server> {
+        let mut servers: Vec<Server> = nodes.iter().map(|n| self.builder(n).spawn()).collect();
+        for (server, spec) in servers.iter_mut().zip(&nodes) {
+            let mut tries = 0;
+            while !self.is_node(server, &spec.id).await {
+                tries += 1;
+                assert!(
+                    tries < 5,
+                    "node {} never came up as itself:\n{}",
+                    spec.id,
+                    server.stderr()
+                );
+                *server = self.builder(spec).spawn();
+            }
         }
-        ready
+        servers
+    }
+
+    /// Whether `server`'s port is answered by node `id` (its `thisNode`),
+    /// polled while the process lives (a node registers a moment after it
+    /// listens).
+    async fn is_node(&self, server: &mut Server, id: &str) -> bool {
+        let deadline = Instant::now() + PATIENCE;
+        while Instant::now() < deadline {
+            let list = self.nodes(&server.base).await;
+            let me = list["nodes"]
+                .as_array()
+                .is_some_and(|l| l.iter().any(|n| n["thisNode"] == true && n["nodeId"] == id));
+            if me {
+                return true;
+            }
+            if server.exit_within(Duration::ZERO).is_some() {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        false
     }
 
     /// Sets the per-row delay of `dst.slow` (seconds).
@@ -270,13 +346,30 @@ impl Cluster {
             .unwrap();
     }
 
-    /// Opens or closes the gate of `dst.slow`: closed, a batch that reaches
-    /// its next row waits there (inside its transaction) until it opens.
-    pub async fn gate(&self, open: bool) {
-        self.sql
-            .execute("UPDATE dst.ctl SET open = $1", &[&open])
+    /// Closes the gate of `dst.slow` (once the batches inside it have
+    /// committed), then waits until `n` batches wait at it: each is held
+    /// inside its transaction, every batch before it committed.
+    pub async fn close_gate(&self, n: i64) {
+        self.gate
+            .batch_execute("BEGIN; SELECT 1 FROM dst.gate FOR UPDATE")
             .await
             .unwrap();
+        let sql = "SELECT count(*) FROM pg_stat_activity
+                   WHERE application_name = $1 AND wait_event_type = 'Lock'";
+        within(
+            PATIENCE,
+            &format!("{n} batch(es) wait at the gate"),
+            || async {
+                let waiting: i64 = self.sql.query_one(sql, &[&DST_APP]).await.unwrap().get(0);
+                (waiting >= n).then_some(())
+            },
+        )
+        .await;
+    }
+
+    /// Opens the gate: the batches waiting at it go on.
+    pub async fn open_gate(&self) {
+        self.gate.batch_execute("COMMIT").await.unwrap();
     }
 
     /// Rows a run wrote into `table` (`quick` or `slow`).
