@@ -241,7 +241,22 @@ async fn kill_9_mid_run_reruns_a_job_that_allows_it_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_node_that_wakes_writes_nothing_over_the_takeover() {
-    let c = Cluster::new("freeze").await;
+    freeze_past_the_lease("freeze", false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_node_starts_no_batch_after_its_lease_ran_out() {
+    freeze_past_the_lease("freezeb", true).await;
+}
+
+/// Node `a` runs the slow job; its next batch is held at the gate and `a`
+/// is frozen (SIGSTOP) past its lease, so `b` ends the run. Then `a` wakes
+/// (SIGCONT). The held batch goes on once `a` has said its lease is lost
+/// or, if `open_while_frozen`, while `a` is still frozen (so `a` wakes in
+/// the middle of a batch it may finish, and must start no other: its lease
+/// ran out long before). Either way the takeover stands.
+async fn freeze_past_the_lease(test: &str, open_while_frozen: bool) {
+    let c = Cluster::new(test).await;
     let a = c
         .start(vec![c.node("a").args(&["--workers", "1"])])
         .await
@@ -260,53 +275,47 @@ async fn a_frozen_node_that_wakes_writes_nothing_over_the_takeover() {
     })
     .await;
     assert_eq!(d["status"], "Failed", "{d}");
-    assert!(
-        d["error"]
-            .as_str()
-            .unwrap_or_default()
-            .contains(&interrupted("a")),
-        "{d}"
-    );
+    let error = d["error"].as_str().unwrap_or_default();
+    assert!(error.contains(&interrupted("a")), "{d}");
     c.one_hook(&run, "Failed").await;
     let results = c.results(&b.base, &run).await;
     let rows = c.rows_of("slow", &run).await;
     let frozen_beat = c.node_line(&b.base, "a").await["heartbeatAt"].clone();
-
+    if open_while_frozen {
+        c.open_gate().await;
+        c.wait_for_frozen_client().await;
+    }
     signal(&a, libc::SIGCONT);
-    // a wakes, finds its lease gone (its log says so), lets its held batch
-    // go and stops the run; its heartbeat shows it is back and runs nothing.
-    within(
-        PATIENCE,
-        "the woken node says its lease was lost",
-        || async {
-            let log = a.stderr();
-            (log.contains("lease lost") || log.contains("lease was taken over")).then_some(())
-        },
-    )
-    .await;
-    c.open_gate().await;
+    // a wakes, finds its lease gone (its log says so) and stops the run; its
+    // heartbeat shows it is back and runs nothing.
+    if !open_while_frozen {
+        within(
+            PATIENCE,
+            "the woken node says its lease was lost",
+            || async {
+                let log = a.stderr();
+                (log.contains("lease lost") || log.contains("lease was taken over")).then_some(())
+            },
+        )
+        .await;
+        c.open_gate().await;
+    }
     within(
         PATIENCE,
         "the woken node beats again with nothing running",
         || async {
             let me = c.node_line(&b.base, "a").await;
             let stopped = a.stderr().contains("lease was taken over");
-            (stopped
-                && me["heartbeatAt"] != frozen_beat
-                && me["running"] == 0
-                && me["state"] == "active")
-                .then_some(())
+            let back = me["heartbeatAt"] != frozen_beat && me["state"] == "active";
+            (stopped && back && me["running"] == 0).then_some(())
         },
     )
     .await;
     // The takeover stands: the same end, results and webhook, seen from both.
     for base in [&a.base, &b.base] {
         let after = c.detail(base, &run).await;
-        assert_eq!(
-            (&after["status"], &after["error"]),
-            (&d["status"], &d["error"]),
-            "{after}"
-        );
+        let same = (&after["status"], &after["error"]);
+        assert_eq!(same, (&d["status"], &d["error"]), "{after}");
         assert_eq!(c.results(base, &run).await, results, "results on {base}");
     }
     assert_eq!(
@@ -319,7 +328,7 @@ async fn a_frozen_node_that_wakes_writes_nothing_over_the_takeover() {
     let after = c.rows_of("slow", &run).await;
     assert!(
         after <= rows + BATCH,
-        "{rows} rows at the takeover, {after} after a woke"
+        "{rows} rows at the takeover, {after} after a woke (batches of {BATCH})"
     );
 }
 

@@ -367,6 +367,18 @@ impl Cluster {
         .await;
     }
 
+    /// Waits until a destination session has done what it was asked and
+    /// waits, inside its transaction, for its client (a frozen node) to go on.
+    pub async fn wait_for_frozen_client(&self) {
+        let sql = "SELECT count(*) FROM pg_stat_activity
+                   WHERE application_name = $1 AND state = 'idle in transaction'";
+        within(PATIENCE, "the frozen node's batch waits for it", || async {
+            let idle: i64 = self.sql.query_one(sql, &[&DST_APP]).await.unwrap().get(0);
+            (idle > 0).then_some(())
+        })
+        .await;
+    }
+
     /// Opens the gate: the batches waiting at it go on.
     pub async fn open_gate(&self) {
         self.gate.batch_execute("COMMIT").await.unwrap();
