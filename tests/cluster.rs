@@ -190,7 +190,7 @@ async fn wait_ended(c: &Cluster, base: &str, run: &str) -> Value {
 
 /// The node-lost checks shared by both kill -9 scenarios.
 async fn after_the_kill(c: &Cluster, b: &Server, quick: &[String]) {
-    all_complete_once(c, &[b.base.clone()], quick).await;
+    all_complete_once(c, std::slice::from_ref(&b.base), quick).await;
     within(PATIENCE, "node a listed as lost", || async {
         (c.node_line(&b.base, "a").await["state"] == "lost").then_some(())
     })
