@@ -255,6 +255,13 @@ pub async fn list_runs(
         Err(e) if filter.text.is_some() && e.to_string().contains("text search") => {
             return json_error(StatusCode::BAD_REQUEST, e.to_string());
         }
+        // PostgreSQL's statement timeout (57014) on an unindexed text search.
+        Err(e) if filter.text.is_some() && e.sql_state() == Some("57014") => {
+            return json_error(
+                StatusCode::BAD_REQUEST,
+                "the text search took too long: narrow it with project, job, status or since",
+            );
+        }
         Err(e) => return json_error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     };
     let more = found.len() > filter.limit;

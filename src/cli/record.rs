@@ -11,8 +11,7 @@ use tidepool::run::Submission;
 use tidepool::server::StoreLocation;
 use tidepool::server::history::{details_of, run_result};
 use tidepool::store::{
-    NewRun, PgStoreOptions, PostgresStore, RunEnd, RunHistory, RunKey, SqliteStore, Store,
-    Submitted,
+    NewRun, PgStoreOptions, PostgresStore, RunEnd, RunKey, SqliteStore, Store, Submitted,
 };
 
 /// Where a run is recorded: `--store`, else the data dir's store if one exists.

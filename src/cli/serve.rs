@@ -61,9 +61,15 @@ async fn connect_store(c: &ServerConfig) -> anyhow::Result<Arc<dyn Store>> {
     Ok(match &location {
         StoreLocation::Sqlite(path) => Arc::new(SqliteStore::open(path).with_context(named)?),
         StoreLocation::Postgres(url) => Arc::new(
-            PostgresStore::connect(url, PgStoreOptions::default())
-                .await
-                .with_context(named)?,
+            PostgresStore::connect(
+                url,
+                PgStoreOptions {
+                    node_id: Some(c.node_name()),
+                    ..PgStoreOptions::default()
+                },
+            )
+            .await
+            .with_context(named)?,
         ),
     })
 }

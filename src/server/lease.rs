@@ -100,6 +100,13 @@ impl Service {
     /// The per-job limits of the loaded projects.
     pub(crate) fn limits(&self) -> ConcurrencyLimits {
         let projects = self.projects();
+        if !projects
+            .projects
+            .iter()
+            .any(|p| p.jobs.values().any(|j| j.max_concurrent_runs.is_some()))
+        {
+            return ConcurrencyLimits::default();
+        }
         let mut limits = ConcurrencyLimits::default();
         for p in &projects.projects {
             for job in p.jobs.values() {

@@ -19,7 +19,7 @@ use crate::engine::{self, JobReport, LogLevel, RunObserver, RunRequest};
 use crate::project::{JobId, LoadOptions, LoadOutcome, load_projects};
 use crate::run::{Counters, JobResult, RunId, RunResult, RunStatus, Submission};
 use crate::store::{
-    EndIf, NewRun, NodeInfo, RunEnd, RunKey, RunRecord, Store, StoreError, Submitted,
+    EndIf, LeaseState, NewRun, NodeInfo, RunEnd, RunKey, RunRecord, Store, StoreError, Submitted,
 };
 pub use config::{ServerConfig, StoreLocation, WebhookConfig};
 
@@ -497,6 +497,9 @@ impl Service {
             if self.is_stopping() {
                 return;
             }
+            // The projects as they are before the claim: a run seen Running
+            // runs the version loaded then, whatever a reload does meanwhile.
+            let projects = self.projects();
             let limits = self.limits();
             match self
                 .store
@@ -506,7 +509,7 @@ impl Service {
                 Ok(Some(rec)) => {
                     self.queue_left(1);
                     metrics::gauge!("tidepool_queue_depth").set(self.queue_depth() as f64);
-                    self.execute(rec).await;
+                    self.execute(rec, projects).await;
                 }
                 Ok(None) => {
                     tokio::select! {
@@ -526,7 +529,7 @@ impl Service {
         }
     }
 
-    async fn execute(self: &Arc<Self>, rec: RunRecord) {
+    async fn execute(self: &Arc<Self>, rec: RunRecord, projects: Arc<LoadOutcome>) {
         let key = rec.key.clone();
         let held = EndIf::Leased(rec.lease_epoch);
         let req: Submission = match serde_json::from_str(&rec.request_json) {
@@ -539,7 +542,6 @@ impl Service {
                 return;
             }
         };
-        let projects = self.projects();
         let Some(project) = projects.project_in(&key.instance, &rec.project_id).cloned() else {
             let why = format!("project {:?} is no longer loaded", rec.project_id);
             let _ = self
@@ -615,13 +617,19 @@ impl Service {
         if lease.is_lost() || lease.is_handed_back() {
             return Err("the run stopped before it ended".into());
         }
+        // The log is not written under the epoch: renew first, so no other
+        // node can take the run over while it is written (a lease from now).
+        if let Ok(LeaseState::Lost) = self.store.renew(key, lease.epoch, self.lease).await {
+            lease.lose();
+            return Err("the run's lease was taken over".into());
+        }
         for (name, v) in counter_pairs(&report.counters) {
             metrics::counter!("tidepool_rows_total", "instance" => key.instance.clone(), "counter" => name)
                 .increment(v);
         }
+        let details = history::details_of(&report);
         if let Err(e) = self
-            .store
-            .save_details(key, history::details_of(&report))
+            .retry_store(|| self.store.save_details(key, details.clone()))
             .await
         {
             tracing::error!(run = %key, "recording the run's log and row errors: {e}");

@@ -371,10 +371,14 @@ impl StoreError {
             StoreError::Unreachable(_) => true,
             StoreError::Postgres(e) => {
                 e.is_closed()
-                    || e.code().is_none_or(|c| {
+                    || match e.code() {
                         // Class 08 (connection), 57P01-03 (shutdown, cannot connect now).
-                        c.code().starts_with("08") || c.code().starts_with("57P")
-                    })
+                        Some(c) => c.code().starts_with("08") || c.code().starts_with("57P"),
+                        // No SQLSTATE: the socket failed (not a value that would not convert).
+                        None => {
+                            std::error::Error::source(e).is_some_and(|s| s.is::<std::io::Error>())
+                        }
+                    }
             }
             _ => false,
         }

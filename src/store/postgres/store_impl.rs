@@ -16,6 +16,10 @@ use crate::store::{
 
 #[async_trait]
 impl Store for PostgresStore {
+    fn is_shared(&self) -> bool {
+        true
+    }
+
     async fn submit(&self, run: NewRun) -> Result<Submitted, StoreError> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.submits

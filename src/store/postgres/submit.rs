@@ -35,6 +35,14 @@ pub(super) fn start(pool: Pool, groups: Arc<AtomicU64>) -> mpsc::Sender<SubmitOp
                         let _ = reply.send(Ok(a));
                     }
                 }
+                // No database to be had: every submission hears so at once
+                // (not one pool timeout after another).
+                Err(e) if e.is_unreachable() => {
+                    let why = e.to_string();
+                    for (_, reply) in ops {
+                        let _ = reply.send(Err(StoreError::Unreachable(why.clone())));
+                    }
+                }
                 // The group failed as a whole: each submission runs on its
                 // own and answers with its own outcome.
                 Err(_) if ops.len() > 1 => {

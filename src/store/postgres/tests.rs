@@ -248,6 +248,38 @@ async fn submit_accepts_repeats_and_conflicts_and_groups_concurrent_submits() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_refused_submission_fails_alone_in_its_group() {
+    let db = TestDb::new().await;
+    let store = Arc::new(db.store().await);
+    let mut bad = new_run("j", None);
+    // PostgreSQL text holds no NUL.
+    bad.request_json = "{\"argument\":\"a\u{0}b\"}".into();
+    let mut tasks: Vec<_> = (0..20)
+        .map(|_| {
+            let s = store.clone();
+            tokio::spawn(async move { s.submit(new_run("j", None)).await })
+        })
+        .collect();
+    let s = store.clone();
+    tasks.insert(10, tokio::spawn(async move { s.submit(bad).await }));
+    let mut outcomes = Vec::new();
+    for t in tasks {
+        outcomes.push(t.await.unwrap());
+    }
+    let e = outcomes.remove(10).unwrap_err();
+    assert!(!e.is_unreachable(), "{e:?}");
+    assert!(e.sql_state().is_some(), "{e:?}");
+    assert!(
+        outcomes
+            .into_iter()
+            .all(|o| o.unwrap() == Submitted::Accepted)
+    );
+    assert_eq!(store.queued_count().await.unwrap(), 20);
+    drop(store);
+    db.drop_db().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn two_stores_claiming_at_once_never_take_a_run_twice() {
     let db = TestDb::new().await;
     let a = Arc::new(db.store().await);
