@@ -582,12 +582,12 @@ impl Answers {
 }
 
 /// Until `stop`: submits quick runs (each retried under its runID until
-/// accepted, as a client does after a 503) and reads runs and nodes, on
-/// every node in turn. The runs accepted.
+/// accepted, as a client does after a 503) and reads the runs of `watch`
+/// and the nodes, on every node in turn. The runs accepted.
 async fn traffic(
     c: &Cluster,
     bases: &[String],
-    watch: &str,
+    watch: &[String],
     answers: &Answers,
     stop: &AtomicBool,
 ) -> Vec<String> {
@@ -614,8 +614,11 @@ async fn traffic(
             assert!(Instant::now() < deadline, "{run} never accepted");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        let r = c.http.get(format!("{base}/v1/Runs/{watch}")).send().await;
-        answers.note("Runs/{id}", r);
+        for (j, run) in watch.iter().enumerate() {
+            let base = &bases[(i + j) % bases.len()];
+            let r = c.http.get(format!("{base}/v1/Runs/{run}")).send().await;
+            answers.note(&format!("Runs/{run}"), r);
+        }
         let r = c.http.get(format!("{base}/v1/Nodes")).send().await;
         answers.note("Nodes", r);
         // A client's pace, not a wait for anything.
@@ -681,7 +684,7 @@ async fn store_connections_cut_mid_run_lose_nothing_and_answer_503_at_worst() {
         stop.store(true, Ordering::SeqCst);
         cuts
     };
-    let (cuts, quick) = tokio::join!(cutting, traffic(&c, &bases, &runs[0], &answers, &stop));
+    let (cuts, quick) = tokio::join!(cutting, traffic(&c, &bases, &runs, &answers, &stop));
     assert!(
         cuts.iter().filter(|n| **n > 0).count() >= 4,
         "sessions cut per round: {cuts:?}"
