@@ -280,7 +280,12 @@ async fn freeze_past_the_lease(test: &str, open_while_frozen: bool) {
     c.one_hook(&run, "Failed").await;
     let results = c.results(&b.base, &run).await;
     let rows = c.rows_of("slow", &run).await;
-    let frozen_beat = c.node_line(&b.base, "a").await["heartbeatAt"].clone();
+    let frozen = within(PATIENCE, "the frozen node listed as lost", || async {
+        let me = c.node_line(&b.base, "a").await;
+        (me["state"] == "lost").then_some(me)
+    })
+    .await;
+    let frozen_beat = frozen["heartbeatAt"].clone();
     if open_while_frozen {
         c.open_gate().await;
         c.wait_for_frozen_client().await;
