@@ -623,6 +623,8 @@ async fn traffic(
             let base = &bases[(i + j) % bases.len()];
             let r = c.http.get(format!("{base}/v1/Runs/{run}")).send().await;
             answers.note(&format!("Runs/{run}"), r);
+            let r = c.http.get(format!("{base}/v1/Results/{run}")).send().await;
+            answers.note(&format!("Results/{run}"), r);
         }
         let r = c.http.get(format!("{base}/v1/Nodes")).send().await;
         answers.note("Nodes", r);
