@@ -338,6 +338,41 @@ async fn freeze_past_the_lease(test: &str, open_while_frozen: bool) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_cut_off_from_the_store_stops_writing_once_its_lease_runs_out() {
+    let c = Cluster::new("partition").await;
+    // a reaches the store through a proxy the test takes down; the
+    // destination it reaches directly.
+    let proxy = common::Proxy::start("127.0.0.1:5432");
+    let spec = c.node("a").args(&["--workers", "1"]).store_port(proxy.port);
+    let a = c.start(vec![spec]).await.remove(0);
+    let run = guid();
+    c.submit(&a.base, &run, "c", "slow").await;
+    c.wait_mid_run(&a.base, &run, 2 * BATCH).await;
+    let b = c.start(vec![c.node("b")]).await.remove(0);
+    proxy.take_down();
+    let d = within(PATIENCE, "b ends the run of the node cut off", || async {
+        let d = c.detail(&b.base, &run).await;
+        (d["status"] != "Running").then_some(d)
+    })
+    .await;
+    assert_eq!(d["status"], "Failed", "{d}");
+    let error = d["error"].as_str().unwrap_or_default();
+    assert!(error.contains(&interrupted("a")), "{d}");
+    let rows = c.rows_of("slow", &run).await;
+    // a cannot hear that it lost the run, but its lease ran out by its own
+    // clock: it must not go on writing over the takeover. It stops at its
+    // next batch (or goes on to the end: then this says how far).
+    c.wait_no_writer().await;
+    let after = c.rows_of("slow", &run).await;
+    assert!(
+        after <= rows + BATCH,
+        "{rows} rows when b ended the run, {after} once a stopped writing (batches of {BATCH}):\n{}",
+        a.stderr()
+    );
+    c.one_hook(&run, "Failed").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_through_another_node_stops_the_run() {
     let c = Cluster::new("cancel").await;
     let a = c

@@ -168,6 +168,7 @@ pub struct NodeSpec {
     args: Vec<String>,
     config: Option<String>,
     log: Option<String>,
+    store_port: Option<u16>,
 }
 
 impl NodeSpec {
@@ -180,6 +181,12 @@ impl NodeSpec {
     /// A config file with this TOML.
     pub fn config(mut self, toml: &str) -> Self {
         self.config = Some(toml.to_owned());
+        self
+    }
+
+    /// Reaches the store through this loopback port (a [`crate::common::Proxy`]).
+    pub fn store_port(mut self, port: u16) -> Self {
+        self.store_port = Some(port);
         self
     }
 
@@ -268,6 +275,7 @@ impl Cluster {
             args: Vec::new(),
             config: None,
             log: None,
+            store_port: None,
         }
     }
 
@@ -275,7 +283,10 @@ impl Cluster {
         let data: PathBuf = self.fixture.root.join(format!("data-{}", spec.id));
         std::fs::create_dir_all(&data).unwrap();
         let lease = LEASE_SECS.to_string();
-        let store = self.db.url();
+        let store = match spec.store_port {
+            Some(port) => self.db.url().replace(":5432/", &format!(":{port}/")),
+            None => self.db.url(),
+        };
         let mut b = crate::common::server::serve(&data, &self.fixture.projects).args(&[
             "--store",
             &store,
@@ -364,6 +375,17 @@ impl Cluster {
                 (waiting >= n).then_some(())
             },
         )
+        .await;
+    }
+
+    /// Waits until no job writes to the destination: every destination
+    /// session closed (a job closes its connection when it ends).
+    pub async fn wait_no_writer(&self) {
+        let sql = "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1";
+        within(PATIENCE, "no job writes to the destination", || async {
+            let open: i64 = self.sql.query_one(sql, &[&DST_APP]).await.unwrap().get(0);
+            (open == 0).then_some(())
+        })
         .await;
     }
 
