@@ -121,26 +121,43 @@ impl Service {
     }
 
     /// Renews a run's lease every third of it until the engine returns; a
-    /// lost lease stops the run, a cancel asked through another node cancels it.
+    /// lost lease stops the run, a cancel asked through another node cancels
+    /// it. A node that cannot reach the store stops the run itself before its
+    /// lease can have run out (four fifths of a lease after the last renewal
+    /// it sent that succeeded): past that, another node may have taken it over.
     pub(crate) async fn keep_lease(self: Arc<Self>, key: RunKey, held: Held) {
         let every = self.lease / 3;
+        let sure_for = self.lease.mul_f64(0.8);
+        let mut held_until = tokio::time::Instant::now() + sure_for;
         loop {
             tokio::select! {
                 _ = held.done.notified() => return,
                 _ = tokio::time::sleep(every) => {}
             }
-            match self.store.renew(&key, held.epoch, self.lease).await {
-                Ok(LeaseState::Held) => {}
-                Ok(LeaseState::CancelRequested) => held.cancel.cancel(),
-                Ok(LeaseState::Lost) => {
+            let sent = tokio::time::Instant::now();
+            let renewed =
+                tokio::time::timeout(every, self.store.renew(&key, held.epoch, self.lease));
+            match renewed.await {
+                Ok(Ok(LeaseState::Held)) => held_until = sent + sure_for,
+                Ok(Ok(LeaseState::CancelRequested)) => {
+                    held_until = sent + sure_for;
+                    held.cancel.cancel();
+                }
+                Ok(Ok(LeaseState::Lost)) => {
                     tracing::error!(run = %key, "lease lost: another node took the run over; stopping it");
                     held.lose();
                     return;
                 }
-                // The store is unreachable: keep going and keep trying; if it
-                // stays away past the lease, another node may take the run
-                // and the next renewal says so.
-                Err(e) => tracing::warn!(run = %key, "renewing the run's lease: {e}"),
+                Ok(Err(e)) => tracing::warn!(run = %key, "renewing the run's lease: {e}"),
+                Err(_) => {
+                    tracing::warn!(run = %key, "renewing the run's lease: no answer within {every:?}")
+                }
+            }
+            // Alone on the store, no one else could take the run over.
+            if self.store.is_shared() && tokio::time::Instant::now() >= held_until {
+                tracing::error!(run = %key, "the store has not confirmed the run's lease for {sure_for:?}: stopping the run, another node may take it over");
+                held.lose();
+                return;
             }
         }
     }
