@@ -213,22 +213,31 @@ impl RunCaller {
         instance: Option<String>,
     ) -> Result<RunRecord, ApiError> {
         self.find(svc, instance)
-            .await
+            .await?
             .ok_or_else(|| self.refuse(StatusCode::NOT_FOUND, format!("unknown run {}", self.id)))
     }
 
-    /// The run, as [`RunCaller::run`], or None.
-    pub async fn find(&self, svc: &Service, instance: Option<String>) -> Option<RunRecord> {
-        let run_id = uuid::Uuid::try_parse(self.id.trim()).ok()?;
+    /// The run, as [`RunCaller::run`], or None; a store that cannot answer
+    /// is a 503 (the client retries), never "unknown run".
+    pub async fn find(
+        &self,
+        svc: &Service,
+        instance: Option<String>,
+    ) -> Result<Option<RunRecord>, ApiError> {
+        let Ok(run_id) = uuid::Uuid::try_parse(self.id.trim()) else {
+            return Ok(None);
+        };
         let instance = instance.unwrap_or_else(|| self.caller.primary.clone());
         if !self.caller.can_see(&instance) {
-            return None;
+            return Ok(None);
         }
         svc.store
             .run(&RunKey { instance, run_id })
             .await
-            .ok()
-            .flatten()
+            .map_err(|e| {
+                self.refuse(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+                    .retry_after()
+            })
     }
 }
 

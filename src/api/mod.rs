@@ -377,7 +377,7 @@ async fn execute_job_async(
         (status = 413, description = "the body is too large", body = ExecJobAsyncResponse),
         (status = 415, description = "unsupported media type", body = ExecJobAsyncResponse),
         (status = 500, description = "the run ended without a result (a bug)", body = ExecJobAsyncResponse),
-        (status = 503, description = "the queue is full, this node runs no jobs (--workers 0), or the store failed", body = ExecJobAsyncResponse),
+        (status = 503, description = "the queue is full, this node runs no jobs (--workers 0) and shares its store with no other, or the store failed", body = ExecJobAsyncResponse),
     ))]
 async fn execute_job(
     State(svc): State<AppState>,
@@ -385,8 +385,9 @@ async fn execute_job(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Reply, ApiError> {
-    if svc.config.workers == 0 {
-        // Nothing here would ever run it: say so instead of waiting forever.
+    if svc.config.workers == 0 && !svc.store.is_shared() {
+        // Nothing would ever run it (on a shared store, another node will):
+        // say so instead of waiting forever.
         return Err(ApiError::refusal(
             StatusCode::SERVICE_UNAVAILABLE,
             "this server runs no jobs (--workers 0): call ExecuteJobAsync and read /v1/Results/{runID}",
@@ -512,13 +513,13 @@ async fn results(
     State(svc): State<AppState>,
     Query(q): Query<InstanceQuery>,
     who: RunCaller,
-) -> Reply {
-    match who.find(&svc, q.instance).await {
+) -> Result<Reply, ApiError> {
+    Ok(match who.find(&svc, q.instance).await? {
         Some(rec) => Reply::many(StatusCode::OK, who.format, &Many(results_of(&rec))),
         None => {
             Reply::many::<ResultsResponse>(StatusCode::NOT_FOUND, who.format, &Many(Vec::new()))
         }
-    }
+    })
 }
 
 /// The full answer of a run, with its log and webhook attempts.

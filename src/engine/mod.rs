@@ -27,9 +27,21 @@ pub use crate::run::{
     RunReport, RunRequest, RunStatus,
 };
 
-/// A flag that asks a run to stop; the engine checks it between rows and batches.
+/// A flag that asks a run to stop; the engine checks it between rows and
+/// batches. It may also carry a deadline past which it counts as set: a node
+/// whose lease on the run cannot be confirmed in time stops the run by then,
+/// whatever its other threads are doing (a frozen process that wakes up
+/// checks the clock before its next batch, not after a renewal).
 #[derive(Debug, Clone, Default)]
-pub struct CancelToken(Arc<AtomicBool>);
+pub struct CancelToken(Arc<AtomicBool>, Arc<std::sync::atomic::AtomicU64>);
+
+/// The clock deadlines are read on (monotonic, from the first use).
+fn token_clock_ms(at: std::time::Instant) -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    let start = *START.get_or_init(std::time::Instant::now);
+    // 1 at the earliest: 0 means "no deadline".
+    at.saturating_duration_since(start).as_millis() as u64 + 1
+}
 
 impl CancelToken {
     /// A token that is not cancelled.
@@ -40,9 +52,18 @@ impl CancelToken {
     pub fn cancel(&self) {
         self.0.store(true, Ordering::SeqCst);
     }
-    /// Whether stop was asked.
+    /// Whether stop was asked, or the deadline has passed.
     pub fn is_cancelled(&self) -> bool {
-        self.0.load(Ordering::Relaxed)
+        self.0.load(Ordering::Relaxed) || self.deadline_passed()
+    }
+    /// Makes the token count as set from `at` on (moved by each call).
+    pub fn stop_at(&self, at: std::time::Instant) {
+        self.1.store(token_clock_ms(at), Ordering::SeqCst);
+    }
+    /// Whether a deadline was set and has passed.
+    pub fn deadline_passed(&self) -> bool {
+        let until = self.1.load(Ordering::Relaxed);
+        until != 0 && token_clock_ms(std::time::Instant::now()) >= until
     }
 }
 

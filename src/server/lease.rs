@@ -46,9 +46,15 @@ impl Held {
         self.cancel.cancel();
     }
 
-    /// Whether the lease was lost.
+    /// Whether the lease was lost, or could not be confirmed in time.
     pub(crate) fn is_lost(&self) -> bool {
-        self.lost.load(Ordering::SeqCst)
+        self.lost.load(Ordering::SeqCst) || self.cancel.deadline_passed()
+    }
+
+    /// A renewal sent at `sent` was confirmed: the run is surely ours for
+    /// `sure_for` from then.
+    pub(crate) fn confirmed(&self, sent: tokio::time::Instant, sure_for: Duration) {
+        self.cancel.stop_at((sent + sure_for).into_std());
     }
 
     /// The node drains: stop the run and queue it again for another node.
@@ -128,7 +134,11 @@ impl Service {
     pub(crate) async fn keep_lease(self: Arc<Self>, key: RunKey, held: Held) {
         let every = self.lease / 3;
         let sure_for = self.lease.mul_f64(0.8);
-        let mut held_until = tokio::time::Instant::now() + sure_for;
+        // Alone on the store, no one else could take the run over: no deadline.
+        let shared = self.store.is_shared();
+        if shared {
+            held.confirmed(tokio::time::Instant::now(), sure_for);
+        }
         loop {
             tokio::select! {
                 _ = held.done.notified() => return,
@@ -137,27 +147,28 @@ impl Service {
             let sent = tokio::time::Instant::now();
             let renewed =
                 tokio::time::timeout(every, self.store.renew(&key, held.epoch, self.lease));
-            match renewed.await {
-                Ok(Ok(LeaseState::Held)) => held_until = sent + sure_for,
-                Ok(Ok(LeaseState::CancelRequested)) => {
-                    held_until = sent + sure_for;
-                    held.cancel.cancel();
+            let state = match renewed.await {
+                Ok(Ok(state)) => state,
+                Ok(Err(e)) => {
+                    tracing::warn!(run = %key, "renewing the run's lease: {e}");
+                    continue;
                 }
-                Ok(Ok(LeaseState::Lost)) => {
-                    tracing::error!(run = %key, "lease lost: another node took the run over; stopping it");
-                    held.lose();
-                    return;
-                }
-                Ok(Err(e)) => tracing::warn!(run = %key, "renewing the run's lease: {e}"),
                 Err(_) => {
-                    tracing::warn!(run = %key, "renewing the run's lease: no answer within {every:?}")
+                    tracing::warn!(run = %key, "renewing the run's lease: no answer within {every:?}");
+                    continue;
                 }
-            }
-            // Alone on the store, no one else could take the run over.
-            if self.store.is_shared() && tokio::time::Instant::now() >= held_until {
-                tracing::error!(run = %key, "the store has not confirmed the run's lease for {sure_for:?}: stopping the run, another node may take it over");
+            };
+            if state == LeaseState::Lost || held.is_lost() {
+                // Lost, or confirmed too late: a takeover may have happened.
+                tracing::error!(run = %key, "lease lost: another node took the run over (or may have); stopping it");
                 held.lose();
                 return;
+            }
+            if shared {
+                held.confirmed(sent, sure_for);
+            }
+            if state == LeaseState::CancelRequested {
+                held.cancel.cancel();
             }
         }
     }

@@ -619,9 +619,19 @@ impl Service {
         }
         // The log is not written under the epoch: renew first, so no other
         // node can take the run over while it is written (a lease from now).
-        if let Ok(LeaseState::Lost) = self.store.renew(key, lease.epoch, self.lease).await {
-            lease.lose();
-            return Err("the run's lease was taken over".into());
+        let sent = tokio::time::Instant::now();
+        match self.store.renew(key, lease.epoch, self.lease).await {
+            Ok(LeaseState::Lost) => {
+                lease.lose();
+                return Err("the run's lease was taken over".into());
+            }
+            Ok(_) if self.store.is_shared() && !lease.is_lost() => {
+                lease.confirmed(sent, self.lease.mul_f64(0.8))
+            }
+            _ => {}
+        }
+        if lease.is_lost() {
+            return Err("the run's lease could not be confirmed in time".into());
         }
         for (name, v) in counter_pairs(&report.counters) {
             metrics::counter!("tidepool_rows_total", "instance" => key.instance.clone(), "counter" => name)
