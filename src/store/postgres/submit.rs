@@ -76,6 +76,16 @@ pub(super) fn argument_of(request_json: &str) -> String {
 
 /// Inserts the runs in one transaction (with a `queued` notification if any
 /// was new) and tells each what became of it, in order.
+/// Wakes the other nodes' claimers when the transaction commits.
+async fn notify_queued(tx: &deadpool_postgres::Transaction<'_>) -> Result<(), StoreError> {
+    tx.execute(
+        &tx.prepare_cached("SELECT pg_notify($1, 'queued')").await?,
+        &[&NEWS_CHANNEL],
+    )
+    .await?;
+    Ok(())
+}
+
 async fn commit_group(pool: &Pool, runs: &[&NewRun]) -> Result<Vec<Submitted>, StoreError> {
     let mut conn = pool.get().await.map_err(pool_error)?;
     let tx = conn.transaction().await?;
@@ -109,6 +119,12 @@ async fn commit_group(pool: &Pool, runs: &[&NewRun]) -> Result<Vec<Submitted>, S
             ],
         )
         .await?;
+    if inserted.len() == runs.len() {
+        // Every run was new (so their keys were distinct): nothing to compare.
+        notify_queued(&tx).await?;
+        tx.commit().await?;
+        return Ok(vec![Submitted::Accepted; runs.len()]);
+    }
     let mut new: HashMap<(String, Uuid), bool> = inserted
         .iter()
         .map(|r| ((r.get::<_, String>(0), r.get::<_, Uuid>(1)), true))
@@ -125,11 +141,7 @@ async fn commit_group(pool: &Pool, runs: &[&NewRun]) -> Result<Vec<Submitted>, S
         .map(|r| ((r.get(0), r.get(1)), r.get(2)))
         .collect();
     if !inserted.is_empty() {
-        tx.execute(
-            &tx.prepare_cached("SELECT pg_notify($1, 'queued')").await?,
-            &[&NEWS_CHANNEL],
-        )
-        .await?;
+        notify_queued(&tx).await?;
     }
     tx.commit().await?;
     Ok(runs
