@@ -813,6 +813,95 @@ mod tests {
         assert!(others.iter().all(|r| r.key.instance == "other"));
     }
 
+    /// Inserts runs as an older tidepool (or the benchmark) does: straight into the file.
+    fn insert_raw(path: &std::path::Path, runs: impl IntoIterator<Item = NewRun>) {
+        let mut c = Connection::open(path).unwrap();
+        let tx = c.transaction().unwrap();
+        for run in runs {
+            tx.execute(
+                "INSERT INTO runs (instance, run_id, project_id, job_id, request, fingerprint,
+                   status, accepted_at, accepted_ms) VALUES (?1, ?2, 'p', 'j', ?3, ?2, 'Queued', ?4, ?5)",
+                params![
+                    run.key.instance,
+                    run.key.run_id.to_string(),
+                    run.request_json,
+                    run.accepted_at.to_rfc3339(),
+                    run.accepted_at.timestamp_millis()
+                ],
+            )
+            .unwrap();
+        }
+        tx.commit().unwrap();
+    }
+
+    #[tokio::test]
+    async fn text_the_index_finds_in_many_runs_is_found_newest_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sqlite");
+        let store = SqliteStore::open(&path).unwrap();
+        // "common" in 1,500 runs of another instance and 3 of this one, among
+        // 6,000 others; "ÜBER" in 1,200 of this one, every fifth.
+        let mut runs = Vec::new();
+        let mut mine_common = Vec::new();
+        let mut mine_uber = Vec::new();
+        for i in 0..6000i64 {
+            let mut run = run_of("default", &format!("plain {i}"), i * 10);
+            if i % 2000 == 7 {
+                run = run_of("default", &format!("a COMMON one {i}"), i * 10);
+                mine_common.push(run.key.clone());
+            } else if i % 5 == 0 {
+                run = run_of("default", &format!("über {i}"), i * 10);
+                mine_uber.push(run.key.clone());
+            }
+            runs.push(run);
+            if i < 1500 {
+                runs.push(run_of("other", &format!("common {i}"), i * 10 + 1));
+            }
+        }
+        insert_raw(&path, runs);
+        mine_common.reverse();
+        mine_uber.reverse();
+        let c = Connection::open(&path).unwrap();
+        for text in ["common", "ÜBER"] {
+            assert!(
+                matches!(text_search(&c, text).unwrap(), TextSearch::Many { .. }),
+                "{text}"
+            );
+        }
+        // Few here, many elsewhere: the scan gives up, the index answers.
+        let found: Vec<RunKey> = store
+            .list_runs(&search("common", "default", 50))
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.key)
+            .collect();
+        assert_eq!(found, mine_common);
+        // Many here: the first page by the scan, later ones by either.
+        for (text, want) in [("ÜBER", &mine_uber), ("über", &mine_uber)] {
+            let mut f = search(text, "default", 100);
+            let mut seen = Vec::new();
+            loop {
+                let page = store.list_runs(&f).await.unwrap();
+                let more = page.len() > f.limit;
+                seen.extend(page.iter().take(f.limit).map(|r| r.key.clone()));
+                if !more {
+                    break;
+                }
+                f.after = Some(page[f.limit - 1].cursor.clone());
+            }
+            assert_eq!(&seen, want, "q={text}");
+        }
+        let mut common = search("COMMON", "default", 50);
+        common.instances = None;
+        let all = store.list_runs(&common).await.unwrap();
+        assert_eq!(all.len(), 51);
+        assert!(
+            all.iter()
+                .all(|r| r.argument.to_lowercase().contains("common"))
+        );
+    }
+
     #[tokio::test]
     async fn purged_and_recorded_runs_leave_and_enter_the_text_index() {
         let dir = tempfile::tempdir().unwrap();
