@@ -259,9 +259,10 @@ const FEW_MATCHES: i64 = 1000;
 /// Virtual machine steps between two calls of a search's progress handler.
 const PROGRESS_STEPS: i32 = 1000;
 
-/// How many [`PROGRESS_STEPS`] the scan for common text may take (a few
-/// thousand runs) before the text index is asked instead.
-const COMMON_SCAN_STEPS: u32 = 40;
+/// How many [`PROGRESS_STEPS`] the scan for common text may take before the
+/// text index is asked instead: about 8 steps a run, so some 12,000 runs (a
+/// page of text in 1 % of them; reading the index's matches for it costs more).
+const COMMON_SCAN_STEPS: u32 = 100;
 
 /// How `text` is looked for: through the index once it is complete and the
 /// text has a trigram, else by a scan.
@@ -840,13 +841,14 @@ mod tests {
         let path = dir.path().join("s.sqlite");
         let store = SqliteStore::open(&path).unwrap();
         // "common" in 1,500 runs of another instance and 3 of this one, among
-        // 6,000 others; "ÜBER" in 1,200 of this one, every fifth.
+        // 30,000 others (more than the scan reads); "ÜBER" in 6,000 of this
+        // one, every fifth.
         let mut runs = Vec::new();
         let mut mine_common = Vec::new();
         let mut mine_uber = Vec::new();
-        for i in 0..6000i64 {
+        for i in 0..30_000i64 {
             let mut run = run_of("default", &format!("plain {i}"), i * 10);
-            if i % 2000 == 7 {
+            if i % 10_000 == 7 {
                 run = run_of("default", &format!("a COMMON one {i}"), i * 10);
                 mine_common.push(run.key.clone());
             } else if i % 5 == 0 {
