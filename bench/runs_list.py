@@ -10,10 +10,19 @@
    ~92 % Complete, 5 % Failed, 2 % Cancelled, a few Running and Queued, an
    argument, per-job results and the stored answer, accepted every ~5 s over
    about two months.
+   The store's triggers fill the run list's text index (`runs_text`, FTS5
+   trigram) as the rows go in, as they do for runs tidepool writes.
 3. The real binary serves that store (open mode: the list reads every
    instance); each query is asked `--requests` times over one kept-alive
    connection and the latency (client side, loopback) is printed: p50, p99, max.
 Target: < 20 ms for limit=50.
+
+    python3 bench/runs_list.py --before OLD_BINARY
+
+compares with a tidepool from before the text index: the store is made and
+filled by OLD_BINARY (no index), timed with it, then opened by the current
+binary, which indexes the runs in the background: how long it takes to answer
+/healthz and to complete the index is printed, then the same queries again.
 """
 import argparse, base64, hashlib, http.client, json, random, shutil, socket, sqlite3, subprocess
 import sys, tempfile, time, uuid
@@ -94,6 +103,17 @@ def rows(n, t0):
                int(accepted.timestamp() * 1000))
 
 
+def text_index_pending(db):
+    """Whether the store's text index is still being filled in (None: it has none)."""
+    c = sqlite3.connect(db)
+    try:
+        return c.execute("SELECT EXISTS (SELECT 1 FROM runs_text_backfill)").fetchone()[0] == 1
+    except sqlite3.OperationalError:
+        return None
+    finally:
+        c.close()
+
+
 def fill(db, n):
     c = sqlite3.connect(db)
     c.execute("PRAGMA synchronous=OFF")
@@ -134,63 +154,106 @@ def cursor_at(db, offset):
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
+CASES = [
+    ("first page", "/v1/Runs?limit=50"),
+    ("cursor 10,000 runs deep", "/v1/Runs?limit=50&cursor={deep}"),
+    ("cursor 500,000 runs deep", "/v1/Runs?limit=50&cursor={mid}"),
+    ("status=Failed", "/v1/Runs?limit=50&status=Failed"),
+    ("status=Failed, deep cursor", "/v1/Runs?limit=50&status=Failed&cursor={mid}"),
+    ("project=p3", "/v1/Runs?limit=50&project=p3"),
+    ("project=p3&job=j1", "/v1/Runs?limit=50&project=p3&job=j1"),
+    ("status=Queued (20 runs)", "/v1/Runs?limit=50&status=Queued"),
+    ("since/until: one day, far back", "/v1/Runs?limit=50&since={since}&until={until}"),
+    ("instance=acme", "/v1/Runs?limit=50&instance=acme"),
+    # Text: every argument is word-word-number (9 words).
+    ("q=backfill-eu (common text)", "/v1/Runs?limit=50&q=backfill-eu"),
+    ("q=nightly (common word)", "/v1/Runs?limit=50&q=nightly"),
+    ("q=eu-us-1234 (rare text)", "/v1/Runs?limit=50&q=eu-us-1234"),
+    ("q=-1234 (rare, ~100 runs)", "/v1/Runs?limit=50&q=-1234"),
+    ("q=zzz (no run)", "/v1/Runs?limit=50&q=zzz"),
+    ("q=nightly, deep cursor", "/v1/Runs?limit=50&q=nightly&cursor={mid}"),
+    ("q=eu-us-1234&instance=acme", "/v1/Runs?limit=50&q=eu-us-1234&instance=acme"),
+    ("q=50 (2 chars: scans)", "/v1/Runs?limit=50&q=50"),
+    ("q=zz (2 chars, no run: scans)", "/v1/Runs?limit=50&q=zz"),
+]
+
+
+def run_cases(port, params, requests):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    print(f"GET /v1/Runs against the real binary, {requests} requests each, "
+          f"one connection (ms: p50 / p99 / max)")
+    for name, path in CASES:
+        path = path.format(**params)
+        # The slow ones (a scan: up to its 3 s budget) are asked fewer times.
+        t = time.perf_counter()
+        timed(conn, path, 1)
+        times = requests if time.perf_counter() - t < 0.2 else max(5, requests // 20)
+        p50, p99, mx, body = timed(conn, path, times)
+        got = f"{len(body['runs'])} runs" if "runs" in body else body.get("error")
+        print(f"  {name:34} {p50:8.2f} {p99:8.2f} {mx:8.2f}   ({got}, n={times})", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=1_000_000)
     ap.add_argument("--requests", type=int, default=200)
     ap.add_argument("--no-build", action="store_true")
     ap.add_argument("--bin", help="the tidepool binary (default: target/release/tidepool, built first)")
+    ap.add_argument("--before", help="a tidepool binary from before the text index, to compare with")
     args = ap.parse_args()
     global BIN
     if args.bin:
         BIN = Path(args.bin)
     elif not args.no_build:
         subprocess.run(["cargo", "build", "--release", "--quiet"], cwd=REPO, check=True)
+    current = BIN
     root = Path(tempfile.mkdtemp(prefix="tidepool-runs-bench-"))
     data, projects = root / "data", root / "projects"
     for n in range(8):
         (projects / f"p{n}" / "jobs").mkdir(parents=True)
         (projects / f"p{n}" / "project.toml").write_text(PROJECT.format(n=n))
     try:
+        if args.before:
+            BIN = Path(args.before)
         port = free_port()
         p = serve(data, projects, port)
         p.terminate(); p.wait()
         db = data / "tidepool.sqlite"
         secs, t0 = fill(db, args.runs)
         size = db.stat().st_size / 1e6
-        print(f"store: {args.runs:,} runs inserted in {secs:.0f} s ({size:,.0f} MB)")
-        mid = cursor_at(db, args.runs // 2)
-        deep = cursor_at(db, 10_000)
+        indexed = "no text index" if text_index_pending(db) is None else "with its text index"
+        print(f"store: {args.runs:,} runs inserted in {secs:.0f} s ({size:,.0f} MB, {indexed})")
         w0 = t0 + timedelta(seconds=args.runs * 5 / 3)
-        window = w0.isoformat().replace("+00:00", "Z")
-        window_end = (w0 + timedelta(days=1)).isoformat().replace("+00:00", "Z")
+        params = {
+            "mid": cursor_at(db, args.runs // 2),
+            "deep": cursor_at(db, 10_000),
+            "since": quote(w0.isoformat().replace("+00:00", "Z")),
+            "until": quote((w0 + timedelta(days=1)).isoformat().replace("+00:00", "Z")),
+        }
         port = free_port()
         p = serve(data, projects, port)
         try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-            cases = [
-                ("first page", "/v1/Runs?limit=50"),
-                ("cursor 10,000 runs deep", f"/v1/Runs?limit=50&cursor={deep}"),
-                ("cursor 500,000 runs deep", f"/v1/Runs?limit=50&cursor={mid}"),
-                ("status=Failed", "/v1/Runs?limit=50&status=Failed"),
-                ("status=Failed, deep cursor", f"/v1/Runs?limit=50&status=Failed&cursor={mid}"),
-                ("project=p3", "/v1/Runs?limit=50&project=p3"),
-                ("project=p3&job=j1", "/v1/Runs?limit=50&project=p3&job=j1"),
-                ("status=Queued (20 runs)", "/v1/Runs?limit=50&status=Queued"),
-                ("since/until: one day, far back", f"/v1/Runs?limit=50&since={quote(window)}&until={quote(window_end)}"),
-                ("instance=acme", "/v1/Runs?limit=50&instance=acme"),
-                ("q=backfill-eu (common text)", "/v1/Runs?limit=50&q=backfill-eu"),
-                ("q=eu-us-1234 (rare text: scans)", "/v1/Runs?limit=50&q=eu-us-1234"),
-            ]
-            print(f"GET /v1/Runs against the real binary, {args.requests} requests each, "
-                  f"one connection (ms: p50 / p99 / max)")
-            for name, path in cases:
-                times = args.requests if "scans" not in name else max(5, args.requests // 20)
-                p50, p99, mx, body = timed(conn, path, times)
-                got = f"{len(body['runs'])} runs" if "runs" in body else body.get("error")
-                print(f"  {name:34} {p50:7.2f} {p99:7.2f} {mx:7.2f}   ({got})")
+            if args.before:
+                print(f"before ({BIN}):")
+            run_cases(port, params, args.requests)
         finally:
             p.terminate(); p.wait()
+        if args.before:
+            BIN = current
+            port = free_port()
+            t = time.perf_counter()
+            p = serve(data, projects, port)
+            try:
+                print(f"after ({BIN}): answered /healthz {time.perf_counter() - t:.2f} s after start")
+                deadline = time.time() + 1800
+                while text_index_pending(db) and time.time() < deadline:
+                    time.sleep(0.5)
+                print(f"  the text index of {args.runs:,} runs was complete "
+                      f"{time.perf_counter() - t:.0f} s after start "
+                      f"({db.stat().st_size / 1e6:,.0f} MB)")
+                run_cases(port, params, args.requests)
+            finally:
+                p.terminate(); p.wait()
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

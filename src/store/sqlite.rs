@@ -173,9 +173,18 @@ impl SqliteStore {
         std::thread::Builder::new()
             .name("tidepool-checkpoint".into())
             .spawn(move || checkpoint_loop(checkpointer, weak, watched))?;
+        let backfill = history::text_backfill_pending(&conn)?;
         std::thread::Builder::new()
             .name("tidepool-store".into())
             .spawn(move || writer_loop(conn, rx, log))?;
+        if backfill {
+            // Runs from before the text index: indexed in the background
+            // (searches scan until then), so a big store opens at once.
+            let (writer, weak) = (tx.clone(), Arc::downgrade(&alive));
+            std::thread::Builder::new()
+                .name("tidepool-text-index".into())
+                .spawn(move || backfill_loop(writer, weak))?;
+        }
         Ok(SqliteStore {
             _alive: alive,
             writer: tx,
@@ -368,6 +377,49 @@ fn writer_loop(conn: Connection, rx: crossbeam_channel::Receiver<Op>, log: Arc<L
         }
         for reply in replies {
             reply(commit.clone());
+        }
+    }
+}
+
+/// Fills in the run list's text index a batch per transaction on the writer
+/// (other writes wait for one batch at most), until it is complete, a batch
+/// fails (the next open goes on from there) or the store is dropped.
+fn backfill_loop(writer: crossbeam_channel::Sender<Op>, alive: Weak<()>) {
+    let started = std::time::Instant::now();
+    while alive.upgrade().is_some() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let op: Op = (
+            true,
+            Box::new(move |conn| {
+                let r = history::backfill_text(conn, history::TEXT_BACKFILL_BATCH);
+                let ok = r.is_ok();
+                let reply: Reply = Box::new(move |commit| {
+                    let _ = tx.send(
+                        commit
+                            .map_err(|e| e.to_string())
+                            .and(r.map_err(|e| e.to_string())),
+                    );
+                });
+                (ok, reply)
+            }),
+        );
+        if writer.send(op).is_err() {
+            return;
+        }
+        match rx.recv() {
+            Ok(Ok(true)) => {}
+            Ok(Ok(false)) => {
+                tracing::info!(
+                    secs = started.elapsed().as_secs_f64(),
+                    "the run list's text index is complete"
+                );
+                return;
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "the run list's text index could not be filled in: text searches scan");
+                return;
+            }
+            Err(_) => return,
         }
     }
 }

@@ -64,6 +64,22 @@ impl Query {
     }
 }
 
+/// The shortest text the trigram index finds; shorter text is scanned for.
+const INDEXED_TEXT_MIN_CHARS: usize = 3;
+
+/// `text` as a LIKE pattern that matches it alone: `\\`, `%` and `_` escaped
+/// (with `\\`, LIKE's default escape).
+fn like_escaped(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if matches!(c, '\\' | '%' | '_') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
 /// The run list's query: newest first in (accepted_ms, instance, run_id).
 fn list_query(f: &RunFilter) -> Query {
     let mut q = Query {
@@ -100,7 +116,16 @@ fn list_query(f: &RunFilter) -> Query {
         ));
     }
     if let Some(t) = &f.text {
-        q.and("strpos(lower(r.argument), lower($)) > 0", t.clone());
+        if t.chars().count() >= INDEXED_TEXT_MIN_CHARS {
+            // The form of `runs_argument_trgm` (migration 3), so its trigrams
+            // answer; the user's % and _ (and \\) are escaped to plain characters.
+            q.and(
+                "lower(r.argument) LIKE '%' || lower($) || '%'",
+                like_escaped(t),
+            );
+        } else {
+            q.and("strpos(lower(r.argument), lower($)) > 0", t.clone());
+        }
     }
     q.args.push(Box::new(f.limit as i64 + 1));
     q.sql.push_str(&format!(
@@ -117,7 +142,8 @@ impl RunHistory for PostgresStore {
         let mut conn = self.conn().await?;
         let tx = conn.build_transaction().read_only(true).start().await?;
         if filter.text.is_some() {
-            // Text is found by a scan: it gets a time budget.
+            // A scan for text (no trigram index, or text too short for one)
+            // gets a time budget.
             tx.batch_execute(&format!(
                 "SET LOCAL statement_timeout = {TEXT_SEARCH_BUDGET_MS}"
             ))
@@ -327,4 +353,259 @@ async fn save_row_errors(
     )
     .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{PgStoreOptions, session};
+    use super::*;
+    use crate::store::Store;
+
+    const SERVER: &str = "postgres://postgres@127.0.0.1:5432";
+
+    /// Arguments, and what each text search must find among them (by index).
+    const CORPUS: [&str; 10] = [
+        "Nightly-EU-1234",
+        "nightly_us",
+        "50% off",
+        "500 off",
+        "a_b",
+        "axb",
+        "Ünïcödé Straße",
+        "été",
+        r#"say "hi" \ bye"#,
+        "",
+    ];
+    const SEARCHES: [(&str, &[usize]); 16] = [
+        ("NIGHTLY", &[0, 1]),
+        ("eu-12", &[0]),
+        ("a_b", &[4]),
+        ("0% ", &[2]),
+        ("%", &[2]),
+        ("_", &[1, 4]),
+        ("ÜNÏ", &[6]),
+        ("straße", &[6]),
+        ("été", &[7]),
+        ("ete", &[]),
+        (r#""hi""#, &[8]),
+        (r#"\ b"#, &[8]),
+        (r#"\"#, &[8]),
+        ("eu", &[0]),
+        ("b", &[4, 5, 8]),
+        ("nowhere", &[]),
+    ];
+
+    /// A fresh database (owned by postgres), its name and a URL for `user`.
+    async fn fresh_db(user: &str) -> (String, String) {
+        let name = format!("tidepool_t_{}", Uuid::new_v4().simple());
+        let admin = session(&format!("{SERVER}/test")).await.unwrap();
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .unwrap();
+        let url = format!("postgres://{user}@127.0.0.1:5432/{name}");
+        (name, url)
+    }
+
+    async fn drop_db(name: &str) {
+        if let Ok(admin) = session(&format!("{SERVER}/test")).await {
+            let _ = admin
+                .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                .await;
+        }
+    }
+
+    fn at(ms: i64) -> DateTime<FixedOffset> {
+        DateTime::from_timestamp_millis(1_790_000_000_000 + ms)
+            .unwrap_or_default()
+            .fixed_offset()
+    }
+
+    fn run_of(instance: &str, argument: &str, ms: i64) -> NewRun {
+        let key = RunKey {
+            instance: instance.into(),
+            run_id: Uuid::new_v4(),
+        };
+        NewRun {
+            fingerprint: key.run_id.to_string(),
+            key,
+            project_id: "p".into(),
+            job_id: "j".into(),
+            request_json: serde_json::json!({ "argument": argument }).to_string(),
+            webhook_url: None,
+            accepted_at: at(ms),
+        }
+    }
+
+    fn search(text: &str, instance: &str, limit: usize) -> RunFilter {
+        RunFilter {
+            instances: Some(vec![instance.into()]),
+            text: Some(text.into()),
+            limit,
+            ..RunFilter::default()
+        }
+    }
+
+    /// Submits the corpus to `instance` (and again to "other"); its keys.
+    async fn corpus(store: &PostgresStore) -> Vec<RunKey> {
+        let mut keys = Vec::new();
+        for (i, arg) in CORPUS.iter().enumerate() {
+            let run = run_of("default", arg, i as i64);
+            keys.push(run.key.clone());
+            assert_eq!(store.submit(run).await.unwrap(), Submitted::Accepted);
+            store.submit(run_of("other", arg, i as i64)).await.unwrap();
+        }
+        keys
+    }
+
+    async fn assert_searches(store: &PostgresStore, keys: &[RunKey]) {
+        for (text, want) in SEARCHES {
+            let found = store.list_runs(&search(text, "default", 50)).await.unwrap();
+            let mut got: Vec<RunKey> = found.into_iter().map(|r| r.key).collect();
+            got.reverse();
+            let want: Vec<RunKey> = want.iter().map(|&i| keys[i].clone()).collect();
+            assert_eq!(got, want, "q={text:?}");
+        }
+    }
+
+    /// The plan of the run list's query for `f`, with sequential and plain
+    /// index scans off (a bitmap scan needs a condition its index answers).
+    async fn plan(url: &str, f: &RunFilter) -> String {
+        let q = list_query(f);
+        let c = session(url).await.unwrap();
+        c.batch_execute("SET enable_seqscan = off; SET enable_indexscan = off")
+            .await
+            .unwrap();
+        let args: Vec<&(dyn ToSql + Sync)> = q
+            .args
+            .iter()
+            .map(|a| a.as_ref() as &(dyn ToSql + Sync))
+            .collect();
+        let rows = c.query(&format!("EXPLAIN {}", q.sql), &args).await.unwrap();
+        rows.iter()
+            .map(|r| r.get::<_, String>(0))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn text_is_found_through_the_trigram_index_with_wildcards_literal() {
+        let (name, url) = fresh_db("postgres").await;
+        let store = PostgresStore::connect(&url, PgStoreOptions::default())
+            .await
+            .unwrap();
+        let keys = corpus(&store).await;
+        assert_searches(&store, &keys).await;
+        let every = RunFilter {
+            instances: None,
+            ..search("nightly", "default", 50)
+        };
+        let indexed = plan(&url, &every).await;
+        assert!(indexed.contains("runs_argument_trgm"), "{indexed}");
+        assert_eq!(like_escaped(r"50%_\x"), r"50\%\_\\x");
+        drop(store);
+        drop_db(&name).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn text_search_pages_with_a_cursor_and_keeps_to_its_instances() {
+        let (name, url) = fresh_db("postgres").await;
+        let store = PostgresStore::connect(&url, PgStoreOptions::default())
+            .await
+            .unwrap();
+        let mut mine = Vec::new();
+        for i in 0..30i64 {
+            let arg = if i % 3 == 0 {
+                "weekly summary"
+            } else {
+                "daily REPORT-x"
+            };
+            let mut run = run_of(if i % 5 == 0 { "other" } else { "default" }, arg, i);
+            if i % 4 == 0 {
+                run.project_id = "q".into();
+            }
+            if run.key.instance == "default" && i % 3 != 0 {
+                mine.push((run.key.clone(), run.project_id.clone()));
+            }
+            store.submit(run).await.unwrap();
+        }
+        mine.reverse();
+        let mut f = search("y report", "default", 4);
+        let mut seen = Vec::new();
+        loop {
+            let page = store.list_runs(&f).await.unwrap();
+            let more = page.len() > f.limit;
+            seen.extend(page.iter().take(f.limit).map(|r| r.key.clone()));
+            if !more {
+                break;
+            }
+            f.after = Some(page[f.limit - 1].cursor.clone());
+        }
+        let want: Vec<RunKey> = mine.iter().map(|(k, _)| k.clone()).collect();
+        assert_eq!(seen, want, "every match once, newest first");
+        let mut in_q = search("Y REPORT", "default", 50);
+        in_q.project_id = Some("q".into());
+        let found: Vec<RunKey> = store
+            .list_runs(&in_q)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.key)
+            .collect();
+        let want: Vec<RunKey> = mine
+            .iter()
+            .filter(|(_, p)| p == "q")
+            .map(|(k, _)| k.clone())
+            .collect();
+        assert!(!want.is_empty());
+        assert_eq!(found, want);
+        let others = store
+            .list_runs(&search("y rep", "other", 50))
+            .await
+            .unwrap();
+        assert_eq!(others.len(), 4);
+        assert!(others.iter().all(|r| r.key.instance == "other"));
+        drop(store);
+        drop_db(&name).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn without_the_right_to_create_pg_trgm_the_store_migrates_and_scans() {
+        let role = format!("tidepool_t_{}", Uuid::new_v4().simple());
+        let (name, url) = fresh_db(&role).await;
+        let admin = session(&format!("{SERVER}/{name}")).await.unwrap();
+        // May create tables in public, not extensions in the database.
+        admin
+            .batch_execute(&format!(
+                "CREATE ROLE {role} LOGIN; GRANT CREATE ON SCHEMA public TO {role};"
+            ))
+            .await
+            .unwrap();
+        let store = PostgresStore::connect(&url, PgStoreOptions::default())
+            .await
+            .unwrap();
+        let row = admin
+            .query_one(
+                "SELECT max(version), to_regclass('runs_argument_trgm') IS NULL,
+                   NOT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'pg_trgm')
+                 FROM tidepool_schema",
+                &[],
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            (row.get::<_, i32>(0), row.get(1), row.get(2)),
+            (super::super::SCHEMA_VERSION, true, true)
+        );
+        let keys = corpus(&store).await;
+        assert_searches(&store, &keys).await;
+        drop(store);
+        drop(admin);
+        drop_db(&name).await;
+        if let Ok(admin) = session(&format!("{SERVER}/test")).await {
+            let _ = admin
+                .batch_execute(&format!("DROP ROLE IF EXISTS {role}"))
+                .await;
+        }
+    }
 }

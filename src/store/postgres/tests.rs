@@ -148,7 +148,7 @@ async fn migrations_run_from_empty_and_from_version_1_and_refuse_a_newer_schema(
         .get(0);
     assert!(!found, "version 1 has no nodes table");
     let store = db.store().await;
-    assert_eq!(versions(&db).await, vec![1, 2]);
+    assert_eq!(versions(&db).await, vec![1, 2, 3]);
     assert!(store.nodes().await.unwrap().is_empty());
     drop(store);
     // Again: nothing to do.
@@ -156,7 +156,7 @@ async fn migrations_run_from_empty_and_from_version_1_and_refuse_a_newer_schema(
         PostgresStore::migrate_to(&db.url, SCHEMA_VERSION)
             .await
             .unwrap(),
-        2
+        SCHEMA_VERSION
     );
     db.sql()
         .await
@@ -168,8 +168,9 @@ async fn migrations_run_from_empty_and_from_version_1_and_refuse_a_newer_schema(
     };
     assert!(matches!(e, StoreError::Schema(_)), "{e:?}");
     assert!(
-        e.to_string()
-            .contains("version 99; this tidepool knows up to 2"),
+        e.to_string().contains(&format!(
+            "version 99; this tidepool knows up to {SCHEMA_VERSION}"
+        )),
         "{e}"
     );
     db.drop_db().await;
@@ -183,7 +184,7 @@ async fn two_nodes_starting_at_once_on_an_empty_database_migrate_once() {
         PostgresStore::connect(&db.url, PgStoreOptions::default())
     );
     let (a, b) = (a.unwrap(), b.unwrap());
-    assert_eq!(versions(&db).await, vec![1, 2]);
+    assert_eq!(versions(&db).await, vec![1, 2, 3]);
     let k = queued(&a, "j", None).await;
     assert!(b.run(&k).await.unwrap().is_some());
     drop((a, b));

@@ -48,6 +48,104 @@ CREATE TABLE IF NOT EXISTS run_error_totals (
 ) WITHOUT ROWID;
 "#;
 
+/// The run list's text index: each run's argument cut in trigrams (any three
+/// characters of it find it, case folded), keyed by the run's rowid. It keeps
+/// its own copy of the argument, so a delete needs only the rowid and any
+/// SQLite from 3.34 (trigram) reads and writes the file.
+/// `runs_text_backfill` holds how far the runs a store had before the index
+/// are indexed (no row: all of them).
+const TEXT_INDEX_SCHEMA: &str = r#"
+CREATE VIRTUAL TABLE runs_text USING fts5(argument, tokenize = 'trigram');
+CREATE TABLE runs_text_backfill (next_rowid INTEGER NOT NULL, upto INTEGER NOT NULL);
+INSERT INTO runs_text_backfill SELECT 0, max(rowid) FROM runs HAVING max(rowid) IS NOT NULL;
+"#;
+
+/// The argument of a run's stored request (NULL if it has none).
+macro_rules! argument_of {
+    ($request:literal) => {
+        concat!(
+            "CASE WHEN json_valid(",
+            $request,
+            ") THEN json_extract(",
+            $request,
+            ", '$.argument') END"
+        )
+    };
+}
+
+/// Keeps the text index in step with every insert and delete of a run
+/// (submit, a run recorded ended, the retention purge, and anything else that
+/// writes the file). A run's request is never updated.
+const TEXT_TRIGGERS: &str = concat!(
+    "CREATE TRIGGER IF NOT EXISTS runs_text_insert AFTER INSERT ON runs BEGIN
+       INSERT INTO runs_text (rowid, argument) SELECT new.rowid, a FROM (SELECT ",
+    argument_of!("new.request"),
+    " AS a) WHERE a IS NOT NULL AND a <> '';
+     END;
+     CREATE TRIGGER IF NOT EXISTS runs_text_delete AFTER DELETE ON runs BEGIN
+       DELETE FROM runs_text WHERE rowid = old.rowid;
+     END;"
+);
+
+/// Runs indexed per transaction while the text index is filled in.
+pub(super) const TEXT_BACKFILL_BATCH: i64 = 5000;
+
+/// Adds the text index (and its triggers) to a store file that lacks it; the
+/// runs already there are indexed later, by [`backfill_text`].
+fn text_index_schema(conn: &Connection) -> rusqlite::Result<()> {
+    let tx = conn.unchecked_transaction()?;
+    let exists: bool = tx.query_row(
+        "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE name = 'runs_text')",
+        [],
+        |r| r.get(0),
+    )?;
+    if !exists {
+        tx.execute_batch(TEXT_INDEX_SCHEMA)?;
+    }
+    tx.execute_batch(TEXT_TRIGGERS)?;
+    tx.commit()
+}
+
+/// Whether runs a store held before its text index are still being indexed.
+pub(super) fn text_backfill_pending(c: &Connection) -> rusqlite::Result<bool> {
+    c.prepare_cached("SELECT EXISTS (SELECT 1 FROM runs_text_backfill)")?
+        .query_row([], |r| r.get(0))
+}
+
+/// Indexes the text of the next `batch` runs that predate the text index.
+/// False once there are none left (the index is then complete).
+pub(super) fn backfill_text(c: &Connection, batch: i64) -> rusqlite::Result<bool> {
+    let state: Option<(i64, i64)> = c
+        .query_row("SELECT next_rowid, upto FROM runs_text_backfill", [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .optional()?;
+    let Some((next, upto)) = state else {
+        return Ok(false);
+    };
+    let last: Option<i64> = c.query_row(
+        "SELECT max(rowid) FROM (SELECT rowid FROM runs WHERE rowid > ?1 AND rowid <= ?2
+           ORDER BY rowid LIMIT ?3)",
+        params![next, upto, batch],
+        |r| r.get(0),
+    )?;
+    let Some(last) = last else {
+        c.execute("DELETE FROM runs_text_backfill", [])?;
+        return Ok(false);
+    };
+    // OR REPLACE: a run the trigger indexed already (a rowid reused) is indexed once.
+    c.execute(
+        concat!(
+            "INSERT OR REPLACE INTO runs_text (rowid, argument) SELECT rowid, a FROM (SELECT rowid, ",
+            argument_of!("request"),
+            " AS a FROM runs WHERE rowid > ?1 AND rowid <= ?2) WHERE a IS NOT NULL AND a <> ''"
+        ),
+        params![next, last],
+    )?;
+    c.execute("UPDATE runs_text_backfill SET next_rowid = ?1", [last])?;
+    Ok(true)
+}
+
 /// Adds what run history needs to a store file (old files included).
 pub(super) fn history_schema(conn: &Connection) -> rusqlite::Result<()> {
     let has_ms: bool = conn.query_row(
@@ -66,7 +164,8 @@ pub(super) fn history_schema(conn: &Connection) -> rusqlite::Result<()> {
         "UPDATE runs SET accepted_ms = CAST(round((julianday(accepted_at) - 2440587.5) * 86400000.0) AS INTEGER)
          WHERE accepted_ms IS NULL",
     )?;
-    conn.execute_batch(HISTORY_SCHEMA)
+    conn.execute_batch(HISTORY_SCHEMA)?;
+    text_index_schema(conn)
 }
 
 /// How long a text search of the run list may scan.
@@ -119,6 +218,7 @@ fn run_instances(c: &Connection) -> rusqlite::Result<Vec<String>> {
 }
 
 /// A query's text and its arguments, built a condition at a time.
+#[derive(Clone)]
 struct Query {
     sql: String,
     args: Vec<Sql>,
@@ -132,13 +232,69 @@ impl Query {
     }
 }
 
-/// One instance's page: each instance is read through its own index range,
-/// newest first, so a page costs `limit` rows per instance whatever the store holds.
-fn list_in(c: &Connection, instance: &str, f: &RunFilter) -> rusqlite::Result<Vec<RunListed>> {
+/// How the list looks for the text an argument contains.
+enum TextSearch {
+    /// By reading each run's argument.
+    Scan(String),
+    /// Through the text index, which finds few runs (at most [`FEW_MATCHES`]
+    /// in the store): they are read by rowid and sorted.
+    Few(String),
+    /// Through the text index, which finds many runs: the newest runs of the
+    /// filter are read first, as by a scan, while that soon fills a page;
+    /// else they are read newest first and kept if the index found them.
+    Many {
+        /// The FTS5 query.
+        phrase: String,
+        /// The text, for the scan.
+        text: String,
+    },
+}
+
+/// The shortest text the index finds (one trigram); shorter text is scanned for.
+const INDEXED_TEXT_MIN_CHARS: usize = 3;
+
+/// At most this many runs found by the text index are read and sorted.
+const FEW_MATCHES: i64 = 1000;
+
+/// Virtual machine steps between two calls of a search's progress handler.
+const PROGRESS_STEPS: i32 = 1000;
+
+/// How many [`PROGRESS_STEPS`] the scan for common text may take before the
+/// text index is asked instead: about 8 steps a run, so some 12,000 runs (a
+/// page of text in 1 % of them; reading the index's matches for it costs more).
+const COMMON_SCAN_STEPS: u32 = 100;
+
+/// How `text` is looked for: through the index once it is complete and the
+/// text has a trigram, else by a scan.
+fn text_search(c: &Connection, text: &str) -> rusqlite::Result<TextSearch> {
+    if text.chars().count() < INDEXED_TEXT_MIN_CHARS || text_backfill_pending(c)? {
+        return Ok(TextSearch::Scan(text.to_owned()));
+    }
+    // One quoted FTS5 string: every character in it is literal (a quote
+    // doubled), and its trigrams must follow each other: a substring.
+    let phrase = format!("\"{}\"", text.replace('"', "\"\""));
+    let found: i64 = c
+        .prepare_cached(
+            "SELECT count(*) FROM (SELECT 1 FROM runs_text WHERE runs_text MATCH ?1 LIMIT ?2)",
+        )?
+        .query_row(params![phrase, FEW_MATCHES + 1], |r| r.get(0))?;
+    Ok(if found <= FEW_MATCHES {
+        TextSearch::Few(phrase)
+    } else {
+        TextSearch::Many {
+            phrase,
+            text: text.to_owned(),
+        }
+    })
+}
+
+/// The conditions of one instance's page but the text, from `AND`s on.
+fn conditions(instance: &str, f: &RunFilter) -> Query {
     let mut q = Query {
-        sql: format!("SELECT {LIST_COLUMNS} FROM runs WHERE instance = ?"),
-        args: vec![Sql::Text(instance.to_owned())],
+        sql: String::new(),
+        args: Vec::new(),
     };
+    q.and("instance = ?", [Sql::Text(instance.to_owned())]);
     if let Some(p) = &f.project_id {
         q.and("project_id = ?", [Sql::Text(p.clone())]);
     }
@@ -166,26 +322,112 @@ fn list_in(c: &Connection, instance: &str, f: &RunFilter) -> rusqlite::Result<Ve
             ),
         }
     }
-    if let Some(t) = &f.text {
-        // The raw request text first (cheap), where the argument's JSON
-        // escaping cannot hide a match; then the argument itself.
-        if !t.chars().any(|c| c == '"' || c == '\\' || c.is_control()) {
-            q.and(
-                "instr(lower(request), lower(?)) > 0",
-                [Sql::Text(t.clone())],
-            );
-        }
+    q
+}
+
+/// The condition of a scan for `t`: the raw request text first (cheap),
+/// where the argument's JSON escaping cannot hide a match; then the argument
+/// itself. `instr`, not LIKE: the user's % and _ are plain characters.
+fn scan_for(q: &mut Query, t: &str) {
+    if !t.chars().any(|c| c == '"' || c == '\\' || c.is_control()) {
         q.and(
-            "instr(lower(json_extract(request, '$.argument')), lower(?)) > 0",
-            [Sql::Text(t.clone())],
+            "instr(lower(request), lower(?)) > 0",
+            [Sql::Text(t.to_owned())],
         );
     }
-    q.sql
-        .push_str(" ORDER BY accepted_ms DESC, run_id DESC LIMIT ?");
-    q.args.push(Sql::Integer(f.limit as i64 + 1));
-    let mut st = c.prepare_cached(&q.sql)?;
-    st.query_map(params_from_iter(q.args), listed_row)?
-        .collect()
+    q.and(
+        "instr(lower(json_extract(request, '$.argument')), lower(?)) > 0",
+        [Sql::Text(t.to_owned())],
+    );
+}
+
+/// Runs one page's query; `stop` (asked every [`PROGRESS_STEPS`]) may interrupt it.
+fn page(
+    c: &Connection,
+    from: &str,
+    mut q: Query,
+    limit: usize,
+    stop: Option<Box<dyn FnMut() -> bool + Send>>,
+) -> rusqlite::Result<Vec<RunListed>> {
+    let sql = format!(
+        "SELECT {LIST_COLUMNS} FROM {from} WHERE true{} ORDER BY accepted_ms DESC, run_id DESC LIMIT ?",
+        q.sql
+    );
+    q.args.push(Sql::Integer(limit as i64 + 1));
+    let watched = stop.is_some();
+    if let Some(stop) = stop {
+        c.progress_handler(PROGRESS_STEPS, Some(stop))?;
+    }
+    let rows = c.prepare_cached(&sql).and_then(|mut st| {
+        st.query_map(params_from_iter(q.args), listed_row)?
+            .collect()
+    });
+    if watched {
+        c.progress_handler(0, None::<fn() -> bool>)?;
+    }
+    rows
+}
+
+fn interrupted(e: &rusqlite::Error) -> bool {
+    e.sqlite_error_code() == Some(rusqlite::ErrorCode::OperationInterrupted)
+}
+
+/// One instance's page: each instance is read through its own index range,
+/// newest first, so a page costs `limit` rows per instance whatever the store
+/// holds (text aside). A text search stops at `deadline`.
+fn list_in(
+    c: &Connection,
+    instance: &str,
+    f: &RunFilter,
+    text: Option<&TextSearch>,
+    deadline: std::time::Instant,
+) -> rusqlite::Result<Vec<RunListed>> {
+    let mut q = conditions(instance, f);
+    let budget = move || -> Option<Box<dyn FnMut() -> bool + Send>> {
+        Some(Box::new(move || std::time::Instant::now() > deadline))
+    };
+    match text {
+        None => page(c, "runs", q, f.limit, None),
+        Some(TextSearch::Scan(t)) => {
+            scan_for(&mut q, t);
+            page(c, "runs", q, f.limit, budget())
+        }
+        Some(TextSearch::Few(phrase)) => {
+            let mut found = Query {
+                sql: " AND runs_text MATCH ?".into(),
+                args: vec![Sql::Text(phrase.clone())],
+            };
+            found.sql.push_str(&q.sql);
+            found.args.extend(q.args);
+            // The index's few runs first (CROSS JOIN: in that order), then sorted.
+            let from = "runs_text CROSS JOIN runs ON runs.rowid = runs_text.rowid";
+            page(c, from, found, f.limit, budget())
+        }
+        Some(TextSearch::Many { phrase, text }) => {
+            // The scan agrees with the index on ASCII text only (it folds
+            // ASCII case alone).
+            if text.is_ascii() {
+                let mut scan = q.clone();
+                scan_for(&mut scan, text);
+                let mut steps = 0;
+                let stop = Box::new(move || {
+                    steps += 1;
+                    steps > COMMON_SCAN_STEPS || std::time::Instant::now() > deadline
+                });
+                match page(c, "runs", scan, f.limit, Some(stop)) {
+                    Err(e) if interrupted(&e) && std::time::Instant::now() <= deadline => {}
+                    done => return done,
+                }
+            }
+            // `+rowid`: the filter's index is walked newest first, not the
+            // index's (many) runs read and sorted.
+            q.and(
+                "+rowid IN (SELECT rowid FROM runs_text WHERE runs_text MATCH ?)",
+                [Sql::Text(phrase.clone())],
+            );
+            page(c, "runs", q, f.limit, budget())
+        }
+    }
 }
 
 #[async_trait]
@@ -197,24 +439,19 @@ impl RunHistory for SqliteStore {
                 Some(list) => list.clone(),
                 None => run_instances(c)?,
             };
-            // Text is found by a scan: it gets a time budget.
-            if f.text.is_some() {
-                let deadline = std::time::Instant::now() + TEXT_SEARCH_BUDGET;
-                c.progress_handler(10_000, Some(move || std::time::Instant::now() > deadline))?;
-            }
+            let text = f.text.as_deref().map(|t| text_search(c, t)).transpose()?;
+            // A text search gets a time budget.
+            let deadline = std::time::Instant::now() + TEXT_SEARCH_BUDGET;
             let mut all = Vec::new();
             let mut found = Ok(());
             for i in &instances {
-                match list_in(c, i, &f) {
+                match list_in(c, i, &f, text.as_ref(), deadline) {
                     Ok(page) => all.extend(page),
                     Err(e) => {
                         found = Err(e);
                         break;
                     }
                 }
-            }
-            if f.text.is_some() {
-                c.progress_handler(0, None::<fn() -> bool>)?;
             }
             found.map_err(|e| match e.sqlite_error_code() {
                 Some(rusqlite::ErrorCode::OperationInterrupted) => rusqlite::Error::SqliteFailure(
@@ -406,5 +643,402 @@ impl RunHistory for SqliteStore {
             Ok((errors, totals))
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::store::{ConcurrencyLimits, EndIf, Store};
+
+    /// Arguments, and what each text search must find among them (by index).
+    const CORPUS: [&str; 10] = [
+        "Nightly-EU-1234",
+        "nightly_us",
+        "50% off",
+        "500 off",
+        "a_b",
+        "axb",
+        "Ünïcödé Straße",
+        "été",
+        r#"say "hi" \ bye"#,
+        "",
+    ];
+    const SEARCHES: [(&str, &[usize]); 15] = [
+        ("NIGHTLY", &[0, 1]),
+        ("eu-12", &[0]),
+        ("a_b", &[4]),
+        ("0% ", &[2]),
+        ("%", &[2]),
+        ("_", &[1, 4]),
+        ("ÜNÏ", &[6]),
+        ("straße", &[6]),
+        ("été", &[7]),
+        ("ete", &[]),
+        (r#""hi""#, &[8]),
+        (r#"\ b"#, &[8]),
+        ("eu", &[0]),
+        ("b", &[4, 5, 8]),
+        ("nowhere", &[]),
+    ];
+
+    fn at(ms: i64) -> chrono::DateTime<chrono::FixedOffset> {
+        chrono::DateTime::from_timestamp_millis(1_790_000_000_000 + ms)
+            .unwrap_or_default()
+            .fixed_offset()
+    }
+
+    fn run_of(instance: &str, argument: &str, ms: i64) -> NewRun {
+        let key = RunKey {
+            instance: instance.into(),
+            run_id: uuid::Uuid::new_v4(),
+        };
+        NewRun {
+            fingerprint: key.run_id.to_string(),
+            key,
+            project_id: "p".into(),
+            job_id: "j".into(),
+            request_json: serde_json::json!({ "argument": argument, "threadCount": 1 }).to_string(),
+            webhook_url: None,
+            accepted_at: at(ms),
+        }
+    }
+
+    fn search(text: &str, instance: &str, limit: usize) -> RunFilter {
+        RunFilter {
+            instances: Some(vec![instance.into()]),
+            text: Some(text.into()),
+            limit,
+            ..RunFilter::default()
+        }
+    }
+
+    /// How many entries of the text index `phrase` finds (read straight from the file).
+    fn indexed(path: &std::path::Path, phrase: &str) -> i64 {
+        let c = Connection::open(path).unwrap();
+        c.query_row(
+            "SELECT count(*) FROM runs_text WHERE runs_text MATCH ?1",
+            [format!("\"{phrase}\"")],
+            |r| r.get(0),
+        )
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn text_is_found_as_a_substring_in_any_case_with_wildcards_literal() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sqlite");
+        let store = SqliteStore::open(&path).unwrap();
+        let mut keys = Vec::new();
+        for (i, arg) in CORPUS.iter().enumerate() {
+            let run = run_of("default", arg, i as i64);
+            keys.push(run.key.clone());
+            assert_eq!(store.submit(run).await.unwrap(), Submitted::Accepted);
+        }
+        // Another instance's runs with the same arguments never show.
+        for (i, arg) in CORPUS.iter().enumerate() {
+            store.submit(run_of("other", arg, i as i64)).await.unwrap();
+        }
+        assert_eq!(indexed(&path, "nightly"), 4, "the trigger indexed them");
+        for (text, want) in SEARCHES {
+            let found = store.list_runs(&search(text, "default", 50)).await.unwrap();
+            let mut got: Vec<RunKey> = found.into_iter().map(|r| r.key).collect();
+            got.reverse();
+            let want: Vec<RunKey> = want.iter().map(|&i| keys[i].clone()).collect();
+            assert_eq!(got, want, "q={text:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn text_search_pages_with_a_cursor_and_keeps_to_its_instances() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("s.sqlite")).unwrap();
+        let mut mine = Vec::new();
+        for i in 0..30i64 {
+            let arg = if i % 3 == 0 {
+                "weekly summary"
+            } else {
+                "daily REPORT-x"
+            };
+            let mut run = run_of(if i % 5 == 0 { "other" } else { "default" }, arg, i);
+            if i % 4 == 0 {
+                run.project_id = "q".into();
+            }
+            if run.key.instance == "default" && i % 3 != 0 {
+                mine.push((run.key.clone(), run.project_id.clone()));
+            }
+            store.submit(run).await.unwrap();
+        }
+        mine.reverse();
+        let mut f = search("y report", "default", 4);
+        let mut seen = Vec::new();
+        loop {
+            let page = store.list_runs(&f).await.unwrap();
+            let more = page.len() > f.limit;
+            seen.extend(page.iter().take(f.limit).map(|r| r.key.clone()));
+            if !more {
+                break;
+            }
+            f.after = Some(page[f.limit - 1].cursor.clone());
+        }
+        let want: Vec<RunKey> = mine.iter().map(|(k, _)| k.clone()).collect();
+        assert_eq!(seen, want, "every match once, newest first");
+        let mut in_q = search("Y REPORT", "default", 50);
+        in_q.project_id = Some("q".into());
+        let found: Vec<RunKey> = store
+            .list_runs(&in_q)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.key)
+            .collect();
+        let want: Vec<RunKey> = mine
+            .iter()
+            .filter(|(_, p)| p == "q")
+            .map(|(k, _)| k.clone())
+            .collect();
+        assert!(!want.is_empty());
+        assert_eq!(found, want);
+        let nobody = RunFilter {
+            instances: Some(Vec::new()),
+            ..search("report", "default", 50)
+        };
+        assert!(store.list_runs(&nobody).await.unwrap().is_empty());
+        let others = store
+            .list_runs(&search("y rep", "other", 50))
+            .await
+            .unwrap();
+        assert_eq!(others.len(), 4);
+        assert!(others.iter().all(|r| r.key.instance == "other"));
+    }
+
+    /// Inserts runs as an older tidepool (or the benchmark) does: straight into the file.
+    fn insert_raw(path: &std::path::Path, runs: impl IntoIterator<Item = NewRun>) {
+        let mut c = Connection::open(path).unwrap();
+        let tx = c.transaction().unwrap();
+        for run in runs {
+            tx.execute(
+                "INSERT INTO runs (instance, run_id, project_id, job_id, request, fingerprint,
+                   status, accepted_at, accepted_ms) VALUES (?1, ?2, 'p', 'j', ?3, ?2, 'Queued', ?4, ?5)",
+                params![
+                    run.key.instance,
+                    run.key.run_id.to_string(),
+                    run.request_json,
+                    run.accepted_at.to_rfc3339(),
+                    run.accepted_at.timestamp_millis()
+                ],
+            )
+            .unwrap();
+        }
+        tx.commit().unwrap();
+    }
+
+    #[tokio::test]
+    async fn text_the_index_finds_in_many_runs_is_found_newest_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sqlite");
+        let store = SqliteStore::open(&path).unwrap();
+        // "common" in 1,500 runs of another instance and 3 of this one, among
+        // 30,000 others (more than the scan reads); "ÜBER" in 6,000 of this
+        // one, every fifth.
+        let mut runs = Vec::new();
+        let mut mine_common = Vec::new();
+        let mut mine_uber = Vec::new();
+        for i in 0..30_000i64 {
+            let mut run = run_of("default", &format!("plain {i}"), i * 10);
+            if i % 10_000 == 7 {
+                run = run_of("default", &format!("a COMMON one {i}"), i * 10);
+                mine_common.push(run.key.clone());
+            } else if i % 5 == 0 {
+                run = run_of("default", &format!("über {i}"), i * 10);
+                mine_uber.push(run.key.clone());
+            }
+            runs.push(run);
+            if i < 1500 {
+                runs.push(run_of("other", &format!("common {i}"), i * 10 + 1));
+            }
+        }
+        insert_raw(&path, runs);
+        mine_common.reverse();
+        mine_uber.reverse();
+        let c = Connection::open(&path).unwrap();
+        for text in ["common", "ÜBER"] {
+            assert!(
+                matches!(text_search(&c, text).unwrap(), TextSearch::Many { .. }),
+                "{text}"
+            );
+        }
+        // Few here, many elsewhere: the scan gives up, the index answers.
+        let found: Vec<RunKey> = store
+            .list_runs(&search("common", "default", 50))
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.key)
+            .collect();
+        assert_eq!(found, mine_common);
+        // Many here: the first page by the scan, later ones by either.
+        for (text, want) in [("ÜBER", &mine_uber), ("über", &mine_uber)] {
+            let mut f = search(text, "default", 100);
+            let mut seen = Vec::new();
+            loop {
+                let page = store.list_runs(&f).await.unwrap();
+                let more = page.len() > f.limit;
+                seen.extend(page.iter().take(f.limit).map(|r| r.key.clone()));
+                if !more {
+                    break;
+                }
+                f.after = Some(page[f.limit - 1].cursor.clone());
+            }
+            assert_eq!(&seen, want, "q={text}");
+        }
+        let mut common = search("COMMON", "default", 50);
+        common.instances = None;
+        let all = store.list_runs(&common).await.unwrap();
+        assert_eq!(all.len(), 51);
+        assert!(
+            all.iter()
+                .all(|r| r.argument.to_lowercase().contains("common"))
+        );
+    }
+
+    #[tokio::test]
+    async fn purged_and_recorded_runs_leave_and_enter_the_text_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sqlite");
+        let store = SqliteStore::open(&path).unwrap();
+        let now = chrono::Local::now().fixed_offset();
+        let mut run = run_of("default", "purge me soon", 0);
+        run.accepted_at = now;
+        let k = run.key.clone();
+        store.submit(run).await.unwrap();
+        let lease = Duration::from_secs(15);
+        let limits = ConcurrencyLimits::default();
+        assert!(
+            store
+                .claim_next("n", lease, &limits)
+                .await
+                .unwrap()
+                .is_some()
+        );
+        let end = RunEnd {
+            status: crate::run::RunStatus::Complete,
+            results_json: "[]".into(),
+            response_json: "{}".into(),
+            webhook_json: "{}".into(),
+            error: None,
+        };
+        assert!(
+            store
+                .finish(&k, EndIf::Leased(0), end.clone())
+                .await
+                .unwrap()
+        );
+        let mut elsewhere = run_of("default", "ran elsewhere, purge me too", 0);
+        elsewhere.accepted_at = now;
+        store.record_ended(elsewhere, now, end).await.unwrap();
+        assert_eq!(
+            store
+                .list_runs(&search("PURGE ME", "default", 9))
+                .await
+                .unwrap()
+                .len(),
+            2
+        );
+        assert_eq!(indexed(&path, "purge me"), 2);
+        let later = now + chrono::Duration::hours(1);
+        assert_eq!(store.purge_ended(later, 10).await.unwrap().deleted, 2);
+        assert_eq!(
+            indexed(&path, "purge me"),
+            0,
+            "the index lost them with the runs"
+        );
+        assert!(
+            store
+                .list_runs(&search("purge me", "default", 9))
+                .await
+                .unwrap()
+                .is_empty()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_store_from_before_the_text_index_gets_it_filled_in_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sqlite");
+        let total = TEXT_BACKFILL_BATCH * 2 + 7;
+        {
+            let store = SqliteStore::open(&path).unwrap();
+            store
+                .submit(run_of("default", "made by this version", 0))
+                .await
+                .unwrap();
+        }
+        {
+            // As an older tidepool left it: no index, and runs it wrote since.
+            let mut c = Connection::open(&path).unwrap();
+            c.execute_batch(
+                "DROP TRIGGER runs_text_insert; DROP TRIGGER runs_text_delete;
+                 DROP TABLE runs_text; DROP TABLE runs_text_backfill;",
+            )
+            .unwrap();
+            let tx = c.transaction().unwrap();
+            for i in 1..total {
+                let run = run_of(
+                    if i % 2 == 0 { "default" } else { "other" },
+                    &format!("old run {i}"),
+                    i,
+                );
+                tx.execute(
+                    "INSERT INTO runs (instance, run_id, project_id, job_id, request, fingerprint,
+                       status, accepted_at, accepted_ms) VALUES (?1, ?2, 'p', 'j', ?3, ?2, 'Queued', ?4, ?5)",
+                    params![run.key.instance, run.key.run_id.to_string(), run.request_json,
+                        run.accepted_at.to_rfc3339(), i],
+                )
+                .unwrap();
+            }
+            tx.commit().unwrap();
+        }
+        let old = |text: &str| {
+            (1..total)
+                .filter(|i| i % 2 == 0 && format!("old run {i}").contains(text))
+                .count()
+        };
+        let store = SqliteStore::open(&path).unwrap();
+        // Searches answer while the index fills in (by a scan), and after.
+        let first = store
+            .list_runs(&search("OLD RUN 1000", "default", 50))
+            .await
+            .unwrap();
+        assert_eq!(first.len(), old("old run 1000"));
+        store
+            .submit(run_of("default", "old run 1000 again, new", total + 1))
+            .await
+            .unwrap();
+        let reader = Connection::open(&path).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        while text_backfill_pending(&reader).unwrap() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the text index stayed incomplete"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // The old runs, and the one submitted since.
+        assert_eq!(indexed(&path, "old run"), total);
+        assert_eq!(indexed(&path, "made by this"), 1);
+        let found = store
+            .list_runs(&search("OLD RUN 1000", "default", 500))
+            .await
+            .unwrap();
+        assert_eq!(found.len(), 1 + old("old run 1000"));
+        assert_eq!(found[0].argument, "old run 1000 again, new");
+        let odd = store
+            .list_runs(&search("old run 1001", "default", 500))
+            .await
+            .unwrap();
+        assert!(odd.is_empty(), "run 1001 is the other instance's");
     }
 }
