@@ -587,6 +587,7 @@ impl Service {
             run_id: req.run_id.to_string(),
             done: Mutex::new(Vec::new()),
             current: Mutex::new(None),
+            log: Mutex::new(LiveLog::default()),
         };
         let kept = self.store.kept_state(Some((key.clone(), rec.lease_epoch)));
         let cancel = lease.cancel.clone();
@@ -769,9 +770,61 @@ struct LiveResults {
             std::time::Instant,
         )>,
     >,
+    /// Log lines made since the last append to the store.
+    log: Mutex<LiveLog>,
 }
 
+/// A running run's log lines on their way to the store: appended in batches
+/// (on each progress tick and at each job's end), never on the engine's
+/// hot path.
+#[derive(Default)]
+struct LiveLog {
+    /// Lines not yet in the store, in order.
+    pending: Vec<crate::store::history::StoredLogLine>,
+    /// Lines of the current job taken so far (appended or pending).
+    in_job: usize,
+    /// Lines past the bound (the job's final log would not keep them either).
+    dropped: u64,
+    /// The store refused a batch (the run is not held any more): no more appends.
+    off: bool,
+}
+
+/// Lines a job's live log takes at most: what its final log keeps (the
+/// entries and the note saying how many more were dropped).
+const LIVE_LOG_PER_JOB: usize = engine::LOG_ENTRIES_KEPT + 1;
+
 impl LiveResults {
+    /// Appends the log lines made since the last call to the store. A batch
+    /// the store could not take is kept for the next call (the stored lines
+    /// stay the start of the final log, in order); one it refused (the run is
+    /// not held any more) ends the live log.
+    fn append_log(&self) {
+        let lines = {
+            let mut log = self.log.lock().expect("live log lock");
+            if log.off || log.pending.is_empty() {
+                return;
+            }
+            std::mem::take(&mut log.pending)
+        };
+        // Called on the run's blocking thread: waiting here is fine.
+        let appended =
+            self.handle
+                .block_on(self.store.append_log(&self.key, self.lease.epoch, &lines));
+        let mut log = self.log.lock().expect("live log lock");
+        match appended {
+            Ok(true) => {}
+            Ok(false) => {
+                log.off = true;
+                log.pending.clear();
+            }
+            Err(e) => {
+                tracing::warn!(run = %self.key, "appending the live log: {e}");
+                let newer = std::mem::replace(&mut log.pending, lines);
+                log.pending.extend(newer);
+            }
+        }
+    }
+
     fn save(&self, running: Option<JobResult>) {
         let mut all = self.done.lock().expect("live lock").clone();
         all.extend(running);
@@ -802,7 +855,28 @@ impl RunObserver for LiveResults {
             RunStatus::Running,
             &Counters::default(),
         )));
+        {
+            let mut log = self.log.lock().expect("live log lock");
+            log.in_job = 0;
+            log.dropped = 0;
+        }
         abort_point("job_started");
+    }
+
+    fn log(&self, _job: &JobId, entry: &engine::LogEntry) {
+        if entry.level == LogLevel::None {
+            return;
+        }
+        let mut log = self.log.lock().expect("live log lock");
+        if log.off {
+            return;
+        }
+        if log.in_job >= LIVE_LOG_PER_JOB {
+            log.dropped += 1;
+            return;
+        }
+        log.in_job += 1;
+        log.pending.push(history::stored_line(entry));
     }
 
     fn progress(&self, job: &JobId, c: &Counters) {
@@ -817,11 +891,17 @@ impl RunObserver for LiveResults {
                 c,
             )));
         }
+        self.append_log();
     }
 
     fn job_finished(&self, report: &JobReport) {
         // The job's own writes are committed by now; the store does not know yet.
         abort_point("after_job_commit");
+        self.append_log();
+        let dropped = self.log.lock().expect("live log lock").dropped;
+        if dropped > 0 {
+            tracing::warn!(run = %self.key, job = %report.job_id, "{dropped} log lines were past the live log's bound");
+        }
         self.done
             .lock()
             .expect("live lock")
