@@ -209,6 +209,9 @@ def main():
         live_log = page.get_by_role("table", name="Log")
         expect(live_log).to_contain_text("job load started")
         expect(live_log).to_contain_text("row 1: stage 1")
+        shown = page.get_by_role("region", name="Log").locator(".pager .sub")
+        expect(shown).to_have_text(re.compile(r"lines shown"))
+        expect(shown).not_to_have_text(shown.inner_text())  # more lines come in while it runs
         expect(page.locator("main h1 .badge")).to_have_text("Running")
         card = page.locator('.card[data-job="load"]')
         expect(counter(card, "totalRows")).not_to_have_text("0")
