@@ -779,8 +779,9 @@ struct LiveResults {
 /// hot path.
 #[derive(Default)]
 struct LiveLog {
-    /// Lines not yet in the store, in order.
-    pending: Vec<crate::store::history::StoredLogLine>,
+    /// Entries not yet in the store, in order (made into stored lines when
+    /// appended, off the engine's writer threads).
+    pending: Vec<engine::LogEntry>,
     /// Lines of the current job taken so far (appended or pending).
     in_job: usize,
     /// Lines past the bound (the job's final log would not keep them either).
@@ -806,10 +807,11 @@ impl LiveResults {
             }
             std::mem::take(&mut log.pending)
         };
+        let stored: Vec<_> = lines.iter().map(history::stored_line).collect();
         // Called on the run's blocking thread: waiting here is fine.
         let appended =
             self.handle
-                .block_on(self.store.append_log(&self.key, self.lease.epoch, &lines));
+                .block_on(self.store.append_log(&self.key, self.lease.epoch, &stored));
         let mut log = self.log.lock().expect("live log lock");
         match appended {
             Ok(true) => {}
@@ -876,7 +878,7 @@ impl RunObserver for LiveResults {
             return;
         }
         log.in_job += 1;
-        log.pending.push(history::stored_line(entry));
+        log.pending.push(entry.clone());
     }
 
     fn progress(&self, job: &JobId, c: &Counters) {
