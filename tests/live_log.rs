@@ -143,6 +143,24 @@ fn lock_destination(f: &Fixture) -> rusqlite::Connection {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_running_runs_log_lines_are_seen_live_and_kept_once() {
     let f = Fixture::new();
+    let store = Arc::new(SqliteStore::open(&f.data.join("tidepool.sqlite")).unwrap());
+    seen_live_and_kept_once(f, store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgresql_a_running_runs_log_lines_are_seen_live_and_kept_once() {
+    let (url, name) = fresh_pg().await;
+    let store = PostgresStore::connect(&url, PgStoreOptions::default())
+        .await
+        .unwrap();
+    seen_live_and_kept_once(Fixture::new(), Arc::new(store)).await;
+    drop_pg(&name).await;
+}
+
+/// A level-3 run held before its first batch, then mid-way: its lines are
+/// in `GET /log` and on the event stream while it goes; at its end the log
+/// is its answer's, each line once.
+async fn seen_live_and_kept_once(f: Fixture, store: Arc<dyn Store>) {
     live_project(&f);
     let config = ServerConfig {
         data_dir: f.data.clone(),
@@ -150,7 +168,6 @@ async fn a_running_runs_log_lines_are_seen_live_and_kept_once() {
         workers: 1,
         ..ServerConfig::default()
     };
-    let store = Arc::new(SqliteStore::open(&f.data.join("tidepool.sqlite")).unwrap());
     let svc = Service::new(config, store).await.unwrap();
     svc.start();
     let app = api::AppState::new(svc);
