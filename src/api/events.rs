@@ -3,8 +3,10 @@
 //! The stream reads the store (the run's live results are saved a few times
 //! a second by whichever node runs it) about once a second, and at once when
 //! a run on this node ends: `status` when the status changes, `counters` with
-//! rows/s while it runs, then the run's stored `log` lines and `end` with the
-//! final summary, and closes.
+//! rows/s while it runs, its `log` lines as they are stored (the node running
+//! it appends them a few times a second; each event's id is the line's `seq`,
+//! so a client reconnecting with `Last-Event-ID` resumes after it), then
+//! `end` with the final summary, and closes.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -12,7 +14,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use axum::extract::{Query, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
@@ -29,8 +31,8 @@ use crate::store::{RunKey, RunRecord};
 pub const EVENT_STREAMS_MAX: usize = 256;
 /// How often a running run's counters are sent.
 const TICK: Duration = Duration::from_secs(1);
-/// Log lines the `end` of a stream carries at most (the rest: `GET /v1/Runs/{id}/log`).
-const END_LOG_MAX: usize = 1000;
+/// Log lines a stream carries at most (the rest: `GET /v1/Runs/{id}/log`).
+const STREAM_LOG_MAX: usize = 1000;
 
 fn streams() -> Arc<Semaphore> {
     static STREAMS: OnceLock<Arc<Semaphore>> = OnceLock::new();
@@ -48,6 +50,10 @@ struct Follow {
     status: Option<RunStatus>,
     /// The current job, its rows and when they were seen: rows/s between ticks.
     last: Option<(String, u64, Instant)>,
+    /// The `seq` of the last log line sent (or the client's `Last-Event-ID`).
+    log_seq: u64,
+    /// Log lines sent so far.
+    log_sent: usize,
     done: bool,
     first: bool,
     _permit: OwnedSemaphorePermit,
@@ -120,22 +126,35 @@ impl Follow {
         }
         if !matches!(rec.status, RunStatus::Queued | RunStatus::Running) {
             self.finish(&rec, &jobs).await;
+        } else if self.log_sent < STREAM_LOG_MAX {
+            self.send_log().await;
         }
     }
 
-    /// Queues the stored log and the `end` event.
-    async fn finish(&mut self, rec: &RunRecord, jobs: &[ResultsResponse]) {
+    /// Queues the log lines stored since the last sent, up to the stream's
+    /// bound; whether more are stored past it.
+    async fn send_log(&mut self) -> bool {
+        let room = STREAM_LOG_MAX.saturating_sub(self.log_sent);
         let lines = self
             .svc
             .store
-            .log_lines(&self.key, 3, 0, END_LOG_MAX + 1)
+            .log_lines(&self.key, 3, self.log_seq, room + 1)
             .await
             .unwrap_or_default();
-        for l in lines.iter().take(END_LOG_MAX) {
-            self.pending.push_back(event("log", log_line_json(l)));
+        for l in lines.iter().take(room) {
+            self.pending
+                .push_back(event("log", log_line_json(l)).id(l.seq.to_string()));
+            self.log_seq = l.seq;
+            self.log_sent += 1;
         }
+        lines.len() > room
+    }
+
+    /// Queues the rest of the stored log and the `end` event.
+    async fn finish(&mut self, rec: &RunRecord, jobs: &[ResultsResponse]) {
+        let truncated = self.send_log().await;
         let mut end = end_summary(rec, jobs);
-        end["logTruncated"] = json!(lines.len() > END_LOG_MAX);
+        end["logTruncated"] = json!(truncated);
         self.pending.push_back(event("end", end));
         self.done = true;
     }
@@ -177,7 +196,7 @@ impl utoipa::PartialSchema for EventDataDoc {
     fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
         let schema = json!({
             "type": "object",
-            "description": "status: {status}; counters: {jobID, status, counters, runTime, rowsPerSec}; log: a log line {seq, time, level, jobID, row, message}; end: {runID, instance, status, counters, runTime, error, jobs, logTruncated}; error: {error}",
+            "description": "status: {status}; counters: {jobID, status, counters, runTime, rowsPerSec}; log: a log line {seq, time, level, jobID, row, message}, sent as it is stored (the event's id is its seq); end: {runID, instance, status, counters, runTime, error, jobs, logTruncated}; error: {error}",
         });
         serde_json::from_value(schema).expect("the event data schema is valid OpenAPI")
     }
@@ -190,12 +209,14 @@ impl utoipa::ToSchema for EventDataDoc {
 }
 
 /// Follows a run live: `status`, `counters` (about once a second, with
-/// rows/s), then its `log` lines and `end`; the stream then closes.
+/// rows/s), its `log` lines as they are stored (at most 1000 a stream; each
+/// with its `seq` as the event id: `Last-Event-ID` resumes after it), then
+/// `end`; the stream then closes.
 #[utoipa::path(get, path = "/v1/Runs/{id}/events", tag = "tidepool", operation_id = "RunEvents",
     params(("id" = String, Path, description = "the runID"),
         ("instance" = Option<String>, Query, description = "the instance the run belongs to; default the caller's primary instance")),
     security(("bearer" = []), ("apiKey" = [])),
-    responses((status = 200, description = "Server-Sent Events: `status`, `counters`, `log`, `end` (or `error`), each with a JSON object as its data; the stream closes after `end`",
+    responses((status = 200, description = "Server-Sent Events: `status`, `counters`, `log` (as the lines are stored, the id of each its seq; `Last-Event-ID` resumes after it), `end` (or `error`), each with a JSON object as its data; the stream closes after `end`",
             body = EventDataDoc, content_type = "text/event-stream"),
         (status = 401, description = "missing or bad credentials", body = super::wire::ExecJobAsyncResponse),
         (status = 404, description = "unknown run, or another instance's", body = super::wire::ExecJobAsyncResponse),
@@ -203,6 +224,7 @@ impl utoipa::ToSchema for EventDataDoc {
 pub async fn run_events(
     State(svc): State<AppState>,
     Query(q): Query<Vec<(String, String)>>,
+    headers: HeaderMap,
     who: super::RunCaller,
 ) -> Response {
     let instance = param(&q, "instance").map(str::to_owned);
@@ -223,6 +245,13 @@ pub async fn run_events(
         pending: VecDeque::new(),
         status: None,
         last: None,
+        // A reconnecting client resumes after the last line it had.
+        log_seq: headers
+            .get("last-event-id")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0),
+        log_sent: 0,
         done: false,
         first: true,
         _permit: permit,

@@ -104,9 +104,18 @@ pub trait RunObserver: Sync {
     fn job_started(&self, _job: &JobId) {}
     /// The job's counters so far (called a few times a second).
     fn progress(&self, _job: &JobId, _counters: &Counters) {}
+    /// A log entry was made, at the run's `logging_level` (the entries the
+    /// job's final log keeps, in the same order, at most
+    /// [`LOG_ENTRIES_KEPT`] and the note saying how many more were dropped).
+    /// Called on the engine's threads while they hold the job's log: keep it
+    /// cheap (no I/O).
+    fn log(&self, _job: &JobId, _entry: &LogEntry) {}
     /// A job ended.
     fn job_finished(&self, _report: &JobReport) {}
 }
+
+/// Log entries a job's log keeps; past this it says how many were dropped.
+pub const LOG_ENTRIES_KEPT: usize = 100_000;
 
 /// An observer that ignores everything.
 pub struct NoObserver;

@@ -15,14 +15,7 @@ pub fn details_of(report: &RunReport) -> RunDetails {
             job.log
                 .iter()
                 .filter(|e| e.level != LogLevel::None)
-                .map(|e| StoredLogLine {
-                    seq: 0,
-                    time: crate::value::datetime_text(&e.time),
-                    level: e.level as u8,
-                    job: e.job_id.0.clone(),
-                    row: e.row,
-                    message: e.message.clone(),
-                }),
+                .map(stored_line),
         );
         details
             .row_errors
@@ -42,6 +35,19 @@ pub fn details_of(report: &RunReport) -> RunDetails {
         kept: details.row_errors.len() as u64,
     };
     details
+}
+
+/// A log entry as the store keeps it (`seq` 0: the store numbers lines);
+/// the same whether saved live or at the run's end.
+pub fn stored_line(e: &LogEntry) -> StoredLogLine {
+    StoredLogLine {
+        seq: 0,
+        time: crate::value::datetime_text(&e.time),
+        level: e.level as u8,
+        job: e.job_id.0.clone(),
+        row: e.row,
+        message: e.message.clone(),
+    }
 }
 
 /// One job's result, as the run's results record keeps it.

@@ -578,6 +578,7 @@ impl Service {
         } else {
             HashMap::new()
         };
+        let appender = LogAppender::start(self.store.clone(), key.clone(), lease.epoch);
         let observer = LiveResults {
             next_of,
             handle: tokio::runtime::Handle::current(),
@@ -587,6 +588,7 @@ impl Service {
             run_id: req.run_id.to_string(),
             done: Mutex::new(Vec::new()),
             current: Mutex::new(None),
+            log: appender.clone(),
         };
         let kept = self.store.kept_state(Some((key.clone(), rec.lease_epoch)));
         let cancel = lease.cancel.clone();
@@ -596,6 +598,8 @@ impl Service {
         })
         .await;
         lease.stop_renewing();
+        // No live append may land after the end's log is written.
+        appender.finish().await;
         let end = match outcome {
             Ok((Ok(report), level)) => self.ended_run(&key, &lease, report, level).await,
             Ok((Err(e), _)) => Err(e.to_string()),
@@ -779,7 +783,90 @@ struct LiveResults {
             std::time::Instant,
         )>,
     >,
+    /// Takes the log lines as they are made to the store.
+    log: Arc<LogAppender>,
 }
+
+/// A running run's log lines on their way to the store.
+#[derive(Default)]
+struct LiveLog {
+    /// Entries not yet in the store, in order (made into stored lines when
+    /// appended, off the engine's writer threads).
+    pending: Vec<engine::LogEntry>,
+    /// Lines of the current job taken so far (appended or pending).
+    in_job: usize,
+    /// Lines past the bound (the job's final log would not keep them either).
+    dropped: u64,
+    /// The store refused a batch (the run is not held any more): no more appends.
+    off: bool,
+}
+
+/// Appends a running run's log lines to the store in batches, from a task
+/// of its own (woken on each progress tick and job end, else every 250 ms):
+/// the engine's threads only hand the entries over.
+#[derive(Default)]
+struct LogAppender {
+    log: Mutex<LiveLog>,
+    wake: tokio::sync::Notify,
+    stop: AtomicBool,
+    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl LogAppender {
+    fn start(store: Arc<dyn Store>, key: RunKey, epoch: i64) -> Arc<Self> {
+        let app = Arc::new(LogAppender::default());
+        let task = tokio::spawn(app.clone().append_loop(store, key, epoch));
+        *app.task.lock().expect("appender lock") = Some(task);
+        app
+    }
+
+    /// Stops appending and waits for an append under way. Lines still
+    /// waiting are dropped: the run's end writes its whole log.
+    async fn finish(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.wake.notify_one();
+        let task = self.task.lock().expect("appender lock").take();
+        if let Some(task) = task {
+            let _ = task.await;
+        }
+    }
+
+    /// Appends what the engine made since the last batch until stopped. A
+    /// batch the store could not take is tried again with the next (the
+    /// stored lines stay the start of the final log, in order); one it
+    /// refused (the run is not held any more) ends the live log.
+    async fn append_loop(self: Arc<Self>, store: Arc<dyn Store>, key: RunKey, epoch: i64) {
+        while !self.stop.load(Ordering::SeqCst) {
+            let lines = std::mem::take(&mut self.log.lock().expect("live log lock").pending);
+            if !lines.is_empty() {
+                let stored: Vec<_> = lines.iter().map(history::stored_line).collect();
+                let appended = store.append_log(&key, epoch, &stored).await;
+                let mut log = self.log.lock().expect("live log lock");
+                match appended {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        log.off = true;
+                        log.pending.clear();
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::warn!(run = %key, "appending the live log: {e}");
+                        let newer = std::mem::replace(&mut log.pending, lines);
+                        log.pending.extend(newer);
+                    }
+                }
+            }
+            tokio::select! {
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+            }
+        }
+    }
+}
+
+/// Lines a job's live log takes at most: what its final log keeps (the
+/// entries and the note saying how many more were dropped).
+const LIVE_LOG_PER_JOB: usize = engine::LOG_ENTRIES_KEPT + 1;
 
 impl LiveResults {
     fn save(&self, running: Option<JobResult>) {
@@ -812,7 +899,28 @@ impl RunObserver for LiveResults {
             RunStatus::Running,
             &Counters::default(),
         )));
+        {
+            let mut log = self.log.log.lock().expect("live log lock");
+            log.in_job = 0;
+            log.dropped = 0;
+        }
         abort_point("job_started");
+    }
+
+    fn log(&self, _job: &JobId, entry: &engine::LogEntry) {
+        if entry.level == LogLevel::None {
+            return;
+        }
+        let mut log = self.log.log.lock().expect("live log lock");
+        if log.off {
+            return;
+        }
+        if log.in_job >= LIVE_LOG_PER_JOB {
+            log.dropped += 1;
+            return;
+        }
+        log.in_job += 1;
+        log.pending.push(entry.clone());
     }
 
     fn progress(&self, job: &JobId, c: &Counters) {
@@ -827,11 +935,17 @@ impl RunObserver for LiveResults {
                 c,
             )));
         }
+        self.log.wake.notify_one();
     }
 
     fn job_finished(&self, report: &JobReport) {
         // The job's own writes are committed by now; the store does not know yet.
         abort_point("after_job_commit");
+        self.log.wake.notify_one();
+        let dropped = self.log.log.lock().expect("live log lock").dropped;
+        if dropped > 0 {
+            tracing::warn!(run = %self.key, job = %report.job_id, "{dropped} log lines were past the live log's bound");
+        }
         self.done
             .lock()
             .expect("live lock")

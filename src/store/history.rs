@@ -184,6 +184,17 @@ pub trait RunHistory: Send + Sync + 'static {
         after_seq: u64,
         limit: usize,
     ) -> Result<(Vec<StoredRowError>, RowErrorTotals), StoreError>;
+    /// Appends log lines of a Running run held under `epoch` while it goes,
+    /// after those saved so far (`seq` is ignored and given anew, following
+    /// on); false if the run is not held under `epoch` any more (nothing
+    /// written; a store for one node may not check). [`RunHistory::save_details`]
+    /// at the run's end replaces them.
+    async fn append_log(
+        &self,
+        key: &RunKey,
+        epoch: i64,
+        lines: &[StoredLogLine],
+    ) -> Result<bool, StoreError>;
 }
 
 #[cfg(test)]

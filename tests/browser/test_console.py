@@ -203,7 +203,15 @@ def main():
         expect(page.locator(f'tr[data-run="{demo_run}"]')).to_be_visible()
 
         step("cancel a long run from its page")
-        slow_run = start_job(page, "slow", "load", Argument="2026-11-30")
+        slow_run = start_job(page, "slow", "load", log_level="3", Argument="2026-11-30")
+        expect(page.locator("main h1 .badge")).to_have_text("Running")
+        step("the log shows its lines while the run goes")
+        live_log = page.get_by_role("table", name="Log")
+        expect(live_log).to_contain_text("job load started")
+        expect(live_log).to_contain_text("row 1: stage 1")
+        shown = page.get_by_role("region", name="Log").locator(".pager .sub")
+        expect(shown).to_have_text(re.compile(r"lines shown"))
+        expect(shown).not_to_have_text(shown.inner_text())  # more lines come in while it runs
         expect(page.locator("main h1 .badge")).to_have_text("Running")
         card = page.locator('.card[data-job="load"]')
         expect(counter(card, "totalRows")).not_to_have_text("0")

@@ -23,7 +23,12 @@ pub(super) struct Ending<'a> {
 
 impl Ending<'_> {
     /// Takes the job's outcome from what the writers left and the pump's end.
-    pub(super) fn finish(&self, shared: Shared<'_>, pumped: Pumped, pre: Prelude) -> JobOutcome {
+    pub(super) fn finish<'s>(
+        &self,
+        shared: Shared<'s>,
+        pumped: Pumped,
+        pre: Prelude,
+    ) -> JobOutcome<'s> {
         let Shared {
             return_value,
             changed_vars,
@@ -104,7 +109,7 @@ impl Ending<'_> {
     }
 
     /// Counts and logs the origin's read error and the writers' finishing errors.
-    fn pump_errors(&self, outcome: &mut JobOutcome, pumped: Pumped) {
+    fn pump_errors(&self, outcome: &mut JobOutcome<'_>, pumped: Pumped) {
         let (counters, log, error) = (&mut outcome.counters, &mut outcome.log, &mut outcome.error);
         if let Err(e) = pumped.read_result {
             counters.errors += 1;
@@ -135,7 +140,7 @@ impl Ending<'_> {
     fn end_ops(
         &self,
         pre: &Prelude,
-        outcome: &mut JobOutcome,
+        outcome: &mut JobOutcome<'_>,
         changed: &mut BTreeMap<String, Value>,
     ) {
         let Some(js) = &pre.job_js else { return };
@@ -165,7 +170,7 @@ impl Ending<'_> {
     fn keep_variables(
         &self,
         pre: Prelude,
-        outcome: &mut JobOutcome,
+        outcome: &mut JobOutcome<'_>,
         changed: BTreeMap<String, Value>,
     ) {
         let Some(st) = pre.state else { return };

@@ -86,7 +86,7 @@ pub(crate) enum JobError {
 }
 
 /// Log entries kept per job; past this the log says how many were dropped.
-const MAX_LOG_ENTRIES: usize = 100_000;
+const MAX_LOG_ENTRIES: usize = super::LOG_ENTRIES_KEPT;
 /// How often observers hear the live counters.
 const PROGRESS_EVERY: Duration = Duration::from_millis(200);
 
@@ -126,8 +126,10 @@ impl LiveCounters {
     }
 }
 
-/// The job's log, filtered by level and capped.
-struct RunLog {
+/// The job's log, filtered by level and capped; each entry kept is told to
+/// the run's observer as it is made.
+struct RunLog<'o> {
+    observer: &'o dyn RunObserver,
     level: LogLevel,
     job: crate::project::JobId,
     entries: Vec<LogEntry>,
@@ -137,7 +139,7 @@ struct RunLog {
     row_errors_total: u64,
 }
 
-impl RunLog {
+impl<'o> RunLog<'o> {
     fn row_error(&mut self, e: RowError) {
         self.row_errors_total += 1;
         if self.row_errors.len() < ROW_ERRORS_KEPT {
@@ -153,20 +155,22 @@ impl RunLog {
             self.dropped += 1;
             return;
         }
-        self.entries.push(LogEntry {
+        let entry = LogEntry {
             time: Local::now().fixed_offset(),
             level,
             job_id: self.job.clone(),
             row,
             message,
-        });
+        };
+        self.observer.log(&self.job, &entry);
+        self.entries.push(entry);
     }
 
     fn finish(mut self) -> Vec<LogEntry> {
         if self.dropped > 0 {
             let n = self.dropped;
             self.dropped = 0;
-            self.entries.push(LogEntry {
+            let entry = LogEntry {
                 time: Local::now().fixed_offset(),
                 level: LogLevel::Low,
                 job_id: self.job.clone(),
@@ -174,7 +178,9 @@ impl RunLog {
                 message: format!(
                     "{n} further log entries were dropped (the log keeps {MAX_LOG_ENTRIES})"
                 ),
-            });
+            };
+            self.observer.log(&self.job, &entry);
+            self.entries.push(entry);
         }
         self.entries
     }
@@ -257,7 +263,7 @@ struct Shared<'a> {
     stages: Vec<CompiledStage>,
     counters: LiveCounters,
     stage_counts: Mutex<Vec<Counters>>,
-    log: Mutex<RunLog>,
+    log: Mutex<RunLog<'a>>,
     level: LogLevel,
     stop: AtomicBool,
     halted: Mutex<Option<String>>,
@@ -459,6 +465,7 @@ pub(crate) fn run_job(
     let start_time = Local::now().fixed_offset();
     let t0 = Instant::now();
     let mut log = RunLog {
+        observer,
         level: req.logging_level,
         job: job.id.clone(),
         entries: Vec::new(),
@@ -540,19 +547,19 @@ pub(crate) fn run_job(
 }
 
 /// What a job's run came to.
-struct JobOutcome {
+struct JobOutcome<'o> {
     counters: Counters,
     /// Why the job failed (the first reason), if it did.
     error: Option<String>,
-    log: RunLog,
+    log: RunLog<'o>,
     cancelled: bool,
     /// The scripts' last `returnValue`.
     return_value: Option<Value>,
 }
 
-impl JobOutcome {
+impl<'o> JobOutcome<'o> {
     /// A job that failed before its rows ran: one error, nothing written.
-    fn failed(why: JobError, log: RunLog) -> Self {
+    fn failed(why: JobError, log: RunLog<'o>) -> Self {
         JobOutcome {
             counters: Counters {
                 errors: 1,
@@ -568,12 +575,12 @@ impl JobOutcome {
 
 /// Runs the job's phases: variables and operations, opening the writers,
 /// the reader/writer pump, finishing (`ending` says which job of which run).
-fn execute(
-    ending: &Ending<'_>,
-    observer: &dyn RunObserver,
-    mut log: RunLog,
+fn execute<'o>(
+    ending: &Ending<'o>,
+    observer: &'o dyn RunObserver,
+    mut log: RunLog<'o>,
     kept: &RunState,
-) -> JobOutcome {
+) -> JobOutcome<'o> {
     let &Ending {
         project,
         job,

@@ -166,7 +166,7 @@ pub(super) fn job_ops(
     job: &Job,
     when: Moment,
     event: &serde_json::Value,
-    log: &mut RunLog,
+    log: &mut RunLog<'_>,
 ) -> Result<Option<Value>, OperationError> {
     let empty = Row::from_values(Vec::new());
     let mut last = None;

@@ -52,7 +52,7 @@ impl Prelude {
         job: &Job,
         req: &RunRequest,
         kept: &RunState,
-        log: &mut RunLog,
+        log: &mut RunLog<'_>,
     ) -> Result<Self, JobError> {
         let mut variables = job_variables(project, job, &req.argument, &req.run_id.to_string());
         let state = kept_variables(project, job, kept, &mut variables, log);
@@ -94,7 +94,7 @@ impl Prelude {
         &mut self,
         project: &Project,
         job: &Job,
-        log: &mut RunLog,
+        log: &mut RunLog<'_>,
     ) -> Result<Option<String>, JobError> {
         let mut changed_origin: Option<String> = None;
         for when in [Moment::Once, Moment::BeforeConnections, Moment::BeforeQuery] {
@@ -137,7 +137,7 @@ impl Prelude {
         project: &'p Project,
         job: &Job,
         req: &RunRequest,
-        log: &mut RunLog,
+        log: &mut RunLog<'_>,
     ) -> Result<Plan<'p>, JobError> {
         let changed_origin = self.before_origin(project, job, log)?;
         let (origin_conn, origin) = open_origin(
@@ -189,7 +189,7 @@ fn kept_variables(
     job: &Job,
     kept: &RunState,
     variables: &mut BTreeMap<String, Value>,
-    log: &mut RunLog,
+    log: &mut RunLog<'_>,
 ) -> Option<Arc<dyn KeptState>> {
     let state = match kept {
         Ok(s) => Arc::clone(s),

@@ -30,7 +30,7 @@ pub(super) fn open_writers(
     job: &Job,
     req: &RunRequest,
     origin_conn: &ConnectionConfig,
-    log: &mut RunLog,
+    log: &mut RunLog<'_>,
 ) -> Result<Vec<Writer>, JobError> {
     let t = Targets {
         dest_conn: job
@@ -78,7 +78,7 @@ pub(super) fn finish_all(writers: Vec<Writer>) {
 }
 
 /// The run's threadCount (one in a preview), capped by what each target takes.
-fn writer_count(t: &Targets, req: &RunRequest, log: &mut RunLog) -> usize {
+fn writer_count(t: &Targets, req: &RunRequest, log: &mut RunLog<'_>) -> usize {
     let mut threads = if req.preview {
         1
     } else {

@@ -316,6 +316,46 @@ impl RunHistory for PostgresStore {
             .unwrap_or_default();
         Ok((errors, totals))
     }
+
+    async fn append_log(
+        &self,
+        key: &RunKey,
+        epoch: i64,
+        lines: &[StoredLogLine],
+    ) -> Result<bool, StoreError> {
+        let mut conn = self.conn().await?;
+        let tx = conn.transaction().await?;
+        let (i, r) = (&key.instance, &key.run_id);
+        // The lease row is locked until the lines are in: a takeover (which
+        // bumps the epoch) waits for them, and a stale holder writes nothing.
+        let held = tx
+            .query_opt(
+                "SELECT 1 FROM runs WHERE instance = $1 AND run_id = $2 AND lease_epoch = $3
+                   AND status = 'Running' FOR SHARE",
+                &[i, r, &epoch],
+            )
+            .await?;
+        if held.is_none() {
+            return Ok(false);
+        }
+        let times: Vec<&str> = lines.iter().map(|l| l.time.as_str()).collect();
+        let levels: Vec<i16> = lines.iter().map(|l| i16::from(l.level)).collect();
+        let jobs: Vec<&str> = lines.iter().map(|l| l.job.as_str()).collect();
+        let rows: Vec<Option<i64>> = lines.iter().map(|l| l.row.map(|n| n as i64)).collect();
+        let messages: Vec<&str> = lines.iter().map(|l| l.message.as_str()).collect();
+        tx.execute(
+            "INSERT INTO run_log (instance, run_id, seq, time, level, job, row_no, message)
+             SELECT $1, $2, b.last + u.n, u.time, u.level, u.job, u.row_no, u.message
+             FROM (SELECT COALESCE(MAX(seq), 0) AS last FROM run_log
+                   WHERE instance = $1 AND run_id = $2) b,
+                  unnest($3::text[], $4::int2[], $5::text[], $6::int8[], $7::text[])
+                    WITH ORDINALITY AS u(time, level, job, row_no, message, n)",
+            &[i, r, &times, &levels, &jobs, &rows, &messages],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(true)
+    }
 }
 
 /// Inserts a run's kept row errors, numbered from 1.

@@ -644,6 +644,52 @@ impl RunHistory for SqliteStore {
         })
         .await
     }
+
+    async fn append_log(
+        &self,
+        key: &RunKey,
+        _epoch: i64,
+        lines: &[StoredLogLine],
+    ) -> Result<bool, StoreError> {
+        let (k, lines) = (key.clone(), lines.to_vec());
+        self.write(move |c| {
+            let (i, r) = (k.instance.as_str(), k.run_id.to_string());
+            // One node: no other can hold the run; only a run still going gets lines.
+            let running: Option<bool> = c
+                .query_row(
+                    "SELECT status = 'Running' FROM runs WHERE instance = ?1 AND run_id = ?2",
+                    params![i, r],
+                    |row| row.get(0),
+                )
+                .optional()?;
+            if running != Some(true) {
+                return Ok(false);
+            }
+            let last: i64 = c.query_row(
+                "SELECT COALESCE(MAX(seq), 0) FROM run_log WHERE instance = ?1 AND run_id = ?2",
+                params![i, r],
+                |row| row.get(0),
+            )?;
+            let mut st = c.prepare_cached(
+                "INSERT INTO run_log (instance, run_id, seq, time, level, job, row, message)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            )?;
+            for (n, l) in lines.iter().enumerate() {
+                st.execute(params![
+                    i,
+                    r,
+                    last + n as i64 + 1,
+                    l.time,
+                    l.level,
+                    l.job,
+                    l.row.map(|n| n as i64),
+                    l.message
+                ])?;
+            }
+            Ok(true)
+        })
+        .await
+    }
 }
 
 #[cfg(test)]

@@ -678,7 +678,10 @@ async function runPage(ctx, id) {
   }
 
   // The log: level filter and paging.
-  const logState = { level: p.get("level") || "", cursor: null, done: false, fallback: false, body: null, count: 0 };
+  // `last`: the seq of the last line shown; `gen` drops answers of a log shown before a reset.
+  const logState = { level: p.get("level") || "", cursor: null, done: false, fallback: false, body: null, count: 0, last: 0, gen: 0, busy: false, again: false };
+  /** Lines a running run's log shows as they come; past it, "More log lines" pages on. */
+  const LIVE_LOG_MAX = 5000;
   function logLevelOk(l) {
     return levelRank(l.level) >= (logState.level ? levelRank(logState.level) : 0);
   }
@@ -689,7 +692,7 @@ async function runPage(ctx, id) {
   }
   async function loadLog(reset) {
     if (reset) {
-      logState.cursor = null; logState.done = false; logState.count = 0;
+      logState.cursor = null; logState.done = false; logState.count = 0; logState.last = 0; logState.gen++;
       logState.body = h("tbody", {});
       const sel = h("select", { "aria-label": "Log level", onchange: (ev) => { logState.level = ev.target.value; loadLog(true); } },
         [["", "All lines"], ["2", "Low and Medium (no per-row lines)"], ["1", "Low: start, end, row errors"]]
@@ -719,13 +722,44 @@ async function runPage(ctx, id) {
     }
     if (!ctx.alive()) return;
     logState.count += lines.length;
+    if (lines.length && lines[lines.length - 1].seq) logState.last = lines[lines.length - 1].seq;
     append(logState.body, lines.map(logRow));
     if (!logState.count) {
-      const why = isLive(detail.status) ? "The log is stored when the run ends." : "No log lines at this level.";
+      const why = isLive(detail.status) ? "No log lines yet: they appear here as the run makes them." : "No log lines at this level.";
       append(logState.body, h("tr", { "data-empty": "1" }, h("td", { colspan: 4, class: "muted" }, why)));
     }
+    showLogPager();
+  }
+  function showLogPager() {
     setKids(logState.more, logState.done ? "" : h("button", { type: "button", onclick: () => loadLog(false) }, "More log lines"),
       h("span", { class: "sub" }, `${num(logState.count)} lines shown`));
+  }
+  /** While the run goes: the lines stored since the last shown, when the whole log so far is shown. */
+  async function tailLog() {
+    if (!logState.body || logState.fallback || !logState.done || !isLive(detail.status)) return;
+    if (logState.busy) { logState.again = true; return; }
+    logState.busy = true;
+    const gen = logState.gen;
+    try {
+      const data = await api(`${base}/log${qs({ instance: inst, level: logState.level, limit: 200, cursor: logState.last || undefined })}`);
+      if (!ctx.alive() || gen !== logState.gen) return;
+      const lines = (data.lines || []).filter((l) => l.seq > logState.last);
+      if (lines.length) {
+        logState.body.querySelector("[data-empty]")?.remove();
+        append(logState.body, lines.map(logRow));
+        logState.count += lines.length;
+        logState.last = lines[lines.length - 1].seq;
+      }
+      if (data.nextCursor) {
+        // More are stored already: follow on, or past the live bound leave them to the pager.
+        if (logState.count < LIVE_LOG_MAX) logState.again = true;
+        else { logState.done = false; logState.cursor = String(logState.last); }
+      }
+      showLogPager();
+    } catch (_) { /* the next event tries again */ } finally {
+      logState.busy = false;
+      if (logState.again && gen === logState.gen) { logState.again = false; tailLog(); }
+    }
   }
 
   async function refresh() {
@@ -758,6 +792,9 @@ async function runPage(ctx, id) {
       cards[job].update(x.status || "Running", x.counters || {}, x.rowsPerSec, expectedRows(detail));
     });
     es.addEventListener("status", later);
+    // New log lines: shown as they are stored (also on each counters tick, past the stream's own bound).
+    es.addEventListener("log", () => tailLog());
+    es.addEventListener("counters", () => tailLog());
     es.addEventListener("end", () => { es.close(); refresh(); });
     es.onerror = () => {
       if (opened && es.readyState !== EventSource.CLOSED) return; // the browser reconnects by itself
@@ -768,6 +805,7 @@ async function runPage(ctx, id) {
       polling = setInterval(async () => {
         await refresh();
         if (!isLive(detail.status)) { clearInterval(polling); return; }
+        tailLog();
         for (const r of detail.results || []) {
           const now = Date.now(), rows = (r.counters || r).totalRows || 0;
           if (prev && prev.job === r.jobID) {
