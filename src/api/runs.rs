@@ -28,7 +28,9 @@ pub(super) fn json_error(status: StatusCode, msg: impl Into<String>) -> Response
 pub(super) fn param<'a>(q: &'a [(String, String)], name: &str) -> Option<&'a str> {
     q.iter()
         .find(|(k, _)| k.eq_ignore_ascii_case(name))
-        .map(|(_, v)| v.trim())
+        // ASCII whitespace only, as the OpenAPI patterns say: a no-break
+        // space is text, not blank.
+        .map(|(_, v)| v.trim_matches(|c: char| c.is_ascii_whitespace()))
         .filter(|v| !v.is_empty())
 }
 

@@ -610,8 +610,9 @@ pub mod patterns {
     /// `runID`: a GUID in its 36-character form, any case.
     pub const GUID: &str =
         "^[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}$";
-    /// `projectID`, `jobID`: something other than white space.
-    pub const NOT_BLANK: &str = r"\S";
+    /// `projectID`, `jobID`: something other than white space and control
+    /// characters (which XML cannot carry, so an XML body could not either).
+    pub const NOT_BLANK: &str = r"[^\s\x00-\x1f\x7f\uFFFE\uFFFF]";
     /// `beginAtRow`, `endAfterRow`: blank, or 1 to 2^63-1 in digits.
     pub const ROW: &str = r"^[ \t\n\f\r]*$|^0*([1-9][0-9]{0,17}|[1-8][0-9]{18}|9[0-1][0-9]{17}|92[0-1][0-9]{16}|922[0-2][0-9]{15}|9223[0-2][0-9]{14}|92233[0-6][0-9]{13}|922337[0-1][0-9]{12}|92233720[0-2][0-9]{10}|922337203[0-5][0-9]{9}|9223372036[0-7][0-9]{8}|92233720368[0-4][0-9]{7}|922337203685[0-3][0-9]{6}|9223372036854[0-6][0-9]{5}|92233720368547[0-6][0-9]{4}|922337203685477[0-4][0-9]{3}|9223372036854775[0-7][0-9]{2}|922337203685477580[0-6]|9223372036854775807)$";
     /// `threadCount`: blank, or 1 to 64 in digits.
