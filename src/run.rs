@@ -57,6 +57,20 @@ pub enum RunStatus {
     Cancelled,
 }
 
+impl RunStatus {
+    /// A status as a store wrote it (its `Display` text); anything else reads
+    /// as Failed, so a damaged row never passes for a live or good run.
+    pub fn from_stored(s: &str) -> RunStatus {
+        match s {
+            "Queued" => RunStatus::Queued,
+            "Running" => RunStatus::Running,
+            "Complete" => RunStatus::Complete,
+            "Cancelled" => RunStatus::Cancelled,
+            _ => RunStatus::Failed,
+        }
+    }
+}
+
 impl fmt::Display for RunStatus {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         fmt::Debug::fmt(self, f)

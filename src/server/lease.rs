@@ -10,7 +10,7 @@ use tokio::sync::{Notify, broadcast};
 
 use super::Service;
 use crate::engine::CancelToken;
-use crate::project::JobId;
+use crate::project::{JobId, LoadOutcome};
 use crate::store::{ConcurrencyLimits, LeaseState, NodeInfo, RunKey, StoreError, StoreNews};
 
 /// Runs taken over per sweep; the rest wait for the next one.
@@ -103,9 +103,8 @@ impl Service {
             });
     }
 
-    /// The per-job limits of the loaded projects.
-    pub(crate) fn limits(&self) -> ConcurrencyLimits {
-        let projects = self.projects();
+    /// The per-job limits of these projects.
+    pub(crate) fn limits(projects: &LoadOutcome) -> ConcurrencyLimits {
         if !projects
             .projects
             .iter()

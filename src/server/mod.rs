@@ -59,6 +59,8 @@ pub struct Service {
     node: NodeInfo,
     /// How long a run is held without renewal.
     lease: Duration,
+    /// Wakes whoever waits for this node's runs to end (a drain).
+    run_left: Notify,
     stopping: AtomicBool,
     stop: Notify,
 }
@@ -102,6 +104,7 @@ impl Service {
             stop: Notify::new(),
             node,
             lease,
+            run_left: Notify::new(),
         });
         svc.store.heartbeat(&svc.node_now()).await?;
         svc.recover().await?;
@@ -483,13 +486,16 @@ impl Service {
 
     /// Waits until no run executes here, or the deadline; whether none does.
     async fn wait_for_no_runs(&self, deadline: tokio::time::Instant) -> bool {
-        while !self.running.lock().expect("running lock").is_empty() {
-            if tokio::time::Instant::now() >= deadline {
-                return false;
+        loop {
+            // Registered before the check, so a run that leaves in between wakes it.
+            let left = self.run_left.notified();
+            if self.running.lock().expect("running lock").is_empty() {
+                return true;
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            if tokio::time::timeout_at(deadline, left).await.is_err() {
+                return self.running.lock().expect("running lock").is_empty();
+            }
         }
-        true
     }
 
     async fn worker(self: Arc<Self>) {
@@ -500,7 +506,7 @@ impl Service {
             // The projects as they are before the claim: a run seen Running
             // runs the version loaded then, whatever a reload does meanwhile.
             let projects = self.projects();
-            let limits = self.limits();
+            let limits = Self::limits(&projects);
             match self
                 .store
                 .claim_next(&self.node.node_id, self.lease, &limits)
@@ -607,6 +613,7 @@ impl Service {
         };
         self.conclude(&rec, &lease, end).await;
         self.running.lock().expect("running lock").remove(&key);
+        self.run_left.notify_waiters();
     }
 
     /// What the engine's report becomes in the store: the log and row errors

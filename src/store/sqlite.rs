@@ -438,13 +438,7 @@ fn parse_time(s: &str) -> DateTime<FixedOffset> {
 }
 
 fn parse_status(s: &str) -> RunStatus {
-    match s {
-        "Queued" => RunStatus::Queued,
-        "Running" => RunStatus::Running,
-        "Complete" => RunStatus::Complete,
-        "Cancelled" => RunStatus::Cancelled,
-        _ => RunStatus::Failed,
-    }
+    RunStatus::from_stored(s)
 }
 
 /// An ended run's results are kept once, inside its response (see `finish`).

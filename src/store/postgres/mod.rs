@@ -231,13 +231,7 @@ fn local(t: DateTime<Utc>) -> DateTime<FixedOffset> {
 }
 
 fn parse_status(s: &str) -> RunStatus {
-    match s {
-        "Queued" => RunStatus::Queued,
-        "Running" => RunStatus::Running,
-        "Complete" => RunStatus::Complete,
-        "Cancelled" => RunStatus::Cancelled,
-        _ => RunStatus::Failed,
-    }
+    RunStatus::from_stored(s)
 }
 
 /// A run's columns, for a query that names the runs table `r`. An ended
