@@ -87,10 +87,10 @@ class Server:
 
     def ended(self):
         m = self.get("/metrics")
-        return int(sum(float(v) for v in re.findall(r'tidepool_runs_total\{status="\w+"\} ([\d.e+]+)', m)))
+        return int(sum(float(v) for v in re.findall(r'tidepool_runs_total\{[^}]*\} ([\d.e+]+)', m)))
 
     def purged(self):
-        m = re.search(r"tidepool_runs_purged_total ([\d.e+]+)", self.get("/metrics"))
+        m = re.search(r"tidepool_runs_purged_total(?:\{[^}]*\})? ([\d.e+]+)", self.get("/metrics"))
         return int(float(m.group(1))) if m else 0
 
 

@@ -22,6 +22,7 @@ use super::{
 use crate::run::RunStatus;
 
 mod history;
+mod packed;
 
 /// Hears whether the transaction that held the write committed.
 type Reply = Box<dyn FnOnce(Result<(), Arc<rusqlite::Error>>) + Send>;
@@ -58,7 +59,9 @@ CREATE TABLE IF NOT EXISTS runs (
   error         TEXT,
   PRIMARY KEY (instance, run_id)
 );
-CREATE INDEX IF NOT EXISTS runs_by_status ON runs(status);
+DROP INDEX IF EXISTS runs_by_status;
+CREATE INDEX IF NOT EXISTS runs_queued ON runs(status) WHERE status = 'Queued';
+CREATE INDEX IF NOT EXISTS runs_running ON runs(instance, project_id, job_id) WHERE status = 'Running';
 CREATE TABLE IF NOT EXISTS webhooks (
   instance        TEXT NOT NULL,
   run_id          TEXT NOT NULL,
@@ -122,6 +125,7 @@ fn open_conn(path: &Path, write: bool) -> rusqlite::Result<Connection> {
     } | OpenFlags::SQLITE_OPEN_NO_MUTEX;
     let c = Connection::open_with_flags(path, flags)?;
     c.busy_timeout(std::time::Duration::from_secs(30))?;
+    packed::register(&c)?;
     Ok(c)
 }
 
@@ -442,9 +446,10 @@ fn parse_status(s: &str) -> RunStatus {
 }
 
 /// An ended run's results are kept once, inside its response (see `finish`).
-const RUN_COLUMNS: &str = "instance, run_id, project_id, job_id, request, webhook_url, status, accepted_at,
-    CASE WHEN results IS NULL AND json_valid(response) THEN json_extract(response, '$.results') ELSE results END,
-    response, error, fingerprint";
+/// Requests and responses are read through `tp_text` (see [`packed`]).
+const RUN_COLUMNS: &str = "instance, run_id, project_id, job_id, tp_text(request), webhook_url, status, accepted_at,
+    CASE WHEN results IS NULL AND json_valid(tp_text(response)) THEN json_extract(tp_text(response), '$.results') ELSE results END,
+    tp_text(response), error, fingerprint";
 
 fn run_row(r: &rusqlite::Row) -> rusqlite::Result<RunRecord> {
     let run_id: String = r.get(1)?;
@@ -484,7 +489,7 @@ impl Store for SqliteStore {
                 run.key.run_id.to_string(),
                 run.project_id,
                 run.job_id,
-                run.request_json,
+                packed::pack(&run.request_json),
                 run.fingerprint,
                 run.webhook_url,
                     now_text(&run.accepted_at),
@@ -589,7 +594,7 @@ impl Store for SqliteStore {
                     k.run_id.to_string(),
                     end.status.to_string(),
                     results,
-                    end.response_json,
+                    packed::pack(&end.response_json),
                     end.error,
                     now_text(&now),
                     from.to_string(),
@@ -624,10 +629,19 @@ impl Store for SqliteStore {
 
     async fn runs_in(&self, status: RunStatus) -> Result<Vec<RunRecord>, StoreError> {
         self.read(move |c| {
+            // The status written out, not bound: only then can SQLite use the
+            // partial index of Queued or Running runs (ended ones have none).
+            let status = match status {
+                RunStatus::Queued => "Queued",
+                RunStatus::Running => "Running",
+                RunStatus::Complete => "Complete",
+                RunStatus::Failed => "Failed",
+                RunStatus::Cancelled => "Cancelled",
+            };
             let mut st = c.prepare(&format!(
-                "SELECT {RUN_COLUMNS} FROM runs WHERE status = ?1 ORDER BY rowid"
+                "SELECT {RUN_COLUMNS} FROM runs WHERE status = '{status}' ORDER BY rowid"
             ))?;
-            st.query_map([status.to_string()], run_row)?.collect()
+            st.query_map([], run_row)?.collect()
         })
         .await
     }

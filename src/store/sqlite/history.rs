@@ -64,11 +64,11 @@ INSERT INTO runs_text_backfill SELECT 0, max(rowid) FROM runs HAVING max(rowid) 
 macro_rules! argument_of {
     ($request:literal) => {
         concat!(
-            "CASE WHEN json_valid(",
+            "CASE WHEN json_valid(tp_text(",
             $request,
-            ") THEN json_extract(",
+            ")) THEN json_extract(tp_text(",
             $request,
-            ", '$.argument') END"
+            "), '$.argument') END"
         )
     };
 }
@@ -76,8 +76,11 @@ macro_rules! argument_of {
 /// Keeps the text index in step with every insert and delete of a run
 /// (submit, a run recorded ended, the retention purge, and anything else that
 /// writes the file). A run's request is never updated.
+/// The insert trigger is made anew at each open: one from before requests
+/// were packed would read a packed request as no argument.
 const TEXT_TRIGGERS: &str = concat!(
-    "CREATE TRIGGER IF NOT EXISTS runs_text_insert AFTER INSERT ON runs BEGIN
+    "DROP TRIGGER IF EXISTS runs_text_insert;
+     CREATE TRIGGER runs_text_insert AFTER INSERT ON runs BEGIN
        INSERT INTO runs_text (rowid, argument) SELECT new.rowid, a FROM (SELECT ",
     argument_of!("new.request"),
     " AS a) WHERE a IS NOT NULL AND a <> '';
@@ -173,8 +176,8 @@ const TEXT_SEARCH_BUDGET: std::time::Duration = std::time::Duration::from_secs(3
 
 const LIST_COLUMNS: &str =
     "instance, run_id, project_id, job_id, status, accepted_at, started_at, finished_at,
-  coalesce(substr(json_extract(request, '$.argument'), 1, 500), ''),
-  CASE WHEN results IS NULL AND json_valid(response) THEN json_extract(response, '$.results') ELSE results END,
+  coalesce(substr(json_extract(tp_text(request), '$.argument'), 1, 500), ''),
+  CASE WHEN results IS NULL AND json_valid(tp_text(response)) THEN json_extract(tp_text(response), '$.results') ELSE results END,
   error, accepted_ms";
 
 fn listed_row(r: &rusqlite::Row) -> rusqlite::Result<RunListed> {
@@ -331,12 +334,12 @@ fn conditions(instance: &str, f: &RunFilter) -> Query {
 fn scan_for(q: &mut Query, t: &str) {
     if !t.chars().any(|c| c == '"' || c == '\\' || c.is_control()) {
         q.and(
-            "instr(lower(request), lower(?)) > 0",
+            "instr(lower(tp_text(request)), lower(?)) > 0",
             [Sql::Text(t.to_owned())],
         );
     }
     q.and(
-        "instr(lower(json_extract(request, '$.argument')), lower(?)) > 0",
+        "instr(lower(json_extract(tp_text(request), '$.argument')), lower(?)) > 0",
         [Sql::Text(t.to_owned())],
     );
 }
@@ -498,13 +501,13 @@ impl RunHistory for SqliteStore {
                     run.key.run_id.to_string(),
                     run.project_id,
                     run.job_id,
-                    run.request_json,
+                    super::packed::pack(&run.request_json),
                     run.fingerprint,
                     end.status.to_string(),
                     now_text(&started_at),
                     now_text(&chrono::Local::now().fixed_offset()),
                     end.results_json,
-                    end.response_json,
+                    super::packed::pack(&end.response_json),
                     end.error,
                     started_at.timestamp_millis(),
                 ],
@@ -553,10 +556,13 @@ impl RunHistory for SqliteStore {
                     origin
                 ])?;
             }
-            c.execute(
-                "INSERT INTO run_error_totals (instance, run_id, total, kept) VALUES (?1, ?2, ?3, ?4)",
-                params![i, r, details.totals.total as i64, details.totals.kept as i64],
-            )?;
+            // No row means none (most runs): reads default to zero.
+            if details.totals.total > 0 {
+                c.execute(
+                    "INSERT INTO run_error_totals (instance, run_id, total, kept) VALUES (?1, ?2, ?3, ?4)",
+                    params![i, r, details.totals.total as i64, details.totals.kept as i64],
+                )?;
+            }
             Ok(())
         })
         .await
@@ -863,6 +869,7 @@ mod tests {
     /// Inserts runs as an older tidepool (or the benchmark) does: straight into the file.
     fn insert_raw(path: &std::path::Path, runs: impl IntoIterator<Item = NewRun>) {
         let mut c = Connection::open(path).unwrap();
+        super::super::packed::register(&c).unwrap();
         let tx = c.transaction().unwrap();
         for run in runs {
             tx.execute(
@@ -1025,6 +1032,7 @@ mod tests {
         {
             // As an older tidepool left it: no index, and runs it wrote since.
             let mut c = Connection::open(&path).unwrap();
+            super::super::packed::register(&c).unwrap();
             c.execute_batch(
                 "DROP TRIGGER runs_text_insert; DROP TRIGGER runs_text_delete;
                  DROP TABLE runs_text; DROP TABLE runs_text_backfill;",
