@@ -22,6 +22,7 @@ use super::{
 use crate::run::RunStatus;
 
 mod history;
+mod schedules;
 
 /// Hears whether the transaction that held the write committed.
 type Reply = Box<dyn FnOnce(Result<(), Arc<rusqlite::Error>>) + Send>;
@@ -157,6 +158,7 @@ impl SqliteStore {
         conn.execute_batch("PRAGMA synchronous=FULL")?;
         conn.execute_batch(SCHEMA)?;
         history::history_schema(&conn)?;
+        schedules::schedule_schema(&conn)?;
         // Checkpoints run on their own thread so the writer never stalls on
         // copying the log into the database (and the fsync that follows).
         conn.execute_batch("PRAGMA wal_autocheckpoint=0")?;
