@@ -3,6 +3,8 @@
 //! the ticks the store recorded, the runs they made, the rows those runs
 //! wrote, and what `GET /v1/Schedules` and `GET /v1/Runs/{id}` say.
 
+// Not every helper of the cluster tests is used here.
+#[allow(dead_code)]
 #[path = "common/cluster.rs"]
 mod cluster;
 mod common;

@@ -299,3 +299,140 @@ impl ScheduleStore for SqliteStore {
         .await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{NewRun, Store};
+
+    fn sched() -> ScheduleKey {
+        ScheduleKey {
+            instance: "default".into(),
+            project_id: "p".into(),
+            job_id: "j".into(),
+            name: "s".into(),
+        }
+    }
+
+    fn at(s: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
+    }
+
+    fn tick(t: DateTime<Utc>) -> NewTick {
+        NewTick {
+            key: sched(),
+            tick_at: t,
+            covers: 1,
+            first_tick: t,
+            catch_up: false,
+            node_id: "n".into(),
+        }
+    }
+
+    fn run_of(t: DateTime<Utc>, skip_if_active: bool) -> TickFire {
+        let id = uuid::Uuid::new_v5(&uuid::Uuid::nil(), t.to_rfc3339().as_bytes());
+        TickFire::Run {
+            run: NewRun {
+                key: RunKey {
+                    instance: "default".into(),
+                    run_id: id,
+                },
+                project_id: "p".into(),
+                job_id: "j".into(),
+                request_json: "{}".into(),
+                fingerprint: "f".into(),
+                webhook_url: None,
+                accepted_at: chrono::Local::now().fixed_offset(),
+            },
+            skip_if_active,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_tick_is_recorded_once_with_its_run_and_skipped_while_the_job_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("s.sqlite")).unwrap();
+        let t1 = at("2026-01-01T00:00:02Z");
+        store
+            .register_schedule(&sched(), at("2026-01-01T00:00:00Z"))
+            .await
+            .unwrap();
+        let first = store.record_tick(tick(t1), run_of(t1, true)).await.unwrap();
+        assert_eq!(first, TickRecorded::Recorded(TickOutcome::Queued));
+        // The same tick again (another node): nothing new, one run.
+        let again = store
+            .record_tick(tick(t1), run_of(t1, false))
+            .await
+            .unwrap();
+        assert_eq!(again, TickRecorded::AlreadyRecorded);
+        assert_eq!(store.queued_count().await.unwrap(), 1);
+        // The next tick while that run is queued: skipped, naming it.
+        let t2 = at("2026-01-01T00:00:04Z");
+        let second = store.record_tick(tick(t2), run_of(t2, true)).await.unwrap();
+        assert_eq!(second, TickRecorded::Recorded(TickOutcome::Skipped));
+        let recent = store.recent_ticks(&sched(), 10).await.unwrap();
+        assert_eq!(recent.len(), 2);
+        assert!(
+            recent[0]
+                .reason
+                .as_deref()
+                .unwrap()
+                .contains("still running")
+        );
+        let state = &store.schedule_states(None).await.unwrap()[0];
+        assert_eq!(state.dealt_with_until(), t2);
+        assert_eq!(
+            state.last.as_ref().map(|t| t.outcome),
+            Some(TickOutcome::Skipped)
+        );
+        let run = RunKey {
+            instance: "default".into(),
+            run_id: recent[1].run_id.unwrap(),
+        };
+        assert_eq!(
+            store.tick_of_run(&run).await.unwrap().map(|t| t.tick_at),
+            Some(t1)
+        );
+        assert_eq!(
+            store.run(&run).await.unwrap().map(|r| r.job_id),
+            Some("j".into())
+        );
+    }
+
+    #[tokio::test]
+    async fn resuming_starts_over_from_now_and_old_ticks_are_pruned() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("s.sqlite")).unwrap();
+        let t0 = at("2026-01-01T00:00:00Z");
+        store.set_schedule_paused(&sched(), true, t0).await.unwrap();
+        let later = at("2026-01-01T01:00:00Z");
+        store
+            .set_schedule_paused(&sched(), true, later)
+            .await
+            .unwrap();
+        assert_eq!(store.schedule_states(None).await.unwrap()[0].since, t0);
+        store
+            .set_schedule_paused(&sched(), false, later)
+            .await
+            .unwrap();
+        let st = &store.schedule_states(Some("default")).await.unwrap()[0];
+        assert_eq!((st.paused, st.since), (false, later));
+        assert!(
+            store
+                .schedule_states(Some("other"))
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        for i in 0..(TICKS_KEPT as i64 + 5) {
+            let t = later + chrono::Duration::seconds(i);
+            store.record_tick(tick(t), TickFire::Missed).await.unwrap();
+        }
+        let kept = store.recent_ticks(&sched(), 1000).await.unwrap();
+        assert_eq!(kept.len(), TICKS_KEPT);
+        assert_eq!(
+            kept[0].tick_at,
+            later + chrono::Duration::seconds(TICKS_KEPT as i64 + 4)
+        );
+    }
+}
