@@ -293,39 +293,35 @@ pub fn next_after(s: &Schedule, after: DateTime<Utc>) -> Option<DateTime<Utc>> {
     Some(next.with_timezone(&Utc))
 }
 
-/// The latest fire time of `s` at or before `at`, if it is after `after`.
+/// The latest fire time of `s` at or before `at`, if one is after `after`.
 fn latest_due(s: &Schedule, after: DateTime<Utc>, at: DateTime<Utc>) -> Option<DateTime<Utc>> {
-    let local = s.timezone.from_utc_datetime(&at.naive_utc());
-    let t = s
-        .parsed
-        .find_previous_occurrence(&local, true)
-        .ok()?
-        .with_timezone(&Utc);
-    // A backward search in a repeated hour may land on a pass that a forward
-    // search skips; the forward search is the rule.
-    let mut fwd = next_after(s, after)?;
-    if fwd > at {
+    let mut latest = next_after(s, after)?;
+    if latest > at {
         return None;
     }
-    if t > fwd && t <= at {
-        // Walk forward from just before `t` so the result is a forward fire time.
-        let before = t - chrono::Duration::seconds(1);
-        if let Some(n) = next_after(s, before.max(after))
+    // A backward search jumps over a long downtime at once. Its answer is
+    // only a hint: in a repeated hour it may land on a pass the forward
+    // search (the rule) skips, so the forward search goes on from just before it.
+    let local = s.timezone.from_utc_datetime(&at.naive_utc());
+    if let Ok(hint) = s.parsed.find_previous_occurrence(&local, true) {
+        let hint = hint.with_timezone(&Utc);
+        if hint > latest
+            && let Some(n) = next_after(s, (hint - chrono::Duration::seconds(1)).max(after))
             && n <= at
         {
-            fwd = n;
+            latest = n;
         }
     }
-    // Forward from there to the last one at or before `at` (a few steps at most).
+    // Forward to the last one at or before `at` (a step or two, normally).
     let mut steps = 0;
-    while let Some(n) = next_after(s, fwd) {
-        if n > at || steps > 1000 {
+    while let Some(n) = next_after(s, latest) {
+        if n > at || steps >= MAX_COUNTED {
             break;
         }
-        fwd = n;
+        latest = n;
         steps += 1;
     }
-    Some(fwd)
+    Some(latest)
 }
 
 /// Ticks that came due without a run, counted.
@@ -650,6 +646,35 @@ mod tests {
             Some((at("2026-01-01T00:00:08Z"), false))
         );
         assert_eq!(p.missed.map(|m| m.count), Some(3));
+    }
+
+    #[test]
+    fn plan_across_a_repeated_hour_counts_real_ticks() {
+        // New York falls back at 06:00Z: 01:00-01:59 happens twice.
+        let mut every = sched("*/15 * * * *", "America/New_York");
+        every.catch_up = CatchUp::Last;
+        let now = at("2026-11-01T07:05:00Z");
+        let p = plan(&every, at("2026-11-01T05:00:00Z"), now, now);
+        // 05:15Z to 07:00Z every 15 real minutes: 8 ticks, one catch-up run.
+        assert_eq!(
+            p.fire,
+            Some(DueTick {
+                at: at("2026-11-01T07:00:00Z"),
+                covers: 8,
+                catch_up: true
+            })
+        );
+        let fixed = sched("30 1 * * *", "America/New_York");
+        let p = plan(&fixed, at("2026-10-31T12:00:00Z"), now, now);
+        // 01:30 once (the first pass, 05:30Z), missed.
+        assert_eq!(
+            p.missed,
+            Some(MissedTicks {
+                first: at("2026-11-01T05:30:00Z"),
+                last: at("2026-11-01T05:30:00Z"),
+                count: 1
+            })
+        );
     }
 
     #[test]
