@@ -150,7 +150,7 @@ fn validate_reports_problems_with_lines_and_exits_one() {
     let projects = common::repo_projects().to_str().unwrap().to_owned();
     let out = tidepool(&["validate", &projects, "--data-dir", "d"], &f);
     assert!(out.status.success(), "{}", text(&out.stdout));
-    assert!(text(&out.stdout).starts_with("ok: 1 project(s), 2 job(s)"));
+    assert!(text(&out.stdout).starts_with("ok: 2 project(s), 3 job(s)"));
 }
 
 #[test]

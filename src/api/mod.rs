@@ -15,6 +15,7 @@ pub mod nodes;
 pub mod preview;
 pub mod projects;
 pub mod runs;
+pub mod schedules;
 pub mod scrape;
 pub mod wire;
 
@@ -105,6 +106,15 @@ pub fn app(
         .route("/v1/projects/reload", post(projects::reload))
         .route("/v1/preview", post(preview::preview))
         .route("/v1/nodes", get(nodes::nodes))
+        .route("/v1/schedules", get(schedules::list))
+        .route(
+            "/v1/schedules/{project}/{job}/{name}/pause",
+            post(schedules::pause),
+        )
+        .route(
+            "/v1/schedules/{project}/{job}/{name}/resume",
+            post(schedules::resume),
+        )
         .route("/console/login", post(console::login))
         .route("/console/logout", post(console::logout))
         .route("/console/me", get(console::me))
@@ -563,8 +573,10 @@ async fn run_detail(
             .collect(),
     );
     if who.format == Format::Json {
-        // The request as accepted, so a console can run it again.
-        return Ok(runs::with_request(&resp, &rec));
+        // The request as accepted, so a console can run it again; the
+        // schedule tick that queued it, if one did.
+        let tick = svc.store.tick_of_run(&rec.key).await.ok().flatten();
+        return Ok(runs::with_request(&resp, &rec, tick.as_ref()));
     }
     Ok(Reply::one(StatusCode::OK, who.format, &resp).into_response())
 }
@@ -950,6 +962,9 @@ async fn metrics_text(State(svc): State<AppState>, caller: Caller) -> Result<Res
         projects::reload,
         preview::preview,
         nodes::nodes,
+        schedules::list,
+        schedules::pause,
+        schedules::resume,
         console::login,
         console::logout,
         console::me,
@@ -969,7 +984,10 @@ async fn metrics_text(State(svc): State<AppState>, caller: Caller) -> Result<Res
         runs::RunPage,
         runs::RunSummary,
         nodes::NodeList,
-        nodes::NodeLine
+        nodes::NodeLine,
+        schedules::ScheduleList,
+        schedules::ScheduleLine,
+        schedules::TickLine
     )),
     modifiers(&SecuritySchemes, &XmlAnswers)
 )]

@@ -537,14 +537,24 @@ pub async fn run_errors(
 pub(super) fn with_request(
     resp: &super::wire::ExecJobResponse,
     rec: &crate::store::RunRecord,
+    tick: Option<&crate::store::schedules::TickRecord>,
 ) -> Response {
     let answer = serde_json::to_string(resp).unwrap_or_default();
+    let scheduled = tick
+        .map(|t| {
+            format!(
+                ",\"schedule\":{}",
+                json!({"name": t.key.name, "tick": t.tick_at.to_rfc3339(),
+                    "catchUp": t.catch_up, "covers": t.covers})
+            )
+        })
+        .unwrap_or_default();
     let request: serde_json::Value = serde_json::from_str(&rec.request_json).unwrap_or_default();
     let body = match answer.strip_suffix('}') {
         // The node is there only on a shared store (where it tells which
         // node ran, or runs, the run); requeues only once there were some.
         Some(head) => format!(
-            "{head},\"instance\":{}{}{},\"request\":{request}}}",
+            "{head},\"instance\":{}{}{}{scheduled},\"request\":{request}}}",
             json!(rec.key.instance),
             rec.node_id
                 .as_ref()

@@ -3,6 +3,7 @@
 mod listen;
 mod progress;
 mod record;
+mod schedule;
 mod serve;
 
 use std::path::{Path, PathBuf};
@@ -37,6 +38,9 @@ enum Command {
     /// Manage API keys.
     #[command(subcommand)]
     Key(KeyCommand),
+    /// List, pause and resume the jobs' schedules (in the store every node reads).
+    #[command(subcommand)]
+    Schedule(schedule::ScheduleCommand),
 }
 
 #[derive(Subcommand)]
@@ -141,6 +145,7 @@ pub fn main() -> ExitCode {
         Command::Key(KeyCommand::Create(args)) => serve::key_create(args),
         Command::Key(KeyCommand::List(args)) => serve::key_list(args),
         Command::Key(KeyCommand::Revoke(args)) => serve::key_revoke(args),
+        Command::Schedule(cmd) => schedule::schedule(cmd),
     };
     match result {
         Ok(code) => code,

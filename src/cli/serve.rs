@@ -28,7 +28,7 @@ pub struct ConfigArgs {
 }
 
 impl ConfigArgs {
-    fn load(&self) -> anyhow::Result<ServerConfig> {
+    pub(super) fn load(&self) -> anyhow::Result<ServerConfig> {
         let mut c = match &self.config {
             Some(p) => ServerConfig::from_file(p)?,
             None => ServerConfig::default(),
@@ -43,7 +43,7 @@ impl ConfigArgs {
     }
 
     /// The settings, the store they name, and a runtime to use it on.
-    fn open_store(
+    pub(super) fn open_store(
         &self,
     ) -> anyhow::Result<(ServerConfig, Arc<dyn Store>, tokio::runtime::Runtime)> {
         let c = self.load()?;

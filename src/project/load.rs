@@ -143,6 +143,8 @@ struct RawJob {
     max_concurrent_runs: Option<Spanned<toml::Value>>,
     #[serde(default)]
     rerun_on_node_loss: bool,
+    #[serde(default)]
+    schedules: Vec<Spanned<super::schedule::RawSchedule>>,
 }
 
 #[derive(Deserialize)]
@@ -668,6 +670,7 @@ fn load_job(
     if let Some(next) = &raw.next {
         check_id(&cx.src, next, "next job", &mut cx.problems);
     }
+    let schedules = cx.schedules(raw.schedules);
 
     if !cx.problems.is_empty() {
         return Err(cx.problems);
@@ -694,6 +697,7 @@ fn load_job(
         script_limits,
         max_concurrent_runs,
         rerun_on_node_loss: raw.rerun_on_node_loss,
+        schedules,
     };
     Ok((job, raw.next, text))
 }
@@ -1107,6 +1111,23 @@ impl<'a> JobCheck<'a> {
             None => dest_conn
                 .map(|c| c.capabilities().batch_size)
                 .unwrap_or(1000),
+        }
+    }
+
+    /// The job's `[[schedules]]`, checked (see `schedule.rs`).
+    fn schedules(
+        &mut self,
+        raw: Vec<Spanned<super::schedule::RawSchedule>>,
+    ) -> Vec<super::Schedule> {
+        let src = &self.src;
+        match super::schedule::check(raw, &|offset| src.line(offset)) {
+            Ok(s) => s,
+            Err(problems) => {
+                for (line, message) in problems {
+                    self.at(line, message);
+                }
+                Vec::new()
+            }
         }
     }
 

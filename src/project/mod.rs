@@ -5,6 +5,7 @@
 //! every problem is a [`Problem`] with file, line and reason.
 
 mod load;
+mod schedule;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -19,6 +20,9 @@ use crate::template::Template;
 use crate::value::{FieldType, Value};
 pub use load::{
     DEFAULT_INSTANCE, LoadOptions, LoadOutcome, load_project, load_project_text, load_projects,
+};
+pub use schedule::{
+    CatchUp, DueTick, MissedTicks, Overlap, Schedule, TickPlan, next_after, parse_cron, plan,
 };
 
 pub use crate::run::{JobId, ProjectId};
@@ -92,6 +96,8 @@ pub struct Job {
     /// again (once) instead of ending Failed (`rerun_on_node_loss`; for jobs
     /// that are safe to run twice, such as upserts).
     pub rerun_on_node_loss: bool,
+    /// When the server runs the job by itself (`[[schedules]]`).
+    pub schedules: Vec<Schedule>,
 }
 
 /// A script the engine runs at a fixed moment of a job (Starfish's Exec operations).

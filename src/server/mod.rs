@@ -5,6 +5,7 @@ pub mod config;
 pub mod history;
 mod lease;
 pub mod reload;
+pub mod scheduler;
 pub mod webhook;
 
 use std::collections::HashMap;
@@ -121,6 +122,7 @@ impl Service {
         }
         tokio::spawn(webhook::deliver_loop(self.clone()));
         tokio::spawn(self.clone().node_loop());
+        tokio::spawn(scheduler::schedule_loop(self.clone()));
         if let Some(news) = self.store.news() {
             tokio::spawn(self.clone().news_loop(news));
         }

@@ -7,6 +7,7 @@
 
 pub mod history;
 mod postgres;
+pub mod schedules;
 mod sqlite;
 
 use std::fmt;
@@ -19,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use crate::run::RunStatus;
 pub use history::RunHistory;
 pub use postgres::{PgStoreOptions, PostgresStore};
+pub use schedules::ScheduleStore;
 pub use sqlite::SqliteStore;
 
 /// A run is named by its instance and the caller's GUID: the same GUID in two
@@ -414,7 +416,7 @@ fn note_revocation() {
 
 /// Runs, results, the webhook outbox, users, keys and tokens.
 #[async_trait]
-pub trait Store: RunHistory + Send + Sync + 'static {
+pub trait Store: RunHistory + ScheduleStore + Send + Sync + 'static {
     /// Records a run as Queued, durably, before the caller is told it started.
     async fn submit(&self, run: NewRun) -> Result<Submitted, StoreError>;
     /// Takes the oldest Queued run whose job is under its limit and marks it

@@ -23,6 +23,7 @@ use crate::run::RunStatus;
 
 mod history;
 mod packed;
+mod schedules;
 
 /// Hears whether the transaction that held the write committed.
 type Reply = Box<dyn FnOnce(Result<(), Arc<rusqlite::Error>>) + Send>;
@@ -161,6 +162,7 @@ impl SqliteStore {
         conn.execute_batch("PRAGMA synchronous=FULL")?;
         conn.execute_batch(SCHEMA)?;
         history::history_schema(&conn)?;
+        schedules::schedule_schema(&conn)?;
         // Checkpoints run on their own thread so the writer never stalls on
         // copying the log into the database (and the fsync that follows).
         conn.execute_batch("PRAGMA wal_autocheckpoint=0")?;

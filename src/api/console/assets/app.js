@@ -1044,6 +1044,8 @@ async function healthPage(ctx) {
     try { ctx.nodes = await api("/v1/Nodes"); ctx.nodesApi = true; } catch (_) { ctx.nodes = null; ctx.nodesApi = false; }
   }
   const nodes = ctx.nodes;
+  let scheds = null;
+  try { scheds = await api("/v1/Schedules"); } catch (_) { scheds = null; }
   const ok = hz && hz.status === "ok";
   ctx.mount(h("div", { class: "pagehead" }, h("h1", {}, "Health")),
     h("div", { class: "grid2 health" }, h("div", { class: "card" },
@@ -1052,7 +1054,8 @@ async function healthPage(ctx) {
         h("dt", {}, "Queued runs"), h("dd", {}, num(hz.queued)),
         h("dt", {}, "Running now"), h("dd", {}, num(hz.running)),
         h("dt", {}, "Stopping"), h("dd", {}, hz.stopping ? "yes: taking no new runs" : "no")))),
-    nodes && Array.isArray(nodes.nodes) && nodes.nodes.length ? nodesTable(nodes) : null);
+    nodes && Array.isArray(nodes.nodes) && nodes.nodes.length ? nodesTable(nodes) : null,
+    scheds && Array.isArray(scheds.schedules) && scheds.schedules.length ? schedulesTable(scheds.schedules, ctx) : null);
   const t = setTimeout(() => { if (ctx.alive()) healthPage(ctx); }, 5000);
   onCleanup(() => clearTimeout(t));
 }
@@ -1073,6 +1076,33 @@ function nodesTable(list) {
     h("div", { class: "scroll" }, h("table", { id: "nodes" },
       h("thead", {}, h("tr", {}, h("th", {}, "State"), h("th", {}, "Node"), h("th", {}, "Address"),
         h("th", { class: "num" }, "Running / workers"), h("th", { class: "num" }, "Heartbeat"), h("th", {}, "Started"), h("th", {}, "Version"))),
+      h("tbody", {}, rows)))];
+}
+
+// The jobs' schedules: next fire time, the last tick, pause and resume.
+const TICK_BADGE = { queued: "Complete", skipped: "Cancelled", missed: "Failed" };
+function schedulesTable(list, ctx) {
+  const toggle = async (s, btn) => {
+    btn.disabled = true;
+    const path = ["/v1/Schedules", s.projectID, s.jobID, s.name].map((p, i) => i ? encodeURIComponent(p) : p).join("/");
+    try { await api(`${path}/${s.paused ? "resume" : "pause"}`, { method: "POST" }); } catch (e) { btn.title = e.message; }
+    if (ctx.alive()) healthPage(ctx);
+  };
+  const rows = list.map((s) => {
+    const last = s.lastTick;
+    const btn = canWrite(s.instance) ? h("button", { type: "button" }, s.paused ? "Resume" : "Pause") : null;
+    if (btn) btn.addEventListener("click", () => toggle(s, btn));
+    return h("tr", { "data-schedule": `${s.projectID}/${s.jobID}/${s.name}` },
+      h("td", { class: "mono" }, `${s.projectID} / ${s.jobID} / ${s.name}`),
+      h("td", { class: "mono", title: `catch_up ${s.catchUp}, overlap ${s.overlap}` }, `${s.cron} (${s.timezone})`),
+      h("td", {}, s.paused ? h("span", { class: "badge Queued" }, "paused") : (s.nextFireTimes[0] ? timeEl(s.nextFireTimes[0]) : "never")),
+      h("td", {}, last ? [h("span", { class: "badge " + (TICK_BADGE[last.outcome] || "Queued"), title: last.reason || "" }, last.outcome),
+        " ", timeEl(last.tick), last.runID ? [" ", h("a", { href: `#/runs/${encodeURIComponent(last.runID)}${qs({ project: s.projectID, instance: s.instance })}` }, "run")] : null] : "–"),
+      h("td", {}, btn));
+  });
+  return [h("h2", {}, "Schedules"),
+    h("div", { class: "scroll" }, h("table", { id: "schedules" },
+      h("thead", {}, h("tr", {}, h("th", {}, "Project / job / schedule"), h("th", {}, "Cron"), h("th", {}, "Next"), h("th", {}, "Last tick"), h("th", {}, ""))),
       h("tbody", {}, rows)))];
 }
 
