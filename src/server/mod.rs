@@ -566,6 +566,7 @@ impl Service {
             logging_level: LogLevel::from_number(req.logging_level as u64),
             chain_jobs: req.chain_jobs,
             preview: false,
+            resume_at_row: req.resume_at_row,
         };
         let lease = lease::Held::new(rec.lease_epoch);
         self.running
