@@ -143,6 +143,7 @@ struct RawJob {
     max_concurrent_runs: Option<Spanned<toml::Value>>,
     #[serde(default)]
     rerun_on_node_loss: bool,
+    retry: Option<Spanned<super::retry::RawRetry>>,
 }
 
 #[derive(Deserialize)]
@@ -668,6 +669,13 @@ fn load_job(
     if let Some(next) = &raw.next {
         check_id(&cx.src, next, "next job", &mut cx.problems);
     }
+    let retry = raw.retry.as_ref().and_then(|r| match r.get_ref().check() {
+        Ok(p) => Some(p),
+        Err(m) => {
+            cx.problems.push(cx.src.problem(r, m));
+            None
+        }
+    });
 
     if !cx.problems.is_empty() {
         return Err(cx.problems);
@@ -694,6 +702,7 @@ fn load_job(
         script_limits,
         max_concurrent_runs,
         rerun_on_node_loss: raw.rerun_on_node_loss,
+        retry,
     };
     Ok((job, raw.next, text))
 }

@@ -5,6 +5,7 @@
 //! every problem is a [`Problem`] with file, line and reason.
 
 mod load;
+mod retry;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -22,6 +23,7 @@ pub use load::{
 };
 
 pub use crate::run::{JobId, ProjectId};
+pub use retry::RetryPolicy;
 
 /// A loaded, statically valid project.
 #[derive(Debug, Clone)]
@@ -92,6 +94,9 @@ pub struct Job {
     /// again (once) instead of ending Failed (`rerun_on_node_loss`; for jobs
     /// that are safe to run twice, such as upserts).
     pub rerun_on_node_loss: bool,
+    /// How a run that failed because a connection could not be reached is
+    /// tried again (`retry = { attempts, wait_secs, backoff }`); None: never.
+    pub retry: Option<RetryPolicy>,
 }
 
 /// A script the engine runs at a fixed moment of a job (Starfish's Exec operations).
