@@ -14,6 +14,7 @@ pub mod extract;
 pub mod nodes;
 pub mod preview;
 pub mod projects;
+pub mod rerun;
 pub mod runs;
 pub mod scrape;
 pub mod wire;
@@ -97,6 +98,7 @@ pub fn app(
         .route("/v1/runs", get(runs::list_runs))
         .route("/v1/runs/{id}", get(run_detail))
         .route("/v1/runs/{id}/cancel", post(cancel))
+        .route("/v1/runs/{id}/rerun", post(rerun::rerun))
         .route("/v1/runs/{id}/log", get(runs::run_log))
         .route("/v1/runs/{id}/errors", get(runs::run_errors))
         .route("/v1/runs/{id}/events", get(events::run_events))
@@ -564,7 +566,8 @@ async fn run_detail(
     );
     if who.format == Format::Json {
         // The request as accepted, so a console can run it again.
-        return Ok(runs::with_request(&resp, &rec));
+        let extras = rerun::run_extras(&svc, &rec, &resp.results).await;
+        return Ok(runs::with_request(&resp, &rec, &extras));
     }
     Ok(Reply::one(StatusCode::OK, who.format, &resp).into_response())
 }
@@ -941,6 +944,7 @@ async fn metrics_text(State(svc): State<AppState>, caller: Caller) -> Result<Res
         token,
         run_detail,
         cancel,
+        rerun::rerun,
         runs::list_runs,
         runs::run_log,
         runs::run_errors,
@@ -969,7 +973,8 @@ async fn metrics_text(State(svc): State<AppState>, caller: Caller) -> Result<Res
         runs::RunPage,
         runs::RunSummary,
         nodes::NodeList,
-        nodes::NodeLine
+        nodes::NodeLine,
+        rerun::RerunAnswer
     )),
     modifiers(&SecuritySchemes, &XmlAnswers)
 )]

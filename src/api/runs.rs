@@ -537,6 +537,7 @@ pub async fn run_errors(
 pub(super) fn with_request(
     resp: &super::wire::ExecJobResponse,
     rec: &crate::store::RunRecord,
+    extras: &str,
 ) -> Response {
     let answer = serde_json::to_string(resp).unwrap_or_default();
     let request: serde_json::Value = serde_json::from_str(&rec.request_json).unwrap_or_default();
@@ -544,7 +545,7 @@ pub(super) fn with_request(
         // The node is there only on a shared store (where it tells which
         // node ran, or runs, the run); requeues only once there were some.
         Some(head) => format!(
-            "{head},\"instance\":{}{}{},\"request\":{request}}}",
+            "{head},\"instance\":{}{}{}{extras},\"request\":{request}}}",
             json!(rec.key.instance),
             rec.node_id
                 .as_ref()

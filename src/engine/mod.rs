@@ -25,8 +25,8 @@ use serde::Serialize;
 
 use crate::project::{JobId, Problem, Project};
 pub use crate::run::{
-    Counters, FailureKind, JobReport, LogEntry, LogLevel, MAX_THREADS, ROW_ERRORS_KEPT, RowError, RunId,
-    RunReport, RunRequest, RunStatus,
+    Counters, FailureKind, JobReport, LogEntry, LogLevel, MAX_THREADS, ROW_ERRORS_KEPT, RowError,
+    RunId, RunReport, RunRequest, RunStatus,
 };
 
 /// A flag that asks a run to stop; the engine checks it between rows and

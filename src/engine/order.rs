@@ -102,9 +102,7 @@ mod tests {
         assert!(ordered("SELECT id, name FROM t ORDER BY id"));
         assert!(ordered("select * from t\norder\n  by id limit 10"));
         assert!(!ordered("SELECT * FROM t"));
-        assert!(!ordered(
-            "SELECT * FROM (SELECT * FROM t ORDER BY id) AS s"
-        ));
+        assert!(!ordered("SELECT * FROM (SELECT * FROM t ORDER BY id) AS s"));
         assert!(!ordered("SELECT 'ORDER BY id' AS note FROM t"));
         assert!(!ordered("SELECT * FROM t -- ORDER BY id"));
         assert!(!ordered("SELECT * FROM t /* order by id */"));

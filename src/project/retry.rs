@@ -96,10 +96,22 @@ mod tests {
         assert_eq!((d.wait, d.backoff), (Duration::from_secs(30), 2.0));
         let big = raw("retry = { attempts = 20, wait_secs = 86400, backoff = 10 }").unwrap();
         assert_eq!(big.wait_before(20), Duration::from_secs(86_400));
-        assert!(raw("retry = { attempts = 0 }").unwrap_err().contains("1 to 20"));
+        assert!(
+            raw("retry = { attempts = 0 }")
+                .unwrap_err()
+                .contains("1 to 20")
+        );
         assert!(raw("retry = { attempts = 21 }").is_err());
-        assert!(raw("retry = { attempts = 2, wait_secs = -1 }").unwrap_err().contains("wait_secs"));
-        assert!(raw("retry = { attempts = 2, backoff = 0.5 }").unwrap_err().contains("backoff"));
+        assert!(
+            raw("retry = { attempts = 2, wait_secs = -1 }")
+                .unwrap_err()
+                .contains("wait_secs")
+        );
+        assert!(
+            raw("retry = { attempts = 2, backoff = 0.5 }")
+                .unwrap_err()
+                .contains("backoff")
+        );
         assert!(raw("retry = { attempts = 2, tries = 1 }").is_err());
     }
 }

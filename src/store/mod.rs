@@ -6,8 +6,8 @@
 //! the same trait without touching the API or the engine.
 
 pub mod history;
-pub mod retry;
 mod postgres;
+pub mod retry;
 mod sqlite;
 
 use std::fmt;

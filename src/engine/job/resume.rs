@@ -179,7 +179,9 @@ mod tests {
         let missing = ConnectorError::Open {
             what: "file".into(),
             reason: "missing".into(),
-            cause: Some(Cause::Io(std::io::Error::from(std::io::ErrorKind::NotFound))),
+            cause: Some(Cause::Io(std::io::Error::from(
+                std::io::ErrorKind::NotFound,
+            ))),
         };
         assert!(!is_unreachable(&missing));
         assert!(!is_unreachable(&ConnectorError::schema("no column x")));

@@ -21,8 +21,8 @@ use crate::run::RunStatus;
 
 mod history;
 mod news;
-mod retry;
 mod nodes;
+mod retry;
 mod runs;
 mod state;
 mod store_impl;

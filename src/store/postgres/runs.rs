@@ -58,10 +58,10 @@ impl PostgresStore {
         let tx = conn.transaction().await?;
         let queued = tx
             .query(
-                &tx.prepare_cached(
-                    &format!("SELECT instance, run_id, project_id, job_id FROM runs
-                 WHERE status = 'Queued' AND {CLAIMABLE} ORDER BY accepted_ms, run_id LIMIT $1"),
-                )
+                &tx.prepare_cached(&format!(
+                    "SELECT instance, run_id, project_id, job_id FROM runs
+                 WHERE status = 'Queued' AND {CLAIMABLE} ORDER BY accepted_ms, run_id LIMIT $1"
+                ))
                 .await?,
                 &[&CLAIM_SCAN],
             )

@@ -80,7 +80,10 @@ impl Store for PostgresStore {
     ) -> Result<bool, StoreError> {
         self.retry_later_pg(key, epoch, retry).await
     }
-    async fn retry_state(&self, key: &RunKey) -> Result<crate::store::retry::RetryState, StoreError> {
+    async fn retry_state(
+        &self,
+        key: &RunKey,
+    ) -> Result<crate::store::retry::RetryState, StoreError> {
         self.retry_state_pg(key).await
     }
     async fn heartbeat(&self, node: &NodeInfo) -> Result<(), StoreError> {
