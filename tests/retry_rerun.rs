@@ -198,22 +198,70 @@ async fn wait_ended(client: &reqwest::Client, base: &str, id: &str) -> Value {
     .await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_run_is_retried_under_its_run_id_once_the_database_is_back() {
-    let f = Fixture::new();
+/// A database of the test's own for a shared store, dropped at the end.
+struct StoreDb(String);
+
+impl StoreDb {
+    fn new() -> StoreDb {
+        let name = format!(
+            "tp_retry_{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..10]
+        );
+        admin(format!("CREATE DATABASE {name}"));
+        StoreDb(name)
+    }
+
+    fn url(&self) -> String {
+        let url = pg_url();
+        let (base, _) = url.rsplit_once('/').unwrap();
+        format!("{base}/{}", self.0)
+    }
+}
+
+impl Drop for StoreDb {
+    fn drop(&mut self) {
+        admin(format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.0));
+    }
+}
+
+/// Runs `sql` on the test PostgreSQL from a thread of its own (the blocking
+/// client cannot run on the test's runtime).
+fn admin(sql: String) {
+    std::thread::spawn(move || {
+        let mut c = postgres::Client::connect(&pg_url(), postgres::NoTls)
+            .expect("PostgreSQL must be running on 127.0.0.1:5432");
+        c.batch_execute(&sql).unwrap();
+    })
+    .join()
+    .unwrap();
+}
+
+/// A run whose destination refuses at first fails, waits Queued, and runs
+/// again under its runID once the database is back (on whichever of
+/// `nodes` claims it); one webhook, after the last attempt.
+async fn retried_once_the_database_is_back(f: &Fixture, store: Option<&StoreDb>, nodes: usize) {
     let pg = Schema::new().await;
     pg.exec("CREATE TABLE S.t (id integer, name text)").await;
     let gate = Gate::shut_new();
     project(
-        &f,
+        f,
         &gate.url(),
         &pg.table("t"),
         50,
         "retry = { attempts = 2, wait_secs = 3, backoff = 1.0 }",
     );
     let (hook, got) = common::webhook_receiver(|_| axum::http::StatusCode::OK).await;
-    let server = f.serve().start_async().await;
-    let (client, base) = (reqwest::Client::new(), server.base.clone());
+    let mut servers = Vec::new();
+    for n in 0..nodes {
+        let data = f.root.join(format!("data-{n}"));
+        std::fs::create_dir_all(&data).unwrap();
+        let mut b = common::server::serve(&data, &f.projects);
+        if let Some(db) = store {
+            b = b.args(&["--store", &db.url(), "--node-id", &format!("n{n}")]);
+        }
+        servers.push(b.start_async().await);
+    }
+    let (client, base) = (reqwest::Client::new(), servers[0].base.clone());
     let id = uuid::Uuid::new_v4().to_string();
     let (status, _) = post(
         &client,
@@ -260,6 +308,17 @@ async fn a_run_is_retried_under_its_run_id_once_the_database_is_back() {
     );
     assert_eq!(hooks[0]["status"], "Complete");
     assert_eq!(hooks[0]["runID"], id);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_is_retried_under_its_run_id_once_the_database_is_back() {
+    retried_once_the_database_is_back(&Fixture::new(), None, 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_cluster_any_node_runs_the_next_attempt() {
+    let store = StoreDb::new();
+    retried_once_the_database_is_back(&Fixture::new(), Some(&store), 2).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
