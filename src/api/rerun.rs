@@ -19,6 +19,9 @@ use crate::server::retry::{Attempt, attempts_of};
 use crate::store::Role;
 use crate::store::{RunRecord, Submitted};
 
+/// The white space the parameters' patterns allow around a value.
+const HTTP_BLANK: [char; 5] = [' ', '\t', '\n', '\x0c', '\r'];
+
 /// The answer of `POST /v1/Runs/{id}/rerun`.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 #[schema(as = rerunResponse)]
@@ -45,7 +48,7 @@ pub struct RerunAnswer {
 #[utoipa::path(post, path = "/v1/Runs/{id}/rerun", tag = "tidepool", operation_id = "RerunRun",
     params(("id" = String, Path, description = "the runID of the run to run again"),
         ("from" = Option<String>, Query, pattern = r"^[ \t\n\f\r]*([Ff][Aa][Ii][Ll][Uu][Rr][Ee])?[ \t\n\f\r]*$", description = "failure: start the failed job at its first row not committed and go on with its chain; blank or absent: the whole request again"),
-        ("runID" = Option<String>, Query, pattern = r"^[ \t\n\f\r]*([0-9A-Fa-f]{8}-?[0-9A-Fa-f]{4}-?[0-9A-Fa-f]{4}-?[0-9A-Fa-f]{4}-?[0-9A-Fa-f]{12})?[ \t\n\f\r]*$", description = "the new run's GUID; blank or absent: a new one"),
+        ("runID" = Option<String>, Query, pattern = r"^[ \t\n\f\r]*$|^[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}$", description = "the new run's GUID in its 36-character form; blank or absent: a new one"),
         ("instance" = Option<String>, Query, description = "the instance the run belongs to; default the caller's primary instance")),
     security(("bearer" = []), ("apiKey" = [])),
     responses(
@@ -69,7 +72,7 @@ pub async fn rerun(
         return Err(who.refuse(StatusCode::FORBIDDEN, "running a job needs Owner or Full"));
     }
     let bad = |m: String| who.refuse(StatusCode::BAD_REQUEST, m);
-    let from_failure = match param(&q, "from").map(str::trim) {
+    let from_failure = match param(&q, "from").map(|f| f.trim_matches(HTTP_BLANK)) {
         None | Some("") => false,
         Some(f) if f.eq_ignore_ascii_case("failure") => true,
         Some(other) => {
@@ -78,11 +81,13 @@ pub async fn rerun(
             )));
         }
     };
-    let run_id = match param(&q, "runID").map(str::trim) {
-        None | Some("") => uuid::Uuid::new_v4(),
-        Some(t) => {
-            uuid::Uuid::try_parse(t).map_err(|_| bad(format!("runID {t:?} is not a GUID")))?
-        }
+    let run_id = match param(&q, "runID") {
+        None => uuid::Uuid::new_v4(),
+        Some(t) if t.trim_matches(HTTP_BLANK).is_empty() => uuid::Uuid::new_v4(),
+        Some(t) => uuid::Uuid::try_parse(t)
+            .ok()
+            .filter(|_| t.len() == 36)
+            .ok_or_else(|| bad(format!("runID {t:?} is not a GUID (8-4-4-4-12 hex digits)")))?,
     };
     let mut sub: Submission = serde_json::from_str(&rec.request_json).map_err(|e| {
         who.refuse(
