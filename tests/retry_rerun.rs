@@ -511,3 +511,43 @@ async fn a_rerun_from_the_failure_is_refused_with_the_reason() {
     .await;
     assert_eq!(status, 409, "{answer}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_between_two_attempts_ends_the_run_cancelled() {
+    let f = Fixture::new();
+    let nobody = Gate::shut_new(); // nothing ever listens
+    project(
+        &f,
+        &nobody.url(),
+        "t",
+        5,
+        "retry = { attempts = 5, wait_secs = 600 }",
+    );
+    let (hook, got) = common::webhook_receiver(|_| axum::http::StatusCode::OK).await;
+    let server = f.serve().start_async().await;
+    let (client, base) = (reqwest::Client::new(), server.base.clone());
+    let id = uuid::Uuid::new_v4().to_string();
+    post(
+        &client,
+        &format!("{base}/v1/ExecuteJobAsync"),
+        Some(json!({"runID": id, "projectID": "p", "jobID": "load", "webHookURL": hook})),
+    )
+    .await;
+    until("the run waits for its second attempt", || async {
+        let d = detail(&client, &base, &id).await;
+        d["status"] == "Queued" && d["attempts"].as_array().is_some_and(|a| a.len() == 1)
+    })
+    .await;
+    let (status, answer) = post(&client, &format!("{base}/v1/Runs/{id}/cancel"), None).await;
+    assert_eq!(
+        (status, answer["status"].as_str()),
+        (202, Some("Cancelled")),
+        "{answer}"
+    );
+    let done = detail(&client, &base, &id).await;
+    assert_eq!(done["status"], "Cancelled", "{done}");
+    until("the webhook", || async { !got.lock().unwrap().is_empty() }).await;
+    let hooks = got.lock().unwrap().clone();
+    assert_eq!(hooks.len(), 1, "{hooks:?}");
+    assert_eq!(hooks[0]["status"], "Cancelled");
+}
