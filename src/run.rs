@@ -141,6 +141,13 @@ pub struct Submission {
     pub web_hook_url: Option<String>,
     /// The instance asked for, if any.
     pub instance: Option<String>,
+    /// The first job starts at this origin row instead of `beginAtRow` (a
+    /// rerun from the failure: the first row its failed run did not commit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resume_at_row: Option<u64>,
+    /// The run this one continues (a rerun from the failure).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub continues: Option<uuid::Uuid>,
 }
 
 impl Submission {
@@ -193,6 +200,10 @@ pub struct JobResult {
     /// The job (tidepool's addition, useful with chains).
     #[serde(rename = "jobID")]
     pub job_id: String,
+    /// The first origin row not yet committed (tidepool's addition): where a
+    /// rerun from the failure starts this job. Absent when nothing is known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resume_at_row: Option<u64>,
 }
 
 impl JobResult {
@@ -212,6 +223,7 @@ impl JobResult {
             status,
             counters: *c,
             job_id: job_id.to_owned(),
+            resume_at_row: None,
         }
     }
 }
@@ -404,6 +416,9 @@ pub struct RunRequest {
     pub chain_jobs: bool,
     /// Run everything but write nothing (database work rolled back, files untouched).
     pub preview: bool,
+    /// The first job (only) starts at this origin row instead of
+    /// `begin_at_row`: a rerun or retry that resumes where a run stopped.
+    pub resume_at_row: Option<u64>,
 }
 
 impl RunRequest {
@@ -420,6 +435,7 @@ impl RunRequest {
             logging_level: LogLevel::None,
             chain_jobs: false,
             preview: false,
+            resume_at_row: None,
         }
     }
 }
@@ -492,6 +508,26 @@ pub struct JobReport {
     /// Row errors counted, kept or not.
     #[serde(skip_serializing_if = "is_zero")]
     pub row_errors_total: u64,
+    /// Why the job failed, as a kind a server can act on (retry or not);
+    /// None unless the job Failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failure: Option<FailureKind>,
+    /// The first origin row not committed: every row before it (from the
+    /// row the job began at) was written and committed, or counted as a row
+    /// error. None for a preview.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resume_at_row: Option<u64>,
+}
+
+/// Why a job failed, in the terms a retry decides on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FailureKind {
+    /// A connection could not be reached or opened, or was lost past its
+    /// batch retries: running again later may succeed.
+    Unreachable,
+    /// Anything else (halt on error, a script, the mapping, the job's
+    /// settings, a fenced save): running again unchanged fails the same way.
+    Job,
 }
 
 fn is_zero(n: &u64) -> bool {

@@ -14,6 +14,7 @@ pub mod extract;
 pub mod nodes;
 pub mod preview;
 pub mod projects;
+pub mod rerun;
 pub mod runs;
 pub mod schedules;
 pub mod scrape;
@@ -98,6 +99,7 @@ pub fn app(
         .route("/v1/runs", get(runs::list_runs))
         .route("/v1/runs/{id}", get(run_detail))
         .route("/v1/runs/{id}/cancel", post(cancel))
+        .route("/v1/runs/{id}/rerun", post(rerun::rerun))
         .route("/v1/runs/{id}/log", get(runs::run_log))
         .route("/v1/runs/{id}/errors", get(runs::run_errors))
         .route("/v1/runs/{id}/events", get(events::run_events))
@@ -576,7 +578,9 @@ async fn run_detail(
         // The request as accepted, so a console can run it again; the
         // schedule tick that queued it, if one did.
         let tick = svc.store.tick_of_run(&rec.key).await.ok().flatten();
-        return Ok(runs::with_request(&resp, &rec, tick.as_ref()));
+        // Its attempts and the run it continues (retries, reruns).
+        let extras = rerun::run_extras(&svc, &rec, &resp.results).await;
+        return Ok(runs::with_request(&resp, &rec, tick.as_ref(), &extras));
     }
     Ok(Reply::one(StatusCode::OK, who.format, &resp).into_response())
 }
@@ -953,6 +957,7 @@ async fn metrics_text(State(svc): State<AppState>, caller: Caller) -> Result<Res
         token,
         run_detail,
         cancel,
+        rerun::rerun,
         runs::list_runs,
         runs::run_log,
         runs::run_errors,
@@ -987,7 +992,8 @@ async fn metrics_text(State(svc): State<AppState>, caller: Caller) -> Result<Res
         nodes::NodeLine,
         schedules::ScheduleList,
         schedules::ScheduleLine,
-        schedules::TickLine
+        schedules::TickLine,
+        rerun::RerunAnswer
     )),
     modifiers(&SecuritySchemes, &XmlAnswers)
 )]

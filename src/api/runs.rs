@@ -538,6 +538,7 @@ pub(super) fn with_request(
     resp: &super::wire::ExecJobResponse,
     rec: &crate::store::RunRecord,
     tick: Option<&crate::store::schedules::TickRecord>,
+    extras: &str,
 ) -> Response {
     let answer = serde_json::to_string(resp).unwrap_or_default();
     let scheduled = tick
@@ -554,7 +555,7 @@ pub(super) fn with_request(
         // The node is there only on a shared store (where it tells which
         // node ran, or runs, the run); requeues only once there were some.
         Some(head) => format!(
-            "{head},\"instance\":{}{}{}{scheduled},\"request\":{request}}}",
+            "{head},\"instance\":{}{}{}{scheduled}{extras},\"request\":{request}}}",
             json!(rec.key.instance),
             rec.node_id
                 .as_ref()

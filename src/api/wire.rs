@@ -598,6 +598,8 @@ impl ExecJobRequest {
             thread_count: thread_count as usize,
             web_hook_url,
             instance,
+            resume_at_row: None,
+            continues: None,
         })
     }
 }

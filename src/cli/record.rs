@@ -92,6 +92,8 @@ pub fn record(
         thread_count: req.thread_count,
         web_hook_url: None,
         instance: None,
+        resume_at_row: req.resume_at_row,
+        continues: None,
     };
     let response = run_result(report, req.logging_level);
     let key = RunKey {

@@ -11,8 +11,10 @@ mod job;
 #[cfg(test)]
 mod kept_tests;
 mod mapping;
+mod order;
 mod state;
 
+pub use order::origin_order;
 pub use state::{KeptState, StateError};
 
 use std::sync::Arc;
@@ -23,8 +25,8 @@ use serde::Serialize;
 
 use crate::project::{JobId, Problem, Project};
 pub use crate::run::{
-    Counters, JobReport, LogEntry, LogLevel, MAX_THREADS, ROW_ERRORS_KEPT, RowError, RunId,
-    RunReport, RunRequest, RunStatus,
+    Counters, FailureKind, JobReport, LogEntry, LogLevel, MAX_THREADS, ROW_ERRORS_KEPT, RowError,
+    RunId, RunReport, RunRequest, RunStatus,
 };
 
 /// A flag that asks a run to stop; the engine checks it between rows and
@@ -104,6 +106,9 @@ pub trait RunObserver: Sync {
     fn job_started(&self, _job: &JobId) {}
     /// The job's counters so far (called a few times a second).
     fn progress(&self, _job: &JobId, _counters: &Counters) {}
+    /// The first origin row of the job not yet committed (called just
+    /// before each [`RunObserver::progress`]).
+    fn committed(&self, _job: &JobId, _resume_at_row: u64) {}
     /// A log entry was made, at the run's `logging_level` (the entries the
     /// job's final log keeps, in the same order, at most
     /// [`LOG_ENTRIES_KEPT`] and the note saying how many more were dropped).

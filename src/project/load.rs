@@ -145,6 +145,7 @@ struct RawJob {
     rerun_on_node_loss: bool,
     #[serde(default)]
     schedules: Vec<Spanned<super::schedule::RawSchedule>>,
+    retry: Option<Spanned<super::retry::RawRetry>>,
 }
 
 #[derive(Deserialize)]
@@ -671,6 +672,13 @@ fn load_job(
         check_id(&cx.src, next, "next job", &mut cx.problems);
     }
     let schedules = cx.schedules(raw.schedules);
+    let retry = raw.retry.as_ref().and_then(|r| match r.get_ref().check() {
+        Ok(p) => Some(p),
+        Err(m) => {
+            cx.problems.push(cx.src.problem(r, m));
+            None
+        }
+    });
 
     if !cx.problems.is_empty() {
         return Err(cx.problems);
@@ -698,6 +706,7 @@ fn load_job(
         max_concurrent_runs,
         rerun_on_node_loss: raw.rerun_on_node_loss,
         schedules,
+        retry,
     };
     Ok((job, raw.next, text))
 }

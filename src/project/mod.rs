@@ -6,6 +6,7 @@
 
 mod load;
 mod schedule;
+mod retry;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -26,6 +27,7 @@ pub use schedule::{
 };
 
 pub use crate::run::{JobId, ProjectId};
+pub use retry::RetryPolicy;
 
 /// A loaded, statically valid project.
 #[derive(Debug, Clone)]
@@ -98,6 +100,9 @@ pub struct Job {
     pub rerun_on_node_loss: bool,
     /// When the server runs the job by itself (`[[schedules]]`).
     pub schedules: Vec<Schedule>,
+    /// How a run that failed because a connection could not be reached is
+    /// tried again (`retry = { attempts, wait_secs, backoff }`); None: never.
+    pub retry: Option<RetryPolicy>,
 }
 
 /// A script the engine runs at a fixed moment of a job (Starfish's Exec operations).

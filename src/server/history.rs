@@ -52,14 +52,20 @@ pub fn stored_line(e: &LogEntry) -> StoredLogLine {
 
 /// One job's result, as the run's results record keeps it.
 pub fn job_result(run_id: &str, j: &JobReport) -> JobResult {
-    JobResult::new(
+    let mut r = JobResult::new(
         run_id,
         &j.job_id.0,
         &j.start_time,
         j.run_time,
         j.status,
         &j.counters,
-    )
+    );
+    // Where a rerun from the failure would start: only for a job that did
+    // not complete (a complete job is never resumed).
+    if j.status != crate::run::RunStatus::Complete {
+        r.resume_at_row = j.resume_at_row;
+    }
+    r
 }
 
 /// A log entry as a run's answer shows it.

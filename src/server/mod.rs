@@ -6,6 +6,7 @@ pub mod history;
 mod lease;
 pub mod reload;
 pub mod scheduler;
+pub mod retry;
 pub mod webhook;
 
 use std::collections::HashMap;
@@ -557,7 +558,7 @@ impl Service {
                 .await;
             return;
         };
-        let run_req = RunRequest {
+        let mut run_req = RunRequest {
             run_id: RunId(req.run_id),
             project: project.id.clone(),
             job: JobId(req.job_id.clone()),
@@ -568,7 +569,9 @@ impl Service {
             logging_level: LogLevel::from_number(req.logging_level as u64),
             chain_jobs: req.chain_jobs,
             preview: false,
+            resume_at_row: req.resume_at_row,
         };
+        let (attempt, attempts) = self.attempt_of(&rec, &mut run_req).await;
         let lease = lease::Held::new(rec.lease_epoch);
         self.running
             .lock()
@@ -597,6 +600,7 @@ impl Service {
             done: Mutex::new(Vec::new()),
             current: Mutex::new(None),
             log: appender.clone(),
+            resume: Mutex::new(None),
         };
         let kept = self.store.kept_state(Some((key.clone(), rec.lease_epoch)));
         let cancel = lease.cancel.clone();
@@ -609,7 +613,18 @@ impl Service {
         // No live append may land after the end's log is written.
         appender.finish().await;
         let end = match outcome {
-            Ok((Ok(report), level)) => self.ended_run(&key, &lease, report, level).await,
+            Ok((Ok(report), level)) => {
+                if let Some(next) = retry::plan(&projects, &rec, &report, attempt)
+                    && self
+                        .retry_later(&rec, &lease, &report, next, attempts)
+                        .await
+                {
+                    self.running.lock().expect("running lock").remove(&key);
+                    self.run_left.notify_waiters();
+                    return;
+                }
+                self.ended_run(&key, &lease, report, level).await
+            }
             Ok((Err(e), _)) => Err(e.to_string()),
             Err(e) => Err(format!("the run crashed: {e}")),
         };
@@ -794,6 +809,8 @@ struct LiveResults {
     >,
     /// Takes the log lines as they are made to the store.
     log: Arc<LogAppender>,
+    /// The current job's first origin row not committed, as last heard.
+    resume: Mutex<Option<u64>>,
 }
 
 /// A running run's log lines on their way to the store.
@@ -900,6 +917,7 @@ impl RunObserver for LiveResults {
         let start = Local::now().fixed_offset();
         *self.current.lock().expect("live lock") =
             Some((job.clone(), start, std::time::Instant::now()));
+        *self.resume.lock().expect("live lock") = None;
         self.save(Some(JobResult::new(
             &self.run_id,
             &job.0,
@@ -932,17 +950,24 @@ impl RunObserver for LiveResults {
         log.pending.push(entry.clone());
     }
 
+    fn committed(&self, _job: &JobId, resume_at_row: u64) {
+        *self.resume.lock().expect("live lock") = Some(resume_at_row);
+    }
+
     fn progress(&self, job: &JobId, c: &Counters) {
         let cur = self.current.lock().expect("live lock").clone();
         if let Some((_, start, t0)) = cur {
-            self.save(Some(JobResult::new(
+            let mut live = JobResult::new(
                 &self.run_id,
                 &job.0,
                 &start,
                 t0.elapsed(),
                 RunStatus::Running,
                 c,
-            )));
+            );
+            // Saved with the progress: a run whose node dies has it too.
+            live.resume_at_row = *self.resume.lock().expect("live lock");
+            self.save(Some(live));
         }
         self.log.wake.notify_one();
     }

@@ -181,6 +181,8 @@ fn submission(l: &Loaded<'_>, run_id: uuid::Uuid) -> Submission {
         thread_count: s.thread_count,
         web_hook_url: s.web_hook_url.clone(),
         instance: None,
+        resume_at_row: None,
+        continues: None,
     }
 }
 

@@ -8,6 +8,7 @@
 pub mod history;
 mod postgres;
 pub mod schedules;
+pub mod retry;
 mod sqlite;
 
 use std::fmt;
@@ -481,6 +482,18 @@ pub trait Store: RunHistory + ScheduleStore + Send + Sync + 'static {
     async fn requeue(&self, _key: &RunKey, _epoch: i64, _lost: bool) -> Result<bool, StoreError> {
         Ok(false)
     }
+    /// Puts a Running run held under `epoch` back in the queue as its next
+    /// attempt, claimable once `retry.wait` has passed, with its attempts so
+    /// far and where the next one starts; no webhook is queued. False if
+    /// fenced out (or it is not Running).
+    async fn retry_later(
+        &self,
+        key: &RunKey,
+        epoch: i64,
+        retry: retry::RetryLater,
+    ) -> Result<bool, StoreError>;
+    /// A run's earlier attempts and where its next attempt starts.
+    async fn retry_state(&self, key: &RunKey) -> Result<retry::RetryState, StoreError>;
     /// Records that a node is alive (and what it is doing).
     async fn heartbeat(&self, node: &NodeInfo) -> Result<(), StoreError>;
     /// Records that a node stopped cleanly.

@@ -24,6 +24,7 @@ use crate::run::RunStatus;
 mod history;
 mod packed;
 mod schedules;
+mod retry;
 
 /// Hears whether the transaction that held the write committed.
 type Reply = Box<dyn FnOnce(Result<(), Arc<rusqlite::Error>>) + Send>;
@@ -163,6 +164,7 @@ impl SqliteStore {
         conn.execute_batch(SCHEMA)?;
         history::history_schema(&conn)?;
         schedules::schedule_schema(&conn)?;
+        retry::retry_schema(&conn)?;
         // Checkpoints run on their own thread so the writer never stalls on
         // copying the log into the database (and the fsync that follows).
         conn.execute_batch("PRAGMA wal_autocheckpoint=0")?;
@@ -523,7 +525,8 @@ impl Store for SqliteStore {
             // The oldest run first; a run of a job at its limit waits (a
             // few hundred of them at most are looked past in one claim).
             let mut st = c.prepare_cached(&format!(
-                "SELECT {RUN_COLUMNS} FROM runs WHERE status = 'Queued' ORDER BY rowid LIMIT ?1"
+                "SELECT {RUN_COLUMNS} FROM runs WHERE status = 'Queued' AND {} ORDER BY rowid LIMIT ?1",
+                retry::CLAIMABLE
             ))?;
             let scan = if limits.0.is_empty() { 1 } else { 256 };
             let queued: Vec<RunRecord> = st.query_map([scan], run_row)?.collect::<Result<_, _>>()?;
@@ -614,6 +617,19 @@ impl Store for SqliteStore {
             Ok(true)
         })
         .await
+    }
+
+    async fn retry_later(
+        &self,
+        key: &RunKey,
+        _epoch: i64,
+        retry: super::retry::RetryLater,
+    ) -> Result<bool, StoreError> {
+        self.retry_later_sqlite(key, retry).await
+    }
+
+    async fn retry_state(&self, key: &RunKey) -> Result<super::retry::RetryState, StoreError> {
+        self.retry_state_sqlite(key).await
     }
 
     async fn run(&self, key: &RunKey) -> Result<Option<RunRecord>, StoreError> {

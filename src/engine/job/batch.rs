@@ -266,7 +266,7 @@ impl Shared<'_> {
             && let Some(why) = gave_up(e, attempt)
         {
             let _ = w.each(&mut |d| d.rollback());
-            self.fail_job(why);
+            self.fail_unreachable(why);
             return;
         }
         if let Err(e) = result {
@@ -290,7 +290,7 @@ impl Shared<'_> {
                     if let Some(why) = gave_up(&e, attempt) {
                         // This row and the rest of the batch are not counted.
                         one[0].reset();
-                        self.fail_job(why);
+                        self.fail_unreachable(why);
                         break;
                     }
                     let r = &mut one[0];
@@ -304,6 +304,7 @@ impl Shared<'_> {
             }
         }
         self.account(js, rows);
+        self.mark_done(rows);
     }
 
     /// Keeps a row error with the row's origin values, whatever the log level.

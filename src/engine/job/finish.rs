@@ -38,6 +38,8 @@ impl Ending<'_> {
             halted,
             error_file,
             stages,
+            mark,
+            unreachable,
             ..
         } = shared;
         let mut log = log.into_inner().expect("log lock");
@@ -76,6 +78,8 @@ impl Ending<'_> {
             log,
             cancelled,
             return_value: return_value.into_inner().expect("return value lock"),
+            unreachable: unreachable.into_inner(),
+            resume_at_row: Some(mark.next()),
         };
         self.pump_errors(&mut outcome, pumped);
         // Variables changed since the job started: by the operations before the
@@ -113,6 +117,9 @@ impl Ending<'_> {
         let (counters, log, error) = (&mut outcome.counters, &mut outcome.log, &mut outcome.error);
         if let Err(e) = pumped.read_result {
             counters.errors += 1;
+            if error.is_none() && super::resume::is_unreachable(&e) {
+                outcome.unreachable = true;
+            }
             // A stream cannot be resumed where it broke: say what landed, so the
             // user knows what a rerun must cover.
             let e = match e {
@@ -124,6 +131,9 @@ impl Ending<'_> {
             };
             log.push(LogLevel::Low, None, format!("origin: {e}"));
             error.get_or_insert(format!("origin {:?}: {e}", self.job.origin.connection));
+        }
+        if error.is_none() && pumped.finish_unreachable {
+            outcome.unreachable = true;
         }
         for e in pumped.finish_errors {
             counters.errors += 1;

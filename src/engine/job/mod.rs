@@ -13,6 +13,7 @@ mod finish;
 mod operations;
 mod prepare;
 mod pump;
+mod resume;
 mod writers;
 
 use super::host::RunHost;
@@ -289,6 +290,10 @@ struct Shared<'a> {
     host: Option<Arc<RunHost>>,
     /// Hears each row of a preview run (with what each stage would write).
     previewer: Option<&'a dyn RunObserver>,
+    /// The first origin row not committed.
+    mark: resume::CommitMark,
+    /// The job's first failure was a connection that could not be reached.
+    unreachable: AtomicBool,
 }
 
 impl Shared<'_> {
@@ -493,6 +498,8 @@ pub(crate) fn run_job(
         mut log,
         cancelled,
         return_value,
+        unreachable,
+        resume_at_row,
     } = execute(
         &Ending {
             project,
@@ -532,7 +539,15 @@ pub(crate) fn run_job(
     );
     let row_errors = std::mem::take(&mut log.row_errors);
     let row_errors_total = log.row_errors_total;
+    let failure = (status == RunStatus::Failed).then_some(if unreachable {
+        crate::run::FailureKind::Unreachable
+    } else {
+        crate::run::FailureKind::Job
+    });
     JobReport {
+        failure,
+        resume_at_row: (!req.preview)
+            .then(|| resume_at_row.unwrap_or_else(|| resume::first_row(job, req))),
         row_errors,
         row_errors_total,
         job_id: job.id.clone(),
@@ -555,12 +570,18 @@ struct JobOutcome<'o> {
     cancelled: bool,
     /// The scripts' last `returnValue`.
     return_value: Option<Value>,
+    /// The first failure was a connection that could not be reached.
+    unreachable: bool,
+    /// The first origin row not committed (None: none was read).
+    resume_at_row: Option<u64>,
 }
 
 impl<'o> JobOutcome<'o> {
     /// A job that failed before its rows ran: one error, nothing written.
     fn failed(why: JobError, log: RunLog<'o>) -> Self {
         JobOutcome {
+            unreachable: why.is_unreachable(),
+            resume_at_row: None,
             counters: Counters {
                 errors: 1,
                 ..Counters::default()
@@ -638,6 +659,8 @@ fn execute<'o>(
         limits: job.script_limits,
         host: pre.host.clone(),
         previewer: req.preview.then_some(observer),
+        mark: resume::CommitMark::new(resume::first_row(job, req)),
+        unreachable: AtomicBool::new(false),
     };
     let pumped = pump::pump(&shared, origin, writers, req, observer);
     ending.finish(shared, pumped, pre)

@@ -14,6 +14,8 @@ use crate::engine::{RunObserver, RunRequest};
 pub(super) struct Pumped {
     pub(super) read_result: Result<(), ConnectorError>,
     pub(super) finish_errors: Vec<String>,
+    /// The first of the finishing errors means a connection was unreachable.
+    pub(super) finish_unreachable: bool,
 }
 
 /// Reads the origin through the writers, one writer per thread.
@@ -45,22 +47,31 @@ pub(super) fn pump(
         drop(done_tx);
         drop(trash_tx);
         while let Err(RecvTimeoutError::Timeout) = done_rx.recv_timeout(PROGRESS_EVERY) {
+            observer.committed(&shared.job.id, shared.mark.next());
             observer.progress(&shared.job.id, &shared.counters.snapshot());
         }
         let read_result = reader
             .join()
             .unwrap_or_else(|_| Err(ConnectorError::Io("the reader thread panicked".into())));
+        let mut finish_unreachable = None;
         let finish_errors: Vec<String> = handles
             .into_iter()
             .filter_map(|h| match h.join() {
                 Ok(Ok(())) => None,
-                Ok(Err(e)) => Some(e.to_string()),
-                Err(_) => Some("a writer thread panicked".into()),
+                Ok(Err(e)) => {
+                    finish_unreachable.get_or_insert(super::resume::is_unreachable(&e));
+                    Some(e.to_string())
+                }
+                Err(_) => {
+                    finish_unreachable.get_or_insert(false);
+                    Some("a writer thread panicked".into())
+                }
             })
             .collect();
         Pumped {
             read_result,
             finish_errors,
+            finish_unreachable: finish_unreachable.unwrap_or(false),
         }
     })
 }
@@ -74,7 +85,8 @@ fn read_rows(
     tx: &Sender<Vec<RowState>>,
     trash_rx: &Receiver<Vec<RowState>>,
 ) -> Result<(), ConnectorError> {
-    let (batch_size, begin, end) = (shared.job.batch_size, req.begin_at_row, req.end_after_row);
+    let begin = super::resume::first_row(shared.job, req);
+    let (batch_size, end) = (shared.job.batch_size, req.end_after_row);
     // Script fields of stages mapped ahead run here, in the reader's own runtime.
     let js = shared.runtime().ok().flatten();
     let mut n: u64 = 0;

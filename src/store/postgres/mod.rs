@@ -22,6 +22,7 @@ use crate::run::RunStatus;
 mod history;
 mod news;
 mod nodes;
+mod retry;
 mod runs;
 mod schedules;
 mod state;
@@ -34,7 +35,7 @@ mod webhooks;
 mod tests;
 
 /// The schema version this binary knows (the number of the last migration).
-pub const SCHEMA_VERSION: i32 = 4;
+pub const SCHEMA_VERSION: i32 = 5;
 
 /// The migrations, in order: version `i + 1` is `MIGRATIONS[i]`.
 const MIGRATIONS: [&str; SCHEMA_VERSION as usize] = [
@@ -42,6 +43,7 @@ const MIGRATIONS: [&str; SCHEMA_VERSION as usize] = [
     include_str!("migrations/0002_nodes.sql"),
     include_str!("migrations/0003_argument_trgm.sql"),
     include_str!("migrations/0004_schedules.sql"),
+    include_str!("migrations/0005_retry.sql"),
 ];
 
 /// The advisory lock that serialises migrations across nodes ("tidepool" in ASCII).

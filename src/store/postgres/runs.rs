@@ -6,6 +6,7 @@ use std::time::Duration;
 use chrono::{DateTime, FixedOffset};
 use uuid::Uuid;
 
+use super::retry::CLAIMABLE;
 use super::{NEWS_CHANNEL, ORPHAN_LEASE, PostgresStore, RUN_COLUMNS, run_row, secs};
 use crate::run::RunStatus;
 use crate::store::{
@@ -34,7 +35,7 @@ impl PostgresStore {
         let conn = self.conn().await?;
         let sql = format!(
             "{CLAIM_SET} WHERE (r.instance, r.run_id) = (
-               SELECT instance, run_id FROM runs WHERE status = 'Queued'
+               SELECT instance, run_id FROM runs WHERE status = 'Queued' AND {CLAIMABLE}
                ORDER BY accepted_ms, run_id LIMIT 1 FOR UPDATE SKIP LOCKED)
              RETURNING {RUN_COLUMNS}"
         );
@@ -57,10 +58,10 @@ impl PostgresStore {
         let tx = conn.transaction().await?;
         let queued = tx
             .query(
-                &tx.prepare_cached(
+                &tx.prepare_cached(&format!(
                     "SELECT instance, run_id, project_id, job_id FROM runs
-                 WHERE status = 'Queued' ORDER BY accepted_ms, run_id LIMIT $1",
-                )
+                 WHERE status = 'Queued' AND {CLAIMABLE} ORDER BY accepted_ms, run_id LIMIT $1"
+                ))
                 .await?,
                 &[&CLAIM_SCAN],
             )

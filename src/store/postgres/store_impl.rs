@@ -72,6 +72,20 @@ impl Store for PostgresStore {
     async fn requeue(&self, key: &RunKey, epoch: i64, lost: bool) -> Result<bool, StoreError> {
         self.requeue_pg(key, epoch, lost).await
     }
+    async fn retry_later(
+        &self,
+        key: &RunKey,
+        epoch: i64,
+        retry: crate::store::retry::RetryLater,
+    ) -> Result<bool, StoreError> {
+        self.retry_later_pg(key, epoch, retry).await
+    }
+    async fn retry_state(
+        &self,
+        key: &RunKey,
+    ) -> Result<crate::store::retry::RetryState, StoreError> {
+        self.retry_state_pg(key).await
+    }
     async fn heartbeat(&self, node: &NodeInfo) -> Result<(), StoreError> {
         self.heartbeat_pg(node).await
     }

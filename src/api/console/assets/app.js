@@ -450,6 +450,11 @@ async function runPage(ctx, id) {
       append(actions, h("button", { type: "button", title: "A new run of this job with the same argument (and chain)",
         onclick: () => runAgain(d, project, firstJob, instance, actions) }, "Run again"));
     }
+    const resumable = (d.results || []).find((r) => r.status !== "Complete" && r.resumeAtRow);
+    if (write && d.status === "Failed" && resumable) {
+      append(actions, h("button", { type: "button", title: `A new run from row ${resumable.resumeAtRow} of job ${resumable.jobID}, the first row not committed (then its chain)`,
+        onclick: () => rerunFromFailure(d, project, instance, actions) }, "Rerun from failure"));
+    }
     const started = parseTime(d.startTime);
     setKids(head, 
       h("div", {},
@@ -614,6 +619,18 @@ async function runPage(ctx, id) {
       location.hash = `#/runs/${out.runID}` + qs({ project, instance: body.instance });
     } catch (e) {
       setKids(failure, h("div", { class: "error", role: "alert" }, `Could not start: ${e.message}`));
+      for (const b of actions.querySelectorAll("button")) b.disabled = false;
+    }
+  }
+
+  async function rerunFromFailure(d, project, instance, actions) {
+    for (const b of actions.querySelectorAll("button")) b.disabled = true;
+    const inst = instance === "default" ? undefined : instance;
+    try {
+      const out = await api(`/v1/Runs/${encodeURIComponent(d.runID)}/rerun` + qs({ from: "failure", instance: inst }), { method: "POST" });
+      location.hash = `#/runs/${out.runID}` + qs({ project, instance: inst });
+    } catch (e) {
+      setKids(failure, h("div", { class: "error", role: "alert" }, `Could not rerun: ${e.message}`));
       for (const b of actions.querySelectorAll("button")) b.disabled = false;
     }
   }
