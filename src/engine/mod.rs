@@ -13,7 +13,7 @@ mod kept_tests;
 mod mapping;
 mod state;
 
-pub use state::{KeptState, StateError};
+pub use state::{FileMark, KeptState, StateError};
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -33,13 +33,14 @@ mod webhooks;
 mod tests;
 
 /// The schema version this binary knows (the number of the last migration).
-pub const SCHEMA_VERSION: i32 = 3;
+pub const SCHEMA_VERSION: i32 = 4;
 
 /// The migrations, in order: version `i + 1` is `MIGRATIONS[i]`.
 const MIGRATIONS: [&str; SCHEMA_VERSION as usize] = [
     include_str!("migrations/0001_init.sql"),
     include_str!("migrations/0002_nodes.sql"),
     include_str!("migrations/0003_argument_trgm.sql"),
+    include_str!("migrations/0004_processed_files.sql"),
 ];
 
 /// The advisory lock that serialises migrations across nodes ("tidepool" in ASCII).
