@@ -9,7 +9,9 @@ use chrono::Local;
 use smallvec::{SmallVec, smallvec};
 
 mod batch;
+mod drops;
 mod finish;
+mod incremental;
 mod operations;
 mod prepare;
 mod pump;
@@ -76,6 +78,9 @@ pub(crate) enum JobError {
         #[source]
         source: std::io::Error,
     },
+    /// The incremental field is not the origin's, or a file drop cannot be listed.
+    #[error("{0}")]
+    Load(String),
     /// A destination does not open or finish when the job's connections are checked.
     #[error("destination {name:?}: {source}")]
     Destination {
@@ -289,6 +294,8 @@ struct Shared<'a> {
     host: Option<Arc<RunHost>>,
     /// Hears each row of a preview run (with what each stage would write).
     previewer: Option<&'a dyn RunObserver>,
+    /// Hears of the rows that landed: the incremental mark, the file drop.
+    landing: incremental::Landing,
 }
 
 impl Shared<'_> {
@@ -493,6 +500,7 @@ pub(crate) fn run_job(
         mut log,
         cancelled,
         return_value,
+        mut load,
     } = execute(
         &Ending {
             project,
@@ -543,6 +551,10 @@ pub(crate) fn run_job(
         error,
         log: log.finish(),
         return_value: return_value.map(|v| v.to_text()),
+        load: {
+            load.job_id = job.id.0.clone();
+            load
+        },
     }
 }
 
@@ -555,6 +567,8 @@ struct JobOutcome<'o> {
     cancelled: bool,
     /// The scripts' last `returnValue`.
     return_value: Option<Value>,
+    /// The incremental mark and the dropped files.
+    load: crate::run::JobLoad,
 }
 
 impl<'o> JobOutcome<'o> {
@@ -569,6 +583,7 @@ impl<'o> JobOutcome<'o> {
             log,
             cancelled: false,
             return_value: None,
+            load: Default::default(),
         }
     }
 }
@@ -638,6 +653,10 @@ fn execute<'o>(
         limits: job.script_limits,
         host: pre.host.clone(),
         previewer: req.preview.then_some(observer),
+        landing: incremental::Landing {
+            high_water: pre.high_water.clone(),
+            drop: pre.drop_run.clone(),
+        },
     };
     let pumped = pump::pump(&shared, origin, writers, req, observer);
     ending.finish(shared, pumped, pre)
@@ -648,7 +667,10 @@ fn execute<'o>(
 /// exist. Returns the destinations' notes (a missing index, …).
 pub(crate) fn check_job(project: &Project, job: &Job) -> Result<Vec<String>, JobError> {
     let variables = job_variables(project, job, "", "");
-    let (origin_conn, origin) = open_origin(project, job, &variables, true, None)?;
+    let (origin_conn, origin) = match &job.origin.file_drop {
+        Some(_) => drops::open_for_check(project, job, &variables)?,
+        None => open_origin(project, job, &variables, true, None)?,
+    };
     mapping::compile(job, origin.columns(), &variables).map_err(JobError::Mapping)?;
     drop(origin);
     let dest_conn = job
