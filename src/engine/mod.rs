@@ -11,8 +11,10 @@ mod job;
 #[cfg(test)]
 mod kept_tests;
 mod mapping;
+mod marks;
 mod state;
 
+pub use marks::{ResetError, reset_incremental};
 pub use state::{FileMark, KeptState, StateError};
 
 use std::sync::Arc;

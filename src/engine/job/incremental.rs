@@ -91,7 +91,7 @@ impl HighWater {
                     inc.field
                 ),
                 (None, None) => format!(
-                    "incremental: no mark kept yet; @@VAR:HighWater@@ is NULL and every row of {} is read",
+                    "incremental: no mark kept yet for {}; @@VAR:HighWater@@ is NULL (the query reads everything)",
                     inc.field
                 ),
             },
