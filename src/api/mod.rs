@@ -11,6 +11,7 @@ pub mod auth;
 pub mod console;
 pub mod events;
 pub mod extract;
+pub mod incremental;
 pub mod nodes;
 pub mod preview;
 pub mod projects;
@@ -105,6 +106,10 @@ pub fn app(
         .route("/v1/projects/reload", post(projects::reload))
         .route("/v1/preview", post(preview::preview))
         .route("/v1/nodes", get(nodes::nodes))
+        .route(
+            "/v1/jobs/{project}/{job}/highwater",
+            axum::routing::delete(incremental::reset_high_water),
+        )
         .route("/console/login", post(console::login))
         .route("/console/logout", post(console::logout))
         .route("/console/me", get(console::me))
@@ -950,6 +955,7 @@ async fn metrics_text(State(svc): State<AppState>, caller: Caller) -> Result<Res
         projects::reload,
         preview::preview,
         nodes::nodes,
+        incremental::reset_high_water,
         console::login,
         console::logout,
         console::me,
@@ -969,7 +975,12 @@ async fn metrics_text(State(svc): State<AppState>, caller: Caller) -> Result<Res
         runs::RunPage,
         runs::RunSummary,
         nodes::NodeList,
-        nodes::NodeLine
+        nodes::NodeLine,
+        incremental::HighWaterReset,
+        crate::run::JobLoad,
+        crate::run::HighWaterReport,
+        crate::run::FileReport,
+        crate::run::FileStatus
     )),
     modifiers(&SecuritySchemes, &XmlAnswers)
 )]
