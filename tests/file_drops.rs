@@ -149,7 +149,10 @@ fn two_complete_files_are_taken_and_moved_while_a_half_written_one_waits() {
     settled(&inbox.join("a.csv"), 1.1);
     let r = run(&f);
     assert_eq!(files(&r), [processed("a.csv", 3)]);
-    assert_eq!(names(&f.projects.join("d/done")), ["a-1.csv", "a.csv", "b.csv", "c.csv"]);
+    assert_eq!(
+        names(&f.projects.join("d/done")),
+        ["a-1.csv", "a.csv", "b.csv", "c.csv"]
+    );
 }
 
 #[test]
@@ -161,11 +164,21 @@ fn a_file_already_processed_is_not_read_again_and_delete_mode_deletes() {
     let r = run(&f);
     assert_eq!(files(&r), [processed("a.csv", 2)]);
     let r = run(&f);
-    assert_eq!((r.jobs[0].counters.total_rows, r.jobs[0].load.files_not_listed), (0, 1));
+    assert_eq!(
+        (
+            r.jobs[0].counters.total_rows,
+            r.jobs[0].load.files_not_listed
+        ),
+        (0, 1)
+    );
     assert_eq!(names(&f.projects.join("d/inbox")), ["a.csv"]);
 
     // Deleted once processed; a preview reads but neither records nor deletes.
-    project(&f, "settle_secs = 0\npath = \"inbox/new-*.csv\"\nafter = \"delete\"", "");
+    project(
+        &f,
+        "settle_secs = 0\npath = \"inbox/new-*.csv\"\nafter = \"delete\"",
+        "",
+    );
     drop_file(&f, "new-1.csv", 10..=12);
     let mut req = request("d", "drop");
     req.preview = true;
@@ -227,8 +240,13 @@ fn max_files_bounds_a_run_and_bad_keys_are_named() {
     project(&f, "settle_secs = -1\nafter = \"shred\"", "");
     let problems: Vec<String> = f.load().problems.iter().map(|p| p.to_string()).collect();
     assert!(
-        problems.iter().any(|p| p.contains("drop.toml:") && p.contains("origin.after must be")),
+        problems
+            .iter()
+            .any(|p| p.contains("drop.toml:") && p.contains("origin.after must be")),
         "{problems:#?}"
     );
-    assert!(problems.iter().any(|p| p.contains("origin.settle_secs")), "{problems:#?}");
+    assert!(
+        problems.iter().any(|p| p.contains("origin.settle_secs")),
+        "{problems:#?}"
+    );
 }

@@ -60,7 +60,10 @@ fn counts(r: &RunReport) -> (u64, u64, u64) {
 }
 
 fn landed(f: &Fixture) -> Vec<String> {
-    rows(&f.db("dst.sqlite"), "SELECT id, name FROM items ORDER BY id")
+    rows(
+        &f.db("dst.sqlite"),
+        "SELECT id, name FROM items ORDER BY id",
+    )
 }
 
 /// The whole story against one origin; `exec` runs SQL on it, `at(n)` is
@@ -75,7 +78,11 @@ fn the_story(f: &Fixture, exec: &mut dyn FnMut(&str), at: &dyn Fn(u32) -> String
     // The first run: no mark yet, everything.
     let r = run(f, false);
     assert_eq!(counts(&r), (3, 3, 0));
-    let hw = r.jobs[0].load.high_water.clone().expect("a mark in the report");
+    let hw = r.jobs[0]
+        .load
+        .high_water
+        .clone()
+        .expect("a mark in the report");
     assert_eq!((hw.before.as_deref(), hw.kept), (None, true));
     let first_mark = hw.after.expect("a mark after the first run");
     assert!(first_mark.contains("10:03"), "{first_mark}");
@@ -124,11 +131,9 @@ fn sqlite_origin_reads_only_what_changed_since_the_last_run() {
         "kind = \"sqlite\"\npath = \"${DATA_DIR}/src.sqlite\"",
         QUERY,
     );
-    the_story(
-        &f,
-        &mut |sql| src.execute_batch(sql).unwrap(),
-        &|n| format!("'2026-03-01 10:0{n}:00'"),
-    );
+    the_story(&f, &mut |sql| src.execute_batch(sql).unwrap(), &|n| {
+        format!("'2026-03-01 10:0{n}:00'")
+    });
 }
 
 #[test]
@@ -139,7 +144,11 @@ fn postgres_origin_reads_only_what_changed_since_the_last_run() {
         .batch_execute("CREATE TABLE items(id int PRIMARY KEY, name text, modified_at timestamptz)")
         .unwrap();
     let query = QUERY.replace("FROM items", &format!("FROM {}.items", pg.name));
-    project(&f, &format!("kind = \"postgres\"\nurl = \"{}\"", pg_url()), &query);
+    project(
+        &f,
+        &format!("kind = \"postgres\"\nurl = \"{}\"", pg_url()),
+        &query,
+    );
     let name = pg.name.clone();
     the_story(
         &f,
@@ -157,9 +166,15 @@ fn mariadb_origin_reads_only_what_changed_since_the_last_run() {
     let f = Fixture::new();
     let mut db = MariaDb::new();
     db.admin
-        .query_drop("CREATE TABLE items(id INT PRIMARY KEY, name VARCHAR(20), modified_at DATETIME(6))")
+        .query_drop(
+            "CREATE TABLE items(id INT PRIMARY KEY, name VARCHAR(20), modified_at DATETIME(6))",
+        )
         .unwrap();
-    project(&f, &format!("kind = \"mariadb\"\nurl = \"{}\"", db.url()), QUERY);
+    project(
+        &f,
+        &format!("kind = \"mariadb\"\nurl = \"{}\"", db.url()),
+        QUERY,
+    );
     the_story(
         &f,
         &mut |sql| {
@@ -193,7 +208,10 @@ fn a_csv_origin_is_filtered_by_the_engine_from_the_initial_value_on() {
     assert_eq!(r.jobs[0].counters.total_rows, 1);
     assert_eq!(landed(&f), ["2|b", "9|c", "10|d"]);
     let hw = r.jobs[0].load.high_water.clone().unwrap();
-    assert_eq!((hw.before.as_deref(), hw.after.as_deref()), (Some("9"), Some("10")));
+    assert_eq!(
+        (hw.before.as_deref(), hw.after.as_deref()),
+        (Some("9"), Some("10"))
+    );
 }
 
 #[test]
@@ -205,7 +223,11 @@ fn a_failed_run_keeps_the_old_mark() {
          INSERT INTO items VALUES (1, 'a', '2026-03-01 10:01:00')",
     )
     .unwrap();
-    project(&f, "kind = \"sqlite\"\npath = \"${DATA_DIR}/src.sqlite\"", QUERY);
+    project(
+        &f,
+        "kind = \"sqlite\"\npath = \"${DATA_DIR}/src.sqlite\"",
+        QUERY,
+    );
     run(&f, false);
     src.execute_batch("INSERT INTO items VALUES (2, 'b', '2026-03-01 10:02:00')")
         .unwrap();
@@ -219,13 +241,21 @@ fn a_failed_run_keeps_the_old_mark() {
     let r = f.run(&request("p", "items"));
     assert_eq!(r.status, RunStatus::Failed, "{:#?}", r.jobs[0].log);
     let hw = r.jobs[0].load.high_water.clone().unwrap();
-    assert_eq!((hw.after.as_deref(), hw.kept), (Some("2026-03-01 10:02:00"), false));
+    assert_eq!(
+        (hw.after.as_deref(), hw.kept),
+        (Some("2026-03-01 10:02:00"), false)
+    );
     f.write("projects/p/jobs/items.toml", text);
     // Row 2 landed in the failed run; it is read again (an update), as the mark stayed.
     assert_eq!(counts(&run(&f, false)), (1, 0, 1));
 }
 
-async fn call(svc: &Arc<Service>, method: &str, path: &str, body: Option<Value>) -> (StatusCode, Value) {
+async fn call(
+    svc: &Arc<Service>,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+) -> (StatusCode, Value) {
     let req = Request::builder().method(method).uri(path);
     let req = match body {
         Some(b) => req
@@ -242,7 +272,10 @@ async fn call(svc: &Arc<Service>, method: &str, path: &str, body: Option<Value>)
     let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
         .await
         .unwrap();
-    (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -254,7 +287,11 @@ async fn the_api_shows_the_mark_in_the_run_and_resets_it() {
          INSERT INTO items VALUES (1, 'a', '2026-03-01 10:01:00'), (2, 'b', '2026-03-01 10:02:00')",
     )
     .unwrap();
-    project(&f, "kind = \"sqlite\"\npath = \"${DATA_DIR}/src.sqlite\"", QUERY);
+    project(
+        &f,
+        "kind = \"sqlite\"\npath = \"${DATA_DIR}/src.sqlite\"",
+        QUERY,
+    );
     f.write(
         "projects/p/jobs/plain.toml",
         "[origin]\nconnection = \"src\"\nquery = \"SELECT id FROM items\"\n[destination]\nconnection = \"dst\"\n\
@@ -274,7 +311,9 @@ async fn the_api_shows_the_mark_in_the_run_and_resets_it() {
         &svc,
         "POST",
         "/v1/ExecuteJob",
-        Some(json!({"projectID": "p", "jobID": "items", "runID": uuid::Uuid::new_v4().to_string()})),
+        Some(
+            json!({"projectID": "p", "jobID": "items", "runID": uuid::Uuid::new_v4().to_string()}),
+        ),
     )
     .await;
     assert_eq!(status, StatusCode::OK, "{run:#}");
@@ -301,7 +340,10 @@ async fn the_api_shows_the_mark_in_the_run_and_resets_it() {
     assert_eq!((status, &body["previous"]), (StatusCode::OK, &Value::Null));
     let (status, body) = call(&svc, "DELETE", "/v1/Jobs/p/plain/HighWater", None).await;
     assert_eq!(status, StatusCode::CONFLICT, "{body:#}");
-    assert!(body["error"].as_str().unwrap().contains("not incremental") || body["error"].as_str().unwrap().contains("no incremental"));
+    assert!(
+        body["error"].as_str().unwrap().contains("not incremental")
+            || body["error"].as_str().unwrap().contains("no incremental")
+    );
     for path in ["/v1/Jobs/p/nope/HighWater", "/v1/Jobs/nope/items/HighWater"] {
         let (status, body) = call(&svc, "DELETE", path, None).await;
         assert_eq!(status, StatusCode::NOT_FOUND, "{path}: {body:#}");
@@ -311,7 +353,9 @@ async fn the_api_shows_the_mark_in_the_run_and_resets_it() {
         &svc,
         "POST",
         "/v1/ExecuteJob",
-        Some(json!({"projectID": "p", "jobID": "items", "runID": uuid::Uuid::new_v4().to_string()})),
+        Some(
+            json!({"projectID": "p", "jobID": "items", "runID": uuid::Uuid::new_v4().to_string()}),
+        ),
     )
     .await;
     assert_eq!(run["totalRows"], 2, "{run:#}");
@@ -330,11 +374,18 @@ fn the_example_project_syncs_incrementally_from_the_command_line() {
             .output()
             .unwrap();
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        assert!(out.status.success(), "{args:?}: {text}{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{args:?}: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         text
     };
     let rows_of = |out: &str| -> String {
-        let line = out.lines().find(|l| l.starts_with("orders ")).unwrap_or_else(|| panic!("{out}"));
+        let line = out
+            .lines()
+            .find(|l| l.starts_with("orders "))
+            .unwrap_or_else(|| panic!("{out}"));
         line.split_whitespace().nth(2).unwrap().to_owned()
     };
     assert_eq!(rows_of(&tidepool(&["run", "sync", "orders"])), "5");

@@ -56,8 +56,14 @@ pub fn reset_job(
     let before = engine::reset_incremental(project, job, kept)
         .with_context(|| format!("cannot reset the mark of {}/{job}", project.id))?;
     match before {
-        Some(m) => println!("{}/{job}: the incremental mark {m} was reset; the next run reads everything", project.id),
-        None => println!("{}/{job}: no incremental mark was kept; the next run reads everything", project.id),
+        Some(m) => println!(
+            "{}/{job}: the incremental mark {m} was reset; the next run reads everything",
+            project.id
+        ),
+        None => println!(
+            "{}/{job}: no incremental mark was kept; the next run reads everything",
+            project.id
+        ),
     }
     Ok(())
 }

@@ -3,8 +3,8 @@
 use std::sync::Arc;
 
 use super::state::{JobState, KeptState, StateError};
-use crate::project::incremental::{HIGH_WATER, HIGH_WATER_TYPE};
 use crate::project::Project;
+use crate::project::incremental::{HIGH_WATER, HIGH_WATER_TYPE};
 
 /// Why a job's mark cannot be reset.
 #[derive(Debug, thiserror::Error)]

@@ -243,7 +243,14 @@ impl KeptState for JobState {
             )?;
             let now = chrono::Utc::now().to_rfc3339();
             for f in files {
-                st.execute(params![project, job, f.name, f.size as i64, f.modified_ns, now])?;
+                st.execute(params![
+                    project,
+                    job,
+                    f.name,
+                    f.size as i64,
+                    f.modified_ns,
+                    now
+                ])?;
             }
         }
         Ok(tx.commit()?)
@@ -289,7 +296,9 @@ mod tests {
         state
             .files_processed("p", "j", &[mark("a.csv", 1), mark("b.csv", 2)])
             .unwrap();
-        state.files_processed("p", "j", &[mark("a.csv", 3)]).unwrap();
+        state
+            .files_processed("p", "j", &[mark("a.csv", 3)])
+            .unwrap();
         let mut got = state.processed_files("p", "j").unwrap();
         got.sort_by(|a, b| a.name.cmp(&b.name));
         assert_eq!(got, vec![mark("a.csv", 3), mark("b.csv", 2)]);

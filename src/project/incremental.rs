@@ -205,7 +205,11 @@ fn incremental(
     })
 }
 
-fn drop_keys(keys: &RawKeys<'_>, folder: PathBuf, pattern: String) -> Result<FileDrop, Vec<String>> {
+fn drop_keys(
+    keys: &RawKeys<'_>,
+    folder: PathBuf,
+    pattern: String,
+) -> Result<FileDrop, Vec<String>> {
     let mut problems = Vec::new();
     let after = match keys.after {
         None => AfterFile::Keep,
@@ -305,9 +309,8 @@ mod tests {
 
     #[test]
     fn drop_keys_are_checked() {
-        let mv: toml::Value = toml::from_str::<toml::Table>("a = { move_to = \"done\" }").unwrap()
-            ["a"]
-            .clone();
+        let mv: toml::Value =
+            toml::from_str::<toml::Table>("a = { move_to = \"done\" }").unwrap()["a"].clone();
         let (_, d) = check(&keys(Some(&mv), None), None).unwrap();
         let d = d.unwrap();
         assert_eq!(d.after, AfterFile::MoveTo("done".into()));

@@ -16,8 +16,8 @@ use super::{JobError, RowState, RunLog};
 use crate::connector::{
     ConnectionConfig, ConnectorError, Flow, Origin, OriginRequest, RowRead, resolve_path,
 };
-use crate::engine::state::{FileMark, KeptState, StateError};
 use crate::engine::LogLevel;
+use crate::engine::state::{FileMark, KeptState, StateError};
 use crate::project::incremental::{AfterFile, FileDrop, matches};
 use crate::project::{Job, Project};
 use crate::run::{FileReport, FileStatus};
@@ -479,7 +479,10 @@ mod tests {
             std::fs::write(&f, format!("round {round}")).unwrap();
             let to = move_into(&f, &done).unwrap();
             assert!(!f.exists());
-            assert_eq!(std::fs::read_to_string(&to).unwrap(), format!("round {round}"));
+            assert_eq!(
+                std::fs::read_to_string(&to).unwrap(),
+                format!("round {round}")
+            );
         }
         let mut names: Vec<String> = std::fs::read_dir(&done)
             .unwrap()

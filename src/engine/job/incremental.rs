@@ -78,9 +78,8 @@ impl HighWater {
             variables.insert(HIGH_WATER.into(), v.clone());
         }
         let conn = project.connections.get(&job.origin.connection);
-        let filter_rows = conn.is_some_and(|c| {
-            c.capabilities().origin == OriginInput::File || c.kind() == "http"
-        });
+        let filter_rows = conn
+            .is_some_and(|c| c.capabilities().origin == OriginInput::File || c.kind() == "http");
         log.push(
             LogLevel::Low,
             None,
@@ -316,7 +315,11 @@ fn instant(t: &str) -> Option<DateTime<Utc>> {
             return Some(d.to_utc());
         }
     }
-    for f in ["%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M"] {
+    for f in [
+        "%Y-%m-%d %H:%M:%S%.f",
+        "%Y-%m-%dT%H:%M:%S%.f",
+        "%Y-%m-%d %H:%M",
+    ] {
         if let Ok(d) = NaiveDateTime::parse_from_str(t, f) {
             return Some(d.and_utc());
         }
@@ -369,7 +372,10 @@ mod tests {
             cmp(&t("2024-01-01 10:00:00.5"), &t("2024-01-01 10:00:00")),
             Ordering::Greater
         );
-        assert_eq!(cmp(&t("2024-01-02"), &t("2024-01-01 23:59:59")), Ordering::Greater);
+        assert_eq!(
+            cmp(&t("2024-01-02"), &t("2024-01-01 23:59:59")),
+            Ordering::Greater
+        );
         // Other text as text.
         assert_eq!(cmp(&t("b"), &t("abc")), Ordering::Greater);
     }
