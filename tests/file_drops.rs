@@ -250,3 +250,74 @@ fn max_files_bounds_a_run_and_bad_keys_are_named() {
         "{problems:#?}"
     );
 }
+
+#[test]
+fn the_processed_files_live_in_a_shared_postgres_store() {
+    use tidepool::engine::{CancelToken, NoObserver, run_with_state};
+    use tidepool::store::{PgStoreOptions, PostgresStore, Store};
+    let name = format!(
+        "tp_drops_{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    );
+    let base = common::databases::pg_url();
+    let mut admin =
+        postgres::Client::connect(&base, postgres::NoTls).expect("PostgreSQL on 127.0.0.1:5432");
+    admin
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .unwrap();
+    let url = format!("{}/{name}", base.rsplit_once('/').unwrap().0);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let store = rt
+        .block_on(PostgresStore::connect(&url, PgStoreOptions::default()))
+        .unwrap();
+    let kept = store.kept_state(None).expect("a shared store keeps state");
+
+    let f = Fixture::new();
+    project(&f, "settle_secs = 0\nafter = \"delete\"", "");
+    drop_file(&f, "a.csv", 1..=2);
+    let loaded = f.load();
+    let project = loaded.project("d").unwrap();
+    let req = request("d", "drop");
+    let run = || {
+        run_with_state(
+            project,
+            &req,
+            &CancelToken::new(),
+            &NoObserver,
+            Some(kept.clone()),
+        )
+        .unwrap()
+    };
+    assert_eq!(files(&run()), [processed("a.csv", 2)]);
+    let marks = kept.processed_files("d", "drop").unwrap();
+    assert_eq!(
+        (marks.len(), marks[0].name.as_str(), marks[0].size),
+        (1, "a.csv", 18)
+    );
+    // The next run reads the new file alone.
+    drop_file(&f, "b.csv", 3..=4);
+    let path = f.projects.join("d/inbox/b.csv");
+    let r = run();
+    assert_eq!(files(&r), [processed("b.csv", 2)]);
+    assert!(!path.exists());
+    // A mark is forgotten there too (a reset).
+    let vars = std::collections::BTreeMap::from([("HighWater".to_owned(), "5".to_owned())]);
+    kept.save("d", "drop", &vars).unwrap();
+    kept.forget("d", "drop", &["HighWater"]).unwrap();
+    assert!(!kept.load("d", "drop").unwrap().contains_key("HighWater"));
+    // Nothing in the data dir's state file: it all lives in the store.
+    let local = rusqlite::Connection::open(f.data.join("state.sqlite"))
+        .and_then(|c| {
+            c.query_row("SELECT COUNT(*) FROM processed_files", [], |r| {
+                r.get::<_, i64>(0)
+            })
+        })
+        .unwrap_or(0);
+    assert_eq!(local, 0);
+    drop(kept);
+    drop(store);
+    drop(rt);
+    admin
+        .batch_execute(&format!("DROP DATABASE {name} WITH (FORCE)"))
+        .unwrap();
+}
