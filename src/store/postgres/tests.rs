@@ -148,7 +148,10 @@ async fn migrations_run_from_empty_and_from_version_1_and_refuse_a_newer_schema(
         .get(0);
     assert!(!found, "version 1 has no nodes table");
     let store = db.store().await;
-    assert_eq!(versions(&db).await, vec![1, 2, 3]);
+    assert_eq!(
+        versions(&db).await,
+        (1..=SCHEMA_VERSION).collect::<Vec<_>>()
+    );
     assert!(store.nodes().await.unwrap().is_empty());
     drop(store);
     // Again: nothing to do.
@@ -184,7 +187,10 @@ async fn two_nodes_starting_at_once_on_an_empty_database_migrate_once() {
         PostgresStore::connect(&db.url, PgStoreOptions::default())
     );
     let (a, b) = (a.unwrap(), b.unwrap());
-    assert_eq!(versions(&db).await, vec![1, 2, 3]);
+    assert_eq!(
+        versions(&db).await,
+        (1..=SCHEMA_VERSION).collect::<Vec<_>>()
+    );
     let k = queued(&a, "j", None).await;
     assert!(b.run(&k).await.unwrap().is_some());
     drop((a, b));
