@@ -18,6 +18,9 @@ use serde::{Deserialize, Serialize, Serializer};
 
 use crate::value::datetime_text;
 
+mod loads;
+pub use loads::{FileReport, FileStatus, HighWaterReport, JobLoad};
+
 /// The ID of a run: a GUID, supplied by the caller (API) or made new (CLI).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(transparent)]
@@ -289,6 +292,10 @@ pub struct RunResult {
     /// Delivery attempts of the completion webhook (only in `GET /v1/Runs/{id}`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub webhook_attempts: Option<Vec<WebhookAttemptLine>>,
+    /// Each job's incremental mark and dropped files (tidepool's addition;
+    /// only jobs that have them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub loads: Vec<JobLoad>,
 }
 
 /// Log lines a completion webhook carries at most; receivers often limit
@@ -341,6 +348,7 @@ impl RunResult {
             results,
             log: Vec::new(),
             webhook_attempts: None,
+            loads: Vec::new(),
         }
     }
 }
@@ -517,6 +525,9 @@ pub struct JobReport {
     /// error. None for a preview.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub resume_at_row: Option<u64>,
+    /// Its incremental mark and dropped files, if it has them.
+    #[serde(skip_serializing_if = "JobLoad::is_empty")]
+    pub load: JobLoad,
 }
 
 /// Why a job failed, in the terms a retry decides on.

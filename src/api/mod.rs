@@ -11,6 +11,7 @@ pub mod auth;
 pub mod console;
 pub mod events;
 pub mod extract;
+pub mod incremental;
 pub mod nodes;
 pub mod preview;
 pub mod projects;
@@ -116,6 +117,10 @@ pub fn app(
         .route(
             "/v1/schedules/{project}/{job}/{name}/resume",
             post(schedules::resume),
+        )
+        .route(
+            "/v1/jobs/{project}/{job}/highwater",
+            axum::routing::delete(incremental::reset_high_water),
         )
         .route("/console/login", post(console::login))
         .route("/console/logout", post(console::logout))
@@ -970,6 +975,7 @@ async fn metrics_text(State(svc): State<AppState>, caller: Caller) -> Result<Res
         schedules::list,
         schedules::pause,
         schedules::resume,
+        incremental::reset_high_water,
         console::login,
         console::logout,
         console::me,
@@ -993,7 +999,12 @@ async fn metrics_text(State(svc): State<AppState>, caller: Caller) -> Result<Res
         schedules::ScheduleList,
         schedules::ScheduleLine,
         schedules::TickLine,
-        rerun::RerunAnswer
+        rerun::RerunAnswer,
+        incremental::HighWaterReset,
+        crate::run::JobLoad,
+        crate::run::HighWaterReport,
+        crate::run::FileReport,
+        crate::run::FileStatus
     )),
     modifiers(&SecuritySchemes, &XmlAnswers)
 )]

@@ -1,5 +1,6 @@
 //! The command line: `tidepool run` and `tidepool validate`.
 
+mod incremental;
 mod listen;
 mod progress;
 mod record;
@@ -41,6 +42,15 @@ enum Command {
     /// List, pause and resume the jobs' schedules (in the store every node reads).
     #[command(subcommand)]
     Schedule(schedule::ScheduleCommand),
+    /// Incremental loads: reset a job's high-water mark.
+    #[command(subcommand)]
+    Incremental(IncrementalCommand),
+}
+
+#[derive(Subcommand)]
+enum IncrementalCommand {
+    /// Forget a job's high-water mark: its next run reads everything.
+    Reset(incremental::ResetArgs),
 }
 
 #[derive(Subcommand)]
@@ -118,6 +128,9 @@ struct RunArgs {
     /// Do not record the run in any store.
     #[arg(long, conflicts_with = "store")]
     no_record: bool,
+    /// Forget the job's incremental mark first: the run reads everything.
+    #[arg(long, conflicts_with = "preview")]
+    reset_incremental: bool,
 }
 
 #[derive(Args)]
@@ -146,6 +159,7 @@ pub fn main() -> ExitCode {
         Command::Key(KeyCommand::List(args)) => serve::key_list(args),
         Command::Key(KeyCommand::Revoke(args)) => serve::key_revoke(args),
         Command::Schedule(cmd) => schedule::schedule(cmd),
+        Command::Incremental(IncrementalCommand::Reset(args)) => incremental::reset(args),
     };
     match result {
         Ok(code) => code,
@@ -224,6 +238,9 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         None => None,
     };
     let kept = recorder.as_ref().and_then(|r| r.kept_state());
+    if args.reset_incremental {
+        incremental::reset_job(project, &args.job, kept.clone())?;
+    }
     let observer = progress::Progress::new(!args.json);
     let report = engine::run_with_state(project, &req, &CancelToken::new(), &observer, kept)?;
     observer.clear();
@@ -240,6 +257,7 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print_report(&report, args.preview);
+        incremental::print_loads(&report);
     }
     Ok(if report.status == RunStatus::Complete {
         ExitCode::SUCCESS

@@ -11,11 +11,13 @@ mod job;
 #[cfg(test)]
 mod kept_tests;
 mod mapping;
+mod marks;
 mod order;
 mod state;
 
+pub use marks::{ResetError, reset_incremental};
 pub use order::origin_order;
-pub use state::{KeptState, StateError};
+pub use state::{FileMark, KeptState, StateError};
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -30,6 +30,36 @@ pub trait KeptState: Send + Sync {
     fn xref_get(&self, project: &str, list: &str, key: &str) -> Result<Option<String>, StateError>;
     /// Keeps `entries` (list, key, value) in the project's cross-reference lists.
     fn xref_put(&self, project: &str, entries: &[(&str, &str, &str)]) -> Result<(), StateError>;
+    /// Removes the job's variables named `names` (a reset of its high-water mark).
+    fn forget(&self, _project: &str, _job: &str, _names: &[&str]) -> Result<(), StateError> {
+        Err(StateError::Unsupported("forgetting variables"))
+    }
+    /// The dropped files the job has processed (see [`FileMark`]).
+    fn processed_files(&self, _project: &str, _job: &str) -> Result<Vec<FileMark>, StateError> {
+        Err(StateError::Unsupported("file drops"))
+    }
+    /// Records `files` as processed by the job (a file of the same name is replaced).
+    fn files_processed(
+        &self,
+        _project: &str,
+        _job: &str,
+        _files: &[FileMark],
+    ) -> Result<(), StateError> {
+        Err(StateError::Unsupported("file drops"))
+    }
+}
+
+/// A dropped file a job processed: by name (in its folder), size and
+/// modification time. A file dropped again under the same name with another
+/// size or time is new.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileMark {
+    /// The file's name in the drop folder.
+    pub name: String,
+    /// Its size in bytes.
+    pub size: u64,
+    /// Its modification time, in nanoseconds since the Unix epoch.
+    pub modified_ns: i64,
 }
 
 /// A run's kept state (shared by the jobs of its chain), or why the data
@@ -48,6 +78,9 @@ pub enum StateError {
     /// The shared store refused or could not be reached.
     #[error("state store: {0}")]
     Store(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// This kind of kept state cannot do it.
+    #[error("this state store does not support {0}")]
+    Unsupported(&'static str),
     /// The run lost its lease (another node took it over): nothing was written.
     #[error("the run's lease was taken over by another node; its state was not saved")]
     Fenced,
@@ -86,7 +119,11 @@ impl JobState {
                PRIMARY KEY (project, job, name));
              CREATE TABLE IF NOT EXISTS xref (
                project TEXT NOT NULL, list TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL,
-               PRIMARY KEY (project, list, key)) WITHOUT ROWID",
+               PRIMARY KEY (project, list, key)) WITHOUT ROWID;
+             CREATE TABLE IF NOT EXISTS processed_files (
+               project TEXT NOT NULL, job TEXT NOT NULL, name TEXT NOT NULL,
+               size INTEGER NOT NULL, modified_ns INTEGER NOT NULL, processed_at TEXT NOT NULL,
+               PRIMARY KEY (project, job, name)) WITHOUT ROWID",
         )?;
         Ok(JobState {
             conn: Mutex::new(conn),
@@ -161,6 +198,63 @@ impl KeptState for JobState {
         }
         Ok(tx.commit()?)
     }
+
+    fn forget(&self, project: &str, job: &str, names: &[&str]) -> Result<(), StateError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        for name in names {
+            tx.execute(
+                "DELETE FROM job_variables WHERE project = ?1 AND job = ?2 AND name = ?3",
+                params![project, job, name],
+            )?;
+        }
+        Ok(tx.commit()?)
+    }
+
+    fn processed_files(&self, project: &str, job: &str) -> Result<Vec<FileMark>, StateError> {
+        let conn = self.conn();
+        let mut st = conn.prepare_cached(
+            "SELECT name, size, modified_ns FROM processed_files WHERE project = ?1 AND job = ?2",
+        )?;
+        let rows = st.query_map(params![project, job], |r| {
+            Ok(FileMark {
+                name: r.get(0)?,
+                size: r.get::<_, i64>(1)? as u64,
+                modified_ns: r.get(2)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn files_processed(
+        &self,
+        project: &str,
+        job: &str,
+        files: &[FileMark],
+    ) -> Result<(), StateError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        {
+            let mut st = tx.prepare_cached(
+                "INSERT INTO processed_files (project, job, name, size, modified_ns, processed_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT (project, job, name) DO UPDATE SET size = excluded.size,
+                   modified_ns = excluded.modified_ns, processed_at = excluded.processed_at",
+            )?;
+            let now = chrono::Utc::now().to_rfc3339();
+            for f in files {
+                st.execute(params![
+                    project,
+                    job,
+                    f.name,
+                    f.size as i64,
+                    f.modified_ns,
+                    now
+                ])?;
+            }
+        }
+        Ok(tx.commit()?)
+    }
 }
 
 #[cfg(test)]
@@ -188,5 +282,30 @@ mod tests {
         };
         assert!(matches!(e, StateError::Dir(_)), "{e:?}");
         assert_eq!(e.sqlite_code(), None);
+    }
+
+    #[test]
+    fn processed_files_and_forgotten_variables_are_kept_per_job() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = JobState::open(dir.path()).unwrap();
+        let mark = |name: &str, size| FileMark {
+            name: name.into(),
+            size,
+            modified_ns: 7,
+        };
+        state
+            .files_processed("p", "j", &[mark("a.csv", 1), mark("b.csv", 2)])
+            .unwrap();
+        state
+            .files_processed("p", "j", &[mark("a.csv", 3)])
+            .unwrap();
+        let mut got = state.processed_files("p", "j").unwrap();
+        got.sort_by(|a, b| a.name.cmp(&b.name));
+        assert_eq!(got, vec![mark("a.csv", 3), mark("b.csv", 2)]);
+        assert!(state.processed_files("p", "other").unwrap().is_empty());
+        let vars = BTreeMap::from([("HighWater".to_owned(), "5".to_owned())]);
+        state.save("p", "j", &vars).unwrap();
+        state.forget("p", "j", &["HighWater"]).unwrap();
+        assert!(state.load("p", "j").unwrap().is_empty());
     }
 }

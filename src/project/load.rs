@@ -171,6 +171,10 @@ struct RawOrigin {
     connection: Spanned<String>,
     query: Option<String>,
     path: Option<String>,
+    incremental: Option<super::incremental::RawIncremental>,
+    after: Option<toml::Value>,
+    settle_secs: Option<toml::Value>,
+    max_files: Option<toml::Value>,
 }
 
 #[derive(Deserialize)]
@@ -668,6 +672,7 @@ fn load_job(
     let error_file = cx.error_file(raw.error_file.as_ref(), builtins, project_dir);
     let batch_size = cx.batch_size(&raw.batch_size, targets.dest_conn);
     let max_concurrent_runs = cx.max_concurrent_runs(raw.max_concurrent_runs.as_ref());
+    let (incremental, file_drop) = cx.incremental(&raw.origin, targets.origin_conn);
     if let Some(next) = &raw.next {
         check_id(&cx.src, next, "next job", &mut cx.problems);
     }
@@ -692,6 +697,8 @@ fn load_job(
             connection: targets.origin_name,
             query: origin.query,
             path: origin.path.map(PathBuf::from),
+            incremental,
+            file_drop,
         },
         destination: targets.dest_name,
         stages,
@@ -757,6 +764,35 @@ impl<'a> JobCheck<'a> {
             }
         }
         conn
+    }
+
+    /// The origin's incremental and file-drop keys (see [`super::incremental`]).
+    fn incremental(
+        &mut self,
+        raw: &Spanned<RawOrigin>,
+        conn: Option<&ConnectionConfig>,
+    ) -> (
+        Option<super::incremental::Incremental>,
+        Option<super::incremental::FileDrop>,
+    ) {
+        let o = raw.get_ref();
+        let keys = super::incremental::RawKeys {
+            incremental: o.incremental.as_ref(),
+            after: o.after.as_ref(),
+            settle_secs: o.settle_secs.as_ref(),
+            max_files: o.max_files.as_ref(),
+            path: o.path.as_deref(),
+            query: o.query.as_deref(),
+        };
+        match super::incremental::check(&keys, conn) {
+            Ok(found) => found,
+            Err(messages) => {
+                for m in messages {
+                    self.problems.push(self.src.problem(raw, m));
+                }
+                (None, None)
+            }
+        }
     }
 
     /// Destination: the connection, if the job names one and it exists.

@@ -4,6 +4,7 @@
 //! [`load_projects`] reads a folder of projects and validates them statically;
 //! every problem is a [`Problem`] with file, line and reason.
 
+pub mod incremental;
 mod load;
 mod schedule;
 mod retry;
@@ -179,6 +180,10 @@ pub struct OriginSpec {
     pub query: Option<String>,
     /// A file path overriding the connection's (file kinds).
     pub path: Option<PathBuf>,
+    /// `incremental = { field = … }`: the mark kept across runs.
+    pub incremental: Option<incremental::Incremental>,
+    /// A folder and a file-name pattern: each run takes the new files.
+    pub file_drop: Option<incremental::FileDrop>,
 }
 
 /// One stage of a job.

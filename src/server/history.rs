@@ -99,5 +99,11 @@ pub fn run_result(r: &RunReport, level: LogLevel) -> RunResult {
             .map(log_line)
             .collect(),
         webhook_attempts: None,
+        loads: r
+            .jobs
+            .iter()
+            .filter(|j| !j.load.is_empty())
+            .map(|j| j.load.clone())
+            .collect(),
     }
 }

@@ -23,8 +23,7 @@ req: &OriginRequest,
         .ok_or_else(|| ConnectorError::schema("a postgres origin needs origin.query"))?;
     let mut client = config.connect()?;
     let query = query.trim().trim_end_matches(';');
-    let (sql, params) = bind_tokens(query, req.variables, |n| format!("${n}"))
-        ?;
+    let (sql, params, untyped) = prepare_untyped(&mut client, query, req.variables)?;
     let first = client
         .prepare(&sql)
         .map_err(|e| ConnectorError::schema_caused(format!("origin query: {}", pg_message(&e)), e))?;
@@ -34,6 +33,7 @@ req: &OriginRequest,
         sql
     } else {
         bind_tokens(query, req.variables, |n| match param_types.get(n - 1) {
+            _ if untyped.contains(&n) => format!("${n}::text"),
             Some(t) if *t != Type::TEXT => format!("(${n}::text::{})", t.name()),
             _ => format!("${n}"),
         })
@@ -84,6 +84,43 @@ req: &OriginRequest,
         params,
         columns,
     }))
+}
+
+/// The query with its tokens as placeholders, and the parameters; a
+/// parameter whose type the server cannot tell (`@@VAR:HighWater@@ IS NULL`)
+/// is sent as text (`$n::text`). The third: those parameters' numbers.
+fn prepare_untyped(
+    client: &mut Client,
+    query: &str,
+    variables: &std::collections::BTreeMap<String, Value>,
+) -> Result<(String, Vec<Value>, Vec<usize>), ConnectorError> {
+    let mut untyped: Vec<usize> = Vec::new();
+    loop {
+        let (sql, params) = bind_tokens(query, variables, |n| {
+            if untyped.contains(&n) {
+                format!("${n}::text")
+            } else {
+                format!("${n}")
+            }
+        })?;
+        let Err(e) = client.prepare(&sql) else {
+            return Ok((sql, params, untyped));
+        };
+        match indeterminate_param(&e) {
+            Some(n) if n <= params.len() && !untyped.contains(&n) => untyped.push(n),
+            _ => return Ok((sql, params, untyped)),
+        }
+    }
+}
+
+/// The parameter number of "could not determine data type of parameter $n".
+fn indeterminate_param(e: &postgres::Error) -> Option<usize> {
+    let db = e.as_db_error()?;
+    if *db.code() != postgres::error::SqlState::INDETERMINATE_DATATYPE {
+        return None;
+    }
+    let (_, n) = db.message().rsplit_once('$')?;
+    n.trim().parse().ok()
 }
 
 /// A lookup connection.

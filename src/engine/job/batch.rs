@@ -362,6 +362,7 @@ impl Shared<'_> {
             }
         }
         self.counters.add(&c);
+        self.landing.landed(rows);
         {
             let mut s = self.stage_counts.lock().expect("stage counts lock");
             for (acc, add) in s.iter_mut().zip(&per_stage) {

@@ -80,7 +80,9 @@ impl Ending<'_> {
             return_value: return_value.into_inner().expect("return value lock"),
             unreachable: unreachable.into_inner(),
             resume_at_row: Some(mark.next()),
+            load: Default::default(),
         };
+        let writers_finished = pumped.finish_errors.is_empty();
         self.pump_errors(&mut outcome, pumped);
         // Variables changed since the job started: by the operations before the
         // rows, then by the threads' scripts.
@@ -108,7 +110,10 @@ impl Ending<'_> {
                 );
             }
         }
-        self.keep_variables(pre, &mut outcome, changed);
+        self.keep_files(&pre, &mut outcome, writers_finished);
+        let high_water = pre.high_water.clone();
+        let kept = self.keep_variables(pre, &mut outcome, changed);
+        outcome.load.high_water = high_water.map(|h| h.report(kept, &mut outcome.log));
         outcome
     }
 
@@ -174,21 +179,45 @@ impl Ending<'_> {
         outcome.return_value = js.return_value().or(outcome.return_value.take());
     }
 
-    /// Keeps the changed variables and LastRunDate for the next run, when
-    /// the job completed (and was not a preview). A save that fails is
-    /// logged; one fenced off (the run lost its lease) also fails the job.
+    /// Records the dropped files all of whose rows landed (whatever became
+    /// of the job), and reports every file. A record fenced off fails the job.
+    fn keep_files(&self, pre: &Prelude, outcome: &mut JobOutcome<'_>, writers_finished: bool) {
+        let Some(run) = &pre.drop_run else { return };
+        let (files, not_listed, fenced) = run.settle(
+            self.project,
+            self.job,
+            pre.state.as_ref(),
+            (self.req.preview, writers_finished),
+            &mut outcome.log,
+        );
+        outcome.load.files = files;
+        outcome.load.files_not_listed = not_listed;
+        if let Some(e) = fenced {
+            outcome
+                .error
+                .get_or_insert(format!("the processed files cannot be recorded: {e}"));
+        }
+    }
+
+    /// Keeps the changed variables, LastRunDate and the incremental mark for
+    /// the next run, when the job completed (and was not a preview); whether
+    /// they were kept. A save that fails is logged; one fenced off (the run
+    /// lost its lease) also fails the job.
     fn keep_variables(
         &self,
         pre: Prelude,
         outcome: &mut JobOutcome<'_>,
         changed: BTreeMap<String, Value>,
-    ) {
-        let Some(st) = pre.state else { return };
+    ) -> bool {
+        let Some(st) = pre.state else { return false };
         if outcome.error.is_some() || outcome.cancelled || self.req.preview {
-            return;
+            return false;
         }
         let mut keep: BTreeMap<String, String> =
             changed.into_iter().map(|(k, v)| (k, v.to_text())).collect();
+        if let Some(h) = &pre.high_water {
+            keep.extend(h.to_keep());
+        }
         keep.insert(
             "LastRunDate".into(),
             self.start_time
@@ -202,6 +231,8 @@ impl Ending<'_> {
             if matches!(e, StateError::Fenced) {
                 outcome.error.get_or_insert(text);
             }
+            return false;
         }
+        true
     }
 }

@@ -9,7 +9,9 @@ use chrono::Local;
 use smallvec::{SmallVec, smallvec};
 
 mod batch;
+mod drops;
 mod finish;
+mod incremental;
 mod operations;
 mod prepare;
 mod pump;
@@ -77,6 +79,9 @@ pub(crate) enum JobError {
         #[source]
         source: std::io::Error,
     },
+    /// The incremental field is not the origin's, or a file drop cannot be listed.
+    #[error("{0}")]
+    Load(String),
     /// A destination does not open or finish when the job's connections are checked.
     #[error("destination {name:?}: {source}")]
     Destination {
@@ -294,6 +299,8 @@ struct Shared<'a> {
     mark: resume::CommitMark,
     /// The job's first failure was a connection that could not be reached.
     unreachable: AtomicBool,
+    /// Hears of the rows that landed: the incremental mark, the file drop.
+    landing: incremental::Landing,
 }
 
 impl Shared<'_> {
@@ -500,6 +507,7 @@ pub(crate) fn run_job(
         return_value,
         unreachable,
         resume_at_row,
+        mut load,
     } = execute(
         &Ending {
             project,
@@ -558,6 +566,10 @@ pub(crate) fn run_job(
         error,
         log: log.finish(),
         return_value: return_value.map(|v| v.to_text()),
+        load: {
+            load.job_id = job.id.0.clone();
+            load
+        },
     }
 }
 
@@ -574,6 +586,8 @@ struct JobOutcome<'o> {
     unreachable: bool,
     /// The first origin row not committed (None: none was read).
     resume_at_row: Option<u64>,
+    /// The incremental mark and the dropped files.
+    load: crate::run::JobLoad,
 }
 
 impl<'o> JobOutcome<'o> {
@@ -590,6 +604,7 @@ impl<'o> JobOutcome<'o> {
             log,
             cancelled: false,
             return_value: None,
+            load: Default::default(),
         }
     }
 }
@@ -661,6 +676,10 @@ fn execute<'o>(
         previewer: req.preview.then_some(observer),
         mark: resume::CommitMark::new(resume::first_row(job, req)),
         unreachable: AtomicBool::new(false),
+        landing: incremental::Landing {
+            high_water: pre.high_water.clone(),
+            drop: pre.drop_run.clone(),
+        },
     };
     let pumped = pump::pump(&shared, origin, writers, req, observer);
     ending.finish(shared, pumped, pre)
@@ -671,7 +690,10 @@ fn execute<'o>(
 /// exist. Returns the destinations' notes (a missing index, …).
 pub(crate) fn check_job(project: &Project, job: &Job) -> Result<Vec<String>, JobError> {
     let variables = job_variables(project, job, "", "");
-    let (origin_conn, origin) = open_origin(project, job, &variables, true, None)?;
+    let (origin_conn, origin) = match &job.origin.file_drop {
+        Some(_) => drops::open_for_check(project, job, &variables)?,
+        None => open_origin(project, job, &variables, true, None)?,
+    };
     mapping::compile(job, origin.columns(), &variables).map_err(JobError::Mapping)?;
     drop(origin);
     let dest_conn = job

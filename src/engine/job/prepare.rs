@@ -4,6 +4,8 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use super::drops::{self, DropRun};
+use super::incremental::{HighWater, filtered};
 use super::operations::{OpRef, job_ops};
 use super::{JobError, RunLog, job_variables, open_origin};
 use crate::connector::{ConnectionConfig, Origin};
@@ -28,6 +30,10 @@ pub(super) struct Prelude {
     pub(super) job_js: Option<ScriptRuntime>,
     /// The scripts of the job's operations, in order.
     op_sources: Vec<String>,
+    /// The job's incremental mark, if its origin is incremental.
+    pub(super) high_water: Option<Arc<HighWater>>,
+    /// The files the run takes, if its origin is a file drop.
+    pub(super) drop_run: Option<Arc<DropRun>>,
 }
 
 /// What the rows run through: the origin and the compiled stages.
@@ -56,6 +62,7 @@ impl Prelude {
     ) -> Result<Self, JobError> {
         let mut variables = job_variables(project, job, &req.argument, &req.run_id.to_string());
         let state = kept_variables(project, job, kept, &mut variables, log);
+        let high_water = HighWater::open(project, job, &mut variables, log);
         let initial_vars = variables.clone();
         let has_field_scripts = job.stages.iter().any(|s| {
             s.fields
@@ -85,6 +92,8 @@ impl Prelude {
             host,
             job_js,
             op_sources,
+            high_water,
+            drop_run: None,
         })
     }
 
@@ -140,14 +149,21 @@ impl Prelude {
         log: &mut RunLog<'_>,
     ) -> Result<Plan<'p>, JobError> {
         let changed_origin = self.before_origin(project, job, log)?;
-        let (origin_conn, origin) = open_origin(
-            project,
-            job,
-            &self.variables,
-            req.preview,
-            changed_origin.as_deref(),
-        )?;
+        let (origin_conn, origin) = match &job.origin.file_drop {
+            Some(_) => self.open_drop(project, job, req)?,
+            None => open_origin(
+                project,
+                job,
+                &self.variables,
+                req.preview,
+                changed_origin.as_deref(),
+            )?,
+        };
+        let origin = filtered(origin, self.high_water.as_ref(), self.drop_run.as_ref());
         let columns = origin.columns().to_vec();
+        if let Some(h) = &self.high_water {
+            h.bind_field(&columns)?;
+        }
         if let Some(js) = &self.job_js {
             let event = serde_json::json!({"when": "after_query", "columns": columns});
             job_ops(js, job, Moment::AfterQuery, &event, log)?;
@@ -179,6 +195,37 @@ impl Prelude {
             ops,
             row_wise,
         })
+    }
+}
+
+impl Prelude {
+    /// Opens the file drop's origin: the files not processed before.
+    fn open_drop<'p>(
+        &mut self,
+        project: &'p Project,
+        job: &Job,
+        req: &RunRequest,
+    ) -> Result<(&'p ConnectionConfig, Box<dyn Origin>), JobError> {
+        let name = &job.origin.connection;
+        let conn = project
+            .connections
+            .get(name)
+            .ok_or_else(|| JobError::UnknownConnection(name.clone()))?;
+        let Some(state) = &self.state else {
+            return Err(JobError::Load(
+                "a file drop needs kept state to know the files it processed, and it cannot be opened".into(),
+            ));
+        };
+        let (run, origin) = drops::open(
+            project,
+            job,
+            conn,
+            (&self.variables, req.preview),
+            Some(state),
+            self.high_water.as_ref(),
+        )?;
+        self.drop_run = Some(run);
+        Ok((conn, origin))
     }
 }
 

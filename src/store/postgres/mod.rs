@@ -35,7 +35,7 @@ mod webhooks;
 mod tests;
 
 /// The schema version this binary knows (the number of the last migration).
-pub const SCHEMA_VERSION: i32 = 5;
+pub const SCHEMA_VERSION: i32 = 6;
 
 /// The migrations, in order: version `i + 1` is `MIGRATIONS[i]`.
 const MIGRATIONS: [&str; SCHEMA_VERSION as usize] = [
@@ -44,6 +44,7 @@ const MIGRATIONS: [&str; SCHEMA_VERSION as usize] = [
     include_str!("migrations/0003_argument_trgm.sql"),
     include_str!("migrations/0004_schedules.sql"),
     include_str!("migrations/0005_retry.sql"),
+    include_str!("migrations/0006_processed_files.sql"),
 ];
 
 /// The advisory lock that serialises migrations across nodes ("tidepool" in ASCII).

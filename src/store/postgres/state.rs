@@ -14,7 +14,7 @@ use std::sync::Arc;
 use deadpool_postgres::Pool;
 
 use super::{PostgresStore, pool_error};
-use crate::engine::{KeptState, StateError};
+use crate::engine::{FileMark, KeptState, StateError};
 use crate::store::{RunKey, StoreError};
 
 /// The runtime kept-state calls run on, and their pool.
@@ -173,6 +173,79 @@ impl KeptState for PgKeptState {
                  ORDER BY l, k, n DESC
                  ON CONFLICT (project, list, key) DO UPDATE SET value = excluded.value",
                 &[&p, &lists, &keys, &values],
+            )
+            .await
+            .map_err(store_err)?;
+            tx.commit().await.map_err(store_err)
+        })
+    }
+
+    fn forget(&self, project: &str, job: &str, names: &[&str]) -> Result<(), StateError> {
+        let (p, j, fence) = (project.to_owned(), job.to_owned(), self.fence.clone());
+        let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
+        self.rt.run(move |pool| async move {
+            let mut conn = pool.get().await.map_err(|e| store_err(pool_error(e)))?;
+            let tx = conn.transaction().await.map_err(store_err)?;
+            if !holds(&tx, &fence).await? {
+                return Err(StateError::Fenced);
+            }
+            tx.execute(
+                "DELETE FROM job_variables WHERE project = $1 AND job = $2 AND name = ANY($3)",
+                &[&p, &j, &names],
+            )
+            .await
+            .map_err(store_err)?;
+            tx.commit().await.map_err(store_err)
+        })
+    }
+
+    fn processed_files(&self, project: &str, job: &str) -> Result<Vec<FileMark>, StateError> {
+        let (p, j) = (project.to_owned(), job.to_owned());
+        self.rt.run(move |pool| async move {
+            let conn = pool.get().await.map_err(|e| store_err(pool_error(e)))?;
+            let rows = conn
+                .query(
+                    "SELECT name, size, modified_ns FROM processed_files
+                     WHERE project = $1 AND job = $2",
+                    &[&p, &j],
+                )
+                .await
+                .map_err(store_err)?;
+            Ok(rows
+                .iter()
+                .map(|r| FileMark {
+                    name: r.get(0),
+                    size: r.get::<_, i64>(1) as u64,
+                    modified_ns: r.get(2),
+                })
+                .collect())
+        })
+    }
+
+    fn files_processed(
+        &self,
+        project: &str,
+        job: &str,
+        files: &[FileMark],
+    ) -> Result<(), StateError> {
+        let (p, j, fence) = (project.to_owned(), job.to_owned(), self.fence.clone());
+        let names: Vec<String> = files.iter().map(|f| f.name.clone()).collect();
+        let sizes: Vec<i64> = files.iter().map(|f| f.size as i64).collect();
+        let times: Vec<i64> = files.iter().map(|f| f.modified_ns).collect();
+        self.rt.run(move |pool| async move {
+            let mut conn = pool.get().await.map_err(|e| store_err(pool_error(e)))?;
+            let tx = conn.transaction().await.map_err(store_err)?;
+            if !holds(&tx, &fence).await? {
+                return Err(StateError::Fenced);
+            }
+            tx.execute(
+                "INSERT INTO processed_files (project, job, name, size, modified_ns)
+                 SELECT DISTINCT ON (n) $1, $2, n, s, t
+                 FROM unnest($3::text[], $4::bigint[], $5::bigint[]) WITH ORDINALITY AS u(n, s, t, o)
+                 ORDER BY n, o DESC
+                 ON CONFLICT (project, job, name) DO UPDATE SET size = excluded.size,
+                   modified_ns = excluded.modified_ns, processed_at = now()",
+                &[&p, &j, &names, &sizes, &times],
             )
             .await
             .map_err(store_err)?;
