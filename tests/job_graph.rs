@@ -297,3 +297,57 @@ async fn the_server_shows_parallel_jobs_live_and_one_result_per_job_in_start_ord
         ["b|3", "c|3"]
     );
 }
+
+fn tidepool(f: &Fixture, args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tidepool"))
+        .args(args)
+        .arg("--projects")
+        .arg(&f.projects)
+        .arg("--data-dir")
+        .arg(&f.data)
+        .env_remove("TIDEPOOL_STORE")
+        .output()
+        .expect("run tidepool");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    (
+        out.status.success(),
+        text + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+#[test]
+fn the_cli_shows_the_graph_before_it_runs_it_and_validate_prints_it() {
+    let f = Fixture::new();
+    let api = serve_origin(Origin::default());
+    diamond(&f, &api, "/rows/b", "/rows/c");
+    let (ok, out) = tidepool(&f, &["run", "g", "a", "--chain", "--no-record"]);
+    assert!(ok, "{out}");
+    let graph = "graph of the run: 4 jobs\n  level 1: a\n  level 2: b (after a), c (after a)\n  \
+                 level 3: d (after b, c)\n\n";
+    assert!(out.starts_with(graph), "{out}");
+    for job in ["a", "b", "c", "d"] {
+        assert!(
+            out.lines()
+                .any(|l| l.starts_with(&format!("{job} ")) && l.contains("Complete")),
+            "{out}"
+        );
+    }
+    let (ok, out) = tidepool(&f, &["validate", "--graph", "--no-connect"]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("project g, job graph: 4 jobs\n  level 1: a\n"),
+        "{out}"
+    );
+    // A cycle is refused, named, with its file and line.
+    f.write(
+        "projects/g/jobs/e.toml",
+        "next = \"a\"\nneeds = [\"d\"]\n[origin]\nconnection = \"csv\"\n[destination]\nconnection = \"db\"\n\
+         [[stages]]\ntable = \"landed\"\naction = \"insert\"\nfields = [{ column = \"id\", origin = \"id\" }]\n",
+    );
+    let (ok, out) = tidepool(&f, &["validate", "--no-connect"]);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("jobs/a.toml:1: the job graph has a cycle: a → b → d → e → a"),
+        "{out}"
+    );
+}
