@@ -296,6 +296,24 @@ async fn the_server_shows_parallel_jobs_live_and_one_result_per_job_in_start_ord
         rows(&db, "SELECT job, n FROM summary ORDER BY job"),
         ["b|3", "c|3"]
     );
+
+    // The project's detail gives each job's edges, its chain and the graph's levels.
+    let p = common::get_json(&client, &format!("{}/v1/Projects/g", server.base)).await;
+    let job = |id: &str| {
+        p["jobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|j| j["jobID"] == id)
+            .cloned()
+            .unwrap()
+    };
+    assert_eq!(job("a")["nextJobs"], json!(["b", "c"]));
+    assert_eq!(job("a")["next"], "b");
+    assert_eq!(job("d")["needs"], json!(["b", "c"]));
+    assert_eq!(job("a")["chain"], json!(["a", "b", "c", "d"]));
+    assert_eq!(job("c")["chain"], json!(["c", "d"]));
+    assert_eq!(p["levels"], json!([["a"], ["b", "c"], ["d"]]));
 }
 
 fn tidepool(f: &Fixture, args: &[&str]) -> (bool, String) {

@@ -245,7 +245,17 @@ def main():
         shoot(page, "projects")
         page.get_by_role("link", name="demo", exact=True).click()
         expect(page.get_by_role("table", name="Jobs")).to_contain_text("countries")
+        # Each job's next and needs, and the project's job graph drawn from them.
+        expect(page.locator('tr[data-job="contacts"] td.next')).to_have_text("countries")
+        expect(page.locator('tr[data-job="countries"] td.needs')).to_have_text("–")
+        graph = page.get_by_role("img", name="Job graph of demo")
+        expect(graph).to_be_visible()
+        expect(graph.locator("a.node")).to_have_count(2)
+        expect(graph.locator("path.edge")).to_have_count(1)
+        expect(graph.locator("path.edge title")).to_have_text("countries starts after contacts")
         shoot(page, "project")
+        graph.locator('a[data-job="countries"]').click()
+        expect(page.get_by_role("heading", name="demo / countries")).to_be_visible()
         page.goto(BASE + "/#/health")
         expect(page.get_by_text("Queued runs")).to_be_visible()
         # The embedded store has one node: this one, alive.
