@@ -942,7 +942,7 @@ function graphView(projectId, jobs, order, label) {
 function chainView(projectId, job, jobs) {
   const chain = job.chain || [job.jobID];
   if (chain.length === 1) return h("span", { class: "muted" }, "none (no job depends on this one)");
-  return graphView(projectId, jobs, chain, `Jobs a chained run of ${job.jobID} executes`);
+  return h("div", { class: "chain" }, graphView(projectId, jobs, chain, `Jobs a chained run of ${job.jobID} executes`));
 }
 function jobList(projectId, ids) {
   if (!ids || !ids.length) return h("span", { class: "muted" }, "–");
