@@ -65,7 +65,7 @@ impl LiveJobs {
             .iter_mut()
             .find(|j| &j.id == job && j.ended.is_none())
         {
-            j.counters = c.clone();
+            j.counters = *c;
         }
     }
 
@@ -84,7 +84,7 @@ impl LiveJobs {
                 id: report.job_id.clone(),
                 start: report.start_time,
                 t0: Instant::now(),
-                counters: report.counters.clone(),
+                counters: report.counters,
                 ended: Some(result),
             }),
         }
