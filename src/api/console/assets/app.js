@@ -1031,7 +1031,7 @@ function startForm(projectId, job, instance) {
     h("label", {}, "Log level", h("select", { name: "loggingLevel" },
       [["0", "0: nothing"], ["1", "1: start, end, errors"], ["2", "2: + summaries"], ["3", "3: + every row"]]
         .map(([v, t]) => h("option", { value: v, selected: v === "1" }, t)))),
-    h("label", { class: "check" }, h("input", { type: "checkbox", name: "chainJobs", checked: (job.chain || []).length > 1 || !!job.next }), "Run the chain (the jobs that depend on this one)"),
+    h("label", { class: "check" }, h("input", { type: "checkbox", name: "chainJobs", checked: (job.chain || []).length > 1 || !!job.next }), "Run the chain (the jobs after it)"),
     h("div", { class: "buttons" },
       h("button", { type: "submit", class: "primary" }, "Start run"),
       h("button", { type: "button", onclick: () => preview(form, projectId, job, instance, out) }, "Preview"),
