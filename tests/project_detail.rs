@@ -136,6 +136,12 @@ async fn a_project_answers_each_jobs_origin_destination_stages_and_chain_without
     assert_eq!(contacts["name"], "Contacts CSV -> SQLite");
     assert_eq!(contacts["stages"], 1, "the stage count stays a number");
     assert_eq!(contacts["next"], "countries");
+    assert_eq!(contacts["nextJobs"], serde_json::json!(["countries"]));
+    assert_eq!(contacts["needs"], serde_json::json!([]));
+    assert_eq!(
+        project["levels"],
+        serde_json::json!([["contacts", "warehouse"], ["countries"]])
+    );
     assert_eq!(
         contacts["chain"],
         serde_json::json!(["contacts", "countries"])

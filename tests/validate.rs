@@ -97,7 +97,7 @@ fn a_chain_that_loops_is_refused() {
     let m = messages(&f);
     assert!(
         m.iter()
-            .any(|m| m.contains("jobs/a.toml:1: the chain loops: a -> b -> a")),
+            .any(|m| m.contains("jobs/a.toml:1: the job graph has a cycle: a → b → a")),
         "{m:#?}"
     );
     assert!(

@@ -489,8 +489,10 @@ fn results_of(rec: &RunRecord) -> Vec<ResultsResponse> {
         .and_then(|j| serde_json::from_str(j).ok())
         .unwrap_or_default();
     // Until the run's end is recorded it is going: a job that just completed
-    // may still be followed by the next of its chain.
+    // may still be followed by the next of its chain (unless another job of
+    // its graph is still running).
     if rec.status == RunStatus::Running
+        && !out.iter().any(|r| r.status == RunStatus::Running)
         && let Some(last) = out.last_mut()
     {
         last.status = RunStatus::Running;
@@ -852,7 +854,9 @@ fn project_json(p: &Project) -> serde_json::Value {
         "jobs": p.jobs.values().map(|j| json!({
             "jobID": j.id.0,
             "name": j.name,
-            "next": j.next.as_ref().map(|n| n.0.clone()),
+            "next": j.next.first().map(|n| n.0.clone()),
+            "nextJobs": j.next.iter().map(|n| n.0.clone()).collect::<Vec<_>>(),
+            "needs": j.needs.iter().map(|n| n.0.clone()).collect::<Vec<_>>(),
             "stages": j.stages.len(),
         })).collect::<Vec<_>>(),
     })

@@ -11,7 +11,7 @@ use super::AppState;
 use super::auth::Caller;
 use super::runs::json_error;
 use crate::connector::Target;
-use crate::project::{Field, FieldSource, Job, OriginSpec, Project, Stage};
+use crate::project::{Field, FieldSource, Job, OriginSpec, Project, RunGraph, Stage};
 use crate::server::Service;
 use crate::server::reload::FailedProject;
 use crate::store::Role;
@@ -85,7 +85,7 @@ pub async fn reload(State(svc): State<AppState>, caller: Caller) -> Response {
 
 /// One project in detail, as `GET /v1/Projects/{id}` answers it: what
 /// `GET /v1/Projects` lists, and for each job its origin, destination,
-/// stages with their field mappings, and `next` chain. Connections are named
+/// stages with their field mappings, and its job graph (`next`, `needs`). Connections are named
 /// with their kind and where they point, never with a password, header or
 /// auth value.
 #[derive(Serialize, utoipa::ToSchema)]
@@ -103,6 +103,9 @@ pub struct ProjectDetail {
     pub loaded: bool,
     /// The jobs, by ID.
     pub jobs: Vec<JobDetail>,
+    /// The project's job graph by levels: the jobs that wait for none first,
+    /// then each job one level after the last of the jobs it waits for.
+    pub levels: Vec<Vec<String>>,
 }
 
 /// One job of a project in detail.
@@ -115,11 +118,16 @@ pub struct JobDetail {
     pub job_id: String,
     /// A human name.
     pub name: String,
-    /// The job a chained run goes on with.
+    /// The first job `nextJobs` names (a straight chain's next job).
     pub next: Option<String>,
+    /// The jobs that start, in parallel, after this one completes in a chained run.
+    pub next_jobs: Vec<String>,
+    /// The jobs that must all have completed before this one starts in a chained run.
+    pub needs: Vec<String>,
     /// How many stages it has (the detail is in `stageDetails`).
     pub stages: usize,
-    /// The jobs a chained run of this job goes through, this one first.
+    /// The jobs a chained run of this job executes, in the order they may
+    /// start: this one first, then the jobs that depend on it.
     pub chain: Vec<String>,
     /// The job file, relative to the project folder.
     pub file: String,
@@ -229,6 +237,11 @@ pub(super) fn project_detail(p: &Project) -> ProjectDetail {
         instance: p.instance.clone(),
         loaded: true,
         jobs: p.jobs.values().map(|j| job_detail(p, j)).collect(),
+        levels: RunGraph::whole(p)
+            .levels()
+            .into_iter()
+            .map(|l| l.into_iter().map(|j| j.0).collect())
+            .collect(),
     }
 }
 
@@ -236,7 +249,9 @@ fn job_detail(p: &Project, j: &Job) -> JobDetail {
     JobDetail {
         job_id: j.id.0.clone(),
         name: j.name.clone(),
-        next: j.next.as_ref().map(|n| n.0.clone()),
+        next: j.next.first().map(|n| n.0.clone()),
+        next_jobs: j.next.iter().map(|n| n.0.clone()).collect(),
+        needs: j.needs.iter().map(|n| n.0.clone()).collect(),
         stages: j.stages.len(),
         chain: chain_of(p, j),
         file: shown_path(p, &j.file),
@@ -258,19 +273,11 @@ fn job_detail(p: &Project, j: &Job) -> JobDetail {
     }
 }
 
-/// The jobs a chained run goes through: this one, then `next` until a job has
-/// none, is unknown, or comes round again.
+/// The jobs a chained run of `j` executes, in the order they may start.
 fn chain_of(p: &Project, j: &Job) -> Vec<String> {
-    let mut chain = vec![j.id.0.clone()];
-    let mut current = j;
-    while let Some(next) = current.next.as_ref().and_then(|n| p.job(&n.0)) {
-        if chain.iter().any(|id| id.eq_ignore_ascii_case(&next.id.0)) {
-            break;
-        }
-        chain.push(next.id.0.clone());
-        current = next;
-    }
-    chain
+    RunGraph::of(p, &j.id.0, true)
+        .map(|g| g.jobs().iter().map(|id| id.0.clone()).collect())
+        .unwrap_or_else(|| vec![j.id.0.clone()])
 }
 
 fn origin_use(p: &Project, o: &OriginSpec) -> ConnectionUse {

@@ -831,8 +831,13 @@ pub struct JobInfoDoc {
     #[schema(rename = "jobID")]
     job_id: String,
     name: Option<String>,
-    /// The job its chain runs next.
+    /// The first job its `next` names.
     next: Option<String>,
+    /// The jobs that start, in parallel, after it completes in a chained run.
+    #[schema(rename = "nextJobs")]
+    next_jobs: Vec<String>,
+    /// The jobs that must all have completed before it starts in a chained run.
+    needs: Vec<String>,
     /// How many stages it has.
     stages: u64,
 }

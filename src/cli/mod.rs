@@ -1,5 +1,6 @@
 //! The command line: `tidepool run` and `tidepool validate`.
 
+mod graph;
 mod incremental;
 mod listen;
 mod progress;
@@ -14,7 +15,7 @@ use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 
 use tidepool::engine::{self, CancelToken, LogLevel, RunId, RunReport, RunRequest, RunStatus};
-use tidepool::project::{LoadOptions, LoadOutcome, load_projects};
+use tidepool::project::{LoadOptions, LoadOutcome, RunGraph, load_projects};
 use tidepool::server::StoreLocation;
 
 /// tidepool: read rows from an origin, map them, write them into a destination.
@@ -108,7 +109,9 @@ struct RunArgs {
     /// Log detail: 0 none, 1 start/end/errors, 2 stage summaries, 3 every row.
     #[arg(long, default_value_t = 1)]
     logging_level: u64,
-    /// Run the job's `next` job after it, and so on.
+    /// Run the jobs that depend on this one after it (its `next` jobs, the
+    /// jobs that need it, and so on), in parallel where they may; the graph is
+    /// shown first.
     #[arg(long, visible_alias = "chain-jobs")]
     chain: bool,
     /// Do everything but write: database work is rolled back, files are untouched.
@@ -142,6 +145,9 @@ struct ValidateArgs {
     /// Check the files only; do not open connections.
     #[arg(long)]
     no_connect: bool,
+    /// Also print each project's job graph (by levels).
+    #[arg(long)]
+    graph: bool,
 }
 
 /// Runs the command line; the exit code is 0 for success, 1 for a failed run
@@ -240,6 +246,15 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let kept = recorder.as_ref().and_then(|r| r.kept_state());
     if args.reset_incremental {
         incremental::reset_job(project, &args.job, kept.clone())?;
+    }
+    if args.chain
+        && !args.json
+        && let Some(graph) = RunGraph::of(project, &args.job, true)
+    {
+        for line in graph::levels_text("graph of the run", &graph) {
+            println!("{line}");
+        }
+        println!();
     }
     let observer = progress::Progress::new(!args.json);
     let report = engine::run_with_state(project, &req, &CancelToken::new(), &observer, kept)?;
@@ -364,6 +379,14 @@ fn validate(args: ValidateArgs) -> anyhow::Result<ExitCode> {
     }
     for n in &notes {
         println!("note: {n}");
+    }
+    if args.graph {
+        for p in &loaded.projects {
+            let heading = format!("project {}, job graph", p.id);
+            for line in graph::levels_text(&heading, &RunGraph::whole(p)) {
+                println!("{line}");
+            }
+        }
     }
     let jobs: usize = loaded.projects.iter().map(|p| p.jobs.len()).sum();
     if problems.is_empty() {

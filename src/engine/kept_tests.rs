@@ -235,7 +235,12 @@ fn a_fenced_save_fails_the_run_saying_the_lease_was_lost() {
                 its state was not saved";
     assert_eq!(report.status, RunStatus::Failed);
     assert_eq!(report.jobs[0].status, RunStatus::Failed);
-    assert_eq!(report.error.as_deref(), Some(&*format!("job a: {said}")));
+    assert_eq!(
+        report.error.as_deref(),
+        Some(&*format!(
+            "job a: {said}; not run: b (it depends on job a, which did not complete)"
+        ))
+    );
     assert!(report.jobs[0].log.iter().any(|e| e.message == said));
     // The chain stops at the failed job; its rows were written.
     assert_eq!(report.jobs.len(), 1);

@@ -1,11 +1,13 @@
 //! One run: a [`RunRequest`] in, a [`RunReport`] out (both plain data in [`crate::run`]).
 //!
-//! A run executes a job (and, with `chain_jobs`, the jobs its `next` names):
+//! A run executes a job (and, with `chain_jobs`, the graph of jobs that
+//! depend on it, through `next` and `needs`, in parallel where they may):
 //! one reader streams origin rows in batches through a bounded channel to
 //! `thread_count` writers, each with its own destination connection. Each
 //! batch is one transaction; a batch that fails is replayed row by row so only
 //! the bad rows count as errors. Counters are exact and live.
 
+mod graph;
 mod host;
 mod job;
 #[cfg(test)]
@@ -25,7 +27,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use chrono::Local;
 use serde::Serialize;
 
-use crate::project::{JobId, Problem, Project};
+use crate::project::{JobId, Problem, Project, RunGraph};
 pub use crate::run::{
     Counters, FailureKind, JobReport, LogEntry, LogLevel, MAX_THREADS, ROW_ERRORS_KEPT, RowError,
     RunId, RunReport, RunRequest, RunStatus,
@@ -200,9 +202,8 @@ pub fn run_with_state(
     kept: Option<Arc<dyn KeptState>>,
 ) -> Result<RunReport, RunError> {
     check_request(req)?;
-    let first = project
-        .job(&req.job.0)
-        .ok_or_else(|| RunError::UnknownJob {
+    let graph =
+        RunGraph::of(project, &req.job.0, req.chain_jobs).ok_or_else(|| RunError::UnknownJob {
             project: project.id.0.clone(),
             job: req.job.0.clone(),
             known: project
@@ -220,34 +221,14 @@ pub fn run_with_state(
             .map(|s| Arc::new(s) as Arc<dyn KeptState>)
             .map_err(|e| e.to_string()),
     };
-    let mut jobs = Vec::new();
-    let mut current = Some(first);
-    while let Some(job) = current {
-        observer.job_started(&job.id);
-        let report = job::run_job(project, job, req, cancel, observer, &kept);
-        observer.job_finished(&report);
-        let go_on = report.status == RunStatus::Complete && req.chain_jobs;
-        jobs.push(report);
-        current = if go_on {
-            job.next.as_ref().and_then(|n| project.jobs.get(n))
-        } else {
-            None
-        };
-    }
+    let graph::GraphOutcome { jobs, not_run } =
+        graph::run_graph(project, &graph, req, cancel, observer, &kept);
     let mut counters = Counters::default();
     for j in &jobs {
         counters.add(&j.counters);
     }
-    let status = if jobs.iter().all(|j| j.status == RunStatus::Complete) {
-        RunStatus::Complete
-    } else if jobs.iter().any(|j| j.status == RunStatus::Cancelled) {
-        RunStatus::Cancelled
-    } else {
-        RunStatus::Failed
-    };
-    let error = jobs
-        .iter()
-        .find_map(|j| j.error.as_ref().map(|e| format!("job {}: {e}", j.job_id)));
+    let status = run_status(&jobs, &not_run, cancel);
+    let error = run_error(&jobs, &not_run);
     let return_value = jobs.iter().rev().find_map(|j| j.return_value.clone());
     Ok(RunReport {
         return_value,
@@ -258,6 +239,39 @@ pub fn run_with_state(
         counters,
         error,
         jobs,
+    })
+}
+
+/// Complete only if every job of the run ran and completed; Cancelled if a
+/// job was, or the run was stopped before all its jobs started; else Failed.
+fn run_status(jobs: &[JobReport], not_run: &[(JobId, String)], cancel: &CancelToken) -> RunStatus {
+    if not_run.is_empty() && jobs.iter().all(|j| j.status == RunStatus::Complete) {
+        RunStatus::Complete
+    } else if jobs.iter().any(|j| j.status == RunStatus::Cancelled)
+        || (!not_run.is_empty() && cancel.is_cancelled())
+    {
+        RunStatus::Cancelled
+    } else {
+        RunStatus::Failed
+    }
+}
+
+/// The first job's error (in start order), and the jobs that did not run.
+fn run_error(jobs: &[JobReport], not_run: &[(JobId, String)]) -> Option<String> {
+    let first = jobs
+        .iter()
+        .find_map(|j| j.error.as_ref().map(|e| format!("job {}: {e}", j.job_id)));
+    if not_run.is_empty() {
+        return first;
+    }
+    let skipped: Vec<String> = not_run
+        .iter()
+        .map(|(j, why)| format!("{j} ({why})"))
+        .collect();
+    let skipped = format!("not run: {}", skipped.join(", "));
+    Some(match first {
+        Some(e) => format!("{e}; {skipped}"),
+        None => skipped,
     })
 }
 

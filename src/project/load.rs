@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use toml::Spanned;
 
+use super::graph::{self, EdgeLines};
 use super::{
     BuiltinFunction, Field, FieldSource, Job, JobId, Moment, Operation, OriginSpec, Problem,
     Project, ProjectId, ScriptLimits, Stage, StageAction, Transform,
@@ -115,6 +116,8 @@ struct RawProject {
     variables: BTreeMap<String, Spanned<String>>,
     #[serde(default)]
     connections: BTreeMap<String, Spanned<toml::Value>>,
+    /// Any TOML value, so that 0, a negative or a non-integer gets the key's own message.
+    max_parallel_jobs: Option<Spanned<toml::Value>>,
 }
 
 #[derive(Deserialize)]
@@ -122,7 +125,10 @@ struct RawProject {
 struct RawJob {
     id: Option<Spanned<String>>,
     name: Option<String>,
-    next: Option<Spanned<String>>,
+    /// One job ID or a list (see [`graph::job_list`]).
+    next: Option<Spanned<toml::Value>>,
+    /// One job ID or a list.
+    needs: Option<Spanned<toml::Value>>,
     #[serde(default)]
     halt_on_error: bool,
     error_file: Option<Spanned<String>>,
@@ -414,6 +420,7 @@ fn load_project_files(
     let variables = project_variables(&src, &raw.variables, &builtins, &mut problems);
     let (connections, broken) =
         project_connections(&src, raw.connections, &builtins, &mut problems);
+    let max_parallel_jobs = max_parallel_jobs(&src, raw.max_parallel_jobs.as_ref(), &mut problems);
     let jobs = load_jobs(
         dir,
         job_files,
@@ -438,7 +445,32 @@ fn load_project_files(
         variables,
         connections,
         jobs,
+        max_parallel_jobs,
     })
+}
+
+/// How many jobs of a chained run may run at once: 1 to [`graph::MAX_PARALLEL_JOBS`].
+fn max_parallel_jobs(
+    src: &SourceFile,
+    given: Option<&Spanned<toml::Value>>,
+    problems: &mut Vec<Problem>,
+) -> usize {
+    let Some(v) = given else {
+        return graph::DEFAULT_MAX_PARALLEL_JOBS;
+    };
+    match v.get_ref() {
+        toml::Value::Integer(n) if (1..=graph::MAX_PARALLEL_JOBS as i64).contains(n) => *n as usize,
+        _ => {
+            problems.push(src.problem(
+                v,
+                format!(
+                    "max_parallel_jobs must be a whole number from 1 to {}",
+                    graph::MAX_PARALLEL_JOBS
+                ),
+            ));
+            graph::DEFAULT_MAX_PARALLEL_JOBS
+        }
+    }
 }
 
 /// The project's `[variables]`, interpolated.
@@ -494,7 +526,7 @@ fn project_connections(
     (connections, broken)
 }
 
-/// The project's jobs, each ID once, with their chains checked.
+/// The project's jobs, each ID once, with their graph checked.
 fn load_jobs(
     dir: &Path,
     job_files: Vec<JobFile>,
@@ -504,8 +536,7 @@ fn load_jobs(
     problems: &mut Vec<Problem>,
 ) -> BTreeMap<JobId, Job> {
     let mut jobs = BTreeMap::new();
-    let mut job_lines: BTreeMap<JobId, (PathBuf, Option<Spanned<String>>, String)> =
-        BTreeMap::new();
+    let mut job_lines: BTreeMap<JobId, EdgeLines> = BTreeMap::new();
     for (file, text) in job_files {
         let text = match text {
             Ok(t) => t,
@@ -515,7 +546,7 @@ fn load_jobs(
             }
         };
         match load_job(&file, text, connections, broken, builtins, dir) {
-            Ok((job, next_span, text)) => {
+            Ok((job, lines)) => {
                 if let Some(existing) = jobs.get(&job.id) {
                     let existing: &Job = existing;
                     problems.push(Problem::new(
@@ -529,54 +560,14 @@ fn load_jobs(
                     ));
                     continue;
                 }
-                job_lines.insert(job.id.clone(), (file.clone(), next_span, text));
+                job_lines.insert(job.id.clone(), lines);
                 jobs.insert(job.id.clone(), job);
             }
             Err(mut p) => problems.append(&mut p),
         }
     }
-    check_chains(&jobs, &job_lines, problems);
+    graph::check(&jobs, &job_lines, problems);
     jobs
-}
-
-/// Chains: `next` must name a job of this project, and must not loop.
-fn check_chains(
-    jobs: &BTreeMap<JobId, Job>,
-    job_lines: &BTreeMap<JobId, (PathBuf, Option<Spanned<String>>, String)>,
-    problems: &mut Vec<Problem>,
-) {
-    for (id, (file, next_span, text)) in job_lines {
-        let Some(next) = next_span else { continue };
-        let src = SourceFile { path: file, text };
-        if !jobs.contains_key(&JobId(next.get_ref().clone())) {
-            problems.push(src.problem(
-                next,
-                format!(
-                    "next = {:?}: no such job in this project (jobs: {})",
-                    next.get_ref(),
-                    jobs.keys().map(|j| j.0.as_str()).collect::<Vec<_>>().join(", ")
-                ),
-            ));
-            continue;
-        }
-        let mut seen = vec![id.clone()];
-        let mut at = jobs.get(id).and_then(|j| j.next.clone());
-        while let Some(cur) = at {
-            if seen.contains(&cur) {
-                seen.push(cur);
-                problems.push(src.problem(
-                    next,
-                    format!(
-                        "the chain loops: {}",
-                        seen.iter().map(|j| j.0.as_str()).collect::<Vec<_>>().join(" -> ")
-                    ),
-                ));
-                break;
-            }
-            seen.push(cur.clone());
-            at = jobs.get(&cur).and_then(|j| j.next.clone());
-        }
-    }
 }
 
 fn check_id(src: &SourceFile, id: &Spanned<String>, what: &str, problems: &mut Vec<Problem>) {
@@ -591,7 +582,8 @@ fn check_id(src: &SourceFile, id: &Spanned<String>, what: &str, problems: &mut V
     }
 }
 
-type LoadedJob = (Job, Option<Spanned<String>>, String);
+/// A job, and where its file says `next` and `needs`.
+type LoadedJob = (Job, EdgeLines);
 
 /// What a job file is checked against, and the problems found in it so far.
 struct JobCheck<'a> {
@@ -673,9 +665,6 @@ fn load_job(
     let batch_size = cx.batch_size(&raw.batch_size, targets.dest_conn);
     let max_concurrent_runs = cx.max_concurrent_runs(raw.max_concurrent_runs.as_ref());
     let (incremental, file_drop) = cx.incremental(&raw.origin, targets.origin_conn);
-    if let Some(next) = &raw.next {
-        check_id(&cx.src, next, "next job", &mut cx.problems);
-    }
     let schedules = cx.schedules(raw.schedules);
     let retry = raw.retry.as_ref().and_then(|r| match r.get_ref().check() {
         Ok(p) => Some(p),
@@ -684,6 +673,8 @@ fn load_job(
             None
         }
     });
+    let (next, next_line) = cx.job_refs("next", raw.next.as_ref());
+    let (needs, needs_line) = cx.job_refs("needs", raw.needs.as_ref());
 
     if !cx.problems.is_empty() {
         return Err(cx.problems);
@@ -702,7 +693,8 @@ fn load_job(
         },
         destination: targets.dest_name,
         stages,
-        next: raw.next.as_ref().map(|n| JobId(n.get_ref().clone())),
+        next,
+        needs,
         halt_on_error: raw.halt_on_error,
         error_file,
         batch_size,
@@ -715,7 +707,12 @@ fn load_job(
         schedules,
         retry,
     };
-    Ok((job, raw.next, text))
+    let lines = EdgeLines {
+        file: file.to_owned(),
+        next: next_line,
+        needs: needs_line,
+    };
+    Ok((job, lines))
 }
 
 impl<'a> JobCheck<'a> {
@@ -1172,6 +1169,25 @@ impl<'a> JobCheck<'a> {
                     self.at(line, message);
                 }
                 Vec::new()
+            }
+        }
+    }
+
+    /// The jobs a `next` or `needs` names, and the line it is on.
+    fn job_refs(
+        &mut self,
+        key: &str,
+        given: Option<&Spanned<toml::Value>>,
+    ) -> (Vec<JobId>, Option<usize>) {
+        let Some(v) = given else {
+            return (Vec::new(), None);
+        };
+        let line = self.src.line(v.span().start);
+        match graph::job_list(key, v.get_ref()) {
+            Ok(ids) => (ids.into_iter().map(JobId).collect(), Some(line)),
+            Err(why) => {
+                self.problems.push(self.src.problem(v, why));
+                (Vec::new(), Some(line))
             }
         }
     }

@@ -4,6 +4,7 @@
 //! [`load_projects`] reads a folder of projects and validates them statically;
 //! every problem is a [`Problem`] with file, line and reason.
 
+mod graph;
 pub mod incremental;
 mod load;
 mod schedule;
@@ -20,6 +21,7 @@ pub use crate::connector::StageAction;
 pub use crate::script::ScriptLimits;
 use crate::template::Template;
 use crate::value::{FieldType, Value};
+pub use graph::{DEFAULT_MAX_PARALLEL_JOBS, MAX_PARALLEL_JOBS, RunGraph};
 pub use load::{
     DEFAULT_INSTANCE, LoadOptions, LoadOutcome, load_project, load_project_text, load_projects,
 };
@@ -49,6 +51,8 @@ pub struct Project {
     pub connections: BTreeMap<String, ConnectionConfig>,
     /// The jobs, by ID.
     pub jobs: BTreeMap<JobId, Job>,
+    /// How many jobs of a chained run may run at once (`max_parallel_jobs`).
+    pub max_parallel_jobs: usize,
 }
 
 impl Project {
@@ -75,8 +79,12 @@ pub struct Job {
     pub destination: Option<String>,
     /// The stages, in order.
     pub stages: Vec<Stage>,
-    /// The job to run after this one when the request chains jobs.
-    pub next: Option<JobId>,
+    /// The jobs that start (in parallel) after this one completes when the
+    /// request chains jobs (`next`: one job ID or a list).
+    pub next: Vec<JobId>,
+    /// The jobs that must all have completed before this one starts in a
+    /// chained run (`needs`; those not part of the run count as done).
+    pub needs: Vec<JobId>,
     /// Stop the job at the first row error (the job then fails).
     pub halt_on_error: bool,
     /// Where rejected rows are written (CSV: row, stage, error, origin fields).

@@ -2,6 +2,7 @@
 //! completion webhooks, and `serve` itself.
 
 pub mod config;
+mod graph;
 pub mod history;
 mod lease;
 pub mod reload;
@@ -18,7 +19,7 @@ use chrono::Local;
 use tokio::sync::{Notify, broadcast};
 
 use crate::engine::{self, JobReport, LogLevel, RunObserver, RunRequest};
-use crate::project::{JobId, LoadOptions, LoadOutcome, load_projects};
+use crate::project::{JobId, LoadOptions, LoadOutcome, RunGraph, load_projects};
 use crate::run::{Counters, JobResult, RunId, RunResult, RunStatus, Submission};
 use crate::store::{
     EndIf, LeaseState, NewRun, NodeInfo, RunEnd, RunKey, RunRecord, Store, StoreError, Submitted,
@@ -230,16 +231,16 @@ impl Service {
             r.status = RunStatus::Failed;
             interrupted = true;
         }
-        let next = results
-            .last()
-            .filter(|r| r.status == RunStatus::Complete)
-            .and_then(|r| self.chain_next(rec, &r.job_id));
-        if let Some(next) = next {
-            // The chain stopped between two jobs: the next one never ran.
+        let due = match results.is_empty() {
+            true => Vec::new(),
+            false => self.chain_pending(rec, &results),
+        };
+        for next in due {
+            // The graph stopped between jobs: one that was due never ran.
             let now = Local::now().fixed_offset();
             results.push(JobResult::new(
                 &run_id,
-                &next,
+                &next.0,
                 &now,
                 Duration::ZERO,
                 RunStatus::Failed,
@@ -280,16 +281,18 @@ impl Service {
         Ok(ended)
     }
 
-    /// The job a chained run goes on to after `job_id` completes, if any.
-    fn chain_next(&self, rec: &RunRecord, job_id: &str) -> Option<String> {
-        let req: Submission = serde_json::from_str(&rec.request_json).ok()?;
-        if !req.chain_jobs {
-            return None;
-        }
+    /// The jobs of a run's graph that have no result though every job they
+    /// wait for completed: due to start when the run was cut.
+    fn chain_pending(&self, rec: &RunRecord, results: &[JobResult]) -> Vec<JobId> {
+        let Ok(req) = serde_json::from_str::<Submission>(&rec.request_json) else {
+            return Vec::new();
+        };
         let projects = self.projects();
-        let project = projects.project_in(&rec.key.instance, &rec.project_id)?;
-        let next = project.jobs.get(&JobId(job_id.to_owned()))?.next.clone()?;
-        project.jobs.contains_key(&next).then_some(next.0)
+        projects
+            .project_in(&rec.key.instance, &rec.project_id)
+            .and_then(|p| RunGraph::of(p, &rec.job_id, req.chain_jobs))
+            .map(|g| graph::pending(&g, results))
+            .unwrap_or_default()
     }
 
     async fn end_without_running(
@@ -579,28 +582,16 @@ impl Service {
             .insert(key.clone(), lease.clone());
         tokio::spawn(self.clone().keep_lease(key.clone(), lease.clone()));
         tracing::info!(run = %key, node = %self.node.node_id, "run started");
-        let next_of = if req.chain_jobs {
-            project
-                .jobs
-                .values()
-                .filter_map(|j| j.next.clone().map(|n| (j.id.clone(), n)))
-                .filter(|(_, n)| project.jobs.contains_key(n))
-                .collect()
-        } else {
-            HashMap::new()
-        };
+        let run_graph = RunGraph::of(&project, &req.job_id, req.chain_jobs);
         let appender = LogAppender::start(self.store.clone(), key.clone(), lease.epoch);
         let observer = LiveResults {
-            next_of,
             handle: tokio::runtime::Handle::current(),
             store: self.store.clone(),
             key: key.clone(),
             lease: lease.clone(),
             run_id: req.run_id.to_string(),
-            done: Mutex::new(Vec::new()),
-            current: Mutex::new(None),
+            jobs: Mutex::new(graph::LiveJobs::new(run_graph)),
             log: appender.clone(),
-            resume: Mutex::new(None),
         };
         let kept = self.store.kept_state(Some((key.clone(), rec.lease_epoch)));
         let cancel = lease.cancel.clone();
@@ -787,30 +778,21 @@ fn counter_pairs(c: &Counters) -> [(&'static str, u64); 7] {
 }
 
 /// Writes live per-job results to the store while a run goes. A job's end is
-/// recorded together with the start of the next job of the chain; the last
-/// job's end only with the run's end (in `finish`): whatever the moment the
-/// server dies, the recorded results say whether the run was still going.
+/// recorded together with the start of the jobs of the graph it makes due;
+/// the last job's end only with the run's end (in `finish`): whatever the
+/// moment the server dies, the recorded results say whether the run was
+/// still going. Several jobs of a graph may run at once.
 struct LiveResults {
-    /// The job a chain goes on to after each job (empty without `chainJobs`).
-    next_of: HashMap<JobId, JobId>,
     handle: tokio::runtime::Handle,
     store: Arc<dyn Store>,
     key: RunKey,
     /// The lease the run is held under: progress is written under its epoch.
     lease: lease::Held,
     run_id: String,
-    done: Mutex<Vec<JobResult>>,
-    current: Mutex<
-        Option<(
-            JobId,
-            chrono::DateTime<chrono::FixedOffset>,
-            std::time::Instant,
-        )>,
-    >,
+    /// The run's jobs so far (ended, running, due), in start order.
+    jobs: Mutex<graph::LiveJobs>,
     /// Takes the log lines as they are made to the store.
     log: Arc<LogAppender>,
-    /// The current job's first origin row not committed, as last heard.
-    resume: Mutex<Option<u64>>,
 }
 
 /// A running run's log lines on their way to the store.
@@ -819,10 +801,10 @@ struct LiveLog {
     /// Entries not yet in the store, in order (made into stored lines when
     /// appended, off the engine's writer threads).
     pending: Vec<engine::LogEntry>,
-    /// Lines of the current job taken so far (appended or pending).
-    in_job: usize,
-    /// Lines past the bound (the job's final log would not keep them either).
-    dropped: u64,
+    /// Lines of each running job taken so far (appended or pending).
+    in_job: HashMap<JobId, usize>,
+    /// Each job's lines past the bound (its final log would not keep them either).
+    dropped: HashMap<JobId, u64>,
     /// The store refused a batch (the run is not held any more): no more appends.
     off: bool,
 }
@@ -895,11 +877,11 @@ impl LogAppender {
 const LIVE_LOG_PER_JOB: usize = engine::LOG_ENTRIES_KEPT + 1;
 
 impl LiveResults {
-    fn save(&self, running: Option<JobResult>) {
-        let mut all = self.done.lock().expect("live lock").clone();
-        all.extend(running);
+    /// Saves every job's result so far (those running as Running).
+    fn save(&self) {
+        let all = self.jobs.lock().expect("live lock").results(&self.run_id);
         let json = serde_json::to_string(&all).unwrap_or_default();
-        // Called on the run's blocking thread: waiting here is fine.
+        // Called on the run's blocking threads: waiting here is fine.
         match self
             .handle
             .block_on(self.store.save_progress(&self.key, self.lease.epoch, &json))
@@ -914,27 +896,17 @@ impl LiveResults {
 
 impl RunObserver for LiveResults {
     fn job_started(&self, job: &JobId) {
-        let start = Local::now().fixed_offset();
-        *self.current.lock().expect("live lock") =
-            Some((job.clone(), start, std::time::Instant::now()));
-        *self.resume.lock().expect("live lock") = None;
-        self.save(Some(JobResult::new(
-            &self.run_id,
-            &job.0,
-            &start,
-            Duration::ZERO,
-            RunStatus::Running,
-            &Counters::default(),
-        )));
+        self.jobs.lock().expect("live lock").started(job);
+        self.save();
         {
             let mut log = self.log.log.lock().expect("live log lock");
-            log.in_job = 0;
-            log.dropped = 0;
+            log.in_job.remove(job);
+            log.dropped.remove(job);
         }
         abort_point("job_started");
     }
 
-    fn log(&self, _job: &JobId, entry: &engine::LogEntry) {
+    fn log(&self, job: &JobId, entry: &engine::LogEntry) {
         if entry.level == LogLevel::None {
             return;
         }
@@ -942,33 +914,25 @@ impl RunObserver for LiveResults {
         if log.off {
             return;
         }
-        if log.in_job >= LIVE_LOG_PER_JOB {
-            log.dropped += 1;
+        let taken = log.in_job.get(job).copied().unwrap_or(0);
+        if taken >= LIVE_LOG_PER_JOB {
+            *log.dropped.entry(job.clone()).or_default() += 1;
             return;
         }
-        log.in_job += 1;
+        log.in_job.insert(job.clone(), taken + 1);
         log.pending.push(entry.clone());
     }
 
-    fn committed(&self, _job: &JobId, resume_at_row: u64) {
-        *self.resume.lock().expect("live lock") = Some(resume_at_row);
+    fn committed(&self, job: &JobId, resume_at_row: u64) {
+        self.jobs
+            .lock()
+            .expect("live lock")
+            .committed(job, resume_at_row);
     }
 
     fn progress(&self, job: &JobId, c: &Counters) {
-        let cur = self.current.lock().expect("live lock").clone();
-        if let Some((_, start, t0)) = cur {
-            let mut live = JobResult::new(
-                &self.run_id,
-                &job.0,
-                &start,
-                t0.elapsed(),
-                RunStatus::Running,
-                c,
-            );
-            // Saved with the progress: a run whose node dies has it too.
-            live.resume_at_row = *self.resume.lock().expect("live lock");
-            self.save(Some(live));
-        }
+        self.jobs.lock().expect("live lock").progress(job, c);
+        self.save();
         self.log.wake.notify_one();
     }
 
@@ -976,28 +940,21 @@ impl RunObserver for LiveResults {
         // The job's own writes are committed by now; the store does not know yet.
         abort_point("after_job_commit");
         self.log.wake.notify_one();
-        let dropped = self.log.log.lock().expect("live log lock").dropped;
+        let dropped = {
+            let mut log = self.log.log.lock().expect("live log lock");
+            log.in_job.remove(&report.job_id);
+            log.dropped.remove(&report.job_id).unwrap_or(0)
+        };
         if dropped > 0 {
             tracing::warn!(run = %self.key, job = %report.job_id, "{dropped} log lines were past the live log's bound");
         }
-        self.done
+        let due = self
+            .jobs
             .lock()
             .expect("live lock")
-            .push(history::job_result(&self.run_id, report));
-        *self.current.lock().expect("live lock") = None;
-        let next = match report.status {
-            RunStatus::Complete => self.next_of.get(&report.job_id),
-            _ => None,
-        };
-        if let Some(next) = next {
-            self.save(Some(JobResult::new(
-                &self.run_id,
-                &next.0,
-                &Local::now().fixed_offset(),
-                Duration::ZERO,
-                RunStatus::Running,
-                &Counters::default(),
-            )));
+            .finished(&self.run_id, report);
+        if due {
+            self.save();
         }
         abort_point("after_job_saved");
     }

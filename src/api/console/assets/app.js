@@ -900,14 +900,70 @@ function stagesView(stages) {
     s.condition || s.when ? h("p", { class: "sub" }, "when ", h("code", {}, s.condition || s.when)) : null,
     Array.isArray(s.fields) && s.fields.length ? fieldsTable(s.fields) : null));
 }
+/** The jobs each job of `jobs` starts after (its needs, and the jobs whose next names it). */
+function jobEdges(jobs) {
+  const known = new Set(jobs.map((j) => j.jobID));
+  const edges = [];
+  const add = (from, to) => {
+    if (known.has(from) && known.has(to) && !edges.some((e) => e.from === from && e.to === to)) edges.push({ from, to });
+  };
+  for (const j of jobs) {
+    for (const n of j.nextJobs || (j.next ? [j.next] : [])) add(j.jobID, n);
+    for (const n of j.needs || []) add(n, j.jobID);
+  }
+  return edges;
+}
+/**
+ * A job graph as an SVG: one column per level (a job one level after the
+ * last job it waits for), an arrow per edge, each job a link to its page.
+ * `order` lists the jobs shown in an order where a job comes after those it waits for.
+ */
+function graphView(projectId, jobs, order, label) {
+  const shown = new Set(order);
+  const edges = jobEdges(jobs).filter((e) => shown.has(e.from) && shown.has(e.to));
+  const level = {};
+  for (const id of order) {
+    level[id] = Math.max(0, ...edges.filter((e) => e.to === id && e.from in level).map((e) => level[e.from] + 1));
+  }
+  const columns = [];
+  for (const id of order) (columns[level[id]] = columns[level[id]] || []).push(id);
+  const W = 150, H = 34, GX = 56, GY = 14, PAD = 6;
+  const at = {};
+  columns.forEach((col, x) => col.forEach((id, y) => { at[id] = { x: PAD + x * (W + GX), y: PAD + y * (H + GY) }; }));
+  const width = PAD * 2 + columns.length * W + (columns.length - 1) * GX;
+  const height = PAD * 2 + Math.max(...columns.map((c) => c.length)) * (H + GY) - GY;
+  const svg = svgEl("svg", { class: "jobgraph", viewBox: `0 0 ${width} ${height}`, width, height, role: "img", "aria-label": label });
+  svg.append(Object.assign(svgEl("title"), { textContent: label }));
+  const marker = svgEl("marker", { id: "arrowhead", viewBox: "0 0 10 10", refX: 9, refY: 5, markerWidth: 7, markerHeight: 7, orient: "auto-start-reverse" });
+  marker.append(svgEl("path", { d: "M 0 0 L 10 5 L 0 10 z", class: "head" }));
+  const defs = svgEl("defs");
+  defs.append(marker);
+  svg.append(defs);
+  for (const e of edges) {
+    const a = at[e.from], b = at[e.to];
+    const x1 = a.x + W, y1 = a.y + H / 2, x2 = b.x, y2 = b.y + H / 2, mid = (x1 + x2) / 2;
+    const path = svgEl("path", { class: "edge", d: `M ${x1} ${y1} C ${mid} ${y1}, ${mid} ${y2}, ${x2 - 1} ${y2}`, "marker-end": "url(#arrowhead)" });
+    path.append(Object.assign(svgEl("title"), { textContent: `${e.to} starts after ${e.from}` }));
+    svg.append(path);
+  }
+  for (const id of order) {
+    const link = svgEl("a", { href: `#/projects/${encodeURIComponent(projectId)}/jobs/${encodeURIComponent(id)}`, class: "node", "data-job": id });
+    link.append(svgEl("rect", { x: at[id].x, y: at[id].y, width: W, height: H, rx: 6 }));
+    const text = svgEl("text", { x: at[id].x + W / 2, y: at[id].y + H / 2 + 4, "text-anchor": "middle" });
+    text.textContent = id.length > 20 ? id.slice(0, 19) + "…" : id;
+    link.append(text);
+    svg.append(link);
+  }
+  return h("div", { class: "scroll" }, svg);
+}
 function chainView(projectId, job, jobs) {
-  const byId = Object.fromEntries(jobs.map((j) => [j.jobID, j]));
-  const chain = [job.jobID];
-  let cur = job;
-  while (cur && cur.next && !chain.includes(cur.next) && chain.length < 50) { chain.push(cur.next); cur = byId[cur.next]; }
-  if (chain.length === 1) return h("span", { class: "muted" }, "none (no next job)");
-  return h("div", { class: "chain" }, chain.map((j, i) => [i ? h("span", { class: "arrow", "aria-hidden": "true" }, "→") : "",
-    h("a", { class: "pill", href: `#/projects/${encodeURIComponent(projectId)}/jobs/${encodeURIComponent(j)}` }, j)]));
+  const chain = job.chain || [job.jobID];
+  if (chain.length === 1) return h("span", { class: "muted" }, "none (no job depends on this one)");
+  return h("div", { class: "chain" }, graphView(projectId, jobs, chain, `Jobs a chained run of ${job.jobID} executes`));
+}
+function jobList(projectId, ids) {
+  if (!ids || !ids.length) return h("span", { class: "muted" }, "–");
+  return ids.map((id, i) => [i ? ", " : "", h("a", { href: `#/projects/${encodeURIComponent(projectId)}/jobs/${encodeURIComponent(id)}` }, id)]);
 }
 
 async function loadProject(id) {
@@ -928,11 +984,15 @@ async function projectPage(ctx, id) {
     pr.loaded === false ? h("div", { class: "error" }, (pr.errors || []).join("\n")) : null,
     h("h2", {}, "Jobs"),
     h("div", { class: "scroll" }, h("table", { "aria-label": "Jobs" },
-      h("thead", {}, h("tr", {}, h("th", {}, "Job"), h("th", {}, "Name"), h("th", {}, "Next"), h("th", { class: "num" }, "Stages"))),
-      h("tbody", {}, jobs.map((j) => h("tr", {},
+      h("thead", {}, h("tr", {}, h("th", {}, "Job"), h("th", {}, "Name"), h("th", {}, "Next"), h("th", {}, "Needs"), h("th", { class: "num" }, "Stages"))),
+      h("tbody", {}, jobs.map((j) => h("tr", { "data-job": j.jobID },
         h("td", {}, h("a", { href: `#/projects/${encodeURIComponent(pid)}/jobs/${encodeURIComponent(j.jobID)}` }, j.jobID)),
-        h("td", {}, j.name || ""), h("td", {}, j.next || h("span", { class: "muted" }, "–")),
+        h("td", {}, j.name || ""), h("td", { class: "next" }, jobList(pid, j.nextJobs || (j.next ? [j.next] : []))),
+        h("td", { class: "needs" }, jobList(pid, j.needs)),
         h("td", { class: "num" }, Array.isArray(j.stages) ? j.stages.length : j.stages ?? "")))))),
+    jobs.length > 1 ? [h("h2", {}, "Job graph"),
+      h("p", { class: "sub" }, "A chained run starts at a job and runs every job that depends on it; jobs of one column run in parallel once the jobs they wait for completed."),
+      graphView(pid, jobs, (pr.levels || [jobs.map((j) => j.jobID)]).flat(), `Job graph of ${pid}`)] : null,
     h("h2", {}, "Last runs"), await lastRuns({ project: pid }, 10));
 }
 
@@ -972,6 +1032,7 @@ async function jobPage(ctx, projectId, jobId) {
       h("div", { class: "card" }, h("h3", {}, "Origin"), describe(job.origin)),
       h("div", { class: "card" }, h("h3", {}, "Destination"), describe(job.destination))),
     h("h2", {}, "Chain"), chainView(pid, job, jobs),
+    h("p", { class: "sub" }, "Next: ", jobList(pid, job.nextJobs || (job.next ? [job.next] : [])), " · Needs: ", jobList(pid, job.needs)),
     h("h2", {}, "Stages and field mappings"), stagesView(job.stageDetails ?? job.stages),
     h("h2", {}, "Last runs"), runs);
 }
@@ -987,7 +1048,7 @@ function startForm(projectId, job, instance) {
     h("label", {}, "Log level", h("select", { name: "loggingLevel" },
       [["0", "0: nothing"], ["1", "1: start, end, errors"], ["2", "2: + summaries"], ["3", "3: + every row"]]
         .map(([v, t]) => h("option", { value: v, selected: v === "1" }, t)))),
-    h("label", { class: "check" }, h("input", { type: "checkbox", name: "chainJobs", checked: !!job.next }), "Run the chain (next jobs)"),
+    h("label", { class: "check" }, h("input", { type: "checkbox", name: "chainJobs", checked: (job.chain || []).length > 1 || !!job.next }), "Run the chain (the jobs after it)"),
     h("div", { class: "buttons" },
       h("button", { type: "submit", class: "primary" }, "Start run"),
       h("button", { type: "button", onclick: () => preview(form, projectId, job, instance, out) }, "Preview"),
