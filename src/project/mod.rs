@@ -7,8 +7,8 @@
 mod graph;
 pub mod incremental;
 mod load;
-mod schedule;
 mod retry;
+mod schedule;
 
 use std::collections::BTreeMap;
 use std::fmt;

@@ -6,8 +6,8 @@ mod graph;
 pub mod history;
 mod lease;
 pub mod reload;
-pub mod scheduler;
 pub mod retry;
+pub mod scheduler;
 pub mod webhook;
 
 use std::collections::HashMap;

@@ -7,8 +7,8 @@
 
 pub mod history;
 mod postgres;
-pub mod schedules;
 pub mod retry;
+pub mod schedules;
 mod sqlite;
 
 use std::fmt;

@@ -23,8 +23,8 @@ use crate::run::RunStatus;
 
 mod history;
 mod packed;
-mod schedules;
 mod retry;
+mod schedules;
 
 /// Hears whether the transaction that held the write committed.
 type Reply = Box<dyn FnOnce(Result<(), Arc<rusqlite::Error>>) + Send>;
