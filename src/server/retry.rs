@@ -74,8 +74,18 @@ pub fn plan(
     if report.status != RunStatus::Failed {
         return None;
     }
-    let failed = report.jobs.last()?;
-    if failed.status != RunStatus::Failed || failed.failure != Some(FailureKind::Unreachable) {
+    // In a graph, jobs beside the failed one may have completed after it: the
+    // attempt starts at the one job that failed (with what depends on it). Two
+    // failed branches cannot both be where one attempt starts: no retry then.
+    let mut failed_jobs = report
+        .jobs
+        .iter()
+        .filter(|j| j.status != RunStatus::Complete);
+    let failed = failed_jobs.next()?;
+    if failed_jobs.next().is_some()
+        || failed.status != RunStatus::Failed
+        || failed.failure != Some(FailureKind::Unreachable)
+    {
         return None;
     }
     let project = projects.project_in(&rec.key.instance, &rec.project_id)?;
@@ -208,5 +218,118 @@ mod tests {
         assert_eq!(attempts_of(Some(&json)), vec![a]);
         assert!(attempts_of(Some("not json")).is_empty());
         assert!(attempts_of(None).is_empty());
+    }
+
+    /// A diamond a → (b, c) → d whose b and c retry.
+    fn diamond() -> LoadOutcome {
+        use std::path::{Path, PathBuf};
+        let job = |id: &str, keys: &str| {
+            let text = format!(
+                "{keys}\n[origin]\nconnection = \"src\"\n[destination]\nconnection = \"db\"\n\
+                 [[stages]]\ntable = \"t\"\naction = \"insert\"\n\
+                 fields = [{{ column = \"id\", origin = \"id\" }}]\n"
+            );
+            (PathBuf::from(format!("/p/jobs/{id}.toml")), text)
+        };
+        let retry = "retry = { attempts = 3, wait_secs = 1 }";
+        let project = crate::project::load_project_text(
+            Path::new("/p"),
+            "id = \"p\"\n[connections.src]\nkind = \"csv\"\npath = \"in.csv\"\n\
+             [connections.db]\nkind = \"sqlite\"\npath = \"/d/db.sqlite\"\n",
+            vec![
+                job("a", "next = [\"b\", \"c\"]"),
+                job("b", retry),
+                job("c", retry),
+                job("d", "needs = [\"b\", \"c\"]"),
+            ],
+            &crate::project::LoadOptions {
+                data_dir: PathBuf::from("/d"),
+            },
+        )
+        .unwrap_or_else(|e| panic!("{e:#?}"));
+        LoadOutcome {
+            projects: vec![project],
+            problems: Vec::new(),
+        }
+    }
+
+    fn report(jobs: &[(&str, RunStatus, Option<FailureKind>)]) -> RunReport {
+        let now = Local::now().fixed_offset();
+        let job = |(id, status, failure): &(&str, RunStatus, Option<FailureKind>)| {
+            crate::run::JobReport {
+                job_id: JobId(id.to_string()),
+                start_time: now,
+                run_time: Duration::ZERO,
+                status: *status,
+                counters: Default::default(),
+                error: None,
+                log: Vec::new(),
+                return_value: None,
+                row_errors: Vec::new(),
+                row_errors_total: 0,
+                failure: *failure,
+                resume_at_row: Some(7),
+                load: Default::default(),
+            }
+        };
+        RunReport {
+            run_id: crate::run::RunId::new(),
+            status: RunStatus::Failed,
+            start_time: now,
+            run_time: Duration::ZERO,
+            counters: Default::default(),
+            error: None,
+            return_value: None,
+            jobs: jobs.iter().map(job).collect(),
+        }
+    }
+
+    fn record() -> RunRecord {
+        RunRecord {
+            key: crate::store::RunKey {
+                instance: "default".into(),
+                run_id: uuid::Uuid::new_v4(),
+            },
+            project_id: "p".into(),
+            job_id: "a".into(),
+            request_json: "{}".into(),
+            webhook_url: None,
+            status: RunStatus::Running,
+            accepted_at: Local::now().fixed_offset(),
+            results_json: None,
+            response_json: None,
+            error: None,
+            fingerprint: String::new(),
+            lease_epoch: 0,
+            node_id: None,
+            requeues: 0,
+        }
+    }
+
+    #[test]
+    fn in_a_graph_the_attempt_starts_at_the_one_job_that_failed() {
+        use RunStatus::{Complete, Failed};
+        let (projects, rec) = (diamond(), record());
+        let unreachable = Some(FailureKind::Unreachable);
+        // b failed; c, started beside it, completed after it.
+        let r = report(&[
+            ("a", Complete, None),
+            ("b", Failed, unreachable),
+            ("c", Complete, None),
+        ]);
+        let (_, next) = plan(&projects, &rec, &r, 1).expect("a retry");
+        assert_eq!(next.job_id, "b");
+        // Both branches failed: one attempt cannot start at both.
+        let r = report(&[
+            ("a", Complete, None),
+            ("b", Failed, unreachable),
+            ("c", Failed, unreachable),
+        ]);
+        assert!(plan(&projects, &rec, &r, 1).is_none());
+        // A job-level failure is not retried; nor past the attempts allowed.
+        let r = report(&[("a", Complete, None), ("b", Failed, Some(FailureKind::Job))]);
+        assert!(plan(&projects, &rec, &r, 1).is_none());
+        let r = report(&[("a", Complete, None), ("b", Failed, unreachable)]);
+        assert!(plan(&projects, &rec, &r, 3).is_none());
     }
 }
