@@ -16,6 +16,13 @@ use crate::store::{ConcurrencyLimits, LeaseState, NodeInfo, RunKey, StoreError, 
 /// Runs taken over per sweep; the rest wait for the next one.
 const TAKEOVER_BATCH: usize = 64;
 
+/// A node silent this long (stopped or lost) leaves the list of nodes: node
+/// names that change with every deployment must not pile up there.
+const FORGET_NODES_AFTER: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// How often a node looks for nodes to forget.
+const FORGET_NODES_EVERY: Duration = Duration::from_secs(3600);
+
 /// A run this node executes: the lease it holds it under and the switches
 /// that stop it.
 #[derive(Debug, Clone)]
@@ -130,19 +137,25 @@ impl Service {
     /// it. A node that cannot reach the store stops the run itself before its
     /// lease can have run out (four fifths of a lease after the last renewal
     /// it sent that succeeded): past that, another node may have taken it over.
+    /// A renewal that failed or went unanswered is tried again after a
+    /// twelfth of the lease, not a third: one slow answer from a busy store
+    /// must not cost the run.
     pub(crate) async fn keep_lease(self: Arc<Self>, key: RunKey, held: Held) {
         let every = self.lease / 3;
+        let again = self.lease / 12;
         let sure_for = self.lease.mul_f64(0.8);
         // Alone on the store, no one else could take the run over: no deadline.
         let shared = self.store.is_shared();
         if shared {
             held.confirmed(tokio::time::Instant::now(), sure_for);
         }
+        let mut pause = every;
         loop {
             tokio::select! {
                 _ = held.done.notified() => return,
-                _ = tokio::time::sleep(every) => {}
+                _ = tokio::time::sleep(pause) => {}
             }
+            pause = again;
             let sent = tokio::time::Instant::now();
             let renewed =
                 tokio::time::timeout(every, self.store.renew(&key, held.epoch, self.lease));
@@ -157,6 +170,7 @@ impl Service {
                     continue;
                 }
             };
+            pause = every;
             if state == LeaseState::Lost || held.is_lost() {
                 // Lost, or confirmed too late: a takeover may have happened.
                 tracing::error!(run = %key, "lease lost: another node took the run over (or may have); stopping it");
@@ -176,9 +190,18 @@ impl Service {
     /// node went silent, and refreshes the queue depth, every third of a lease.
     pub(crate) async fn node_loop(self: Arc<Self>) {
         let every = self.lease / 3;
+        let mut forgot_at: Option<tokio::time::Instant> = None;
         while !self.is_stopping() {
             if let Err(e) = self.store.heartbeat(&self.node_now()).await {
                 tracing::warn!("heartbeat: {e}");
+            }
+            if forgot_at.is_none_or(|t| t.elapsed() >= FORGET_NODES_EVERY) {
+                forgot_at = Some(tokio::time::Instant::now());
+                match self.store.forget_nodes(FORGET_NODES_AFTER).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!("forgot {n} node(s) silent for a week"),
+                    Err(e) => tracing::warn!("forgetting long-silent nodes: {e}"),
+                }
             }
             if let Err(e) = self.take_over().await {
                 tracing::warn!("taking over runs of lost nodes: {e}");
