@@ -203,7 +203,12 @@ pub async fn login(
     let expires = chrono::Local::now().fixed_offset() + chrono::Duration::seconds(lifetime as i64);
     if let Err(e) = svc
         .store
-        .put_token(&auth::digest(&token), &user, expires)
+        .put_token(
+            &auth::digest(&token),
+            &user,
+            expires,
+            svc.config.max_tokens_per_user,
+        )
         .await
     {
         return json_error(StatusCode::SERVICE_UNAVAILABLE, e.to_string());
@@ -247,7 +252,11 @@ pub async fn logout(State(svc): State<AppState>, headers: HeaderMap) -> Response
         // Expired now: the store answers for it no more (a cached
         // credential lasts a few seconds at most).
         let now = chrono::Local::now().fixed_offset();
-        let _ = svc.store.put_token(&auth::digest(&token), &user, now).await;
+        let keep = svc.config.max_tokens_per_user;
+        let _ = svc
+            .store
+            .put_token(&auth::digest(&token), &user, now, keep)
+            .await;
     }
     let mut h = HeaderMap::new();
     h.insert(header::SET_COOKIE, session_cookie("", 0));

@@ -828,7 +828,12 @@ async fn token(
     let expires = chrono::Local::now().fixed_offset() + chrono::Duration::seconds(lifetime as i64);
     if let Err(e) = svc
         .store
-        .put_token(&auth::digest(&token), &user, expires)
+        .put_token(
+            &auth::digest(&token),
+            &user,
+            expires,
+            svc.config.max_tokens_per_user,
+        )
         .await
     {
         return oauth_error(

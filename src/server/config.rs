@@ -65,6 +65,9 @@ pub struct ServerConfig {
     pub insecure: bool,
     /// How long a bearer token from `/token` lives.
     pub token_lifetime_secs: u64,
+    /// Live bearer tokens kept per user: a new one past it revokes that
+    /// user's oldest (expired ones are forgotten as new ones are issued).
+    pub max_tokens_per_user: usize,
     /// How long `ExecuteJob` waits for its run; past it, it answers 202 with
     /// the run as it stands (read the rest from Results). 0: as long as the
     /// run takes.
@@ -115,6 +118,7 @@ impl Default for ServerConfig {
             shutdown_grace_secs: 30,
             insecure: false,
             token_lifetime_secs: 5 * 24 * 3600,
+            max_tokens_per_user: 10_000,
             execute_job_wait_secs: 0,
             webhooks: WebhookConfig::default(),
             login: LoginConfig::default(),

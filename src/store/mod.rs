@@ -500,6 +500,10 @@ pub trait Store: RunHistory + ScheduleStore + Send + Sync + 'static {
     async fn node_stopped(&self, node_id: &str) -> Result<(), StoreError>;
     /// Every node the store knows, by id.
     async fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError>;
+    /// Forgets the nodes not heard from for `silent_for` (stopped or lost
+    /// long ago: a node that comes back is listed again at its next beat).
+    /// How many were forgotten.
+    async fn forget_nodes(&self, silent_for: std::time::Duration) -> Result<u64, StoreError>;
     /// What other nodes did that this one should hear of at once (a store
     /// shared by several nodes sends them with LISTEN/NOTIFY; they may be
     /// lost, so every waiter also polls). None: a single-node store.
@@ -568,12 +572,15 @@ pub trait Store: RunHistory + ScheduleStore + Send + Sync + 'static {
     async fn remove_api_key(&self, key_hash: &str) -> Result<bool, StoreError>;
     /// Removes a user with its API keys and tokens; whether it existed.
     async fn remove_user(&self, name: &str) -> Result<bool, StoreError>;
-    /// Stores a bearer token (its SHA-256) for a user until `expires`.
+    /// Stores a bearer token (its SHA-256) for a user until `expires`, and
+    /// forgets the user's expired tokens and, past `keep` live ones, the
+    /// oldest: a user who asks for tokens in a loop spends a bounded store.
     async fn put_token(
         &self,
         token_hash: &str,
         user: &str,
         expires: DateTime<FixedOffset>,
+        keep: usize,
     ) -> Result<(), StoreError>;
     /// The user a bearer token (its SHA-256) belongs to and when the token
     /// expires, if it has not.

@@ -101,6 +101,7 @@ CREATE TABLE IF NOT EXISTS tokens (
   user       TEXT NOT NULL,
   expires_at TEXT NOT NULL
 );
+CREATE INDEX IF NOT EXISTS tokens_by_user ON tokens (user);
 "#;
 
 /// The embedded SQLite store.
@@ -981,12 +982,22 @@ impl Store for SqliteStore {
         token_hash: &str,
         user: &str,
         expires: DateTime<FixedOffset>,
+        keep: usize,
     ) -> Result<(), StoreError> {
         let (h, u) = (token_hash.to_owned(), user.to_owned());
+        // The token just issued always stays.
+        let keep = i64::try_from(keep.max(1)).unwrap_or(i64::MAX);
         self.write(move |c| {
             c.execute(
                 "INSERT OR REPLACE INTO tokens (token_hash, user, expires_at) VALUES (?1, ?2, ?3)",
                 params![h, u, now_text(&expires)],
+            )?;
+            // Every token lives equally long: the newest rows expire last.
+            c.execute(
+                "DELETE FROM tokens WHERE user = ?1 AND (julianday(expires_at) < julianday('now')
+                   OR rowid NOT IN (SELECT rowid FROM tokens WHERE user = ?1
+                                    ORDER BY rowid DESC LIMIT ?2))",
+                params![u, keep],
             )?;
             Ok(())
         })
@@ -1007,6 +1018,17 @@ impl Store for SqliteStore {
             n.2 = true;
         }
         Ok(())
+    }
+
+    async fn forget_nodes(&self, silent_for: std::time::Duration) -> Result<u64, StoreError> {
+        let Ok(silent_for) = chrono::Duration::from_std(silent_for) else {
+            return Ok(0);
+        };
+        let now = chrono::Local::now().fixed_offset();
+        let mut nodes = self.nodes.lock().expect("nodes lock");
+        let before = nodes.len();
+        nodes.retain(|_, (_, at, _)| now - *at < silent_for);
+        Ok((before - nodes.len()) as u64)
     }
 
     async fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
@@ -1143,6 +1165,48 @@ mod tests {
 
     fn later() -> DateTime<FixedOffset> {
         chrono::Local::now().fixed_offset() + chrono::Duration::hours(1)
+    }
+
+    #[tokio::test]
+    async fn a_user_keeps_a_bounded_number_of_tokens_and_expired_ones_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("s.sqlite")).unwrap();
+        let now = chrono::Local::now().fixed_offset();
+        let later = now + chrono::Duration::hours(1);
+        // Nanoseconds in the stored time: SQLite's date functions read them.
+        let gone = now - chrono::Duration::nanoseconds(1_500_000_001);
+        store.put_token("old", "ann", gone, 3).await.unwrap();
+        store.put_token("bob1", "bob", later, 3).await.unwrap();
+        let count = || {
+            store.read(|c| {
+                c.query_row("SELECT count(*) FROM tokens WHERE user = 'ann'", [], |r| {
+                    r.get::<_, i64>(0)
+                })
+            })
+        };
+        store.put_token("t1", "ann", later, 3).await.unwrap();
+        assert_eq!(count().await.unwrap(), 1, "the expired token is forgotten");
+        for t in ["t2", "t3", "t4", "t5"] {
+            store.put_token(t, "ann", later, 3).await.unwrap();
+        }
+        let live = |t: &'static str| {
+            let store = &store;
+            async move { store.token_user(t, now).await.unwrap().is_some() }
+        };
+        let kept = [
+            live("t1").await,
+            live("t2").await,
+            live("t3").await,
+            live("t4").await,
+            live("t5").await,
+        ];
+        assert_eq!(kept, [false, false, true, true, true]);
+        assert!(live("bob1").await, "another user's tokens are not touched");
+        assert_eq!(count().await.unwrap(), 3);
+        // 0 means at least the new token.
+        store.put_token("t6", "ann", later, 0).await.unwrap();
+        assert!(live("t6").await);
+        assert!(!live("t5").await);
     }
 
     #[tokio::test]

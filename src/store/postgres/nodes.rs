@@ -42,6 +42,20 @@ impl PostgresStore {
         Ok(())
     }
 
+    pub(super) async fn forget_nodes_pg(
+        &self,
+        silent_for: std::time::Duration,
+    ) -> Result<u64, StoreError> {
+        let conn = self.conn().await?;
+        let n = conn
+            .execute(
+                "DELETE FROM nodes WHERE heartbeat_at < now() - make_interval(secs => $1)",
+                &[&silent_for.as_secs_f64()],
+            )
+            .await?;
+        Ok(n)
+    }
+
     pub(super) async fn nodes_pg(&self) -> Result<Vec<NodeRecord>, StoreError> {
         let conn = self.conn().await?;
         let rows = conn

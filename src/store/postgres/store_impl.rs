@@ -95,6 +95,9 @@ impl Store for PostgresStore {
     async fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
         self.nodes_pg().await
     }
+    async fn forget_nodes(&self, silent_for: std::time::Duration) -> Result<u64, StoreError> {
+        self.forget_nodes_pg(silent_for).await
+    }
     fn news(&self) -> Option<tokio::sync::broadcast::Receiver<StoreNews>> {
         Some(self.news.subscribe())
     }
@@ -170,8 +173,9 @@ impl Store for PostgresStore {
         token_hash: &str,
         user: &str,
         expires: DateTime<FixedOffset>,
+        keep: usize,
     ) -> Result<(), StoreError> {
-        self.put_token_pg(token_hash, user, expires).await
+        self.put_token_pg(token_hash, user, expires, keep).await
     }
     async fn token_user(
         &self,

@@ -846,7 +846,7 @@ async fn users_keys_and_tokens_and_their_revocation() {
     assert_eq!(store.user("ann").await.unwrap(), Some(user.clone()));
     assert!(store.has_users().await.unwrap());
     let later = now() + chrono::Duration::hours(1);
-    store.put_token("t1", "ann", later).await.unwrap();
+    store.put_token("t1", "ann", later, 10).await.unwrap();
     let (who, exp) = store.token_user("t1", now()).await.unwrap().unwrap();
     assert_eq!((who.as_str(), exp.timestamp()), ("ann", later.timestamp()));
     assert_eq!(
@@ -883,7 +883,7 @@ async fn users_keys_and_tokens_and_their_revocation() {
     assert!(store.remove_api_key("k1").await.unwrap());
     assert!(!store.remove_api_key("k1").await.unwrap());
     store.put_api_key("k2", "ann", "ci").await.unwrap();
-    store.put_token("t2", "ann", later).await.unwrap();
+    store.put_token("t2", "ann", later, 10).await.unwrap();
     assert!(store.remove_user("ann").await.unwrap());
     assert!(!store.remove_user("ann").await.unwrap());
     assert_eq!(store.api_key_user("k2").await.unwrap(), None);
@@ -1115,4 +1115,69 @@ async fn details_read_back(store: &PostgresStore, key: &RunKey) {
     );
     assert_eq!(errors[0].values, vec![("id".to_owned(), "3".to_owned())]);
     assert_eq!(errors[0].stage_name.as_deref(), Some("load"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tokens_per_user_are_bounded_and_silent_nodes_are_forgotten() {
+    let db = TestDb::new().await;
+    let store = db.store().await;
+    let later = now() + chrono::Duration::hours(1);
+    store
+        .put_token("old", "ann", now() - chrono::Duration::seconds(1), 3)
+        .await
+        .unwrap();
+    store.put_token("bob1", "bob", later, 3).await.unwrap();
+    let conn = db.sql().await;
+    let count = || async {
+        let row = conn
+            .query_one("SELECT count(*) FROM tokens WHERE user_name = 'ann'", &[])
+            .await
+            .unwrap();
+        row.get::<_, i64>(0)
+    };
+    // Later tokens expire later: the first ones are the oldest.
+    for (i, t) in ["t1", "t2", "t3", "t4", "t5"].into_iter().enumerate() {
+        let exp = later + chrono::Duration::seconds(i as i64);
+        store.put_token(t, "ann", exp, 3).await.unwrap();
+        if i == 0 {
+            assert_eq!(count().await, 1, "the expired token is forgotten");
+        }
+    }
+    let mut kept = vec![];
+    for t in ["old", "t1", "t2", "t3", "t4", "t5", "bob1"] {
+        kept.push(store.token_user(t, now()).await.unwrap().is_some());
+    }
+    assert_eq!(kept, [false, false, false, true, true, true, true]);
+    assert_eq!(count().await, 3);
+
+    for id in ["a", "b"] {
+        let node = crate::store::NodeInfo {
+            node_id: id.into(),
+            address: "127.0.0.1:1".into(),
+            version: "test".into(),
+            started_at: now(),
+            running: 0,
+            workers: 1,
+            draining: false,
+        };
+        store.heartbeat(&node).await.unwrap();
+    }
+    conn.execute(
+        "UPDATE nodes SET heartbeat_at = now() - interval '8 days' WHERE node_id = 'a'",
+        &[],
+    )
+    .await
+    .unwrap();
+    let week = std::time::Duration::from_secs(7 * 24 * 3600);
+    assert_eq!(store.forget_nodes(week).await.unwrap(), 1);
+    let ids: Vec<String> = store
+        .nodes()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|n| n.info.node_id)
+        .collect();
+    assert_eq!(ids, ["b"]);
+    drop(store);
+    db.drop_db().await;
 }

@@ -146,15 +146,27 @@ impl PostgresStore {
         token_hash: &str,
         user: &str,
         expires: DateTime<FixedOffset>,
+        keep: usize,
     ) -> Result<(), StoreError> {
-        let conn = self.conn().await?;
-        conn.execute(
+        // The token just issued always stays.
+        let keep = i64::try_from(keep.max(1)).unwrap_or(i64::MAX);
+        let mut conn = self.conn().await?;
+        let tx = conn.transaction().await?;
+        tx.execute(
             "INSERT INTO tokens (token_hash, user_name, expires_at) VALUES ($1, $2, $3)
              ON CONFLICT (token_hash) DO UPDATE
                SET user_name = excluded.user_name, expires_at = excluded.expires_at",
             &[&token_hash, &user, &expires],
         )
         .await?;
+        tx.execute(
+            "DELETE FROM tokens WHERE user_name = $1 AND (expires_at < now()
+               OR token_hash NOT IN (SELECT token_hash FROM tokens WHERE user_name = $1
+                                     ORDER BY expires_at DESC, token_hash LIMIT $2))",
+            &[&user, &keep],
+        )
+        .await?;
+        tx.commit().await?;
         Ok(())
     }
 
