@@ -118,6 +118,37 @@ def projects():
         '[[stages]]\ntable = "t"\naction = "insert"\nfields = [{ column = "x", origin = "x" }]\n'))
 
 
+    # When jobs run: schedules, a retry, an incremental mark, a file drop and
+    # a graph (next as a list, needs).
+    write("project_load", "when.toml", (
+        'max_parallel_jobs = 2\n[connections.src]\nkind = "csv"\npath = "inbox/*.csv"\n'
+        '[connections.db]\nkind = "sqlite"\npath = "${DATA_DIR}/t.sqlite"\n'
+        '\0'
+        'next = ["countries", "j"]\n'
+        'retry = { attempts = 3, wait_secs = 30, backoff = 2.0 }\n'
+        '[[schedules]]\nname = "weeknights"\ncron = "30 2 * * MON-FRI"\n'
+        'timezone = "Europe/Berlin"\ncatch_up = "last"\noverlap = "queue"\nargument = "x"\n'
+        '[[schedules]]\ncron = "*/2 * * * * *"\n'
+        '[origin]\nconnection = "src"\nafter = { move_to = "done/" }\nsettle_secs = 1\nmax_files = 10\n'
+        'incremental = { field = "modified_at" }\n'
+        '[destination]\nconnection = "db"\n'
+        '[[stages]]\ntable = "t"\naction = "update/insert"\n'
+        'fields = [{ column = "id", origin = "id", match = true }]\n'
+        '\0'
+        '[origin]\nconnection = "db"\nquery = "SELECT * FROM t WHERE m > @@VAR:HighWater@@ ORDER BY id"\n'
+        'incremental = { field = "m" }\n'
+        '[destination]\nconnection = "db"\n'
+        '[[stages]]\ntable = "u"\naction = "insert"\nfields = [{ column = "x", origin = "x" }]\n'
+        '\0'
+        'next = "k"\n'
+        '[origin]\nconnection = "src"\n[destination]\nconnection = "db"\n'
+        '[[stages]]\ntable = "v"\naction = "insert"\nfields = [{ column = "x", origin = "x" }]\n'
+        '\0'
+        'needs = ["countries", "j"]\n'
+        '[origin]\nconnection = "src"\n[destination]\nconnection = "db"\n'
+        '[[stages]]\ntable = "w"\naction = "delete"\nfields = [{ column = "x", origin = "x", match = true }]\n'))
+
+
 def origins():
     contacts = read("projects/demo/data/contacts.csv").split(b"\n")
     sample = b"\n".join(contacts[:6]) + b"\n"

@@ -1,0 +1,1 @@
+if (row.id !== '1') throw new Error('no ' + row.id); return row.name

@@ -1,1 +1,1 @@
-if (row.city === 'Rome') gotoNextRow();
+xrefRead('people', @@ORG:id@@) || 'none'

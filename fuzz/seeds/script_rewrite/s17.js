@@ -1,1 +1,1 @@
-xrefWrite('people', row.id, 'P-' + row.id); return xrefRead('people', row.id)
+lookup('codes', '', 'code', {city: row.city})

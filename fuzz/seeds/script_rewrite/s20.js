@@ -1,1 +1,1 @@
-lookup('codes', '', 'code', {city: row.city})
+lookup('crm', 'accounts', 'id', {name: row.name})

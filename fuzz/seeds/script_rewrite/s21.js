@@ -1,1 +1,1 @@
-row.id === '1' ? lookup(['no', 'pe'].join(''), 't', 'f', {a: 1}) : row.id === '2' ? lookup('db', 'missing', 'code', {name: row.city}) : lookup('db', 'cities', 'code', row.city)
+log('map ' + row.id); return row.name

@@ -1,1 +1,1 @@
-if (row.id === '2') { while (true) {} } return row.name
+'n' + row.id + '-{threads}'

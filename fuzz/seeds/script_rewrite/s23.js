@@ -1,1 +1,1 @@
-log(1)
+String(stages[1].action)

@@ -1,1 +1,1 @@
-log((
+row.FirstName + ' ' + @@ORG:LastName@@

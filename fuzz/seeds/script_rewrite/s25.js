@@ -1,1 +1,2 @@
-lookup('crm', 'accounts', 'id', {name: row.name})
+'Dear @@ORG:Name@@' + `x ${@@VAR:Arg@@ + `@@STG:1,#Action@@`} y` // @@ORG:c@@
+/* @@VAR:d@@ */ return 1

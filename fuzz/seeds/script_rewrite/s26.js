@@ -1,1 +1,1 @@
-log('after ' + row.id)
+if (@@STG:1,#Action@@ === 'Insert') { return "@@VAR:RunID@@" } return null

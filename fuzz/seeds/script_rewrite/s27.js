@@ -1,1 +1,1 @@
-log('map ' + row.id); return row.name
+/re'@@ORG:x@@/.test(row.a)
