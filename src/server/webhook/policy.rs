@@ -1,6 +1,6 @@
 //! The webhook address policy: one named table of address ranges, each with
 //! the class that says when it is refused, and IPv4 carried inside IPv6
-//! (mapped, compatible, NAT64, 6to4, Teredo) judged as the IPv4 address it is,
+//! (mapped, compatible, NAT64, 6to4, Teredo, ISATAP) judged as the IPv4 address it is,
 //! since that is where the packets end up.
 
 use std::fmt;
@@ -385,7 +385,17 @@ fn teredo(v6: Ipv6Addr) -> Option<Ipv4Addr> {
     Some(Ipv4Addr::from_bits(!(v6.to_bits() as u32)))
 }
 
-/// Every form of IPv6 address that carries an IPv4 address.
+/// ISATAP: any prefix, an interface identifier of `0:5efe` (`200:5efe`
+/// for a global IPv4 address) then the IPv4 address in the last 32 bits.
+fn isatap(v6: Ipv6Addr) -> Option<Ipv4Addr> {
+    // The IID's universal/local bit (0x0200 of its first group) may be set.
+    let iid_high = (v6.to_bits() >> 32) as u32;
+    (iid_high & !0x0200_0000 == 0x0000_5efe).then(|| Ipv4Addr::from_bits(v6.to_bits() as u32))
+}
+
+/// Every form of IPv6 address that carries an IPv4 address. ISATAP, which
+/// has no prefix of its own, is the `::/0` entry: every more specific form
+/// goes first.
 pub const EMBEDDINGS: &[Embedding] = &[
     Embedding {
         net: Net::v6([0, 0, 0, 0, 0, 0xffff, 0, 0], 96),
@@ -422,6 +432,11 @@ pub const EMBEDDINGS: &[Embedding] = &[
         net: Net::v6([0x2001, 0, 0, 0, 0, 0, 0, 0], 32),
         name: "Teredo",
         carried: teredo,
+    },
+    Embedding {
+        net: Net::v6([0, 0, 0, 0, 0, 0, 0, 0], 0),
+        name: "ISATAP",
+        carried: isatap,
     },
 ];
 
@@ -650,6 +665,8 @@ mod tests {
             ("6to4", "2002:a9fe:a9fe::1"),
             // Teredo: server 65.54.227.120, client 169.254.169.254 inverted.
             ("Teredo", "2001:0:4136:e378:8000:63bf:5601:5601"),
+            ("ISATAP", "2001:db8:1:2:0:5efe:a9fe:a9fe"),
+            ("ISATAP", "2a00:1450::200:5efe:169.254.169.254"),
         ]
     }
 
@@ -687,6 +704,11 @@ mod tests {
                 "2001:0:4136:e378:8000:63bf:f5fe:fdfc",
                 "2001:0:4136:e378:8000:63bf:a247:27dd",
             ),
+            (
+                "ISATAP",
+                "2a00:1450::5efe:10.1.2.3",
+                "2a00:1450::200:5efe:93.184.216.34",
+            ),
         ] {
             assert!(judge(ip(private), &open).is_none(), "{form} {private}");
             let r = judge(ip(private), &shared).unwrap_or_else(|| panic!("{form} {private}"));
@@ -711,6 +733,12 @@ mod tests {
             ("64:ff9b:2::a9fe:a9fe", "above local-use NAT64"),
             ("2003:a9fe:a9fe::1", "above 6to4"),
             ("2001:1::5601:5601", "above Teredo"),
+            ("2a00:1450::100:5efe:a9fe:a9fe", "not an ISATAP identifier"),
+            (
+                "2a00:1450::1:5efe:a9fe:a9fe",
+                "not an ISATAP identifier either",
+            ),
+            ("2a00:1450::5eff:a9fe:a9fe", "next to ISATAP's 5efe"),
         ] {
             assert!(carried_ipv4(outside.parse().unwrap()).is_none(), "{why}");
             assert!(
