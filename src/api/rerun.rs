@@ -142,15 +142,7 @@ fn failure_start(svc: &AppState, rec: &RunRecord) -> Result<(String, u64), Strin
         .as_deref()
         .and_then(|j| serde_json::from_str(j).ok())
         .unwrap_or_default();
-    let failed = results
-        .iter()
-        .find(|r| matches!(r.status, RunStatus::Failed | RunStatus::Running))
-        .ok_or_else(|| {
-            format!(
-                "no job of run {} failed (it failed before a job started): rerun it whole",
-                rec.key.run_id
-            )
-        })?;
+    let failed = the_failed_job(&results, &rec.key.run_id.to_string())?;
     let row = failed.resume_at_row.ok_or_else(|| {
         format!(
             "nothing is known about how far job {} got (it stopped before its first rows were committed, or it ran on an older tidepool): rerun it whole",
@@ -177,6 +169,30 @@ fn failure_start(svc: &AppState, rec: &RunRecord) -> Result<(String, u64), Strin
         )
     })?;
     Ok((failed.job_id.clone(), row))
+}
+
+/// The one job of a run that did not end (Failed, or still Running when the
+/// run was interrupted). A graph may have two failed branches: a rerun from
+/// the failure starts at one job, so it refuses them, as a retry does.
+fn the_failed_job<'a>(results: &'a [JobResult], run: &str) -> Result<&'a JobResult, String> {
+    let failed: Vec<&JobResult> = results
+        .iter()
+        .filter(|r| matches!(r.status, RunStatus::Failed | RunStatus::Running))
+        .collect();
+    match failed.as_slice() {
+        [] => Err(format!(
+            "no job of run {run} failed (it failed before a job started): rerun it whole"
+        )),
+        [one] => Ok(one),
+        [first, rest @ ..] => {
+            let others: Vec<&str> = rest.iter().map(|r| r.job_id.as_str()).collect();
+            Err(format!(
+                "jobs {} and {} of run {run} failed: a rerun from the failure starts at one job; rerun it whole",
+                first.job_id,
+                others.join(", ")
+            ))
+        }
+    }
 }
 
 /// What `GET /v1/Runs/{id}` adds after the answer for a retried or continued
@@ -217,4 +233,37 @@ pub(super) async fn run_extras(svc: &AppState, rec: &RunRecord, results: &[JobRe
         serde_json::to_string(&attempts).unwrap_or_else(|_| "[]".into())
     ));
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::run::Counters;
+
+    fn result(job: &str, status: RunStatus) -> JobResult {
+        let start = chrono::Local::now().fixed_offset();
+        let c = Counters::default();
+        JobResult::new("r", job, &start, std::time::Duration::ZERO, status, &c)
+    }
+
+    #[test]
+    fn a_rerun_from_the_failure_starts_at_the_one_job_that_did_not_end() {
+        let done = result("a", RunStatus::Complete);
+        let failed = result("b", RunStatus::Failed);
+        let cut = result("c", RunStatus::Running);
+        let ok = [
+            done.clone(),
+            failed.clone(),
+            result("d", RunStatus::Complete),
+        ];
+        assert_eq!(the_failed_job(&ok, "r").unwrap().job_id, "b");
+        let interrupted = [done.clone(), cut.clone()];
+        assert_eq!(the_failed_job(&interrupted, "r").unwrap().job_id, "c");
+        let e = the_failed_job(std::slice::from_ref(&done), "r").unwrap_err();
+        assert!(e.contains("no job of run r failed"), "{e}");
+        let two = [failed, done, cut];
+        let e = the_failed_job(&two, "r").unwrap_err();
+        assert!(e.starts_with("jobs b and c of run r failed"), "{e}");
+        assert!(e.contains("rerun it whole"), "{e}");
+    }
 }
