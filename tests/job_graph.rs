@@ -273,6 +273,28 @@ async fn the_server_shows_parallel_jobs_live_and_one_result_per_job_in_start_ord
     let live = results(&client, &server.base, &run).await;
     let want = [("a", "Complete"), ("b", "Running"), ("c", "Running")];
     assert_eq!(live, pairs(&want));
+    // The event stream sends the counters of each running job.
+    let mut events = client
+        .get(format!("{}/v1/Runs/{run}/events", server.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(events.status(), 200);
+    let counters_of = |text: &str, job: &str| {
+        text.split("\n\n")
+            .any(|e| e.contains("event: counters") && e.contains(&format!("\"jobID\":\"{job}\"")))
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut seen = String::new();
+    while !(counters_of(&seen, "b") && counters_of(&seen, "c")) {
+        let chunk = tokio::time::timeout_at(deadline, events.chunk())
+            .await
+            .unwrap_or_else(|_| panic!("no counters of both b and c in time:\n{seen}"))
+            .unwrap()
+            .unwrap_or_else(|| panic!("the stream ended:\n{seen}"));
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    drop(events);
     origin.hold(false);
 
     let detail = common::eventually("the run ends", || {

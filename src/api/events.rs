@@ -8,7 +8,7 @@
 //! so a client reconnecting with `Last-Event-ID` resumes after it), then
 //! `end` with the final summary, and closes.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -48,8 +48,9 @@ struct Follow {
     ended: broadcast::Receiver<RunKey>,
     pending: VecDeque<Event>,
     status: Option<RunStatus>,
-    /// The current job, its rows and when they were seen: rows/s between ticks.
-    last: Option<(String, u64, Instant)>,
+    /// Each job's rows when last seen, and when: rows/s between ticks (the
+    /// jobs of a graph run side by side).
+    last: HashMap<String, (u64, Instant)>,
     /// The `seq` of the last log line sent (or the client's `Last-Event-ID`).
     log_seq: u64,
     /// Log lines sent so far.
@@ -105,29 +106,43 @@ impl Follow {
             .as_deref()
             .and_then(|j| serde_json::from_str(j).ok())
             .unwrap_or_default();
-        if rec.status == RunStatus::Running
-            && let Some(job) = jobs.last()
-        {
-            let now = Instant::now();
-            let rows = job.counters.total_rows;
-            let per_sec = match &self.last {
-                Some((j, r, t)) if *j == job.job_id => rate(
-                    rows.saturating_sub(*r),
-                    now.duration_since(*t).as_millis() as u64,
-                ),
-                _ => None,
-            };
-            self.last = Some((job.job_id.clone(), rows, now));
-            self.pending.push_back(event(
-                "counters",
-                json!({"jobID": job.job_id, "status": job.status, "counters": job.counters,
-                       "runTime": job.run_time, "rowsPerSec": per_sec}),
-            ));
+        if rec.status == RunStatus::Running {
+            self.counters(&jobs);
         }
         if !matches!(rec.status, RunStatus::Queued | RunStatus::Running) {
             self.finish(&rec, &jobs).await;
         } else if self.log_sent < STREAM_LOG_MAX {
             self.send_log().await;
+        }
+    }
+
+    /// Queues the counters of each running job (of the last one between two
+    /// jobs), with its rows/s since the last tick.
+    fn counters(&mut self, jobs: &[ResultsResponse]) {
+        let now = Instant::now();
+        let running: Vec<&ResultsResponse> = jobs
+            .iter()
+            .filter(|j| j.status == RunStatus::Running)
+            .collect();
+        let shown = if running.is_empty() {
+            jobs.last().into_iter().collect()
+        } else {
+            running
+        };
+        for job in shown {
+            let rows = job.counters.total_rows;
+            let per_sec = self.last.get(&job.job_id).and_then(|(r, t)| {
+                rate(
+                    rows.saturating_sub(*r),
+                    now.duration_since(*t).as_millis() as u64,
+                )
+            });
+            self.last.insert(job.job_id.clone(), (rows, now));
+            self.pending.push_back(event(
+                "counters",
+                json!({"jobID": job.job_id, "status": job.status, "counters": job.counters,
+                       "runTime": job.run_time, "rowsPerSec": per_sec}),
+            ));
         }
     }
 
@@ -196,7 +211,7 @@ impl utoipa::PartialSchema for EventDataDoc {
     fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
         let schema = json!({
             "type": "object",
-            "description": "status: {status}; counters: {jobID, status, counters, runTime, rowsPerSec}; log: a log line {seq, time, level, jobID, row, message}, sent as it is stored (the event's id is its seq); end: {runID, instance, status, counters, runTime, error, jobs, logTruncated}; error: {error}",
+            "description": "status: {status}; counters (each running job): {jobID, status, counters, runTime, rowsPerSec}; log: a log line {seq, time, level, jobID, row, message}, sent as it is stored (the event's id is its seq); end: {runID, instance, status, counters, runTime, error, jobs, logTruncated}; error: {error}",
         });
         serde_json::from_value(schema).expect("the event data schema is valid OpenAPI")
     }
@@ -244,7 +259,7 @@ pub async fn run_events(
         key: rec.key,
         pending: VecDeque::new(),
         status: None,
-        last: None,
+        last: HashMap::new(),
         // A reconnecting client resumes after the last line it had.
         log_seq: headers
             .get("last-event-id")
