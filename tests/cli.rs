@@ -131,6 +131,61 @@ fn a_failed_run_exits_one_and_an_unknown_project_exits_two() {
 }
 
 #[test]
+fn a_failed_run_says_which_row_to_go_on_from() {
+    let f = Fixture::new();
+    let rows: String = (1..=10).map(|i| format!("{i},n{i}\n")).collect();
+    let project = "[connections.src]\nkind = \"csv\"\npath = \"in.csv\"\n\
+        [connections.db]\nkind = \"sqlite\"\npath = \"${DATA_DIR}/t.sqlite\"\n\
+        init_sql = [\"CREATE TABLE IF NOT EXISTS t(id INTEGER CHECK (id < 5), name TEXT)\", \
+        \"CREATE TABLE IF NOT EXISTS u(id INTEGER CHECK (id < 3))\"]\n";
+    // A SQL origin without ORDER BY: its rows have no order to go on from.
+    let unordered = "halt_on_error = true\n[origin]\nconnection = \"db\"\nquery = \"SELECT id FROM t\"\n\
+        [destination]\nconnection = \"db\"\n[[stages]]\ntable = \"u\"\naction = \"insert\"\n\
+        fields = [{ column = \"id\", origin = \"id\" }]\n";
+    let job = "halt_on_error = true\nbatch_size = 2\n[origin]\nconnection = \"src\"\n\
+        [destination]\nconnection = \"db\"\n[[stages]]\ntable = \"t\"\naction = \"insert\"\n\
+        fields = [{ column = \"id\", origin = \"id\" }, { column = \"name\", origin = \"name\" }]\n";
+    f.project("p", project, &[("j", job), ("k", unordered)]);
+    std::fs::write(f.root.join("projects/p/in.csv"), format!("id,name\n{rows}")).unwrap();
+    let out = tidepool(&["run", "p", "j", "--data-dir", "data"], &f);
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains(
+            "job j stopped before origin row 5: to go on from there, run `tidepool run p j --begin-at-row 5`"
+        ),
+        "{stdout}"
+    );
+    // Rows 5 and on fixed, the hint's command lands the rest.
+    let fixed: String = (1..=10).map(|i| format!("{},n{i}\n", i.min(4))).collect();
+    std::fs::write(
+        f.root.join("projects/p/in.csv"),
+        format!("id,name\n{fixed}"),
+    )
+    .unwrap();
+    let out = tidepool(
+        &["run", "p", "j", "--data-dir", "data", "--begin-at-row", "5"],
+        &f,
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stdout));
+    let db = rusqlite::Connection::open(f.data.join("t.sqlite")).unwrap();
+    let n: i64 = db
+        .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(n, 10, "rows 1-4, then 5-10, each once");
+    let again = tidepool(&["run", "p", "j", "--data-dir", "data"], &f);
+    assert!(!text(&again.stdout).contains("stopped before"));
+    let out = tidepool(&["run", "p", "k", "--data-dir", "data"], &f);
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains("job k stopped before origin row 3, but it cannot go on from there (")
+            && stdout.contains("ORDER BY")
+            && stdout.contains("run it again whole"),
+        "{stdout}"
+    );
+}
+
+#[test]
 fn validate_reports_problems_with_lines_and_exits_one() {
     let f = Fixture::new();
     f.project(

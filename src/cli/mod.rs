@@ -273,6 +273,9 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     } else {
         print_report(&report, args.preview);
         incremental::print_loads(&report);
+        if !args.preview {
+            print_resume_hint(project, &report, args.chain);
+        }
     }
     Ok(if report.status == RunStatus::Complete {
         ExitCode::SUCCESS
@@ -356,6 +359,38 @@ fn print_report(report: &RunReport, preview: bool) {
     }
     if let Some(e) = &report.error {
         println!("error: {e}");
+    }
+}
+
+/// Where a failed run can go on from, the way the API's rerun from the
+/// failure would: its one failed job, at its first row not committed, when
+/// the job's origin is ordered.
+fn print_resume_hint(project: &tidepool::project::Project, report: &RunReport, chain: bool) {
+    let mut failed = report
+        .jobs
+        .iter()
+        .filter(|j| matches!(j.status, RunStatus::Failed | RunStatus::Running));
+    let (Some(job), None) = (failed.next(), failed.next()) else {
+        return;
+    };
+    let Some(row) = job.resume_at_row else {
+        return;
+    };
+    let Some(spec) = project.jobs.get(&job.job_id) else {
+        return;
+    };
+    match engine::origin_order(project, spec) {
+        Ok(()) => println!(
+            "job {} stopped before origin row {row}: to go on from there, run `tidepool run {} {} --begin-at-row {row}{}` with the run's other options",
+            job.job_id,
+            project.id,
+            job.job_id,
+            if chain { " --chain" } else { "" }
+        ),
+        Err(why) => println!(
+            "job {} stopped before origin row {row}, but it cannot go on from there ({why}): run it again whole",
+            job.job_id
+        ),
     }
 }
 
