@@ -149,28 +149,38 @@ impl Service {
         if shared {
             held.confirmed(tokio::time::Instant::now(), sure_for);
         }
-        let mut pause = every;
+        let mut failures = 0u32;
         loop {
+            let pause = if failures == 0 { every } else { again };
             tokio::select! {
                 _ = held.done.notified() => return,
                 _ = tokio::time::sleep(pause) => {}
             }
-            pause = again;
             let sent = tokio::time::Instant::now();
             let renewed =
                 tokio::time::timeout(every, self.store.renew(&key, held.epoch, self.lease));
-            let state = match renewed.await {
-                Ok(Ok(state)) => state,
-                Ok(Err(e)) => {
-                    tracing::warn!(run = %key, "renewing the run's lease: {e}");
-                    continue;
-                }
-                Err(_) => {
-                    tracing::warn!(run = %key, "renewing the run's lease: no answer within {every:?}");
+            let failed = match renewed.await {
+                Ok(Ok(state)) => Ok(state),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err(format!("no answer within {every:?}")),
+            };
+            let state = match failed {
+                Ok(state) => state,
+                Err(why) => {
+                    // The first failure of a streak is said; the retries
+                    // that follow it only at debug level.
+                    if failures == 0 {
+                        tracing::warn!(run = %key, "renewing the run's lease: {why}; trying again every {again:?}");
+                    } else {
+                        tracing::debug!(run = %key, "renewing the run's lease: {why}");
+                    }
+                    failures += 1;
                     continue;
                 }
             };
-            pause = every;
+            if std::mem::take(&mut failures) > 0 {
+                tracing::info!(run = %key, "the run's lease is renewed again");
+            }
             if state == LeaseState::Lost || held.is_lost() {
                 // Lost, or confirmed too late: a takeover may have happened.
                 tracing::error!(run = %key, "lease lost: another node took the run over (or may have); stopping it");
