@@ -703,6 +703,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+    use crate::store::history::shared_tests::{self, run_of, search};
     use crate::store::{ConcurrencyLimits, EndIf, Store};
 
     /// Arguments, and what each text search must find among them (by index).
@@ -735,37 +736,6 @@ mod tests {
         ("b", &[4, 5, 8]),
         ("nowhere", &[]),
     ];
-
-    fn at(ms: i64) -> chrono::DateTime<chrono::FixedOffset> {
-        chrono::DateTime::from_timestamp_millis(1_790_000_000_000 + ms)
-            .unwrap_or_default()
-            .fixed_offset()
-    }
-
-    fn run_of(instance: &str, argument: &str, ms: i64) -> NewRun {
-        let key = RunKey {
-            instance: instance.into(),
-            run_id: uuid::Uuid::new_v4(),
-        };
-        NewRun {
-            fingerprint: key.run_id.to_string(),
-            key,
-            project_id: "p".into(),
-            job_id: "j".into(),
-            request_json: serde_json::json!({ "argument": argument, "threadCount": 1 }).to_string(),
-            webhook_url: None,
-            accepted_at: at(ms),
-        }
-    }
-
-    fn search(text: &str, instance: &str, limit: usize) -> RunFilter {
-        RunFilter {
-            instances: Some(vec![instance.into()]),
-            text: Some(text.into()),
-            limit,
-            ..RunFilter::default()
-        }
-    }
 
     /// How many entries of the text index `phrase` finds (read straight from the file).
     fn indexed(path: &std::path::Path, phrase: &str) -> i64 {
@@ -807,63 +777,7 @@ mod tests {
     async fn text_search_pages_with_a_cursor_and_keeps_to_its_instances() {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(&dir.path().join("s.sqlite")).unwrap();
-        let mut mine = Vec::new();
-        for i in 0..30i64 {
-            let arg = if i % 3 == 0 {
-                "weekly summary"
-            } else {
-                "daily REPORT-x"
-            };
-            let mut run = run_of(if i % 5 == 0 { "other" } else { "default" }, arg, i);
-            if i % 4 == 0 {
-                run.project_id = "q".into();
-            }
-            if run.key.instance == "default" && i % 3 != 0 {
-                mine.push((run.key.clone(), run.project_id.clone()));
-            }
-            store.submit(run).await.unwrap();
-        }
-        mine.reverse();
-        let mut f = search("y report", "default", 4);
-        let mut seen = Vec::new();
-        loop {
-            let page = store.list_runs(&f).await.unwrap();
-            let more = page.len() > f.limit;
-            seen.extend(page.iter().take(f.limit).map(|r| r.key.clone()));
-            if !more {
-                break;
-            }
-            f.after = Some(page[f.limit - 1].cursor.clone());
-        }
-        let want: Vec<RunKey> = mine.iter().map(|(k, _)| k.clone()).collect();
-        assert_eq!(seen, want, "every match once, newest first");
-        let mut in_q = search("Y REPORT", "default", 50);
-        in_q.project_id = Some("q".into());
-        let found: Vec<RunKey> = store
-            .list_runs(&in_q)
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|r| r.key)
-            .collect();
-        let want: Vec<RunKey> = mine
-            .iter()
-            .filter(|(_, p)| p == "q")
-            .map(|(k, _)| k.clone())
-            .collect();
-        assert!(!want.is_empty());
-        assert_eq!(found, want);
-        let nobody = RunFilter {
-            instances: Some(Vec::new()),
-            ..search("report", "default", 50)
-        };
-        assert!(store.list_runs(&nobody).await.unwrap().is_empty());
-        let others = store
-            .list_runs(&search("y rep", "other", 50))
-            .await
-            .unwrap();
-        assert_eq!(others.len(), 4);
-        assert!(others.iter().all(|r| r.key.instance == "other"));
+        shared_tests::text_search_pages_with_a_cursor_and_keeps_to_its_instances(&store).await;
     }
 
     /// Inserts runs as an older tidepool (or the benchmark) does: straight into the file.
