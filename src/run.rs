@@ -72,6 +72,13 @@ impl RunStatus {
             _ => RunStatus::Failed,
         }
     }
+
+    /// A job of an ended run that stopped short: it failed, or was still
+    /// running when the run was interrupted. A rerun from the failure starts
+    /// at such a job (the API's and the CLI's hint alike).
+    pub fn stopped_short(self) -> bool {
+        matches!(self, RunStatus::Failed | RunStatus::Running)
+    }
 }
 
 impl fmt::Display for RunStatus {

@@ -177,7 +177,7 @@ fn failure_start(svc: &AppState, rec: &RunRecord) -> Result<(String, u64), Strin
 fn the_failed_job<'a>(results: &'a [JobResult], run: &str) -> Result<&'a JobResult, String> {
     let failed: Vec<&JobResult> = results
         .iter()
-        .filter(|r| matches!(r.status, RunStatus::Failed | RunStatus::Running))
+        .filter(|r| r.status.stopped_short())
         .collect();
     match failed.as_slice() {
         [] => Err(format!(

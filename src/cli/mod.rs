@@ -366,10 +366,7 @@ fn print_report(report: &RunReport, preview: bool) {
 /// failure would: its one failed job, at its first row not committed, when
 /// the job's origin is ordered.
 fn print_resume_hint(project: &tidepool::project::Project, report: &RunReport, chain: bool) {
-    let mut failed = report
-        .jobs
-        .iter()
-        .filter(|j| matches!(j.status, RunStatus::Failed | RunStatus::Running));
+    let mut failed = report.jobs.iter().filter(|j| j.status.stopped_short());
     let (Some(job), None) = (failed.next(), failed.next()) else {
         return;
     };

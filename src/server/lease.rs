@@ -159,12 +159,12 @@ impl Service {
             let sent = tokio::time::Instant::now();
             let renewed =
                 tokio::time::timeout(every, self.store.renew(&key, held.epoch, self.lease));
-            let failed = match renewed.await {
+            let answer = match renewed.await {
                 Ok(Ok(state)) => Ok(state),
                 Ok(Err(e)) => Err(e.to_string()),
                 Err(_) => Err(format!("no answer within {every:?}")),
             };
-            let state = match failed {
+            let state = match answer {
                 Ok(state) => state,
                 Err(why) => {
                     // The first failure of a streak is said; the retries

@@ -237,6 +237,22 @@ pub(crate) mod shared_tests {
         }
     }
 
+    /// Every run `filter` finds, read a page of `filter.limit` at a time
+    /// through the cursor.
+    pub(crate) async fn all_pages<S: RunHistory>(store: &S, filter: &RunFilter) -> Vec<RunKey> {
+        let mut f = filter.clone();
+        let mut seen = Vec::new();
+        loop {
+            let page = store.list_runs(&f).await.unwrap();
+            let more = page.len() > f.limit;
+            seen.extend(page.iter().take(f.limit).map(|r| r.key.clone()));
+            if !more {
+                return seen;
+            }
+            f.after = Some(page[f.limit - 1].cursor.clone());
+        }
+    }
+
     /// Text search pages with a cursor, each match once and newest first,
     /// within a project too, and never beyond the caller's instances.
     pub(crate) async fn text_search_pages_with_a_cursor_and_keeps_to_its_instances<S>(store: &S)
@@ -260,17 +276,7 @@ pub(crate) mod shared_tests {
             store.submit(run).await.unwrap();
         }
         mine.reverse();
-        let mut f = search("y report", "default", 4);
-        let mut seen = Vec::new();
-        loop {
-            let page = store.list_runs(&f).await.unwrap();
-            let more = page.len() > f.limit;
-            seen.extend(page.iter().take(f.limit).map(|r| r.key.clone()));
-            if !more {
-                break;
-            }
-            f.after = Some(page[f.limit - 1].cursor.clone());
-        }
+        let seen = all_pages(store, &search("y report", "default", 4)).await;
         let want: Vec<RunKey> = mine.iter().map(|(k, _)| k.clone()).collect();
         assert_eq!(seen, want, "every match once, newest first");
         let mut in_q = search("Y REPORT", "default", 50);

@@ -848,17 +848,7 @@ mod tests {
         assert_eq!(found, mine_common);
         // Many here: the first page by the scan, later ones by either.
         for (text, want) in [("ÜBER", &mine_uber), ("über", &mine_uber)] {
-            let mut f = search(text, "default", 100);
-            let mut seen = Vec::new();
-            loop {
-                let page = store.list_runs(&f).await.unwrap();
-                let more = page.len() > f.limit;
-                seen.extend(page.iter().take(f.limit).map(|r| r.key.clone()));
-                if !more {
-                    break;
-                }
-                f.after = Some(page[f.limit - 1].cursor.clone());
-            }
+            let seen = shared_tests::all_pages(&store, &search(text, "default", 100)).await;
             assert_eq!(&seen, want, "q={text}");
         }
         let mut common = search("COMMON", "default", 50);
